@@ -1,0 +1,101 @@
+// swift-tools-version: 6.1
+//
+// Spillway: a tiered page store (device → DRAM → remote → NVMe) for LLM serving.
+// One module per concern; C libraries sit behind tiny system-library modules.
+
+import PackageDescription
+
+let package = Package(
+    name: "Spillway",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "Spillway", targets: ["Spillway"]),
+        .executable(name: "spillway", targets: ["SpillwayCommand"]),
+        .executable(name: "spillwayd", targets: ["SpillwayDaemon"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+    ],
+    targets: [
+        // ISA-L (Debian libisal-dev): CRC32C now, Reed-Solomon for the erasure-coded tier later.
+        .systemLibrary(
+            name: "CSpillwayISAL",
+            pkgConfig: "libisal",
+            providers: [.apt(["libisal-dev"])]
+        ),
+        // Keys, errors, checksums, the tier protocol, slot allocation, the page directory, policies.
+        .target(
+            name: "SpillwayCore",
+            dependencies: [
+                "CSpillwayISAL",
+                .product(name: "Atomics", package: "swift-atomics"),
+            ]
+        ),
+        // Host DRAM tier and the HBM-like device tier (with its DeviceMemory backend protocol).
+        .target(
+            name: "SpillwayMemoryTiers",
+            dependencies: [
+                "SpillwayCore",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The tiered store: put/get/pin/prefetch, promotion, background demotion, eviction, stats.
+        .target(
+            name: "SpillwayStore",
+            dependencies: [
+                "SpillwayCore",
+                .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ]
+        ),
+        // The library engines link: re-exports the layers and builds stores from configuration (TOML).
+        .target(
+            name: "Spillway",
+            dependencies: [
+                "SpillwayCore",
+                "SpillwayMemoryTiers",
+                "SpillwayStore",
+                .product(name: "TOMLKit", package: "TOMLKit"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Benchmark engine shared by the CLI and Bench/: workloads, histograms, JSON and table output.
+        .target(
+            name: "SpillwayBench",
+            dependencies: [
+                "Spillway",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        .executableTarget(
+            name: "SpillwayCommand",
+            dependencies: [
+                "Spillway",
+                "SpillwayBench",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "SpillwayDaemon",
+            dependencies: [
+                "Spillway",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore"]),
+        .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers"]),
+        .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers"]),
+        .testTarget(name: "SpillwayTests", dependencies: ["Spillway", "SpillwayBench"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

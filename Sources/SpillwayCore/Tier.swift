@@ -1,0 +1,257 @@
+import Atomics
+import Dispatch
+
+/// Contiguous slots of one tier: the unit of allocation and of I/O.
+///
+/// A page of `length` bytes occupies `ceil(length / slotSize)` contiguous slots; small KV blocks
+/// take one slot, a weight tensor may take thousands.
+public struct Extent: Hashable, Sendable, CustomStringConvertible {
+    public var firstSlot: UInt32
+    public var slotCount: UInt32
+
+    @inlinable
+    public init(firstSlot: UInt32, slotCount: UInt32) {
+        self.firstSlot = firstSlot
+        self.slotCount = slotCount
+    }
+
+    @inlinable public var endSlot: UInt32 { firstSlot + slotCount }
+    public var description: String { "[\(firstSlot)..<\(endSlot))" }
+}
+
+/// What kind of medium a tier is; used for names, metrics labels and default policies.
+public enum TierKind: String, Sendable, CaseIterable {
+    case device
+    case dram
+    case nvme
+    case remote
+    case erasureCoded = "ec"
+}
+
+/// A tier's nominal latency/bandwidth class. Policies use it to order tiers and to decide
+/// whether prefetching from it is worth the effort; benchmarks report what it really does.
+public struct TierPerformanceClass: Sendable, Equatable {
+    /// Typical latency of one slot-sized access, in nanoseconds.
+    public var nominalLatencyNanoseconds: Int
+    /// Typical sequential bandwidth in bytes per second.
+    public var nominalBandwidthBytesPerSecond: Int
+
+    public init(nominalLatencyNanoseconds: Int, nominalBandwidthBytesPerSecond: Int) {
+        self.nominalLatencyNanoseconds = nominalLatencyNanoseconds
+        self.nominalBandwidthBytesPerSecond = nominalBandwidthBytesPerSecond
+    }
+
+    public static let device = TierPerformanceClass(nominalLatencyNanoseconds: 200, nominalBandwidthBytesPerSecond: 1 << 40)
+    public static let dram = TierPerformanceClass(nominalLatencyNanoseconds: 300, nominalBandwidthBytesPerSecond: 20 << 30)
+    public static let remote = TierPerformanceClass(nominalLatencyNanoseconds: 20_000, nominalBandwidthBytesPerSecond: 3 << 30)
+    public static let nvme = TierPerformanceClass(nominalLatencyNanoseconds: 80_000, nominalBandwidthBytesPerSecond: 2 << 30)
+}
+
+/// What the store needs to know about a tier; fixed for the tier's lifetime.
+public struct TierDescriptor: Sendable, Equatable {
+    /// Unique within a store; used in errors, logs and metric labels.
+    public var name: String
+    public var kind: TierKind
+    /// Bytes per slot: the pool's slot size (4 KiB … 2 MiB, a power of two).
+    public var slotSize: Int
+    public var capacitySlots: Int
+    public var performance: TierPerformanceClass
+    /// Verify the CRC32C on every `get` served from this tier (not only on tier crossings).
+    /// On by default for tiers below DRAM, whose bytes travel over a bus, a wire or a disk.
+    public var verifiesReads: Bool
+
+    public init(name: String, kind: TierKind, slotSize: Int, capacitySlots: Int,
+                performance: TierPerformanceClass, verifiesReads: Bool) {
+        self.name = name
+        self.kind = kind
+        self.slotSize = slotSize
+        self.capacitySlots = capacitySlots
+        self.performance = performance
+        self.verifiesReads = verifiesReads
+    }
+
+    public var capacityBytes: Int { capacitySlots * slotSize }
+}
+
+/// One transfer in a batch: `length` bytes between `buffer` and the start of `extent`.
+public struct TierIO: Sendable {
+    public enum Operation: UInt8, Sendable {
+        /// Copy from the tier into `buffer`.
+        case read
+        /// Copy from `buffer` into the tier.
+        case write
+        /// The extent's contents are no longer needed (TRIM, remote release); `buffer` unused.
+        case discard
+    }
+
+    public var operation: Operation
+    public var extent: Extent
+    /// Caller memory; must stay valid until the batch completes. For `.write` it is only read.
+    /// Stored as a bit pattern so the struct stays `Sendable`; the batch owner guarantees
+    /// exclusive use of the memory while the I/O is in flight.
+    public var bufferAddress: UInt
+    public var length: Int
+    /// 0 on success, otherwise a POSIX errno. Written by the tier before it completes the I/O.
+    public var status: Int32
+
+    @inlinable
+    public init(operation: Operation, extent: Extent, buffer: UnsafeRawPointer?, length: Int) {
+        self.operation = operation
+        self.extent = extent
+        self.bufferAddress = UInt(bitPattern: buffer)
+        self.length = length
+        self.status = 0
+    }
+
+    @inlinable
+    public var buffer: UnsafeMutableRawPointer? { UnsafeMutableRawPointer(bitPattern: bufferAddress) }
+}
+
+/// A reusable, fixed-capacity batch of tier I/Os: the unit of submission and completion.
+///
+/// The submitter fills it, calls `Tier.submit`, then `wait()`. A tier completes each I/O
+/// exactly once with `complete(_:status:)`, from any thread; the last completion wakes the
+/// waiter. Memory tiers complete inline, so `wait()` returns without a system call; io_uring
+/// and socket tiers complete from their completion threads. Nothing here allocates after init.
+///
+/// `@unchecked Sendable`: between `submit` and the end of `wait()` the entries are owned by the
+/// tier (each index written by exactly one completion, published by the release decrement of
+/// `pending`); outside that window only the submitting thread touches them.
+public final class TierBatch: @unchecked Sendable {
+    public let capacity: Int
+    @usableFromInline let entries: UnsafeMutablePointer<TierIO>
+    public private(set) var count = 0
+    private let pending = ManagedAtomic<Int>(0)
+    private let done = DispatchSemaphore(value: 0)
+
+    public init(capacity: Int) {
+        precondition(capacity > 0)
+        self.capacity = capacity
+        entries = .allocate(capacity: capacity)
+    }
+
+    deinit { entries.deallocate() }
+
+    public var isFull: Bool { count == capacity }
+
+    /// Empties the batch for reuse. Must not be called while I/Os are in flight.
+    @inlinable
+    public func reset() { setCount(0) }
+
+    @usableFromInline func setCount(_ value: Int) { count = value }
+
+    /// Appends an I/O and returns its index. Traps if the batch is full (a caller bug: batch
+    /// sizes are fixed and checked by the caller).
+    @discardableResult
+    @inlinable
+    public func append(_ io: TierIO) -> Int {
+        precondition(count < capacity, "TierBatch overflow")
+        (entries + count).initialize(to: io)
+        setCount(count + 1)
+        return count - 1
+    }
+
+    @inlinable
+    public subscript(index: Int) -> TierIO {
+        get {
+            precondition(index >= 0 && index < count)
+            return entries[index]
+        }
+    }
+
+    /// Called by `Tier.submit` implementations once per I/O.
+    @inlinable
+    public func complete(_ index: Int, status: Int32) {
+        entries[index].status = status
+        finishOne()
+    }
+
+    /// Records a status without completing the I/O (for tiers that complete after a sync).
+    @inlinable
+    public func setStatus(_ index: Int, _ status: Int32) { entries[index].status = status }
+
+    /// Completes an I/O with the status already recorded (0 unless `setStatus` said otherwise).
+    @inlinable
+    public func finish(_ index: Int) { finishOne() }
+
+    @usableFromInline func finishOne() {
+        if pending.loadThenWrappingDecrement(ordering: .acquiringAndReleasing) == 1 {
+            done.signal()
+        }
+    }
+
+    /// Marks every I/O in flight; the store calls this right before `Tier.submit`.
+    public func beginSubmission() {
+        for index in 0..<count { entries[index].status = 0 }
+        pending.store(count, ordering: .releasing)
+        if count == 0 { done.signal() }
+    }
+
+    /// Blocks until every I/O has completed.
+    public func wait() {
+        done.wait()
+    }
+
+    /// Submits to `tier` and waits: the synchronous path used by the store.
+    @inlinable
+    public func run(on tier: any Tier) {
+        beginSubmission()
+        tier.submit(self)
+        wait()
+    }
+
+    /// The first failed I/O's index and errno, if any.
+    public var firstFailure: (index: Int, status: Int32)? {
+        for index in 0..<count where entries[index].status != 0 {
+            return (index, entries[index].status)
+        }
+        return nil
+    }
+}
+
+/// A level of the memory hierarchy: fixed capacity in slots, batched asynchronous I/O on
+/// extents into caller-provided buffers.
+///
+/// Space is managed synchronously (`allocate`/`release` are bookkeeping on the tier's own slot
+/// map); data moves asynchronously through `submit`, one batch at a time, so io_uring (NVMe),
+/// a socket transport (remote) and an erasure-coded server group can all implement it with one
+/// submission per batch and no allocation per page. The store holds tiers as class-bound
+/// existentials (a pointer and a witness table: no boxing), and dispatches once per batch.
+public protocol Tier: AnyObject, Sendable {
+    var descriptor: TierDescriptor { get }
+
+    /// Reserves `slotCount` contiguous slots; nil when no such run is free.
+    func allocate(slotCount: Int) -> Extent?
+    /// Returns an extent's slots to the free pool. The caller guarantees no I/O is in flight.
+    func release(_ extent: Extent)
+    /// Slots currently allocated.
+    var usedSlots: Int { get }
+
+    /// Starts every I/O in `batch`; each completes (possibly before this returns) through
+    /// `batch.complete(_:status:)`. Lengths never exceed the extent's bytes (checked by the
+    /// store; tiers assert it again).
+    func submit(_ batch: TierBatch)
+
+    /// For tiers whose slots are host memory: lends the whole slot arena (slot `i` starts at
+    /// `i * slotSize`) for the duration of `body`, so moves between tiers read or write it
+    /// directly instead of through a staging buffer. Nil for tiers that are not host memory.
+    func withHostArena<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R?
+
+    /// Releases the tier's resources. Further I/O completes with `ESHUTDOWN`.
+    func close()
+}
+
+extension Tier {
+    public func withHostArena<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R? {
+        nil
+    }
+
+    public var freeSlots: Int { descriptor.capacitySlots - usedSlots }
+
+    /// Slots needed for a page of `length` bytes (at least one, so empty pages have a home).
+    @inlinable
+    public func slotsNeeded(forLength length: Int) -> Int {
+        let slotSize = descriptor.slotSize
+        return max(1, (length + slotSize - 1) / slotSize)
+    }
+}

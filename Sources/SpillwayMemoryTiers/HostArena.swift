@@ -1,0 +1,57 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import SpillwayCore
+
+/// A fixed block of host memory mapped once and never resized: the backing of the DRAM tier
+/// and of the host backend of the device tier.
+///
+/// `mmap` (anonymous, private), `MADV_HUGEPAGE` when the kernel has transparent huge pages
+/// (fewer TLB misses on random slot access), optionally pre-faulted (`MAP_POPULATE`) so the first
+/// touch of a slot is not a page fault inside a benchmark or a serving step, optionally
+/// `mlock`ed (device-like pinned memory; refused locks are logged, not fatal).
+///
+/// `@unchecked Sendable`: the mapping is immutable after init; concurrent access to the bytes
+/// is coordinated by the tier's slot allocator and the page directory's reader counts.
+public final class HostArena: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let byteCount: Int
+    public let hugePages: Bool
+    public let locked: Bool
+
+    public init(byteCount: Int, prefault: Bool, lock: Bool, label: String, logger: Logger) throws(SpillwayError) {
+        guard byteCount > 0 else { throw .invalidConfiguration("\(label): arena size must be positive") }
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS | (prefault ? MAP_POPULATE : 0)
+        guard let mapping = mmap(nil, byteCount, PROT_READ | PROT_WRITE, flags, -1, 0), mapping != MAP_FAILED else {
+            throw .tierIO(tier: label, operation: "mmap of \(ByteCount.format(byteCount))", errno: errno)
+        }
+        base = mapping
+        self.byteCount = byteCount
+        #if os(Linux)
+        hugePages = madvise(mapping, byteCount, MADV_HUGEPAGE) == 0
+        if !hugePages {
+            logger.info("transparent huge pages unavailable for arena", metadata: ["tier": "\(label)", "errno": "\(errno)"])
+        }
+        #else
+        hugePages = false
+        #endif
+        if lock {
+            if mlock(mapping, byteCount) == 0 {
+                locked = true
+            } else {
+                locked = false
+                logger.warning(
+                    "mlock refused; continuing with unpinned memory (raise RLIMIT_MEMLOCK or run as root)",
+                    metadata: ["tier": "\(label)", "bytes": "\(byteCount)", "errno": "\(errno)"])
+            }
+        } else {
+            locked = false
+        }
+    }
+
+    deinit {
+        if locked { munlock(base, byteCount) }
+        munmap(base, byteCount)
+    }
+}

@@ -1,0 +1,832 @@
+import Atomics
+import DequeModule
+import Dispatch
+import Logging
+import SpillwayCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One page of a batched `get`: the caller's buffer in, the page's length or an error out.
+public struct PageRead {
+    public var key: PageKey
+    public var buffer: UnsafeMutableRawBufferPointer
+    public var length: Int = 0
+    public var error: SpillwayError?
+
+    public init(key: PageKey, buffer: UnsafeMutableRawBufferPointer) {
+        self.key = key
+        self.buffer = buffer
+    }
+}
+
+/// One page of a batched `put`.
+public struct PageWrite {
+    public var key: PageKey
+    public var bytes: UnsafeRawBufferPointer
+    public var error: SpillwayError?
+
+    public init(key: PageKey, bytes: UnsafeRawBufferPointer) {
+        self.key = key
+        self.bytes = bytes
+    }
+}
+
+/// The tiered page store: pages live in the fastest tier with room and move down as they cool.
+///
+/// - `put` writes the page to its placement tier (by default the top), and only after the
+///   write completed makes it visible in the directory, replacing any older version.
+/// - `get` copies a page into the caller's buffer from whichever tier holds it; a hit below the
+///   top tier is verified (CRC32C) and promoted when the policy says so.
+/// - A background thread demotes the coldest unpinned pages of a tier past its high watermark
+///   down to its low watermark; when the last tier is full, the coldest unpinned page is evicted
+///   (the store is a cache). A `put` that finds its tier full reclaims synchronously.
+/// - Every tier crossing verifies the CRC32C; a mismatch drops the page and surfaces as
+///   `SpillwayError.checksumMismatch`, never as wrong bytes.
+///
+/// All operations are synchronous and thread-safe; none allocates or hops actors per page.
+public final class TieredStore: Sendable {
+    public let tiers: [any Tier]
+    public let directory: PageDirectory
+    public let policy: any PlacementPolicy
+    public let options: StoreOptions
+    public let slotSize: Int
+    let logger: Logger
+
+    private let tierCounters: [TierCounters]
+    private let counters = StoreCounters()
+    private let closedFlag = ManagedAtomic<Bool>(false)
+    private let reclaimLocks: [ReclaimLock]
+    private let prefetchQueue: Mutex<Deque<PageKey>>
+    private let wake = DispatchSemaphore(value: 0)
+    private let worker: Mutex<BackgroundThread?> = Mutex(nil)
+    private let metrics: MetricsPublisher
+    private let publishLock = Mutex<Void>(())
+    private let staging: StagingPool
+    private let highSlots: [Int]
+    private let lowSlots: [Int]
+
+    public init(tiers: [any Tier], policy: any PlacementPolicy = LRUPolicy(), options: StoreOptions = StoreOptions(),
+                logger: Logger = Logger(label: "spillway.store")) throws(SpillwayError)
+    {
+        guard !tiers.isEmpty, tiers.count <= 255 else { throw .invalidConfiguration("a store needs 1…255 tiers, got \(tiers.count)") }
+        let slotSize = tiers[0].descriptor.slotSize
+        guard slotSize >= 4096, slotSize <= 2 << 20, slotSize & (slotSize - 1) == 0 else {
+            throw .invalidConfiguration("slot size \(slotSize) must be a power of two between 4KiB and 2MiB")
+        }
+        var names = Set<String>()
+        for (index, tier) in tiers.enumerated() {
+            let descriptor = tier.descriptor
+            guard descriptor.slotSize == slotSize else {
+                throw .invalidConfiguration("tier '\(descriptor.name)' has slot size \(descriptor.slotSize), the pool uses \(slotSize)")
+            }
+            guard names.insert(descriptor.name).inserted else { throw .invalidConfiguration("duplicate tier name '\(descriptor.name)'") }
+            guard options.maxPageSize <= descriptor.capacityBytes else {
+                throw .invalidConfiguration("max page size \(options.maxPageSize) exceeds tier '\(descriptor.name)' (\(descriptor.capacityBytes) bytes)")
+            }
+            try options.watermarks(forTier: index).validate(tier: descriptor.name)
+        }
+        guard options.maxPageSize > 0 else { throw .invalidConfiguration("max page size must be positive") }
+        guard options.prefetchQueueLimit > 0, options.evictionWindow > 0, options.backgroundIntervalMilliseconds > 0 else {
+            throw .invalidConfiguration("prefetch queue limit, eviction window and background interval must be positive")
+        }
+        self.tiers = tiers
+        self.policy = policy
+        self.options = options
+        self.slotSize = slotSize
+        self.logger = logger
+        directory = PageDirectory(tierCapacities: tiers.map(\.descriptor.capacitySlots))
+        tierCounters = tiers.map { _ in TierCounters() }
+        reclaimLocks = tiers.map { _ in ReclaimLock() }
+        prefetchQueue = Mutex(Deque(minimumCapacity: options.prefetchQueueLimit))
+        metrics = MetricsPublisher(prefix: options.metricsPrefix, tierNames: tiers.map(\.descriptor.name))
+        staging = StagingPool(bufferBytes: (options.maxPageSize + slotSize - 1) / slotSize * slotSize)
+        highSlots = tiers.indices.map { Int(Double(tiers[$0].descriptor.capacitySlots) * options.watermarks(forTier: $0).high) }
+        lowSlots = tiers.indices.map { Int(Double(tiers[$0].descriptor.capacitySlots) * options.watermarks(forTier: $0).low) }
+        if options.backgroundWorker {
+            let thread = BackgroundThread { [self] in runBackgroundWorker() }
+            worker.withLock { $0 = thread }
+        }
+        logger.info("store open", metadata: [
+            "tiers": "\(tiers.map { "\($0.descriptor.name)(\($0.descriptor.kind.rawValue), \($0.descriptor.capacitySlots) slots)" })",
+            "slotSize": "\(slotSize)", "policy": "\(policy.name)",
+        ])
+    }
+
+    deinit {
+        if !closedFlag.load(ordering: .relaxed) { shutdown() }
+    }
+
+    // MARK: Public API
+
+    /// Stores `bytes` under `key`, replacing any earlier version once the new one is complete.
+    public func put(_ key: PageKey, _ bytes: UnsafeRawBufferPointer) throws(SpillwayError) {
+        try checkOpen()
+        let length = bytes.count
+        guard length <= options.maxPageSize else { throw .pageTooLarge(length: length, limit: options.maxPageSize) }
+        let checksum = CRC32C.checksum(bytes)
+        let location = try allocateForPut(slots: slotsNeeded(length), length: length)
+        let tier = tiers[location.tier]
+        let batch = ThreadBatch.current()
+        batch.append(TierIO(operation: .write, extent: location.extent, buffer: bytes.baseAddress, length: length))
+        batch.run(on: tier)
+        if let failure = batch.firstFailure {
+            tier.release(location.extent)
+            tierCounters[location.tier].ioErrors.add(1)
+            throw .tierIO(tier: tier.descriptor.name, operation: "write", errno: failure.status)
+        }
+        try commitPut(key, location: location, length: length, checksum: checksum)
+    }
+
+    /// Convenience: stores the contents of an array.
+    public func put(_ key: PageKey, bytes: [UInt8]) throws(SpillwayError) {
+        let result: Result<Void, SpillwayError> = bytes.withUnsafeBytes { raw in
+            do throws(SpillwayError) { try put(key, raw); return .success(()) } catch { return .failure(error) }
+        }
+        try result.get()
+    }
+
+    /// Copies the page into `buffer` and returns its length.
+    @discardableResult
+    public func get(_ key: PageKey, into buffer: UnsafeMutableRawBufferPointer) throws(SpillwayError) -> Int {
+        try checkOpen()
+        guard let snapshot = directory.beginRead(key) else {
+            counters.misses.add(1)
+            throw .unknownKey(key)
+        }
+        guard buffer.count >= snapshot.length else {
+            directory.endRead(snapshot)
+            throw .bufferTooSmall(required: snapshot.length, available: buffer.count)
+        }
+        let tierIndex = snapshot.location.tier
+        let batch = ThreadBatch.current()
+        batch.append(TierIO(operation: .read, extent: snapshot.location.extent, buffer: buffer.baseAddress, length: snapshot.length))
+        batch.run(on: tiers[tierIndex])
+        let status = batch[0].status
+        if status == 0 && tierIndex == 0 && !tiers[0].descriptor.verifiesReads {
+            // Top-tier hit: the fast path, no checksum (the bytes never left this process).
+            directory.endRead(snapshot)
+            tierCounters[0].hits.add(1)
+            tierCounters[0].bytesRead.add(snapshot.length)
+            return snapshot.length
+        }
+        try finishRead(snapshot, buffer: UnsafeRawBufferPointer(start: buffer.baseAddress, count: snapshot.length), status: status)
+        return snapshot.length
+    }
+
+    /// Convenience: returns the page as a new array.
+    public func get(_ key: PageKey) throws(SpillwayError) -> [UInt8] {
+        try checkOpen()
+        guard let snapshot = directory.snapshot(of: key) else {
+            counters.misses.add(1)
+            throw .unknownKey(key)
+        }
+        var result = [UInt8](repeating: 0, count: snapshot.length)
+        // The page may be replaced by a longer one in between; retry with its new length.
+        while true {
+            let outcome: Result<Int, SpillwayError> = result.withUnsafeMutableBytes { raw in
+                do throws(SpillwayError) { return .success(try get(key, into: raw)) } catch { return .failure(error) }
+            }
+            switch outcome {
+            case .success(let length):
+                result.removeLast(result.count - length)
+                return result
+            case .failure(.bufferTooSmall(let required, _)):
+                result = [UInt8](repeating: 0, count: required)
+            case .failure(let error):
+                throw error
+            }
+        }
+    }
+
+    /// Reads many pages with one submission per tier. Each request gets its length or error;
+    /// returns how many succeeded.
+    @discardableResult
+    public func get(batch requests: UnsafeMutableBufferPointer<PageRead>) -> Int {
+        var succeeded = 0
+        var start = 0
+        while start < requests.count {
+            let end = min(requests.count, start + ThreadBatch.capacity)
+            succeeded += getChunk(UnsafeMutableBufferPointer(rebasing: requests[start..<end]))
+            start = end
+        }
+        return succeeded
+    }
+
+    /// Writes many pages with one submission per tier; returns how many succeeded.
+    @discardableResult
+    public func put(batch requests: UnsafeMutableBufferPointer<PageWrite>) -> Int {
+        var succeeded = 0
+        var start = 0
+        while start < requests.count {
+            let end = min(requests.count, start + ThreadBatch.capacity)
+            succeeded += putChunk(UnsafeMutableBufferPointer(rebasing: requests[start..<end]))
+            start = end
+        }
+        return succeeded
+    }
+
+    /// Whether a complete page is stored under `key`.
+    public func contains(_ key: PageKey) -> Bool {
+        directory.contains(key)
+    }
+
+    /// The page's length, if present.
+    public func length(of key: PageKey) -> Int? {
+        directory.snapshot(of: key)?.length
+    }
+
+    /// Where the page lives now (tier index and slots), if present.
+    public func location(of key: PageKey) -> PageLocation? {
+        directory.snapshot(of: key)?.location
+    }
+
+    /// Removes the page; returns false if there was none. Pinned pages cannot be removed.
+    @discardableResult
+    public func remove(_ key: PageKey) throws(SpillwayError) -> Bool {
+        try checkOpen()
+        guard let removed = try directory.remove(key) else { return false }
+        retire(removed.location)
+        counters.removes.add(1)
+        return true
+    }
+
+    /// Pins the page where it is: it is not moved, evicted, overwritten or removed until a
+    /// matching `unpin`. Pins nest.
+    public func pin(_ key: PageKey) throws(SpillwayError) {
+        try checkOpen()
+        try directory.pin(key)
+    }
+
+    public func unpin(_ key: PageKey) throws(SpillwayError) {
+        try checkOpen()
+        try directory.unpin(key)
+    }
+
+    /// Asks the background worker to bring these pages to the top tier. Never blocks; requests
+    /// beyond the queue bound are dropped and counted. Unknown keys are ignored.
+    public func prefetch(_ keys: some Sequence<PageKey>) {
+        guard !closedFlag.load(ordering: .relaxed) else { return }
+        var accepted = 0
+        var dropped = 0
+        prefetchQueue.withLock { queue in
+            for key in keys {
+                if queue.count < options.prefetchQueueLimit {
+                    queue.append(key)
+                    accepted += 1
+                } else {
+                    dropped += 1
+                }
+            }
+        }
+        counters.prefetchRequests.add(accepted)
+        if dropped > 0 { counters.prefetchDropped.add(dropped) }
+        if accepted > 0 { wake.signal() }
+    }
+
+    /// Runs pending prefetches and watermark demotion now, on the calling thread (tests and
+    /// tools; the background worker does the same periodically).
+    public func runMaintenance() {
+        guard !closedFlag.load(ordering: .relaxed) else { return }
+        drainPrefetchQueue()
+        for index in 0..<(tiers.count - 1) where tiers[index].usedSlots > highSlots[index] {
+            reclaim(tier: index, toUsedSlots: lowSlots[index])
+        }
+    }
+
+    /// Moves the page one tier down now (tests, tools). Returns false if it could not move.
+    @discardableResult
+    public func demote(_ key: PageKey) -> Bool {
+        guard let snapshot = directory.snapshot(of: key), snapshot.location.tier + 1 < tiers.count else { return false }
+        return movePages([key], from: snapshot.location.tier, to: snapshot.location.tier + 1) == 1
+    }
+
+    public func stats() -> StoreStats {
+        StoreStats(
+            tiers: tiers.indices.map { index in
+                let descriptor = tiers[index].descriptor
+                let counter = tierCounters[index]
+                return TierStats(
+                    name: descriptor.name, kind: descriptor.kind.rawValue, slotSize: descriptor.slotSize,
+                    capacitySlots: descriptor.capacitySlots, usedSlots: tiers[index].usedSlots,
+                    pages: directory.pageCount(tier: index), hits: counter.hits.value,
+                    promotionsIn: counter.promotionsIn.value, demotionsOut: counter.demotionsOut.value,
+                    evictions: counter.evictions.value, bytesRead: counter.bytesRead.value,
+                    bytesWritten: counter.bytesWritten.value, checksumFailures: counter.checksumFailures.value,
+                    ioErrors: counter.ioErrors.value)
+            },
+            puts: counters.puts.value, gets: tierCounters.reduce(counters.misses.value) { $0 + $1.hits.value },
+            misses: counters.misses.value, removes: counters.removes.value,
+            prefetchRequests: counters.prefetchRequests.value, prefetchDropped: counters.prefetchDropped.value,
+            promotionsSkipped: counters.promotionsSkipped.value)
+    }
+
+    /// Publishes the current counters to swift-metrics (the worker does this periodically).
+    public func publishMetrics() {
+        let snapshot = stats()
+        publishLock.withLock { _ in metrics.publish(snapshot) }
+    }
+
+    /// Stops the background worker and closes the tiers. Later calls fail with `.closed`.
+    /// Callers must not have operations in flight on other threads.
+    public func close() {
+        guard !closedFlag.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        shutdown()
+    }
+
+    public var isClosed: Bool { closedFlag.load(ordering: .relaxed) }
+
+    // MARK: Put internals
+
+    private func slotsNeeded(_ length: Int) -> Int { max(1, (length + slotSize - 1) / slotSize) }
+
+    @inline(__always)
+    private func checkOpen() throws(SpillwayError) {
+        if closedFlag.load(ordering: .relaxed) { throw .closed }
+    }
+
+    /// An extent for a new page: the policy's tier, reclaiming it synchronously if it is full,
+    /// else the first lower tier with room.
+    private func allocateForPut(slots: Int, length: Int) throws(SpillwayError) -> PageLocation {
+        let first = min(max(0, policy.initialTier(forLength: length, tierCount: tiers.count)), tiers.count - 1)
+        for attempt in 0..<3 {
+            if let extent = tiers[first].allocate(slotCount: slots) {
+                if tiers[first].usedSlots > highSlots[first] && first + 1 < tiers.count { wake.signal() }
+                return PageLocation(tier: first, extent: extent)
+            }
+            if attempt < 2 {
+                let capacity = tiers[first].descriptor.capacitySlots
+                let target = first + 1 < tiers.count ? min(lowSlots[first], capacity - slots) : capacity - slots
+                reclaim(tier: first, toUsedSlots: max(0, target))
+            }
+        }
+        for index in (first + 1)..<tiers.count {
+            if let extent = tiers[index].allocate(slotCount: slots) {
+                return PageLocation(tier: index, extent: extent)
+            }
+        }
+        throw .storeFull(requiredSlots: slots)
+    }
+
+    private func commitPut(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32) throws(SpillwayError) {
+        let replaced: PageSnapshot?
+        do {
+            replaced = try directory.insert(key, location: location, length: length, checksum: checksum)
+        } catch {
+            tiers[location.tier].release(location.extent)
+            throw error
+        }
+        if let replaced { retire(replaced.location) }
+        counters.puts.add(1)
+        tierCounters[location.tier].bytesWritten.add(length)
+    }
+
+    private func putChunk(_ requests: UnsafeMutableBufferPointer<PageWrite>) -> Int {
+        guard !closedFlag.load(ordering: .relaxed) else {
+            for index in requests.indices { requests[index].error = .closed }
+            return 0
+        }
+        return withUnsafeTemporaryAllocation(of: (location: PageLocation, checksum: UInt32)?.self, capacity: requests.count) { plans in
+            for index in requests.indices {
+                plans.initializeElement(at: index, to: nil)
+                requests[index].error = nil
+                let bytes = requests[index].bytes
+                guard bytes.count <= options.maxPageSize else {
+                    requests[index].error = .pageTooLarge(length: bytes.count, limit: options.maxPageSize)
+                    continue
+                }
+                do throws(SpillwayError) {
+                    let location = try allocateForPut(slots: slotsNeeded(bytes.count), length: bytes.count)
+                    plans[index] = (location, CRC32C.checksum(bytes))
+                } catch {
+                    requests[index].error = error
+                }
+            }
+            let batch = ThreadBatch.current()
+            for tierIndex in tiers.indices {
+                batch.reset()
+                for index in requests.indices {
+                    guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
+                    batch.append(TierIO(operation: .write, extent: plan.location.extent,
+                                        buffer: requests[index].bytes.baseAddress, length: requests[index].bytes.count))
+                }
+                guard batch.count > 0 else { continue }
+                batch.run(on: tiers[tierIndex])
+                var entry = 0
+                for index in requests.indices {
+                    guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
+                    let status = batch[entry].status
+                    entry += 1
+                    if status != 0 {
+                        tiers[tierIndex].release(plan.location.extent)
+                        tierCounters[tierIndex].ioErrors.add(1)
+                        requests[index].error = .tierIO(tier: tiers[tierIndex].descriptor.name, operation: "write", errno: status)
+                        plans[index] = nil
+                    }
+                }
+            }
+            var succeeded = 0
+            for index in requests.indices {
+                guard let plan = plans[index] else { continue }
+                do throws(SpillwayError) {
+                    try commitPut(requests[index].key, location: plan.location, length: requests[index].bytes.count, checksum: plan.checksum)
+                    succeeded += 1
+                } catch {
+                    requests[index].error = error
+                }
+            }
+            plans.deinitialize()
+            return succeeded
+        }
+    }
+
+    // MARK: Get internals
+
+    /// Everything after the read of a page that is not a plain top-tier hit: status, checksum,
+    /// counters, promotion, and ending the read.
+    private func finishRead(_ snapshot: PageSnapshot, buffer: UnsafeRawBufferPointer, status: Int32) throws(SpillwayError) {
+        let tierIndex = snapshot.location.tier
+        let tier = tiers[tierIndex]
+        guard status == 0 else {
+            directory.endRead(snapshot)
+            tierCounters[tierIndex].ioErrors.add(1)
+            throw .tierIO(tier: tier.descriptor.name, operation: "read", errno: status)
+        }
+        let promoting = tierIndex > 0 && policy.shouldPromote(snapshot.stats, fromTier: tierIndex)
+        if tier.descriptor.verifiesReads || promoting {
+            let actual = CRC32C.checksum(buffer)
+            if actual != snapshot.checksum {
+                directory.endRead(snapshot)
+                quarantine(snapshot)
+                throw .checksumMismatch(key: snapshot.key, tier: tier.descriptor.name, expected: snapshot.checksum, actual: actual)
+            }
+        }
+        tierCounters[tierIndex].hits.add(1)
+        tierCounters[tierIndex].bytesRead.add(snapshot.length)
+        let vacated = promoting ? promote(snapshot, from: buffer) : nil
+        directory.endRead(snapshot)
+        if let vacated { retire(vacated) }
+    }
+
+    /// Copies a verified page (already in `buffer`) to the top tier and repoints the directory.
+    /// Returns the vacated location, which the caller retires after ending its own read.
+    private func promote(_ snapshot: PageSnapshot, from buffer: UnsafeRawBufferPointer) -> PageLocation? {
+        guard let claim = directory.beginMove(snapshot.key, fromTier: snapshot.location.tier) else { return nil }
+        guard claim.version == snapshot.version, let extent = tiers[0].allocate(slotCount: Int(claim.location.extent.slotCount)) else {
+            directory.abortMove(claim)
+            counters.promotionsSkipped.add(1)
+            wake.signal()
+            return nil
+        }
+        let batch = ThreadBatch.current()
+        batch.append(TierIO(operation: .write, extent: extent, buffer: buffer.baseAddress, length: snapshot.length))
+        batch.run(on: tiers[0])
+        let destination = PageLocation(tier: 0, extent: extent)
+        guard batch[0].status == 0 else {
+            tierCounters[0].ioErrors.add(1)
+            tiers[0].release(extent)
+            directory.abortMove(claim)
+            return nil
+        }
+        guard directory.commitMove(claim, to: destination) else {
+            tiers[0].release(extent)
+            return nil
+        }
+        tierCounters[0].promotionsIn.add(1)
+        tierCounters[0].bytesWritten.add(snapshot.length)
+        if tiers[0].usedSlots > highSlots[0] { wake.signal() }
+        return claim.location
+    }
+
+    private func getChunk(_ requests: UnsafeMutableBufferPointer<PageRead>) -> Int {
+        guard !closedFlag.load(ordering: .relaxed) else {
+            for index in requests.indices { requests[index].error = .closed }
+            return 0
+        }
+        return withUnsafeTemporaryAllocation(of: PageSnapshot?.self, capacity: requests.count) { snapshots in
+            for index in requests.indices {
+                requests[index].error = nil
+                requests[index].length = 0
+                let snapshot = directory.beginRead(requests[index].key)
+                snapshots.initializeElement(at: index, to: snapshot)
+                guard let snapshot else {
+                    counters.misses.add(1)
+                    requests[index].error = .unknownKey(requests[index].key)
+                    continue
+                }
+                if requests[index].buffer.count < snapshot.length {
+                    directory.endRead(snapshot)
+                    snapshots[index] = nil
+                    requests[index].error = .bufferTooSmall(required: snapshot.length, available: requests[index].buffer.count)
+                }
+            }
+            let batch = ThreadBatch.current()
+            var succeeded = 0
+            for tierIndex in tiers.indices {
+                batch.reset()
+                for index in requests.indices {
+                    guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
+                    batch.append(TierIO(operation: .read, extent: snapshot.location.extent,
+                                        buffer: requests[index].buffer.baseAddress, length: snapshot.length))
+                }
+                guard batch.count > 0 else { continue }
+                batch.run(on: tiers[tierIndex])
+                // Copy statuses out before finishRead reuses the thread's batch for promotions.
+                withUnsafeTemporaryAllocation(of: Int32.self, capacity: batch.count) { statuses in
+                    for entry in 0..<batch.count { statuses.initializeElement(at: entry, to: batch[entry].status) }
+                    var entry = 0
+                    for index in requests.indices {
+                        guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
+                        let status = statuses[entry]
+                        entry += 1
+                        do throws(SpillwayError) {
+                            try finishRead(snapshot, buffer: UnsafeRawBufferPointer(start: requests[index].buffer.baseAddress, count: snapshot.length), status: status)
+                            requests[index].length = snapshot.length
+                            succeeded += 1
+                        } catch {
+                            requests[index].error = error
+                        }
+                    }
+                }
+            }
+            snapshots.deinitialize()
+            return succeeded
+        }
+    }
+
+    // MARK: Moving pages
+
+    /// Releases an extent the directory no longer points at, once in-flight reads of it end.
+    private func retire(_ location: PageLocation) {
+        directory.waitForReaders(location)
+        tiers[location.tier].release(location.extent)
+    }
+
+    /// Drops a page whose bytes failed their checksum: counted, logged, never served.
+    private func quarantine(_ snapshot: PageSnapshot) {
+        let tier = tiers[snapshot.location.tier].descriptor.name
+        tierCounters[snapshot.location.tier].checksumFailures.add(1)
+        logger.error("checksum mismatch: page dropped", metadata: [
+            "key": "\(snapshot.key)", "tier": "\(tier)", "location": "\(snapshot.location)",
+        ])
+        if directory.removeIfCurrent(snapshot, requireUnpinned: false) {
+            retire(snapshot.location)
+        }
+    }
+
+    /// Frees slots on `tier` until at most `target` are used: demotes the coldest movable pages
+    /// one tier down (making room there first, recursively), or evicts them from the last tier.
+    /// Serialized per tier; cascades lock tiers top-down, so they cannot deadlock.
+    func reclaim(tier index: Int, toUsedSlots target: Int) {
+        reclaimLocks[index].mutex.withLock { _ in
+            var fruitless = 0
+            while tiers[index].usedSlots > target, !closedFlag.load(ordering: .relaxed) {
+                let excess = tiers[index].usedSlots - target
+                let count = min(excess, 4096)
+                let window = max(options.evictionWindow, count * 32)
+                let victims = directory.coldestPages(tier: index, count: count, window: window, policy: policy)
+                if victims.isEmpty { break }
+                var progressed = 0
+                var start = 0
+                while start < victims.count, tiers[index].usedSlots > target {
+                    let end = min(victims.count, start + ThreadBatch.capacity)
+                    let chunk = Array(victims[start..<end])
+                    progressed += index == tiers.count - 1 ? evict(chunk, tier: index) : movePages(chunk, from: index, to: index + 1)
+                    start = end
+                }
+                if progressed == 0 {
+                    fruitless += 1
+                    if fruitless >= 3 { break }
+                }
+            }
+        }
+    }
+
+    private func evict(_ keys: [PageKey], tier index: Int) -> Int {
+        var evicted = 0
+        for key in keys {
+            guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == index, snapshot.pinCount == 0,
+                  directory.removeIfCurrent(snapshot, requireUnpinned: true)
+            else { continue }
+            retire(snapshot.location)
+            tierCounters[index].evictions.add(1)
+            evicted += 1
+        }
+        return evicted
+    }
+
+    /// Moves pages from tier `source` to tier `target` (one batch of reads, one of writes),
+    /// verifying each page's CRC32C on the way. Returns how many moved.
+    func movePages(_ keys: [PageKey], from source: Int, to target: Int) -> Int {
+        precondition(source != target && keys.count <= ThreadBatch.capacity)
+        // Make room first, before claiming anything (claims hold reader counts).
+        var needed = 0
+        for key in keys {
+            if let snapshot = directory.snapshot(of: key), snapshot.location.tier == source {
+                needed += Int(snapshot.location.extent.slotCount)
+            }
+        }
+        guard needed > 0 else { return 0 }
+        let targetTier = tiers[target]
+        if targetTier.freeSlots < needed {
+            let capacity = targetTier.descriptor.capacitySlots
+            let goal = target + 1 < tiers.count && target > source ? min(lowSlots[target], capacity - needed) : capacity - needed
+            reclaim(tier: target, toUsedSlots: max(0, goal))
+        }
+        var moves: [(claim: PageSnapshot, destination: Extent)] = []
+        moves.reserveCapacity(keys.count)
+        for key in keys {
+            guard let claim = directory.beginMove(key, fromTier: source) else { continue }
+            guard let extent = targetTier.allocate(slotCount: Int(claim.location.extent.slotCount)) else {
+                directory.abortMove(claim)
+                continue
+            }
+            moves.append((claim, extent))
+        }
+        guard !moves.isEmpty else { return 0 }
+        let statuses = copy(moves, from: source, to: target)
+        var moved = 0
+        for (index, move) in moves.enumerated() {
+            let destination = PageLocation(tier: target, extent: move.destination)
+            switch statuses[index] {
+            case .copied:
+                if directory.commitMove(move.claim, to: destination) {
+                    retire(move.claim.location)
+                    if target > source {
+                        tierCounters[source].demotionsOut.add(1)
+                    } else {
+                        tierCounters[target].promotionsIn.add(1)
+                    }
+                    tierCounters[target].bytesWritten.add(move.claim.length)
+                    moved += 1
+                } else {
+                    targetTier.release(move.destination)
+                }
+            case .failed(let errno, let tierIndex):
+                tierCounters[tierIndex].ioErrors.add(1)
+                logger.warning("tier move failed", metadata: [
+                    "key": "\(move.claim.key)", "tier": "\(tiers[tierIndex].descriptor.name)", "errno": "\(errno)",
+                ])
+                targetTier.release(move.destination)
+                directory.abortMove(move.claim)
+            case .corrupt(let actual):
+                targetTier.release(move.destination)
+                directory.abortMove(move.claim)
+                logger.error("checksum mismatch during move", metadata: [
+                    "expected": "\(move.claim.checksum)", "actual": "\(actual)",
+                ])
+                quarantine(move.claim)
+            }
+        }
+        return moved
+    }
+
+    private enum CopyStatus {
+        case copied
+        case failed(errno: Int32, tier: Int)
+        case corrupt(actual: UInt32)
+    }
+
+    /// The data movement of `movePages`: straight into the target's host arena, straight out of
+    /// the source's, or (neither is host memory) one page at a time through a staging buffer.
+    private func copy(_ moves: [(claim: PageSnapshot, destination: Extent)], from source: Int, to target: Int) -> [CopyStatus] {
+        let batch = ThreadBatch.current()
+        let sourceTier = tiers[source]
+        let targetTier = tiers[target]
+        func verify(_ base: UnsafeMutableRawPointer, _ move: (claim: PageSnapshot, destination: Extent)) -> CopyStatus {
+            let actual = CRC32C.checksum(UnsafeRawBufferPointer(start: base, count: move.claim.length))
+            return actual == move.claim.checksum ? .copied : .corrupt(actual: actual)
+        }
+        if let statuses = targetTier.withHostArena({ arena -> [CopyStatus] in
+            for move in moves {
+                batch.append(TierIO(operation: .read, extent: move.claim.location.extent,
+                                    buffer: arena.baseAddress! + Int(move.destination.firstSlot) * slotSize, length: move.claim.length))
+            }
+            batch.run(on: sourceTier)
+            return moves.indices.map { index in
+                let status = batch[index].status
+                guard status == 0 else { return .failed(errno: status, tier: source) }
+                return verify(arena.baseAddress! + Int(moves[index].destination.firstSlot) * slotSize, moves[index])
+            }
+        }) {
+            return statuses
+        }
+        if let statuses = sourceTier.withHostArena({ arena -> [CopyStatus] in
+            var statuses = [CopyStatus](repeating: .copied, count: moves.count)
+            var entries: [Int] = []
+            for (index, move) in moves.enumerated() {
+                let bytes = arena.baseAddress! + Int(move.claim.location.extent.firstSlot) * slotSize
+                statuses[index] = verify(bytes, move)
+                guard case .copied = statuses[index] else { continue }
+                batch.append(TierIO(operation: .write, extent: move.destination, buffer: bytes, length: move.claim.length))
+                entries.append(index)
+            }
+            guard batch.count > 0 else { return statuses }
+            batch.run(on: targetTier)
+            for (entry, index) in entries.enumerated() where batch[entry].status != 0 {
+                statuses[index] = .failed(errno: batch[entry].status, tier: target)
+            }
+            return statuses
+        }) {
+            return statuses
+        }
+        return moves.map { move in
+            staging.withBuffer { buffer -> CopyStatus in
+                batch.reset()
+                batch.append(TierIO(operation: .read, extent: move.claim.location.extent, buffer: buffer, length: move.claim.length))
+                batch.run(on: sourceTier)
+                guard batch[0].status == 0 else { return .failed(errno: batch[0].status, tier: source) }
+                let verdict = verify(buffer, move)
+                guard case .copied = verdict else { return verdict }
+                batch.reset()
+                batch.append(TierIO(operation: .write, extent: move.destination, buffer: buffer, length: move.claim.length))
+                batch.run(on: targetTier)
+                return batch[0].status == 0 ? .copied : .failed(errno: batch[0].status, tier: target)
+            }
+        }
+    }
+
+    // MARK: Background worker
+
+    private func drainPrefetchQueue() {
+        while true {
+            let keys: [PageKey] = prefetchQueue.withLock { queue in
+                let count = min(queue.count, ThreadBatch.capacity)
+                defer { queue.removeFirst(count) }
+                return Array(queue.prefix(count))
+            }
+            if keys.isEmpty { return }
+            var byTier: [Int: [PageKey]] = [:]
+            for key in keys {
+                if let snapshot = directory.snapshot(of: key), snapshot.location.tier > 0 {
+                    byTier[snapshot.location.tier, default: []].append(key)
+                }
+            }
+            for (tier, keys) in byTier.sorted(by: { $0.key < $1.key }) {
+                _ = movePages(keys, from: tier, to: 0)
+            }
+        }
+    }
+
+    private func runBackgroundWorker() {
+        let interval = DispatchTimeInterval.milliseconds(options.backgroundIntervalMilliseconds)
+        while !closedFlag.load(ordering: .relaxed) {
+            _ = wake.wait(timeout: .now() + interval)
+            if closedFlag.load(ordering: .relaxed) { break }
+            runMaintenance()
+            publishMetrics()
+        }
+    }
+
+    private func shutdown() {
+        closedFlag.store(true, ordering: .releasing)
+        wake.signal()
+        let thread = worker.withLock { thread -> BackgroundThread? in
+            defer { thread = nil }
+            return thread
+        }
+        thread?.join()
+        publishMetrics()
+        for tier in tiers { tier.close() }
+        logger.info("store closed")
+    }
+}
+
+/// Serializes reclaim of one tier (a class so the store can keep one per tier in an array).
+final class ReclaimLock: Sendable {
+    let mutex = Mutex<Void>(())
+}
+
+/// Staging buffers for moves between two tiers that are not host memory (e.g. device ↔ NVMe).
+/// At most `limit` exist, each `bufferBytes` long, allocated on first need and reused; a
+/// mover that finds none free yields until one is.
+final class StagingPool: Sendable {
+    private let bufferBytes: Int
+    private let limit = 2
+    private let state = Mutex<(free: [UInt], created: Int)>(([], 0))
+
+    init(bufferBytes: Int) { self.bufferBytes = bufferBytes }
+
+    deinit {
+        state.withLock { state in
+            for address in state.free { UnsafeMutableRawPointer(bitPattern: address)?.deallocate() }
+        }
+    }
+
+    func withBuffer<R>(_ body: (UnsafeMutableRawPointer) -> R) -> R {
+        var address: UInt = 0
+        while address == 0 {
+            address = state.withLock { state -> UInt in
+                if let free = state.free.popLast() { return free }
+                guard state.created < limit else { return 0 }
+                state.created += 1
+                return UInt(bitPattern: UnsafeMutableRawPointer.allocate(byteCount: bufferBytes, alignment: 4096))
+            }
+            if address == 0 { sched_yield() }
+        }
+        defer { state.withLock { $0.free.append(address) } }
+        return body(UnsafeMutableRawPointer(bitPattern: address)!)
+    }
+}
