@@ -1,1 +1,12 @@
-print("todo")
+import ArgumentParser
+
+/// `spillway`: tier benchmarks now; trace replay and pool tools join as their issues land.
+struct SpillwayTool: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "spillway",
+        abstract: "Spillway tiered page store: benchmarks and tools.",
+        version: "0.1.0",
+        subcommands: [BenchCommand.self])
+}
+
+runMain(SpillwayTool.self, name: "spillway")

@@ -1,0 +1,247 @@
+import Logging
+import TOMLKit
+
+/// One tier of a configured store.
+public struct TierConfiguration: Sendable, Equatable {
+    public var name: String
+    public var kind: TierKind
+    /// Capacity in bytes; rounded down to whole slots.
+    public var capacity: Int
+    public var watermarks: Watermarks
+    /// Verify CRC32C on every read from this tier; nil = the tier's default.
+    public var verifyReads: Bool?
+    /// Fault the tier's memory in at start-up (memory tiers).
+    public var prefault: Bool
+
+    public init(name: String? = nil, kind: TierKind, capacity: Int, watermarks: Watermarks = Watermarks(),
+                verifyReads: Bool? = nil, prefault: Bool = true)
+    {
+        self.name = name ?? kind.rawValue
+        self.kind = kind
+        self.capacity = capacity
+        self.watermarks = watermarks
+        self.verifyReads = verifyReads
+        self.prefault = prefault
+    }
+}
+
+/// Everything needed to open a store: the pool geometry, the policy and the tiers, top first.
+///
+/// Built in Swift, or parsed from TOML whose keys are the CLI's long option names:
+///
+/// ```toml
+/// slot-size = "4k"          # 4KiB … 2MiB, power of two
+/// max-page-size = "16m"
+/// policy = "lru"
+///
+/// [[tier]]
+/// kind = "device"           # device | dram   (nvme, remote, ec: later issues)
+/// capacity = "64m"
+/// high-watermark = 0.9
+/// low-watermark = 0.8
+///
+/// [[tier]]
+/// kind = "dram"
+/// capacity = "256m"
+/// ```
+public struct SpillwayConfiguration: Sendable, Equatable {
+    public var slotSize: Int
+    public var maxPageSize: Int
+    public var policy: String
+    public var tiers: [TierConfiguration]
+    public var backgroundIntervalMilliseconds: Int
+    public var prefetchQueueLimit: Int
+
+    public init(slotSize: Int = 4096, maxPageSize: Int? = nil, policy: String = "lru", tiers: [TierConfiguration],
+                backgroundIntervalMilliseconds: Int = 20, prefetchQueueLimit: Int = 4096)
+    {
+        self.slotSize = slotSize
+        self.maxPageSize = maxPageSize ?? min(16 << 20, tiers.map(\.capacity).min() ?? slotSize)
+        self.policy = policy
+        self.tiers = tiers
+        self.backgroundIntervalMilliseconds = backgroundIntervalMilliseconds
+        self.prefetchQueueLimit = prefetchQueueLimit
+    }
+
+    /// The embedded default: a 64 MiB device tier over a 256 MiB DRAM tier, 4 KiB slots.
+    /// Later tiers (NVMe, remote daemons on loopback) join it as their issues land.
+    public static let embeddedDefault = SpillwayConfiguration(
+        slotSize: 4096,
+        tiers: [
+            TierConfiguration(kind: .device, capacity: 64 << 20),
+            TierConfiguration(kind: .dram, capacity: 256 << 20),
+        ])
+
+    /// Keys this type reads from a TOML document's top level.
+    public static let topLevelKeys: Set<String> = [
+        "slot-size", "max-page-size", "policy", "tier", "background-interval-ms", "prefetch-queue-limit",
+    ]
+    static let tierKeys: Set<String> = ["name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault"]
+
+    /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
+    /// behaviour) unless listed in `extraKeys` (options of the command that read the file).
+    public init(toml text: String, extraKeys: Set<String> = []) throws(SpillwayError) {
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let error as TOMLParseError {
+            throw .invalidConfiguration("TOML: \(error.description) at \(error.source.begin.debugDescription)")
+        } catch {
+            throw .invalidConfiguration("TOML: \(error)")
+        }
+        try self.init(table: table, extraKeys: extraKeys)
+    }
+
+    public init(table: TOMLTable, extraKeys: Set<String> = []) throws(SpillwayError) {
+        for key in table.keys where !Self.topLevelKeys.contains(key) && !extraKeys.contains(key) {
+            throw .invalidConfiguration("unknown key '\(key)'")
+        }
+        let slotSize = try TOMLReader.size(table, "slot-size") ?? 4096
+        let policy = try TOMLReader.string(table, "policy") ?? "lru"
+        var tiers: [TierConfiguration] = []
+        if let value = table["tier"] {
+            guard let array = value.array else { throw .invalidConfiguration("'tier' must be an array of tables ([[tier]])") }
+            for (index, element) in array.enumerated() {
+                guard let tierTable = element.table else { throw .invalidConfiguration("tier \(index + 1) is not a table") }
+                tiers.append(try Self.parseTier(tierTable, index: index))
+            }
+        }
+        self.init(
+            slotSize: slotSize, maxPageSize: try TOMLReader.size(table, "max-page-size"), policy: policy, tiers: tiers,
+            backgroundIntervalMilliseconds: try TOMLReader.int(table, "background-interval-ms") ?? 20,
+            prefetchQueueLimit: try TOMLReader.int(table, "prefetch-queue-limit") ?? 4096)
+    }
+
+    private static func parseTier(_ table: TOMLTable, index: Int) throws(SpillwayError) -> TierConfiguration {
+        for key in table.keys where !tierKeys.contains(key) {
+            throw .invalidConfiguration("tier \(index + 1): unknown key '\(key)'")
+        }
+        guard let kindName = try TOMLReader.string(table, "kind") else { throw .invalidConfiguration("tier \(index + 1): 'kind' is required") }
+        guard let kind = TierKind(rawValue: kindName) else {
+            throw .invalidConfiguration("tier \(index + 1): unknown kind '\(kindName)' (one of \(TierKind.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
+        guard let capacity = try TOMLReader.size(table, "capacity") else { throw .invalidConfiguration("tier \(index + 1): 'capacity' is required") }
+        let defaults = Watermarks()
+        return TierConfiguration(
+            name: try TOMLReader.string(table, "name"), kind: kind, capacity: capacity,
+            watermarks: Watermarks(high: try TOMLReader.double(table, "high-watermark") ?? defaults.high,
+                                   low: try TOMLReader.double(table, "low-watermark") ?? defaults.low),
+            verifyReads: try TOMLReader.bool(table, "verify-reads"), prefault: try TOMLReader.bool(table, "prefault") ?? true)
+    }
+
+    /// Reads and parses a TOML file.
+    public init(contentsOfFile path: String, extraKeys: Set<String> = []) throws(SpillwayError) {
+        try self.init(toml: try readTextFile(path), extraKeys: extraKeys)
+    }
+
+    /// Checks everything that does not need the tiers themselves.
+    public func validate() throws(SpillwayError) {
+        guard slotSize >= 4096, slotSize <= 2 << 20, slotSize & (slotSize - 1) == 0 else {
+            throw .invalidConfiguration("slot-size \(slotSize) must be a power of two between 4KiB and 2MiB")
+        }
+        guard !tiers.isEmpty else { throw .invalidConfiguration("no tiers configured") }
+        guard policy == "lru" else { throw .invalidConfiguration("unknown policy '\(policy)' (available: lru)") }
+        for tier in tiers {
+            guard tier.capacity >= slotSize else {
+                throw .invalidConfiguration("tier '\(tier.name)': capacity \(tier.capacity) is smaller than one slot (\(slotSize))")
+            }
+            guard tier.kind == .device || tier.kind == .dram else {
+                throw .invalidConfiguration("tier '\(tier.name)': kind '\(tier.kind.rawValue)' is not available in this build yet")
+            }
+            try tier.watermarks.validate(tier: tier.name)
+        }
+        if let device = tiers.firstIndex(where: { $0.kind == .device }), device != 0 {
+            throw .invalidConfiguration("the device tier must be the top (first) tier")
+        }
+    }
+}
+
+extension TieredStore {
+    /// Builds the tiers a configuration names and opens a store over them.
+    public static func open(_ configuration: SpillwayConfiguration,
+                            logger: Logger = Logger(label: "spillway")) throws(SpillwayError) -> TieredStore
+    {
+        try configuration.validate()
+        var tiers: [any Tier] = []
+        for tier in configuration.tiers {
+            let slots = tier.capacity / configuration.slotSize
+            switch tier.kind {
+            case .device:
+                tiers.append(try DeviceTier(
+                    name: tier.name, slotSize: configuration.slotSize, capacitySlots: slots,
+                    memory: HostDeviceMemory(prefault: tier.prefault, logger: logger)))
+            case .dram:
+                tiers.append(try DRAMTier(
+                    name: tier.name, slotSize: configuration.slotSize, capacitySlots: slots, prefault: tier.prefault,
+                    verifiesReads: tier.verifyReads ?? false, logger: logger))
+            case .nvme, .remote, .erasureCoded:
+                throw .invalidConfiguration("tier kind '\(tier.kind.rawValue)' is not available in this build yet")
+            }
+        }
+        let options = StoreOptions(
+            maxPageSize: configuration.maxPageSize, watermarks: configuration.tiers.map(\.watermarks),
+            prefetchQueueLimit: configuration.prefetchQueueLimit,
+            backgroundIntervalMilliseconds: configuration.backgroundIntervalMilliseconds)
+        return try TieredStore(tiers: tiers, policy: LRUPolicy(), options: options, logger: logger)
+    }
+}
+
+/// Typed accessors over TOMLKit values: a wrong type is a clear error, not a silent default.
+public enum TOMLReader {
+    public static func string(_ table: TOMLTable, _ key: String) throws(SpillwayError) -> String? {
+        guard let value = table[key] else { return nil }
+        guard let string = value.string else { throw .invalidConfiguration("'\(key)' must be a string") }
+        return string
+    }
+
+    public static func int(_ table: TOMLTable, _ key: String) throws(SpillwayError) -> Int? {
+        guard let value = table[key] else { return nil }
+        guard let int = value.int else { throw .invalidConfiguration("'\(key)' must be an integer") }
+        return int
+    }
+
+    public static func double(_ table: TOMLTable, _ key: String) throws(SpillwayError) -> Double? {
+        guard let value = table[key] else { return nil }
+        if let double = value.double { return double }
+        if let int = value.int { return Double(int) }
+        throw .invalidConfiguration("'\(key)' must be a number")
+    }
+
+    public static func bool(_ table: TOMLTable, _ key: String) throws(SpillwayError) -> Bool? {
+        guard let value = table[key] else { return nil }
+        guard let bool = value.bool else { throw .invalidConfiguration("'\(key)' must be true or false") }
+        return bool
+    }
+
+    /// A size: an integer byte count or a string such as "4k", "256MiB".
+    public static func size(_ table: TOMLTable, _ key: String) throws(SpillwayError) -> Int? {
+        guard let value = table[key] else { return nil }
+        if let int = value.int, int >= 0 { return int }
+        if let string = value.string, let bytes = ByteCount.parse(string) { return bytes }
+        throw .invalidConfiguration("'\(key)' must be a size such as 4096, \"4k\" or \"256MiB\"")
+    }
+}
+
+/// Reads a whole text file with plain POSIX calls (no Foundation in the library).
+public func readTextFile(_ path: String) throws(SpillwayError) -> String {
+    let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+    guard descriptor >= 0 else { throw .invalidConfiguration("cannot open '\(path)': \(String(cString: strerror(errno)))") }
+    defer { close(descriptor) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
+        if count == 0 { break }
+        if count < 0 {
+            if errno == EINTR { continue }
+            throw .invalidConfiguration("cannot read '\(path)': \(String(cString: strerror(errno)))")
+        }
+        bytes.append(contentsOf: chunk[0..<count])
+        guard bytes.count <= 16 << 20 else { throw .invalidConfiguration("'\(path)' is larger than 16MiB") }
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,5 @@
+// The library serving engines link: every layer re-exported, plus construction of a store
+// from a configuration value or a TOML file.
+@_exported import SpillwayCore
+@_exported import SpillwayMemoryTiers
+@_exported import SpillwayStore

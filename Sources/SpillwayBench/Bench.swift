@@ -1,0 +1,261 @@
+import Histogram
+import Spillway
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The access pattern of a benchmark run (fio's names).
+public enum BenchPattern: String, CaseIterable, Sendable {
+    case randread, randwrite, read, write
+
+    public var isRead: Bool { self == .randread || self == .read }
+    public var isRandom: Bool { self == .randread || self == .randwrite }
+}
+
+/// What `spillway bench <tier>` measures.
+public struct BenchOptions: Sendable, Equatable {
+    /// `device`, `dram`, or `tiered` (the configured hierarchy as one store).
+    public var target: String
+    public var pattern: BenchPattern
+    public var blockSize: Int
+    public var queueDepth: Int
+    public var durationSeconds: Double
+    /// Working set in bytes; the tier is sized to hold it.
+    public var size: Int
+    public var seed: UInt64
+    /// Time one operation (or batch) in this many; 1 = every one.
+    public var latencySampleEvery: Int
+
+    public init(target: String, pattern: BenchPattern = .randread, blockSize: Int = 4096, queueDepth: Int = 1,
+                durationSeconds: Double = 5, size: Int = 64 << 20, seed: UInt64 = 42, latencySampleEvery: Int = 16)
+    {
+        self.target = target
+        self.pattern = pattern
+        self.blockSize = blockSize
+        self.queueDepth = queueDepth
+        self.durationSeconds = durationSeconds
+        self.size = size
+        self.seed = seed
+        self.latencySampleEvery = latencySampleEvery
+    }
+
+    public func validate() throws(SpillwayError) {
+        guard blockSize >= 4096, blockSize <= 2 << 20, blockSize & (blockSize - 1) == 0 else {
+            throw .invalidArgument("--block-size \(blockSize) must be a power of two between 4KiB and 2MiB (it is the slot size)")
+        }
+        guard queueDepth >= 1, queueDepth <= 1024 else { throw .invalidArgument("--queue-depth must be between 1 and 1024") }
+        guard durationSeconds > 0, durationSeconds <= 86_400 else { throw .invalidArgument("--duration must be between 0 and 86400 seconds") }
+        guard size >= blockSize else { throw .invalidArgument("--size \(size) must hold at least one block of \(blockSize)") }
+        guard latencySampleEvery >= 1 else { throw .invalidArgument("latency sampling interval must be at least 1") }
+    }
+}
+
+/// One run's numbers; `json` is the schema every `spillway bench` prints.
+public struct BenchResult: Sendable {
+    public var tier: String
+    public var pattern: BenchPattern
+    public var blockSize: Int
+    public var queueDepth: Int
+    public var ops: Int
+    public var seconds: Double
+    public var p50: UInt64
+    public var p99: UInt64
+    public var p999: UInt64
+    public var max: UInt64
+    public var workingSetBytes: Int
+    public var seed: UInt64
+    public var latencySampleEvery: Int
+    public var errors: Int
+    public var verifiedPages: Int
+    public var stats: StoreStats?
+
+    public var iops: Double { seconds > 0 ? Double(ops) / seconds : 0 }
+    public var bytesPerSecond: Double { iops * Double(blockSize) }
+
+    public var json: JSONValue {
+        var members: [(String, JSONValue)] = [
+            ("tier", .string(tier)), ("pattern", .string(pattern.rawValue)), ("block_size", .int(blockSize)),
+            ("queue_depth", .int(queueDepth)), ("ops", .int(ops)), ("iops", .double(iops)),
+            ("bytes_per_s", .double(bytesPerSecond)),
+            ("latency_ns", .object([
+                ("p50", .int(Int(p50))), ("p99", .int(Int(p99))), ("p999", .int(Int(p999))), ("max", .int(Int(max))),
+            ])),
+            ("duration_s", .double(seconds)), ("working_set_bytes", .int(workingSetBytes)), ("seed", .int(Int(bitPattern: UInt(seed)))),
+            ("latency_sample_every", .int(latencySampleEvery)), ("errors", .int(errors)), ("verified_pages", .int(verifiedPages)),
+        ]
+        if let stats {
+            members.append(("tiers", .array(stats.tiers.map { tier in
+                .object([
+                    ("name", .string(tier.name)), ("kind", .string(tier.kind)), ("hits", .int(tier.hits)),
+                    ("used_slots", .int(tier.usedSlots)), ("capacity_slots", .int(tier.capacitySlots)),
+                    ("promotions", .int(tier.promotionsIn)), ("demotions", .int(tier.demotionsOut)),
+                    ("evictions", .int(tier.evictions)), ("checksum_failures", .int(tier.checksumFailures)),
+                ])
+            })))
+        }
+        return .object(members)
+    }
+}
+
+/// Runs benchmarks against a store built for the purpose: the tier under test alone, sized to
+/// hold the working set, or (`tiered`) a given multi-tier configuration.
+public enum BenchRunner {
+    /// The store a single-tier run uses: exactly the working set plus slack for copy-on-write
+    /// overwrites (a `put` writes the new version before freeing the old one).
+    public static func configuration(for options: BenchOptions) throws(SpillwayError) -> SpillwayConfiguration {
+        guard let kind = TierKind(rawValue: options.target), kind == .device || kind == .dram else {
+            throw .invalidArgument("unknown or unavailable tier '\(options.target)' (available: device, dram)")
+        }
+        let pages = options.size / options.blockSize
+        let slack = max(64, options.queueDepth * 2)
+        return SpillwayConfiguration(
+            slotSize: options.blockSize, maxPageSize: options.blockSize,
+            tiers: [TierConfiguration(kind: kind, capacity: (pages + slack) * options.blockSize)])
+    }
+
+    public static func run(_ options: BenchOptions, configuration given: SpillwayConfiguration? = nil,
+                           progress: ProgressBar? = nil) throws(SpillwayError) -> BenchResult
+    {
+        try options.validate()
+        let configuration: SpillwayConfiguration
+        if let given { configuration = given } else { configuration = try Self.configuration(for: options) }
+        guard configuration.slotSize == options.blockSize else {
+            throw .invalidArgument("--block-size \(options.blockSize) must equal the configuration's slot-size \(configuration.slotSize)")
+        }
+        let store = try TieredStore.open(configuration)
+        defer { store.close() }
+        let pages = options.size / options.blockSize
+        let blockSize = options.blockSize
+        let queueDepth = options.queueDepth
+
+        // Buffers and request arrays allocated once; the timed loop allocates nothing.
+        let buffers = UnsafeMutableRawPointer.allocate(byteCount: blockSize * queueDepth, alignment: 4096)
+        defer { buffers.deallocate() }
+        let reads = UnsafeMutableBufferPointer<PageRead>.allocate(capacity: queueDepth)
+        let writes = UnsafeMutableBufferPointer<PageWrite>.allocate(capacity: queueDepth)
+        defer { reads.deallocate(); writes.deallocate() }
+        for index in 0..<queueDepth {
+            let buffer = UnsafeMutableRawBufferPointer(start: buffers + index * blockSize, count: blockSize)
+            reads.initializeElement(at: index, to: PageRead(key: PageKey(0), buffer: buffer))
+            writes.initializeElement(at: index, to: PageWrite(key: PageKey(0), bytes: UnsafeRawBufferPointer(buffer)))
+        }
+
+        // Prefill (untimed): every page gets content derived from its key and the seed.
+        let fill = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: 4096)
+        defer { fill.deallocate() }
+        for page in 0..<pages {
+            Self.fillPage(fill, key: UInt64(page), seed: options.seed)
+            try store.put(PageKey(UInt64(page)), UnsafeRawBufferPointer(fill))
+            if page & 1023 == 0 { progress?.update(fraction: 0, detail: "prefill \(page)/\(pages)") }
+        }
+        // Written blocks carry one recognizable pattern (checked after the run).
+        Self.fillPage(UnsafeMutableRawBufferPointer(start: buffers, count: blockSize), key: .max, seed: options.seed)
+        for index in 1..<max(1, queueDepth) {
+            memcpy(buffers + index * blockSize, buffers, blockSize)
+        }
+
+        var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var random = SplitMix64(seed: options.seed)
+        var cursor = 0
+        var ops = 0
+        var errors = 0
+        var iteration = 0
+        let sampleEvery = options.latencySampleEvery
+        let durationNanos = UInt64(options.durationSeconds * 1e9)
+        let start = monotonicNanoseconds()
+        var now = start
+        let isRead = options.pattern.isRead
+        let isRandom = options.pattern.isRandom
+
+        while true {
+            for index in 0..<queueDepth {
+                let page: Int
+                if isRandom {
+                    page = Int(random.next() % UInt64(pages))
+                } else {
+                    page = cursor
+                    cursor += 1
+                    if cursor == pages { cursor = 0 }
+                }
+                if isRead { reads[index].key = PageKey(UInt64(page)) } else { writes[index].key = PageKey(UInt64(page)) }
+            }
+            let timed = iteration % sampleEvery == 0
+            let before = timed ? monotonicNanoseconds() : 0
+            if queueDepth == 1 {
+                do throws(SpillwayError) {
+                    if isRead {
+                        try store.get(reads[0].key, into: reads[0].buffer)
+                    } else {
+                        try store.put(writes[0].key, writes[0].bytes)
+                    }
+                } catch {
+                    errors += 1
+                }
+            } else {
+                let succeeded = isRead ? store.get(batch: reads) : store.put(batch: writes)
+                errors += queueDepth - succeeded
+            }
+            if timed {
+                now = monotonicNanoseconds()
+                _ = histogram.record(now - before, count: UInt64(queueDepth))
+            }
+            ops += queueDepth
+            iteration += 1
+            if iteration & 63 == 0 {
+                if !timed { now = monotonicNanoseconds() }
+                let elapsed = now - start
+                if elapsed >= durationNanos { break }
+                progress?.update(fraction: Double(elapsed) / Double(durationNanos),
+                                 detail: "\(options.target) \(options.pattern.rawValue) \(ops) ops")
+            }
+        }
+        let seconds = Double(monotonicNanoseconds() - start) / 1e9
+        progress?.finish()
+
+        // Check what the run left behind: every sampled page holds its prefill or the written pattern.
+        let verified = try verifySample(store: store, pages: pages, options: options, written: buffers)
+        let empty = histogram.totalCount == 0
+        return BenchResult(
+            tier: options.target, pattern: options.pattern, blockSize: blockSize, queueDepth: queueDepth, ops: ops,
+            seconds: seconds, p50: empty ? 0 : histogram.valueAtPercentile(50), p99: empty ? 0 : histogram.valueAtPercentile(99),
+            p999: empty ? 0 : histogram.valueAtPercentile(99.9), max: empty ? 0 : histogram.max,
+            workingSetBytes: pages * blockSize, seed: options.seed, latencySampleEvery: sampleEvery, errors: errors,
+            verifiedPages: verified, stats: store.stats())
+    }
+
+    /// Deterministic page content from (key, seed): any process can regenerate and check it.
+    public static func fillPage(_ buffer: UnsafeMutableRawBufferPointer, key: UInt64, seed: UInt64) {
+        var generator = SplitMix64(seed: seed ^ key &* 0x9E37_79B9_7F4A_7C15)
+        let words = buffer.count / 8
+        let base = buffer.baseAddress!
+        for index in 0..<words {
+            base.storeBytes(of: generator.next(), toByteOffset: index * 8, as: UInt64.self)
+        }
+        for index in (words * 8)..<buffer.count {
+            base.storeBytes(of: UInt8(truncatingIfNeeded: generator.next()), toByteOffset: index, as: UInt8.self)
+        }
+    }
+
+    private static func verifySample(store: TieredStore, pages: Int, options: BenchOptions,
+                                     written: UnsafeMutableRawPointer) throws(SpillwayError) -> Int
+    {
+        let blockSize = options.blockSize
+        let readBack = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: 4096)
+        let expected = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: 4096)
+        defer { readBack.deallocate(); expected.deallocate() }
+        var random = SplitMix64(seed: options.seed &+ 1)
+        let samples = min(pages, 4096)
+        for sample in 0..<samples {
+            let page = pages <= 4096 ? sample : Int(random.next() % UInt64(pages))
+            let length = try store.get(PageKey(UInt64(page)), into: readBack)
+            fillPage(expected, key: UInt64(page), seed: options.seed)
+            let matchesPrefill = length == blockSize && memcmp(readBack.baseAddress!, expected.baseAddress!, blockSize) == 0
+            let matchesWrite = length == blockSize && memcmp(readBack.baseAddress!, written, blockSize) == 0
+            guard matchesPrefill || (!options.pattern.isRead && matchesWrite) else {
+                throw .invalidArgument("verification failed: page \(page) holds bytes that were never written to it")
+            }
+        }
+        return samples
+    }
+}

@@ -1,0 +1,174 @@
+import ArgumentParser
+import Logging
+import Spillway
+import SpillwayBench
+
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Measure one tier, or (no tier) every available tier on the embedded default configuration.",
+        discussion: """
+        Tiers: device, dram, tiered (the whole configured hierarchy as one store, with a working
+        set larger than its top tier). Without a tier, runs randread and randwrite on each and
+        prints one summary table (with --json: {"results": [...]}).
+
+        The working set (--size) is prefilled before timing starts; the tier is sized to hold it.
+        Latency percentiles come from an HdrHistogram of sampled operations: one batch in 16 is
+        timed, because reading the clock around every 4 KiB DRAM copy costs measurable
+        throughput. After the run, up to 4096 pages are read back and checked byte for byte.
+
+        Options may also come from --config FILE (TOML, keys = long option names; [[tier]]
+        tables define the store used by 'tiered'); the command line wins over the file.
+        """)
+
+    @Argument(help: "device | dram | tiered; omit to run every available tier.")
+    var tier: String?
+
+    @Option(help: "randread | randwrite | read | write (default randread).")
+    var pattern: BenchPattern?
+
+    @Option(name: .customLong("block-size"), help: "Bytes per operation; also the slot size (default 4k).")
+    var blockSize: SizeArgument?
+
+    @Option(name: .customLong("queue-depth"), help: "Operations submitted per batch (default 1).")
+    var queueDepth: Int?
+
+    @Option(help: "Seconds to run each measurement (default 5; 2 per row without a tier).")
+    var duration: Double?
+
+    @Option(help: "Working set in bytes (default 64m; 32m per row without a tier).")
+    var size: SizeArgument?
+
+    @Option(help: "Seed of the access pattern and page contents (default 42).")
+    var seed: UInt64?
+
+    @Flag(help: "Print exactly one JSON object on stdout.")
+    var json = false
+
+    @Option(help: "TOML file with defaults for these options and optional [[tier]] tables.")
+    var config: String?
+
+    @Option(name: .customLong("log-level"), help: "Log level on stderr (default warning).")
+    var logLevel: LogLevelArgument?
+
+    static let optionKeys: Set<String> = ["tier", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
+
+    func run() throws {
+        let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
+        let level = try logLevel?.level ?? file.string("log-level").flatMap(Logger.Level.init(rawValue:)) ?? .warning
+        bootstrapLogging(level)
+        let json = try self.json || (file.bool("json") ?? false)
+        let target = try tier ?? file.string("tier")
+        let patternName = try file.string("pattern")
+        guard patternName == nil || BenchPattern(rawValue: patternName!) != nil else {
+            throw SpillwayError.invalidConfiguration("pattern '\(patternName!)' (one of randread, randwrite, read, write)")
+        }
+        var options = BenchOptions(target: target ?? "summary")
+        options.pattern = try pattern ?? file.string("pattern").flatMap(BenchPattern.init(rawValue:)) ?? .randread
+        options.blockSize = try blockSize?.bytes ?? file.size("block-size") ?? 4096
+        options.queueDepth = try queueDepth ?? file.int("queue-depth") ?? 1
+        let durationGiven = try duration ?? file.double("duration")
+        let sizeGiven = try size?.bytes ?? file.size("size")
+        options.seed = try seed ?? file.int("seed").map { UInt64(bitPattern: Int64($0)) } ?? 42
+
+        var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
+        storeConfiguration.slotSize = options.blockSize
+        storeConfiguration.maxPageSize = options.blockSize
+
+        var results: [BenchResult] = []
+        switch target {
+        case nil:
+            options.durationSeconds = durationGiven ?? 2
+            options.size = sizeGiven ?? 32 << 20
+            for tier in storeConfiguration.tiers.map(\.kind.rawValue) {
+                for pattern in [BenchPattern.randread, .randwrite] {
+                    var row = options
+                    row.target = tier
+                    row.pattern = pattern
+                    results.append(try BenchRunner.run(row, progress: ProgressBar(label: "bench")))
+                }
+            }
+            if storeConfiguration.tiers.count > 1 {
+                var row = options
+                row.target = "tiered"
+                row.pattern = .randread
+                row.size = sizeGiven ?? Self.tieredWorkingSet(storeConfiguration)
+                results.append(try BenchRunner.run(row, configuration: storeConfiguration, progress: ProgressBar(label: "bench")))
+            }
+        case "tiered":
+            options.durationSeconds = durationGiven ?? 5
+            options.size = sizeGiven ?? Self.tieredWorkingSet(storeConfiguration)
+            results.append(try BenchRunner.run(options, configuration: storeConfiguration, progress: ProgressBar(label: "bench")))
+        case let tier?:
+            options.target = tier
+            options.durationSeconds = durationGiven ?? 5
+            options.size = sizeGiven ?? 64 << 20
+            results.append(try BenchRunner.run(options, progress: ProgressBar(label: "bench")))
+        }
+        for result in results where result.errors > 0 {
+            throw SpillwayError.invalidArgument("\(result.errors) operations failed during the \(result.tier) \(result.pattern.rawValue) run")
+        }
+        if json {
+            let object = target == nil ? JSONValue.object([("results", .array(results.map(\.json)))]) : results[0].json
+            printLine(object.serialized())
+        } else {
+            printLine(BenchTable.render(results))
+        }
+    }
+
+    /// A working set 1.5× the top tier (so the run exercises promotion and demotion), capped
+    /// at 80% of the whole hierarchy.
+    static func tieredWorkingSet(_ configuration: SpillwayConfiguration) -> Int {
+        let top = configuration.tiers.first?.capacity ?? 0
+        let total = configuration.tiers.reduce(0) { $0 + $1.capacity }
+        return max(configuration.slotSize, min(top * 3 / 2, total * 4 / 5))
+    }
+}
+
+enum BenchTable {
+    static func render(_ results: [BenchResult]) -> String {
+        let header = ["tier", "pattern", "block", "qd", "ops", "IOPS", "MiB/s", "p50", "p99", "p99.9", "max"]
+        var rows = [header]
+        for result in results {
+            rows.append([
+                result.tier, result.pattern.rawValue, ByteCount.format(result.blockSize), "\(result.queueDepth)",
+                "\(result.ops)", formatCount(result.iops), String(format2: result.bytesPerSecond / 1_048_576),
+                formatNanos(result.p50), formatNanos(result.p99), formatNanos(result.p999), formatNanos(result.max),
+            ])
+        }
+        let widths = header.indices.map { column in rows.map { $0[column].count }.max() ?? 0 }
+        var lines = rows.map { row in
+            row.enumerated().map { column, cell in
+                column < 2 ? cell.padding(widths[column]) : String(repeating: " ", count: widths[column] - cell.count) + cell
+            }.joined(separator: "  ")
+        }
+        lines.insert(String(repeating: "-", count: lines[0].count), at: 1)
+        for result in results {
+            if let stats = result.stats, stats.tiers.count > 1 {
+                let tiers = stats.tiers.map { "\($0.name): \($0.hits) hits, \($0.promotionsIn) promoted in, \($0.demotionsOut) demoted out, \($0.evictions) evicted" }
+                lines.append("\(result.tier): " + tiers.joined(separator: "; "))
+            }
+        }
+        lines.append("latency: one batch in \(results.first?.latencySampleEvery ?? 16) timed; every run verified \(results.map(\.verifiedPages).reduce(0, +)) pages after timing")
+        return lines.joined(separator: "\n")
+    }
+
+    static func formatCount(_ value: Double) -> String {
+        value >= 1e6 ? String(format2: value / 1e6) + "M" : value >= 1e3 ? String(format2: value / 1e3) + "k" : String(format2: value)
+    }
+
+    static func formatNanos(_ value: UInt64) -> String {
+        value >= 1_000_000 ? String(format2: Double(value) / 1e6) + "ms" : value >= 1000 ? String(format2: Double(value) / 1e3) + "µs" : "\(value)ns"
+    }
+}
+
+extension String {
+    init(format2 value: Double) {
+        let scaled = (value * 100).rounded()
+        let whole = Int(scaled) / 100
+        let fraction = abs(Int(scaled)) % 100
+        self = "\(whole).\(fraction < 10 ? "0" : "")\(fraction)"
+    }
+
+    func padding(_ width: Int) -> String { self + String(repeating: " ", count: max(0, width - count)) }
+}

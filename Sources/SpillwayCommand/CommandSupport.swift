@@ -1,0 +1,106 @@
+import ArgumentParser
+import Logging
+import Spillway
+import SpillwayBench
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A size option: bare bytes or k/m/g/t (binary), optionally followed by i, iB or B.
+struct SizeArgument: ExpressibleByArgument, Equatable {
+    var bytes: Int
+
+    init(bytes: Int) { self.bytes = bytes }
+
+    init?(argument: String) {
+        guard let bytes = ByteCount.parse(argument) else { return nil }
+        self.bytes = bytes
+    }
+
+    var defaultValueDescription: String { ByteCount.format(bytes) }
+}
+
+extension BenchPattern: ExpressibleByArgument {}
+
+/// Log level option shared by every command; logs always go to stderr.
+enum LogLevelArgument: String, ExpressibleByArgument, CaseIterable {
+    case trace, debug, info, notice, warning, error, critical
+
+    var level: Logger.Level { Logger.Level(rawValue: rawValue)! }
+}
+
+func bootstrapLogging(_ level: Logger.Level) {
+    LoggingSystem.bootstrap { label in
+        var handler = StreamLogHandler.standardError(label: label)
+        handler.logLevel = level
+        return handler
+    }
+}
+
+/// Writes `text` and a newline to stdout with write(2): nothing buffered, nothing else.
+func printLine(_ text: String) {
+    var line = text + "\n"
+    line.withUTF8 { bytes in
+        var offset = 0
+        while offset < bytes.count {
+            let written = write(STDOUT_FILENO, bytes.baseAddress! + offset, bytes.count - offset)
+            if written < 0 && errno == EINTR { continue }
+            if written <= 0 { return }
+            offset += written
+        }
+    }
+}
+
+/// Runs a root command with the conventions every Spillway tool follows: help and version go
+/// to stdout with exit 0; any failure is one line on stderr and a non-zero exit.
+func runMain<Command: ParsableCommand>(_ type: Command.Type, name: String) -> Never {
+    do {
+        var command = try type.parseAsRoot()
+        try command.run()
+        exit(0)
+    } catch {
+        let code = type.exitCode(for: error)
+        if code == .success { type.exit(withError: error) }
+        let message: String
+        if let error = error as? SpillwayError {
+            message = error.description
+        } else {
+            message = type.message(for: error).split(separator: "\n", omittingEmptySubsequences: true).first.map(String.init) ?? "\(error)"
+        }
+        writeStandardError("\(name): error: \(message)\n")
+        exit(code.rawValue == 0 ? 1 : code.rawValue)
+    }
+}
+
+/// Reads a `--config` TOML file for a command whose options are `optionKeys`.
+struct CommandConfigFile {
+    let table: TOMLTable?
+    let store: SpillwayConfiguration?
+
+    init(path: String?, optionKeys: Set<String>) throws {
+        guard let path else {
+            table = nil
+            store = nil
+            return
+        }
+        let text = try readTextFile(path)
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let error as TOMLParseError {
+            throw SpillwayError.invalidConfiguration("\(path): \(error.description) at \(error.source.begin.debugDescription)")
+        }
+        self.table = table
+        let configuration = try SpillwayConfiguration(table: table, extraKeys: optionKeys)
+        store = configuration.tiers.isEmpty ? nil : configuration
+    }
+
+    func string(_ key: String) throws -> String? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.string(table, key) } }
+    func int(_ key: String) throws -> Int? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.int(table, key) } }
+    func double(_ key: String) throws -> Double? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.double(table, key) } }
+    func bool(_ key: String) throws -> Bool? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.bool(table, key) } }
+    func size(_ key: String) throws -> Int? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.size(table, key) } }
+}
+
+import TOMLKit
