@@ -1,6 +1,10 @@
 import Atomics
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A page's place in the hierarchy: which tier, which slots.
 public struct PageLocation: Sendable, Equatable, CustomStringConvertible {
     public var tier: Int
@@ -21,215 +25,226 @@ public struct PageSnapshot: Sendable, Equatable {
     public var length: Int
     public var checksum: UInt32
     /// Globally unique and increasing: a new `put` of the same key gets a new version, so a
-    /// snapshot never matches an entry it was not taken from.
+    /// snapshot never matches an entry it was not taken from. Moves keep the version.
     public var version: UInt64
-    public var pinCount: UInt32
+    public var pinCount: Int
     public var stats: PageAccessStats
-    @usableFromInline var shard: UInt32
-    @usableFromInline var record: UInt32
 }
 
 /// The page directory: a concurrent map from key to location, length, CRC32C, version, pin
 /// count and access statistics.
 ///
-/// Sharded 64 ways by the key's mixed hash; each shard is an open-addressing table (linear
-/// probing, backward-shift deletion, load ≤ 1/2) over a fixed array of records, all allocated at
-/// init, so no operation allocates. Records have stable indices, which lets two per-slot side
-/// tables live outside the shard locks:
-/// - the owner map (tier, first slot) → record, scanned by reclaim to find candidates;
-/// - reader counts (tier, first slot), so an extent is never released (and reused) while a read
-///   or move of it is in flight. Counts are only raised under the shard lock while the directory
-///   still points at the extent, so once an entry is replaced, waiting for zero is enough.
+/// Sharded 64 ways by the key's mixed hash. Each shard is an open-addressing table (linear
+/// probing, backward-shift deletion, load ≤ 7/8) whose entries are exactly one cache line and
+/// hold everything a `get` needs, so a lookup touches one line. Tables live in huge-page
+/// mappings allocated at init; no operation allocates.
 ///
-/// Visibility rule: an entry is inserted only after its bytes are complete on its tier
-/// (`insert` is called by the store after the write completed), so a failed or in-progress
-/// store is never visible.
+/// **Readers and reuse.** A read (`beginRead` … `endRead`) holds a count on the entry. When the
+/// entry is replaced, removed or moved while reads of its old location are in flight, the old
+/// location moves to the shard's small retired list with that count, and whoever drops the last
+/// count gets the location back to release. So an extent is never reused while someone still
+/// copies from it, and nobody spins waiting for readers.
+///
+/// **Visibility.** An entry is inserted only after its bytes are complete on its tier (the
+/// store calls `insert` after the write completed), so a failed or in-progress store is never
+/// visible.
 public final class PageDirectory: Sendable {
     public static let shardCount = 64
     @usableFromInline static let shardShift: UInt64 = 58
 
     private let shards: [LockedShard]
-    private let slotTables: [SlotSideTable]
+    private let owners: [SlotOwnerMap]
     private let versionClock = ManagedAtomic<UInt64>(0)
     private let accessClock = ManagedAtomic<UInt64>(0)
     private let pagesPerTier: [ManagedAtomic<Int>]
     private let scanCursors: [ManagedAtomic<Int>]
 
-    /// - Parameter tierCapacities: slots per tier, in tier order. The directory can hold as
-    ///   many pages as there are slots, spread over shards with generous slack.
-    public init(tierCapacities: [Int]) {
+    /// - Parameter tierCapacities: slots per tier, in tier order. The directory can hold one
+    ///   page per slot, spread over shards with generous slack.
+    public init(tierCapacities: [Int]) throws(SystemCallError) {
         let totalSlots = tierCapacities.reduce(0, +)
-        // Per-shard capacity: the mean plus 25% plus a constant. Keys are hashed with a
-        // finalizer, so a shard beyond this is a ~10-sigma event; it reports `storeFull`.
         let mean = (totalSlots + Self.shardCount - 1) / Self.shardCount
-        let perShard = mean + mean / 4 + 256
-        shards = (0..<Self.shardCount).map { _ in LockedShard(recordCapacity: perShard) }
-        slotTables = tierCapacities.map { SlotSideTable(capacity: $0) }
+        // Entries per shard: a power of two ≥ 1.5× the mean + 64; a shard refuses inserts past
+        // 7/8 full (a ~10-sigma imbalance for hashed keys), reported as `storeFull`.
+        var entries = 64
+        while entries < mean + mean / 2 + 64 { entries <<= 1 }
+        var shards: [LockedShard] = []
+        for _ in 0..<Self.shardCount { shards.append(try LockedShard(entryCount: entries)) }
+        self.shards = shards
+        var owners: [SlotOwnerMap] = []
+        for capacity in tierCapacities { owners.append(try SlotOwnerMap(capacity: capacity)) }
+        self.owners = owners
         pagesPerTier = tierCapacities.map { _ in ManagedAtomic(0) }
         scanCursors = tierCapacities.map { _ in ManagedAtomic(0) }
     }
 
-    public var tierCount: Int { slotTables.count }
+    public var tierCount: Int { owners.count }
 
-    /// Advances and returns the access clock (used for LRU and for tests).
-    @inlinable
-    public func tick() -> UInt64 { nextTick() }
+    @inline(__always)
+    func nextTick() -> UInt64 { accessClock.loadThenWrappingIncrement(ordering: .relaxed) &+ 1 }
 
-    @usableFromInline func nextTick() -> UInt64 {
-        accessClock.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
-    }
-
+    /// The access clock's current value.
     public var now: UInt64 { accessClock.load(ordering: .relaxed) }
 
     public func pageCount(tier: Int) -> Int { pagesPerTier[tier].load(ordering: .relaxed) }
+
+    @inline(__always)
+    static func shardIndex(_ hash: UInt64) -> Int { Int(truncatingIfNeeded: hash >> shardShift) }
+
+    @inline(__always)
+    private func shard(_ hash: UInt64) -> LockedShard { shards[Self.shardIndex(hash)] }
 
     // MARK: Lookup
 
     /// The current entry for `key`, without side effects.
     public func snapshot(of key: PageKey) -> PageSnapshot? {
         let hash = key.mixedHash
-        let shard = Self.shardIndex(hash)
-        return shards[shard].table.withLock { table in
-            table.find(key, hash: hash).map { table.snapshot(shard: shard, record: $0) }
+        return shard(hash).table.withLock { table in
+            table.find(key, hash: hash).map { table.entries[$0].snapshot }
         }
     }
 
     public func contains(_ key: PageKey) -> Bool {
         let hash = key.mixedHash
-        return shards[Self.shardIndex(hash)].table.withLock { $0.find(key, hash: hash) != nil }
+        return shard(hash).table.withLock { $0.find(key, hash: hash) != nil }
     }
 
-    /// Looks `key` up for reading: records the access and holds a reader count on the extent
-    /// so it cannot be released until `endRead`. Returns nil for unknown keys.
+    /// Looks `key` up for reading: records the access and counts a reader on the entry so its
+    /// extent is not reused until `endRead`. Nil for unknown keys.
+    @inline(__always)
     public func beginRead(_ key: PageKey) -> PageSnapshot? {
         let hash = key.mixedHash
-        let shard = Self.shardIndex(hash)
         let tick = nextTick()
-        return shards[shard].table.withLock { table -> PageSnapshot? in
-            guard let record = table.find(key, hash: hash) else { return nil }
-            table.touch(record, tick: tick)
-            let snapshot = table.snapshot(shard: shard, record: record)
-            slotTables[snapshot.location.tier].acquireReader(snapshot.location.extent.firstSlot)
-            return snapshot
+        return shard(hash).table.withLock { table -> PageSnapshot? in
+            guard let index = table.find(key, hash: hash) else { return nil }
+            table.entries[index].lastAccessTick = tick
+            if table.entries[index].accessCount != .max { table.entries[index].accessCount += 1 }
+            table.entries[index].readers += 1
+            return table.entries[index].snapshot
         }
     }
 
-    /// Ends a read started by `beginRead` or `beginMove`.
-    @inlinable
-    public func endRead(_ snapshot: PageSnapshot) {
-        releaseReader(snapshot.location)
-    }
-
-    @usableFromInline func releaseReader(_ location: PageLocation) {
-        slotTables[location.tier].releaseReader(location.extent.firstSlot)
-    }
-
-    /// Blocks (yielding) until no read of `location` is in flight. Only valid once the directory
-    /// no longer points at `location`, so no new reader can appear.
-    public func waitForReaders(_ location: PageLocation) {
-        slotTables[location.tier].waitForNoReaders(location.extent.firstSlot)
+    /// Ends a read begun by `beginRead` (or the read half of `beginMove`). Returns a location
+    /// the caller must release if this was the last reader of a location already vacated.
+    @inline(__always)
+    public func endRead(_ snapshot: PageSnapshot) -> PageLocation? {
+        let hash = snapshot.key.mixedHash
+        return shard(hash).table.withLock { $0.dropReader(snapshot, hash: hash) }
     }
 
     // MARK: Mutation
 
-    /// Makes a completely written page visible. Returns the entry it replaced, whose extent the
-    /// caller must release once `waitForReaders` returns. Throws `pagePinned` (and changes
-    /// nothing) if the key exists and is pinned, `storeFull` if the shard has no free record.
+    /// Makes a completely written page visible. Returns the replaced entry's location if it must
+    /// be released now (no reads in flight; otherwise its last reader gets it). Throws
+    /// `pagePinned` (changing nothing) if the key exists and is pinned, `storeFull` if the shard
+    /// is out of entries.
     public func insert(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32)
-        throws(SpillwayError) -> PageSnapshot?
+        throws(SpillwayError) -> PageLocation?
     {
-        precondition(location.tier < slotTables.count, "tier \(location.tier) out of range")
-        precondition(Int(location.extent.endSlot) <= slotTables[location.tier].capacity, "extent beyond tier")
+        precondition(location.tier < owners.count, "tier \(location.tier) out of range")
+        precondition(Int(location.extent.endSlot) <= owners[location.tier].capacity, "extent beyond tier")
+        precondition(length >= 0 && length <= Int(UInt32.max), "page length out of range")
         let hash = key.mixedHash
-        let shard = Self.shardIndex(hash)
         let version = versionClock.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
         let tick = nextTick()
-        let result: Result<PageSnapshot?, SpillwayError> = shards[shard].table.withLock { table in
-            var replaced: PageSnapshot?
-            let record: UInt32
-            if let existing = table.find(key, hash: hash) {
-                guard table.records[Int(existing)].pinCount == 0 else { return .failure(.pagePinned(key)) }
-                replaced = table.snapshot(shard: shard, record: existing)
-                record = existing
-            } else {
-                guard let fresh = table.insertKey(key, hash: hash) else {
+        let fresh = PageEntry(
+            key: key, version: version, lastAccessTick: tick, extent: location.extent, length: UInt32(length),
+            checksum: checksum, accessCount: 0, pinCount: 0, readers: 0, tier: UInt8(location.tier), flags: PageEntry.occupied)
+        let shard = shard(hash)
+        while true {
+            let outcome: Result<Vacate, SpillwayError> = shard.table.withLock { table in
+                if let index = table.find(key, hash: hash) {
+                    let old = table.entries[index]
+                    guard old.pinCount == 0 else { return .failure(.pagePinned(key)) }
+                    guard let vacated = table.vacate(index) else { return .success(.busy) }
+                    table.entries[index] = fresh
+                    owners[old.location.tier].clear(old.location.extent.firstSlot, key: key)
+                    owners[location.tier].set(location.extent.firstSlot, key: key)
+                    return .success(.done(old: old.location, release: vacated))
+                }
+                guard table.insertNew(fresh, hash: hash) else {
                     return .failure(.storeFull(requiredSlots: Int(location.extent.slotCount)))
                 }
-                record = fresh
+                owners[location.tier].set(location.extent.firstSlot, key: key)
+                return .success(.done(old: nil, release: nil))
             }
-            table.records[Int(record)] = PageRecord(
-                key: key, length: length, extent: location.extent, version: version,
-                insertTick: tick, lastAccessTick: tick, accessCount: 0, checksum: checksum,
-                pinCount: 0, tier: UInt8(location.tier), moving: false)
-            if let replaced { slotTables[replaced.location.tier].clearOwner(replaced.location.extent.firstSlot) }
-            slotTables[location.tier].setOwner(location.extent.firstSlot, shard: shard, record: record)
-            return .success(replaced)
+            switch try outcome.get() {
+            case .busy:
+                sched_yield()
+            case .done(let old, let release):
+                pagesPerTier[location.tier].wrappingIncrement(ordering: .relaxed)
+                if let old { pagesPerTier[old.tier].wrappingDecrement(ordering: .relaxed) }
+                return release
+            }
         }
-        let replaced = try result.get()
-        pagesPerTier[location.tier].wrappingIncrement(ordering: .relaxed)
-        if let replaced { pagesPerTier[replaced.location.tier].wrappingDecrement(ordering: .relaxed) }
-        return replaced
     }
 
-    /// Removes `key`. Returns the removed entry (release its extent after `waitForReaders`),
-    /// nil if absent; throws `pagePinned` if pinned.
-    public func remove(_ key: PageKey) throws(SpillwayError) -> PageSnapshot? {
+    /// Removes `key`. `found` is false if absent; `release` is the location to release now.
+    /// Throws `pagePinned` if pinned.
+    public func remove(_ key: PageKey) throws(SpillwayError) -> (found: Bool, release: PageLocation?) {
         let hash = key.mixedHash
-        let shard = Self.shardIndex(hash)
-        let result: Result<PageSnapshot?, SpillwayError> = shards[shard].table.withLock { table in
-            guard let record = table.find(key, hash: hash) else { return .success(nil) }
-            guard table.records[Int(record)].pinCount == 0 else { return .failure(.pagePinned(key)) }
-            return .success(removeLocked(&table, shard: shard, record: record, hash: hash))
+        while true {
+            let outcome: Result<Vacate, SpillwayError> = shard(hash).table.withLock { table in
+                guard let index = table.find(key, hash: hash) else { return .success(.done(old: nil, release: nil)) }
+                guard table.entries[index].pinCount == 0 else { return .failure(.pagePinned(key)) }
+                return .success(removeLocked(&table, index: index, hash: hash))
+            }
+            switch try outcome.get() {
+            case .busy: sched_yield()
+            case .done(let old, let release): return (old != nil, release)
+            }
         }
-        return try result.get()
     }
 
-    /// Removes the entry only if it is still exactly `snapshot`'s version at the same location
-    /// (and, when
-    /// `requireUnpinned`, not pinned). Used by eviction and by corruption quarantine.
-    public func removeIfCurrent(_ snapshot: PageSnapshot, requireUnpinned: Bool) -> Bool {
+    /// Removes the entry only if it is still `snapshot`'s version at the same location (and,
+    /// with `requireUnpinned`, unpinned). Used by eviction and by corruption quarantine.
+    public func removeIfCurrent(_ snapshot: PageSnapshot, requireUnpinned: Bool) -> (removed: Bool, release: PageLocation?) {
         let hash = snapshot.key.mixedHash
-        let shard = Self.shardIndex(hash)
-        return shards[shard].table.withLock { table in
-            guard let record = table.find(snapshot.key, hash: hash),
-                  table.records[Int(record)].version == snapshot.version,
-                  Int(table.records[Int(record)].tier) == snapshot.location.tier,
-                  table.records[Int(record)].extent == snapshot.location.extent,
-                  !requireUnpinned || table.records[Int(record)].pinCount == 0
-            else { return false }
-            _ = removeLocked(&table, shard: shard, record: record, hash: hash)
-            return true
+        while true {
+            let outcome: Vacate = shard(hash).table.withLock { table in
+                guard let index = table.find(snapshot.key, hash: hash) else { return .done(old: nil, release: nil) }
+                let entry = table.entries[index]
+                guard entry.version == snapshot.version, entry.location == snapshot.location,
+                      !requireUnpinned || entry.pinCount == 0
+                else { return .done(old: nil, release: nil) }
+                return removeLocked(&table, index: index, hash: hash)
+            }
+            switch outcome {
+            case .busy: sched_yield()
+            case .done(let old, let release): return (old != nil, release)
+            }
         }
     }
 
-    private func removeLocked(_ table: inout ShardTable, shard: Int, record: UInt32, hash: UInt64) -> PageSnapshot {
-        let removed = table.snapshot(shard: shard, record: record)
-        slotTables[removed.location.tier].clearOwner(removed.location.extent.firstSlot)
-        table.deleteKey(removed.key, hash: hash)
-        pagesPerTier[removed.location.tier].wrappingDecrement(ordering: .relaxed)
-        return removed
+    private func removeLocked(_ table: inout ShardTable, index: Int, hash: UInt64) -> Vacate {
+        let entry = table.entries[index]
+        guard let release = table.vacate(index) else { return .busy }
+        owners[entry.location.tier].clear(entry.location.extent.firstSlot, key: entry.key)
+        table.delete(at: index)
+        pagesPerTier[entry.location.tier].wrappingDecrement(ordering: .relaxed)
+        return .done(old: entry.location, release: release)
     }
 
-    /// Pins `key`: it will not be moved, evicted, overwritten or removed until unpinned.
-    /// Pins nest. Returns the pinned entry.
+    /// Pins `key`: it will not be moved, evicted, overwritten or removed until unpinned. Pins
+    /// nest (up to 65535).
     @discardableResult
     public func pin(_ key: PageKey) throws(SpillwayError) -> PageSnapshot {
         let hash = key.mixedHash
-        let shard = Self.shardIndex(hash)
-        let result: Result<PageSnapshot, SpillwayError> = shards[shard].table.withLock { table in
-            guard let record = table.find(key, hash: hash) else { return .failure(.unknownKey(key)) }
-            table.records[Int(record)].pinCount += 1
-            return .success(table.snapshot(shard: shard, record: record))
+        let result: Result<PageSnapshot, SpillwayError> = shard(hash).table.withLock { table in
+            guard let index = table.find(key, hash: hash) else { return .failure(.unknownKey(key)) }
+            guard table.entries[index].pinCount < .max else { return .failure(.invalidArgument("page \(key) pinned 65535 times")) }
+            table.entries[index].pinCount += 1
+            return .success(table.entries[index].snapshot)
         }
         return try result.get()
     }
 
     public func unpin(_ key: PageKey) throws(SpillwayError) {
         let hash = key.mixedHash
-        let result: Result<Void, SpillwayError> = shards[Self.shardIndex(hash)].table.withLock { table in
-            guard let record = table.find(key, hash: hash) else { return .failure(.unknownKey(key)) }
-            guard table.records[Int(record)].pinCount > 0 else { return .failure(.notPinned(key)) }
-            table.records[Int(record)].pinCount -= 1
+        let result: Result<Void, SpillwayError> = shard(hash).table.withLock { table in
+            guard let index = table.find(key, hash: hash) else { return .failure(.unknownKey(key)) }
+            guard table.entries[index].pinCount > 0 else { return .failure(.notPinned(key)) }
+            table.entries[index].pinCount -= 1
             return .success(())
         }
         try result.get()
@@ -237,338 +252,331 @@ public final class PageDirectory: Sendable {
 
     // MARK: Moves between tiers
 
-    /// Claims the entry `key` for a move if it is unpinned, not already moving, and (when
-    /// `fromTier` is given) on that tier. Holds a reader count on the source extent; finish
-    /// with `commitMove` or `abortMove`.
+    /// Claims `key` for a move if it is unpinned, not already moving and (when `fromTier` is
+    /// given) on that tier. Counts as a reader of the source; finish with `commitMove` or
+    /// `abortMove`.
     public func beginMove(_ key: PageKey, fromTier: Int? = nil) -> PageSnapshot? {
         let hash = key.mixedHash
-        let shard = Self.shardIndex(hash)
-        return shards[shard].table.withLock { table -> PageSnapshot? in
-            guard let record = table.find(key, hash: hash) else { return nil }
-            let entry = table.records[Int(record)]
-            guard entry.pinCount == 0, !entry.moving, fromTier == nil || Int(entry.tier) == fromTier else { return nil }
-            table.records[Int(record)].moving = true
-            let snapshot = table.snapshot(shard: shard, record: record)
-            slotTables[snapshot.location.tier].acquireReader(snapshot.location.extent.firstSlot)
-            return snapshot
+        return shard(hash).table.withLock { table -> PageSnapshot? in
+            guard let index = table.find(key, hash: hash) else { return nil }
+            let entry = table.entries[index]
+            guard entry.pinCount == 0, !entry.isMoving, fromTier == nil || Int(entry.tier) == fromTier else { return nil }
+            table.entries[index].flags |= PageEntry.moving
+            table.entries[index].readers += 1
+            return entry.snapshot
         }
     }
 
-    /// Points the entry at `destination` if it is still `snapshot`'s version and unpinned.
-    /// On success the caller waits for readers of the old location and releases it; on failure
-    /// the caller releases `destination`. Either way the move's reader count is dropped.
-    public func commitMove(_ snapshot: PageSnapshot, to destination: PageLocation) -> Bool {
+    /// Points the entry at `destination` if it is still `snapshot`'s version and unpinned, and
+    /// drops the move's reader count. `release` is a location to release now: the vacated
+    /// source on success (if no other reads are in flight) or a retired location whose last
+    /// reader the move was. On failure the caller also releases `destination`.
+    public func commitMove(_ snapshot: PageSnapshot, to destination: PageLocation) -> (committed: Bool, release: PageLocation?) {
         let hash = snapshot.key.mixedHash
-        let committed = shards[Int(snapshot.shard)].table.withLock { table -> Bool in
-            guard let record = table.find(snapshot.key, hash: hash) else { return false }
-            let entry = table.records[Int(record)]
-            guard entry.version == snapshot.version else { return false }
-            table.records[Int(record)].moving = false
-            guard entry.pinCount == 0 else { return false }
-            table.records[Int(record)].tier = UInt8(destination.tier)
-            table.records[Int(record)].extent = destination.extent
-            slotTables[snapshot.location.tier].clearOwner(snapshot.location.extent.firstSlot)
-            slotTables[destination.tier].setOwner(destination.extent.firstSlot, shard: Int(snapshot.shard), record: record)
-            return true
-        }
-        releaseReader(snapshot.location)
-        if committed {
-            pagesPerTier[destination.tier].wrappingIncrement(ordering: .relaxed)
-            pagesPerTier[snapshot.location.tier].wrappingDecrement(ordering: .relaxed)
-        }
-        return committed
-    }
-
-    /// Gives up a claimed move; the entry stays where it was.
-    public func abortMove(_ snapshot: PageSnapshot) {
-        let hash = snapshot.key.mixedHash
-        shards[Int(snapshot.shard)].table.withLock { table in
-            if let record = table.find(snapshot.key, hash: hash),
-               table.records[Int(record)].version == snapshot.version {
-                table.records[Int(record)].moving = false
+        let shard = shard(hash)
+        while true {
+            let outcome: (committed: Bool, release: PageLocation?)? = shard.table.withLock { table in
+                guard let index = table.find(snapshot.key, hash: hash),
+                      table.entries[index].version == snapshot.version,
+                      table.entries[index].location == snapshot.location
+                else {
+                    return (false, table.dropReader(snapshot, hash: hash))
+                }
+                let entry = table.entries[index]
+                guard entry.pinCount == 0 else {
+                    table.entries[index].flags &= ~PageEntry.moving
+                    return (false, table.dropReader(snapshot, hash: hash))
+                }
+                // Drop the move's own read, then vacate the source for any remaining readers.
+                table.entries[index].readers -= 1
+                guard let release = table.vacate(index) else {
+                    table.entries[index].readers += 1
+                    return nil
+                }
+                table.entries[index].flags &= ~PageEntry.moving
+                table.entries[index].tier = UInt8(destination.tier)
+                table.entries[index].extent = destination.extent
+                owners[snapshot.location.tier].clear(snapshot.location.extent.firstSlot, key: snapshot.key)
+                owners[destination.tier].set(destination.extent.firstSlot, key: snapshot.key)
+                return (true, release)
             }
+            guard let outcome else {
+                sched_yield()
+                continue
+            }
+            if outcome.committed {
+                pagesPerTier[destination.tier].wrappingIncrement(ordering: .relaxed)
+                pagesPerTier[snapshot.location.tier].wrappingDecrement(ordering: .relaxed)
+            }
+            return outcome
         }
-        releaseReader(snapshot.location)
+    }
+
+    /// Gives up a claimed move; the entry stays where it was. Returns a location to release
+    /// if the move held the last read of an already vacated location.
+    public func abortMove(_ snapshot: PageSnapshot) -> PageLocation? {
+        let hash = snapshot.key.mixedHash
+        return shard(hash).table.withLock { table in
+            if let index = table.find(snapshot.key, hash: hash), table.entries[index].version == snapshot.version {
+                table.entries[index].flags &= ~PageEntry.moving
+            }
+            return table.dropReader(snapshot, hash: hash)
+        }
     }
 
     // MARK: Reclaim candidates
 
-    /// The `count` coldest movable pages on `tier` by `policy`, looking at no more than
-    /// `window` resident pages starting from a rotating cursor. With `window` ≥ the tier's
-    /// page count the choice is exact; smaller windows bound the cost of on-demand eviction.
+    /// The `count` coldest movable pages on `tier` by `policy`, examining at most `window`
+    /// resident pages from a rotating cursor. With `window` ≥ the tier's page count the choice
+    /// is exact; a smaller window bounds the cost of on-demand eviction (the coldest of a window
+    /// of 1024 is, in expectation, within the coldest 0.1%).
     public func coldestPages(tier: Int, count: Int, window: Int, policy: some PlacementPolicy) -> [PageKey] {
-        guard count > 0 else { return [] }
-        let table = slotTables[tier]
-        let capacity = table.capacity
-        guard capacity > 0 else { return [] }
+        let map = owners[tier]
+        let capacity = map.capacity
+        guard count > 0, capacity > 0 else { return [] }
         let now = self.now
         var heap = BoundedMaxHeap(capacity: count)
-        var start = scanCursors[tier].load(ordering: .relaxed) % capacity
+        var slot = scanCursors[tier].load(ordering: .relaxed) % capacity
         var examined = 0
-        var slot = start
         for _ in 0..<capacity {
-            if let owner = table.owner(UInt32(slot)) {
-                let candidate: (PageKey, UInt64)? = shards[owner.shard].table.withLock { shardTable in
-                    let entry = shardTable.records[Int(owner.record)]
-                    guard shardTable.isLive(owner.record), Int(entry.tier) == tier,
-                          entry.extent.firstSlot == UInt32(slot), entry.pinCount == 0, !entry.moving
-                    else { return nil }
-                    return (entry.key, policy.retentionScore(entry.stats, now: now))
-                }
-                if let (key, score) = candidate {
-                    heap.offer(score: score, key: key)
-                    examined += 1
-                    if examined >= window { start = slot + 1; break }
-                }
-            }
+            let current = slot
             slot += 1
             if slot == capacity { slot = 0 }
-            start = slot
+            guard let key = map.owner(UInt32(current)) else { continue }
+            // The owner map is read without the shard lock; the entry is re-validated under it.
+            let hash = key.mixedHash
+            let score: UInt64? = shard(hash).table.withLock { table in
+                guard let index = table.find(key, hash: hash) else { return nil }
+                let entry = table.entries[index]
+                guard Int(entry.tier) == tier, entry.extent.firstSlot == UInt32(current), entry.pinCount == 0, !entry.isMoving
+                else { return nil }
+                return policy.retentionScore(entry.stats, now: now)
+            }
+            if let score {
+                heap.offer(score: score, key: key)
+                examined += 1
+                if examined >= window { break }
+            }
         }
-        scanCursors[tier].store(start, ordering: .relaxed)
+        scanCursors[tier].store(slot, ordering: .relaxed)
         return heap.keysColdestFirst()
     }
 
     /// Every visible page (tests, tools). Takes each shard lock in turn.
     public func allPages() -> [PageSnapshot] {
         var pages: [PageSnapshot] = []
-        for shard in 0..<shards.count {
-            shards[shard].table.withLock { table in
-                for record in 0..<table.highWater where table.isLive(UInt32(record)) {
-                    pages.append(table.snapshot(shard: shard, record: UInt32(record)))
+        for shard in shards {
+            shard.table.withLock { table in
+                for index in 0..<table.entryCount where table.entries[index].isOccupied {
+                    pages.append(table.entries[index].snapshot)
                 }
             }
         }
         return pages
     }
 
-    @inlinable
-    static func shardIndex(_ hash: UInt64) -> Int { Int(truncatingIfNeeded: hash >> shardShift) }
+    /// Outcome of vacating an entry's location under the shard lock.
+    private enum Vacate {
+        /// The retired list is full: drop the lock, yield, retry.
+        case busy
+        /// `old` is the vacated location (nil: nothing was there); `release` is the location to
+        /// release now (nil when readers still hold it or nothing was vacated).
+        case done(old: PageLocation?, release: PageLocation?)
+    }
 }
 
 // MARK: - Shard internals
 
+/// One directory entry: exactly one 64-byte cache line.
+struct PageEntry {
+    static let occupied: UInt8 = 1
+    static let moving: UInt8 = 2
+
+    var key: PageKey
+    var version: UInt64
+    var lastAccessTick: UInt64
+    var extent: Extent
+    var length: UInt32
+    var checksum: UInt32
+    var accessCount: UInt32
+    var pinCount: UInt16
+    /// Reads in flight of the current location.
+    var readers: UInt16
+    var tier: UInt8
+    var flags: UInt8
+
+    var isOccupied: Bool { flags & Self.occupied != 0 }
+    var isMoving: Bool { flags & Self.moving != 0 }
+    var location: PageLocation { PageLocation(tier: Int(tier), extent: extent) }
+    var stats: PageAccessStats { PageAccessStats(lastAccessTick: lastAccessTick, accessCount: accessCount, length: Int(length)) }
+
+    var snapshot: PageSnapshot {
+        PageSnapshot(key: key, location: location, length: Int(length), checksum: checksum, version: version,
+                     pinCount: Int(pinCount), stats: stats)
+    }
+}
+
+/// A vacated location that reads are still copying from.
+struct RetiredLocation {
+    var version: UInt64
+    var location: PageLocation
+    var readers: UInt16
+}
+
 /// A shard table behind its lock (a class so the directory can keep them in an array).
 final class LockedShard: Sendable {
     let table: Mutex<ShardTable>
-    init(recordCapacity: Int) { table = Mutex(ShardTable(recordCapacity: recordCapacity)) }
-}
-
-struct PageRecord {
-    var key: PageKey
-    var length: Int
-    var extent: Extent
-    var version: UInt64
-    var insertTick: UInt64
-    var lastAccessTick: UInt64
-    var accessCount: UInt32
-    var checksum: UInt32
-    var pinCount: UInt32
-    var tier: UInt8
-    var moving: Bool
-
-    var stats: PageAccessStats {
-        PageAccessStats(lastAccessTick: lastAccessTick, insertTick: insertTick, accessCount: accessCount, length: length)
+    init(entryCount: Int) throws(SystemCallError) {
+        let region = try MappedRegion(byteCount: entryCount * MemoryLayout<PageEntry>.stride, prefault: false)
+        table = Mutex(ShardTable(region: region, entryCount: entryCount))
     }
 }
 
-/// One shard: an open-addressing table of (hash tag, record index) over a fixed record array.
+/// One shard: open addressing over inline `PageEntry` lines, plus the retired list.
 struct ShardTable: ~Copyable {
-    /// Bucket = hash tag (low 32 bits of the key hash) << 32 | (record index + 1); 0 = empty.
-    let buckets: UnsafeMutablePointer<UInt64>
-    let bucketMask: Int
-    let records: UnsafeMutablePointer<PageRecord>
-    /// `records[i]` is live iff `live[i]`.
-    let live: UnsafeMutablePointer<Bool>
-    let recordCapacity: Int
-    /// Records `0..<highWater` have been handed out at least once; freed ones form a stack.
-    var highWater = 0
-    let freeStack: UnsafeMutablePointer<UInt32>
-    var freeCount = 0
+    static let retiredCapacity = 32
 
-    init(recordCapacity: Int) {
-        self.recordCapacity = recordCapacity
-        var bucketCount = 16
-        while bucketCount < recordCapacity * 2 { bucketCount <<= 1 }
-        bucketMask = bucketCount - 1
-        buckets = .allocate(capacity: bucketCount)
-        buckets.initialize(repeating: 0, count: bucketCount)
-        records = .allocate(capacity: recordCapacity)
-        live = .allocate(capacity: recordCapacity)
-        live.initialize(repeating: false, count: recordCapacity)
-        freeStack = .allocate(capacity: recordCapacity)
-    }
+    let region: MappedRegion
+    let entries: UnsafeMutablePointer<PageEntry>
+    let entryCount: Int
+    let mask: Int
+    let limit: Int
+    var count = 0
+    var retired: (count: Int, items: [RetiredLocation])
 
-    deinit {
-        buckets.deallocate()
-        records.deallocate()
-        live.deallocate()
-        freeStack.deallocate()
+    init(region: MappedRegion, entryCount: Int) {
+        precondition(MemoryLayout<PageEntry>.stride == 64, "PageEntry must be one cache line")
+        self.region = region
+        // Fresh anonymous memory is zero: every entry starts unoccupied.
+        entries = region.typed(PageEntry.self)
+        self.entryCount = entryCount
+        mask = entryCount - 1
+        limit = entryCount - entryCount / 8
+        retired = (0, Array(repeating: RetiredLocation(version: 0, location: PageLocation(tier: 0, extent: Extent(firstSlot: 0, slotCount: 0)), readers: 0),
+                            count: Self.retiredCapacity))
     }
 
     @inline(__always)
-    static func tag(_ hash: UInt64) -> UInt64 { hash & 0xFFFF_FFFF }
-
-    func isLive(_ record: UInt32) -> Bool { Int(record) < highWater && live[Int(record)] }
-
-    func find(_ key: PageKey, hash: UInt64) -> UInt32? {
-        let tag = Self.tag(hash)
-        var index = Int(tag) & bucketMask
+    func find(_ key: PageKey, hash: UInt64) -> Int? {
+        var index = Int(truncatingIfNeeded: hash) & mask
         while true {
-            let bucket = buckets[index]
-            if bucket == 0 { return nil }
-            if bucket >> 32 == tag {
-                let record = UInt32(truncatingIfNeeded: bucket) - 1
-                if records[Int(record)].key == key {
-                    assert(live[Int(record)], "bucket points at a dead record")
-                    return record
-                }
-            }
-            index = (index + 1) & bucketMask
+            let entry = entries + index
+            guard entry.pointee.flags & PageEntry.occupied != 0 else { return nil }
+            if entry.pointee.key == key { return index }
+            index = (index + 1) & mask
         }
     }
 
-    /// Adds `key` (known absent) and returns its new record index, nil when out of records.
-    mutating func insertKey(_ key: PageKey, hash: UInt64) -> UInt32? {
-        let record: UInt32
-        if freeCount > 0 {
-            freeCount -= 1
-            record = freeStack[freeCount]
-        } else if highWater < recordCapacity {
-            record = UInt32(highWater)
-            highWater += 1
-        } else {
-            return nil
-        }
-        let tag = Self.tag(hash)
-        var index = Int(tag) & bucketMask
-        while buckets[index] != 0 { index = (index + 1) & bucketMask }
-        buckets[index] = tag << 32 | UInt64(record + 1)
-        // Placeholder key so `find` matches before the caller fills the record in.
-        (records + Int(record)).initialize(to: PageRecord(
-            key: key, length: 0, extent: Extent(firstSlot: 0, slotCount: 0), version: 0,
-            insertTick: 0, lastAccessTick: 0, accessCount: 0, checksum: 0, pinCount: 0, tier: 0, moving: false))
-        live[Int(record)] = true
-        return record
+    /// Adds an entry for a key known to be absent; false when the shard is at its limit.
+    mutating func insertNew(_ entry: PageEntry, hash: UInt64) -> Bool {
+        guard count < limit else { return false }
+        var index = Int(truncatingIfNeeded: hash) & mask
+        while entries[index].isOccupied { index = (index + 1) & mask }
+        entries[index] = entry
+        count += 1
+        return true
     }
 
-    /// Removes `key` (known present) with backward-shift deletion: no tombstones, so probe
-    /// lengths never degrade over time.
-    mutating func deleteKey(_ key: PageKey, hash: UInt64) {
-        let tag = Self.tag(hash)
-        var hole = Int(tag) & bucketMask
-        var record: UInt32 = 0
+    /// Backward-shift deletion: no tombstones, so probe lengths never degrade.
+    mutating func delete(at index: Int) {
+        var hole = index
+        var next = index
         while true {
-            let bucket = buckets[hole]
-            precondition(bucket != 0, "deleteKey of an absent key")
-            if bucket >> 32 == tag {
-                record = UInt32(truncatingIfNeeded: bucket) - 1
-                if records[Int(record)].key == key { break }
-            }
-            hole = (hole + 1) & bucketMask
-        }
-        var next = hole
-        while true {
-            next = (next + 1) & bucketMask
-            let bucket = buckets[next]
-            if bucket == 0 { break }
-            let home = Int(bucket >> 32) & bucketMask
-            // Move `next` into the hole unless its home lies cyclically in (hole, next].
+            next = (next + 1) & mask
+            guard entries[next].isOccupied else { break }
+            let home = Int(truncatingIfNeeded: entries[next].key.mixedHash) & mask
+            // Leave `next` in place if its home lies cyclically in (hole, next].
             let stays = hole <= next ? (hole < home && home <= next) : (hole < home || home <= next)
             if stays { continue }
-            buckets[hole] = bucket
+            entries[hole] = entries[next]
             hole = next
         }
-        buckets[hole] = 0
-        live[Int(record)] = false
-        freeStack[freeCount] = record
-        freeCount += 1
+        entries[hole].flags = 0
+        count -= 1
     }
 
-    mutating func touch(_ record: UInt32, tick: UInt64) {
-        records[Int(record)].lastAccessTick = tick
-        let count = records[Int(record)].accessCount
-        if count != .max { records[Int(record)].accessCount = count + 1 }
+    /// Takes the entry's current location away from its readers. Returns the location to
+    /// release now (no readers), or `.some(nil)` once parked in the retired list for its last
+    /// reader, or nil if the retired list is full (retry later).
+    mutating func vacate(_ index: Int) -> PageLocation?? {
+        let entry = entries[index]
+        if entry.readers == 0 { return .some(entry.location) }
+        guard retired.count < Self.retiredCapacity else { return nil }
+        retired.items[retired.count] = RetiredLocation(version: entry.version, location: entry.location, readers: entry.readers)
+        retired.count += 1
+        entries[index].readers = 0
+        return .some(nil)
     }
 
-    func snapshot(shard: Int, record: UInt32) -> PageSnapshot {
-        let entry = records[Int(record)]
-        return PageSnapshot(
-            key: entry.key, location: PageLocation(tier: Int(entry.tier), extent: entry.extent),
-            length: entry.length, checksum: entry.checksum, version: entry.version,
-            pinCount: entry.pinCount, stats: entry.stats, shard: UInt32(shard), record: record)
+    /// Drops one reader of `snapshot`'s location: on the live entry if it still has that
+    /// location, else on the retired list (returning the location when the count hits zero).
+    mutating func dropReader(_ snapshot: PageSnapshot, hash: UInt64) -> PageLocation? {
+        if let index = find(snapshot.key, hash: hash),
+           entries[index].version == snapshot.version, entries[index].location == snapshot.location {
+            precondition(entries[index].readers > 0, "reader count underflow for \(snapshot.key)")
+            entries[index].readers -= 1
+            return nil
+        }
+        for slot in 0..<retired.count
+        where retired.items[slot].version == snapshot.version && retired.items[slot].location == snapshot.location {
+            retired.items[slot].readers -= 1
+            guard retired.items[slot].readers == 0 else { return nil }
+            let location = retired.items[slot].location
+            retired.count -= 1
+            retired.items[slot] = retired.items[retired.count]
+            return location
+        }
+        preconditionFailure("endRead of \(snapshot.key) v\(snapshot.version) matches no reader")
     }
 }
 
-/// Per-slot side tables of one tier: owner (for reclaim scans) and in-flight reader counts.
-/// Plain atomics, so reclaim scans and reads can consult them without the shard lock.
-///
-/// `@unchecked Sendable`: the two pointers are set once in init and freed in deinit; every
-/// access to the memory they point at goes through `UnsafeAtomic`.
-final class SlotSideTable: @unchecked Sendable {
+/// Per-slot owner keys of one tier, so reclaim can scan a tier's pages in slot order without
+/// the shard locks. Written when a page lands on or leaves a slot; read racily (two relaxed
+/// loads may tear) and always re-validated against the directory.
+final class SlotOwnerMap: Sendable {
     let capacity: Int
-    private let owners: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
-    private let readers: UnsafeMutablePointer<UnsafeAtomic<UInt32>.Storage>
+    private let region: MappedRegion
 
-    init(capacity: Int) {
+    init(capacity: Int) throws(SystemCallError) {
         self.capacity = capacity
-        owners = .allocate(capacity: max(1, capacity))
-        owners.initialize(repeating: .init(0), count: max(1, capacity))
-        readers = .allocate(capacity: max(1, capacity))
-        readers.initialize(repeating: .init(0), count: max(1, capacity))
+        region = try MappedRegion(byteCount: max(1, capacity) * 16, prefault: false)
     }
 
-    deinit {
-        owners.deallocate()
-        readers.deallocate()
-    }
-
-    private func ownerCell(_ slot: UInt32) -> UnsafeAtomic<UInt64> {
+    private func cells(_ slot: UInt32) -> (UnsafeAtomic<UInt64>, UnsafeAtomic<UInt64>) {
         precondition(Int(slot) < capacity)
-        return UnsafeAtomic(at: owners + Int(slot))
+        let base = region.base.assumingMemoryBound(to: UnsafeAtomic<UInt64>.Storage.self) + Int(slot) * 2
+        return (UnsafeAtomic(at: base), UnsafeAtomic(at: base + 1))
     }
 
-    private func readerCell(_ slot: UInt32) -> UnsafeAtomic<UInt32> {
-        precondition(Int(slot) < capacity)
-        return UnsafeAtomic(at: readers + Int(slot))
+    // A slot is free when both cells are zero, so keys are stored XORed with fixed random
+    // constants: only the key equal to those constants would read as "free" (it would then
+    // never be chosen for demotion or eviction, which costs space, never bytes).
+    private static let highMask: UInt64 = 0x6A09_E667_F3BC_C908
+    private static let lowMask: UInt64 = 0xBB67_AE85_84CA_A73B
+
+    func set(_ slot: UInt32, key: PageKey) {
+        let (high, low) = cells(slot)
+        high.store(key.high ^ Self.highMask, ordering: .relaxed)
+        low.store(key.low ^ Self.lowMask, ordering: .relaxed)
     }
 
-    func setOwner(_ slot: UInt32, shard: Int, record: UInt32) {
-        let previous = ownerCell(slot).exchange(UInt64(shard) << 32 | UInt64(record + 1), ordering: .relaxed)
-        assert(previous == 0, "slot \(slot) already owned")
-    }
-
-    func clearOwner(_ slot: UInt32) { ownerCell(slot).store(0, ordering: .relaxed) }
-
-    func owner(_ slot: UInt32) -> (shard: Int, record: UInt32)? {
-        let value = ownerCell(slot).load(ordering: .relaxed)
-        guard value != 0 else { return nil }
-        return (Int(value >> 32), UInt32(truncatingIfNeeded: value) - 1)
-    }
-
-    func acquireReader(_ slot: UInt32) { readerCell(slot).wrappingIncrement(ordering: .relaxed) }
-
-    func releaseReader(_ slot: UInt32) {
-        let previous = readerCell(slot).loadThenWrappingDecrement(ordering: .releasing)
-        precondition(previous > 0, "reader count underflow on slot \(slot)")
-    }
-
-    func waitForNoReaders(_ slot: UInt32) {
-        var spins = 0
-        while readerCell(slot).load(ordering: .acquiring) != 0 {
-            spins += 1
-            if spins > 64 { sched_yield_portable() }
+    func clear(_ slot: UInt32, key: PageKey) {
+        let (high, low) = cells(slot)
+        // Only clear if still ours: a newer page may already own the slot's start.
+        if high.load(ordering: .relaxed) == key.high ^ Self.highMask && low.load(ordering: .relaxed) == key.low ^ Self.lowMask {
+            high.store(0, ordering: .relaxed)
+            low.store(0, ordering: .relaxed)
         }
     }
-}
 
-#if canImport(Glibc)
-import Glibc
-@inline(__always) func sched_yield_portable() { sched_yield() }
-#else
-import Darwin
-@inline(__always) func sched_yield_portable() { sched_yield() }
-#endif
+    func owner(_ slot: UInt32) -> PageKey? {
+        let (high, low) = cells(slot)
+        let storedHigh = high.load(ordering: .relaxed)
+        let storedLow = low.load(ordering: .relaxed)
+        if storedHigh == 0 && storedLow == 0 { return nil }
+        return PageKey(high: storedHigh ^ Self.highMask, low: storedLow ^ Self.lowMask)
+    }
+}
 
 /// Keeps the `capacity` lowest-scored keys seen (a max-heap on score; the root is evicted).
 struct BoundedMaxHeap {

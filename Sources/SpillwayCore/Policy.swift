@@ -1,16 +1,13 @@
 /// What the directory knows about a page's use; the input of every policy decision.
 public struct PageAccessStats: Sendable, Equatable {
-    /// Logical time of the last access (the directory's access clock, not wall time).
+    /// Logical time of the last access or store (the directory's access clock, not wall time).
     public var lastAccessTick: UInt64
-    /// Logical time the current version was stored.
-    public var insertTick: UInt64
     /// Number of accesses since the current version was stored (saturating).
     public var accessCount: UInt32
     public var length: Int
 
-    public init(lastAccessTick: UInt64, insertTick: UInt64, accessCount: UInt32, length: Int) {
+    public init(lastAccessTick: UInt64, accessCount: UInt32, length: Int) {
         self.lastAccessTick = lastAccessTick
-        self.insertTick = insertTick
         self.accessCount = accessCount
         self.length = length
     }

@@ -2,8 +2,8 @@ import Synchronization
 
 /// Free-space map of a tier: one bit per slot, allocation of contiguous runs.
 ///
-/// Single slots (KV blocks) come from a next-fit cursor scanning 64 slots per word, so the
-/// common case is O(1) amortized; multi-slot extents (weight tensors) search for a run of clear
+/// Single slots (KV blocks) come from a stack of recently freed slots, else from a next-fit
+/// cursor scanning 64 slots per word, so the common case is O(1); multi-slot extents (weight tensors) search for a run of clear
 /// bits. All memory is allocated at init. One `Mutex` guards the map: allocation is a few
 /// dozen nanoseconds, far below any tier's I/O cost, and it is the only shared state touched.
 public final class SlotAllocator: Sendable {
@@ -13,9 +13,16 @@ public final class SlotAllocator: Sendable {
         let capacity: Int
         var used = 0
         var cursor = 0
+        /// Recently freed single slots (LIFO, so their memory is likely still cached). Entries
+        /// may be stale (the bitmap scan can hand the slot out meanwhile); pops re-check the bit.
+        let recent: UnsafeMutablePointer<UInt32>
+        let recentCapacity: Int
+        var recentCount = 0
 
         init(capacity: Int) {
             self.capacity = capacity
+            recentCapacity = min(max(capacity, 1), 1 << 16)
+            recent = .allocate(capacity: recentCapacity)
             wordCount = max(1, (capacity + 63) / 64)
             words = .allocate(capacity: wordCount)
             words.initialize(repeating: 0, count: wordCount)
@@ -25,7 +32,10 @@ public final class SlotAllocator: Sendable {
             if capacity == 0 { words[0] = ~0 }
         }
 
-        deinit { words.deallocate() }
+        deinit {
+            words.deallocate()
+            recent.deallocate()
+        }
 
         func isSet(_ slot: Int) -> Bool { words[slot >> 6] & (1 << UInt64(slot & 63)) != 0 }
 
@@ -40,6 +50,15 @@ public final class SlotAllocator: Sendable {
 
         mutating func allocateOne() -> Int? {
             guard used < capacity else { return nil }
+            while recentCount > 0 {
+                recentCount -= 1
+                let slot = Int(recent[recentCount])
+                if !isSet(slot) {
+                    words[slot >> 6] |= 1 << UInt64(slot & 63)
+                    used += 1
+                    return slot
+                }
+            }
             var wordIndex = cursor
             for _ in 0..<wordCount {
                 let word = words[wordIndex]
@@ -118,6 +137,10 @@ public final class SlotAllocator: Sendable {
         precondition(Int(extent.endSlot) <= capacity, "extent \(extent) outside capacity \(capacity)")
         state.withLock { state in
             state.mark(Int(extent.firstSlot), Int(extent.slotCount), used: false)
+            if extent.slotCount == 1 && state.recentCount < state.recentCapacity {
+                state.recent[state.recentCount] = extent.firstSlot
+                state.recentCount += 1
+            }
             usedMirror.store(state.used, ordering: .relaxed)
         }
     }

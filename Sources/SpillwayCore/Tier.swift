@@ -59,9 +59,14 @@ public struct TierDescriptor: Sendable, Equatable {
     /// Verify the CRC32C on every `get` served from this tier (not only on tier crossings).
     /// On by default for tiers below DRAM, whose bytes travel over a bus, a wire or a disk.
     public var verifiesReads: Bool
+    /// The tier completes every I/O on the submitting thread before `submit` returns (memory
+    /// tiers). The batch then skips its atomic countdown and wake-up: on x86 that locked
+    /// instruction would stall until the copy's stores drain, which is most of a 4 KiB put.
+    public var completesInline: Bool
 
     public init(name: String, kind: TierKind, slotSize: Int, capacitySlots: Int,
-                performance: TierPerformanceClass, verifiesReads: Bool) {
+                performance: TierPerformanceClass, verifiesReads: Bool, completesInline: Bool = false) {
+        self.completesInline = completesInline
         self.name = name
         self.kind = kind
         self.slotSize = slotSize
@@ -121,8 +126,12 @@ public final class TierBatch: @unchecked Sendable {
     public let capacity: Int
     @usableFromInline let entries: UnsafeMutablePointer<TierIO>
     public private(set) var count = 0
-    private let pending = ManagedAtomic<Int>(0)
-    private let done = DispatchSemaphore(value: 0)
+    @usableFromInline let pending = ManagedAtomic<Int>(0)
+    @usableFromInline let done = DispatchSemaphore(value: 0)
+    /// Set by `beginSubmission(inline:)`; while set, completions count down `inlinePending`
+    /// with plain arithmetic (only the submitting thread touches it).
+    @usableFromInline var inline = false
+    @usableFromInline var inlinePending = 0
 
     public init(capacity: Int) {
         precondition(capacity > 0)
@@ -174,28 +183,44 @@ public final class TierBatch: @unchecked Sendable {
     @inlinable
     public func finish(_ index: Int) { finishOne() }
 
-    @usableFromInline func finishOne() {
-        if pending.loadThenWrappingDecrement(ordering: .acquiringAndReleasing) == 1 {
+    @inlinable
+    func finishOne() {
+        if inline {
+            inlinePending -= 1
+        } else if pending.loadThenWrappingDecrement(ordering: .acquiringAndReleasing) == 1 {
             done.signal()
         }
     }
 
-    /// Marks every I/O in flight; the store calls this right before `Tier.submit`.
-    public func beginSubmission() {
+    /// Marks every I/O in flight; the store calls this right before `Tier.submit`. `inline`
+    /// must match the tier's `completesInline`.
+    @inlinable
+    public func beginSubmission(inline: Bool = false) {
         for index in 0..<count { entries[index].status = 0 }
-        pending.store(count, ordering: .releasing)
-        if count == 0 { done.signal() }
+        self.inline = inline
+        if inline {
+            inlinePending = count
+        } else {
+            pending.store(count, ordering: .releasing)
+            if count == 0 { done.signal() }
+        }
     }
 
     /// Blocks until every I/O has completed.
+    @inlinable
     public func wait() {
-        done.wait()
+        if inline {
+            precondition(inlinePending == 0, "a tier declared completesInline but left I/Os pending")
+            inline = false
+        } else {
+            done.wait()
+        }
     }
 
     /// Submits to `tier` and waits: the synchronous path used by the store.
     @inlinable
-    public func run(on tier: any Tier) {
-        beginSubmission()
+    public func run(on tier: any Tier, inline: Bool) {
+        beginSubmission(inline: inline)
         tier.submit(self)
         wait()
     }

@@ -19,7 +19,7 @@ public final class DRAMTier: Tier {
         try MemoryTierGeometry.validate(name: name, slotSize: slotSize, capacitySlots: capacitySlots)
         descriptor = TierDescriptor(
             name: name, kind: .dram, slotSize: slotSize, capacitySlots: capacitySlots,
-            performance: .dram, verifiesReads: verifiesReads)
+            performance: .dram, verifiesReads: verifiesReads, completesInline: true)
         arena = try HostArena(byteCount: slotSize * capacitySlots, prefault: prefault, lock: false, label: name, logger: logger)
         allocator = SlotAllocator(capacity: capacitySlots)
     }

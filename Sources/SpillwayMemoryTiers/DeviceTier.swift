@@ -80,7 +80,7 @@ public final class DeviceTier: Tier {
         try MemoryTierGeometry.validate(name: name, slotSize: slotSize, capacitySlots: capacitySlots)
         descriptor = TierDescriptor(
             name: name, kind: .device, slotSize: slotSize, capacitySlots: capacitySlots,
-            performance: .device, verifiesReads: false)
+            performance: .device, verifiesReads: false, completesInline: true)
         self.memory = memory
         try memory.allocate(byteCount: slotSize * capacitySlots)
         allocator = SlotAllocator(capacity: capacitySlots)

@@ -15,29 +15,25 @@ import SpillwayCore
 /// `@unchecked Sendable`: the mapping is immutable after init; concurrent access to the bytes
 /// is coordinated by the tier's slot allocator and the page directory's reader counts.
 public final class HostArena: @unchecked Sendable {
-    public let base: UnsafeMutableRawPointer
-    public let byteCount: Int
-    public let hugePages: Bool
+    public let region: MappedRegion
     public let locked: Bool
+
+    public var base: UnsafeMutableRawPointer { region.base }
+    public var byteCount: Int { region.byteCount }
+    public var hugePages: Bool { region.hugePages }
 
     public init(byteCount: Int, prefault: Bool, lock: Bool, label: String, logger: Logger) throws(SpillwayError) {
         guard byteCount > 0 else { throw .invalidConfiguration("\(label): arena size must be positive") }
-        let flags = MAP_PRIVATE | MAP_ANONYMOUS | (prefault ? MAP_POPULATE : 0)
-        guard let mapping = mmap(nil, byteCount, PROT_READ | PROT_WRITE, flags, -1, 0), mapping != MAP_FAILED else {
-            throw .tierIO(tier: label, operation: "mmap of \(ByteCount.format(byteCount))", errno: errno)
+        do {
+            region = try MappedRegion(byteCount: byteCount, prefault: prefault)
+        } catch {
+            throw .tierIO(tier: label, operation: "mmap of \(ByteCount.format(byteCount))", errno: error.errno)
         }
-        base = mapping
-        self.byteCount = byteCount
-        #if os(Linux)
-        hugePages = madvise(mapping, byteCount, MADV_HUGEPAGE) == 0
-        if !hugePages {
-            logger.info("transparent huge pages unavailable for arena", metadata: ["tier": "\(label)", "errno": "\(errno)"])
+        if !region.hugePages {
+            logger.info("transparent huge pages unavailable for arena", metadata: ["tier": "\(label)"])
         }
-        #else
-        hugePages = false
-        #endif
         if lock {
-            if mlock(mapping, byteCount) == 0 {
+            if mlock(region.base, byteCount) == 0 {
                 locked = true
             } else {
                 locked = false
@@ -51,7 +47,6 @@ public final class HostArena: @unchecked Sendable {
     }
 
     deinit {
-        if locked { munlock(base, byteCount) }
-        munmap(base, byteCount)
+        if locked { munlock(region.base, region.byteCount) }
     }
 }

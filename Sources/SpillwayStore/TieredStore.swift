@@ -66,6 +66,10 @@ public final class TieredStore: Sendable {
     private let publishLock = Mutex<Void>(())
     private let staging: StagingPool
     private let highSlots: [Int]
+    private let topTierVerifies: Bool
+    /// Per tier: `descriptor.completesInline`, cached (reading a descriptor through the
+    /// existential copies it, strings and all).
+    private let inlineTiers: [Bool]
     private let lowSlots: [Int]
 
     public init(tiers: [any Tier], policy: any PlacementPolicy = LRUPolicy(), options: StoreOptions = StoreOptions(),
@@ -97,7 +101,13 @@ public final class TieredStore: Sendable {
         self.options = options
         self.slotSize = slotSize
         self.logger = logger
-        directory = PageDirectory(tierCapacities: tiers.map(\.descriptor.capacitySlots))
+        do {
+            directory = try PageDirectory(tierCapacities: tiers.map(\.descriptor.capacitySlots))
+        } catch {
+            throw .tierIO(tier: "directory", operation: error.call, errno: error.errno)
+        }
+        topTierVerifies = tiers[0].descriptor.verifiesReads
+        inlineTiers = tiers.map(\.descriptor.completesInline)
         tierCounters = tiers.map { _ in TierCounters() }
         reclaimLocks = tiers.map { _ in ReclaimLock() }
         prefetchQueue = Mutex(Deque(minimumCapacity: options.prefetchQueueLimit))
@@ -126,12 +136,16 @@ public final class TieredStore: Sendable {
         try checkOpen()
         let length = bytes.count
         guard length <= options.maxPageSize else { throw .pageTooLarge(length: length, limit: options.maxPageSize) }
-        let checksum = CRC32C.checksum(bytes)
         let location = try allocateForPut(slots: slotsNeeded(length), length: length)
         let tier = tiers[location.tier]
         let batch = ThreadBatch.current()
         batch.append(TierIO(operation: .write, extent: location.extent, buffer: bytes.baseAddress, length: length))
-        batch.run(on: tier)
+        batch.beginSubmission(inline: inlineTiers[location.tier])
+        tier.submit(batch)
+        // Checksum the caller's bytes while the write is in flight (or, for memory tiers,
+        // while the copy's stores drain): the page becomes visible only after both.
+        let checksum = CRC32C.checksum(bytes)
+        batch.wait()
         if let failure = batch.firstFailure {
             tier.release(location.extent)
             tierCounters[location.tier].ioErrors.add(1)
@@ -157,17 +171,17 @@ public final class TieredStore: Sendable {
             throw .unknownKey(key)
         }
         guard buffer.count >= snapshot.length else {
-            directory.endRead(snapshot)
+            endRead(snapshot)
             throw .bufferTooSmall(required: snapshot.length, available: buffer.count)
         }
         let tierIndex = snapshot.location.tier
         let batch = ThreadBatch.current()
         batch.append(TierIO(operation: .read, extent: snapshot.location.extent, buffer: buffer.baseAddress, length: snapshot.length))
-        batch.run(on: tiers[tierIndex])
+        batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
         let status = batch[0].status
-        if status == 0 && tierIndex == 0 && !tiers[0].descriptor.verifiesReads {
+        if status == 0 && tierIndex == 0 && !topTierVerifies {
             // Top-tier hit: the fast path, no checksum (the bytes never left this process).
-            directory.endRead(snapshot)
+            endRead(snapshot)
             tierCounters[0].hits.add(1)
             tierCounters[0].bytesRead.add(snapshot.length)
             return snapshot.length
@@ -247,10 +261,10 @@ public final class TieredStore: Sendable {
     @discardableResult
     public func remove(_ key: PageKey) throws(SpillwayError) -> Bool {
         try checkOpen()
-        guard let removed = try directory.remove(key) else { return false }
-        retire(removed.location)
-        counters.removes.add(1)
-        return true
+        let (found, release) = try directory.remove(key)
+        if let release { self.release(release) }
+        if found { counters.removes.add(1) }
+        return found
     }
 
     /// Pins the page where it is: it is not moved, evicted, overwritten or removed until a
@@ -371,14 +385,14 @@ public final class TieredStore: Sendable {
     }
 
     private func commitPut(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32) throws(SpillwayError) {
-        let replaced: PageSnapshot?
+        let vacated: PageLocation?
         do {
-            replaced = try directory.insert(key, location: location, length: length, checksum: checksum)
+            vacated = try directory.insert(key, location: location, length: length, checksum: checksum)
         } catch {
             tiers[location.tier].release(location.extent)
             throw error
         }
-        if let replaced { retire(replaced.location) }
+        if let vacated { release(vacated) }
         counters.puts.add(1)
         tierCounters[location.tier].bytesWritten.add(length)
     }
@@ -413,7 +427,7 @@ public final class TieredStore: Sendable {
                                         buffer: requests[index].bytes.baseAddress, length: requests[index].bytes.count))
                 }
                 guard batch.count > 0 else { continue }
-                batch.run(on: tiers[tierIndex])
+                batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
                 var entry = 0
                 for index in requests.indices {
                     guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
@@ -450,7 +464,7 @@ public final class TieredStore: Sendable {
         let tierIndex = snapshot.location.tier
         let tier = tiers[tierIndex]
         guard status == 0 else {
-            directory.endRead(snapshot)
+            endRead(snapshot)
             tierCounters[tierIndex].ioErrors.add(1)
             throw .tierIO(tier: tier.descriptor.name, operation: "read", errno: status)
         }
@@ -458,46 +472,47 @@ public final class TieredStore: Sendable {
         if tier.descriptor.verifiesReads || promoting {
             let actual = CRC32C.checksum(buffer)
             if actual != snapshot.checksum {
-                directory.endRead(snapshot)
+                endRead(snapshot)
                 quarantine(snapshot)
                 throw .checksumMismatch(key: snapshot.key, tier: tier.descriptor.name, expected: snapshot.checksum, actual: actual)
             }
         }
         tierCounters[tierIndex].hits.add(1)
         tierCounters[tierIndex].bytesRead.add(snapshot.length)
-        let vacated = promoting ? promote(snapshot, from: buffer) : nil
-        directory.endRead(snapshot)
-        if let vacated { retire(vacated) }
+        if promoting { promote(snapshot, from: buffer) }
+        endRead(snapshot)
     }
 
     /// Copies a verified page (already in `buffer`) to the top tier and repoints the directory.
-    /// Returns the vacated location, which the caller retires after ending its own read.
-    private func promote(_ snapshot: PageSnapshot, from buffer: UnsafeRawBufferPointer) -> PageLocation? {
-        guard let claim = directory.beginMove(snapshot.key, fromTier: snapshot.location.tier) else { return nil }
+    /// The caller still holds its own read of the old location, so that location is released
+    /// by whichever read ends last.
+    private func promote(_ snapshot: PageSnapshot, from buffer: UnsafeRawBufferPointer) {
+        guard let claim = directory.beginMove(snapshot.key, fromTier: snapshot.location.tier) else { return }
         guard claim.version == snapshot.version, let extent = tiers[0].allocate(slotCount: Int(claim.location.extent.slotCount)) else {
-            directory.abortMove(claim)
+            abortMove(claim)
             counters.promotionsSkipped.add(1)
             wake.signal()
-            return nil
+            return
         }
         let batch = ThreadBatch.current()
         batch.append(TierIO(operation: .write, extent: extent, buffer: buffer.baseAddress, length: snapshot.length))
-        batch.run(on: tiers[0])
+        batch.run(on: tiers[0], inline: inlineTiers[0])
         let destination = PageLocation(tier: 0, extent: extent)
         guard batch[0].status == 0 else {
             tierCounters[0].ioErrors.add(1)
             tiers[0].release(extent)
-            directory.abortMove(claim)
-            return nil
+            abortMove(claim)
+            return
         }
-        guard directory.commitMove(claim, to: destination) else {
+        let (committed, vacated) = directory.commitMove(claim, to: destination)
+        if let vacated { release(vacated) }
+        guard committed else {
             tiers[0].release(extent)
-            return nil
+            return
         }
         tierCounters[0].promotionsIn.add(1)
         tierCounters[0].bytesWritten.add(snapshot.length)
         if tiers[0].usedSlots > highSlots[0] { wake.signal() }
-        return claim.location
     }
 
     private func getChunk(_ requests: UnsafeMutableBufferPointer<PageRead>) -> Int {
@@ -517,7 +532,7 @@ public final class TieredStore: Sendable {
                     continue
                 }
                 if requests[index].buffer.count < snapshot.length {
-                    directory.endRead(snapshot)
+                    endRead(snapshot)
                     snapshots[index] = nil
                     requests[index].error = .bufferTooSmall(required: snapshot.length, available: requests[index].buffer.count)
                 }
@@ -532,7 +547,7 @@ public final class TieredStore: Sendable {
                                         buffer: requests[index].buffer.baseAddress, length: snapshot.length))
                 }
                 guard batch.count > 0 else { continue }
-                batch.run(on: tiers[tierIndex])
+                batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
                 // Copy statuses out before finishRead reuses the thread's batch for promotions.
                 withUnsafeTemporaryAllocation(of: Int32.self, capacity: batch.count) { statuses in
                     for entry in 0..<batch.count { statuses.initializeElement(at: entry, to: batch[entry].status) }
@@ -558,10 +573,19 @@ public final class TieredStore: Sendable {
 
     // MARK: Moving pages
 
-    /// Releases an extent the directory no longer points at, once in-flight reads of it end.
-    private func retire(_ location: PageLocation) {
-        directory.waitForReaders(location)
+    /// Returns a vacated extent (one the directory no longer points at and nobody reads) to its tier.
+    @inline(__always)
+    private func release(_ location: PageLocation) {
         tiers[location.tier].release(location.extent)
+    }
+
+    @inline(__always)
+    private func endRead(_ snapshot: PageSnapshot) {
+        if let vacated = directory.endRead(snapshot) { release(vacated) }
+    }
+
+    private func abortMove(_ claim: PageSnapshot) {
+        if let vacated = directory.abortMove(claim) { release(vacated) }
     }
 
     /// Drops a page whose bytes failed their checksum: counted, logged, never served.
@@ -571,9 +595,7 @@ public final class TieredStore: Sendable {
         logger.error("checksum mismatch: page dropped", metadata: [
             "key": "\(snapshot.key)", "tier": "\(tier)", "location": "\(snapshot.location)",
         ])
-        if directory.removeIfCurrent(snapshot, requireUnpinned: false) {
-            retire(snapshot.location)
-        }
+        if let vacated = directory.removeIfCurrent(snapshot, requireUnpinned: false).release { release(vacated) }
     }
 
     /// Frees slots on `tier` until at most `target` are used: demotes the coldest movable pages
@@ -607,10 +629,11 @@ public final class TieredStore: Sendable {
     private func evict(_ keys: [PageKey], tier index: Int) -> Int {
         var evicted = 0
         for key in keys {
-            guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == index, snapshot.pinCount == 0,
-                  directory.removeIfCurrent(snapshot, requireUnpinned: true)
+            guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == index, snapshot.pinCount == 0
             else { continue }
-            retire(snapshot.location)
+            let (removed, vacated) = directory.removeIfCurrent(snapshot, requireUnpinned: true)
+            if let vacated { release(vacated) }
+            guard removed else { continue }
             tierCounters[index].evictions.add(1)
             evicted += 1
         }
@@ -640,7 +663,7 @@ public final class TieredStore: Sendable {
         for key in keys {
             guard let claim = directory.beginMove(key, fromTier: source) else { continue }
             guard let extent = targetTier.allocate(slotCount: Int(claim.location.extent.slotCount)) else {
-                directory.abortMove(claim)
+                abortMove(claim)
                 continue
             }
             moves.append((claim, extent))
@@ -652,8 +675,9 @@ public final class TieredStore: Sendable {
             let destination = PageLocation(tier: target, extent: move.destination)
             switch statuses[index] {
             case .copied:
-                if directory.commitMove(move.claim, to: destination) {
-                    retire(move.claim.location)
+                let (committed, vacated) = directory.commitMove(move.claim, to: destination)
+                if let vacated { release(vacated) }
+                if committed {
                     if target > source {
                         tierCounters[source].demotionsOut.add(1)
                     } else {
@@ -670,10 +694,10 @@ public final class TieredStore: Sendable {
                     "key": "\(move.claim.key)", "tier": "\(tiers[tierIndex].descriptor.name)", "errno": "\(errno)",
                 ])
                 targetTier.release(move.destination)
-                directory.abortMove(move.claim)
+                abortMove(move.claim)
             case .corrupt(let actual):
                 targetTier.release(move.destination)
-                directory.abortMove(move.claim)
+                abortMove(move.claim)
                 logger.error("checksum mismatch during move", metadata: [
                     "expected": "\(move.claim.checksum)", "actual": "\(actual)",
                 ])
@@ -704,7 +728,7 @@ public final class TieredStore: Sendable {
                 batch.append(TierIO(operation: .read, extent: move.claim.location.extent,
                                     buffer: arena.baseAddress! + Int(move.destination.firstSlot) * slotSize, length: move.claim.length))
             }
-            batch.run(on: sourceTier)
+            batch.run(on: sourceTier, inline: inlineTiers[source])
             return moves.indices.map { index in
                 let status = batch[index].status
                 guard status == 0 else { return .failed(errno: status, tier: source) }
@@ -724,7 +748,7 @@ public final class TieredStore: Sendable {
                 entries.append(index)
             }
             guard batch.count > 0 else { return statuses }
-            batch.run(on: targetTier)
+            batch.run(on: targetTier, inline: inlineTiers[target])
             for (entry, index) in entries.enumerated() where batch[entry].status != 0 {
                 statuses[index] = .failed(errno: batch[entry].status, tier: target)
             }
@@ -736,13 +760,13 @@ public final class TieredStore: Sendable {
             staging.withBuffer { buffer -> CopyStatus in
                 batch.reset()
                 batch.append(TierIO(operation: .read, extent: move.claim.location.extent, buffer: buffer, length: move.claim.length))
-                batch.run(on: sourceTier)
+                batch.run(on: sourceTier, inline: inlineTiers[source])
                 guard batch[0].status == 0 else { return .failed(errno: batch[0].status, tier: source) }
                 let verdict = verify(buffer, move)
                 guard case .copied = verdict else { return verdict }
                 batch.reset()
                 batch.append(TierIO(operation: .write, extent: move.destination, buffer: buffer, length: move.claim.length))
-                batch.run(on: targetTier)
+                batch.run(on: targetTier, inline: inlineTiers[target])
                 return batch[0].status == 0 ? .copied : .failed(errno: batch[0].status, tier: target)
             }
         }
