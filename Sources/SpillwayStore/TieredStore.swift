@@ -376,7 +376,13 @@ public final class TieredStore: Sendable {
                 reclaim(tier: first, toUsedSlots: max(0, target))
             }
         }
+        // The placement tier cannot make room (its pages are pinned): the first lower tier that
+        // has or can make room takes the page.
         for index in (first + 1)..<tiers.count {
+            if let extent = tiers[index].allocate(slotCount: slots) {
+                return PageLocation(tier: index, extent: extent)
+            }
+            reclaim(tier: index, toUsedSlots: max(0, tiers[index].descriptor.capacitySlots - slots))
             if let extent = tiers[index].allocate(slotCount: slots) {
                 return PageLocation(tier: index, extent: extent)
             }
@@ -599,7 +605,8 @@ public final class TieredStore: Sendable {
     }
 
     /// Frees slots on `tier` until at most `target` are used: demotes the coldest movable pages
-    /// one tier down (making room there first, recursively), or evicts them from the last tier.
+    /// one tier down (making room there first, recursively), or evicts them from the last tier
+    /// (or from this one, when nothing below can take them).
     /// Serialized per tier; cascades lock tiers top-down, so they cannot deadlock.
     func reclaim(tier index: Int, toUsedSlots target: Int) {
         reclaimLocks[index].mutex.withLock { _ in
@@ -615,7 +622,14 @@ public final class TieredStore: Sendable {
                 while start < victims.count, tiers[index].usedSlots > target {
                     let end = min(victims.count, start + ThreadBatch.capacity)
                     let chunk = Array(victims[start..<end])
-                    progressed += index == tiers.count - 1 ? evict(chunk, tier: index) : movePages(chunk, from: index, to: index + 1)
+                    if index == tiers.count - 1 {
+                        progressed += evict(chunk, tier: index)
+                    } else {
+                        let moved = movePages(chunk, from: index, to: index + 1)
+                        // Nothing below could take them (full of pinned pages): a cache drops
+                        // its coldest pages rather than refuse new ones.
+                        progressed += moved > 0 ? moved : evict(chunk, tier: index)
+                    }
                     start = end
                 }
                 if progressed == 0 {
