@@ -361,33 +361,41 @@ public final class TieredStore: Sendable {
         if closedFlag.load(ordering: .relaxed) { throw .closed }
     }
 
-    /// An extent for a new page: the policy's tier, reclaiming it synchronously if it is full,
-    /// else the first lower tier with room.
+    /// An extent for a new page: the policy's tier, making room there if it is full, else the
+    /// first lower tier that has or can make room. `storeFull` only when pinned pages leave no
+    /// way to free enough contiguous slots.
     private func allocateForPut(slots: Int, length: Int) throws(SpillwayError) -> PageLocation {
         let first = min(max(0, policy.initialTier(forLength: length, tierCount: tiers.count)), tiers.count - 1)
-        for attempt in 0..<3 {
-            if let extent = tiers[first].allocate(slotCount: slots) {
-                if tiers[first].usedSlots > highSlots[first] && first + 1 < tiers.count { wake.signal() }
-                return PageLocation(tier: first, extent: extent)
-            }
-            if attempt < 2 {
-                let capacity = tiers[first].descriptor.capacitySlots
-                let target = first + 1 < tiers.count ? min(lowSlots[first], capacity - slots) : capacity - slots
-                reclaim(tier: first, toUsedSlots: max(0, target))
-            }
+        if let extent = tiers[first].allocate(slotCount: slots) {
+            if tiers[first].usedSlots > highSlots[first] && first + 1 < tiers.count { wake.signal() }
+            return PageLocation(tier: first, extent: extent)
         }
-        // The placement tier cannot make room (its pages are pinned): the first lower tier that
-        // has or can make room takes the page.
-        for index in (first + 1)..<tiers.count {
-            if let extent = tiers[index].allocate(slotCount: slots) {
-                return PageLocation(tier: index, extent: extent)
-            }
-            reclaim(tier: index, toUsedSlots: max(0, tiers[index].descriptor.capacitySlots - slots))
-            if let extent = tiers[index].allocate(slotCount: slots) {
+        for index in first..<tiers.count {
+            if let extent = makeRoom(onTier: index, slots: slots) {
                 return PageLocation(tier: index, extent: extent)
             }
         }
         throw .storeFull(requiredSlots: slots)
+    }
+
+    /// Reclaims `tier` until `slots` contiguous slots can be allocated, and allocates them.
+    /// Starts with a watermark-sized batch (amortizing the scan over many puts), then keeps
+    /// freeing in steps, since fragmentation can hide a contiguous run; gives up when a round
+    /// frees nothing (everything left is pinned or being moved).
+    private func makeRoom(onTier index: Int, slots: Int) -> Extent? {
+        let tier = tiers[index]
+        let capacity = tier.descriptor.capacitySlots
+        guard slots <= capacity else { return nil }
+        var target = index + 1 < tiers.count ? min(lowSlots[index], capacity - slots) : capacity - slots
+        for _ in 0..<64 {
+            if let extent = tier.allocate(slotCount: slots) { return extent }
+            let before = tier.usedSlots
+            target = max(0, min(target, before - max(slots, 8)))
+            reclaim(tier: index, toUsedSlots: target)
+            if let extent = tier.allocate(slotCount: slots) { return extent }
+            if tier.usedSlots >= before { return nil }
+        }
+        return nil
     }
 
     private func commitPut(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32) throws(SpillwayError) {

@@ -23,7 +23,9 @@ func pageBytes(key: UInt64, nonce: UInt64, length: Int) -> [UInt8] {
     var generator = SplitMix(seed: key &* 31 ^ nonce)
     var bytes = (0..<length).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
     withUnsafeBytes(of: key.littleEndian) { header in for index in 0..<min(8, length) { bytes[index] = header[index] } }
-    withUnsafeBytes(of: nonce.littleEndian) { header in for index in 8..<min(16, length) where index < length { bytes[index] = header[index - 8] } }
+    if length > 8 {
+        withUnsafeBytes(of: nonce.littleEndian) { header in for index in 8..<min(16, length) { bytes[index] = header[index - 8] } }
+    }
     return bytes
 }
 

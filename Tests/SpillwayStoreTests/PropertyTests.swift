@@ -1,0 +1,182 @@
+import Dispatch
+import Testing
+@testable import SpillwayCore
+@testable import SpillwayMemoryTiers
+@testable import SpillwayStore
+
+/// Random sequences of put/get/pin/unpin/remove/prefetch/demote/maintenance on a tiny
+/// device+DRAM store (so every operation races against demotion, promotion and eviction),
+/// checked against a model: bytes in = bytes out, pinned pages never move or disappear, and
+/// slot accounting never leaks.
+@Suite struct StorePropertyTests {
+    @Test(arguments: 0..<24)
+    func bytesInEqualBytesOut(seed: UInt64) throws {
+        var random = SplitMix(seed: seed &* 7919 &+ 1)
+        let store = try makeStore(device: 6, dram: 14, maxPageSize: 3 * 4096,
+                                  watermarks: [Watermarks(high: 0.7, low: 0.4), Watermarks(high: 0.9, low: 0.6)])
+        defer { store.close() }
+        var model: [PageKey: [UInt8]] = [:]
+        var pins: [PageKey: (count: Int, location: PageLocation)] = [:]
+        var nonce: UInt64 = 0
+
+        for step in 0..<600 {
+            let key = PageKey(random.next() % 24)
+            switch random.next() % 100 {
+            case 0..<35:
+                nonce += 1
+                let length = Int(random.next() % UInt64(3 * 4096 + 1))
+                let bytes = pageBytes(key: key.low, nonce: nonce, length: length)
+                switch attempt({ () throws(SpillwayError) in try store.put(key, bytes: bytes) }) {
+                case .success:
+                    #expect(pins[key] == nil, "step \(step): overwrote a pinned page")
+                    model[key] = bytes
+                case .failure(.pagePinned(let pinned)):
+                    #expect(pinned == key && pins[key] != nil)
+                case .failure(.storeFull):
+                    #expect(pins.count >= 4, "step \(step): store full with few pins")
+                case .failure(let error):
+                    Issue.record("step \(step): put failed: \(error)")
+                }
+            case 35..<65:
+                switch attempt({ () throws(SpillwayError) in try store.get(key) }) {
+                case .success(let bytes):
+                    let expected = try #require(model[key], "step \(step): got bytes for a key never stored or removed")
+                    #expect(bytes == expected, "step \(step): wrong bytes for \(key)")
+                case .failure(.unknownKey):
+                    #expect(pins[key] == nil, "step \(step): a pinned page vanished")
+                    model[key] = nil  // evicted: allowed, the store is a cache
+                case .failure(let error):
+                    Issue.record("step \(step): get failed: \(error)")
+                }
+            case 65..<73:
+                switch attempt({ () throws(SpillwayError) in try store.pin(key) }) {
+                case .success:
+                    let location = try #require(store.location(of: key))
+                    if let pinned = pins[key] {
+                        #expect(pinned.location == location)
+                        pins[key] = (pinned.count + 1, location)
+                    } else {
+                        pins[key] = (1, location)
+                    }
+                    #expect(model[key] != nil)
+                case .failure(let error):
+                    #expect(error == .unknownKey(key))
+                    model[key] = nil
+                }
+            case 73..<83:
+                switch attempt({ () throws(SpillwayError) in try store.unpin(key) }) {
+                case .success:
+                    let pinned = try #require(pins[key])
+                    pins[key] = pinned.count == 1 ? nil : (pinned.count - 1, pinned.location)
+                case .failure(let error):
+                    #expect(error == .notPinned(key) || error == .unknownKey(key))
+                    #expect(pins[key] == nil)
+                }
+            case 83..<89:
+                switch attempt({ () throws(SpillwayError) in try store.remove(key) }) {
+                case .success:
+                    #expect(pins[key] == nil)
+                    model[key] = nil
+                case .failure(let error):
+                    #expect(error == .pagePinned(key) && pins[key] != nil)
+                }
+            case 89..<93:
+                store.prefetch([key, PageKey(random.next() % 24)])
+                store.runMaintenance()
+            case 93..<97:
+                _ = store.demote(key)
+            default:
+                store.runMaintenance()
+            }
+            for (pinnedKey, pinned) in pins {
+                #expect(store.location(of: pinnedKey) == pinned.location, "step \(step): pinned page \(pinnedKey) moved")
+            }
+            #expect(accountingHolds(store), "step \(step): slot accounting leaked")
+        }
+        // Everything the model still holds reads back exactly (or was evicted, never altered).
+        for (key, bytes) in model {
+            if let read = try? store.get(key) { #expect(read == bytes) } else { #expect(pins[key] == nil) }
+        }
+        #expect(store.stats().checksumFailures == 0)
+    }
+}
+
+/// Many threads on one store with a live background worker: any successful read must be a
+/// complete page that was written under that key (never torn, never another key's bytes).
+@Suite struct StoreConcurrencyTests {
+    @Test func concurrentMixedOperations() throws {
+        let store = try makeStore(device: 16, dram: 48, maxPageSize: 2 * 4096, worker: true,
+                                  watermarks: [Watermarks(high: 0.6, low: 0.3)])
+        defer { store.close() }
+        let threads = 6
+        let operations = 3000
+        let failures = ManagedCounter()
+        DispatchQueue.concurrentPerform(iterations: threads) { thread in
+            var random = SplitMix(seed: UInt64(thread) &+ 100)
+            for step in 0..<operations {
+                let keyValue = random.next() % 96
+                let key = PageKey(keyValue)
+                switch random.next() % 10 {
+                case 0..<3:
+                    let length = 16 + Int(random.next() % UInt64(2 * 4096 - 16))
+                    let bytes = pageBytes(key: keyValue, nonce: UInt64(thread) << 32 | UInt64(step), length: length)
+                    switch attempt({ () throws(SpillwayError) in try store.put(key, bytes: bytes) }) {
+                    case .success, .failure(.pagePinned), .failure(.storeFull): break
+                    case .failure(let error): failures.record("put: \(error)")
+                    }
+                case 3..<7:
+                    switch attempt({ () throws(SpillwayError) in try store.get(key) }) {
+                    case .success(let bytes):
+                        if !isConsistentPage(bytes, key: keyValue) { failures.record("torn or foreign page for \(key)") }
+                    case .failure(.unknownKey): break
+                    case .failure(let error): failures.record("get: \(error)")
+                    }
+                case 7:
+                    let outcome = attempt { () throws(SpillwayError) in
+                        try store.pin(key)
+                        let before = store.location(of: key)
+                        let bytes = try store.get(key)
+                        if !isConsistentPage(bytes, key: keyValue) { failures.record("pinned read wrong for \(key)") }
+                        if store.location(of: key) != before { failures.record("pinned page \(key) moved") }
+                        try store.unpin(key)
+                    }
+                    switch outcome {
+                    case .success, .failure(.unknownKey): break
+                    case .failure(let error): failures.record("pin: \(error)")
+                    }
+                case 8:
+                    switch attempt({ () throws(SpillwayError) in try store.remove(key) }) {
+                    case .success, .failure(.pagePinned): break
+                    case .failure(let error): failures.record("remove: \(error)")
+                    }
+                default:
+                    store.prefetch([key])
+                }
+            }
+        }
+        store.runMaintenance()
+        #expect(failures.messages.isEmpty, "\(failures.messages.prefix(5))")
+        #expect(store.stats().checksumFailures == 0)
+        store.close()
+        #expect(accountingHolds(store))
+    }
+}
+
+/// Runs a typed-throwing operation and returns its outcome as a value.
+func attempt<T>(_ body: () throws(SpillwayError) -> T) -> Result<T, SpillwayError> {
+    do { return .success(try body()) } catch { return .failure(error) }
+}
+
+/// Collects failure messages from many threads.
+final class ManagedCounter: Sendable {
+    private let storage = SynchronizedArray()
+    func record(_ message: String) { storage.append(message) }
+    var messages: [String] { storage.values }
+}
+
+import Synchronization
+final class SynchronizedArray: Sendable {
+    private let lock = Mutex<[String]>([])
+    func append(_ value: String) { lock.withLock { $0.append(value) } }
+    var values: [String] { lock.withLock { $0 } }
+}
