@@ -387,10 +387,10 @@ public final class TieredStore: Sendable {
         let capacity = tier.descriptor.capacitySlots
         guard slots <= capacity else { return nil }
         var target = index + 1 < tiers.count ? min(lowSlots[index], capacity - slots) : capacity - slots
-        for _ in 0..<64 {
+        for round in 0..<64 {
             if let extent = tier.allocate(slotCount: slots) { return extent }
             let before = tier.usedSlots
-            target = max(0, min(target, before - max(slots, 8)))
+            target = max(0, round == 0 ? min(target, before - slots) : min(target, before - max(slots, 8)))
             reclaim(tier: index, toUsedSlots: target)
             if let extent = tier.allocate(slotCount: slots) { return extent }
             if tier.usedSlots >= before { return nil }
