@@ -1,5 +1,4 @@
 import Atomics
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -425,10 +424,10 @@ struct RetiredLocation {
 
 /// A shard table behind its lock (a class so the directory can keep them in an array).
 final class LockedShard: Sendable {
-    let table: Mutex<ShardTable>
+    let table: Locked<ShardTable>
     init(entryCount: Int) throws(SystemCallError) {
         let region = try MappedRegion(byteCount: entryCount * MemoryLayout<PageEntry>.stride, prefault: false)
-        table = Mutex(ShardTable(region: region, entryCount: entryCount))
+        table = Locked(ShardTable(region: region, entryCount: entryCount))
     }
 }
 

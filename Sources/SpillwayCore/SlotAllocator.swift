@@ -4,7 +4,7 @@ import Synchronization
 ///
 /// Single slots (KV blocks) come from a stack of recently freed slots, else from a next-fit
 /// cursor scanning 64 slots per word, so the common case is O(1); multi-slot extents (weight tensors) search for a run of clear
-/// bits. All memory is allocated at init. One `Mutex` guards the map: allocation is a few
+/// bits. All memory is allocated at init. One lock guards the map: allocation is a few
 /// dozen nanoseconds, far below any tier's I/O cost, and it is the only shared state touched.
 public final class SlotAllocator: Sendable {
     private struct State: ~Copyable {
@@ -110,7 +110,7 @@ public final class SlotAllocator: Sendable {
         }
     }
 
-    private let state: Mutex<State>
+    private let state: Locked<State>
     /// Mirror of `state.used` readable without the lock (watermark checks on the put path).
     private let usedMirror = Atomic<Int>(0)
     public let capacity: Int
@@ -118,7 +118,7 @@ public final class SlotAllocator: Sendable {
     public init(capacity: Int) {
         precondition(capacity >= 0 && capacity <= Int(UInt32.max))
         self.capacity = capacity
-        state = Mutex(State(capacity: capacity))
+        state = Locked(State(capacity: capacity))
     }
 
     /// A run of `count` contiguous free slots, or nil.

@@ -3,7 +3,6 @@ import DequeModule
 import Dispatch
 import Logging
 import SpillwayCore
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -58,12 +57,12 @@ public final class TieredStore: Sendable {
     private let tierCounters: [TierCounters]
     private let counters = StoreCounters()
     private let closedFlag = ManagedAtomic<Bool>(false)
-    private let reclaimLocks: [ReclaimLock]
-    private let prefetchQueue: Mutex<Deque<PageKey>>
+    private let reclaimLocks: [Locked<Void>]
+    private let prefetchQueue: Locked<Deque<PageKey>>
     private let wake = DispatchSemaphore(value: 0)
-    private let worker: Mutex<BackgroundThread?> = Mutex(nil)
+    private let worker = Locked<BackgroundThread?>(nil)
     private let metrics: MetricsPublisher
-    private let publishLock = Mutex<Void>(())
+    private let publishLock = Locked<Void>(())
     private let staging: StagingPool
     private let highSlots: [Int]
     private let topTierVerifies: Bool
@@ -109,8 +108,8 @@ public final class TieredStore: Sendable {
         topTierVerifies = tiers[0].descriptor.verifiesReads
         inlineTiers = tiers.map(\.descriptor.completesInline)
         tierCounters = tiers.map { _ in TierCounters() }
-        reclaimLocks = tiers.map { _ in ReclaimLock() }
-        prefetchQueue = Mutex(Deque(minimumCapacity: options.prefetchQueueLimit))
+        reclaimLocks = tiers.map { _ in Locked(()) }
+        prefetchQueue = Locked(Deque(minimumCapacity: options.prefetchQueueLimit))
         metrics = MetricsPublisher(prefix: options.metricsPrefix, tierNames: tiers.map(\.descriptor.name))
         staging = StagingPool(bufferBytes: (options.maxPageSize + slotSize - 1) / slotSize * slotSize)
         highSlots = tiers.indices.map { Int(Double(tiers[$0].descriptor.capacitySlots) * options.watermarks(forTier: $0).high) }
@@ -617,7 +616,7 @@ public final class TieredStore: Sendable {
     /// (or from this one, when nothing below can take them).
     /// Serialized per tier; cascades lock tiers top-down, so they cannot deadlock.
     func reclaim(tier index: Int, toUsedSlots target: Int) {
-        reclaimLocks[index].mutex.withLock { _ in
+        reclaimLocks[index].withLock { _ in
             var fruitless = 0
             while tiers[index].usedSlots > target, !closedFlag.load(ordering: .relaxed) {
                 let excess = tiers[index].usedSlots - target
@@ -840,18 +839,13 @@ public final class TieredStore: Sendable {
     }
 }
 
-/// Serializes reclaim of one tier (a class so the store can keep one per tier in an array).
-final class ReclaimLock: Sendable {
-    let mutex = Mutex<Void>(())
-}
-
 /// Staging buffers for moves between two tiers that are not host memory (e.g. device ↔ NVMe).
 /// At most `limit` exist, each `bufferBytes` long, allocated on first need and reused; a
 /// mover that finds none free yields until one is.
 final class StagingPool: Sendable {
     private let bufferBytes: Int
     private let limit = 2
-    private let state = Mutex<(free: [UInt], created: Int)>(([], 0))
+    private let state = Locked<(free: [UInt], created: Int)>(([], 0))
 
     init(bufferBytes: Int) { self.bufferBytes = bufferBytes }
 

@@ -174,9 +174,8 @@ final class ManagedCounter: Sendable {
     var messages: [String] { storage.values }
 }
 
-import Synchronization
 final class SynchronizedArray: Sendable {
-    private let lock = Mutex<[String]>([])
+    private let lock = Locked<[String]>([])
     func append(_ value: String) { lock.withLock { $0.append(value) } }
     var values: [String] { lock.withLock { $0 } }
 }
