@@ -51,14 +51,15 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "Log level on stderr (default warning).")
     var logLevel: LogLevelArgument?
 
-    static let optionKeys: Set<String> = ["tier", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
+    /// Keys a --config file may set for this command (`tier` is the store's [[tier]] array).
+    static let optionKeys: Set<String> = ["pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
         let level = try logLevel?.level ?? file.string("log-level").flatMap(Logger.Level.init(rawValue:)) ?? .warning
         bootstrapLogging(level)
         let json = try self.json || (file.bool("json") ?? false)
-        let target = try tier ?? file.string("tier")
+        let target = tier
         let patternName = try file.string("pattern")
         guard patternName == nil || BenchPattern(rawValue: patternName!) != nil else {
             throw SpillwayError.invalidConfiguration("pattern '\(patternName!)' (one of randread, randwrite, read, write)")
@@ -92,7 +93,8 @@ struct BenchCommand: ParsableCommand {
                 var row = options
                 row.target = "tiered"
                 row.pattern = .randread
-                row.size = sizeGiven ?? Self.tieredWorkingSet(storeConfiguration)
+                // The tiered row always overflows the top tier: it exists to show the hierarchy at work.
+                row.size = Self.tieredWorkingSet(storeConfiguration)
                 results.append(try BenchRunner.run(row, configuration: storeConfiguration, progress: ProgressBar(label: "bench")))
             }
         case "tiered":

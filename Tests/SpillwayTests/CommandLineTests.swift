@@ -1,0 +1,139 @@
+import Foundation
+import Testing
+@testable import Spillway
+@testable import SpillwayBench
+
+/// Runs the built `spillway` binary (tools/test.sh builds it before `swift test`).
+func runSpillway(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+    let directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    var binary = directory.appendingPathComponent("spillway")
+    if !FileManager.default.fileExists(atPath: binary.path) {
+        // Swift Testing may run from inside the .xctest bundle directory.
+        binary = directory.deletingLastPathComponent().appendingPathComponent("spillway")
+    }
+    guard FileManager.default.fileExists(atPath: binary.path) else {
+        throw SpillwayError.invalidConfiguration("spillway binary not found next to \(directory.path): run `swift build` first")
+    }
+    let process = Process()
+    process.executableURL = binary
+    process.arguments = arguments
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    let errData = err.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+}
+
+func checkBenchSchema(_ object: [String: Any], tier: String) {
+    #expect(object["tier"] as? String == tier)
+    #expect(object["pattern"] is String)
+    for key in ["block_size", "queue_depth", "ops"] { #expect(object[key] is Int, "\(key) must be an integer") }
+    for key in ["iops", "bytes_per_s"] { #expect(object[key] is Double || object[key] is Int, "\(key) must be a number") }
+    let latency = object["latency_ns"] as? [String: Any]
+    for key in ["p50", "p99", "p999", "max"] { #expect(latency?[key] is Int, "latency_ns.\(key) must be an integer") }
+    #expect((object["ops"] as? Int ?? 0) > 0)
+    #expect(object["errors"] as? Int == 0)
+}
+
+@Suite(.serialized) struct CommandLineTests {
+    @Test(arguments: ["dram", "device"])
+    func benchPrintsExactlyOneJSONObject(tier: String) throws {
+        let result = try runSpillway(["bench", tier, "--json", "--duration", "0.2", "--size", "1m", "--pattern", "randwrite", "--queue-depth", "4"])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.hasSuffix("}\n"))
+        #expect(result.stdout.filter { $0 == "\n" }.count == 1)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        checkBenchSchema(object, tier: tier)
+        #expect(object["block_size"] as? Int == 4096)
+        #expect(object["queue_depth"] as? Int == 4)
+    }
+
+    @Test func summaryRunsEveryTier() throws {
+        let path = NSTemporaryDirectory() + "spillway-summary-\(getpid()).toml"
+        try """
+        size = "1m"
+        [[tier]]
+        kind = "device"
+        capacity = "1m"
+        [[tier]]
+        kind = "dram"
+        capacity = "4m"
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let result = try runSpillway(["bench", "--json", "--duration", "0.1", "--config", path])
+        #expect(result.status == 0, "\(result.stderr)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        let rows = try #require(object["results"] as? [[String: Any]])
+        #expect(rows.map { $0["tier"] as? String } == ["device", "device", "dram", "dram", "tiered"])
+        for row in rows { checkBenchSchema(row, tier: row["tier"] as? String ?? "") }
+        let tiered = try #require(rows.last?["tiers"] as? [[String: Any]])
+        #expect((tiered.first?["promotions"] as? Int ?? 0) > 0, "the tiered run exercises promotion")
+    }
+
+    @Test func configFileSuppliesOptionsAndCommandLineWins() throws {
+        let path = NSTemporaryDirectory() + "spillway-bench-\(getpid()).toml"
+        try """
+        pattern = "randwrite"
+        block-size = "8k"
+        duration = 0.1
+        size = "1m"
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let result = try runSpillway(["bench", "dram", "--json", "--config", path, "--block-size", "16k"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        #expect(object["pattern"] as? String == "randwrite")
+        #expect(object["block_size"] as? Int == 16384)
+    }
+
+    @Test(arguments: [
+        ["bench", "dram", "--size", "12q"],
+        ["bench", "dram", "--block-size", "3000", "--duration", "0.1"],
+        ["bench", "tape", "--duration", "0.1"],
+        ["bench", "dram", "--config", "/nonexistent.toml"],
+        ["bench", "dram", "--queue-depth", "0"],
+    ])
+    func failuresAreOneLineOnStandardError(arguments: [String]) throws {
+        let result = try runSpillway(arguments)
+        #expect(result.status != 0)
+        #expect(result.stdout.isEmpty)
+        #expect(result.stderr.filter { $0 == "\n" }.count == 1, "stderr was: \(result.stderr)")
+        #expect(result.stderr.hasPrefix("spillway: error: "))
+    }
+
+    @Test func helpExitsZero() throws {
+        let result = try runSpillway(["bench", "--help"])
+        #expect(result.status == 0)
+        #expect(result.stdout.contains("--block-size"))
+    }
+}
+
+@Suite struct BenchEngineTests {
+    @Test func resultJSONHasTheSchemaEvenWhenEmpty() throws {
+        let result = BenchResult(tier: "dram", pattern: .read, blockSize: 4096, queueDepth: 1, ops: 0, seconds: 0, p50: 0, p99: 0,
+                                 p999: 0, max: 0, workingSetBytes: 4096, seed: 1, latencySampleEvery: 16, errors: 0, verifiedPages: 0)
+        let text = result.json.serialized()
+        #expect(text.contains("\"latency_ns\": {\"p50\": 0, \"p99\": 0, \"p999\": 0, \"max\": 0}"))
+        #expect(text.contains("\"iops\": 0.0"))
+    }
+
+    @Test func sequentialAndRandomRunsVerifyContent() throws {
+        for pattern in BenchPattern.allCases {
+            let options = BenchOptions(target: "dram", pattern: pattern, blockSize: 4096, queueDepth: 2, durationSeconds: 0.05, size: 1 << 20)
+            let result = try BenchRunner.run(options)
+            #expect(result.ops > 0 && result.errors == 0)
+            #expect(result.verifiedPages == 256)
+        }
+    }
+
+    @Test func optionsAreValidated() {
+        #expect(throws: SpillwayError.self) { try BenchOptions(target: "dram", blockSize: 1000).validate() }
+        #expect(throws: SpillwayError.self) { try BenchOptions(target: "dram", queueDepth: 0).validate() }
+        #expect(throws: SpillwayError.self) { try BenchOptions(target: "dram", durationSeconds: -1).validate() }
+        #expect(throws: SpillwayError.self) { try BenchOptions(target: "dram", blockSize: 8192, size: 4096).validate() }
+    }
+}
