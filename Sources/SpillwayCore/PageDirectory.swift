@@ -47,14 +47,19 @@ public struct PageSnapshot: Sendable, Equatable {
 /// **Visibility.** An entry is inserted only after its bytes are complete on its tier (the
 /// store calls `insert` after the write completed), so a failed or in-progress store is never
 /// visible.
-public final class PageDirectory: Sendable {
+///
+/// `@unchecked Sendable`: the shard mutexes and tables live in raw memory allocated in init and
+/// freed in deinit (so a lookup pays no reference counting); each table is only touched inside
+/// `withShard`, under its mutex. Clocks and counters are atomics.
+public final class PageDirectory: @unchecked Sendable {
     public static let shardCount = 64
     @usableFromInline static let shardShift: UInt64 = 58
 
-    private let shards: [LockedShard]
-    private let owners: [SlotOwnerMap]
-    private let versionClock = ManagedAtomic<UInt64>(0)
-    private let accessClock = ManagedAtomic<UInt64>(0)
+    private let shardMutexes: UnsafeMutablePointer<pthread_mutex_t>
+    private let shardTables: UnsafeMutablePointer<ShardTable>
+    private let tierCapacities: [Int]
+    private let versionClock = UnsafeAtomic<UInt64>.create(0)
+    private let accessClock = UnsafeAtomic<UInt64>.create(0)
     private let pagesPerTier: [ManagedAtomic<Int>]
     private let scanCursors: [ManagedAtomic<Int>]
 
@@ -67,20 +72,33 @@ public final class PageDirectory: Sendable {
         // 7/8 full (a ~10-sigma imbalance for hashed keys), reported as `storeFull`.
         var entries = 64
         while entries < mean + mean / 2 + 64 { entries <<= 1 }
-        var shards: [LockedShard] = []
-        for _ in 0..<Self.shardCount { shards.append(try LockedShard(entryCount: entries)) }
-        self.shards = shards
-        var owners: [SlotOwnerMap] = []
-        for capacity in tierCapacities { owners.append(try SlotOwnerMap(capacity: capacity)) }
-        self.owners = owners
+        var regions: [MappedRegion] = []
+        for _ in 0..<Self.shardCount {
+            regions.append(try MappedRegion(byteCount: entries * MemoryLayout<PageEntry>.stride, prefault: false))
+        }
+        shardMutexes = .allocate(capacity: Self.shardCount)
+        shardTables = .allocate(capacity: Self.shardCount)
+        for index in 0..<Self.shardCount {
+            (shardMutexes + index).initialize(to: pthread_mutex_t())
+            pthread_mutex_init(shardMutexes + index, nil)
+            (shardTables + index).initialize(to: ShardTable(region: regions[index], entryCount: entries, tierCount: tierCapacities.count))
+        }
+        self.tierCapacities = tierCapacities
         pagesPerTier = tierCapacities.map { _ in ManagedAtomic(0) }
         scanCursors = tierCapacities.map { _ in ManagedAtomic(0) }
     }
 
-    public var tierCount: Int { owners.count }
+    public var tierCount: Int { tierCapacities.count }
 
+    /// Advances the access clock. A relaxed load and store, not an atomic increment: two
+    /// racing readers may share a tick (LRU cannot tell them apart, which is harmless), and no
+    /// locked instruction or cache-line ping-pong is paid per page.
     @inline(__always)
-    func nextTick() -> UInt64 { accessClock.loadThenWrappingIncrement(ordering: .relaxed) &+ 1 }
+    func nextTick() -> UInt64 {
+        let tick = accessClock.load(ordering: .relaxed) &+ 1
+        accessClock.store(tick, ordering: .relaxed)
+        return tick
+    }
 
     /// The access clock's current value.
     public var now: UInt64 { accessClock.load(ordering: .relaxed) }
@@ -90,22 +108,44 @@ public final class PageDirectory: Sendable {
     @inline(__always)
     static func shardIndex(_ hash: UInt64) -> Int { Int(truncatingIfNeeded: hash >> shardShift) }
 
+    deinit {
+        for index in 0..<Self.shardCount {
+            (shardTables + index).deinitialize(count: 1)
+            pthread_mutex_destroy(shardMutexes + index)
+        }
+        shardTables.deallocate()
+        shardMutexes.deallocate()
+        versionClock.destroy()
+        accessClock.destroy()
+    }
+
+    /// Runs `body` on shard `index`'s table under its mutex (a pthread mutex, like `Locked`,
+    /// so ThreadSanitizer sees the ordering).
     @inline(__always)
-    private func shard(_ hash: UInt64) -> LockedShard { shards[Self.shardIndex(hash)] }
+    private func withShard<R>(index: Int, _ body: (inout ShardTable) -> R) -> R {
+        pthread_mutex_lock(shardMutexes + index)
+        defer { pthread_mutex_unlock(shardMutexes + index) }
+        return body(&shardTables[index])
+    }
+
+    @inline(__always)
+    private func withShard<R>(_ hash: UInt64, _ body: (inout ShardTable) -> R) -> R {
+        withShard(index: Self.shardIndex(hash), body)
+    }
 
     // MARK: Lookup
 
     /// The current entry for `key`, without side effects.
     public func snapshot(of key: PageKey) -> PageSnapshot? {
         let hash = key.mixedHash
-        return shard(hash).table.withLock { table in
+        return withShard(hash) { table in
             table.find(key, hash: hash).map { table.entries[$0].snapshot }
         }
     }
 
     public func contains(_ key: PageKey) -> Bool {
         let hash = key.mixedHash
-        return shard(hash).table.withLock { $0.find(key, hash: hash) != nil }
+        return withShard(hash) { $0.find(key, hash: hash) != nil }
     }
 
     /// Looks `key` up for reading: records the access and counts a reader on the entry so its
@@ -114,13 +154,26 @@ public final class PageDirectory: Sendable {
     public func beginRead(_ key: PageKey) -> PageSnapshot? {
         let hash = key.mixedHash
         let tick = nextTick()
-        return shard(hash).table.withLock { table -> PageSnapshot? in
+        return withShard(hash) { table -> PageSnapshot? in
             guard let index = table.find(key, hash: hash) else { return nil }
             table.entries[index].lastAccessTick = tick
             if table.entries[index].accessCount != .max { table.entries[index].accessCount += 1 }
             table.entries[index].readers += 1
+            table.countRead(tier: Int(table.entries[index].tier), bytes: Int(table.entries[index].length))
             return table.entries[index].snapshot
         }
+    }
+
+    /// Lookups served per tier and their bytes, summed over shards. Counted under the shard
+    /// lock `beginRead` already holds, so the hot path pays no atomic for them.
+    public func readCounters(tier: Int) -> (reads: Int, bytes: Int) {
+        var total = (reads: 0, bytes: 0)
+        for shard in 0..<Self.shardCount {
+            let counts = withShard(index: shard) { ($0.readCounts[2 * tier], $0.readCounts[2 * tier + 1]) }
+            total.reads += counts.0
+            total.bytes += counts.1
+        }
+        return total
     }
 
     /// Ends a read begun by `beginRead` (or the read half of `beginMove`). Returns a location
@@ -128,7 +181,7 @@ public final class PageDirectory: Sendable {
     @inline(__always)
     public func endRead(_ snapshot: PageSnapshot) -> PageLocation? {
         let hash = snapshot.key.mixedHash
-        return shard(hash).table.withLock { $0.dropReader(snapshot, hash: hash) }
+        return withShard(hash) { $0.dropReader(snapshot, hash: hash) }
     }
 
     // MARK: Mutation
@@ -140,8 +193,8 @@ public final class PageDirectory: Sendable {
     public func insert(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32)
         throws(SpillwayError) -> PageLocation?
     {
-        precondition(location.tier < owners.count, "tier \(location.tier) out of range")
-        precondition(Int(location.extent.endSlot) <= owners[location.tier].capacity, "extent beyond tier")
+        precondition(location.tier < tierCapacities.count, "tier \(location.tier) out of range")
+        precondition(Int(location.extent.endSlot) <= tierCapacities[location.tier], "extent beyond tier")
         precondition(length >= 0 && length <= Int(UInt32.max), "page length out of range")
         let hash = key.mixedHash
         let version = versionClock.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
@@ -149,22 +202,18 @@ public final class PageDirectory: Sendable {
         let fresh = PageEntry(
             key: key, version: version, lastAccessTick: tick, extent: location.extent, length: UInt32(length),
             checksum: checksum, accessCount: 0, pinCount: 0, readers: 0, tier: UInt8(location.tier), flags: PageEntry.occupied)
-        let shard = shard(hash)
         while true {
-            let outcome: Result<Vacate, SpillwayError> = shard.table.withLock { table in
+            let outcome: Result<Vacate, SpillwayError> = withShard(hash) { table in
                 if let index = table.find(key, hash: hash) {
                     let old = table.entries[index]
                     guard old.pinCount == 0 else { return .failure(.pagePinned(key)) }
                     guard let vacated = table.vacate(index) else { return .success(.busy) }
                     table.entries[index] = fresh
-                    owners[old.location.tier].clear(old.location.extent.firstSlot, key: key)
-                    owners[location.tier].set(location.extent.firstSlot, key: key)
                     return .success(.done(old: old.location, release: vacated))
                 }
                 guard table.insertNew(fresh, hash: hash) else {
                     return .failure(.storeFull(requiredSlots: Int(location.extent.slotCount)))
                 }
-                owners[location.tier].set(location.extent.firstSlot, key: key)
                 return .success(.done(old: nil, release: nil))
             }
             switch try outcome.get() {
@@ -183,7 +232,7 @@ public final class PageDirectory: Sendable {
     public func remove(_ key: PageKey) throws(SpillwayError) -> (found: Bool, release: PageLocation?) {
         let hash = key.mixedHash
         while true {
-            let outcome: Result<Vacate, SpillwayError> = shard(hash).table.withLock { table in
+            let outcome: Result<Vacate, SpillwayError> = withShard(hash) { table in
                 guard let index = table.find(key, hash: hash) else { return .success(.done(old: nil, release: nil)) }
                 guard table.entries[index].pinCount == 0 else { return .failure(.pagePinned(key)) }
                 return .success(removeLocked(&table, index: index, hash: hash))
@@ -200,7 +249,7 @@ public final class PageDirectory: Sendable {
     public func removeIfCurrent(_ snapshot: PageSnapshot, requireUnpinned: Bool) -> (removed: Bool, release: PageLocation?) {
         let hash = snapshot.key.mixedHash
         while true {
-            let outcome: Vacate = shard(hash).table.withLock { table in
+            let outcome: Vacate = withShard(hash) { table in
                 guard let index = table.find(snapshot.key, hash: hash) else { return .done(old: nil, release: nil) }
                 let entry = table.entries[index]
                 guard entry.version == snapshot.version, entry.location == snapshot.location,
@@ -218,7 +267,6 @@ public final class PageDirectory: Sendable {
     private func removeLocked(_ table: inout ShardTable, index: Int, hash: UInt64) -> Vacate {
         let entry = table.entries[index]
         guard let release = table.vacate(index) else { return .busy }
-        owners[entry.location.tier].clear(entry.location.extent.firstSlot, key: entry.key)
         table.delete(at: index)
         pagesPerTier[entry.location.tier].wrappingDecrement(ordering: .relaxed)
         return .done(old: entry.location, release: release)
@@ -229,7 +277,7 @@ public final class PageDirectory: Sendable {
     @discardableResult
     public func pin(_ key: PageKey) throws(SpillwayError) -> PageSnapshot {
         let hash = key.mixedHash
-        let result: Result<PageSnapshot, SpillwayError> = shard(hash).table.withLock { table in
+        let result: Result<PageSnapshot, SpillwayError> = withShard(hash) { table in
             guard let index = table.find(key, hash: hash) else { return .failure(.unknownKey(key)) }
             guard table.entries[index].pinCount < .max else { return .failure(.invalidArgument("page \(key) pinned 65535 times")) }
             table.entries[index].pinCount += 1
@@ -240,7 +288,7 @@ public final class PageDirectory: Sendable {
 
     public func unpin(_ key: PageKey) throws(SpillwayError) {
         let hash = key.mixedHash
-        let result: Result<Void, SpillwayError> = shard(hash).table.withLock { table in
+        let result: Result<Void, SpillwayError> = withShard(hash) { table in
             guard let index = table.find(key, hash: hash) else { return .failure(.unknownKey(key)) }
             guard table.entries[index].pinCount > 0 else { return .failure(.notPinned(key)) }
             table.entries[index].pinCount -= 1
@@ -256,7 +304,7 @@ public final class PageDirectory: Sendable {
     /// `abortMove`.
     public func beginMove(_ key: PageKey, fromTier: Int? = nil) -> PageSnapshot? {
         let hash = key.mixedHash
-        return shard(hash).table.withLock { table -> PageSnapshot? in
+        return withShard(hash) { table -> PageSnapshot? in
             guard let index = table.find(key, hash: hash) else { return nil }
             let entry = table.entries[index]
             guard entry.pinCount == 0, !entry.isMoving, fromTier == nil || Int(entry.tier) == fromTier else { return nil }
@@ -272,9 +320,8 @@ public final class PageDirectory: Sendable {
     /// reader the move was. On failure the caller also releases `destination`.
     public func commitMove(_ snapshot: PageSnapshot, to destination: PageLocation) -> (committed: Bool, release: PageLocation?) {
         let hash = snapshot.key.mixedHash
-        let shard = shard(hash)
         while true {
-            let outcome: (committed: Bool, release: PageLocation?)? = shard.table.withLock { table in
+            let outcome: (committed: Bool, release: PageLocation?)? = withShard(hash) { table in
                 guard let index = table.find(snapshot.key, hash: hash),
                       table.entries[index].version == snapshot.version,
                       table.entries[index].location == snapshot.location
@@ -295,8 +342,6 @@ public final class PageDirectory: Sendable {
                 table.entries[index].flags &= ~PageEntry.moving
                 table.entries[index].tier = UInt8(destination.tier)
                 table.entries[index].extent = destination.extent
-                owners[snapshot.location.tier].clear(snapshot.location.extent.firstSlot, key: snapshot.key)
-                owners[destination.tier].set(destination.extent.firstSlot, key: snapshot.key)
                 return (true, release)
             }
             guard let outcome else {
@@ -315,7 +360,7 @@ public final class PageDirectory: Sendable {
     /// if the move held the last read of an already vacated location.
     public func abortMove(_ snapshot: PageSnapshot) -> PageLocation? {
         let hash = snapshot.key.mixedHash
-        return shard(hash).table.withLock { table in
+        return withShard(hash) { table in
             if let index = table.find(snapshot.key, hash: hash), table.entries[index].version == snapshot.version {
                 table.entries[index].flags &= ~PageEntry.moving
             }
@@ -325,47 +370,39 @@ public final class PageDirectory: Sendable {
 
     // MARK: Reclaim candidates
 
-    /// The `count` coldest movable pages on `tier` by `policy`, examining at most `window`
-    /// resident pages from a rotating cursor. With `window` ≥ the tier's page count the choice
-    /// is exact; a smaller window bounds the cost of on-demand eviction (the coldest of a window
-    /// of 1024 is, in expectation, within the coldest 0.1%).
+    /// The `count` coldest movable pages on `tier` by `policy`, looking at no more than
+    /// `window` of the tier's movable pages: whole shards are scanned in turn (sequentially,
+    /// one lock acquisition each) from a rotating cursor, so with `window` ≥ the tier's page
+    /// count the choice is exact, and a smaller window bounds the cost of on-demand eviction
+    /// (the coldest of a window of 1024 is, in expectation, within the coldest 0.1%).
     public func coldestPages(tier: Int, count: Int, window: Int, policy: some PlacementPolicy) -> [PageKey] {
-        let map = owners[tier]
-        let capacity = map.capacity
-        guard count > 0, capacity > 0 else { return [] }
+        guard count > 0 else { return [] }
         let now = self.now
         var heap = BoundedMaxHeap(capacity: count)
-        var slot = scanCursors[tier].load(ordering: .relaxed) % capacity
+        let start = scanCursors[tier].load(ordering: .relaxed)
         var examined = 0
-        for _ in 0..<capacity {
-            let current = slot
-            slot += 1
-            if slot == capacity { slot = 0 }
-            guard let key = map.owner(UInt32(current)) else { continue }
-            // The owner map is read without the shard lock; the entry is re-validated under it.
-            let hash = key.mixedHash
-            let score: UInt64? = shard(hash).table.withLock { table in
-                guard let index = table.find(key, hash: hash) else { return nil }
-                let entry = table.entries[index]
-                guard Int(entry.tier) == tier, entry.extent.firstSlot == UInt32(current), entry.pinCount == 0, !entry.isMoving
-                else { return nil }
-                return policy.retentionScore(entry.stats, now: now)
+        var shard = start
+        for step in 0..<Self.shardCount {
+            shard = (start + step) % Self.shardCount
+            withShard(index: shard) { table in
+                for index in 0..<table.entryCount {
+                    let entry = table.entries[index]
+                    guard entry.isOccupied, Int(entry.tier) == tier, entry.pinCount == 0, !entry.isMoving else { continue }
+                    heap.offer(score: policy.retentionScore(entry.stats, now: now), key: entry.key)
+                    examined += 1
+                }
             }
-            if let score {
-                heap.offer(score: score, key: key)
-                examined += 1
-                if examined >= window { break }
-            }
+            if examined >= window { break }
         }
-        scanCursors[tier].store(slot, ordering: .relaxed)
+        scanCursors[tier].store((shard + 1) % Self.shardCount, ordering: .relaxed)
         return heap.keysColdestFirst()
     }
 
     /// Every visible page (tests, tools). Takes each shard lock in turn.
     public func allPages() -> [PageSnapshot] {
         var pages: [PageSnapshot] = []
-        for shard in shards {
-            shard.table.withLock { table in
+        for shard in 0..<Self.shardCount {
+            withShard(index: shard) { table in
                 for index in 0..<table.entryCount where table.entries[index].isOccupied {
                     pages.append(table.entries[index].snapshot)
                 }
@@ -422,15 +459,6 @@ struct RetiredLocation {
     var readers: UInt16
 }
 
-/// A shard table behind its lock (a class so the directory can keep them in an array).
-final class LockedShard: Sendable {
-    let table: Locked<ShardTable>
-    init(entryCount: Int) throws(SystemCallError) {
-        let region = try MappedRegion(byteCount: entryCount * MemoryLayout<PageEntry>.stride, prefault: false)
-        table = Locked(ShardTable(region: region, entryCount: entryCount))
-    }
-}
-
 /// One shard: open addressing over inline `PageEntry` lines, plus the retired list.
 struct ShardTable: ~Copyable {
     static let retiredCapacity = 32
@@ -442,8 +470,14 @@ struct ShardTable: ~Copyable {
     let limit: Int
     var count = 0
     var retired: (count: Int, items: [RetiredLocation])
+    /// Per tier: reads served, bytes served (pairs).
+    let readCounts: UnsafeMutablePointer<Int>
+    let tierCount: Int
 
-    init(region: MappedRegion, entryCount: Int) {
+    init(region: MappedRegion, entryCount: Int, tierCount: Int) {
+        self.tierCount = tierCount
+        readCounts = .allocate(capacity: 2 * max(1, tierCount))
+        readCounts.initialize(repeating: 0, count: 2 * max(1, tierCount))
         precondition(MemoryLayout<PageEntry>.stride == 64, "PageEntry must be one cache line")
         self.region = region
         // Fresh anonymous memory is zero: every entry starts unoccupied.
@@ -453,6 +487,14 @@ struct ShardTable: ~Copyable {
         limit = entryCount - entryCount / 8
         retired = (0, Array(repeating: RetiredLocation(version: 0, location: PageLocation(tier: 0, extent: Extent(firstSlot: 0, slotCount: 0)), readers: 0),
                             count: Self.retiredCapacity))
+    }
+
+    deinit { readCounts.deallocate() }
+
+    @inline(__always)
+    func countRead(tier: Int, bytes: Int) {
+        readCounts[2 * tier] &+= 1
+        readCounts[2 * tier + 1] &+= bytes
     }
 
     @inline(__always)
@@ -526,54 +568,6 @@ struct ShardTable: ~Copyable {
             return location
         }
         preconditionFailure("endRead of \(snapshot.key) v\(snapshot.version) matches no reader")
-    }
-}
-
-/// Per-slot owner keys of one tier, so reclaim can scan a tier's pages in slot order without
-/// the shard locks. Written when a page lands on or leaves a slot; read racily (two relaxed
-/// loads may tear) and always re-validated against the directory.
-final class SlotOwnerMap: Sendable {
-    let capacity: Int
-    private let region: MappedRegion
-
-    init(capacity: Int) throws(SystemCallError) {
-        self.capacity = capacity
-        region = try MappedRegion(byteCount: max(1, capacity) * 16, prefault: false)
-    }
-
-    private func cells(_ slot: UInt32) -> (UnsafeAtomic<UInt64>, UnsafeAtomic<UInt64>) {
-        precondition(Int(slot) < capacity)
-        let base = region.base.assumingMemoryBound(to: UnsafeAtomic<UInt64>.Storage.self) + Int(slot) * 2
-        return (UnsafeAtomic(at: base), UnsafeAtomic(at: base + 1))
-    }
-
-    // A slot is free when both cells are zero, so keys are stored XORed with fixed random
-    // constants: only the key equal to those constants would read as "free" (it would then
-    // never be chosen for demotion or eviction, which costs space, never bytes).
-    private static let highMask: UInt64 = 0x6A09_E667_F3BC_C908
-    private static let lowMask: UInt64 = 0xBB67_AE85_84CA_A73B
-
-    func set(_ slot: UInt32, key: PageKey) {
-        let (high, low) = cells(slot)
-        high.store(key.high ^ Self.highMask, ordering: .relaxed)
-        low.store(key.low ^ Self.lowMask, ordering: .relaxed)
-    }
-
-    func clear(_ slot: UInt32, key: PageKey) {
-        let (high, low) = cells(slot)
-        // Only clear if still ours: a newer page may already own the slot's start.
-        if high.load(ordering: .relaxed) == key.high ^ Self.highMask && low.load(ordering: .relaxed) == key.low ^ Self.lowMask {
-            high.store(0, ordering: .relaxed)
-            low.store(0, ordering: .relaxed)
-        }
-    }
-
-    func owner(_ slot: UInt32) -> PageKey? {
-        let (high, low) = cells(slot)
-        let storedHigh = high.load(ordering: .relaxed)
-        let storedLow = low.load(ordering: .relaxed)
-        if storedHigh == 0 && storedLow == 0 { return nil }
-        return PageKey(high: storedHigh ^ Self.highMask, low: storedLow ^ Self.lowMask)
     }
 }
 

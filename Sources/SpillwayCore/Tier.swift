@@ -257,19 +257,19 @@ public protocol Tier: AnyObject, Sendable {
     /// store; tiers assert it again).
     func submit(_ batch: TierBatch)
 
-    /// For tiers whose slots are host memory: lends the whole slot arena (slot `i` starts at
-    /// `i * slotSize`) for the duration of `body`, so moves between tiers read or write it
-    /// directly instead of through a staging buffer. Nil for tiers that are not host memory.
-    func withHostArena<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R?
+    /// For tiers whose slots are host memory: the slot arena (slot `i` starts at
+    /// `i * slotSize`). The mapping is fixed for the tier's lifetime, so the store reads and
+    /// writes it directly (memory-tier hits are one `memcpy`, moves skip staging). Whoever uses
+    /// it keeps the tier alive and touches only extents it owns or holds a directory read on.
+    /// Nil for tiers that are not host memory.
+    var hostMemory: UnsafeMutableRawBufferPointer? { get }
 
     /// Releases the tier's resources. Further I/O completes with `ESHUTDOWN`.
     func close()
 }
 
 extension Tier {
-    public func withHostArena<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R? {
-        nil
-    }
+    public var hostMemory: UnsafeMutableRawBufferPointer? { nil }
 
     public var freeSlots: Int { descriptor.capacitySlots - usedSlots }
 

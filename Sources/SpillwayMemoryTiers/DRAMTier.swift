@@ -49,8 +49,8 @@ public final class DRAMTier: Tier {
         }
     }
 
-    public func withHostArena<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R? {
-        try body(UnsafeMutableRawBufferPointer(start: arena.base, count: arena.byteCount))
+    public var hostMemory: UnsafeMutableRawBufferPointer? {
+        UnsafeMutableRawBufferPointer(start: arena.base, count: arena.byteCount)
     }
 
     public func close() {}

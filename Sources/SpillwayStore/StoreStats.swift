@@ -5,11 +5,9 @@ import SpillwayCore
 /// Counters of one tier, as plain atomics: the hot path pays a relaxed add, and the background
 /// worker publishes deltas to swift-metrics (so no metrics-backend call happens per page).
 final class TierCounters: Sendable {
-    let hits = ManagedAtomic<Int>(0)
     let promotionsIn = ManagedAtomic<Int>(0)
     let demotionsOut = ManagedAtomic<Int>(0)
     let evictions = ManagedAtomic<Int>(0)
-    let bytesRead = ManagedAtomic<Int>(0)
     let bytesWritten = ManagedAtomic<Int>(0)
     let checksumFailures = ManagedAtomic<Int>(0)
     let ioErrors = ManagedAtomic<Int>(0)
@@ -38,6 +36,7 @@ public struct TierStats: Sendable, Equatable, Codable {
     public var capacitySlots: Int
     public var usedSlots: Int
     public var pages: Int
+    /// Lookups served from this tier (including reads that then failed verification or I/O).
     public var hits: Int
     public var promotionsIn: Int
     public var demotionsOut: Int

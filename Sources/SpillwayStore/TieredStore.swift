@@ -69,6 +69,10 @@ public final class TieredStore: Sendable {
     /// Per tier: `descriptor.completesInline`, cached (reading a descriptor through the
     /// existential copies it, strings and all).
     private let inlineTiers: [Bool]
+    /// Per tier: the base of its host arena (`Tier.hostMemory`, fixed for the tier's lifetime),
+    /// so memory-tier hits and stores are a plain `memcpy` with no batch round trip.
+    /// (Stored as addresses: raw pointers are not `Sendable`; 0 = not host memory.)
+    private let hostBases: [UInt]
     private let lowSlots: [Int]
 
     public init(tiers: [any Tier], policy: any PlacementPolicy = LRUPolicy(), options: StoreOptions = StoreOptions(),
@@ -107,6 +111,7 @@ public final class TieredStore: Sendable {
         }
         topTierVerifies = tiers[0].descriptor.verifiesReads
         inlineTiers = tiers.map(\.descriptor.completesInline)
+        hostBases = tiers.map { UInt(bitPattern: $0.hostMemory?.baseAddress) }
         tierCounters = tiers.map { _ in TierCounters() }
         reclaimLocks = tiers.map { _ in Locked(()) }
         prefetchQueue = Locked(Deque(minimumCapacity: options.prefetchQueueLimit))
@@ -136,6 +141,12 @@ public final class TieredStore: Sendable {
         let length = bytes.count
         guard length <= options.maxPageSize else { throw .pageTooLarge(length: length, limit: options.maxPageSize) }
         let location = try allocateForPut(slots: slotsNeeded(length), length: length)
+        if let base = UnsafeMutableRawPointer(bitPattern: hostBases[location.tier]) {
+            // Host-memory tier: copy, then checksum the source while the stores drain.
+            if length > 0 { memcpy(base + Int(location.extent.firstSlot) * slotSize, bytes.baseAddress!, length) }
+            try commitPut(key, location: location, length: length, checksum: CRC32C.checksum(bytes))
+            return
+        }
         let tier = tiers[location.tier]
         let batch = ThreadBatch.current()
         batch.append(TierIO(operation: .write, extent: location.extent, buffer: bytes.baseAddress, length: length))
@@ -174,15 +185,21 @@ public final class TieredStore: Sendable {
             throw .bufferTooSmall(required: snapshot.length, available: buffer.count)
         }
         let tierIndex = snapshot.location.tier
-        let batch = ThreadBatch.current()
-        batch.append(TierIO(operation: .read, extent: snapshot.location.extent, buffer: buffer.baseAddress, length: snapshot.length))
-        batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
-        let status = batch[0].status
+        let status: Int32
+        if let base = UnsafeMutableRawPointer(bitPattern: hostBases[tierIndex]) {
+            if snapshot.length > 0 {
+                memcpy(buffer.baseAddress!, base + Int(snapshot.location.extent.firstSlot) * slotSize, snapshot.length)
+            }
+            status = 0
+        } else {
+            let batch = ThreadBatch.current()
+            batch.append(TierIO(operation: .read, extent: snapshot.location.extent, buffer: buffer.baseAddress, length: snapshot.length))
+            batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
+            status = batch[0].status
+        }
         if status == 0 && tierIndex == 0 && !topTierVerifies {
             // Top-tier hit: the fast path, no checksum (the bytes never left this process).
             endRead(snapshot)
-            tierCounters[0].hits.add(1)
-            tierCounters[0].bytesRead.add(snapshot.length)
             return snapshot.length
         }
         try finishRead(snapshot, buffer: UnsafeRawBufferPointer(start: buffer.baseAddress, count: snapshot.length), status: status)
@@ -321,16 +338,17 @@ public final class TieredStore: Sendable {
             tiers: tiers.indices.map { index in
                 let descriptor = tiers[index].descriptor
                 let counter = tierCounters[index]
+                let reads = directory.readCounters(tier: index)
                 return TierStats(
                     name: descriptor.name, kind: descriptor.kind.rawValue, slotSize: descriptor.slotSize,
                     capacitySlots: descriptor.capacitySlots, usedSlots: tiers[index].usedSlots,
-                    pages: directory.pageCount(tier: index), hits: counter.hits.value,
+                    pages: directory.pageCount(tier: index), hits: reads.reads,
                     promotionsIn: counter.promotionsIn.value, demotionsOut: counter.demotionsOut.value,
-                    evictions: counter.evictions.value, bytesRead: counter.bytesRead.value,
+                    evictions: counter.evictions.value, bytesRead: reads.bytes,
                     bytesWritten: counter.bytesWritten.value, checksumFailures: counter.checksumFailures.value,
                     ioErrors: counter.ioErrors.value)
             },
-            puts: counters.puts.value, gets: tierCounters.reduce(counters.misses.value) { $0 + $1.hits.value },
+            puts: counters.puts.value, gets: tiers.indices.reduce(counters.misses.value) { $0 + directory.readCounters(tier: $1).reads },
             misses: counters.misses.value, removes: counters.removes.value,
             prefetchRequests: counters.prefetchRequests.value, prefetchDropped: counters.prefetchDropped.value,
             promotionsSkipped: counters.promotionsSkipped.value)
@@ -490,8 +508,6 @@ public final class TieredStore: Sendable {
                 throw .checksumMismatch(key: snapshot.key, tier: tier.descriptor.name, expected: snapshot.checksum, actual: actual)
             }
         }
-        tierCounters[tierIndex].hits.add(1)
-        tierCounters[tierIndex].bytesRead.add(snapshot.length)
         if promoting { promote(snapshot, from: buffer) }
         endRead(snapshot)
     }
@@ -744,7 +760,7 @@ public final class TieredStore: Sendable {
             let actual = CRC32C.checksum(UnsafeRawBufferPointer(start: base, count: move.claim.length))
             return actual == move.claim.checksum ? .copied : .corrupt(actual: actual)
         }
-        if let statuses = targetTier.withHostArena({ arena -> [CopyStatus] in
+        if let arena = targetTier.hostMemory {
             for move in moves {
                 batch.append(TierIO(operation: .read, extent: move.claim.location.extent,
                                     buffer: arena.baseAddress! + Int(move.destination.firstSlot) * slotSize, length: move.claim.length))
@@ -755,10 +771,8 @@ public final class TieredStore: Sendable {
                 guard status == 0 else { return .failed(errno: status, tier: source) }
                 return verify(arena.baseAddress! + Int(moves[index].destination.firstSlot) * slotSize, moves[index])
             }
-        }) {
-            return statuses
         }
-        if let statuses = sourceTier.withHostArena({ arena -> [CopyStatus] in
+        if let arena = sourceTier.hostMemory {
             var statuses = [CopyStatus](repeating: .copied, count: moves.count)
             var entries: [Int] = []
             for (index, move) in moves.enumerated() {
@@ -773,8 +787,6 @@ public final class TieredStore: Sendable {
             for (entry, index) in entries.enumerated() where batch[entry].status != 0 {
                 statuses[index] = .failed(errno: batch[entry].status, tier: target)
             }
-            return statuses
-        }) {
             return statuses
         }
         return moves.map { move in
