@@ -69,6 +69,7 @@ final class MetricsPublisher: @unchecked Sendable {
     private struct TierHandles {
         let hits, promotions, demotions, evictions, bytesRead, bytesWritten, checksumFailures, ioErrors: Counter
         let usedSlots, pages: Gauge
+        let reclaimDuration: Timer
     }
 
     private let tiers: [TierHandles]
@@ -88,12 +89,18 @@ final class MetricsPublisher: @unchecked Sendable {
                 checksumFailures: Counter(label: "\(prefix)_tier_checksum_failures_total", dimensions: dimensions),
                 ioErrors: Counter(label: "\(prefix)_tier_io_errors_total", dimensions: dimensions),
                 usedSlots: Gauge(label: "\(prefix)_tier_used_slots", dimensions: dimensions),
-                pages: Gauge(label: "\(prefix)_tier_pages", dimensions: dimensions))
+                pages: Gauge(label: "\(prefix)_tier_pages", dimensions: dimensions),
+                reclaimDuration: Timer(label: "\(prefix)_tier_reclaim_duration", dimensions: dimensions))
         }
         puts = Counter(label: "\(prefix)_puts_total")
         gets = Counter(label: "\(prefix)_gets_total")
         misses = Counter(label: "\(prefix)_misses_total")
         prefetchDropped = Counter(label: "\(prefix)_prefetch_dropped_total")
+    }
+
+    /// One reclaim round of `tier` (demotion batch or eviction) took this long.
+    func recordReclaim(tier: Int, nanoseconds: Int64) {
+        tiers[tier].reclaimDuration.recordNanoseconds(nanoseconds)
     }
 
     func publish(_ stats: StoreStats) {

@@ -136,11 +136,24 @@ public final class TieredStore: Sendable {
     // MARK: Public API
 
     /// Stores `bytes` under `key`, replacing any earlier version once the new one is complete.
-    public func put(_ key: PageKey, _ bytes: UnsafeRawBufferPointer) throws(SpillwayError) {
+    ///
+    /// - Parameter tier: place the page on exactly this tier (e.g. the device tier for a layer
+    ///   about to be used), making room there if needed; `tierFull` if it cannot. Nil lets the
+    ///   policy choose and falls back to lower tiers.
+    public func put(_ key: PageKey, _ bytes: UnsafeRawBufferPointer, tier: Int? = nil) throws(SpillwayError) {
         try checkOpen()
         let length = bytes.count
         guard length <= options.maxPageSize else { throw .pageTooLarge(length: length, limit: options.maxPageSize) }
-        let location = try allocateForPut(slots: slotsNeeded(length), length: length)
+        let location: PageLocation
+        if let tier {
+            guard tiers.indices.contains(tier) else { throw .invalidArgument("tier \(tier) does not exist (\(tiers.count) tiers)") }
+            guard let extent = makeRoom(onTier: tier, slots: slotsNeeded(length)) else {
+                throw .tierFull(tier: tiers[tier].descriptor.name)
+            }
+            location = PageLocation(tier: tier, extent: extent)
+        } else {
+            location = try allocateForPut(slots: slotsNeeded(length), length: length)
+        }
         if let base = UnsafeMutableRawPointer(bitPattern: hostBases[location.tier]) {
             // Host-memory tier: copy, then checksum the source while the stores drain.
             if length > 0 { memcpy(base + Int(location.extent.firstSlot) * slotSize, bytes.baseAddress!, length) }
@@ -165,9 +178,9 @@ public final class TieredStore: Sendable {
     }
 
     /// Convenience: stores the contents of an array.
-    public func put(_ key: PageKey, bytes: [UInt8]) throws(SpillwayError) {
+    public func put(_ key: PageKey, bytes: [UInt8], tier: Int? = nil) throws(SpillwayError) {
         let result: Result<Void, SpillwayError> = bytes.withUnsafeBytes { raw in
-            do throws(SpillwayError) { try put(key, raw); return .success(()) } catch { return .failure(error) }
+            do throws(SpillwayError) { try put(key, raw, tier: tier); return .success(()) } catch { return .failure(error) }
         }
         try result.get()
     }
@@ -632,6 +645,9 @@ public final class TieredStore: Sendable {
     /// (or from this one, when nothing below can take them).
     /// Serialized per tier; cascades lock tiers top-down, so they cannot deadlock.
     func reclaim(tier index: Int, toUsedSlots target: Int) {
+        guard tiers[index].usedSlots > target else { return }
+        let started = DispatchTime.now().uptimeNanoseconds
+        defer { metrics.recordReclaim(tier: index, nanoseconds: Int64(DispatchTime.now().uptimeNanoseconds - started)) }
         reclaimLocks[index].withLock { _ in
             var fruitless = 0
             while tiers[index].usedSlots > target, !closedFlag.load(ordering: .relaxed) {

@@ -110,6 +110,23 @@ import Testing
         #expect(!store.contains(PageKey(0)), "the only unpinned page was evicted")
     }
 
+    @Test func explicitPlacementReportsTierFull() throws {
+        let store = try makeStore(device: 2, dram: 8, maxPageSize: 4096)
+        defer { store.close() }
+        try store.put(PageKey(1), bytes: [1], tier: 1)
+        #expect(store.location(of: PageKey(1))?.tier == 1)
+        for value in 2..<4 {
+            try store.put(PageKey(UInt64(value)), bytes: [UInt8(value)], tier: 0)
+            try store.pin(PageKey(UInt64(value)))
+        }
+        #expect(throws: SpillwayError.tierFull(tier: "device")) { try store.put(PageKey(9), bytes: [9], tier: 0) }
+        #expect(throws: SpillwayError.self) { try store.put(PageKey(9), bytes: [9], tier: 5) }
+        try store.unpin(PageKey(2))
+        try store.put(PageKey(9), bytes: [9], tier: 0)
+        #expect(store.location(of: PageKey(9))?.tier == 0)
+        #expect(store.location(of: PageKey(2))?.tier == 1, "the unpinned page was demoted to make room")
+    }
+
     @Test func tierWriteFailureIsTypedAndInvisible() throws {
         let faulty = try FaultyTier(slotSize: 4096, capacitySlots: 8)
         let store = try TieredStore(tiers: [faulty], options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
