@@ -57,6 +57,7 @@ public final class PageDirectory: @unchecked Sendable {
 
     private let shardMutexes: UnsafeMutablePointer<pthread_mutex_t>
     private let shardTables: UnsafeMutablePointer<ShardTable>
+    private let tableRegion: MappedRegion
     private let tierCapacities: [Int]
     private let versionClock = UnsafeAtomic<UInt64>.create(0)
     private let accessClock = UnsafeAtomic<UInt64>.create(0)
@@ -72,16 +73,17 @@ public final class PageDirectory: @unchecked Sendable {
         // 7/8 full (a ~10-sigma imbalance for hashed keys), reported as `storeFull`.
         var entries = 64
         while entries < mean + mean / 2 + 64 { entries <<= 1 }
-        var regions: [MappedRegion] = []
-        for _ in 0..<Self.shardCount {
-            regions.append(try MappedRegion(byteCount: entries * MemoryLayout<PageEntry>.stride, prefault: false))
-        }
+        // One mapping for every shard's entries: as a whole it spans whole 2 MiB huge pages,
+        // where 64 small mappings would each stay on 4 KiB pages (a TLB miss per lookup).
+        let shardBytes = entries * MemoryLayout<PageEntry>.stride
+        tableRegion = try MappedRegion(byteCount: shardBytes * Self.shardCount, prefault: false)
         shardMutexes = .allocate(capacity: Self.shardCount)
         shardTables = .allocate(capacity: Self.shardCount)
         for index in 0..<Self.shardCount {
             (shardMutexes + index).initialize(to: pthread_mutex_t())
             pthread_mutex_init(shardMutexes + index, nil)
-            (shardTables + index).initialize(to: ShardTable(region: regions[index], entryCount: entries, tierCount: tierCapacities.count))
+            let base = (tableRegion.base + index * shardBytes).bindMemory(to: PageEntry.self, capacity: entries)
+            (shardTables + index).initialize(to: ShardTable(entries: base, entryCount: entries, tierCount: tierCapacities.count))
         }
         self.tierCapacities = tierCapacities
         pagesPerTier = tierCapacities.map { _ in ManagedAtomic(0) }
@@ -463,7 +465,6 @@ struct RetiredLocation {
 struct ShardTable: ~Copyable {
     static let retiredCapacity = 32
 
-    let region: MappedRegion
     let entries: UnsafeMutablePointer<PageEntry>
     let entryCount: Int
     let mask: Int
@@ -474,14 +475,13 @@ struct ShardTable: ~Copyable {
     let readCounts: UnsafeMutablePointer<Int>
     let tierCount: Int
 
-    init(region: MappedRegion, entryCount: Int, tierCount: Int) {
+    /// `entries` must be zeroed memory (every entry unoccupied) owned by the directory.
+    init(entries: UnsafeMutablePointer<PageEntry>, entryCount: Int, tierCount: Int) {
         self.tierCount = tierCount
         readCounts = .allocate(capacity: 2 * max(1, tierCount))
         readCounts.initialize(repeating: 0, count: 2 * max(1, tierCount))
         precondition(MemoryLayout<PageEntry>.stride == 64, "PageEntry must be one cache line")
-        self.region = region
-        // Fresh anonymous memory is zero: every entry starts unoccupied.
-        entries = region.typed(PageEntry.self)
+        self.entries = entries
         self.entryCount = entryCount
         mask = entryCount - 1
         limit = entryCount - entryCount / 8
