@@ -374,7 +374,7 @@ public final class PageDirectory: @unchecked Sendable {
 
     /// The `count` coldest movable pages on `tier` by `policy`, looking at no more than
     /// `window` of the tier's movable pages: whole shards are scanned in turn (sequentially,
-    /// one lock acquisition each) from a rotating cursor, so with `window` ≥ the tier's page
+    /// a chunk per lock acquisition) from a rotating cursor, so with `window` ≥ the tier's page
     /// count the choice is exact, and a smaller window bounds the cost of on-demand eviction
     /// (the coldest of a window of 1024 is, in expectation, within the coldest 0.1%).
     public func coldestPages(tier: Int, count: Int, window: Int, policy: some PlacementPolicy) -> [PageKey] {
@@ -386,13 +386,23 @@ public final class PageDirectory: @unchecked Sendable {
         var shard = start
         for step in 0..<Self.shardCount {
             shard = (start + step) % Self.shardCount
-            withShard(index: shard) { table in
-                for index in 0..<table.entryCount {
-                    let entry = table.entries[index]
-                    guard entry.isOccupied, Int(entry.tier) == tier, entry.pinCount == 0, !entry.isMoving else { continue }
-                    heap.offer(score: policy.retentionScore(entry.stats, now: now), key: entry.key)
-                    examined += 1
+            // 256 entries (16 KiB) per lock hold, so a reader of this shard waits at most for one
+            // chunk. Entries shifted by a deletion between chunks may be seen twice or missed:
+            // harmless for choosing victims, which are re-validated when claimed.
+            var chunkStart = 0
+            while true {
+                let more = withShard(index: shard) { table -> Bool in
+                    let chunkEnd = min(table.entryCount, chunkStart + 256)
+                    for index in chunkStart..<chunkEnd {
+                        let entry = table.entries[index]
+                        guard entry.isOccupied, Int(entry.tier) == tier, entry.pinCount == 0, !entry.isMoving else { continue }
+                        heap.offer(score: policy.retentionScore(entry.stats, now: now), key: entry.key)
+                        examined += 1
+                    }
+                    chunkStart = chunkEnd
+                    return chunkEnd < table.entryCount
                 }
+                if !more { break }
             }
             if examined >= window { break }
         }
