@@ -28,6 +28,8 @@ public struct PageSnapshot: Sendable, Equatable {
     public var version: UInt64
     public var pinCount: Int
     public var stats: PageAccessStats
+    /// Quarantined (failed its checksum while pinned): never served.
+    public var isCorrupt: Bool
 }
 
 /// The page directory: a concurrent map from key to location, length, CRC32C, version, pin
@@ -147,7 +149,10 @@ public final class PageDirectory: @unchecked Sendable {
 
     public func contains(_ key: PageKey) -> Bool {
         let hash = key.mixedHash
-        return withShard(hash) { $0.find(key, hash: hash) != nil }
+        return withShard(hash) { table in
+            guard let index = table.find(key, hash: hash) else { return false }
+            return !table.entries[index].isCorrupt
+        }
     }
 
     /// Looks `key` up for reading: records the access and counts a reader on the entry so its
@@ -246,23 +251,26 @@ public final class PageDirectory: @unchecked Sendable {
         }
     }
 
-    /// Removes the entry only if it is still `snapshot`'s version at the same location (and,
-    /// with `requireUnpinned`, unpinned). Used by eviction and by corruption quarantine.
-    public func removeIfCurrent(_ snapshot: PageSnapshot, requireUnpinned: Bool) -> (removed: Bool, release: PageLocation?) {
+    /// Removes the entry if it is still `snapshot`'s version at the same location and unpinned.
+    /// Used by eviction and corruption quarantine, whose callers may hold reads themselves, so
+    /// it never waits: when the shard's retired list is full it gives up (`removed` false).
+    /// With `quarantine`, a pinned entry is instead marked corrupt: it stays (pins are a
+    /// promise) but is never served, and it goes away at its last `unpin`.
+    public func removeIfCurrent(_ snapshot: PageSnapshot, quarantine: Bool = false) -> (removed: Bool, release: PageLocation?) {
         let hash = snapshot.key.mixedHash
-        while true {
-            let outcome: Vacate = withShard(hash) { table in
-                guard let index = table.find(snapshot.key, hash: hash) else { return .done(old: nil, release: nil) }
-                let entry = table.entries[index]
-                guard entry.version == snapshot.version, entry.location == snapshot.location,
-                      !requireUnpinned || entry.pinCount == 0
-                else { return .done(old: nil, release: nil) }
-                return removeLocked(&table, index: index, hash: hash)
+        let outcome: Vacate = withShard(hash) { table in
+            guard let index = table.find(snapshot.key, hash: hash) else { return .done(old: nil, release: nil) }
+            let entry = table.entries[index]
+            guard entry.version == snapshot.version, entry.location == snapshot.location else { return .done(old: nil, release: nil) }
+            guard entry.pinCount == 0 else {
+                if quarantine { table.entries[index].flags |= PageEntry.corrupt }
+                return .done(old: nil, release: nil)
             }
-            switch outcome {
-            case .busy: sched_yield()
-            case .done(let old, let release): return (old != nil, release)
-            }
+            return removeLocked(&table, index: index, hash: hash)
+        }
+        switch outcome {
+        case .busy: return (false, nil)
+        case .done(let old, let release): return (old != nil, release)
         }
     }
 
@@ -288,15 +296,27 @@ public final class PageDirectory: @unchecked Sendable {
         return try result.get()
     }
 
-    public func unpin(_ key: PageKey) throws(SpillwayError) {
+    /// Drops one pin. Returns a location to release when this was the last pin of a page
+    /// quarantined as corrupt (which is removed now).
+    @discardableResult
+    public func unpin(_ key: PageKey) throws(SpillwayError) -> PageLocation? {
         let hash = key.mixedHash
-        let result: Result<Void, SpillwayError> = withShard(hash) { table in
-            guard let index = table.find(key, hash: hash) else { return .failure(.unknownKey(key)) }
-            guard table.entries[index].pinCount > 0 else { return .failure(.notPinned(key)) }
-            table.entries[index].pinCount -= 1
-            return .success(())
+        while true {
+            let result: Result<Vacate, SpillwayError> = withShard(hash) { table in
+                guard let index = table.find(key, hash: hash) else { return .failure(.unknownKey(key)) }
+                guard table.entries[index].pinCount > 0 else { return .failure(.notPinned(key)) }
+                if table.entries[index].pinCount == 1 && table.entries[index].isCorrupt {
+                    let outcome = removeLocked(&table, index: index, hash: hash)
+                    return .success(outcome)
+                }
+                table.entries[index].pinCount -= 1
+                return .success(.done(old: nil, release: nil))
+            }
+            switch try result.get() {
+            case .busy: sched_yield()
+            case .done(_, let release): return release
+            }
         }
-        try result.get()
     }
 
     // MARK: Moves between tiers
@@ -309,7 +329,7 @@ public final class PageDirectory: @unchecked Sendable {
         return withShard(hash) { table -> PageSnapshot? in
             guard let index = table.find(key, hash: hash) else { return nil }
             let entry = table.entries[index]
-            guard entry.pinCount == 0, !entry.isMoving, fromTier == nil || Int(entry.tier) == fromTier else { return nil }
+            guard entry.pinCount == 0, !entry.isMoving, !entry.isCorrupt, fromTier == nil || Int(entry.tier) == fromTier else { return nil }
             table.entries[index].flags |= PageEntry.moving
             table.entries[index].readers += 1
             return entry.snapshot
@@ -335,11 +355,13 @@ public final class PageDirectory: @unchecked Sendable {
                     table.entries[index].flags &= ~PageEntry.moving
                     return (false, table.dropReader(snapshot, hash: hash))
                 }
-                // Drop the move's own read, then vacate the source for any remaining readers.
+                // Drop the move's own read, then vacate the source for any remaining readers. If
+                // the retired list is full, give up rather than wait: the caller may hold reads
+                // that only it can end, and the page is fine where it is.
                 table.entries[index].readers -= 1
                 guard let release = table.vacate(index) else {
-                    table.entries[index].readers += 1
-                    return nil
+                    table.entries[index].flags &= ~PageEntry.moving
+                    return (false, nil)
                 }
                 table.entries[index].flags &= ~PageEntry.moving
                 table.entries[index].tier = UInt8(destination.tier)
@@ -439,6 +461,8 @@ public final class PageDirectory: @unchecked Sendable {
 struct PageEntry {
     static let occupied: UInt8 = 1
     static let moving: UInt8 = 2
+    /// Failed its checksum while pinned: kept for the pin holders' bookkeeping, never served.
+    static let corrupt: UInt8 = 4
 
     var key: PageKey
     var version: UInt64
@@ -455,12 +479,13 @@ struct PageEntry {
 
     var isOccupied: Bool { flags & Self.occupied != 0 }
     var isMoving: Bool { flags & Self.moving != 0 }
+    var isCorrupt: Bool { flags & Self.corrupt != 0 }
     var location: PageLocation { PageLocation(tier: Int(tier), extent: extent) }
     var stats: PageAccessStats { PageAccessStats(lastAccessTick: lastAccessTick, accessCount: accessCount, length: Int(length)) }
 
     var snapshot: PageSnapshot {
         PageSnapshot(key: key, location: location, length: Int(length), checksum: checksum, version: version,
-                     pinCount: Int(pinCount), stats: stats)
+                     pinCount: Int(pinCount), stats: stats, isCorrupt: isCorrupt)
     }
 }
 

@@ -56,7 +56,13 @@ final class BackgroundThread: Sendable {
         self.thread = thread
     }
 
+    /// Waits for the thread to finish; from the thread itself (a store whose last reference
+    /// was dropped by its own worker) it detaches instead, since a thread cannot join itself.
     func join() {
-        pthread_join(thread, nil)
+        if pthread_equal(thread, pthread_self()) != 0 {
+            pthread_detach(thread)
+        } else {
+            pthread_join(thread, nil)
+        }
     }
 }

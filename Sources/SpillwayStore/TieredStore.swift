@@ -95,7 +95,9 @@ public final class TieredStore: Sendable {
             }
             try options.watermarks(forTier: index).validate(tier: descriptor.name)
         }
-        guard options.maxPageSize > 0 else { throw .invalidConfiguration("max page size must be positive") }
+        guard options.maxPageSize > 0, options.maxPageSize <= Int(UInt32.max) else {
+            throw .invalidConfiguration("max page size must be between 1 byte and 4GiB - 1")
+        }
         guard options.prefetchQueueLimit > 0, options.evictionWindow > 0, options.backgroundIntervalMilliseconds > 0 else {
             throw .invalidConfiguration("prefetch queue limit, eviction window and background interval must be positive")
         }
@@ -120,7 +122,19 @@ public final class TieredStore: Sendable {
         highSlots = tiers.indices.map { Int(Double(tiers[$0].descriptor.capacitySlots) * options.watermarks(forTier: $0).high) }
         lowSlots = tiers.indices.map { Int(Double(tiers[$0].descriptor.capacitySlots) * options.watermarks(forTier: $0).low) }
         if options.backgroundWorker {
-            let thread = BackgroundThread { [self] in runBackgroundWorker() }
+            // The thread holds the store weakly: a store dropped without `close()` still deinits
+            // (and shuts the thread down) instead of living forever.
+            let wake = self.wake
+            let closed = self.closedFlag
+            let interval = DispatchTimeInterval.milliseconds(options.backgroundIntervalMilliseconds)
+            let thread = BackgroundThread { [weak self] in
+                while true {
+                    _ = wake.wait(timeout: .now() + interval)
+                    guard !closed.load(ordering: .relaxed), let store = self else { return }
+                    store.runMaintenance()
+                    store.publishMetrics()
+                }
+            }
             worker.withLock { $0 = thread }
         }
         logger.info("store open", metadata: [
@@ -192,6 +206,10 @@ public final class TieredStore: Sendable {
         guard let snapshot = directory.beginRead(key) else {
             counters.misses.add(1)
             throw .unknownKey(key)
+        }
+        guard !snapshot.isCorrupt else {
+            endRead(snapshot)
+            throw .checksumMismatch(key: key, tier: tiers[snapshot.location.tier].descriptor.name, expected: snapshot.checksum, actual: 0)
         }
         guard buffer.count >= snapshot.length else {
             endRead(snapshot)
@@ -305,7 +323,7 @@ public final class TieredStore: Sendable {
 
     public func unpin(_ key: PageKey) throws(SpillwayError) {
         try checkOpen()
-        try directory.unpin(key)
+        if let vacated = try directory.unpin(key) { release(vacated) }
     }
 
     /// Asks the background worker to bring these pages to the top tier. Never blocks; requests
@@ -521,13 +539,14 @@ public final class TieredStore: Sendable {
                 throw .checksumMismatch(key: snapshot.key, tier: tier.descriptor.name, expected: snapshot.checksum, actual: actual)
             }
         }
-        if promoting { promote(snapshot, from: buffer) }
+        // End our read first: the verified bytes are in `buffer`, and a promotion that finds no
+        // other readers of the old location releases it at once.
         endRead(snapshot)
+        if promoting { promote(snapshot, from: buffer) }
     }
 
-    /// Copies a verified page (already in `buffer`) to the top tier and repoints the directory.
-    /// The caller still holds its own read of the old location, so that location is released
-    /// by whichever read ends last.
+    /// Copies a verified page (already in `buffer`) to the top tier and repoints the directory,
+    /// if it is still the same version and unpinned.
     private func promote(_ snapshot: PageSnapshot, from buffer: UnsafeRawBufferPointer) {
         guard let claim = directory.beginMove(snapshot.key, fromTier: snapshot.location.tier) else { return }
         guard claim.version == snapshot.version, let extent = tiers[0].allocate(slotCount: Int(claim.location.extent.slotCount)) else {
@@ -573,7 +592,12 @@ public final class TieredStore: Sendable {
                     requests[index].error = .unknownKey(requests[index].key)
                     continue
                 }
-                if requests[index].buffer.count < snapshot.length {
+                if snapshot.isCorrupt {
+                    endRead(snapshot)
+                    snapshots[index] = nil
+                    requests[index].error = .checksumMismatch(key: snapshot.key, tier: tiers[snapshot.location.tier].descriptor.name,
+                                                              expected: snapshot.checksum, actual: 0)
+                } else if requests[index].buffer.count < snapshot.length {
                     endRead(snapshot)
                     snapshots[index] = nil
                     requests[index].error = .bufferTooSmall(required: snapshot.length, available: requests[index].buffer.count)
@@ -637,7 +661,8 @@ public final class TieredStore: Sendable {
         logger.error("checksum mismatch: page dropped", metadata: [
             "key": "\(snapshot.key)", "tier": "\(tier)", "location": "\(snapshot.location)",
         ])
-        if let vacated = directory.removeIfCurrent(snapshot, requireUnpinned: false).release { release(vacated) }
+        // A pinned page is marked corrupt instead (never served, removed at its last unpin).
+        if let vacated = directory.removeIfCurrent(snapshot, quarantine: true).release { release(vacated) }
     }
 
     /// Frees slots on `tier` until at most `target` are used: demotes the coldest movable pages
@@ -684,7 +709,7 @@ public final class TieredStore: Sendable {
         for key in keys {
             guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == index, snapshot.pinCount == 0
             else { continue }
-            let (removed, vacated) = directory.removeIfCurrent(snapshot, requireUnpinned: true)
+            let (removed, vacated) = directory.removeIfCurrent(snapshot)
             if let vacated { release(vacated) }
             guard removed else { continue }
             tierCounters[index].evictions.add(1)
@@ -840,16 +865,6 @@ public final class TieredStore: Sendable {
             for (tier, keys) in byTier.sorted(by: { $0.key < $1.key }) {
                 _ = movePages(keys, from: tier, to: 0)
             }
-        }
-    }
-
-    private func runBackgroundWorker() {
-        let interval = DispatchTimeInterval.milliseconds(options.backgroundIntervalMilliseconds)
-        while !closedFlag.load(ordering: .relaxed) {
-            _ = wake.wait(timeout: .now() + interval)
-            if closedFlag.load(ordering: .relaxed) { break }
-            runMaintenance()
-            publishMetrics()
         }
     }
 

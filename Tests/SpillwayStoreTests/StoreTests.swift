@@ -186,6 +186,24 @@ import Testing
         #expect(accountingHolds(store))
     }
 
+    @Test func pinnedCorruptPageIsNeverServedAndLeavesAtLastUnpin() throws {
+        let store = try makeStore(device: 4, dram: 8)
+        defer { store.close() }
+        let key = PageKey(3)
+        try store.put(key, bytes: pageBytes(key: 3, nonce: 0, length: 4000))
+        #expect(store.demote(key))
+        try store.pin(key)
+        try corrupt(store, key)
+        for _ in 0..<2 {
+            #expect(throws: SpillwayError.self) { _ = try store.get(key) }
+        }
+        #expect(!store.contains(key), "a quarantined page is not offered")
+        #expect(throws: SpillwayError.pagePinned(key)) { try store.remove(key) }
+        try store.unpin(key)
+        #expect(store.location(of: key) == nil, "the last unpin removes it")
+        #expect(accountingHolds(store))
+    }
+
     @Test func verifyingTierCatchesCorruptionOnEveryRead() throws {
         let store = try makeStore(device: 0, dram: 8, dramVerifies: true)
         defer { store.close() }
@@ -281,6 +299,21 @@ import Testing
         defer { store.close() }
         store.prefetch((0..<10).map { PageKey(UInt64($0)) })
         #expect(store.stats().prefetchDropped == 7)
+    }
+
+    @Test func storeDroppedWithoutCloseStopsItsWorker() async throws {
+        weak var weakStore: TieredStore?
+        do {
+            let store = try makeStore(device: 4, dram: 8, worker: true)
+            try store.put(PageKey(1), bytes: [1])
+            weakStore = store
+        }
+        var waited = 0
+        while weakStore != nil && waited < 200 {
+            try await Task.sleep(for: .milliseconds(5))
+            waited += 1
+        }
+        #expect(weakStore == nil)
     }
 
     @Test func backgroundWorkerDemotesOnItsOwn() async throws {
