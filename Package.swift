@@ -29,6 +29,12 @@ let package = Package(
             pkgConfig: "libisal",
             providers: [.apt(["libisal-dev"])]
         ),
+        // liburing (Debian liburing-dev) for the NVMe tier.
+        .systemLibrary(
+            name: "CSpillwayURing",
+            pkgConfig: "liburing",
+            providers: [.apt(["liburing-dev"])]
+        ),
         // Keys, errors, checksums, the tier protocol, slot allocation, the page directory, policies.
         .target(
             name: "SpillwayCore",
@@ -42,6 +48,16 @@ let package = Package(
             name: "SpillwayMemoryTiers",
             dependencies: [
                 "SpillwayCore",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The NVMe tier: O_DIRECT through io_uring, on-disk index, warm restart.
+        .target(
+            name: "SpillwayNVMe",
+            dependencies: [
+                "SpillwayCore",
+                "CSpillwayURing",
+                .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -62,6 +78,7 @@ let package = Package(
             dependencies: [
                 "SpillwayCore",
                 "SpillwayMemoryTiers",
+                "SpillwayNVMe",
                 "SpillwayStore",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Logging", package: "swift-log"),
@@ -94,7 +111,8 @@ let package = Package(
         ),
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers"]),
-        .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers"]),
+        .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
+        .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore"]),
         .testTarget(name: "SpillwayTests", dependencies: ["Spillway", "SpillwayBench"]),
     ],
     swiftLanguageModes: [.v6]

@@ -132,6 +132,18 @@ public final class SlotAllocator: Sendable {
         return first.map { Extent(firstSlot: UInt32($0), slotCount: UInt32(count)) }
     }
 
+    /// Marks a specific extent used (recovery of a persistent tier). False if any slot of it is
+    /// already used or it lies outside the capacity.
+    public func reserve(_ extent: Extent) -> Bool {
+        guard extent.slotCount > 0, Int(extent.endSlot) <= capacity else { return false }
+        return state.withLock { state in
+            for slot in Int(extent.firstSlot)..<Int(extent.endSlot) where state.isSet(slot) { return false }
+            state.mark(Int(extent.firstSlot), Int(extent.slotCount), used: true)
+            usedMirror.store(state.used, ordering: .relaxed)
+            return true
+        }
+    }
+
     /// Frees an extent. Releasing a slot that is not allocated is a store bug and traps.
     public func release(_ extent: Extent) {
         precondition(Int(extent.endSlot) <= capacity, "extent \(extent) outside capacity \(capacity)")

@@ -59,14 +59,18 @@ public struct TierDescriptor: Sendable, Equatable {
     /// Verify the CRC32C on every `get` served from this tier (not only on tier crossings).
     /// On by default for tiers below DRAM, whose bytes travel over a bus, a wire or a disk.
     public var verifiesReads: Bool
+    /// Writes need the page's key and checksum in their `TierIO` (persistent tiers).
+    public var recordsPageMetadata: Bool
     /// The tier completes every I/O on the submitting thread before `submit` returns (memory
     /// tiers). The batch then skips its atomic countdown and wake-up: on x86 that locked
     /// instruction would stall until the copy's stores drain, which is most of a 4 KiB put.
     public var completesInline: Bool
 
     public init(name: String, kind: TierKind, slotSize: Int, capacitySlots: Int,
-                performance: TierPerformanceClass, verifiesReads: Bool, completesInline: Bool = false) {
+                performance: TierPerformanceClass, verifiesReads: Bool, completesInline: Bool = false,
+                recordsPageMetadata: Bool = false) {
         self.completesInline = completesInline
+        self.recordsPageMetadata = recordsPageMetadata
         self.name = name
         self.kind = kind
         self.slotSize = slotSize
@@ -98,14 +102,21 @@ public struct TierIO: Sendable {
     public var length: Int
     /// 0 on success, otherwise a POSIX errno. Written by the tier before it completes the I/O.
     public var status: Int32
+    /// For writes: the page's key and CRC32C, which persistent tiers record with the bytes so a
+    /// restarted process can find and verify them. Memory tiers ignore them.
+    public var key: PageKey
+    public var checksum: UInt32
 
     @inlinable
-    public init(operation: Operation, extent: Extent, buffer: UnsafeRawPointer?, length: Int) {
+    public init(operation: Operation, extent: Extent, buffer: UnsafeRawPointer?, length: Int,
+                key: PageKey = PageKey(0), checksum: UInt32 = 0) {
         self.operation = operation
         self.extent = extent
         self.bufferAddress = UInt(bitPattern: buffer)
         self.length = length
         self.status = 0
+        self.key = key
+        self.checksum = checksum
     }
 
     @inlinable
@@ -264,12 +275,33 @@ public protocol Tier: AnyObject, Sendable {
     /// Nil for tiers that are not host memory.
     var hostMemory: UnsafeMutableRawBufferPointer? { get }
 
+    /// Pages found intact when a persistent tier was opened (warm restart); their slots are
+    /// already allocated. The store makes them visible when it opens. Empty for volatile tiers.
+    var recoveredPages: [RecoveredPage] { get }
+
     /// Releases the tier's resources. Further I/O completes with `ESHUTDOWN`.
     func close()
 }
 
+/// A page a persistent tier recovered at open: where it is and what it must verify to.
+public struct RecoveredPage: Sendable, Equatable {
+    public var key: PageKey
+    public var extent: Extent
+    public var length: Int
+    public var checksum: UInt32
+
+    public init(key: PageKey, extent: Extent, length: Int, checksum: UInt32) {
+        self.key = key
+        self.extent = extent
+        self.length = length
+        self.checksum = checksum
+    }
+}
+
 extension Tier {
     public var hostMemory: UnsafeMutableRawBufferPointer? { nil }
+
+    public var recoveredPages: [RecoveredPage] { [] }
 
     public var freeSlots: Int { descriptor.capacitySlots - usedSlots }
 

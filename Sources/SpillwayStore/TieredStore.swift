@@ -73,6 +73,8 @@ public final class TieredStore: Sendable {
     /// so memory-tier hits and stores are a plain `memcpy` with no batch round trip.
     /// (Stored as addresses: raw pointers are not `Sendable`; 0 = not host memory.)
     private let hostBases: [UInt]
+    /// Per tier: `descriptor.recordsPageMetadata` (writes must carry key and checksum).
+    private let recordsMetadata: [Bool]
     private let lowSlots: [Int]
 
     public init(tiers: [any Tier], policy: any PlacementPolicy = LRUPolicy(), options: StoreOptions = StoreOptions(),
@@ -114,6 +116,7 @@ public final class TieredStore: Sendable {
         topTierVerifies = tiers[0].descriptor.verifiesReads
         inlineTiers = tiers.map(\.descriptor.completesInline)
         hostBases = tiers.map { UInt(bitPattern: $0.hostMemory?.baseAddress) }
+        recordsMetadata = tiers.map(\.descriptor.recordsPageMetadata)
         tierCounters = tiers.map { _ in TierCounters() }
         reclaimLocks = tiers.map { _ in Locked(()) }
         prefetchQueue = Locked(Deque(minimumCapacity: options.prefetchQueueLimit))
@@ -121,6 +124,20 @@ public final class TieredStore: Sendable {
         staging = StagingPool(bufferBytes: (options.maxPageSize + slotSize - 1) / slotSize * slotSize)
         highSlots = tiers.indices.map { Int(Double(tiers[$0].descriptor.capacitySlots) * options.watermarks(forTier: $0).high) }
         lowSlots = tiers.indices.map { Int(Double(tiers[$0].descriptor.capacitySlots) * options.watermarks(forTier: $0).low) }
+        // Pages persistent tiers recovered (warm restart) become visible again.
+        for (index, tier) in tiers.enumerated() {
+            for page in tier.recoveredPages {
+                do {
+                    if let vacated = try directory.insert(page.key, location: PageLocation(tier: index, extent: page.extent),
+                                                          length: page.length, checksum: page.checksum) {
+                        release(vacated)
+                    }
+                } catch {
+                    logger.warning("recovered page not restored", metadata: ["key": "\(page.key)", "error": "\(error)"])
+                    tier.release(page.extent)
+                }
+            }
+        }
         if options.backgroundWorker {
             // The thread holds the store weakly: a store dropped without `close()` still deinits
             // (and shuts the thread down) instead of living forever.
@@ -176,12 +193,14 @@ public final class TieredStore: Sendable {
         }
         let tier = tiers[location.tier]
         let batch = ThreadBatch.current()
-        batch.append(TierIO(operation: .write, extent: location.extent, buffer: bytes.baseAddress, length: length))
+        // A persistent tier records the checksum with the page, so it is needed up front;
+        // otherwise it is computed while the write is in flight.
+        let early: UInt32? = recordsMetadata[location.tier] ? CRC32C.checksum(bytes) : nil
+        batch.append(TierIO(operation: .write, extent: location.extent, buffer: bytes.baseAddress, length: length,
+                            key: key, checksum: early ?? 0))
         batch.beginSubmission(inline: inlineTiers[location.tier])
         tier.submit(batch)
-        // Checksum the caller's bytes while the write is in flight (or, for memory tiers,
-        // while the copy's stores drain): the page becomes visible only after both.
-        let checksum = CRC32C.checksum(bytes)
+        let checksum = early ?? CRC32C.checksum(bytes)
         batch.wait()
         if let failure = batch.firstFailure {
             tier.release(location.extent)
@@ -486,7 +505,8 @@ public final class TieredStore: Sendable {
                 for index in requests.indices {
                     guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
                     batch.append(TierIO(operation: .write, extent: plan.location.extent,
-                                        buffer: requests[index].bytes.baseAddress, length: requests[index].bytes.count))
+                                        buffer: requests[index].bytes.baseAddress, length: requests[index].bytes.count,
+                                        key: requests[index].key, checksum: plan.checksum))
                 }
                 guard batch.count > 0 else { continue }
                 batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
@@ -556,7 +576,8 @@ public final class TieredStore: Sendable {
             return
         }
         let batch = ThreadBatch.current()
-        batch.append(TierIO(operation: .write, extent: extent, buffer: buffer.baseAddress, length: snapshot.length))
+        batch.append(TierIO(operation: .write, extent: extent, buffer: buffer.baseAddress, length: snapshot.length,
+                            key: snapshot.key, checksum: snapshot.checksum))
         batch.run(on: tiers[0], inline: inlineTiers[0])
         let destination = PageLocation(tier: 0, extent: extent)
         guard batch[0].status == 0 else {
@@ -820,7 +841,8 @@ public final class TieredStore: Sendable {
                 let bytes = arena.baseAddress! + Int(move.claim.location.extent.firstSlot) * slotSize
                 statuses[index] = verify(bytes, move)
                 guard case .copied = statuses[index] else { continue }
-                batch.append(TierIO(operation: .write, extent: move.destination, buffer: bytes, length: move.claim.length))
+                batch.append(TierIO(operation: .write, extent: move.destination, buffer: bytes, length: move.claim.length,
+                                    key: move.claim.key, checksum: move.claim.checksum))
                 entries.append(index)
             }
             guard batch.count > 0 else { return statuses }
@@ -839,7 +861,8 @@ public final class TieredStore: Sendable {
                 let verdict = verify(buffer, move)
                 guard case .copied = verdict else { return verdict }
                 batch.reset()
-                batch.append(TierIO(operation: .write, extent: move.destination, buffer: buffer, length: move.claim.length))
+                batch.append(TierIO(operation: .write, extent: move.destination, buffer: buffer, length: move.claim.length,
+                                    key: move.claim.key, checksum: move.claim.checksum))
                 batch.run(on: targetTier, inline: inlineTiers[target])
                 return batch[0].status == 0 ? .copied : .failed(errno: batch[0].status, tier: target)
             }

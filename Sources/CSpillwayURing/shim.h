@@ -1,0 +1,38 @@
+// liburing (Debian liburing-dev) for the NVMe tier. Swift imports liburing's functions,
+// including its static inline helpers, directly; the prefixed shims below cover only what the
+// importer cannot see, each with the reason.
+#ifndef SPILLWAY_CSPILLWAYURING_SHIM_H
+#define SPILLWAY_CSPILLWAYURING_SHIM_H
+// System headers first, with the default feature macros every other module sees: liburing.h
+// defines _XOPEN_SOURCE, which would otherwise give fd_set a different member name here than
+// in Glibc/Dispatch and break module merging.
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <signal.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <time.h>
+#include <string.h>
+#include <inttypes.h>
+#include <liburing.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+
+// IOSQE_FIXED_FILE is a macro expression over an enum constant, which Swift does not import.
+static inline void spillway_io_uring_sqe_use_fixed_file(struct io_uring_sqe *sqe) {
+    sqe->flags |= IOSQE_FIXED_FILE;
+}
+
+// O_DIRECT is only defined under _GNU_SOURCE, which the Glibc module is not built with;
+// glibc's internal __O_DIRECT carries the architecture's value unconditionally.
+static inline int spillway_o_direct(void) {
+    return __O_DIRECT;
+}
+
+// ioctl is variadic (not importable); BLKSSZGET gives a block device's logical block size.
+static inline int spillway_block_device_logical_block_size(int fd, int *size) {
+    return ioctl(fd, BLKSSZGET, size);
+}
+
+#endif

@@ -1,0 +1,628 @@
+import Atomics
+import CSpillwayURing
+import Logging
+import SpillwayCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How to open an NVMe tier.
+public struct NVMeTierConfiguration: Sendable {
+    public var name: String
+    /// A regular file (created if missing) or a block device.
+    public var path: String
+    public var slotSize: Int
+    public var capacitySlots: Int
+    /// Use the page cache instead of `O_DIRECT`. Only for filesystems that refuse `O_DIRECT`
+    /// (the tier refuses to open there otherwise: no silent fallback).
+    public var bufferedIO: Bool
+    /// Nil: try `IOPOLL`, use interrupts if the device refuses it (logged either way).
+    public var pollMode: NVMePollMode?
+    /// Submission queue entries per ring.
+    public var ringEntries: Int
+    /// Start empty instead of recovering what the file holds.
+    public var reformat: Bool
+    public var faults: NVMeFaultInjector?
+
+    public init(name: String = "nvme", path: String, slotSize: Int, capacitySlots: Int, bufferedIO: Bool = false,
+                pollMode: NVMePollMode? = nil, ringEntries: Int = 128, reformat: Bool = false, faults: NVMeFaultInjector? = nil)
+    {
+        self.name = name
+        self.path = path
+        self.slotSize = slotSize
+        self.capacitySlots = capacitySlots
+        self.bufferedIO = bufferedIO
+        self.pollMode = pollMode
+        self.ringEntries = ringEntries
+        self.reformat = reformat
+        self.faults = faults
+    }
+}
+
+/// What opening the file found.
+public struct NVMeRecoveryReport: Sendable, Equatable {
+    /// The file had no valid superblock for this geometry and was (re)formatted.
+    public var formatted: Bool
+    /// Pages whose index record and data CRC32C verified: visible again.
+    public var recovered: Int
+    /// Records that were torn, overlapping, duplicated or whose data failed its CRC32C.
+    public var discarded: Int
+}
+
+/// The NVMe tier: a file or block device driven through io_uring with `O_DIRECT`.
+///
+/// - **I/O.** Each submitter borrows a ring from a bounded pool (one per concurrent submitter,
+///   at most `maxRings`); the tier's file is fixed file 0 of every ring and each ring's bounce
+///   buffers and the index mirror are registered buffers. A batch is queued as many SQEs as fit,
+///   submitted with one `io_uring_submit_and_wait`, and reaped in batches on the submitting
+///   thread (so the tier `completesInline`: no cross-thread wake-up on the latency path).
+///   Aligned, block-multiple caller buffers are used directly; others bounce through the
+///   registered buffers. Short transfers are resubmitted for the remainder, `EINTR` and
+///   (a bounded number of times) `EAGAIN` are retried, other errors complete the I/O with
+///   their errno.
+/// - **Durability.** A page is durable once its `O_DIRECT` write completed; then its index
+///   record is written, and only then does the I/O complete (so the store makes it visible).
+///   Power loss is out of scope: there is no fsync per page.
+/// - **Warm restart.** Opening an existing file reads the index, checks every record's CRC32C
+///   and every page's data CRC32C, and recovers the pages that verify (`recoveredPages`); the
+///   rest are discarded and counted (`recovery`).
+/// - **Release** rewrites the page's index record as empty before its slots can be reused, so a
+///   removed or superseded page can never come back after a restart.
+///
+/// `@unchecked Sendable`: the descriptor, geometry and file descriptor are immutable; the
+/// allocator, ring pool, index-block stripes and counters are each synchronized.
+public final class NVMeTier: Tier, @unchecked Sendable {
+    public let descriptor: TierDescriptor
+    public let path: String
+    public let mode: NVMePollMode
+    public let directIO: Bool
+    public let recovery: NVMeRecoveryReport
+    public let recoveredPages: [RecoveredPage]
+
+    let geometry: NVMeFormat.Geometry
+    private let fd: Int32
+    private let allocator: SlotAllocator
+    private let mirror: MappedRegion
+    private let indexStripes: [Locked<Void>]
+    private let rings: Locked<(free: [URingContext], created: Int)>
+    private let maxRings = 8
+    private let ringEntries: Int
+    private let bounceBytes: Int
+    private let bounceCount: Int
+    private let sequence: ManagedAtomic<UInt64>
+    private let closed = ManagedAtomic<Bool>(false)
+    private let faults: NVMeFaultInjector?
+    private let logger: Logger
+    /// Slots whose index record could not be cleared: kept allocated so a stale page cannot
+    /// come back after a restart (space is lost, bytes never are).
+    public let leakedSlots = ManagedAtomic<Int>(0)
+
+    public init(_ configuration: NVMeTierConfiguration, logger: Logger = Logger(label: "spillway.nvme")) throws(SpillwayError) {
+        let name = configuration.name
+        let slotSize = configuration.slotSize
+        guard slotSize >= 4096, slotSize <= 2 << 20, slotSize & (slotSize - 1) == 0 else {
+            throw .invalidConfiguration("tier '\(name)': slot size \(slotSize) must be a power of two between 4KiB and 2MiB")
+        }
+        guard configuration.capacitySlots > 0, configuration.capacitySlots <= Int(UInt32.max) else {
+            throw .invalidConfiguration("tier '\(name)': capacity must be between 1 and \(UInt32.max) slots")
+        }
+        guard configuration.ringEntries >= 8, configuration.ringEntries <= 4096 else {
+            throw .invalidConfiguration("tier '\(name)': ring entries must be between 8 and 4096")
+        }
+        self.logger = logger
+        path = configuration.path
+        faults = configuration.faults
+        ringEntries = configuration.ringEntries
+        let geometry = NVMeFormat.Geometry(slotSize: slotSize, capacitySlots: configuration.capacitySlots)
+        self.geometry = geometry
+        bounceBytes = slotSize
+        bounceCount = max(4, min(configuration.ringEntries, (16 << 20) / slotSize))
+
+        // Open: O_DIRECT unless explicitly told otherwise; a refusal is an error, not a fallback.
+        directIO = !configuration.bufferedIO
+        let flags = O_RDWR | O_CREAT | O_CLOEXEC | (directIO ? spillway_o_direct() : 0)
+        let descriptor = open(configuration.path, flags, 0o600)
+        if descriptor < 0 {
+            let error = errno
+            if error == EINVAL && directIO {
+                throw .invalidConfiguration(
+                    "tier '\(name)': the filesystem of '\(configuration.path)' refuses O_DIRECT; choose another directory or set buffered-io = true")
+            }
+            throw .tierIO(tier: name, operation: "open '\(configuration.path)'", errno: error)
+        }
+        fd = descriptor
+        do {
+            mirror = try MappedRegion(byteCount: geometry.indexBytes, prefault: false)
+        } catch {
+            Glibc.close(descriptor)
+            throw .tierIO(tier: name, operation: "mmap index mirror", errno: error.errno)
+        }
+        allocator = SlotAllocator(capacity: configuration.capacitySlots)
+        indexStripes = (0..<64).map { _ in Locked(()) }
+        rings = Locked(([], 0))
+        self.descriptor = TierDescriptor(
+            name: name, kind: .nvme, slotSize: slotSize, capacitySlots: configuration.capacitySlots,
+            performance: .nvme, verifiesReads: true, completesInline: true, recordsPageMetadata: true)
+
+        // Recover or format.
+        let opened: (report: NVMeRecoveryReport, pages: [RecoveredPage], sequence: UInt64)
+        do throws(SpillwayError) {
+            opened = try Self.openContents(fd: descriptor, geometry: geometry, mirror: mirror, allocator: allocator,
+                                           reformat: configuration.reformat, name: name, logger: logger)
+        } catch {
+            Glibc.close(descriptor)
+            throw error
+        }
+        recovery = opened.report
+        recoveredPages = opened.pages
+        sequence = ManagedAtomic(opened.sequence)
+
+        // Pick the polling mode: what was asked, or IOPOLL if the device accepts it.
+        mode = Self.chooseMode(requested: configuration.pollMode, directIO: directIO, fd: descriptor,
+                               entries: configuration.ringEntries, mirror: mirror, name: name, logger: logger)
+        logger.info("nvme tier open", metadata: [
+            "tier": "\(name)", "path": "\(configuration.path)", "io": "\(directIO ? "O_DIRECT" : "buffered (requested)")",
+            "mode": "\(mode.rawValue)", "recovered": "\(recovery.recovered)", "discarded": "\(recovery.discarded)",
+            "formatted": "\(recovery.formatted)",
+        ])
+        if !directIO {
+            logger.warning("nvme tier uses buffered I/O (page cache) because buffered-io was requested", metadata: ["tier": "\(name)"])
+        }
+    }
+
+    deinit {
+        rings.withLock { $0.free.removeAll() }
+        Glibc.close(fd)
+    }
+
+    // MARK: Space
+
+    public func allocate(slotCount: Int) -> Extent? { allocator.allocate(count: slotCount) }
+
+    public func release(_ extent: Extent) {
+        // Clear the page's index record on disk before the slots can be reused.
+        if clearRecord(atSlot: extent.firstSlot) {
+            allocator.release(extent)
+        } else {
+            leakedSlots.wrappingIncrement(by: Int(extent.slotCount), ordering: .relaxed)
+            logger.error("could not clear an index record; its slots stay allocated", metadata: [
+                "tier": "\(descriptor.name)", "extent": "\(extent)",
+            ])
+        }
+    }
+
+    public var usedSlots: Int { allocator.usedSlots }
+
+    public func close() {
+        closed.store(true, ordering: .releasing)
+    }
+
+    // MARK: I/O
+
+    /// Per-I/O progress within one wave.
+    private struct Flight {
+        var io: Int
+        var done: Int
+        var want: Int
+        var bounce: Int32
+        var retries: Int
+        var status: Int32
+        var finished: Bool
+    }
+
+    public func submit(_ batch: TierBatch) {
+        guard !closed.load(ordering: .relaxed) else {
+            for index in 0..<batch.count { batch.complete(index, status: ESHUTDOWN) }
+            return
+        }
+        let context: URingContext
+        do {
+            context = try takeRing()
+        } catch {
+            logger.error("no io_uring available", metadata: ["tier": "\(descriptor.name)", "error": "\(error)"])
+            for index in 0..<batch.count { batch.complete(index, status: error.errno) }
+            return
+        }
+        defer { returnRing(context) }
+        let wave = min(context.entries / 2, context.bounceCount)
+        var start = 0
+        while start < batch.count {
+            let end = min(batch.count, start + wave)
+            run(wave: start..<end, of: batch, on: context)
+            start = end
+        }
+        for index in 0..<batch.count { batch.finish(index) }
+    }
+
+    private func run(wave: Range<Int>, of batch: TierBatch, on context: URingContext) {
+        withUnsafeTemporaryAllocation(of: Flight.self, capacity: wave.count) { flights in
+            var pending = 0
+            for (slot, index) in wave.enumerated() {
+                let flight = plan(batch[index], index: index, slot: slot, context: context)
+                flights.initializeElement(at: slot, to: flight)
+                if !flight.finished {
+                    pending += 1
+                    queue(flight, batch: batch, context: context, tag: UInt64(slot))
+                }
+            }
+            while pending > 0 {
+                let submitStatus = context.submit(waitFor: 1)
+                if submitStatus < 0 {
+                    // The ring itself failed: fail what is still in flight.
+                    for slot in 0..<wave.count where !flights[slot].finished {
+                        flights[slot].status = -submitStatus
+                        flights[slot].finished = true
+                    }
+                    break
+                }
+                _ = context.reap { tag, result in
+                    let slot = Int(tag)
+                    let isWrite = batch[flights[slot].io].operation == .write
+                    var result = result
+                    if let faults, faults.isArmed { result = faults.apply(write: isWrite, result: result) }
+                    if handle(result, flight: &flights[slot]) {
+                        queue(flights[slot], batch: batch, context: context, tag: tag)
+                    } else {
+                        pending -= 1
+                    }
+                }
+            }
+            // Copy bounced reads out; record completed writes in the index.
+            var written: [Int] = []
+            for slot in 0..<wave.count {
+                let flight = flights[slot]
+                let io = batch[flight.io]
+                if flight.status != 0 {
+                    batch.setStatus(flight.io, flight.status)
+                    continue
+                }
+                if io.operation == .read && flight.bounce >= 0 && io.length > 0 {
+                    memcpy(io.buffer!, context.bounceBuffer(Int(flight.bounce)), io.length)
+                }
+                if io.operation == .write { written.append(flight.io) }
+            }
+            if !written.isEmpty {
+                let status = recordWrites(written, of: batch, on: context)
+                if status != 0 { for index in written { batch.setStatus(index, status) } }
+            }
+            flights.deinitialize()
+        }
+    }
+
+    /// Validates one I/O and prepares its buffer: the caller's when it is block-aligned and a
+    /// whole number of blocks long, else bounce buffer `slot` (filled now for writes).
+    private func plan(_ io: TierIO, index: Int, slot: Int, context: URingContext) -> Flight {
+        var flight = Flight(io: index, done: 0, want: 0, bounce: -1, retries: 0, status: 0, finished: true)
+        guard Int(io.extent.endSlot) <= descriptor.capacitySlots, io.length >= 0,
+              io.length <= Int(io.extent.slotCount) * descriptor.slotSize
+        else {
+            flight.status = EINVAL
+            return flight
+        }
+        if io.operation == .discard || io.length == 0 { return flight }
+        let want = NVMeFormat.roundUp(io.length, to: NVMeFormat.blockSize)
+        flight.want = want
+        flight.finished = false
+        if io.bufferAddress % UInt(NVMeFormat.blockSize) != 0 || want != io.length {
+            flight.bounce = Int32(slot)
+            if io.operation == .write {
+                let bounce = context.bounceBuffer(slot)
+                memcpy(bounce, io.buffer!, io.length)
+                if want > io.length { memset(bounce + io.length, 0, want - io.length) }
+            }
+        }
+        return flight
+    }
+
+    private func queue(_ flight: Flight, batch: TierBatch, context: URingContext, tag: UInt64) {
+        let io = batch[flight.io]
+        let offset = geometry.dataOffset(ofSlot: io.extent.firstSlot) + flight.done
+        let buffer = flight.bounce >= 0 ? context.bounceBuffer(Int(flight.bounce)) + flight.done : io.buffer! + flight.done
+        while !context.prepare(write: io.operation == .write, buffer: buffer, length: flight.want - flight.done,
+                               offset: offset, fixedBuffer: flight.bounce, tag: tag)
+        {
+            // Submission queue full: push what is queued to the kernel and try again.
+            _ = context.submit(waitFor: 0)
+        }
+    }
+
+    /// Interprets one completion. Returns true if the I/O must be queued again.
+    private func handle(_ result: Int32, flight: inout Flight) -> Bool {
+        switch result {
+        case -EINTR:
+            flight.retries += 1
+            if flight.retries <= 64 { return true }
+            flight.status = EINTR
+        case -EAGAIN:
+            flight.retries += 1
+            if flight.retries <= 8 { return true }
+            flight.status = EAGAIN
+        case ..<0:
+            flight.status = -result
+        case 0:
+            // Nothing transferred: end of file (the file was truncated under us) or a full device.
+            flight.status = EIO
+        default:
+            flight.done += Int(result)
+            if flight.done < flight.want { return true }
+        }
+        flight.finished = true
+        return false
+    }
+
+    // MARK: Index
+
+    /// Writes index records for completed writes (block by block, under the block's stripe lock
+    /// so concurrent updates of one 4 KiB block reach the disk in order). Returns 0 or an errno.
+    private func recordWrites(_ indices: [Int], of batch: TierBatch, on context: URingContext) -> Int32 {
+        var blocks: [Int: [Int]] = [:]
+        for index in indices {
+            blocks[geometry.indexBlockOffset(ofSlot: batch[index].extent.firstSlot), default: []].append(index)
+        }
+        var failure: Int32 = 0
+        for (block, members) in blocks {
+            let status = withIndexBlock(block) { () -> Int32 in
+                for index in members {
+                    let io = batch[index]
+                    let record = NVMeFormat.Record(
+                        key: io.key, slotCount: io.extent.slotCount, length: UInt32(io.length), checksum: io.checksum,
+                        sequence: sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1)
+                    record.encode(into: mirror.base + Int(io.extent.firstSlot) * NVMeFormat.recordSize)
+                }
+                return writeIndexBlock(block, on: context)
+            }
+            if status != 0 { failure = status }
+        }
+        return failure
+    }
+
+    /// Empties the record of the page starting at `slot` (in the mirror and on disk).
+    private func clearRecord(atSlot slot: UInt32) -> Bool {
+        let block = geometry.indexBlockOffset(ofSlot: slot)
+        let record = mirror.base + Int(slot) * NVMeFormat.recordSize
+        guard let context = try? takeRing() else { return false }
+        defer { returnRing(context) }
+        let status = withIndexBlock(block) { () -> Int32 in
+            guard record.load(as: UInt32.self) != 0 else { return 0 }
+            memset(record, 0, NVMeFormat.recordSize)
+            return writeIndexBlock(block, on: context)
+        }
+        return status == 0
+    }
+
+    private func withIndexBlock<R>(_ block: Int, _ body: () -> R) -> R {
+        indexStripes[(block / NVMeFormat.blockSize) % indexStripes.count].withLock { _ in body() }
+    }
+
+    /// Writes one 4 KiB index block from the mirror (a registered buffer). Caller holds its stripe.
+    private func writeIndexBlock(_ block: Int, on context: URingContext) -> Int32 {
+        var done = 0
+        var retries = 0
+        while done < NVMeFormat.blockSize {
+            while !context.prepare(write: true, buffer: mirror.base + block + done, length: NVMeFormat.blockSize - done,
+                                   offset: geometry.indexOffset + block + done, fixedBuffer: context.mirrorBufferIndex, tag: .max)
+            {
+                _ = context.submit(waitFor: 0)
+            }
+            let submitStatus = context.submit(waitFor: 1)
+            if submitStatus < 0 { return -submitStatus }
+            var result: Int32 = 0
+            var seen = false
+            while !seen {
+                _ = context.reap { _, value in
+                    result = value
+                    seen = true
+                }
+                if !seen { _ = context.submit(waitFor: 1) }
+            }
+            if let faults, faults.isArmed { result = faults.apply(write: true, result: result) }
+            switch result {
+            case -EINTR, -EAGAIN:
+                retries += 1
+                if retries > 64 { return -result }
+            case ..<0: return -result
+            case 0: return EIO
+            default: done += Int(result)
+            }
+        }
+        return 0
+    }
+
+    // MARK: Rings
+
+    private func takeRing() throws(SystemCallError) -> URingContext {
+        while true {
+            let taken: (URingContext?, Bool) = rings.withLock { pool in
+                if let ring = pool.free.popLast() { return (ring, false) }
+                if pool.created < maxRings {
+                    pool.created += 1
+                    return (nil, true)
+                }
+                return (nil, false)
+            }
+            if let ring = taken.0 { return ring }
+            if taken.1 {
+                do {
+                    return try URingContext(entries: ringEntries, mode: mode, fd: fd, bounceBytes: bounceBytes,
+                                            bounceCount: bounceCount, mirror: UnsafeMutableRawBufferPointer(start: mirror.base, count: mirror.byteCount))
+                } catch {
+                    rings.withLock { $0.created -= 1 }
+                    throw error
+                }
+            }
+            sched_yield()
+        }
+    }
+
+    private func returnRing(_ ring: URingContext) {
+        rings.withLock { $0.free.append(ring) }
+    }
+
+    // MARK: Open
+
+    private static func chooseMode(requested: NVMePollMode?, directIO: Bool, fd: Int32, entries: Int,
+                                   mirror: MappedRegion, name: String, logger: Logger) -> NVMePollMode
+    {
+        if let requested { return requested }
+        guard directIO else { return .interrupt }
+        // Probe IOPOLL with a real read of the superblock.
+        let probe: Int32
+        do {
+            let context = try URingContext(entries: 8, mode: .iopoll, fd: fd, bounceBytes: NVMeFormat.blockSize, bounceCount: 1,
+                                           mirror: UnsafeMutableRawBufferPointer(start: mirror.base, count: mirror.byteCount))
+            _ = context.prepare(write: false, buffer: context.bounceBuffer(0), length: NVMeFormat.blockSize, offset: 0,
+                                fixedBuffer: 0, tag: 0)
+            var result: Int32 = -EIO
+            if context.submit(waitFor: 1) == 0 { _ = context.reap { _, value in result = value } }
+            probe = result
+        } catch {
+            probe = -error.errno
+        }
+        if probe == Int32(NVMeFormat.blockSize) { return .iopoll }
+        logger.notice("IOPOLL unavailable for this file; using interrupt-driven completions", metadata: [
+            "tier": "\(name)", "probe": "\(probe < 0 ? String(cString: strerror(-probe)) : "short read \(probe)")",
+        ])
+        return .interrupt
+    }
+
+    /// Reads the superblock and index; recovers what verifies or formats the file.
+    private static func openContents(fd: Int32, geometry: NVMeFormat.Geometry, mirror: MappedRegion, allocator: SlotAllocator,
+                                     reformat: Bool, name: String, logger: Logger)
+        throws(SpillwayError) -> (report: NVMeRecoveryReport, pages: [RecoveredPage], sequence: UInt64)
+    {
+        let block = UnsafeMutableRawPointer.allocate(byteCount: NVMeFormat.blockSize, alignment: NVMeFormat.blockSize)
+        defer { block.deallocate() }
+        var stats = stat()
+        guard fstat(fd, &stats) == 0 else { throw .tierIO(tier: name, operation: "fstat", errno: errno) }
+        let isBlockDevice = stats.st_mode & S_IFMT == S_IFBLK
+        var existing: NVMeFormat.Geometry?
+        if !reformat && (isBlockDevice || Int(stats.st_size) >= geometry.fileBytes) {
+            if try preadFully(fd, block, NVMeFormat.blockSize, 0, name: name) {
+                existing = NVMeFormat.decodeSuperblock(block)
+            }
+        }
+        guard existing == geometry else {
+            try format(fd: fd, geometry: geometry, isBlockDevice: isBlockDevice, block: block, name: name)
+            if existing != nil {
+                logger.warning("nvme file had another geometry; reformatted", metadata: ["tier": "\(name)"])
+            }
+            return (NVMeRecoveryReport(formatted: true, recovered: 0, discarded: 0), [], 0)
+        }
+        // Recover: read the whole index, then check each candidate's data.
+        guard try preadFully(fd, mirror.base, geometry.indexBytes, geometry.indexOffset, name: name) else {
+            throw .tierIO(tier: name, operation: "read index", errno: EIO)
+        }
+        var candidates: [(slot: UInt32, record: NVMeFormat.Record)] = []
+        var discarded = 0
+        var dirtyBlocks = Set<Int>()
+        for slot in 0..<geometry.capacitySlots {
+            let pointer = mirror.base + slot * NVMeFormat.recordSize
+            if let record = NVMeFormat.Record.decode(pointer) {
+                candidates.append((UInt32(slot), record))
+            } else if pointer.load(as: UInt32.self) != 0 || pointer.load(fromByteOffset: 60, as: UInt32.self) != 0 {
+                discarded += 1  // torn or foreign record
+                memset(pointer, 0, NVMeFormat.recordSize)
+                dirtyBlocks.insert(geometry.indexBlockOffset(ofSlot: UInt32(slot)))
+            }
+        }
+        candidates.sort { $0.record.sequence > $1.record.sequence }
+        var seen = Set<PageKey>()
+        var pages: [RecoveredPage] = []
+        var maxSequence: UInt64 = 0
+        var data = UnsafeMutableRawPointer.allocate(byteCount: geometry.slotSize, alignment: NVMeFormat.blockSize)
+        var dataCapacity = geometry.slotSize
+        defer { data.deallocate() }
+        for (slot, record) in candidates {
+            maxSequence = max(maxSequence, record.sequence)
+            let extent = Extent(firstSlot: slot, slotCount: record.slotCount)
+            let bytes = Int(record.slotCount) * geometry.slotSize
+            var valid = record.slotCount > 0 && Int(record.length) <= bytes && !seen.contains(record.key)
+                && allocator.reserve(extent)
+            if valid {
+                let want = NVMeFormat.roundUp(Int(record.length), to: NVMeFormat.blockSize)
+                if want > dataCapacity {
+                    data.deallocate()
+                    data = UnsafeMutableRawPointer.allocate(byteCount: want, alignment: NVMeFormat.blockSize)
+                    dataCapacity = want
+                }
+                let read = want == 0 ? true : try preadFully(fd, data, want, geometry.dataOffset(ofSlot: slot), name: name)
+                valid = read && CRC32C.checksum(UnsafeRawBufferPointer(start: data, count: Int(record.length))) == record.checksum
+                if !valid { allocator.release(extent) }
+            }
+            if valid {
+                seen.insert(record.key)
+                pages.append(RecoveredPage(key: record.key, extent: extent, length: Int(record.length), checksum: record.checksum))
+            } else {
+                discarded += 1
+                memset(mirror.base + Int(slot) * NVMeFormat.recordSize, 0, NVMeFormat.recordSize)
+                dirtyBlocks.insert(geometry.indexBlockOffset(ofSlot: slot))
+            }
+        }
+        // Persist the cleanup so discarded records stay discarded.
+        for offset in dirtyBlocks {
+            guard pwrite(fd, mirror.base + offset, NVMeFormat.blockSize, off_t(geometry.indexOffset + offset)) == NVMeFormat.blockSize else {
+                throw .tierIO(tier: name, operation: "rewrite index block", errno: errno)
+            }
+        }
+        if discarded > 0 {
+            logger.warning("nvme warm restart discarded pages that did not verify", metadata: [
+                "tier": "\(name)", "recovered": "\(pages.count)", "discarded": "\(discarded)",
+            ])
+        }
+        return (NVMeRecoveryReport(formatted: false, recovered: pages.count, discarded: discarded), pages, maxSequence)
+    }
+
+    private static func format(fd: Int32, geometry: NVMeFormat.Geometry, isBlockDevice: Bool,
+                               block: UnsafeMutableRawPointer, name: String) throws(SpillwayError)
+    {
+        if !isBlockDevice {
+            // Empty the file (so no stale index survives), then reserve the space up front: a
+            // full filesystem is reported now, not as a failed write later.
+            guard ftruncate(fd, 0) == 0, ftruncate(fd, off_t(geometry.fileBytes)) == 0 else {
+                throw .tierIO(tier: name, operation: "ftruncate to \(geometry.fileBytes)", errno: errno)
+            }
+            let status = posix_fallocate(fd, 0, off_t(geometry.fileBytes))
+            if status != 0 && status != EOPNOTSUPP && status != EINVAL {
+                throw .tierIO(tier: name, operation: "reserve \(ByteCount.format(geometry.fileBytes))", errno: status)
+            }
+        } else {
+            // A block device: zero the index region.
+            let zeros = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: NVMeFormat.blockSize)
+            defer { zeros.deallocate() }
+            memset(zeros, 0, 1 << 20)
+            var offset = 0
+            while offset < geometry.indexBytes {
+                let length = min(1 << 20, geometry.indexBytes - offset)
+                guard pwrite(fd, zeros, length, off_t(geometry.indexOffset + offset)) == length else {
+                    throw .tierIO(tier: name, operation: "zero index", errno: errno)
+                }
+                offset += length
+            }
+        }
+        memset(block, 0, NVMeFormat.blockSize)
+        var instance = timespec()
+        clock_gettime(CLOCK_REALTIME, &instance)
+        NVMeFormat.encodeSuperblock(geometry, instance: UInt64(instance.tv_sec) << 32 | UInt64(instance.tv_nsec), into: block)
+        guard pwrite(fd, block, NVMeFormat.blockSize, 0) == NVMeFormat.blockSize else {
+            throw .tierIO(tier: name, operation: "write superblock", errno: errno)
+        }
+    }
+
+    /// `pread` until `count` bytes or end of file (false). EINTR retried; errors thrown.
+    private static func preadFully(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ count: Int, _ offset: Int,
+                                   name: String) throws(SpillwayError) -> Bool
+    {
+        var done = 0
+        while done < count {
+            let result = pread(fd, buffer + done, count - done, off_t(offset + done))
+            if result < 0 {
+                if errno == EINTR { continue }
+                throw .tierIO(tier: name, operation: "read at \(offset + done)", errno: errno)
+            }
+            if result == 0 { return false }
+            done += result
+        }
+        return true
+    }
+}

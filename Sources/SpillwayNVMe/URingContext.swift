@@ -1,0 +1,123 @@
+import CSpillwayURing
+import SpillwayCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How the rings drive the device.
+public enum NVMePollMode: String, Sendable, CaseIterable {
+    /// Interrupt-driven completions (works everywhere).
+    case interrupt
+    /// `IORING_SETUP_IOPOLL`: completions are polled from the device queue (needs O_DIRECT and
+    /// a block driver with poll queues).
+    case iopoll
+    /// `IORING_SETUP_SQPOLL`: a kernel thread polls the submission queue (costs a core).
+    case sqpoll
+}
+
+/// One io_uring with the tier's file registered as fixed file 0 and its bounce buffers plus
+/// the index mirror registered as fixed buffers. Owned by one submitter at a time (the tier's
+/// ring pool hands it out), so nothing in it is shared.
+///
+/// `@unchecked Sendable`: a context is only used by the thread that took it from the pool,
+/// and the pool's lock orders the hand-over.
+final class URingContext: @unchecked Sendable {
+    let ring: UnsafeMutablePointer<io_uring>
+    let entries: Int
+    /// `bounceCount` aligned buffers of `bounceBytes` each, registered as buffers 0..<count.
+    let bounce: UnsafeMutableRawPointer
+    let bounceBytes: Int
+    let bounceCount: Int
+    /// Fixed-buffer index of the index mirror.
+    let mirrorBufferIndex: Int32
+
+    init(entries: Int, mode: NVMePollMode, fd: Int32, bounceBytes: Int, bounceCount: Int,
+         mirror: UnsafeMutableRawBufferPointer) throws(SystemCallError)
+    {
+        ring = .allocate(capacity: 1)
+        ring.initialize(to: io_uring())
+        var params = io_uring_params()
+        switch mode {
+        case .interrupt: break
+        case .iopoll: params.flags |= UInt32(IORING_SETUP_IOPOLL)
+        case .sqpoll:
+            params.flags |= UInt32(IORING_SETUP_SQPOLL)
+            params.sq_thread_idle = 50
+        }
+        let status = io_uring_queue_init_params(UInt32(entries), ring, &params)
+        guard status == 0 else {
+            ring.deallocate()
+            throw SystemCallError(call: "io_uring_queue_init_params(\(mode.rawValue))", errno: -status)
+        }
+        self.entries = entries
+        self.bounceBytes = bounceBytes
+        self.bounceCount = bounceCount
+        let bounce = UnsafeMutableRawPointer.allocate(byteCount: bounceBytes * bounceCount, alignment: NVMeFormat.blockSize)
+        memset(bounce, 0, bounceBytes * bounceCount)
+        self.bounce = bounce
+        var vectors = (0..<bounceCount).map { iovec(iov_base: bounce + $0 * bounceBytes, iov_len: bounceBytes) }
+        vectors.append(iovec(iov_base: mirror.baseAddress, iov_len: mirror.count))
+        mirrorBufferIndex = Int32(bounceCount)
+        var registerStatus = io_uring_register_buffers(ring, &vectors, UInt32(vectors.count))
+        if registerStatus == 0 {
+            var files = [fd]
+            registerStatus = io_uring_register_files(ring, &files, 1)
+        }
+        guard registerStatus == 0 else {
+            io_uring_queue_exit(ring)
+            ring.deallocate()
+            bounce.deallocate()
+            throw SystemCallError(call: "io_uring_register", errno: -registerStatus)
+        }
+    }
+
+    deinit {
+        io_uring_queue_exit(ring)
+        ring.deallocate()
+        bounce.deallocate()
+    }
+
+    func bounceBuffer(_ index: Int) -> UnsafeMutableRawPointer { bounce + index * bounceBytes }
+
+    /// Queues one read or write on fixed file 0. `fixedBuffer` ≥ 0 uses that registered buffer.
+    /// Returns false when the submission queue is full (the caller submits and retries).
+    func prepare(write: Bool, buffer: UnsafeMutableRawPointer, length: Int, offset: Int, fixedBuffer: Int32, tag: UInt64) -> Bool {
+        guard let sqe = io_uring_get_sqe(ring) else { return false }
+        if fixedBuffer >= 0 {
+            if write {
+                io_uring_prep_write_fixed(sqe, 0, buffer, UInt32(length), UInt64(offset), fixedBuffer)
+            } else {
+                io_uring_prep_read_fixed(sqe, 0, buffer, UInt32(length), UInt64(offset), fixedBuffer)
+            }
+        } else if write {
+            io_uring_prep_write(sqe, 0, buffer, UInt32(length), UInt64(offset))
+        } else {
+            io_uring_prep_read(sqe, 0, buffer, UInt32(length), UInt64(offset))
+        }
+        spillway_io_uring_sqe_use_fixed_file(sqe)
+        io_uring_sqe_set_data64(sqe, tag)
+        return true
+    }
+
+    /// Submits everything queued and waits for at least `waitFor` completions.
+    func submit(waitFor: Int) -> Int32 {
+        while true {
+            let status = io_uring_submit_and_wait(ring, UInt32(waitFor))
+            if status == -EINTR { continue }
+            return status < 0 ? status : 0
+        }
+    }
+
+    /// Hands every available completion to `body` (tag, result), then marks them seen.
+    func reap(_ body: (UInt64, Int32) -> Void) -> Int {
+        var reaped = 0
+        while true {
+            var cqe: UnsafeMutablePointer<io_uring_cqe>?
+            guard io_uring_peek_cqe(ring, &cqe) == 0, let completion = cqe else { return reaped }
+            body(io_uring_cqe_get_data64(completion), completion.pointee.res)
+            io_uring_cqe_seen(ring, completion)
+            reaped += 1
+        }
+    }
+}
