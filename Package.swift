@@ -112,7 +112,7 @@ let package = Package(
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
-        .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore"]),
+        .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayTests", dependencies: ["Spillway", "SpillwayBench"]),
     ],
     swiftLanguageModes: [.v6]

@@ -261,6 +261,14 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                     let isWrite = batch[flights[slot].io].operation == .write
                     var result = result
                     if let faults, faults.isArmed { result = faults.apply(write: isWrite, result: result) }
+                    if !isWrite && result > 0 && flights[slot].bounce >= 0 {
+                        // Copy this piece out before the bounce buffer is reused for the next one.
+                        let io = batch[flights[slot].io]
+                        let payload = min(Int(result), io.length - flights[slot].done)
+                        if payload > 0 {
+                            memcpy(io.buffer! + flights[slot].done, context.bounceBuffer(Int(flights[slot].bounce)), payload)
+                        }
+                    }
                     if handle(result, flight: &flights[slot]) {
                         queue(flights[slot], batch: batch, context: context, tag: tag)
                     } else {
@@ -268,7 +276,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                     }
                 }
             }
-            // Copy bounced reads out; record completed writes in the index.
+            // Record completed writes in the index.
             var written: [Int] = []
             for slot in 0..<wave.count {
                 let flight = flights[slot]
@@ -276,9 +284,6 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 if flight.status != 0 {
                     batch.setStatus(flight.io, flight.status)
                     continue
-                }
-                if io.operation == .read && flight.bounce >= 0 && io.length > 0 {
-                    memcpy(io.buffer!, context.bounceBuffer(Int(flight.bounce)), io.length)
                 }
                 if io.operation == .write { written.append(flight.io) }
             }
@@ -306,20 +311,29 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         flight.finished = false
         if io.bufferAddress % UInt(NVMeFormat.blockSize) != 0 || want != io.length {
             flight.bounce = Int32(slot)
-            if io.operation == .write {
-                let bounce = context.bounceBuffer(slot)
-                memcpy(bounce, io.buffer!, io.length)
-                if want > io.length { memset(bounce + io.length, 0, want - io.length) }
-            }
         }
         return flight
     }
 
+    /// Queues the rest of an I/O: all of it from the caller's buffer, or the next bounce-sized
+    /// piece (a write's piece is copied in, zero-padded to whole blocks, first).
     private func queue(_ flight: Flight, batch: TierBatch, context: URingContext, tag: UInt64) {
         let io = batch[flight.io]
         let offset = geometry.dataOffset(ofSlot: io.extent.firstSlot) + flight.done
-        let buffer = flight.bounce >= 0 ? context.bounceBuffer(Int(flight.bounce)) + flight.done : io.buffer! + flight.done
-        while !context.prepare(write: io.operation == .write, buffer: buffer, length: flight.want - flight.done,
+        var length = flight.want - flight.done
+        let buffer: UnsafeMutableRawPointer
+        if flight.bounce >= 0 {
+            length = min(length, context.bounceBytes)
+            buffer = context.bounceBuffer(Int(flight.bounce))
+            if io.operation == .write {
+                let payload = max(0, min(length, io.length - flight.done))
+                if payload > 0 { memcpy(buffer, io.buffer! + flight.done, payload) }
+                if payload < length { memset(buffer + payload, 0, length - payload) }
+            }
+        } else {
+            buffer = io.buffer! + flight.done
+        }
+        while !context.prepare(write: io.operation == .write, buffer: buffer, length: length,
                                offset: offset, fixedBuffer: flight.bounce, tag: tag)
         {
             // Submission queue full: push what is queued to the kernel and try again.

@@ -38,7 +38,7 @@ func io(_ tier: NVMeTier, _ operation: TierIO.Operation, _ extent: Extent, _ buf
         #expect(tier.directIO)
         #expect(tier.recovery.formatted)
         // Aligned, block-multiple: direct. Odd lengths and unaligned buffers: bounced.
-        for (length, offset) in [(8192, 0), (5000, 0), (3 * 8192, 0), (100, 3), (8192, 1)] {
+        for (length, offset) in [(8192, 0), (5000, 0), (3 * 8192, 0), (100, 3), (8192, 1), (3 * 8192 - 5, 0), (2 * 8192, 7)] {
             let slots = max(1, (length + 8191) / 8192)
             let extent = try #require(tier.allocate(slotCount: slots))
             let source = bytes(UInt64(length), length)
@@ -50,7 +50,7 @@ func io(_ tier: NVMeTier, _ operation: TierIO.Operation, _ extent: Extent, _ buf
             #expect(io(tier, .read, extent, raw + offset, length) == 0)
             #expect(Array(UnsafeRawBufferPointer(start: raw + offset, count: length)) == source, "length \(length) offset \(offset)")
         }
-        #expect(tier.usedSlots == 1 + 1 + 3 + 1 + 1)
+        #expect(tier.usedSlots == 1 + 1 + 3 + 1 + 1 + 3 + 2)
     }
 
     @Test func batchesManyIOsInOneSubmission() throws {
