@@ -1,8 +1,17 @@
 import Dispatch
+import Glibc
 import Testing
 @testable import SpillwayCore
 @testable import SpillwayMemoryTiers
+@testable import SpillwayNVMe
 @testable import SpillwayStore
+
+enum ProcessInfo {
+    /// $SPILLWAY_TMPDIR, else $TMPDIR, else /tmp.
+    static var scratchDirectory: String {
+        getenv("SPILLWAY_TMPDIR").map { String(cString: $0) } ?? getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
+    }
+}
 
 /// Random sequences of put/get/pin/unpin/remove/prefetch/demote/maintenance on a tiny
 /// device+DRAM store (so every operation races against demotion, promotion and eviction),
@@ -11,10 +20,30 @@ import Testing
 @Suite struct StorePropertyTests {
     @Test(arguments: 0..<24)
     func bytesInEqualBytesOut(seed: UInt64) throws {
-        var random = SplitMix(seed: seed &* 7919 &+ 1)
         let store = try makeStore(device: 6, dram: 14, maxPageSize: 3 * 4096,
                                   watermarks: [Watermarks(high: 0.7, low: 0.4), Watermarks(high: 0.9, low: 0.6)])
         defer { store.close() }
+        try runRandomSequence(on: store, seed: seed)
+    }
+
+    /// The same with an NVMe tier (a temporary file, real O_DIRECT I/O) under device and DRAM.
+    @Test(arguments: 0..<12)
+    func bytesInEqualBytesOutWithNVMe(seed: UInt64) throws {
+        let path = "\(ProcessInfo.scratchDirectory)/spillway-property-\(getpid())-\(seed)"
+        defer { unlink(path) }
+        let tiers: [any Tier] = [
+            try DeviceTier(slotSize: 4096, capacitySlots: 4, memory: HostDeviceMemory(prefault: false)),
+            try DRAMTier(slotSize: 4096, capacitySlots: 8, prefault: false),
+            try NVMeTier(NVMeTierConfiguration(path: path, slotSize: 4096, capacitySlots: 12)),
+        ]
+        let store = try TieredStore(tiers: tiers, options: StoreOptions(
+            maxPageSize: 3 * 4096, watermarks: [Watermarks(high: 0.7, low: 0.4), Watermarks(high: 0.8, low: 0.5)], backgroundWorker: false))
+        defer { store.close() }
+        try runRandomSequence(on: store, seed: seed)
+    }
+
+    func runRandomSequence(on store: TieredStore, seed: UInt64) throws {
+        var random = SplitMix(seed: seed &* 7919 &+ 1)
         var model: [PageKey: [UInt8]] = [:]
         var pins: [PageKey: (count: Int, location: PageLocation)] = [:]
         var nonce: UInt64 = 0
