@@ -12,9 +12,18 @@ public struct TierConfiguration: Sendable, Equatable {
     public var verifyReads: Bool?
     /// Fault the tier's memory in at start-up (memory tiers).
     public var prefault: Bool
+    /// NVMe: the file or block device (default: `spillway-<name>.nvme` in the scratch directory).
+    public var path: String?
+    /// NVMe: use the page cache instead of O_DIRECT (only where the filesystem refuses O_DIRECT).
+    public var bufferedIO: Bool
+    /// NVMe: `interrupt`, `iopoll` or `sqpoll`; nil probes IOPOLL and falls back (logged).
+    public var pollMode: NVMePollMode?
+    /// NVMe: ignore what the file holds and start empty (benchmarks' scratch files).
+    public var reformat: Bool
 
     public init(name: String? = nil, kind: TierKind, capacity: Int, watermarks: Watermarks = Watermarks(),
-                verifyReads: Bool? = nil, prefault: Bool = true)
+                verifyReads: Bool? = nil, prefault: Bool = true, path: String? = nil, bufferedIO: Bool = false,
+                pollMode: NVMePollMode? = nil, reformat: Bool = false)
     {
         self.name = name ?? kind.rawValue
         self.kind = kind
@@ -22,7 +31,14 @@ public struct TierConfiguration: Sendable, Equatable {
         self.watermarks = watermarks
         self.verifyReads = verifyReads
         self.prefault = prefault
+        self.path = path
+        self.bufferedIO = bufferedIO
+        self.pollMode = pollMode
+        self.reformat = reformat
     }
+
+    /// The NVMe file this tier uses.
+    public var resolvedPath: String { path ?? ScratchDirectory.file("spillway-\(name).nvme") }
 }
 
 /// Everything needed to open a store: the pool geometry, the policy and the tiers, top first.
@@ -63,20 +79,24 @@ public struct SpillwayConfiguration: Sendable, Equatable {
         self.prefetchQueueLimit = prefetchQueueLimit
     }
 
-    /// The embedded default: a 64 MiB device tier over a 256 MiB DRAM tier, 4 KiB slots.
-    /// Later tiers (NVMe, remote daemons on loopback) join it as their issues land.
+    /// The embedded default: a 64 MiB device tier over 256 MiB of DRAM over a 1 GiB NVMe file
+    /// in the scratch directory, 4 KiB slots. Remote daemons on loopback join it with their issue.
     public static let embeddedDefault = SpillwayConfiguration(
         slotSize: 4096,
         tiers: [
             TierConfiguration(kind: .device, capacity: 64 << 20),
             TierConfiguration(kind: .dram, capacity: 256 << 20),
+            TierConfiguration(kind: .nvme, capacity: 1 << 30),
         ])
 
     /// Keys this type reads from a TOML document's top level.
     public static let topLevelKeys: Set<String> = [
         "slot-size", "max-page-size", "policy", "tier", "background-interval-ms", "prefetch-queue-limit",
     ]
-    static let tierKeys: Set<String> = ["name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault"]
+    static let tierKeys: Set<String> = [
+        "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault",
+        "path", "buffered-io", "poll-mode", "reformat",
+    ]
 
     /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
     /// behaviour) unless listed in `extraKeys` (options of the command that read the file).
@@ -122,11 +142,21 @@ public struct SpillwayConfiguration: Sendable, Equatable {
         }
         guard let capacity = try TOMLReader.size(table, "capacity") else { throw .invalidConfiguration("tier \(index + 1): 'capacity' is required") }
         let defaults = Watermarks()
+        let pollName = try TOMLReader.string(table, "poll-mode")
+        var pollMode: NVMePollMode?
+        if let pollName {
+            guard let mode = NVMePollMode(rawValue: pollName) else {
+                throw .invalidConfiguration("tier \(index + 1): poll-mode '\(pollName)' (one of interrupt, iopoll, sqpoll)")
+            }
+            pollMode = mode
+        }
         return TierConfiguration(
             name: try TOMLReader.string(table, "name"), kind: kind, capacity: capacity,
             watermarks: Watermarks(high: try TOMLReader.double(table, "high-watermark") ?? defaults.high,
                                    low: try TOMLReader.double(table, "low-watermark") ?? defaults.low),
-            verifyReads: try TOMLReader.bool(table, "verify-reads"), prefault: try TOMLReader.bool(table, "prefault") ?? true)
+            verifyReads: try TOMLReader.bool(table, "verify-reads"), prefault: try TOMLReader.bool(table, "prefault") ?? true,
+            path: try TOMLReader.string(table, "path"), bufferedIO: try TOMLReader.bool(table, "buffered-io") ?? false,
+            pollMode: pollMode, reformat: try TOMLReader.bool(table, "reformat") ?? false)
     }
 
     /// Reads and parses a TOML file.
@@ -145,7 +175,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             guard tier.capacity >= slotSize else {
                 throw .invalidConfiguration("tier '\(tier.name)': capacity \(tier.capacity) is smaller than one slot (\(slotSize))")
             }
-            guard tier.kind == .device || tier.kind == .dram else {
+            guard tier.kind == .device || tier.kind == .dram || tier.kind == .nvme else {
                 throw .invalidConfiguration("tier '\(tier.name)': kind '\(tier.kind.rawValue)' is not available in this build yet")
             }
             try tier.watermarks.validate(tier: tier.name)
@@ -174,7 +204,13 @@ extension TieredStore {
                 tiers.append(try DRAMTier(
                     name: tier.name, slotSize: configuration.slotSize, capacitySlots: slots, prefault: tier.prefault,
                     verifiesReads: tier.verifyReads ?? false, logger: logger))
-            case .nvme, .remote, .erasureCoded:
+            case .nvme:
+                tiers.append(try NVMeTier(
+                    NVMeTierConfiguration(name: tier.name, path: tier.resolvedPath, slotSize: configuration.slotSize,
+                                          capacitySlots: slots, bufferedIO: tier.bufferedIO, pollMode: tier.pollMode,
+                                          reformat: tier.reformat),
+                    logger: logger))
+            case .remote, .erasureCoded:
                 throw .invalidConfiguration("tier kind '\(tier.kind.rawValue)' is not available in this build yet")
             }
         }

@@ -2,4 +2,5 @@
 // from a configuration value or a TOML file.
 @_exported import SpillwayCore
 @_exported import SpillwayMemoryTiers
+@_exported import SpillwayNVMe
 @_exported import SpillwayStore

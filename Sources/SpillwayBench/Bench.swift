@@ -26,6 +26,8 @@ public struct BenchOptions: Sendable, Equatable {
     public var seed: UInt64
     /// Time one operation (or batch) in this many; 1 = every one.
     public var latencySampleEvery: Int
+    /// NVMe: the scratch file (created or overwritten); nil = one in the scratch directory.
+    public var file: String?
 
     public init(target: String, pattern: BenchPattern = .randread, blockSize: Int = 4096, queueDepth: Int = 1,
                 durationSeconds: Double = 5, size: Int = 64 << 20, seed: UInt64 = 42, latencySampleEvery: Int = 16)
@@ -38,6 +40,7 @@ public struct BenchOptions: Sendable, Equatable {
         self.size = size
         self.seed = seed
         self.latencySampleEvery = latencySampleEvery
+        file = nil
     }
 
     public func validate() throws(SpillwayError) {
@@ -69,6 +72,8 @@ public struct BenchResult: Sendable {
     public var errors: Int
     public var verifiedPages: Int
     public var stats: StoreStats?
+    /// NVMe runs: the file, where its data region starts, and how the ring drives it.
+    public var nvme: (file: String, dataOffset: Int, mode: String, directIO: Bool)?
 
     public var iops: Double { seconds > 0 ? Double(ops) / seconds : 0 }
     public var bytesPerSecond: Double { iops * Double(blockSize) }
@@ -84,6 +89,12 @@ public struct BenchResult: Sendable {
             ("duration_s", .double(seconds)), ("working_set_bytes", .int(workingSetBytes)), ("seed", .int(Int(bitPattern: UInt(seed)))),
             ("latency_sample_every", .int(latencySampleEvery)), ("errors", .int(errors)), ("verified_pages", .int(verifiedPages)),
         ]
+        if let nvme {
+            members.append(("file", .string(nvme.file)))
+            members.append(("data_offset", .int(nvme.dataOffset)))
+            members.append(("io_mode", .string(nvme.mode)))
+            members.append(("direct_io", .bool(nvme.directIO)))
+        }
         if let stats {
             members.append(("tiers", .array(stats.tiers.map { tier in
                 .object([
@@ -104,14 +115,18 @@ public enum BenchRunner {
     /// The store a single-tier run uses: exactly the working set plus slack for copy-on-write
     /// overwrites (a `put` writes the new version before freeing the old one).
     public static func configuration(for options: BenchOptions) throws(SpillwayError) -> SpillwayConfiguration {
-        guard let kind = TierKind(rawValue: options.target), kind == .device || kind == .dram else {
-            throw .invalidArgument("unknown or unavailable tier '\(options.target)' (available: device, dram)")
+        guard let kind = TierKind(rawValue: options.target), kind == .device || kind == .dram || kind == .nvme else {
+            throw .invalidArgument("unknown or unavailable tier '\(options.target)' (available: device, dram, nvme, tiered)")
         }
         let pages = options.size / options.blockSize
         let slack = max(64, options.queueDepth * 2)
-        return SpillwayConfiguration(
-            slotSize: options.blockSize, maxPageSize: options.blockSize,
-            tiers: [TierConfiguration(kind: kind, capacity: (pages + slack) * options.blockSize)])
+        var tier = TierConfiguration(kind: kind, capacity: (pages + slack) * options.blockSize)
+        if kind == .nvme {
+            // A scratch file: overwritten without asking, never recovered.
+            tier.path = options.file ?? ScratchDirectory.file("spillway-bench.nvme")
+            tier.reformat = true
+        }
+        return SpillwayConfiguration(slotSize: options.blockSize, maxPageSize: options.blockSize, tiers: [tier])
     }
 
     public static func run(_ options: BenchOptions, configuration given: SpillwayConfiguration? = nil,
@@ -142,11 +157,26 @@ public enum BenchRunner {
         }
 
         // Prefill (untimed): every page gets content derived from its key and the seed.
-        let fill = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: 4096)
-        defer { fill.deallocate() }
-        for page in 0..<pages {
-            Self.fillPage(fill, key: UInt64(page), seed: options.seed)
-            try store.put(PageKey(UInt64(page)), UnsafeRawBufferPointer(fill))
+        // Batched (64 pages per submission), so a large NVMe working set fills quickly.
+        let prefillBatch = 64
+        let prefillBuffers = UnsafeMutableRawPointer.allocate(byteCount: blockSize * prefillBatch, alignment: 4096)
+        defer { prefillBuffers.deallocate() }
+        let prefillWrites = UnsafeMutableBufferPointer<PageWrite>.allocate(capacity: prefillBatch)
+        defer { prefillWrites.deallocate() }
+        var page = 0
+        while page < pages {
+            let count = min(prefillBatch, pages - page)
+            for index in 0..<count {
+                let buffer = UnsafeMutableRawBufferPointer(start: prefillBuffers + index * blockSize, count: blockSize)
+                Self.fillPage(buffer, key: UInt64(page + index), seed: options.seed)
+                prefillWrites.initializeElement(at: index, to: PageWrite(key: PageKey(UInt64(page + index)), bytes: UnsafeRawBufferPointer(buffer)))
+            }
+            let chunk = UnsafeMutableBufferPointer(rebasing: prefillWrites[0..<count])
+            if store.put(batch: chunk) != count {
+                let error = chunk.first(where: { $0.error != nil })?.error ?? .storeFull(requiredSlots: 1)
+                throw error
+            }
+            page += count
             if page & 1023 == 0 { progress?.update(fraction: 0, detail: "prefill \(page)/\(pages)") }
         }
         // Written blocks carry one recognizable pattern (checked after the run).
@@ -216,12 +246,16 @@ public enum BenchRunner {
         // Check what the run left behind: every sampled page holds its prefill or the written pattern.
         let verified = try verifySample(store: store, pages: pages, options: options, written: buffers)
         let empty = histogram.totalCount == 0
+        var nvme: (file: String, dataOffset: Int, mode: String, directIO: Bool)?
+        if configuration.tiers.count == 1, let tier = store.tiers[0] as? NVMeTier {
+            nvme = (tier.path, tier.dataOffset, tier.mode.rawValue, tier.directIO)
+        }
         return BenchResult(
             tier: options.target, pattern: options.pattern, blockSize: blockSize, queueDepth: queueDepth, ops: ops,
             seconds: seconds, p50: empty ? 0 : histogram.valueAtPercentile(50), p99: empty ? 0 : histogram.valueAtPercentile(99),
             p999: empty ? 0 : histogram.valueAtPercentile(99.9), max: empty ? 0 : histogram.max,
             workingSetBytes: pages * blockSize, seed: options.seed, latencySampleEvery: sampleEvery, errors: errors,
-            verifiedPages: verified, stats: store.stats())
+            verifiedPages: verified, stats: store.stats(), nvme: nvme)
     }
 
     /// Deterministic page content from (key, seed): any process can regenerate and check it.

@@ -8,8 +8,8 @@ struct BenchCommand: ParsableCommand {
         commandName: "bench",
         abstract: "Measure one tier, or (no tier) every available tier on the embedded default configuration.",
         discussion: """
-        Tiers: device, dram, tiered (the whole configured hierarchy as one store, with a working
-        set larger than its top tier). Without a tier, runs randread and randwrite on each and
+        Tiers: device, dram, nvme (O_DIRECT through io_uring on --file), tiered (the whole
+        configured hierarchy as one store, with a working set larger than its top tier). Without a tier, runs randread and randwrite on each and
         prints one summary table (with --json: {"results": [...]}).
 
         The working set (--size) is prefilled before timing starts; the tier is sized to hold it.
@@ -21,7 +21,7 @@ struct BenchCommand: ParsableCommand {
         tables define the store used by 'tiered'); the command line wins over the file.
         """)
 
-    @Argument(help: "device | dram | tiered; omit to run every available tier.")
+    @Argument(help: "device | dram | nvme | tiered; omit to run every available tier.")
     var tier: String?
 
     @Option(help: "randread | randwrite | read | write (default randread).")
@@ -42,6 +42,9 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Seed of the access pattern and page contents (default 42).")
     var seed: UInt64?
 
+    @Option(help: "NVMe: scratch file or block device (created or overwritten without asking; default: in $SPILLWAY_TMPDIR or /tmp).")
+    var file: String?
+
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
 
@@ -52,7 +55,7 @@ struct BenchCommand: ParsableCommand {
     var logLevel: LogLevelArgument?
 
     /// Keys a --config file may set for this command (`tier` is the store's [[tier]] array).
-    static let optionKeys: Set<String> = ["pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
+    static let optionKeys: Set<String> = ["file", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -71,10 +74,15 @@ struct BenchCommand: ParsableCommand {
         let durationGiven = try duration ?? file.double("duration")
         let sizeGiven = try size?.bytes ?? file.size("size")
         options.seed = try seed ?? file.int("seed").map { UInt64(bitPattern: Int64($0)) } ?? 42
+        options.file = try self.file ?? file.string("file")
 
         var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
         storeConfiguration.slotSize = options.blockSize
         storeConfiguration.maxPageSize = options.blockSize
+        // Benchmark files are scratch: never recover a previous run's pages.
+        for index in storeConfiguration.tiers.indices where storeConfiguration.tiers[index].kind == .nvme {
+            storeConfiguration.tiers[index].reformat = true
+        }
 
         var results: [BenchResult] = []
         switch target {

@@ -81,10 +81,15 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     public let recoveredPages: [RecoveredPage]
 
     let geometry: NVMeFormat.Geometry
+    /// Byte offset of slot 0 in the file (benchmarks point fio at the same region).
+    public var dataOffset: Int { geometry.dataOffset }
     private let fd: Int32
     private let allocator: SlotAllocator
     private let mirror: MappedRegion
     private let indexStripes: [Locked<Void>]
+    /// Released extents whose empty index record is not on disk yet (bounded: a release that
+    /// finds 64 waiting writes them out itself).
+    private let tombstones = Locked<[Extent]>([])
     private let rings: Locked<(free: [URingContext], created: Int)>
     private let maxRings = 8
     private let ringEntries: Int
@@ -172,29 +177,42 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     }
 
     deinit {
+        _ = flushTombstones()
         rings.withLock { $0.free.removeAll() }
         Glibc.close(fd)
     }
 
     // MARK: Space
 
-    public func allocate(slotCount: Int) -> Extent? { allocator.allocate(count: slotCount) }
+    public func allocate(slotCount: Int) -> Extent? {
+        if let extent = allocator.allocate(count: slotCount) { return extent }
+        // Slots waiting for their tombstone may be all that is missing.
+        guard flushTombstones() else { return nil }
+        return allocator.allocate(count: slotCount)
+    }
 
+    /// Empties the page's index record in the mirror now; the slots return to the allocator
+    /// only once that empty record is on disk (written with the next batch's index blocks, or
+    /// here when 64 releases are waiting), so a released page can never reappear after a restart.
     public func release(_ extent: Extent) {
-        // Clear the page's index record on disk before the slots can be reused.
-        if clearRecord(atSlot: extent.firstSlot) {
-            allocator.release(extent)
-        } else {
-            leakedSlots.wrappingIncrement(by: Int(extent.slotCount), ordering: .relaxed)
-            logger.error("could not clear an index record; its slots stay allocated", metadata: [
-                "tier": "\(descriptor.name)", "extent": "\(extent)",
-            ])
+        let slot = extent.firstSlot
+        let block = geometry.indexBlockOffset(ofSlot: slot)
+        withIndexBlock(block) { memset(mirror.base + Int(slot) * NVMeFormat.recordSize, 0, NVMeFormat.recordSize) }
+        let waiting = tombstones.withLock { pending -> Int in
+            pending.append(extent)
+            return pending.count
         }
+        if waiting >= 64 { _ = flushTombstones() }
     }
 
     public var usedSlots: Int { allocator.usedSlots }
 
+    /// Slots released by the store whose empty index record is not on disk yet (still counted
+    /// in `usedSlots` until it is).
+    public var pendingReleaseSlots: Int { tombstones.withLock { $0.reduce(0) { $0 + Int($1.slotCount) } } }
+
     public func close() {
+        _ = flushTombstones()
         closed.store(true, ordering: .releasing)
     }
 
@@ -367,80 +385,128 @@ public final class NVMeTier: Tier, @unchecked Sendable {
 
     // MARK: Index
 
-    /// Writes index records for completed writes (block by block, under the block's stripe lock
-    /// so concurrent updates of one 4 KiB block reach the disk in order). Returns 0 or an errno.
+    /// Writes index records for completed writes, plus any waiting tombstones, as one
+    /// submission of all touched 4 KiB index blocks. The blocks' stripe locks are held (in
+    /// ascending order) from encoding until the writes complete, so concurrent updates of a
+    /// block reach the disk in the order they were made. Returns 0 or an errno.
     private func recordWrites(_ indices: [Int], of batch: TierBatch, on context: URingContext) -> Int32 {
-        var blocks: [Int: [Int]] = [:]
-        for index in indices {
-            blocks[geometry.indexBlockOffset(ofSlot: batch[index].extent.firstSlot), default: []].append(index)
+        let waiting = tombstones.withLock { pending -> [Extent] in
+            defer { pending.removeAll(keepingCapacity: true) }
+            return pending
         }
-        var failure: Int32 = 0
-        for (block, members) in blocks {
-            let status = withIndexBlock(block) { () -> Int32 in
-                for index in members {
-                    let io = batch[index]
-                    let record = NVMeFormat.Record(
-                        key: io.key, slotCount: io.extent.slotCount, length: UInt32(io.length), checksum: io.checksum,
-                        sequence: sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1)
-                    record.encode(into: mirror.base + Int(io.extent.firstSlot) * NVMeFormat.recordSize)
-                }
-                return writeIndexBlock(block, on: context)
+        var blocks = Set(indices.map { geometry.indexBlockOffset(ofSlot: batch[$0].extent.firstSlot) })
+        for extent in waiting { blocks.insert(geometry.indexBlockOffset(ofSlot: extent.firstSlot)) }
+        let status = withIndexBlocks(Array(blocks)) { () -> Int32 in
+            for index in indices {
+                let io = batch[index]
+                let record = NVMeFormat.Record(
+                    key: io.key, slotCount: io.extent.slotCount, length: UInt32(io.length), checksum: io.checksum,
+                    sequence: sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1)
+                record.encode(into: mirror.base + Int(io.extent.firstSlot) * NVMeFormat.recordSize)
             }
-            if status != 0 { failure = status }
+            return writeIndexBlocks(Array(blocks), on: context)
         }
-        return failure
+        settle(waiting, written: status == 0)
+        return status
     }
 
-    /// Empties the record of the page starting at `slot` (in the mirror and on disk).
-    private func clearRecord(atSlot slot: UInt32) -> Bool {
-        let block = geometry.indexBlockOffset(ofSlot: slot)
-        let record = mirror.base + Int(slot) * NVMeFormat.recordSize
-        guard let context = try? takeRing() else { return false }
-        defer { returnRing(context) }
-        let status = withIndexBlock(block) { () -> Int32 in
-            guard record.load(as: UInt32.self) != 0 else { return 0 }
-            memset(record, 0, NVMeFormat.recordSize)
-            return writeIndexBlock(block, on: context)
+    /// Writes every waiting tombstone now. False if nothing was waiting or the write failed.
+    private func flushTombstones() -> Bool {
+        let waiting = tombstones.withLock { pending -> [Extent] in
+            defer { pending.removeAll(keepingCapacity: true) }
+            return pending
         }
+        guard !waiting.isEmpty else { return false }
+        guard let context = try? takeRing() else {
+            settle(waiting, written: false)
+            return false
+        }
+        defer { returnRing(context) }
+        let blocks = Array(Set(waiting.map { geometry.indexBlockOffset(ofSlot: $0.firstSlot) }))
+        let status = withIndexBlocks(blocks) { writeIndexBlocks(blocks, on: context) }
+        settle(waiting, written: status == 0)
         return status == 0
     }
 
-    private func withIndexBlock<R>(_ block: Int, _ body: () -> R) -> R {
-        indexStripes[(block / NVMeFormat.blockSize) % indexStripes.count].withLock { _ in body() }
+    /// Released extents whose tombstones are on disk go back to the allocator; if the write
+    /// failed they wait for the next one (a persistent failure keeps them out of use, counted).
+    private func settle(_ extents: [Extent], written: Bool) {
+        guard !extents.isEmpty else { return }
+        if written {
+            for extent in extents { allocator.release(extent) }
+        } else {
+            tombstones.withLock { $0.append(contentsOf: extents) }
+            leakedSlots.wrappingIncrement(by: extents.reduce(0) { $0 + Int($1.slotCount) }, ordering: .relaxed)
+            logger.error("could not write index tombstones; their slots stay allocated", metadata: [
+                "tier": "\(descriptor.name)", "extents": "\(extents.count)",
+            ])
+        }
     }
 
-    /// Writes one 4 KiB index block from the mirror (a registered buffer). Caller holds its stripe.
-    private func writeIndexBlock(_ block: Int, on context: URingContext) -> Int32 {
-        var done = 0
-        var retries = 0
-        while done < NVMeFormat.blockSize {
-            while !context.prepare(write: true, buffer: mirror.base + block + done, length: NVMeFormat.blockSize - done,
-                                   offset: geometry.indexOffset + block + done, fixedBuffer: context.mirrorBufferIndex, tag: .max)
+    private func stripe(ofBlock block: Int) -> Int { (block / NVMeFormat.blockSize) % indexStripes.count }
+
+    private func withIndexBlock<R>(_ block: Int, _ body: () -> R) -> R {
+        indexStripes[stripe(ofBlock: block)].withLock { _ in body() }
+    }
+
+    /// Runs `body` holding the stripe locks of `blocks`, taken in ascending order.
+    private func withIndexBlocks<R>(_ blocks: [Int], _ body: () -> R) -> R {
+        let stripes = Array(Set(blocks.map(stripe(ofBlock:)))).sorted()
+        func nest(_ remaining: ArraySlice<Int>) -> R {
+            guard let first = remaining.first else { return body() }
+            return indexStripes[first].withLock { _ in nest(remaining.dropFirst()) }
+        }
+        return nest(stripes[...])
+    }
+
+    /// Writes index blocks from the mirror (a registered buffer) in one submission; short
+    /// writes and EINTR/EAGAIN are resubmitted. Returns 0 or the first errno.
+    private func writeIndexBlocks(_ blocks: [Int], on context: URingContext) -> Int32 {
+        var done = [Int](repeating: 0, count: blocks.count)
+        var retries = [Int](repeating: 0, count: blocks.count)
+        var failure: Int32 = 0
+        var pending = 0
+        func queue(_ index: Int) {
+            let block = blocks[index]
+            while !context.prepare(write: true, buffer: mirror.base + block + done[index], length: NVMeFormat.blockSize - done[index],
+                                   offset: geometry.indexOffset + block + done[index], fixedBuffer: context.mirrorBufferIndex,
+                                   tag: UInt64(index))
             {
                 _ = context.submit(waitFor: 0)
             }
+        }
+        for index in blocks.indices {
+            queue(index)
+            pending += 1
+        }
+        while pending > 0 {
             let submitStatus = context.submit(waitFor: 1)
             if submitStatus < 0 { return -submitStatus }
-            var result: Int32 = 0
-            var seen = false
-            while !seen {
-                _ = context.reap { _, value in
-                    result = value
-                    seen = true
+            _ = context.reap { tag, value in
+                let index = Int(tag)
+                var result = value
+                if let faults, faults.isArmed { result = faults.apply(write: true, result: result) }
+                switch result {
+                case -EINTR, -EAGAIN:
+                    retries[index] += 1
+                    if retries[index] <= 64 {
+                        queue(index)
+                        return
+                    }
+                    failure = -result
+                case ..<0: failure = -result
+                case 0: failure = EIO
+                default:
+                    done[index] += Int(result)
+                    if done[index] < NVMeFormat.blockSize {
+                        queue(index)
+                        return
+                    }
                 }
-                if !seen { _ = context.submit(waitFor: 1) }
-            }
-            if let faults, faults.isArmed { result = faults.apply(write: true, result: result) }
-            switch result {
-            case -EINTR, -EAGAIN:
-                retries += 1
-                if retries > 64 { return -result }
-            case ..<0: return -result
-            case 0: return EIO
-            default: done += Int(result)
+                pending -= 1
             }
         }
-        return 0
+        return failure
     }
 
     // MARK: Rings
