@@ -59,6 +59,7 @@ let package = Package(
                 "CSpillwayURing",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
             ]
         ),
         // The tiered store: put/get/pin/prefetch, promotion, background demotion, eviction, stats.

@@ -1,6 +1,7 @@
 import Atomics
 import CSpillwayURing
 import Logging
+import Metrics
 import SpillwayCore
 
 #if canImport(Glibc)
@@ -174,6 +175,10 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         if !directIO {
             logger.warning("nvme tier uses buffered I/O (page cache) because buffered-io was requested", metadata: ["tier": "\(name)"])
         }
+        // Which mode is in use is a metric too, not only a log line: a silent fallback is a bug.
+        Gauge(label: "spillway_nvme_io_mode", dimensions: [("tier", name), ("mode", mode.rawValue), ("direct", "\(directIO)")]).record(1)
+        Gauge(label: "spillway_nvme_recovered_pages", dimensions: [("tier", name)]).record(recovery.recovered)
+        Gauge(label: "spillway_nvme_discarded_pages", dimensions: [("tier", name)]).record(recovery.discarded)
     }
 
     deinit {

@@ -137,8 +137,28 @@ enum ProcessInfo {
         let store = try makeStore(device: 16, dram: 48, maxPageSize: 2 * 4096, worker: true,
                                   watermarks: [Watermarks(high: 0.6, low: 0.3)])
         defer { store.close() }
+        try hammer(store)
+    }
+
+    /// The same with an NVMe tier at the bottom: ring pool, index writes and tombstones under
+    /// concurrent moves.
+    @Test func concurrentMixedOperationsWithNVMe() throws {
+        let path = "\(ProcessInfo.scratchDirectory)/spillway-concurrency-\(getpid())"
+        defer { unlink(path) }
+        let tiers: [any Tier] = [
+            try DeviceTier(slotSize: 4096, capacitySlots: 8, memory: HostDeviceMemory(prefault: false)),
+            try DRAMTier(slotSize: 4096, capacitySlots: 16, prefault: false),
+            try NVMeTier(NVMeTierConfiguration(path: path, slotSize: 4096, capacitySlots: 64)),
+        ]
+        let store = try TieredStore(tiers: tiers, options: StoreOptions(
+            maxPageSize: 2 * 4096, watermarks: [Watermarks(high: 0.6, low: 0.3), Watermarks(high: 0.7, low: 0.4)],
+            backgroundIntervalMilliseconds: 5))
+        defer { store.close() }
+        try hammer(store, operations: 800)
+    }
+
+    func hammer(_ store: TieredStore, operations: Int = 3000) throws {
         let threads = 6
-        let operations = 3000
         let failures = ManagedCounter()
         DispatchQueue.concurrentPerform(iterations: threads) { thread in
             var random = SplitMix(seed: UInt64(thread) &+ 100)
