@@ -11,6 +11,7 @@ packages=(
   fio                   # NVMe reference in Bench/
   redis-server          # TCP round-trip reference in Bench/
   iproute2              # network-namespace fault tests
+  e2fsprogs util-linux mount   # NVMe tests: a small ext4 image on a loop device (ENOSPC, block device)
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import Testing
 @testable import SpillwayCore
@@ -126,7 +127,8 @@ func io(_ tier: NVMeTier, _ operation: TierIO.Operation, _ extent: Extent, _ buf
         #expect(io(tier, .read, extent, buffer, 4096) == EIO)
     }
 
-    @Test func fullFilesystemIsReportedAtOpen() throws {
+    @Test(.enabled(if: LoopDevices.available, "needs root, /dev/loop-control, losetup and mkfs.ext4"))
+    func fullFilesystemIsReportedAtOpen() throws {
         // A 16 MiB ext4 image on a loop device; a 64 MiB tier cannot reserve its space there.
         let image = scratchPath("small.img")
         let mountPoint = scratchPath("small-mnt")
@@ -154,3 +156,62 @@ func io(_ tier: NVMeTier, _ operation: TierIO.Operation, _ extent: Extent, _ buf
     }
 }
 
+
+@Suite(.serialized) struct NVMeDeviceAndModeTests {
+    @Test func bufferedModeWorksWhereRequested() throws {
+        // /dev/shm is tmpfs: buffered I/O is the explicit opt-in for filesystems without O_DIRECT.
+        let path = "/dev/shm/spillway-test-\(getpid())-buffered"
+        defer { unlink(path) }
+        let tier = try NVMeTier(NVMeTierConfiguration(path: path, slotSize: 4096, capacitySlots: 8, bufferedIO: true))
+        #expect(!tier.directIO)
+        #expect(tier.mode == .interrupt)
+        let extent = try #require(tier.allocate(slotCount: 1))
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { buffer.deallocate() }
+        memset(buffer, 0x33, 4096)
+        #expect(io(tier, .write, extent, buffer, 3000, key: PageKey(1)) == 0)
+        memset(buffer, 0, 4096)
+        #expect(io(tier, .read, extent, buffer, 3000) == 0)
+        #expect(Array(UnsafeRawBufferPointer(start: buffer, count: 3000)) == [UInt8](repeating: 0x33, count: 3000))
+    }
+
+    @Test(.enabled(if: LoopDevices.available, "needs root, /dev/loop-control, losetup and mkfs.ext4"))
+    func blockDeviceRoundTripsAndRecovers() throws {
+        let image = scratchPath("blockdev.img")
+        defer { unlink(image) }
+        guard system("truncate -s 32M \(image)") == 0,
+              let pipe = popen("losetup -f --show \(image) 2>/dev/null", "r")
+        else {
+            Issue.record("cannot create a loop device here (needs root and /dev/loop-control)")
+            return
+        }
+        var line = [CChar](repeating: 0, count: 256)
+        let device = fgets(&line, 256, pipe) != nil ? String(cString: line).trimmingCharacters(in: .whitespacesAndNewlines) : ""
+        pclose(pipe)
+        guard device.hasPrefix("/dev/loop") else {
+            Issue.record("losetup gave no device")
+            return
+        }
+        defer { _ = system("losetup -d \(device)") }
+        do {
+            let tier = try NVMeTier(NVMeTierConfiguration(path: device, slotSize: 4096, capacitySlots: 1024))
+            #expect(tier.recovery.formatted)
+            let store = try TieredStore(tiers: [tier], options: StoreOptions(maxPageSize: 8192, backgroundWorker: false))
+            for value in 0..<10 { try store.put(PageKey(UInt64(value)), bytes: bytes(UInt64(value), 5000)) }
+            store.close()
+        }
+        let tier = try NVMeTier(NVMeTierConfiguration(path: device, slotSize: 4096, capacitySlots: 1024))
+        let store = try TieredStore(tiers: [tier], options: StoreOptions(maxPageSize: 8192, backgroundWorker: false))
+        defer { store.close() }
+        #expect(tier.recovery.recovered == 10)
+        for value in 0..<10 { #expect(try store.get(PageKey(UInt64(value))) == bytes(UInt64(value), 5000)) }
+    }
+}
+
+/// Whether loop devices can be set up here (root, the loop driver, and the tools).
+enum LoopDevices {
+    static let available: Bool = {
+        geteuid() == 0 && access("/dev/loop-control", F_OK) == 0
+            && system("command -v losetup >/dev/null && command -v mkfs.ext4 >/dev/null") == 0
+    }()
+}
