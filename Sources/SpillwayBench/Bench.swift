@@ -71,6 +71,9 @@ public struct BenchResult: Sendable {
     public var latencySampleEvery: Int
     public var errors: Int
     public var verifiedPages: Int
+    /// Operations per store call (queue depth, or a multiple of it with the depth as the
+    /// in-flight window on queueing tiers).
+    public var batchSize: Int = 0
     public var stats: StoreStats?
     /// NVMe runs: the file, where its data region starts, and how the ring drives it.
     public var nvme: (file: String, dataOffset: Int, mode: String, directIO: Bool)?
@@ -88,6 +91,7 @@ public struct BenchResult: Sendable {
             ])),
             ("duration_s", .double(seconds)), ("working_set_bytes", .int(workingSetBytes)), ("seed", .int(Int(bitPattern: UInt(seed)))),
             ("latency_sample_every", .int(latencySampleEvery)), ("errors", .int(errors)), ("verified_pages", .int(verifiedPages)),
+            ("batch_size", .int(batchSize)),
         ]
         if let nvme {
             members.append(("file", .string(nvme.file)))
@@ -119,7 +123,9 @@ public enum BenchRunner {
             throw .invalidArgument("unknown or unavailable tier '\(options.target)' (available: device, dram, nvme, tiered)")
         }
         let pages = options.size / options.blockSize
-        let slack = max(64, options.queueDepth * 2)
+        // Room for one batch of new versions before the old ones are released (copy-on-write),
+        // so a write benchmark never evicts its own working set.
+        let slack = max(64, 2 * batchSize(for: options, windowed: kind == .nvme && options.queueDepth > 1))
         var tier = TierConfiguration(kind: kind, capacity: (pages + slack) * options.blockSize)
         if kind == .nvme {
             // A scratch file: overwritten without asking, never recovered.
@@ -127,6 +133,13 @@ public enum BenchRunner {
             tier.reformat = true
         }
         return SpillwayConfiguration(slotSize: options.blockSize, maxPageSize: options.blockSize, tiers: [tier])
+    }
+
+    /// Operations per store call: the queue depth, or for windowed (queueing) tiers 16× it,
+    /// capped at 1024 operations and 64 MiB of buffers.
+    static func batchSize(for options: BenchOptions, windowed: Bool) -> Int {
+        guard windowed else { return options.queueDepth }
+        return max(options.queueDepth, min(options.queueDepth * 16, 1024, (64 << 20) / options.blockSize))
     }
 
     public static func run(_ options: BenchOptions, configuration given: SpillwayConfiguration? = nil,
@@ -143,14 +156,19 @@ public enum BenchRunner {
         let pages = options.size / options.blockSize
         let blockSize = options.blockSize
         let queueDepth = options.queueDepth
+        // Tiers that queue I/O (NVMe) get batches several times the queue depth with the depth
+        // as their in-flight window, so the device sees a sustained queue depth (as fio keeps
+        // it), and report each I/O's own latency. Memory tiers run one batch of `queueDepth`.
+        let windowed = queueDepth > 1 && configuration.tiers.count == 1 && configuration.tiers[0].kind == .nvme
+        let batchSize = Self.batchSize(for: options, windowed: windowed)
 
         // Buffers and request arrays allocated once; the timed loop allocates nothing.
-        let buffers = UnsafeMutableRawPointer.allocate(byteCount: blockSize * queueDepth, alignment: 4096)
+        let buffers = UnsafeMutableRawPointer.allocate(byteCount: blockSize * batchSize, alignment: 4096)
         defer { buffers.deallocate() }
-        let reads = UnsafeMutableBufferPointer<PageRead>.allocate(capacity: queueDepth)
-        let writes = UnsafeMutableBufferPointer<PageWrite>.allocate(capacity: queueDepth)
+        let reads = UnsafeMutableBufferPointer<PageRead>.allocate(capacity: batchSize)
+        let writes = UnsafeMutableBufferPointer<PageWrite>.allocate(capacity: batchSize)
         defer { reads.deallocate(); writes.deallocate() }
-        for index in 0..<queueDepth {
+        for index in 0..<batchSize {
             let buffer = UnsafeMutableRawBufferPointer(start: buffers + index * blockSize, count: blockSize)
             reads.initializeElement(at: index, to: PageRead(key: PageKey(0), buffer: buffer))
             writes.initializeElement(at: index, to: PageWrite(key: PageKey(0), bytes: UnsafeRawBufferPointer(buffer)))
@@ -181,7 +199,7 @@ public enum BenchRunner {
         }
         // Written blocks carry one recognizable pattern (checked after the run).
         Self.fillPage(UnsafeMutableRawBufferPointer(start: buffers, count: blockSize), key: .max, seed: options.seed)
-        for index in 1..<max(1, queueDepth) {
+        for index in 1..<max(1, batchSize) {
             memcpy(buffers + index * blockSize, buffers, blockSize)
         }
 
@@ -199,7 +217,7 @@ public enum BenchRunner {
         let isRandom = options.pattern.isRandom
 
         while true {
-            for index in 0..<queueDepth {
+            for index in 0..<batchSize {
                 let page: Int
                 if isRandom {
                     page = Int(random.next() % UInt64(pages))
@@ -223,14 +241,21 @@ public enum BenchRunner {
                     errors += 1
                 }
             } else {
-                let succeeded = isRead ? store.get(batch: reads) : store.put(batch: writes)
-                errors += queueDepth - succeeded
+                let succeeded = isRead ? store.get(batch: reads, queueDepth: queueDepth) : store.put(batch: writes, queueDepth: queueDepth)
+                errors += batchSize - succeeded
             }
             if timed {
                 now = monotonicNanoseconds()
-                _ = histogram.record(now - before, count: UInt64(queueDepth))
+                if windowed {
+                    for index in 0..<batchSize {
+                        let latency = isRead ? reads[index].latencyNanoseconds : writes[index].latencyNanoseconds
+                        if latency > 0 { _ = histogram.record(latency) }
+                    }
+                } else {
+                    _ = histogram.record(now - before, count: UInt64(queueDepth))
+                }
             }
-            ops += queueDepth
+            ops += batchSize
             iteration += 1
             if iteration & 63 == 0 {
                 if !timed { now = monotonicNanoseconds() }
@@ -255,7 +280,7 @@ public enum BenchRunner {
             seconds: seconds, p50: empty ? 0 : histogram.valueAtPercentile(50), p99: empty ? 0 : histogram.valueAtPercentile(99),
             p999: empty ? 0 : histogram.valueAtPercentile(99.9), max: empty ? 0 : histogram.max,
             workingSetBytes: pages * blockSize, seed: options.seed, latencySampleEvery: sampleEvery, errors: errors,
-            verifiedPages: verified, stats: store.stats(), nvme: nvme)
+            verifiedPages: verified, batchSize: batchSize, stats: store.stats(), nvme: nvme)
     }
 
     /// Deterministic page content from (key, seed): any process can regenerate and check it.

@@ -106,6 +106,8 @@ public struct TierIO: Sendable {
     /// restarted process can find and verify them. Memory tiers ignore them.
     public var key: PageKey
     public var checksum: UInt32
+    /// Filled by tiers that time their I/Os (NVMe): nanoseconds from submission to completion.
+    public var latencyNanoseconds: UInt64
 
     @inlinable
     public init(operation: Operation, extent: Extent, buffer: UnsafeRawPointer?, length: Int,
@@ -117,6 +119,7 @@ public struct TierIO: Sendable {
         self.status = 0
         self.key = key
         self.checksum = checksum
+        self.latencyNanoseconds = 0
     }
 
     @inlinable
@@ -137,6 +140,10 @@ public final class TierBatch: @unchecked Sendable {
     public let capacity: Int
     @usableFromInline let entries: UnsafeMutablePointer<TierIO>
     public private(set) var count = 0
+    /// At most this many of the batch's I/Os in flight at once (0: the tier's own limit). Tiers
+    /// that queue (NVMe) keep the window full, refilling as I/Os complete, so a large batch runs
+    /// at a sustained queue depth instead of draining in waves.
+    public var maxInFlight = 0
     @usableFromInline let pending = ManagedAtomic<Int>(0)
     @usableFromInline let done = DispatchSemaphore(value: 0)
     /// Set by `beginSubmission(inline:)`; while set, completions count down `inlinePending`
@@ -156,7 +163,10 @@ public final class TierBatch: @unchecked Sendable {
 
     /// Empties the batch for reuse. Must not be called while I/Os are in flight.
     @inlinable
-    public func reset() { setCount(0) }
+    public func reset() {
+        setCount(0)
+        maxInFlight = 0
+    }
 
     @usableFromInline func setCount(_ value: Int) { count = value }
 
@@ -190,6 +200,10 @@ public final class TierBatch: @unchecked Sendable {
     @inlinable
     public func setStatus(_ index: Int, _ status: Int32) { entries[index].status = status }
 
+    /// Records how long an I/O took (tiers that time their I/Os).
+    @inlinable
+    public func setLatency(_ index: Int, nanoseconds: UInt64) { entries[index].latencyNanoseconds = nanoseconds }
+
     /// Completes an I/O with the status already recorded (0 unless `setStatus` said otherwise).
     @inlinable
     public func finish(_ index: Int) { finishOne() }
@@ -207,7 +221,10 @@ public final class TierBatch: @unchecked Sendable {
     /// must match the tier's `completesInline`.
     @inlinable
     public func beginSubmission(inline: Bool = false) {
-        for index in 0..<count { entries[index].status = 0 }
+        for index in 0..<count {
+            entries[index].status = 0
+            entries[index].latencyNanoseconds = 0
+        }
         self.inline = inline
         if inline {
             inlinePending = count

@@ -223,7 +223,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
 
     // MARK: I/O
 
-    /// Per-I/O progress within one wave.
+    /// Progress of one I/O in a window slot.
     private struct Flight {
         var io: Int
         var done: Int
@@ -232,6 +232,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         var retries: Int
         var status: Int32
         var finished: Bool
+        var startedAt: UInt64 = 0
     }
 
     public func submit(_ batch: TierBatch) {
@@ -248,45 +249,66 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             return
         }
         defer { returnRing(context) }
-        let wave = min(context.entries / 2, context.bounceCount)
-        var start = 0
-        while start < batch.count {
-            let end = min(batch.count, start + wave)
-            run(wave: start..<end, of: batch, on: context)
-            start = end
-        }
+        let limit = min(context.entries / 2, context.bounceCount)
+        let window = batch.maxInFlight > 0 ? min(batch.maxInFlight, limit) : limit
+        run(batch, window: window, on: context)
         for index in 0..<batch.count { batch.finish(index) }
     }
 
-    private func run(wave: Range<Int>, of batch: TierBatch, on context: URingContext) {
-        withUnsafeTemporaryAllocation(of: Flight.self, capacity: wave.count) { flights in
-            var pending = 0
-            for (slot, index) in wave.enumerated() {
-                let flight = plan(batch[index], index: index, slot: slot, context: context)
-                flights.initializeElement(at: slot, to: flight)
-                if !flight.finished {
-                    pending += 1
+    /// Keeps up to `window` of the batch's I/Os in flight, starting the next one in a slot as
+    /// soon as its previous I/O completes (a sustained queue depth, not waves). Completed writes
+    /// get their index records at the end, in one submission.
+    private func run(_ batch: TierBatch, window: Int, on context: URingContext) {
+        withUnsafeTemporaryAllocation(of: Flight.self, capacity: window) { flights in
+            flights.initialize(repeating: Flight(io: 0, done: 0, want: 0, bounce: -1, retries: 0, status: 0, finished: true))
+            defer { flights.deinitialize() }
+            var next = 0
+            var inFlight = 0
+            var written: [Int] = []
+            // Starts the next I/O that needs the device in `slot`; I/Os that need none (empty,
+            // discard, invalid) complete on the way. False when the batch is exhausted.
+            func start(_ slot: Int) -> Bool {
+                while next < batch.count {
+                    let index = next
+                    next += 1
+                    var flight = plan(batch[index], index: index, slot: slot, context: context)
+                    if flight.finished {
+                        if flight.status != 0 { batch.setStatus(index, flight.status) }
+                        continue
+                    }
+                    flight.startedAt = Self.now()
+                    flights[slot] = flight
                     queue(flight, batch: batch, context: context, tag: UInt64(slot))
+                    return true
                 }
+                return false
             }
-            while pending > 0 {
+            for slot in 0..<window {
+                guard start(slot) else { break }
+                inFlight += 1
+            }
+            while inFlight > 0 {
                 let submitStatus = context.submit(waitFor: 1)
                 if submitStatus < 0 {
-                    // The ring itself failed: fail what is still in flight.
-                    for slot in 0..<wave.count where !flights[slot].finished {
-                        flights[slot].status = -submitStatus
+                    // The ring itself failed: fail what is in flight and what never started.
+                    for slot in 0..<window where !flights[slot].finished {
+                        batch.setStatus(flights[slot].io, -submitStatus)
                         flights[slot].finished = true
                     }
-                    break
+                    while next < batch.count {
+                        batch.setStatus(next, -submitStatus)
+                        next += 1
+                    }
+                    return
                 }
                 _ = context.reap { tag, result in
                     let slot = Int(tag)
-                    let isWrite = batch[flights[slot].io].operation == .write
+                    let io = batch[flights[slot].io]
+                    let isWrite = io.operation == .write
                     var result = result
                     if let faults, faults.isArmed { result = faults.apply(write: isWrite, result: result) }
                     if !isWrite && result > 0 && flights[slot].bounce >= 0 {
                         // Copy this piece out before the bounce buffer is reused for the next one.
-                        let io = batch[flights[slot].io]
                         let payload = min(Int(result), io.length - flights[slot].done)
                         if payload > 0 {
                             memcpy(io.buffer! + flights[slot].done, context.bounceBuffer(Int(flights[slot].bounce)), payload)
@@ -294,28 +316,31 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                     }
                     if handle(result, flight: &flights[slot]) {
                         queue(flights[slot], batch: batch, context: context, tag: tag)
-                    } else {
-                        pending -= 1
+                        return
                     }
+                    let flight = flights[slot]
+                    batch.setLatency(flight.io, nanoseconds: Self.now() &- flight.startedAt)
+                    if flight.status != 0 {
+                        batch.setStatus(flight.io, flight.status)
+                    } else if isWrite {
+                        written.append(flight.io)
+                    }
+                    inFlight -= 1
+                    if start(slot) { inFlight += 1 }
                 }
-            }
-            // Record completed writes in the index.
-            var written: [Int] = []
-            for slot in 0..<wave.count {
-                let flight = flights[slot]
-                let io = batch[flight.io]
-                if flight.status != 0 {
-                    batch.setStatus(flight.io, flight.status)
-                    continue
-                }
-                if io.operation == .write { written.append(flight.io) }
             }
             if !written.isEmpty {
                 let status = recordWrites(written, of: batch, on: context)
                 if status != 0 { for index in written { batch.setStatus(index, status) } }
             }
-            flights.deinitialize()
         }
+    }
+
+    @inline(__always)
+    static func now() -> UInt64 {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return UInt64(spec.tv_sec) &* 1_000_000_000 &+ UInt64(spec.tv_nsec)
     }
 
     /// Validates one I/O and prepares its buffer: the caller's when it is block-aligned and a

@@ -6,7 +6,11 @@ import SpillwayCore
 /// One reusable `TierBatch` per thread, so a synchronous store call never allocates or locks
 /// to get one. Batches are released by the thread-exit destructor.
 enum ThreadBatch {
-    static let capacity = 64
+    /// I/Os per tier submission for batched gets and puts (a sliding window of
+    /// `queueDepth` runs inside it on queueing tiers).
+    static let capacity = 1024
+    /// Pages per move round (demotion, promotion, prefetch).
+    static let moveChunk = 64
 
     private static let key: pthread_key_t = {
         var key = pthread_key_t()

@@ -14,6 +14,8 @@ public struct PageRead {
     public var buffer: UnsafeMutableRawBufferPointer
     public var length: Int = 0
     public var error: SpillwayError?
+    /// Submission-to-completion time of the read on its tier, when the tier times I/Os (NVMe); 0 otherwise.
+    public var latencyNanoseconds: UInt64 = 0
 
     public init(key: PageKey, buffer: UnsafeMutableRawBufferPointer) {
         self.key = key
@@ -26,6 +28,8 @@ public struct PageWrite {
     public var key: PageKey
     public var bytes: UnsafeRawBufferPointer
     public var error: SpillwayError?
+    /// Submission-to-completion time of the write on its tier, when the tier times I/Os (NVMe); 0 otherwise.
+    public var latencyNanoseconds: UInt64 = 0
 
     public init(key: PageKey, bytes: UnsafeRawBufferPointer) {
         self.key = key
@@ -283,26 +287,30 @@ public final class TieredStore: Sendable {
 
     /// Reads many pages with one submission per tier. Each request gets its length or error;
     /// returns how many succeeded.
+    ///
+    /// - Parameter queueDepth: keep at most this many reads in flight per tier (0: the tier's
+    ///   limit); queueing tiers refill the window as reads complete.
     @discardableResult
-    public func get(batch requests: UnsafeMutableBufferPointer<PageRead>) -> Int {
+    public func get(batch requests: UnsafeMutableBufferPointer<PageRead>, queueDepth: Int = 0) -> Int {
         var succeeded = 0
         var start = 0
         while start < requests.count {
             let end = min(requests.count, start + ThreadBatch.capacity)
-            succeeded += getChunk(UnsafeMutableBufferPointer(rebasing: requests[start..<end]))
+            succeeded += getChunk(UnsafeMutableBufferPointer(rebasing: requests[start..<end]), queueDepth: queueDepth)
             start = end
         }
         return succeeded
     }
 
     /// Writes many pages with one submission per tier; returns how many succeeded.
+    /// `queueDepth` as for `get(batch:queueDepth:)`.
     @discardableResult
-    public func put(batch requests: UnsafeMutableBufferPointer<PageWrite>) -> Int {
+    public func put(batch requests: UnsafeMutableBufferPointer<PageWrite>, queueDepth: Int = 0) -> Int {
         var succeeded = 0
         var start = 0
         while start < requests.count {
             let end = min(requests.count, start + ThreadBatch.capacity)
-            succeeded += putChunk(UnsafeMutableBufferPointer(rebasing: requests[start..<end]))
+            succeeded += putChunk(UnsafeMutableBufferPointer(rebasing: requests[start..<end]), queueDepth: queueDepth)
             start = end
         }
         return succeeded
@@ -478,7 +486,7 @@ public final class TieredStore: Sendable {
         tierCounters[location.tier].bytesWritten.add(length)
     }
 
-    private func putChunk(_ requests: UnsafeMutableBufferPointer<PageWrite>) -> Int {
+    private func putChunk(_ requests: UnsafeMutableBufferPointer<PageWrite>, queueDepth: Int) -> Int {
         guard !closedFlag.load(ordering: .relaxed) else {
             for index in requests.indices { requests[index].error = .closed }
             return 0
@@ -509,11 +517,13 @@ public final class TieredStore: Sendable {
                                         key: requests[index].key, checksum: plan.checksum))
                 }
                 guard batch.count > 0 else { continue }
+                batch.maxInFlight = queueDepth
                 batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
                 var entry = 0
                 for index in requests.indices {
                     guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
                     let status = batch[entry].status
+                    requests[index].latencyNanoseconds = batch[entry].latencyNanoseconds
                     entry += 1
                     if status != 0 {
                         tiers[tierIndex].release(plan.location.extent)
@@ -597,7 +607,7 @@ public final class TieredStore: Sendable {
         if tiers[0].usedSlots > highSlots[0] { wake.signal() }
     }
 
-    private func getChunk(_ requests: UnsafeMutableBufferPointer<PageRead>) -> Int {
+    private func getChunk(_ requests: UnsafeMutableBufferPointer<PageRead>, queueDepth: Int) -> Int {
         guard !closedFlag.load(ordering: .relaxed) else {
             for index in requests.indices { requests[index].error = .closed }
             return 0
@@ -606,6 +616,7 @@ public final class TieredStore: Sendable {
             for index in requests.indices {
                 requests[index].error = nil
                 requests[index].length = 0
+                requests[index].latencyNanoseconds = 0
                 let snapshot = directory.beginRead(requests[index].key)
                 snapshots.initializeElement(at: index, to: snapshot)
                 guard let snapshot else {
@@ -634,10 +645,17 @@ public final class TieredStore: Sendable {
                                         buffer: requests[index].buffer.baseAddress, length: snapshot.length))
                 }
                 guard batch.count > 0 else { continue }
+                batch.maxInFlight = queueDepth
                 batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
                 // Copy statuses out before finishRead reuses the thread's batch for promotions.
                 withUnsafeTemporaryAllocation(of: Int32.self, capacity: batch.count) { statuses in
                     for entry in 0..<batch.count { statuses.initializeElement(at: entry, to: batch[entry].status) }
+                    var timed = 0
+                    for index in requests.indices {
+                        guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
+                        requests[index].latencyNanoseconds = batch[timed].latencyNanoseconds
+                        timed += 1
+                    }
                     var entry = 0
                     for index in requests.indices {
                         guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
@@ -705,7 +723,7 @@ public final class TieredStore: Sendable {
                 var progressed = 0
                 var start = 0
                 while start < victims.count, tiers[index].usedSlots > target {
-                    let end = min(victims.count, start + ThreadBatch.capacity)
+                    let end = min(victims.count, start + ThreadBatch.moveChunk)
                     let chunk = Array(victims[start..<end])
                     if index == tiers.count - 1 {
                         progressed += evict(chunk, tier: index)
@@ -742,7 +760,7 @@ public final class TieredStore: Sendable {
     /// Moves pages from tier `source` to tier `target` (one batch of reads, one of writes),
     /// verifying each page's CRC32C on the way. Returns how many moved.
     func movePages(_ keys: [PageKey], from source: Int, to target: Int) -> Int {
-        precondition(source != target && keys.count <= ThreadBatch.capacity)
+        precondition(source != target && keys.count <= ThreadBatch.moveChunk)
         // Make room first, before claiming anything (claims hold reader counts).
         var needed = 0
         for key in keys {
@@ -874,7 +892,7 @@ public final class TieredStore: Sendable {
     private func drainPrefetchQueue() {
         while true {
             let keys: [PageKey] = prefetchQueue.withLock { queue in
-                let count = min(queue.count, ThreadBatch.capacity)
+                let count = min(queue.count, ThreadBatch.moveChunk)
                 defer { queue.removeFirst(count) }
                 return Array(queue.prefix(count))
             }
