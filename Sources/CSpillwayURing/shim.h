@@ -30,9 +30,9 @@ static inline int spillway_o_direct(void) {
     return __O_DIRECT;
 }
 
-// ioctl is variadic (not importable); BLKSSZGET gives a block device's logical block size.
-static inline int spillway_block_device_logical_block_size(int fd, int *size) {
-    return ioctl(fd, BLKSSZGET, size);
+// ioctl is variadic (not importable); BLKGETSIZE64 gives a block device's size in bytes.
+static inline int spillway_block_device_size(int fd, unsigned long long *bytes) {
+    return ioctl(fd, BLKGETSIZE64, bytes);
 }
 
 #endif

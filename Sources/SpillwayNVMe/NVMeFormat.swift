@@ -57,9 +57,11 @@ enum NVMeFormat {
               UInt32(littleEndian: block.loadUnaligned(fromByteOffset: 56, as: UInt32.self))
                 == CRC32C.checksum(UnsafeRawBufferPointer(start: block, count: 56))
         else { return nil }
-        let geometry = Geometry(
-            slotSize: Int(UInt64(littleEndian: block.loadUnaligned(fromByteOffset: 16, as: UInt64.self))),
-            capacitySlots: Int(UInt64(littleEndian: block.loadUnaligned(fromByteOffset: 24, as: UInt64.self))))
+        // Bound the raw fields before any arithmetic, so a hostile superblock cannot trap.
+        let slotSize = UInt64(littleEndian: block.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
+        let capacity = UInt64(littleEndian: block.loadUnaligned(fromByteOffset: 24, as: UInt64.self))
+        guard slotSize >= 4096, slotSize <= 2 << 20, capacity > 0, capacity <= UInt64(UInt32.max) else { return nil }
+        let geometry = Geometry(slotSize: Int(slotSize), capacitySlots: Int(capacity))
         guard UInt64(littleEndian: block.loadUnaligned(fromByteOffset: 32, as: UInt64.self)) == UInt64(geometry.indexOffset),
               UInt64(littleEndian: block.loadUnaligned(fromByteOffset: 40, as: UInt64.self)) == UInt64(geometry.dataOffset)
         else { return nil }

@@ -68,8 +68,10 @@ public struct NVMeRecoveryReport: Sendable, Equatable {
 /// - **Warm restart.** Opening an existing file reads the index, checks every record's CRC32C
 ///   and every page's data CRC32C, and recovers the pages that verify (`recoveredPages`); the
 ///   rest are discarded and counted (`recovery`).
-/// - **Release** rewrites the page's index record as empty before its slots can be reused, so a
-///   removed or superseded page can never come back after a restart.
+/// - **Release** empties the page's index record at once in memory; the empty record reaches
+///   the disk with the next batch's index write (or after 64 releases, or on close) and only
+///   then are the slots reused. A slot is never reused under an old record, but a process that
+///   crashes inside that window can recover a page removed or superseded just before.
 ///
 /// `@unchecked Sendable`: the descriptor, geometry and file descriptor are immutable; the
 /// allocator, ring pool, index-block stripes and counters are each synchronized.
@@ -100,9 +102,6 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     private let closed = ManagedAtomic<Bool>(false)
     private let faults: NVMeFaultInjector?
     private let logger: Logger
-    /// Slots whose index record could not be cleared: kept allocated so a stale page cannot
-    /// come back after a restart (space is lost, bytes never are).
-    public let leakedSlots = ManagedAtomic<Int>(0)
 
     public init(_ configuration: NVMeTierConfiguration, logger: Logger = Logger(label: "spillway.nvme")) throws(SpillwayError) {
         let name = configuration.name
@@ -115,6 +114,9 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         }
         guard configuration.ringEntries >= 8, configuration.ringEntries <= 4096 else {
             throw .invalidConfiguration("tier '\(name)': ring entries must be between 8 and 4096")
+        }
+        if configuration.bufferedIO && configuration.pollMode == .iopoll {
+            throw .invalidConfiguration("tier '\(name)': poll-mode iopoll needs O_DIRECT, but buffered-io is set")
         }
         self.logger = logger
         path = configuration.path
@@ -167,6 +169,13 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         // Pick the polling mode: what was asked, or IOPOLL if the device accepts it.
         mode = Self.chooseMode(requested: configuration.pollMode, directIO: directIO, fd: descriptor,
                                entries: configuration.ringEntries, mirror: mirror, name: name, logger: logger)
+        // One ring now, so a ring that cannot be set up (memlock limit, old kernel) fails the
+        // open instead of every later I/O.
+        do {
+            returnRing(try takeRing())
+        } catch {
+            throw .tierIO(tier: name, operation: error.call, errno: error.errno)
+        }
         logger.info("nvme tier open", metadata: [
             "tier": "\(name)", "path": "\(configuration.path)", "io": "\(directIO ? "O_DIRECT" : "buffered (requested)")",
             "mode": "\(mode.rawValue)", "recovered": "\(recovery.recovered)", "discarded": "\(recovery.discarded)",
@@ -198,7 +207,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
 
     /// Empties the page's index record in the mirror now; the slots return to the allocator
     /// only once that empty record is on disk (written with the next batch's index blocks, or
-    /// here when 64 releases are waiting), so a released page can never reappear after a restart.
+    /// here when 64 releases are waiting, or on close).
     public func release(_ extent: Extent) {
         let slot = extent.firstSlot
         let block = geometry.indexBlockOffset(ofSlot: slot)
@@ -229,7 +238,8 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         var done: Int
         var want: Int
         var bounce: Int32
-        var retries: Int
+        var interrupted: Int
+        var wouldBlock: Int
         var status: Int32
         var finished: Bool
         var startedAt: UInt64 = 0
@@ -260,7 +270,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// get their index records at the end, in one submission.
     private func run(_ batch: TierBatch, window: Int, on context: URingContext) {
         withUnsafeTemporaryAllocation(of: Flight.self, capacity: window) { flights in
-            flights.initialize(repeating: Flight(io: 0, done: 0, want: 0, bounce: -1, retries: 0, status: 0, finished: true))
+            flights.initialize(repeating: Flight(io: 0, done: 0, want: 0, bounce: -1, interrupted: 0, wouldBlock: 0, status: 0, finished: true))
             defer { flights.deinitialize() }
             var next = 0
             var inFlight = 0
@@ -290,7 +300,9 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             while inFlight > 0 {
                 let submitStatus = context.submit(waitFor: 1)
                 if submitStatus < 0 {
-                    // The ring itself failed: fail what is in flight and what never started.
+                    // The ring itself failed (it is now marked broken and will be dropped, not
+                    // reused): fail what is in flight, what never started, and writes that
+                    // completed but have no index record.
                     for slot in 0..<window where !flights[slot].finished {
                         batch.setStatus(flights[slot].io, -submitStatus)
                         flights[slot].finished = true
@@ -299,6 +311,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                         batch.setStatus(next, -submitStatus)
                         next += 1
                     }
+                    for index in written { batch.setStatus(index, -submitStatus) }
                     return
                 }
                 _ = context.reap { tag, result in
@@ -346,14 +359,18 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// Validates one I/O and prepares its buffer: the caller's when it is block-aligned and a
     /// whole number of blocks long, else bounce buffer `slot` (filled now for writes).
     private func plan(_ io: TierIO, index: Int, slot: Int, context: URingContext) -> Flight {
-        var flight = Flight(io: index, done: 0, want: 0, bounce: -1, retries: 0, status: 0, finished: true)
-        guard Int(io.extent.endSlot) <= descriptor.capacitySlots, io.length >= 0,
+        var flight = Flight(io: index, done: 0, want: 0, bounce: -1, interrupted: 0, wouldBlock: 0, status: 0, finished: true)
+        guard UInt64(io.extent.firstSlot) + UInt64(io.extent.slotCount) <= UInt64(descriptor.capacitySlots), io.length >= 0,
               io.length <= Int(io.extent.slotCount) * descriptor.slotSize
         else {
             flight.status = EINVAL
             return flight
         }
         if io.operation == .discard || io.length == 0 { return flight }
+        guard io.buffer != nil else {
+            flight.status = EINVAL
+            return flight
+        }
         let want = NVMeFormat.roundUp(io.length, to: NVMeFormat.blockSize)
         flight.want = want
         flight.finished = false
@@ -364,8 +381,10 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     }
 
     /// Queues the rest of an I/O: all of it from the caller's buffer, or the next bounce-sized
-    /// piece (a write's piece is copied in, zero-padded to whole blocks, first).
-    private func queue(_ flight: Flight, batch: TierBatch, context: URingContext, tag: UInt64) {
+    /// piece (a write's piece is copied in, zero-padded to whole blocks, first). False if the
+    /// ring failed (the ring is then broken and the caller stops).
+    @discardableResult
+    private func queue(_ flight: Flight, batch: TierBatch, context: URingContext, tag: UInt64) -> Bool {
         let io = batch[flight.io]
         let offset = geometry.dataOffset(ofSlot: io.extent.firstSlot) + flight.done
         var length = flight.want - flight.done
@@ -381,24 +400,20 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         } else {
             buffer = io.buffer! + flight.done
         }
-        while !context.prepare(write: io.operation == .write, buffer: buffer, length: length,
-                               offset: offset, fixedBuffer: flight.bounce, tag: tag)
-        {
-            // Submission queue full: push what is queued to the kernel and try again.
-            _ = context.submit(waitFor: 0)
-        }
+        return context.prepareOrFlush(write: io.operation == .write, buffer: buffer, length: length,
+                                      offset: offset, fixedBuffer: flight.bounce, tag: tag)
     }
 
     /// Interprets one completion. Returns true if the I/O must be queued again.
     private func handle(_ result: Int32, flight: inout Flight) -> Bool {
         switch result {
         case -EINTR:
-            flight.retries += 1
-            if flight.retries <= 64 { return true }
+            flight.interrupted += 1
+            if flight.interrupted <= 64 { return true }
             flight.status = EINTR
         case -EAGAIN:
-            flight.retries += 1
-            if flight.retries <= 8 { return true }
+            flight.wouldBlock += 1
+            if flight.wouldBlock <= 8 { return true }
             flight.status = EAGAIN
         case ..<0:
             flight.status = -result
@@ -434,7 +449,15 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                     sequence: sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1)
                 record.encode(into: mirror.base + Int(io.extent.firstSlot) * NVMeFormat.recordSize)
             }
-            return writeIndexBlocks(Array(blocks), on: context)
+            let status = writeIndexBlocks(Array(blocks), on: context)
+            if status != 0 {
+                // Not durable: take the records back out of the mirror before anyone else
+                // writes these blocks, so a failed put can never surface after a restart.
+                for index in indices {
+                    memset(mirror.base + Int(batch[index].extent.firstSlot) * NVMeFormat.recordSize, 0, NVMeFormat.recordSize)
+                }
+            }
+            return status
         }
         settle(waiting, written: status == 0)
         return status
@@ -459,14 +482,14 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     }
 
     /// Released extents whose tombstones are on disk go back to the allocator; if the write
-    /// failed they wait for the next one (a persistent failure keeps them out of use, counted).
+    /// failed they wait for the next one (a persistent failure keeps them out of use; see
+    /// `pendingReleaseSlots`).
     private func settle(_ extents: [Extent], written: Bool) {
         guard !extents.isEmpty else { return }
         if written {
             for extent in extents { allocator.release(extent) }
         } else {
             tombstones.withLock { $0.append(contentsOf: extents) }
-            leakedSlots.wrappingIncrement(by: extents.reduce(0) { $0 + Int($1.slotCount) }, ordering: .relaxed)
             logger.error("could not write index tombstones; their slots stay allocated", metadata: [
                 "tier": "\(descriptor.name)", "extents": "\(extents.count)",
             ])
@@ -489,29 +512,36 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         return nest(stripes[...])
     }
 
-    /// Writes index blocks from the mirror (a registered buffer) in one submission; short
-    /// writes and EINTR/EAGAIN are resubmitted. Returns 0 or the first errno.
+    /// Writes index blocks from the mirror in as few submissions as the ring allows (at most
+    /// half its entries in flight); short writes and EINTR/EAGAIN are resubmitted. Returns 0 or
+    /// the first errno. Always drains what it queued unless the ring itself fails (then the
+    /// ring is broken and dropped by the pool).
     private func writeIndexBlocks(_ blocks: [Int], on context: URingContext) -> Int32 {
         var done = [Int](repeating: 0, count: blocks.count)
         var retries = [Int](repeating: 0, count: blocks.count)
         var failure: Int32 = 0
         var pending = 0
-        func queue(_ index: Int) {
+        var next = 0
+        let limit = max(1, context.entries / 2)
+        func queue(_ index: Int) -> Bool {
             let block = blocks[index]
-            while !context.prepare(write: true, buffer: mirror.base + block + done[index], length: NVMeFormat.blockSize - done[index],
-                                   offset: geometry.indexOffset + block + done[index], fixedBuffer: context.mirrorBufferIndex,
-                                   tag: UInt64(index))
-            {
-                _ = context.submit(waitFor: 0)
+            return context.prepareOrFlush(write: true, buffer: mirror.base + block + done[index],
+                                          length: NVMeFormat.blockSize - done[index],
+                                          offset: geometry.indexOffset + block + done[index], fixedBuffer: -1, tag: UInt64(index))
+        }
+        func fill() -> Bool {
+            while pending < limit && next < blocks.count {
+                guard queue(next) else { return false }
+                next += 1
+                pending += 1
             }
+            return true
         }
-        for index in blocks.indices {
-            queue(index)
-            pending += 1
-        }
+        guard fill() else { return EIO }
         while pending > 0 {
             let submitStatus = context.submit(waitFor: 1)
             if submitStatus < 0 { return -submitStatus }
+            var ringFailed = false
             _ = context.reap { tag, value in
                 let index = Int(tag)
                 var result = value
@@ -520,7 +550,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 case -EINTR, -EAGAIN:
                     retries[index] += 1
                     if retries[index] <= 64 {
-                        queue(index)
+                        if !queue(index) { ringFailed = true }
                         return
                     }
                     failure = -result
@@ -529,12 +559,13 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 default:
                     done[index] += Int(result)
                     if done[index] < NVMeFormat.blockSize {
-                        queue(index)
+                        if !queue(index) { ringFailed = true }
                         return
                     }
                 }
                 pending -= 1
             }
+            if ringFailed || !fill() { return EIO }
         }
         return failure
     }
@@ -555,7 +586,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             if taken.1 {
                 do {
                     return try URingContext(entries: ringEntries, mode: mode, fd: fd, bounceBytes: bounceBytes,
-                                            bounceCount: bounceCount, mirror: UnsafeMutableRawBufferPointer(start: mirror.base, count: mirror.byteCount))
+                                            bounceCount: bounceCount)
                 } catch {
                     rings.withLock { $0.created -= 1 }
                     throw error
@@ -566,7 +597,13 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     }
 
     private func returnRing(_ ring: URingContext) {
-        rings.withLock { $0.free.append(ring) }
+        rings.withLock { pool in
+            if ring.broken {
+                pool.created -= 1  // dropped: it may still hold another batch's I/Os
+            } else {
+                pool.free.append(ring)
+            }
+        }
     }
 
     // MARK: Open
@@ -579,8 +616,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         // Probe IOPOLL with a real read of the superblock.
         let probe: Int32
         do {
-            let context = try URingContext(entries: 8, mode: .iopoll, fd: fd, bounceBytes: NVMeFormat.blockSize, bounceCount: 1,
-                                           mirror: UnsafeMutableRawBufferPointer(start: mirror.base, count: mirror.byteCount))
+            let context = try URingContext(entries: 8, mode: .iopoll, fd: fd, bounceBytes: NVMeFormat.blockSize, bounceCount: 1)
             _ = context.prepare(write: false, buffer: context.bounceBuffer(0), length: NVMeFormat.blockSize, offset: 0,
                                 fixedBuffer: 0, tag: 0)
             var result: Int32 = -EIO
@@ -606,6 +642,16 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         var stats = stat()
         guard fstat(fd, &stats) == 0 else { throw .tierIO(tier: name, operation: "fstat", errno: errno) }
         let isBlockDevice = stats.st_mode & S_IFMT == S_IFBLK
+        if isBlockDevice {
+            var deviceBytes: UInt64 = 0
+            guard spillway_block_device_size(fd, &deviceBytes) == 0 else {
+                throw .tierIO(tier: name, operation: "BLKGETSIZE64", errno: errno)
+            }
+            guard deviceBytes >= UInt64(geometry.fileBytes) else {
+                throw .invalidConfiguration(
+                    "tier '\(name)': the device holds \(ByteCount.format(Int(deviceBytes))), the tier needs \(ByteCount.format(geometry.fileBytes))")
+            }
+        }
         var existing: NVMeFormat.Geometry?
         if !reformat && (isBlockDevice || Int(stats.st_size) >= geometry.fileBytes) {
             if try preadFully(fd, block, NVMeFormat.blockSize, 0, name: name) {
@@ -645,10 +691,11 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         defer { data.deallocate() }
         for (slot, record) in candidates {
             maxSequence = max(maxSequence, record.sequence)
-            let extent = Extent(firstSlot: slot, slotCount: record.slotCount)
-            let bytes = Int(record.slotCount) * geometry.slotSize
-            var valid = record.slotCount > 0 && Int(record.length) <= bytes && !seen.contains(record.key)
-                && allocator.reserve(extent)
+            // Bound the record's extent before building it (a valid-CRC record may still be absurd).
+            let inRange = record.slotCount > 0 && UInt64(slot) + UInt64(record.slotCount) <= UInt64(geometry.capacitySlots)
+            let extent = Extent(firstSlot: slot, slotCount: inRange ? record.slotCount : 1)
+            let bytes = Int(extent.slotCount) * geometry.slotSize
+            var valid = inRange && Int(record.length) <= bytes && !seen.contains(record.key) && allocator.reserve(extent)
             if valid {
                 let want = NVMeFormat.roundUp(Int(record.length), to: NVMeFormat.blockSize)
                 if want > dataCapacity {

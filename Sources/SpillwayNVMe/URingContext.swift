@@ -16,8 +16,9 @@ public enum NVMePollMode: String, Sendable, CaseIterable {
     case sqpoll
 }
 
-/// One io_uring with the tier's file registered as fixed file 0 and its bounce buffers plus
-/// the index mirror registered as fixed buffers. Owned by one submitter at a time (the tier's
+/// One io_uring with the tier's file registered as fixed file 0 and its bounce buffers
+/// registered as fixed buffers (the index mirror is not registered: the kernel caps a
+/// registered buffer at 1 GiB, which a large tier's index exceeds). Owned by one submitter at a time (the tier's
 /// ring pool hands it out), so nothing in it is shared.
 ///
 /// `@unchecked Sendable`: a context is only used by the thread that took it from the pool,
@@ -29,11 +30,11 @@ final class URingContext: @unchecked Sendable {
     let bounce: UnsafeMutableRawPointer
     let bounceBytes: Int
     let bounceCount: Int
-    /// Fixed-buffer index of the index mirror.
-    let mirrorBufferIndex: Int32
+    /// Set when a submission failed: I/Os may still be queued or in flight, so the ring must
+    /// not be handed to another caller (the pool drops it instead).
+    var broken = false
 
-    init(entries: Int, mode: NVMePollMode, fd: Int32, bounceBytes: Int, bounceCount: Int,
-         mirror: UnsafeMutableRawBufferPointer) throws(SystemCallError)
+    init(entries: Int, mode: NVMePollMode, fd: Int32, bounceBytes: Int, bounceCount: Int) throws(SystemCallError)
     {
         ring = .allocate(capacity: 1)
         ring.initialize(to: io_uring())
@@ -66,8 +67,6 @@ final class URingContext: @unchecked Sendable {
         memset(bounce, 0, bounceBytes * bounceCount)
         self.bounce = bounce
         var vectors = (0..<bounceCount).map { iovec(iov_base: bounce + $0 * bounceBytes, iov_len: bounceBytes) }
-        vectors.append(iovec(iov_base: mirror.baseAddress, iov_len: mirror.count))
-        mirrorBufferIndex = Int32(bounceCount)
         var registerStatus = io_uring_register_buffers(ring, &vectors, UInt32(vectors.count))
         if registerStatus == 0 {
             var files = [fd]
@@ -109,13 +108,24 @@ final class URingContext: @unchecked Sendable {
         return true
     }
 
-    /// Submits everything queued and waits for at least `waitFor` completions.
+    /// Submits everything queued and waits for at least `waitFor` completions. A failure marks
+    /// the ring broken.
     func submit(waitFor: Int) -> Int32 {
         while true {
             let status = io_uring_submit_and_wait(ring, UInt32(waitFor))
             if status == -EINTR { continue }
+            if status < 0 { broken = true }
             return status < 0 ? status : 0
         }
+    }
+
+    /// Queues an SQE, pushing queued ones to the kernel while the submission queue is full.
+    /// False if the ring failed.
+    func prepareOrFlush(write: Bool, buffer: UnsafeMutableRawPointer, length: Int, offset: Int, fixedBuffer: Int32, tag: UInt64) -> Bool {
+        while !prepare(write: write, buffer: buffer, length: length, offset: offset, fixedBuffer: fixedBuffer, tag: tag) {
+            if submit(waitFor: 0) < 0 { return false }
+        }
+        return true
     }
 
     /// Hands every available completion to `body` (tag, result), then marks them seen.
