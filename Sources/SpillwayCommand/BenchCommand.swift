@@ -126,12 +126,14 @@ struct BenchCommand: ParsableCommand {
         }
     }
 
-    /// A working set 1.5× the top tier (so the run exercises promotion and demotion), capped
-    /// at 80% of the whole hierarchy.
+    /// A working set that overflows every tier but the last (1.5× the top tier for two tiers,
+    /// 1.2× the tiers above the last for more), so the run exercises promotion, demotion and
+    /// the bottom tier; capped at 80% of the whole hierarchy.
     static func tieredWorkingSet(_ configuration: SpillwayConfiguration) -> Int {
-        let top = configuration.tiers.first?.capacity ?? 0
-        let total = configuration.tiers.reduce(0) { $0 + $1.capacity }
-        return max(configuration.slotSize, min(top * 3 / 2, total * 4 / 5))
+        let capacities = configuration.tiers.map(\.capacity)
+        let total = capacities.reduce(0, +)
+        let upper = capacities.count > 2 ? capacities.dropLast().reduce(0, +) * 6 / 5 : (capacities.first ?? 0) * 3 / 2
+        return max(configuration.slotSize, min(upper, total * 4 / 5))
     }
 }
 
