@@ -93,11 +93,22 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
+        // Conventions shared by both executables: sizes, logging, one-line errors, --config.
+        .target(
+            name: "SpillwayCommandSupport",
+            dependencies: [
+                "Spillway",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ]
+        ),
         .executableTarget(
             name: "SpillwayCommand",
             dependencies: [
                 "Spillway",
                 "SpillwayBench",
+                "SpillwayCommandSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -106,6 +117,7 @@ let package = Package(
             name: "SpillwayDaemon",
             dependencies: [
                 "Spillway",
+                "SpillwayCommandSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -2,6 +2,9 @@ import ArgumentParser
 import Logging
 import Spillway
 import SpillwayBench
+import SpillwayCommandSupport
+
+extension BenchPattern: ExpressibleByArgument {}
 
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

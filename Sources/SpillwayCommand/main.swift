@@ -1,4 +1,5 @@
 import ArgumentParser
+import SpillwayCommandSupport
 
 /// `spillway`: tier benchmarks now; trace replay and pool tools join as their issues land.
 struct SpillwayTool: ParsableCommand {

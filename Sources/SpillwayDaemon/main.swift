@@ -1,5 +1,6 @@
 import ArgumentParser
 import Spillway
+import SpillwayCommandSupport
 
 #if canImport(Glibc)
 import Glibc
@@ -19,10 +20,10 @@ struct SpillwayDaemon: ParsableCommand {
     var listen: String?
 
     @Option(help: "Memory to lend, e.g. 8g.")
-    var capacity: String?
+    var capacity: SizeArgument?
 
     @Option(name: .customLong("slab-size"), help: "Unit of lending (default 64m).")
-    var slabSize: String?
+    var slabSize: SizeArgument?
 
     @Option(name: .customLong("token-file"), help: "Tenant tokens: lines 'NAME TOKEN'.")
     var tokenFile: String?
@@ -31,7 +32,7 @@ struct SpillwayDaemon: ParsableCommand {
     var metrics: String?
 
     @Option(help: "Free host memory to keep for the host itself (default 0 = reclaim off).")
-    var headroom: String?
+    var headroom: SizeArgument?
 
     @Option(help: "Seconds a disconnected client keeps its slabs (default 30).")
     var lease: Double?
@@ -43,11 +44,6 @@ struct SpillwayDaemon: ParsableCommand {
     var config: String?
 
     func validate() throws {
-        for (name, value) in [("capacity", capacity), ("slab-size", slabSize), ("headroom", headroom)] {
-            if let value, ByteCount.parse(value) == nil {
-                throw ValidationError("--\(name) '\(value)' is not a size (e.g. 4096, 64m, 8GiB)")
-            }
-        }
         if let listen, listen.split(separator: ":").count != 2 || UInt16(listen.split(separator: ":").last ?? "") == nil {
             throw ValidationError("--listen '\(listen)' must be HOST:PORT")
         }
@@ -58,15 +54,4 @@ struct SpillwayDaemon: ParsableCommand {
     }
 }
 
-do {
-    var command = try SpillwayDaemon.parseAsRoot()
-    try command.run()
-} catch {
-    let code = SpillwayDaemon.exitCode(for: error)
-    if code == .success { SpillwayDaemon.exit(withError: error) }
-    let message = (error as? SpillwayError)?.description
-        ?? SpillwayDaemon.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
-    var line = "spillwayd: error: \(message)\n"
-    line.withUTF8 { _ = write(STDERR_FILENO, $0.baseAddress, $0.count) }
-    exit(code.rawValue == 0 ? 1 : code.rawValue)
-}
+runMain(SpillwayDaemon.self, name: "spillwayd")

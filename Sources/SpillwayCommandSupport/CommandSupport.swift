@@ -1,36 +1,35 @@
+// The conventions every `spillway` and `spillwayd` command follows (sizes, logging to stderr,
+// one-line errors, --config files), shared by both executables.
 import ArgumentParser
 import Logging
 import Spillway
-import SpillwayBench
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// A size option: bare bytes or k/m/g/t (binary), optionally followed by i, iB or B.
-struct SizeArgument: ExpressibleByArgument, Equatable {
-    var bytes: Int
+public struct SizeArgument: ExpressibleByArgument, Equatable, Sendable {
+    public var bytes: Int
 
-    init(bytes: Int) { self.bytes = bytes }
+    public init(bytes: Int) { self.bytes = bytes }
 
-    init?(argument: String) {
+    public init?(argument: String) {
         guard let bytes = ByteCount.parse(argument) else { return nil }
         self.bytes = bytes
     }
 
-    var defaultValueDescription: String { ByteCount.format(bytes) }
+    public var defaultValueDescription: String { ByteCount.format(bytes) }
 }
-
-extension BenchPattern: ExpressibleByArgument {}
 
 /// Log level option shared by every command; logs always go to stderr.
-enum LogLevelArgument: String, ExpressibleByArgument, CaseIterable {
+public enum LogLevelArgument: String, ExpressibleByArgument, CaseIterable, Sendable {
     case trace, debug, info, notice, warning, error, critical
 
-    var level: Logger.Level { Logger.Level(rawValue: rawValue)! }
+    public var level: Logger.Level { Logger.Level(rawValue: rawValue)! }
 }
 
-func bootstrapLogging(_ level: Logger.Level) {
+public func bootstrapLogging(_ level: Logger.Level) {
     LoggingSystem.bootstrap { label in
         var handler = StreamLogHandler.standardError(label: label)
         handler.logLevel = level
@@ -39,7 +38,7 @@ func bootstrapLogging(_ level: Logger.Level) {
 }
 
 /// Writes `text` and a newline to stdout with write(2): nothing buffered, nothing else.
-func printLine(_ text: String) {
+public func printLine(_ text: String) {
     var line = text + "\n"
     line.withUTF8 { bytes in
         var offset = 0
@@ -54,7 +53,7 @@ func printLine(_ text: String) {
 
 /// Runs a root command with the conventions every Spillway tool follows: help and version go
 /// to stdout with exit 0; any failure is one line on stderr and a non-zero exit.
-func runMain<Command: ParsableCommand>(_ type: Command.Type, name: String) -> Never {
+public func runMain<Command: ParsableCommand>(_ type: Command.Type, name: String) -> Never {
     do {
         var command = try type.parseAsRoot()
         try command.run()
@@ -68,17 +67,17 @@ func runMain<Command: ParsableCommand>(_ type: Command.Type, name: String) -> Ne
         } else {
             message = type.message(for: error).split(separator: "\n", omittingEmptySubsequences: true).first.map(String.init) ?? "\(error)"
         }
-        writeStandardError("\(name): error: \(message)\n")
+        writeStandardErrorLine("\(name): error: \(message)\n")
         exit(code.rawValue == 0 ? 1 : code.rawValue)
     }
 }
 
 /// Reads a `--config` TOML file for a command whose options are `optionKeys`.
-struct CommandConfigFile {
-    let table: TOMLTable?
-    let store: SpillwayConfiguration?
+public struct CommandConfigFile {
+    public let table: TOMLTable?
+    public let store: SpillwayConfiguration?
 
-    init(path: String?, optionKeys: Set<String>) throws {
+    public init(path: String?, optionKeys: Set<String>) throws {
         guard let path else {
             table = nil
             store = nil
@@ -96,11 +95,25 @@ struct CommandConfigFile {
         store = configuration.tiers.isEmpty ? nil : configuration
     }
 
-    func string(_ key: String) throws -> String? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.string(table, key) } }
-    func int(_ key: String) throws -> Int? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.int(table, key) } }
-    func double(_ key: String) throws -> Double? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.double(table, key) } }
-    func bool(_ key: String) throws -> Bool? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.bool(table, key) } }
-    func size(_ key: String) throws -> Int? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.size(table, key) } }
+    public func string(_ key: String) throws -> String? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.string(table, key) } }
+    public func int(_ key: String) throws -> Int? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.int(table, key) } }
+    public func double(_ key: String) throws -> Double? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.double(table, key) } }
+    public func bool(_ key: String) throws -> Bool? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.bool(table, key) } }
+    public func size(_ key: String) throws -> Int? { try table.flatMap { table throws(SpillwayError) in try TOMLReader.size(table, key) } }
 }
 
 import TOMLKit
+
+/// Writes `text` to stderr with write(2), unbuffered.
+public func writeStandardErrorLine(_ text: String) {
+    var text = text
+    text.withUTF8 { bytes in
+        var offset = 0
+        while offset < bytes.count {
+            let written = write(STDERR_FILENO, bytes.baseAddress! + offset, bytes.count - offset)
+            if written < 0 && errno == EINTR { continue }
+            if written <= 0 { return }
+            offset += written
+        }
+    }
+}
