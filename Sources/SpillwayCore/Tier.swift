@@ -296,6 +296,11 @@ public protocol Tier: AnyObject, Sendable {
     /// already allocated. The store makes them visible when it opens. Empty for volatile tiers.
     var recoveredPages: [RecoveredPage] { get }
 
+    /// Makes every release so far durable (a persistent tier writes its pending empty index
+    /// records now), so a page explicitly removed cannot be recovered after a crash.
+    /// Volatile tiers have nothing to do.
+    func persistReleases()
+
     /// Releases the tier's resources. Further I/O completes with `ESHUTDOWN`.
     func close()
 }
@@ -319,6 +324,8 @@ extension Tier {
     public var hostMemory: UnsafeMutableRawBufferPointer? { nil }
 
     public var recoveredPages: [RecoveredPage] { [] }
+
+    public func persistReleases() {}
 
     public var freeSlots: Int { descriptor.capacitySlots - usedSlots }
 

@@ -221,6 +221,10 @@ public final class NVMeTier: Tier, @unchecked Sendable {
 
     public var usedSlots: Int { allocator.usedSlots }
 
+    public func persistReleases() {
+        _ = flushTombstones()
+    }
+
     /// Slots released by the store whose empty index record is not on disk yet (still counted
     /// in `usedSlots` until it is).
     public var pendingReleaseSlots: Int { tombstones.withLock { $0.reduce(0) { $0 + Int($1.slotCount) } } }

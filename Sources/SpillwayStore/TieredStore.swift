@@ -336,7 +336,11 @@ public final class TieredStore: Sendable {
     public func remove(_ key: PageKey) throws(SpillwayError) -> Bool {
         try checkOpen()
         let (found, release) = try directory.remove(key)
-        if let release { self.release(release) }
+        if let release {
+            self.release(release)
+            // A removal is a promise: on a persistent tier, make it survive a crash now.
+            if recordsMetadata[release.tier] { tiers[release.tier].persistReleases() }
+        }
         if found { counters.removes.add(1) }
         return found
     }

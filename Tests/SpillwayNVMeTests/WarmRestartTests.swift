@@ -115,3 +115,22 @@ func openStore(nvmePath: String, dramSlots: Int = 4, nvmeSlots: Int = 64, reform
         #expect(store.stats().checksumFailures == 0)
     }
 }
+
+@Suite(.serialized) struct RemovalDurabilityTests {
+    @Test func removedPagesStayRemovedWithoutACleanClose() throws {
+        let path = scratchPath("remove-crash")
+        defer { unlink(path) }
+        do {
+            let (store, _) = try openStore(nvmePath: path, dramSlots: 0)
+            for value in 0..<4 { try store.put(PageKey(UInt64(value)), bytes: bytes(UInt64(value), 4096)) }
+            try store.remove(PageKey(2))
+            // No close: the store and tier are dropped as a crashed process would leave the file
+            // (deinit would flush, so read the file with a second tier while this one is alive).
+            let (again, nvme) = try openStore(nvmePath: path, dramSlots: 0)
+            defer { again.close() }
+            #expect(nvme.recovery.recovered == 3)
+            #expect(!again.contains(PageKey(2)))
+            withExtendedLifetime(store) {}
+        }
+    }
+}
