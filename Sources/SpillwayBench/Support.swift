@@ -1,3 +1,5 @@
+import SpillwayCore
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -8,23 +10,6 @@ public func monotonicNanoseconds() -> UInt64 {
     var spec = timespec()
     clock_gettime(CLOCK_MONOTONIC, &spec)
     return UInt64(spec.tv_sec) &* 1_000_000_000 &+ UInt64(spec.tv_nsec)
-}
-
-/// SplitMix64: tiny, fast, seedable; the same sequence on every machine, so `--seed` makes
-/// runs reproducible (and matches Bench/memcpy_reference.c).
-public struct SplitMix64: RandomNumberGenerator, Sendable {
-    private var state: UInt64
-
-    public init(seed: UInt64) { state = seed }
-
-    @inline(__always)
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
 }
 
 /// A minimal JSON value with a deterministic serializer: integers stay integers, doubles are
@@ -119,23 +104,12 @@ public final class ProgressBar {
         let width = 30
         let filled = max(0, min(width, Int(fraction * Double(width))))
         let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-        writeStandardError("\r\(label) [\(bar)] \(Int(fraction * 100))% \(detail)\u{1B}[K")
+        writeFully(STDERR_FILENO, "\r\(label) [\(bar)] \(Int(fraction * 100))% \(detail)\u{1B}[K")
     }
 
     public func finish() {
         guard enabled else { return }
-        writeStandardError("\r\u{1B}[K")
+        writeFully(STDERR_FILENO, "\r\u{1B}[K")
     }
 }
 
-public func writeStandardError(_ text: String) {
-    var text = text
-    text.withUTF8 { bytes in
-        var offset = 0
-        while offset < bytes.count {
-            let written = write(STDERR_FILENO, bytes.baseAddress! + offset, bytes.count - offset)
-            if written <= 0 { if errno == EINTR { continue } else { return } }
-            offset += written
-        }
-    }
-}

@@ -39,16 +39,7 @@ public func bootstrapLogging(_ level: Logger.Level) {
 
 /// Writes `text` and a newline to stdout with write(2): nothing buffered, nothing else.
 public func printLine(_ text: String) {
-    var line = text + "\n"
-    line.withUTF8 { bytes in
-        var offset = 0
-        while offset < bytes.count {
-            let written = write(STDOUT_FILENO, bytes.baseAddress! + offset, bytes.count - offset)
-            if written < 0 && errno == EINTR { continue }
-            if written <= 0 { return }
-            offset += written
-        }
-    }
+    writeFully(STDOUT_FILENO, text + "\n")
 }
 
 /// Runs a root command with the conventions every Spillway tool follows: help and version go
@@ -67,7 +58,7 @@ public func runMain<Command: ParsableCommand>(_ type: Command.Type, name: String
         } else {
             message = type.message(for: error).split(separator: "\n", omittingEmptySubsequences: true).first.map(String.init) ?? "\(error)"
         }
-        writeStandardErrorLine("\(name): error: \(message)\n")
+        writeFully(STDERR_FILENO, "\(name): error: \(message)\n")
         exit(code.rawValue == 0 ? 1 : code.rawValue)
     }
 }
@@ -104,16 +95,3 @@ public struct CommandConfigFile {
 
 import TOMLKit
 
-/// Writes `text` to stderr with write(2), unbuffered.
-public func writeStandardErrorLine(_ text: String) {
-    var text = text
-    text.withUTF8 { bytes in
-        var offset = 0
-        while offset < bytes.count {
-            let written = write(STDERR_FILENO, bytes.baseAddress! + offset, bytes.count - offset)
-            if written < 0 && errno == EINTR { continue }
-            if written <= 0 { return }
-            offset += written
-        }
-    }
-}

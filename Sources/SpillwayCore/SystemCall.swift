@@ -32,3 +32,18 @@ public func systemCall<T: FixedWidthInteger>(_ name: @autoclosure () -> String, 
         }
     }
 }
+
+/// Writes all of `text` to `descriptor` (stdout/stderr for the tools), retrying EINTR and short
+/// writes; gives up silently on other errors (a closed pipe must not crash a tool).
+public func writeFully(_ descriptor: Int32, _ text: String) {
+    var text = text
+    text.withUTF8 { bytes in
+        var offset = 0
+        while offset < bytes.count {
+            let written = write(descriptor, bytes.baseAddress! + offset, bytes.count - offset)
+            if written < 0 && errno == EINTR { continue }
+            if written <= 0 { return }
+            offset += written
+        }
+    }
+}

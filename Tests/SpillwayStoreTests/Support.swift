@@ -5,18 +5,8 @@ import Synchronization
 @testable import SpillwayNVMe
 @testable import SpillwayStore
 
-/// Deterministic generator for tests.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
+/// Deterministic generator for tests: SpillwayCore's SplitMix64.
+typealias SplitMix = SplitMix64
 
 /// Page content derived from (key, nonce): the first 16 bytes carry both, so any reader can
 /// check that bytes belong to the key they were read under and are internally consistent.
