@@ -39,9 +39,6 @@ final class URingContext: @unchecked Sendable {
         ring = .allocate(capacity: 1)
         ring.initialize(to: io_uring())
         var params = io_uring_params()
-        // Completions are reaped by the submitting thread inside io_uring_enter anyway, so the
-        // kernel need not interrupt it to run completion work (Linux 5.19+; ignored if refused).
-        params.flags |= UInt32(IORING_SETUP_COOP_TASKRUN)
         switch mode {
         case .interrupt: break
         case .iopoll: params.flags |= UInt32(IORING_SETUP_IOPOLL)
@@ -49,13 +46,7 @@ final class URingContext: @unchecked Sendable {
             params.flags |= UInt32(IORING_SETUP_SQPOLL)
             params.sq_thread_idle = 50
         }
-        var status = io_uring_queue_init_params(UInt32(entries), ring, &params)
-        if status == -EINVAL {
-            // An older kernel without COOP_TASKRUN: plain setup.
-            params.flags &= ~UInt32(IORING_SETUP_COOP_TASKRUN)
-            ring.initialize(to: io_uring())
-            status = io_uring_queue_init_params(UInt32(entries), ring, &params)
-        }
+        let status = io_uring_queue_init_params(UInt32(entries), ring, &params)
         guard status == 0 else {
             ring.deallocate()
             throw SystemCallError(call: "io_uring_queue_init_params(\(mode.rawValue))", errno: -status)
