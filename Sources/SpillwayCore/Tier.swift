@@ -130,8 +130,9 @@ public struct TierIO: Sendable {
 ///
 /// The submitter fills it, calls `Tier.submit`, then `wait()`. A tier completes each I/O
 /// exactly once with `complete(_:status:)`, from any thread; the last completion wakes the
-/// waiter. Memory tiers complete inline, so `wait()` returns without a system call; io_uring
-/// and socket tiers complete from their completion threads. Nothing here allocates after init.
+/// waiter. Tiers that complete inline (memory tiers, and the NVMe tier, which reaps its ring
+/// on the submitting thread) skip the countdown and wake-up entirely; a socket transport will
+/// complete from its event loop. Nothing here allocates after init.
 ///
 /// `@unchecked Sendable`: between `submit` and the end of `wait()` the entries are owned by the
 /// tier (each index written by exactly one completion, published by the release decrement of
