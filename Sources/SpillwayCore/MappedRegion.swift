@@ -45,9 +45,5 @@ public final class MappedRegion: @unchecked Sendable {
         self.byteCount = byteCount
     }
 
-    public func typed<T>(_ type: T.Type) -> UnsafeMutablePointer<T> {
-        base.bindMemory(to: type, capacity: byteCount / MemoryLayout<T>.stride)
-    }
-
     deinit { munmap(base, byteCount) }
 }

@@ -171,16 +171,19 @@ public final class PageDirectory: @unchecked Sendable {
         }
     }
 
-    /// Lookups served per tier and their bytes, summed over shards. Counted under the shard
+    /// Lookups served per tier and their bytes, summed over shards in one pass. Counted under the shard
     /// lock `beginRead` already holds, so the hot path pays no atomic for them.
-    public func readCounters(tier: Int) -> (reads: Int, bytes: Int) {
-        var total = (reads: 0, bytes: 0)
+    public func readCounters() -> [(reads: Int, bytes: Int)] {
+        var totals = [(reads: Int, bytes: Int)](repeating: (0, 0), count: tierCount)
         for shard in 0..<Self.shardCount {
-            let counts = withShard(index: shard) { ($0.readCounts[2 * tier], $0.readCounts[2 * tier + 1]) }
-            total.reads += counts.0
-            total.bytes += counts.1
+            withShard(index: shard) { table in
+                for tier in 0..<totals.count {
+                    totals[tier].reads += table.readCounts[2 * tier]
+                    totals[tier].bytes += table.readCounts[2 * tier + 1]
+                }
+            }
         }
-        return total
+        return totals
     }
 
     /// Ends a read begun by `beginRead` (or the read half of `beginMove`). Returns a location

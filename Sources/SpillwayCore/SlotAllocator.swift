@@ -160,5 +160,4 @@ public final class SlotAllocator: Sendable {
     /// Slots allocated now (a relaxed read: exact when no allocation races with it).
     public var usedSlots: Int { usedMirror.load(ordering: .relaxed) }
 
-    public func isAllocated(_ slot: Int) -> Bool { state.withLock { $0.isSet(slot) } }
 }

@@ -15,7 +15,6 @@ final class TierCounters: Sendable {
 
 final class StoreCounters: Sendable {
     let puts = ManagedAtomic<Int>(0)
-    let gets = ManagedAtomic<Int>(0)
     let misses = ManagedAtomic<Int>(0)
     let removes = ManagedAtomic<Int>(0)
     let prefetchRequests = ManagedAtomic<Int>(0)

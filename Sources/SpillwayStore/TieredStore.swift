@@ -396,11 +396,12 @@ public final class TieredStore: Sendable {
     }
 
     public func stats() -> StoreStats {
-        StoreStats(
+        let served = directory.readCounters()
+        return StoreStats(
             tiers: tiers.indices.map { index in
                 let descriptor = tiers[index].descriptor
                 let counter = tierCounters[index]
-                let reads = directory.readCounters(tier: index)
+                let reads = served[index]
                 return TierStats(
                     name: descriptor.name, kind: descriptor.kind.rawValue, slotSize: descriptor.slotSize,
                     capacitySlots: descriptor.capacitySlots, usedSlots: tiers[index].usedSlots,
@@ -410,7 +411,7 @@ public final class TieredStore: Sendable {
                     bytesWritten: counter.bytesWritten.value, checksumFailures: counter.checksumFailures.value,
                     ioErrors: counter.ioErrors.value)
             },
-            puts: counters.puts.value, gets: tiers.indices.reduce(counters.misses.value) { $0 + directory.readCounters(tier: $1).reads },
+            puts: counters.puts.value, gets: served.reduce(counters.misses.value) { $0 + $1.reads },
             misses: counters.misses.value, removes: counters.removes.value,
             prefetchRequests: counters.prefetchRequests.value, prefetchDropped: counters.prefetchDropped.value,
             promotionsSkipped: counters.promotionsSkipped.value)
