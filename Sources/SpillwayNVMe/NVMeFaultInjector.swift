@@ -12,7 +12,11 @@ import Glibc
 /// completion.
 public final class NVMeFaultInjector: Sendable {
     public enum Operation: Sendable, Equatable {
-        case read, write, any
+        /// Page reads and page writes.
+        case read, write
+        /// Writes of journal, index and checkpoint blocks (the tier's metadata).
+        case metadataWrite
+        case any
     }
 
     public enum Effect: Sendable, Equatable {
@@ -56,9 +60,9 @@ public final class NVMeFaultInjector: Sendable {
     var isArmed: Bool { armed.load(ordering: .relaxed) }
 
     /// The result the tier should see for a real completion of `result` bytes (or -errno).
-    func apply(write: Bool, result: Int32) -> Int32 {
+    func apply(_ operation: Operation, result: Int32) -> Int32 {
         rules.withLock { rules -> Int32 in
-            guard let index = rules.firstIndex(where: { $0.operation == .any || ($0.operation == .write) == write }) else {
+            guard let index = rules.firstIndex(where: { $0.operation == .any || $0.operation == operation }) else {
                 return result
             }
             let effect = rules[index].effect

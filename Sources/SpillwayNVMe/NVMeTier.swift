@@ -86,22 +86,43 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     let geometry: NVMeFormat.Geometry
     /// Byte offset of slot 0 in the file (benchmarks point fio at the same region).
     public var dataOffset: Int { geometry.dataOffset }
-    private let fd: Int32
-    private let allocator: SlotAllocator
-    private let mirror: MappedRegion
-    private let indexStripes: [Locked<Void>]
-    /// Released extents whose empty index record is not on disk yet (bounded: a release that
-    /// finds 64 waiting writes them out itself).
-    private let tombstones = Locked<[Extent]>([])
+    let fd: Int32
+    let allocator: SlotAllocator
+    /// The index in memory: what the on-disk index plus the journal say, one record per slot.
+    let mirror: MappedRegion
+    /// Guard the mirror's 4 KiB blocks (block b → stripe b % 64) and their dirty flags.
+    let indexStripes: [Locked<Void>]
+    /// One byte per index block: changed since it was last written by a checkpoint.
+    let dirtyIndexBlocks: UnsafeMutablePointer<UInt8>
+    /// Identifies this formatting of the file; journal and checkpoint blocks of another
+    /// instance are ignored.
+    let instance: UInt64
+    let journalState: Locked<JournalState>
+    /// Checkpoints written since open (tests and metrics).
+    let checkpoints = ManagedAtomic<Int>(0)
+    /// Released extents whose release record is not in the journal yet (bounded: a release
+    /// that finds 64 waiting writes them out itself).
+    let tombstones = Locked<[Extent]>([])
     private let rings: Locked<(free: [URingContext], created: Int)>
     private let maxRings = 8
     private let ringEntries: Int
     private let bounceBytes: Int
     private let bounceCount: Int
-    private let sequence: ManagedAtomic<UInt64>
+    /// The last record sequence number used (records carry it so the newest copy of a key wins).
+    let sequence: ManagedAtomic<UInt64>
     private let closed = ManagedAtomic<Bool>(false)
-    private let faults: NVMeFaultInjector?
-    private let logger: Logger
+    let faults: NVMeFaultInjector?
+    let logger: Logger
+
+    /// Where the journal stands. `next`: sequence of the next journal block; `replayFrom`: the
+    /// first block the on-disk checkpoint does not cover; `appending`: appends in flight.
+    struct JournalState {
+        var next: UInt64
+        var replayFrom: UInt64
+        var generation: UInt64
+        var appending = 0
+        var checkpointing = false
+    }
 
     public init(_ configuration: NVMeTierConfiguration, logger: Logger = Logger(label: "spillway.nvme")) throws(SpillwayError) {
         let name = configuration.name
@@ -148,23 +169,29 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         }
         allocator = SlotAllocator(capacity: configuration.capacitySlots)
         indexStripes = (0..<64).map { _ in Locked(()) }
+        dirtyIndexBlocks = .allocate(capacity: geometry.indexBlocks)
+        dirtyIndexBlocks.initialize(repeating: 0, count: geometry.indexBlocks)
         rings = Locked(([], 0))
         self.descriptor = TierDescriptor(
             name: name, kind: .nvme, slotSize: slotSize, capacitySlots: configuration.capacitySlots,
             performance: .nvme, verifiesReads: true, completesInline: true, recordsPageMetadata: true)
 
         // Recover or format.
-        let opened: (report: NVMeRecoveryReport, pages: [RecoveredPage], sequence: UInt64)
+        let opened: OpenedContents
         do throws(SpillwayError) {
             opened = try Self.openContents(fd: descriptor, geometry: geometry, mirror: mirror, allocator: allocator,
                                            reformat: configuration.reformat, name: name, logger: logger)
         } catch {
             Glibc.close(descriptor)
+            dirtyIndexBlocks.deallocate()
             throw error
         }
         recovery = opened.report
         recoveredPages = opened.pages
-        sequence = ManagedAtomic(opened.sequence)
+        sequence = ManagedAtomic(opened.recordSequence)
+        instance = opened.instance
+        journalState = Locked(JournalState(next: opened.checkpoint.replayFrom, replayFrom: opened.checkpoint.replayFrom,
+                                           generation: opened.checkpoint.generation))
 
         // Pick the polling mode: what was asked, or IOPOLL if the device accepts it.
         mode = Self.chooseMode(requested: configuration.pollMode, directIO: directIO, fd: descriptor,
@@ -191,9 +218,13 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     }
 
     deinit {
-        _ = flushTombstones()
+        if !closed.load(ordering: .relaxed) {
+            flushTombstones()
+            checkpoint()
+        }
         rings.withLock { $0.free.removeAll() }
         Glibc.close(fd)
+        dirtyIndexBlocks.deallocate()
     }
 
     // MARK: Space
@@ -205,32 +236,43 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         return allocator.allocate(count: slotCount)
     }
 
-    /// Empties the page's index record in the mirror now; the slots return to the allocator
-    /// only once that empty record is on disk (written with the next batch's index blocks, or
-    /// here when 64 releases are waiting, or on close).
+    /// Empties the page's index record in the mirror now. If a record was there, the slots
+    /// return to the allocator only once a release record is in the journal (appended with the
+    /// next batch's records, or here when 64 releases are waiting, or on close), so no record
+    /// on disk ever claims a reused slot. An extent without a record (a write that failed) is
+    /// free at once.
     public func release(_ extent: Extent) {
-        let slot = extent.firstSlot
-        let block = geometry.indexBlockOffset(ofSlot: slot)
-        withIndexBlock(block) { memset(mirror.base + Int(slot) * NVMeFormat.recordSize, 0, NVMeFormat.recordSize) }
+        var hadRecord = false
+        setIndexRecord(slot: extent.firstSlot) { record in
+            hadRecord = record.load(as: UInt32.self) != 0
+            memset(record, 0, NVMeFormat.recordSize)
+        }
+        guard hadRecord else {
+            allocator.release(extent)
+            return
+        }
         let waiting = tombstones.withLock { pending -> Int in
             pending.append(extent)
             return pending.count
         }
-        if waiting >= 64 { _ = flushTombstones() }
+        if waiting >= 64 { flushTombstones() }
     }
 
     public var usedSlots: Int { allocator.usedSlots }
 
     public func persistReleases() {
-        _ = flushTombstones()
+        flushTombstones()
     }
 
     /// Slots released by the store whose empty index record is not on disk yet (still counted
     /// in `usedSlots` until it is).
     public var pendingReleaseSlots: Int { tombstones.withLock { $0.reduce(0) { $0 + Int($1.slotCount) } } }
 
+    /// Journals waiting releases and writes a checkpoint, so the next open replays nothing.
     public func close() {
-        _ = flushTombstones()
+        guard !closed.load(ordering: .relaxed) else { return }
+        flushTombstones()
+        checkpoint()
         closed.store(true, ordering: .releasing)
     }
 
@@ -323,7 +365,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                     let io = batch[flights[slot].io]
                     let isWrite = io.operation == .write
                     var result = result
-                    if let faults, faults.isArmed { result = faults.apply(write: isWrite, result: result) }
+                    if let faults, faults.isArmed { result = faults.apply(isWrite ? .write : .read, result: result) }
                     if !isWrite && result > 0 && flights[slot].bounce >= 0 {
                         // Copy this piece out before the bounce buffer is reused for the next one.
                         let payload = min(Int(result), io.length - flights[slot].done)
@@ -346,10 +388,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                     if start(slot) { inFlight += 1 }
                 }
             }
-            if !written.isEmpty {
-                let status = recordWrites(written, of: batch, on: context)
-                if status != 0 { for index in written { batch.setStatus(index, status) } }
-            }
+            if !written.isEmpty { appendRecords(written, of: batch, on: context) }
         }
     }
 
@@ -432,60 +471,94 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         return false
     }
 
-    // MARK: Index
+    // MARK: Index and journal
 
-    /// Writes index records for completed writes, plus any waiting tombstones, as one
-    /// submission of all touched 4 KiB index blocks. The blocks' stripe locks are held (in
-    /// ascending order) from encoding until the writes complete, so concurrent updates of a
-    /// block reach the disk in the order they were made. Returns 0 or an errno.
-    private func recordWrites(_ indices: [Int], of batch: TierBatch, on context: URingContext) -> Int32 {
-        let waiting = tombstones.withLock { pending -> [Extent] in
+    /// Appends journal records for completed writes (`indices` of `batch`) plus every waiting
+    /// release, in as few 4 KiB journal blocks as they fit, written in one submission per
+    /// round of `context.journalCount` blocks. A page's record enters the index mirror when its
+    /// journal block is reserved and leaves it again if the block's write fails (before any
+    /// checkpoint can see it: checkpoints wait for in-flight appends). Writes whose record did
+    /// not reach the disk get its errno as their status. Returns 0 or the last round's errno.
+    @discardableResult
+    func appendRecords(_ indices: [Int], of batch: TierBatch?, on context: URingContext) -> Int32 {
+        let releases = tombstones.withLock { pending -> [Extent] in
             defer { pending.removeAll(keepingCapacity: true) }
             return pending
         }
-        var blocks = Set(indices.map { geometry.indexBlockOffset(ofSlot: batch[$0].extent.firstSlot) })
-        for extent in waiting { blocks.insert(geometry.indexBlockOffset(ofSlot: extent.firstSlot)) }
-        let status = withIndexBlocks(Array(blocks)) { () -> Int32 in
-            for index in indices {
-                let io = batch[index]
-                let record = NVMeFormat.Record(
-                    key: io.key, slotCount: io.extent.slotCount, length: UInt32(io.length), checksum: io.checksum,
-                    sequence: sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1)
-                record.encode(into: mirror.base + Int(io.extent.firstSlot) * NVMeFormat.recordSize)
+        let perRound = context.journalCount * NVMeFormat.recordsPerJournalBlock
+        var putCursor = 0
+        var releaseCursor = 0
+        var status: Int32 = 0
+        while putCursor < indices.count || releaseCursor < releases.count {
+            let puts = min(indices.count - putCursor, perRound)
+            let frees = min(releases.count - releaseCursor, perRound - puts)
+            let records = puts + frees
+            let blocks = (records + NVMeFormat.recordsPerJournalBlock - 1) / NVMeFormat.recordsPerJournalBlock
+            let roundPuts = putCursor..<(putCursor + puts)
+            let roundFrees = releases[releaseCursor..<(releaseCursor + frees)]
+            putCursor += puts
+            releaseCursor += frees
+            let first: UInt64
+            switch beginAppend(blocks: blocks, on: context) {
+            case .failure(let error):
+                status = error.errno
+                if let batch { for position in roundPuts { batch.setStatus(indices[position], status) } }
+                settle(Array(roundFrees), written: false)
+                continue
+            case .success(let sequence):
+                first = sequence
             }
-            let status = writeIndexBlocks(Array(blocks), on: context)
-            if status != 0 {
-                // Not durable: take the records back out of the mirror before anyone else
-                // writes these blocks, so a failed put can never surface after a restart.
-                for index in indices {
-                    memset(mirror.base + Int(batch[index].extent.firstSlot) * NVMeFormat.recordSize, 0, NVMeFormat.recordSize)
+            for record in 0..<records {
+                let block = context.journalBlock(record / NVMeFormat.recordsPerJournalBlock)
+                let target = block + NVMeFormat.recordSize * (1 + record % NVMeFormat.recordsPerJournalBlock)
+                let sequence = self.sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
+                if record < puts, let batch {
+                    let io = batch[indices[roundPuts.lowerBound + record]]
+                    let page = NVMeFormat.Record(key: io.key, slot: io.extent.firstSlot, slotCount: io.extent.slotCount,
+                                                 length: UInt32(io.length), checksum: io.checksum, sequence: sequence)
+                    page.encode(into: target)
+                    setIndexRecord(slot: page.slot) { memcpy($0, target, NVMeFormat.recordSize) }
+                } else {
+                    NVMeFormat.Record.release(roundFrees[roundFrees.startIndex + record - puts], sequence: sequence).encode(into: target)
                 }
             }
-            return status
+            for block in 0..<blocks {
+                let count = min(NVMeFormat.recordsPerJournalBlock, records - block * NVMeFormat.recordsPerJournalBlock)
+                NVMeFormat.encodeJournalHeader(into: context.journalBlock(block), sequence: first + UInt64(block),
+                                               instance: instance, count: count)
+            }
+            let roundStatus = writeBlocks(blocks, on: context) { block in
+                (context.journalBlock(block), geometry.journalBlockOffset(sequence: first + UInt64(block)), context.journalFixedBuffer(block))
+            }
+            if roundStatus != 0, let batch {
+                // Not durable: take the records back out of the mirror before a checkpoint can
+                // write them, so a failed put never surfaces after a restart.
+                for position in roundPuts {
+                    setIndexRecord(slot: batch[indices[position]].extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) }
+                    batch.setStatus(indices[position], roundStatus)
+                }
+            }
+            endAppend()
+            settle(Array(roundFrees), written: roundStatus == 0)
+            if roundStatus != 0 {
+                status = roundStatus
+                logger.error("journal write failed", metadata: ["tier": "\(descriptor.name)", "errno": "\(roundStatus)"])
+            }
         }
-        settle(waiting, written: status == 0)
         return status
     }
 
-    /// Writes every waiting tombstone now. False if nothing was waiting or the write failed.
-    private func flushTombstones() -> Bool {
-        let waiting = tombstones.withLock { pending -> [Extent] in
-            defer { pending.removeAll(keepingCapacity: true) }
-            return pending
-        }
-        guard !waiting.isEmpty else { return false }
-        guard let context = try? takeRing() else {
-            settle(waiting, written: false)
-            return false
-        }
+    /// Writes every waiting release to the journal now. False if nothing was waiting or the
+    /// write failed.
+    @discardableResult
+    func flushTombstones() -> Bool {
+        guard tombstones.withLock({ !$0.isEmpty }) else { return false }
+        guard let context = try? takeRing() else { return false }
         defer { returnRing(context) }
-        let blocks = Array(Set(waiting.map { geometry.indexBlockOffset(ofSlot: $0.firstSlot) }))
-        let status = withIndexBlocks(blocks) { writeIndexBlocks(blocks, on: context) }
-        settle(waiting, written: status == 0)
-        return status == 0
+        return appendRecords([], of: nil, on: context) == 0
     }
 
-    /// Released extents whose tombstones are on disk go back to the allocator; if the write
+    /// Released extents whose release record is on disk go back to the allocator; if the write
     /// failed they wait for the next one (a persistent failure keeps them out of use; see
     /// `pendingReleaseSlots`).
     private func settle(_ extents: [Extent], written: Bool) {
@@ -494,47 +567,141 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             for extent in extents { allocator.release(extent) }
         } else {
             tombstones.withLock { $0.append(contentsOf: extents) }
-            logger.error("could not write index tombstones; their slots stay allocated", metadata: [
+            logger.error("could not journal releases; their slots stay allocated", metadata: [
                 "tier": "\(descriptor.name)", "extents": "\(extents.count)",
             ])
         }
     }
 
-    private func stripe(ofBlock block: Int) -> Int { (block / NVMeFormat.blockSize) % indexStripes.count }
-
-    private func withIndexBlock<R>(_ block: Int, _ body: () -> R) -> R {
-        indexStripes[stripe(ofBlock: block)].withLock { _ in body() }
-    }
-
-    /// Runs `body` holding the stripe locks of `blocks`, taken in ascending order.
-    private func withIndexBlocks<R>(_ blocks: [Int], _ body: () -> R) -> R {
-        let stripes = Array(Set(blocks.map(stripe(ofBlock:)))).sorted()
-        func nest(_ remaining: ArraySlice<Int>) -> R {
-            guard let first = remaining.first else { return body() }
-            return indexStripes[first].withLock { _ in nest(remaining.dropFirst()) }
+    /// Changes `slot`'s record in the index mirror and marks its block dirty, under the block's
+    /// stripe lock.
+    func setIndexRecord(slot: UInt32, _ body: (UnsafeMutableRawPointer) -> Void) {
+        let block = geometry.indexBlock(ofSlot: slot)
+        indexStripes[block % indexStripes.count].withLock { _ in
+            body(mirror.base + Int(slot) * NVMeFormat.recordSize)
+            dirtyIndexBlocks[block] = 1
         }
-        return nest(stripes[...])
     }
 
-    /// Writes index blocks from the mirror in as few submissions as the ring allows (at most
-    /// half its entries in flight); short writes and EINTR/EAGAIN are resubmitted. Returns 0 or
-    /// the first errno. Always drains what it queued unless the ring itself fails (then the
-    /// ring is broken and dropped by the pool).
-    private func writeIndexBlocks(_ blocks: [Int], on context: URingContext) -> Int32 {
-        var done = [Int](repeating: 0, count: blocks.count)
-        var retries = [Int](repeating: 0, count: blocks.count)
+    /// Reserves `blocks` consecutive journal sequence numbers and counts an append in flight.
+    /// When the ring of journal blocks would overwrite blocks a restart still needs, checkpoints
+    /// first (this caller does it; others wait).
+    private func beginAppend(blocks: Int, on context: URingContext) -> Result<UInt64, SystemCallError> {
+        enum Step { case go(UInt64), wait, checkpoint }
+        while true {
+            let step = journalState.withLock { state -> Step in
+                if state.checkpointing { return .wait }
+                if state.next + UInt64(blocks) > state.replayFrom + UInt64(geometry.journalBlocks) {
+                    state.checkpointing = true
+                    return .checkpoint
+                }
+                state.appending += 1
+                defer { state.next += UInt64(blocks) }
+                return .go(state.next)
+            }
+            switch step {
+            case .go(let first): return .success(first)
+            case .wait: sched_yield()
+            case .checkpoint:
+                let status = checkpointLocked(on: context)
+                if status != 0 { return .failure(SystemCallError(call: "journal checkpoint", errno: status)) }
+            }
+        }
+    }
+
+    private func endAppend() {
+        journalState.withLock { $0.appending -= 1 }
+    }
+
+    /// Writes a checkpoint now (used on close). Returns 0 or an errno.
+    @discardableResult
+    func checkpoint() -> Int32 {
+        while true {
+            let mine = journalState.withLock { state -> Bool in
+                guard !state.checkpointing else { return false }
+                state.checkpointing = true
+                return true
+            }
+            if mine { break }
+            sched_yield()
+        }
+        guard let context = try? takeRing() else {
+            journalState.withLock { $0.checkpointing = false }
+            return EIO
+        }
+        defer { returnRing(context) }
+        return checkpointLocked(on: context)
+    }
+
+    /// Makes the on-disk index reflect every journal block appended so far, so their ring
+    /// positions can be reused: waits for in-flight appends, writes the dirty index blocks, then
+    /// the checkpoint block (A/B alternately) naming the first block a restart must replay. The
+    /// caller has set `checkpointing` (new appends wait); this clears it.
+    private func checkpointLocked(on context: URingContext) -> Int32 {
+        while journalState.withLock({ $0.appending }) > 0 { sched_yield() }
+        let (replayFrom, generation) = journalState.withLock { ($0.next, $0.generation + 1) }
+        var blocks: [Int] = []
+        for stripe in 0..<indexStripes.count {
+            indexStripes[stripe].withLock { _ in
+                var block = stripe
+                while block < geometry.indexBlocks {
+                    if dirtyIndexBlocks[block] != 0 {
+                        dirtyIndexBlocks[block] = 0
+                        blocks.append(block)
+                    }
+                    block += indexStripes.count
+                }
+            }
+        }
+        blocks.sort()
+        var status = writeBlocks(blocks.count, on: context) { index in
+            (mirror.base + blocks[index] * NVMeFormat.blockSize, geometry.indexOffset + blocks[index] * NVMeFormat.blockSize, -1)
+        }
+        let checkpoint = NVMeFormat.Checkpoint(generation: generation, replayFrom: replayFrom, instance: instance)
+        if status == 0 {
+            checkpoint.encode(into: context.journalBlock(0))
+            status = writeBlocks(1, on: context) { _ in
+                (context.journalBlock(0), checkpoint.offset(in: geometry), context.journalFixedBuffer(0))
+            }
+        }
+        if status != 0 {
+            for block in blocks { indexStripes[block % indexStripes.count].withLock { _ in dirtyIndexBlocks[block] = 1 } }
+            logger.error("journal checkpoint failed; appends fail until one succeeds", metadata: [
+                "tier": "\(descriptor.name)", "errno": "\(status)",
+            ])
+        }
+        journalState.withLock { state in
+            if status == 0 {
+                state.replayFrom = replayFrom
+                state.generation = generation
+            }
+            state.checkpointing = false
+        }
+        checkpoints.wrappingIncrement(ordering: .relaxed)
+        return status
+    }
+
+    /// Writes `count` 4 KiB blocks (`describe(i)` = buffer, file offset, fixed buffer index or
+    /// -1) with at most half the ring in flight; short writes and EINTR/EAGAIN are resubmitted.
+    /// Returns 0 or the first errno. Always drains what it queued unless the ring itself fails
+    /// (then the ring is broken and dropped by the pool).
+    private func writeBlocks(_ count: Int, on context: URingContext,
+                             _ describe: (Int) -> (buffer: UnsafeMutableRawPointer, offset: Int, fixed: Int32)) -> Int32
+    {
+        guard count > 0 else { return 0 }
+        var done = [Int](repeating: 0, count: count)
+        var retries = [Int](repeating: 0, count: count)
         var failure: Int32 = 0
         var pending = 0
         var next = 0
         let limit = max(1, context.entries / 2)
         func queue(_ index: Int) -> Bool {
-            let block = blocks[index]
-            return context.prepareOrFlush(write: true, buffer: mirror.base + block + done[index],
-                                          length: NVMeFormat.blockSize - done[index],
-                                          offset: geometry.indexOffset + block + done[index], fixedBuffer: -1, tag: UInt64(index))
+            let target = describe(index)
+            return context.prepareOrFlush(write: true, buffer: target.buffer + done[index], length: NVMeFormat.blockSize - done[index],
+                                          offset: target.offset + done[index], fixedBuffer: target.fixed, tag: UInt64(index))
         }
         func fill() -> Bool {
-            while pending < limit && next < blocks.count {
+            while pending < limit && next < count {
                 guard queue(next) else { return false }
                 next += 1
                 pending += 1
@@ -549,7 +716,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             _ = context.reap { tag, value in
                 let index = Int(tag)
                 var result = value
-                if let faults, faults.isArmed { result = faults.apply(write: true, result: result) }
+                if let faults, faults.isArmed { result = faults.apply(.metadataWrite, result: result) }
                 switch result {
                 case -EINTR, -EAGAIN:
                     retries[index] += 1
@@ -608,182 +775,5 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 pool.free.append(ring)
             }
         }
-    }
-
-    // MARK: Open
-
-    private static func chooseMode(requested: NVMePollMode?, directIO: Bool, fd: Int32, entries: Int,
-                                   mirror: MappedRegion, name: String, logger: Logger) -> NVMePollMode
-    {
-        if let requested { return requested }
-        guard directIO else { return .interrupt }
-        // Probe IOPOLL with a real read of the superblock.
-        let probe: Int32
-        do {
-            let context = try URingContext(entries: 8, mode: .iopoll, fd: fd, bounceBytes: NVMeFormat.blockSize, bounceCount: 1)
-            _ = context.prepare(write: false, buffer: context.bounceBuffer(0), length: NVMeFormat.blockSize, offset: 0,
-                                fixedBuffer: 0, tag: 0)
-            var result: Int32 = -EIO
-            if context.submit(waitFor: 1) == 0 { _ = context.reap { _, value in result = value } }
-            probe = result
-        } catch {
-            probe = -error.errno
-        }
-        if probe == Int32(NVMeFormat.blockSize) { return .iopoll }
-        logger.notice("IOPOLL unavailable for this file; using interrupt-driven completions", metadata: [
-            "tier": "\(name)", "probe": "\(probe < 0 ? String(cString: strerror(-probe)) : "short read \(probe)")",
-        ])
-        return .interrupt
-    }
-
-    /// Reads the superblock and index; recovers what verifies or formats the file.
-    private static func openContents(fd: Int32, geometry: NVMeFormat.Geometry, mirror: MappedRegion, allocator: SlotAllocator,
-                                     reformat: Bool, name: String, logger: Logger)
-        throws(SpillwayError) -> (report: NVMeRecoveryReport, pages: [RecoveredPage], sequence: UInt64)
-    {
-        let block = UnsafeMutableRawPointer.allocate(byteCount: NVMeFormat.blockSize, alignment: NVMeFormat.blockSize)
-        defer { block.deallocate() }
-        var stats = stat()
-        guard fstat(fd, &stats) == 0 else { throw .tierIO(tier: name, operation: "fstat", errno: errno) }
-        let isBlockDevice = stats.st_mode & S_IFMT == S_IFBLK
-        if isBlockDevice {
-            var deviceBytes: UInt64 = 0
-            guard spillway_block_device_size(fd, &deviceBytes) == 0 else {
-                throw .tierIO(tier: name, operation: "BLKGETSIZE64", errno: errno)
-            }
-            guard deviceBytes >= UInt64(geometry.fileBytes) else {
-                throw .invalidConfiguration(
-                    "tier '\(name)': the device holds \(ByteCount.format(Int(deviceBytes))), the tier needs \(ByteCount.format(geometry.fileBytes))")
-            }
-        }
-        var existing: NVMeFormat.Geometry?
-        if !reformat && (isBlockDevice || Int(stats.st_size) >= geometry.fileBytes) {
-            if try preadFully(fd, block, NVMeFormat.blockSize, 0, name: name) {
-                existing = NVMeFormat.decodeSuperblock(block)
-            }
-        }
-        guard existing == geometry else {
-            try format(fd: fd, geometry: geometry, isBlockDevice: isBlockDevice, block: block, name: name)
-            if existing != nil {
-                logger.warning("nvme file had another geometry; reformatted", metadata: ["tier": "\(name)"])
-            }
-            return (NVMeRecoveryReport(formatted: true, recovered: 0, discarded: 0), [], 0)
-        }
-        // Recover: read the whole index, then check each candidate's data.
-        guard try preadFully(fd, mirror.base, geometry.indexBytes, geometry.indexOffset, name: name) else {
-            throw .tierIO(tier: name, operation: "read index", errno: EIO)
-        }
-        var candidates: [(slot: UInt32, record: NVMeFormat.Record)] = []
-        var discarded = 0
-        var dirtyBlocks = Set<Int>()
-        for slot in 0..<geometry.capacitySlots {
-            let pointer = mirror.base + slot * NVMeFormat.recordSize
-            if let record = NVMeFormat.Record.decode(pointer) {
-                candidates.append((UInt32(slot), record))
-            } else if pointer.load(as: UInt32.self) != 0 || pointer.load(fromByteOffset: 60, as: UInt32.self) != 0 {
-                discarded += 1  // torn or foreign record
-                memset(pointer, 0, NVMeFormat.recordSize)
-                dirtyBlocks.insert(geometry.indexBlockOffset(ofSlot: UInt32(slot)))
-            }
-        }
-        candidates.sort { $0.record.sequence > $1.record.sequence }
-        var seen = Set<PageKey>()
-        var pages: [RecoveredPage] = []
-        var maxSequence: UInt64 = 0
-        var data = UnsafeMutableRawPointer.allocate(byteCount: geometry.slotSize, alignment: NVMeFormat.blockSize)
-        var dataCapacity = geometry.slotSize
-        defer { data.deallocate() }
-        for (slot, record) in candidates {
-            maxSequence = max(maxSequence, record.sequence)
-            // Bound the record's extent before building it (a valid-CRC record may still be absurd).
-            let inRange = record.slotCount > 0 && UInt64(slot) + UInt64(record.slotCount) <= UInt64(geometry.capacitySlots)
-            let extent = Extent(firstSlot: slot, slotCount: inRange ? record.slotCount : 1)
-            let bytes = Int(extent.slotCount) * geometry.slotSize
-            var valid = inRange && Int(record.length) <= bytes && !seen.contains(record.key) && allocator.reserve(extent)
-            if valid {
-                let want = NVMeFormat.roundUp(Int(record.length), to: NVMeFormat.blockSize)
-                if want > dataCapacity {
-                    data.deallocate()
-                    data = UnsafeMutableRawPointer.allocate(byteCount: want, alignment: NVMeFormat.blockSize)
-                    dataCapacity = want
-                }
-                let read = want == 0 ? true : try preadFully(fd, data, want, geometry.dataOffset(ofSlot: slot), name: name)
-                valid = read && CRC32C.checksum(UnsafeRawBufferPointer(start: data, count: Int(record.length))) == record.checksum
-                if !valid { allocator.release(extent) }
-            }
-            if valid {
-                seen.insert(record.key)
-                pages.append(RecoveredPage(key: record.key, extent: extent, length: Int(record.length), checksum: record.checksum))
-            } else {
-                discarded += 1
-                memset(mirror.base + Int(slot) * NVMeFormat.recordSize, 0, NVMeFormat.recordSize)
-                dirtyBlocks.insert(geometry.indexBlockOffset(ofSlot: slot))
-            }
-        }
-        // Persist the cleanup so discarded records stay discarded.
-        for offset in dirtyBlocks {
-            guard pwrite(fd, mirror.base + offset, NVMeFormat.blockSize, off_t(geometry.indexOffset + offset)) == NVMeFormat.blockSize else {
-                throw .tierIO(tier: name, operation: "rewrite index block", errno: errno)
-            }
-        }
-        if discarded > 0 {
-            logger.warning("nvme warm restart discarded pages that did not verify", metadata: [
-                "tier": "\(name)", "recovered": "\(pages.count)", "discarded": "\(discarded)",
-            ])
-        }
-        return (NVMeRecoveryReport(formatted: false, recovered: pages.count, discarded: discarded), pages, maxSequence)
-    }
-
-    private static func format(fd: Int32, geometry: NVMeFormat.Geometry, isBlockDevice: Bool,
-                               block: UnsafeMutableRawPointer, name: String) throws(SpillwayError)
-    {
-        if !isBlockDevice {
-            // Empty the file (so no stale index survives), then reserve the space up front: a
-            // full filesystem is reported now, not as a failed write later.
-            guard ftruncate(fd, 0) == 0, ftruncate(fd, off_t(geometry.fileBytes)) == 0 else {
-                throw .tierIO(tier: name, operation: "ftruncate to \(geometry.fileBytes)", errno: errno)
-            }
-            let status = posix_fallocate(fd, 0, off_t(geometry.fileBytes))
-            if status != 0 && status != EOPNOTSUPP && status != EINVAL {
-                throw .tierIO(tier: name, operation: "reserve \(ByteCount.format(geometry.fileBytes))", errno: status)
-            }
-        } else {
-            // A block device: zero the index region.
-            let zeros = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: NVMeFormat.blockSize)
-            defer { zeros.deallocate() }
-            memset(zeros, 0, 1 << 20)
-            var offset = 0
-            while offset < geometry.indexBytes {
-                let length = min(1 << 20, geometry.indexBytes - offset)
-                guard pwrite(fd, zeros, length, off_t(geometry.indexOffset + offset)) == length else {
-                    throw .tierIO(tier: name, operation: "zero index", errno: errno)
-                }
-                offset += length
-            }
-        }
-        memset(block, 0, NVMeFormat.blockSize)
-        var instance = timespec()
-        clock_gettime(CLOCK_REALTIME, &instance)
-        NVMeFormat.encodeSuperblock(geometry, instance: UInt64(instance.tv_sec) << 32 | UInt64(instance.tv_nsec), into: block)
-        guard pwrite(fd, block, NVMeFormat.blockSize, 0) == NVMeFormat.blockSize else {
-            throw .tierIO(tier: name, operation: "write superblock", errno: errno)
-        }
-    }
-
-    /// `pread` until `count` bytes or end of file (false). EINTR retried; errors thrown.
-    private static func preadFully(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ count: Int, _ offset: Int,
-                                   name: String) throws(SpillwayError) -> Bool
-    {
-        var done = 0
-        while done < count {
-            let result = pread(fd, buffer + done, count - done, off_t(offset + done))
-            if result < 0 {
-                if errno == EINTR { continue }
-                throw .tierIO(tier: name, operation: "read at \(offset + done)", errno: errno)
-            }
-            if result == 0 { return false }
-            done += result
-        }
-        return true
     }
 }

@@ -16,9 +16,9 @@ public enum NVMePollMode: String, Sendable, CaseIterable {
     case sqpoll
 }
 
-/// One io_uring with the tier's file registered as fixed file 0 and its bounce buffers
-/// registered as fixed buffers (the index mirror is not registered: the kernel caps a
-/// registered buffer at 1 GiB, which a large tier's index exceeds). Owned by one submitter at a time (the tier's
+/// One io_uring with the tier's file registered as fixed file 0, and its bounce buffers and
+/// journal blocks registered as fixed buffers (the index mirror is not registered: the kernel
+/// caps a registered buffer at 1 GiB, which a large tier's index exceeds). Owned by one submitter at a time (the tier's
 /// ring pool hands it out), so nothing in it is shared.
 ///
 /// `@unchecked Sendable`: a context is only used by the thread that took it from the pool,
@@ -30,11 +30,15 @@ final class URingContext: @unchecked Sendable {
     let bounce: UnsafeMutableRawPointer
     let bounceBytes: Int
     let bounceCount: Int
+    /// `journalCount` 4 KiB blocks where a batch encodes its journal blocks, registered as
+    /// buffers bounceCount..<bounceCount + journalCount.
+    let journal: UnsafeMutableRawPointer
+    let journalCount: Int
     /// Set when a submission failed: I/Os may still be queued or in flight, so the ring must
     /// not be handed to another caller (the pool drops it instead).
     var broken = false
 
-    init(entries: Int, mode: NVMePollMode, fd: Int32, bounceBytes: Int, bounceCount: Int) throws(SystemCallError)
+    init(entries: Int, mode: NVMePollMode, fd: Int32, bounceBytes: Int, bounceCount: Int, journalCount: Int = 32) throws(SystemCallError)
     {
         ring = .allocate(capacity: 1)
         ring.initialize(to: io_uring())
@@ -57,7 +61,12 @@ final class URingContext: @unchecked Sendable {
         let bounce = UnsafeMutableRawPointer.allocate(byteCount: bounceBytes * bounceCount, alignment: NVMeFormat.blockSize)
         memset(bounce, 0, bounceBytes * bounceCount)
         self.bounce = bounce
+        self.journalCount = journalCount
+        let journal = UnsafeMutableRawPointer.allocate(byteCount: NVMeFormat.blockSize * journalCount, alignment: NVMeFormat.blockSize)
+        memset(journal, 0, NVMeFormat.blockSize * journalCount)
+        self.journal = journal
         var vectors = (0..<bounceCount).map { iovec(iov_base: bounce + $0 * bounceBytes, iov_len: bounceBytes) }
+        vectors += (0..<journalCount).map { iovec(iov_base: journal + $0 * NVMeFormat.blockSize, iov_len: NVMeFormat.blockSize) }
         var registerStatus = io_uring_register_buffers(ring, &vectors, UInt32(vectors.count))
         if registerStatus == 0 {
             var files = [fd]
@@ -67,6 +76,7 @@ final class URingContext: @unchecked Sendable {
             io_uring_queue_exit(ring)
             ring.deallocate()
             bounce.deallocate()
+            journal.deallocate()
             throw SystemCallError(call: "io_uring_register", errno: -registerStatus)
         }
     }
@@ -75,9 +85,12 @@ final class URingContext: @unchecked Sendable {
         io_uring_queue_exit(ring)
         ring.deallocate()
         bounce.deallocate()
+        journal.deallocate()
     }
 
     func bounceBuffer(_ index: Int) -> UnsafeMutableRawPointer { bounce + index * bounceBytes }
+    func journalBlock(_ index: Int) -> UnsafeMutableRawPointer { journal + index * NVMeFormat.blockSize }
+    func journalFixedBuffer(_ index: Int) -> Int32 { Int32(bounceCount + index) }
 
     /// Queues one read or write on fixed file 0. `fixedBuffer` ≥ 0 uses that registered buffer.
     /// Returns false when the submission queue is full (the caller submits and retries).

@@ -1,0 +1,127 @@
+import Glibc
+import Testing
+@testable import SpillwayCore
+@testable import SpillwayNVMe
+@testable import SpillwayStore
+
+/// The journaled index: records reach the disk as appended journal blocks, checkpoints let the
+/// journal's ring wrap, and a process that never closes the tier (a crash) loses nothing that
+/// was acknowledged. "Crash" here: a second tier opens the file while the first is still alive
+/// and has not flushed or checkpointed anything.
+@Suite(.serialized) struct JournalTests {
+    @Test func acknowledgedPagesSurviveACrashThroughTheJournal() throws {
+        let path = scratchPath("journal-crash")
+        defer { unlink(path) }
+        let (store, nvme) = try openStore(nvmePath: path, dramSlots: 0)
+        var expected: [PageKey: [UInt8]] = [:]
+        for value in 0..<30 {
+            let page = bytes(UInt64(value), 500 + value * 300)
+            try store.put(PageKey(UInt64(value)), bytes: page)
+            expected[PageKey(UInt64(value))] = page
+        }
+        for value in 0..<5 {
+            let page = bytes(UInt64(100 + value), 4096)
+            try store.put(PageKey(UInt64(value)), bytes: page)
+            expected[PageKey(UInt64(value))] = page
+        }
+        for value in 10..<13 {
+            try store.remove(PageKey(UInt64(value)))
+            expected[PageKey(UInt64(value))] = nil
+        }
+        #expect(nvme.checkpoints.load(ordering: .relaxed) == 0, "everything so far is only in the journal")
+
+        let (again, recovered) = try openStore(nvmePath: path, dramSlots: 0)
+        #expect(!recovered.recovery.formatted)
+        #expect(recovered.recovery.recovered == 27)
+        for (key, page) in expected { #expect(try again.get(key) == page) }
+        for value in 10..<13 { #expect(!again.contains(PageKey(UInt64(value)))) }
+        again.close()
+        withExtendedLifetime(store) {}
+    }
+
+    @Test func journalWrapsThroughCheckpointsAndStaysRecoverable() throws {
+        let path = scratchPath("journal-wrap")
+        defer { unlink(path) }
+        let (store, nvme) = try openStore(nvmePath: path, dramSlots: 0)
+        #expect(nvme.geometry.journalBlocks == 64)
+        var latest: [PageKey: [UInt8]] = [:]
+        // Each put appends at least one journal block: 400 puts lap the 64-block ring 6 times.
+        for round in 0..<10 {
+            for value in 0..<40 {
+                let page = bytes(UInt64(round * 1000 + value), 2000 + value)
+                try store.put(PageKey(UInt64(value)), bytes: page)
+                latest[PageKey(UInt64(value))] = page
+            }
+        }
+        #expect(nvme.checkpoints.load(ordering: .relaxed) >= 5)
+
+        let (again, recovered) = try openStore(nvmePath: path, dramSlots: 0)
+        #expect(recovered.recovery.recovered == 40)
+        for (key, page) in latest { #expect(try again.get(key) == page) }
+        again.close()
+        withExtendedLifetime(store) {}
+    }
+
+    @Test func aFailedJournalWriteFailsThePutAndLeavesNothingBehind() throws {
+        let path = scratchPath("journal-fail")
+        defer { unlink(path) }
+        let faults = NVMeFaultInjector()
+        let nvme = try NVMeTier(NVMeTierConfiguration(path: path, slotSize: 4096, capacitySlots: 64, faults: faults))
+        let store = try TieredStore(tiers: [nvme], options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
+        try store.put(PageKey(1), bytes: bytes(1, 4096))
+        faults.inject(.error(EIO), on: .metadataWrite)
+        #expect(throws: SpillwayError.self) { try store.put(PageKey(2), bytes: bytes(2, 4096)) }
+        #expect(!store.contains(PageKey(2)))
+        #expect(faults.firedCount == 1)
+        #expect(nvme.usedSlots == 1, "the failed put's slot was given back")
+        // A short journal write is completed, not mistaken for success or failure.
+        faults.inject(.shortTransfer, on: .metadataWrite)
+        faults.inject(.interrupted, on: .metadataWrite)
+        try store.put(PageKey(3), bytes: bytes(3, 4096))
+
+        let (again, recovered) = try openStore(nvmePath: path, dramSlots: 0)
+        #expect(recovered.recovery.recovered == 2)
+        #expect(!again.contains(PageKey(2)))
+        #expect(try again.get(PageKey(3)) == bytes(3, 4096))
+        again.close()
+        withExtendedLifetime(store) {}
+    }
+
+    @Test func aTornJournalBlockLosesOnlyItsOwnRecords() throws {
+        let path = scratchPath("journal-torn")
+        defer { unlink(path) }
+        let (store, nvme) = try openStore(nvmePath: path, dramSlots: 0)
+        for value in 0..<6 { try store.put(PageKey(UInt64(value)), bytes: bytes(UInt64(value), 4096)) }
+        // The last put's journal block is the newest; flip a byte of one of its records.
+        let last = nvme.journalState.withLock { $0.next } - 1
+        let descriptor = open(path, O_RDWR)
+        #expect(descriptor >= 0)
+        var garbage: UInt8 = 0x5A
+        #expect(pwrite(descriptor, &garbage, 1, off_t(nvme.geometry.journalBlockOffset(sequence: last) + 64 + 10)) == 1)
+        close(descriptor)
+
+        let (again, recovered) = try openStore(nvmePath: path, dramSlots: 0)
+        #expect(recovered.recovery.recovered == 5)
+        #expect(!again.contains(PageKey(5)))
+        for value in 0..<5 { #expect(try again.get(PageKey(UInt64(value))) == bytes(UInt64(value), 4096)) }
+        again.close()
+        withExtendedLifetime(store) {}
+    }
+
+    @Test func cleanCloseLeavesNothingToReplay() throws {
+        let path = scratchPath("journal-close")
+        defer { unlink(path) }
+        do {
+            let (store, _) = try openStore(nvmePath: path, dramSlots: 0)
+            for value in 0..<8 { try store.put(PageKey(UInt64(value)), bytes: bytes(UInt64(value), 4096)) }
+            try store.remove(PageKey(7))
+            store.close()
+        }
+        let (store, nvme) = try openStore(nvmePath: path, dramSlots: 0)
+        defer { store.close() }
+        #expect(nvme.recovery.recovered == 7)
+        // The checkpoint written at close covers the whole journal: replay starts past it.
+        let state = nvme.journalState.withLock { $0 }
+        #expect(state.next == state.replayFrom && state.next > 0)
+    }
+}
