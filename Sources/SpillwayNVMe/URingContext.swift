@@ -123,6 +123,11 @@ final class URingContext: @unchecked Sendable {
         }
     }
 
+    /// Pushes queued SQEs to the kernel without waiting.
+    func flush() {
+        if io_uring_submit(ring) < 0 { broken = true }
+    }
+
     /// Queues an SQE, pushing queued ones to the kernel while the submission queue is full.
     /// False if the ring failed.
     func prepareOrFlush(write: Bool, buffer: UnsafeMutableRawPointer, length: Int, offset: Int, fixedBuffer: Int32, tag: UInt64) -> Bool {
