@@ -62,6 +62,9 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
             ]
         ),
+        // The remote-memory wire protocol: frame header, opcodes, fields, bounds-checked decoding.
+        // Depends on ISA-L alone (CRC32C) so tools/fuzz-protocol.sh can build it with swiftc.
+        .target(name: "SpillwayProtocol", dependencies: ["CSpillwayISAL"]),
         // The tiered store: put/get/pin/prefetch, promotion, background demotion, eviction, stats.
         .target(
             name: "SpillwayStore",

@@ -37,6 +37,7 @@ public final class NVMeFaultInjector: Sendable {
     }
 
     private let rules = Locked<[Rule]>([])
+    private let openFailure = Locked<Int32?>(nil)
     private let armed = ManagedAtomic<Bool>(false)
     private let fired = ManagedAtomic<Int>(0)
 
@@ -46,6 +47,20 @@ public final class NVMeFaultInjector: Sendable {
     public func inject(_ effect: Effect, on operation: Operation, times: Int = 1) {
         rules.withLock { $0.append(Rule(operation: operation, effect: effect, remaining: times)) }
         armed.store(true, ordering: .releasing)
+    }
+
+    /// The tier's next `open(2)` fails with `errno` (e.g. `EINVAL`, what a filesystem without
+    /// O_DIRECT support returns) instead of running.
+    public func failNextOpen(errno: Int32) {
+        openFailure.withLock { $0 = errno }
+    }
+
+    /// The armed open failure, consumed.
+    func takeOpenFailure() -> Int32? {
+        openFailure.withLock { failure in
+            defer { failure = nil }
+            return failure
+        }
     }
 
     public func clear() {

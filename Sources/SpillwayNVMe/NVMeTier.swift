@@ -55,23 +55,24 @@ public struct NVMeRecoveryReport: Sendable, Equatable {
 ///
 /// - **I/O.** Each submitter borrows a ring from a bounded pool (one per concurrent submitter,
 ///   at most `maxRings`); the tier's file is fixed file 0 of every ring and each ring's bounce
-///   buffers and the index mirror are registered buffers. A batch is queued as many SQEs as fit,
-///   submitted with one `io_uring_submit_and_wait`, and reaped in batches on the submitting
-///   thread (so the tier `completesInline`: no cross-thread wake-up on the latency path).
-///   Aligned, block-multiple caller buffers are used directly; others bounce through the
+///   buffers and journal blocks are registered buffers. A batch runs as a sliding window of up
+///   to its queue depth, each completion's replacement submitted at once, reaped on the
+///   submitting thread (so the tier `completesInline`: no cross-thread wake-up on the latency
+///   path). Aligned, block-multiple caller buffers are used directly; others bounce through the
 ///   registered buffers. Short transfers are resubmitted for the remainder, `EINTR` and
 ///   (a bounded number of times) `EAGAIN` are retried, other errors complete the I/O with
 ///   their errno.
-/// - **Durability.** A page is durable once its `O_DIRECT` write completed; then its index
-///   record is written, and only then does the I/O complete (so the store makes it visible).
-///   Power loss is out of scope: there is no fsync per page.
-/// - **Warm restart.** Opening an existing file reads the index, checks every record's CRC32C
-///   and every page's data CRC32C, and recovers the pages that verify (`recoveredPages`); the
-///   rest are discarded and counted (`recovery`).
-/// - **Release** empties the page's index record at once in memory; the empty record reaches
-///   the disk with the next batch's index write (or after 64 releases, or on close) and only
-///   then are the slots reused. A slot is never reused under an old record, but a process that
-///   crashes inside that window can recover a page removed or superseded just before.
+/// - **Durability.** A page is durable once its `O_DIRECT` write completed and its record is
+///   in the journal (63 records per 4 KiB block, one submission per batch); only then does the
+///   I/O complete (so the store makes it visible). Checkpoints write the changed index blocks
+///   so the journal's ring can wrap. Power loss is out of scope: there is no fsync per page.
+/// - **Warm restart.** Opening an existing file reads the checkpointed index, replays the
+///   journal, checks every record's CRC32C and every page's data CRC32C, and recovers the pages
+///   that verify (`recoveredPages`); the rest are discarded and counted (`recovery`).
+/// - **Release** empties the page's record in the mirror at once; a release record reaches the
+///   journal with the next batch (or after 64 releases, or on close) and only then are the
+///   slots reused. A slot is never reused under an old record, but a process that crashes
+///   inside that window can recover a page superseded just before (`remove` persists at once).
 ///
 /// `@unchecked Sendable`: the descriptor, geometry and file descriptor are immutable; the
 /// allocator, ring pool, index-block stripes and counters are each synchronized.
@@ -151,9 +152,17 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         // Open: O_DIRECT unless explicitly told otherwise; a refusal is an error, not a fallback.
         directIO = !configuration.bufferedIO
         let flags = O_RDWR | O_CREAT | O_CLOEXEC | (directIO ? spillway_o_direct() : 0)
-        let descriptor = open(configuration.path, flags, 0o600)
+        var descriptor: Int32
+        var openErrno: Int32 = 0
+        if let injected = configuration.faults?.takeOpenFailure() {
+            descriptor = -1
+            openErrno = injected
+        } else {
+            descriptor = open(configuration.path, flags, 0o600)
+            openErrno = errno
+        }
         if descriptor < 0 {
-            let error = errno
+            let error = openErrno
             if error == EINVAL && directIO {
                 throw .invalidConfiguration(
                     "tier '\(name)': the filesystem of '\(configuration.path)' refuses O_DIRECT; choose another directory or set buffered-io = true")

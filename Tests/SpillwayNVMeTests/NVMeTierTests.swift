@@ -158,6 +158,29 @@ func io(_ tier: NVMeTier, _ operation: TierIO.Operation, _ extent: Extent, _ buf
 
 
 @Suite(.serialized) struct NVMeDeviceAndModeTests {
+    @Test func aFilesystemRefusingODirectIsAClearErrorNotAFallback() throws {
+        // tmpfs on this kernel accepts O_DIRECT, so the refusal (EINVAL from open) is injected.
+        let path = scratchPath("no-odirect")
+        defer { unlink(path) }
+        let faults = NVMeFaultInjector()
+        faults.failNextOpen(errno: EINVAL)
+        do {
+            _ = try NVMeTier(NVMeTierConfiguration(path: path, slotSize: 4096, capacitySlots: 8, faults: faults))
+            Issue.record("open must fail")
+        } catch {
+            guard case .invalidConfiguration(let message) = error else {
+                Issue.record("expected invalidConfiguration, got \(error)")
+                return
+            }
+            #expect(message.contains("refuses O_DIRECT") && message.contains("buffered-io"))
+        }
+        // Other open errors keep their errno.
+        faults.failNextOpen(errno: EACCES)
+        #expect(throws: SpillwayError.tierIO(tier: "nvme", operation: "open '\(path)'", errno: EACCES)) {
+            _ = try NVMeTier(NVMeTierConfiguration(path: path, slotSize: 4096, capacitySlots: 8, faults: faults))
+        }
+    }
+
     @Test func bufferedModeWorksWhereRequested() throws {
         // /dev/shm is tmpfs: buffered I/O is the explicit opt-in for filesystems without O_DIRECT.
         let path = "/dev/shm/spillway-test-\(getpid())-buffered"

@@ -1,0 +1,266 @@
+/// The fields of each frame's meta section. Decoders take a `WireReader` and return nil on any
+/// truncation or out-of-range value (the daemon answers with `malformedFrame`).
+public enum Wire {
+    /// A byte range inside one slab.
+    public struct SlabRange: Equatable, Sendable {
+        public var slab: UInt32
+        public var offset: UInt64
+        public var length: UInt32
+        public static let encodedSize = 16
+
+        public init(slab: UInt32, offset: UInt64, length: UInt32) {
+            self.slab = slab
+            self.offset = offset
+            self.length = length
+        }
+
+        public func encode(into pointer: UnsafeMutableRawPointer) {
+            pointer.storeBytes(of: slab.littleEndian, toByteOffset: 0, as: UInt32.self)
+            pointer.storeBytes(of: length.littleEndian, toByteOffset: 4, as: UInt32.self)
+            pointer.storeBytes(of: offset.littleEndian, toByteOffset: 8, as: UInt64.self)
+        }
+
+        public func encode(into writer: inout WireWriter) {
+            writer.write(slab)
+            writer.write(length)
+            writer.write(offset)
+        }
+
+        public static func decode(_ reader: inout WireReader) -> SlabRange? {
+            guard let slab = reader.read(UInt32.self), let length = reader.read(UInt32.self), let offset = reader.read(UInt64.self)
+            else { return nil }
+            return SlabRange(slab: slab, offset: offset, length: length)
+        }
+    }
+
+    public struct Hello: Equatable, Sendable {
+        public var minimumVersion: UInt8
+        public var maximumVersion: UInt8
+        public var capabilities: UInt32
+        public var tenant: String
+
+        public init(minimumVersion: UInt8 = WireProtocol.minimumVersion, maximumVersion: UInt8 = WireProtocol.maximumVersion,
+                    capabilities: UInt32 = 0, tenant: String)
+        {
+            self.minimumVersion = minimumVersion
+            self.maximumVersion = maximumVersion
+            self.capabilities = capabilities
+            self.tenant = tenant
+        }
+
+        public func encode() -> [UInt8] {
+            var writer = WireWriter()
+            writer.write(minimumVersion)
+            writer.write(maximumVersion)
+            writer.write(capabilities)
+            writer.write(string: tenant)
+            return writer.bytes
+        }
+
+        public static func decode(_ reader: inout WireReader) -> Hello? {
+            guard let low = reader.read(UInt8.self), let high = reader.read(UInt8.self), low <= high,
+                  let capabilities = reader.read(UInt32.self), let tenant = reader.readString(), tenant.utf8.count <= 256
+            else { return nil }
+            return Hello(minimumVersion: low, maximumVersion: high, capabilities: capabilities, tenant: tenant)
+        }
+    }
+
+    public struct Challenge: Equatable, Sendable {
+        public var version: UInt8
+        public var authenticationRequired: Bool
+        public var capabilities: UInt32
+        public var nonce: [UInt8]
+        public static let nonceSize = 32
+
+        public init(version: UInt8, authenticationRequired: Bool, capabilities: UInt32, nonce: [UInt8]) {
+            self.version = version
+            self.authenticationRequired = authenticationRequired
+            self.capabilities = capabilities
+            self.nonce = nonce
+        }
+
+        public func encode() -> [UInt8] {
+            var writer = WireWriter()
+            writer.write(version)
+            writer.write(UInt8(authenticationRequired ? 1 : 0))
+            writer.write(capabilities)
+            writer.write(bytes: nonce)
+            return writer.bytes
+        }
+
+        public static func decode(_ reader: inout WireReader) -> Challenge? {
+            guard let version = reader.read(UInt8.self), let required = reader.read(UInt8.self), required <= 1,
+                  let capabilities = reader.read(UInt32.self), let nonce = reader.readBytes(nonceSize)
+            else { return nil }
+            return Challenge(version: version, authenticationRequired: required == 1, capabilities: capabilities, nonce: nonce)
+        }
+    }
+
+    /// The client's proof: HMAC-SHA256(token, "spillway-auth-v1" ‖ nonce ‖ tenant).
+    public struct Authenticate: Equatable, Sendable {
+        public var mac: [UInt8]
+        public static let macSize = 32
+
+        public init(mac: [UInt8]) { self.mac = mac }
+
+        public func encode() -> [UInt8] { mac }
+
+        public static func decode(_ reader: inout WireReader) -> Authenticate? {
+            guard let mac = reader.readBytes(macSize) else { return nil }
+            return Authenticate(mac: mac)
+        }
+    }
+
+    public struct Welcome: Equatable, Sendable {
+        public var slabSize: UInt64
+        public var capacity: UInt64
+        public var freeSlabs: UInt32
+        /// Slabs this tenant already holds (kept through a disconnect, within the lease).
+        public var heldSlabs: [UInt32]
+        public var daemonInstance: UInt64
+
+        public init(slabSize: UInt64, capacity: UInt64, freeSlabs: UInt32, heldSlabs: [UInt32], daemonInstance: UInt64) {
+            self.slabSize = slabSize
+            self.capacity = capacity
+            self.freeSlabs = freeSlabs
+            self.heldSlabs = heldSlabs
+            self.daemonInstance = daemonInstance
+        }
+
+        public func encode() -> [UInt8] {
+            var writer = WireWriter()
+            writer.write(slabSize)
+            writer.write(capacity)
+            writer.write(freeSlabs)
+            writer.write(daemonInstance)
+            writer.write(UInt32(heldSlabs.count))
+            for slab in heldSlabs { writer.write(slab) }
+            return writer.bytes
+        }
+
+        public static func decode(_ reader: inout WireReader) -> Welcome? {
+            guard let slabSize = reader.read(UInt64.self), let capacity = reader.read(UInt64.self),
+                  let free = reader.read(UInt32.self), let instance = reader.read(UInt64.self),
+                  let count = reader.read(UInt32.self), Int(count) * 4 <= reader.remaining
+            else { return nil }
+            var held: [UInt32] = []
+            for _ in 0..<count {
+                guard let slab = reader.read(UInt32.self) else { return nil }
+                held.append(slab)
+            }
+            return Welcome(slabSize: slabSize, capacity: capacity, freeSlabs: free, heldSlabs: held, daemonInstance: instance)
+        }
+    }
+
+    /// A batched read or write: up to `maxBatchItems` ranges; the data section is their bytes
+    /// back to back.
+    public static func decodeBatch(_ reader: inout WireReader) -> [SlabRange]? {
+        guard let count = reader.read(UInt16.self), Int(count) <= WireProtocol.maxBatchItems,
+              Int(count) * SlabRange.encodedSize <= reader.remaining
+        else { return nil }
+        var ranges: [SlabRange] = []
+        ranges.reserveCapacity(Int(count))
+        var total = 0
+        for _ in 0..<count {
+            guard let range = SlabRange.decode(&reader) else { return nil }
+            total += Int(range.length)
+            guard total <= WireProtocol.maxDataLength else { return nil }
+            ranges.append(range)
+        }
+        return ranges
+    }
+
+    public static func encodeBatch(_ ranges: [SlabRange]) -> [UInt8] {
+        var writer = WireWriter(capacity: 2 + ranges.count * SlabRange.encodedSize)
+        writer.write(UInt16(ranges.count))
+        for range in ranges { range.encode(into: &writer) }
+        return writer.bytes
+    }
+
+    public struct Reclaim: Equatable, Sendable {
+        public var slab: UInt32
+        public var deadlineMilliseconds: UInt32
+
+        public init(slab: UInt32, deadlineMilliseconds: UInt32) {
+            self.slab = slab
+            self.deadlineMilliseconds = deadlineMilliseconds
+        }
+
+        public func encode() -> [UInt8] {
+            var writer = WireWriter()
+            writer.write(slab)
+            writer.write(deadlineMilliseconds)
+            return writer.bytes
+        }
+
+        public static func decode(_ reader: inout WireReader) -> Reclaim? {
+            guard let slab = reader.read(UInt32.self), let deadline = reader.read(UInt32.self) else { return nil }
+            return Reclaim(slab: slab, deadlineMilliseconds: deadline)
+        }
+    }
+
+    public struct ErrorReply: Equatable, Sendable, Error {
+        public var code: WireErrorCode
+        public var message: String
+
+        public init(_ code: WireErrorCode, _ message: String) {
+            self.code = code
+            self.message = message
+        }
+
+        public func encode() -> [UInt8] {
+            var writer = WireWriter()
+            writer.write(code.rawValue)
+            writer.write(string: message)
+            return writer.bytes
+        }
+
+        public static func decode(_ reader: inout WireReader) -> ErrorReply? {
+            guard let raw = reader.read(UInt16.self), let code = WireErrorCode(rawValue: raw), let message = reader.readString()
+            else { return nil }
+            return ErrorReply(code, message)
+        }
+    }
+
+    public static func encodeSlab(_ slab: UInt32) -> [UInt8] {
+        var writer = WireWriter()
+        writer.write(slab)
+        return writer.bytes
+    }
+}
+
+extension WireProtocol {
+    /// Decodes anything a peer could send, the way the daemon and client do, and discards the
+    /// result: the libFuzzer target (tools/fuzz-protocol.sh) calls this with arbitrary bytes.
+    /// Returns how many frames decoded completely.
+    @discardableResult
+    public static func decodeEverything(_ bytes: UnsafeRawBufferPointer) -> Int {
+        var cursor = 0
+        var frames = 0
+        while bytes.count - cursor >= headerSize {
+            let rest = UnsafeRawBufferPointer(rebasing: bytes[cursor...])
+            guard case .success(let header) = FrameHeader.decode(rest) else { return frames }
+            let payloadLength = header.metaLength + header.dataLength
+            guard rest.count - headerSize >= payloadLength else { return frames }
+            let payload = UnsafeRawBufferPointer(rebasing: rest[headerSize..<(headerSize + payloadLength)])
+            guard WireChecksum.crc32c(payload) == header.payloadChecksum else { return frames }
+            var reader = WireReader(UnsafeRawBufferPointer(rebasing: payload[0..<header.metaLength]))
+            switch header.opcode {
+            case .hello: _ = Wire.Hello.decode(&reader)
+            case .challenge: _ = Wire.Challenge.decode(&reader)
+            case .authenticate: _ = Wire.Authenticate.decode(&reader)
+            case .welcome: _ = Wire.Welcome.decode(&reader)
+            case .read, .write: _ = Wire.SlabRange.decode(&reader)
+            case .readBatch, .writeBatch: _ = Wire.decodeBatch(&reader)
+            case .reclaim: _ = Wire.Reclaim.decode(&reader)
+            case .error: _ = Wire.ErrorReply.decode(&reader)
+            case .mapSlab, .unmapSlab: _ = reader.read(UInt32.self)
+            case .goodbye: _ = reader.readString()
+            case .heartbeat, .stats: _ = reader.readBytes(reader.remaining)
+            }
+            frames += 1
+            cursor += headerSize + payloadLength
+        }
+        return frames
+    }
+}
