@@ -21,6 +21,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // ISA-L (Debian libisal-dev): CRC32C now, Reed-Solomon for the erasure-coded tier later.
@@ -65,6 +66,19 @@ let package = Package(
         // The remote-memory wire protocol: frame header, opcodes, fields, bounds-checked decoding.
         // Depends on ISA-L alone (CRC32C) so tools/fuzz-protocol.sh can build it with swiftc.
         .target(name: "SpillwayProtocol", dependencies: ["CSpillwayISAL"]),
+        // Remote memory: the daemon's engine (slabs, tenants, auth, reclaim), the TCP transport,
+        // the client and the remote tier.
+        .target(
+            name: "SpillwayRemote",
+            dependencies: [
+                "SpillwayCore",
+                "SpillwayProtocol",
+                .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ]
+        ),
         // The tiered store: put/get/pin/prefetch, promotion, background demotion, eviction, stats.
         .target(
             name: "SpillwayStore",
@@ -120,6 +134,7 @@ let package = Package(
             name: "SpillwayDaemon",
             dependencies: [
                 "Spillway",
+                "SpillwayRemote",
                 "SpillwayCommandSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -130,6 +145,7 @@ let package = Package(
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayTests", dependencies: ["Spillway", "SpillwayBench"]),
+        .testTarget(name: "SpillwayRemoteTests", dependencies: ["SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,25 +1,30 @@
 import ArgumentParser
+import Logging
 import Spillway
 import SpillwayCommandSupport
+import SpillwayRemote
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// `spillwayd`: the remote-memory daemon that lends spare DRAM in slabs.
-///
-/// This build parses and validates its options; serving (slabs, the wire protocol, tenants,
-/// reclaim) is the "remote memory" issue's work.
+/// `spillwayd`: the remote-memory daemon that lends spare DRAM in slabs (see
+/// docs/operations.md). Runs until SIGTERM or SIGINT, then stops accepting, tells clients
+/// (`goodbye`), drains in-flight requests and exits 0.
 struct SpillwayDaemon: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "spillwayd",
         abstract: "Lend this machine's spare DRAM to Spillway clients (remote memory tier).",
-        version: "0.1.0")
+        discussion: """
+        Options may also come from --config FILE (TOML, keys = long option names); command-line options win.
+        Without --token-file, authentication is off and the daemon only listens on loopback.
+        """,
+        version: SpillwayVersion.current)
 
-    @Option(help: "HOST:PORT to listen on (default 127.0.0.1:7450).")
+    @Option(help: "HOST:PORT to listen on (default 127.0.0.1:7450; port 0 picks one and prints it).")
     var listen: String?
 
-    @Option(help: "Memory to lend, e.g. 8g.")
+    @Option(help: "Memory to lend, e.g. 8g (default 1g).")
     var capacity: SizeArgument?
 
     @Option(name: .customLong("slab-size"), help: "Unit of lending (default 64m).")
@@ -38,19 +43,47 @@ struct SpillwayDaemon: ParsableCommand {
     var lease: Double?
 
     @Option(name: .customLong("log-level"), help: "Log level on stderr (default info).")
-    var logLevel: String?
+    var logLevel: LogLevelArgument?
 
     @Option(help: "TOML file with these options as keys.")
     var config: String?
 
-    func validate() throws {
-        if let listen, listen.split(separator: ":").count != 2 || UInt16(listen.split(separator: ":").last ?? "") == nil {
-            throw ValidationError("--listen '\(listen)' must be HOST:PORT")
-        }
-    }
+    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "log-level"]
 
     func run() throws {
-        throw SpillwayError.invalidConfiguration("serving remote memory is not built yet; this build only validates options")
+        let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
+        let level = try logLevel ?? (file.string("log-level").map { name in
+            guard let level = LogLevelArgument(rawValue: name) else { throw SpillwayError.invalidConfiguration("log-level '\(name)'") }
+            return level
+        }) ?? .info
+        bootstrapLogging(level.level)
+        let logger = Logger(label: "spillwayd")
+        let endpoint = try Endpoint(parsing: listen ?? file.string("listen") ?? "127.0.0.1:7450")
+        var daemon = DaemonConfiguration(listen: endpoint, capacity: try capacity?.bytes ?? file.size("capacity") ?? 1 << 30)
+        daemon.slabSize = try slabSize?.bytes ?? file.size("slab-size") ?? 64 << 20
+        daemon.headroom = try headroom?.bytes ?? file.size("headroom") ?? 0
+        daemon.lease = try lease ?? file.double("lease") ?? 30
+        if let path = try tokenFile ?? file.string("token-file") {
+            daemon.tokens = try TokenFile.load(path, logger: logger)
+        }
+        if let metrics = try metrics ?? file.string("metrics") {
+            _ = try Endpoint(parsing: metrics)
+            logger.warning("--metrics is accepted but the Prometheus endpoint is not built yet", metadata: ["metrics": "\(metrics)"])
+        }
+        let server = try RemoteMemoryServer(daemon, logger: logger)
+        // Block the signals here so the waiting thread receives them with sigwait.
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGINT)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+        try server.start()
+        // Scripts and tests that ask for port 0 read the bound address from stdout.
+        printLine("{\"listen\": \"\(endpoint.host):\(server.port)\", \"pid\": \(getpid())}")
+        var received: Int32 = 0
+        sigwait(&signals, &received)
+        logger.info("signal received; draining", metadata: ["signal": "\(received == SIGTERM ? "SIGTERM" : "SIGINT")"])
+        server.shutdown(drain: 5)
     }
 }
 

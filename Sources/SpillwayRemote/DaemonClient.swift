@@ -1,0 +1,322 @@
+import Atomics
+import Logging
+import SpillwayCore
+import SpillwayProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Who the client is to a daemon.
+public struct ClientCredentials: Sendable {
+    public var tenant: String
+    /// Nil: the daemon runs without authentication (loopback only).
+    public var token: [UInt8]?
+
+    public init(tenant: String, token: [UInt8]?) {
+        self.tenant = tenant
+        self.token = token
+    }
+
+    /// The first line of a token file (a client's file holds its one line).
+    public init(tokenFile: TokenFile) {
+        let name = tokenFile.names[0]
+        self.init(tenant: name, token: tokenFile.tokens[name])
+    }
+}
+
+/// One page transfer against a daemon: `length` bytes at `offset` of `slab`, from or into
+/// `buffer`. `status` is 0 or an errno once executed.
+public struct RemoteOperation: Sendable {
+    public var write: Bool
+    public var slab: UInt32
+    public var offset: UInt64
+    public var length: Int
+    public var bufferAddress: UInt
+    public var status: Int32 = 0
+
+    public init(write: Bool, slab: UInt32, offset: UInt64, length: Int, buffer: UnsafeRawPointer) {
+        self.write = write
+        self.slab = slab
+        self.offset = offset
+        self.length = length
+        bufferAddress = UInt(bitPattern: buffer)
+    }
+
+    var buffer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: bufferAddress)! }
+}
+
+/// A client of one daemon: a small pool of authenticated connections (one borrowed per batch,
+/// so concurrent callers do not share a socket), pipelined page I/O, slab mapping, heartbeat.
+///
+/// `@unchecked Sendable`: the pool and notices are behind locks; `welcome` is written once in
+/// `init`; each borrowed connection is used by one thread at a time.
+public final class DaemonClient: @unchecked Sendable {
+    public let endpoint: Endpoint
+    public let credentials: ClientCredentials
+    public private(set) var welcome: Wire.Welcome
+    public let maxConnections: Int
+    private let ioTimeout: Double
+    private let pool = Locked<(idle: [FrameConnection], open: Int)>(([], 0))
+    private let nextRequest = ManagedAtomic<UInt64>(1)
+    private let logger: Logger
+    /// Reclaim notices received and not yet handled.
+    public let reclaims = Locked<[Wire.Reclaim]>([])
+    /// Set when the daemon said goodbye or a connection failed.
+    public let failed = ManagedAtomic<Bool>(false)
+
+    /// Connects and authenticates one connection (more are opened on demand).
+    public init(endpoint: Endpoint, credentials: ClientCredentials, maxConnections: Int = 4, ioTimeout: Double = 5,
+                logger: Logger = Logger(label: "spillway.remote")) throws(RemoteError)
+    {
+        self.endpoint = endpoint
+        self.credentials = credentials
+        self.maxConnections = maxConnections
+        self.ioTimeout = ioTimeout
+        self.logger = logger
+        let (connection, welcome) = try Self.open(endpoint, credentials: credentials, ioTimeout: ioTimeout)
+        self.welcome = welcome
+        pool.withLock {
+            $0.idle.append(connection)
+            $0.open = 1
+        }
+    }
+
+    deinit {
+        pool.withLock { pool in
+            for connection in pool.idle { connection.socket.close() }
+        }
+    }
+
+    static func open(_ endpoint: Endpoint, credentials: ClientCredentials, ioTimeout: Double) throws(RemoteError)
+        -> (FrameConnection, Wire.Welcome)
+    {
+        let socket: TCPSocket
+        do {
+            socket = try TCPSocket.connect(to: endpoint, timeout: 2, ioTimeout: ioTimeout)
+        } catch {
+            throw .system(error)
+        }
+        let connection = FrameConnection(socket: socket)
+        try connection.send(.hello, requestID: 1, meta: Wire.Hello(tenant: credentials.tenant).encode())
+        let challengeHeader = try connection.receiveHeader()
+        let challengeBytes = try connection.receiveSmall(challengeHeader)
+        if challengeHeader.opcode == .error { throw .refused(Self.decodeError(challengeBytes)) }
+        guard challengeHeader.opcode == .challenge,
+              let challenge = challengeBytes.withUnsafeBytes({ raw -> Wire.Challenge? in
+                  var reader = WireReader(raw)
+                  return Wire.Challenge.decode(&reader)
+              })
+        else { throw .protocolViolation("expected a challenge, got \(challengeHeader.opcode)") }
+        if challenge.authenticationRequired {
+            guard let token = credentials.token else {
+                throw .refused(Wire.ErrorReply(.authenticationRequired, "the daemon at \(endpoint) requires a token (--token-file)"))
+            }
+            let proof = Authenticator.proof(token: token, nonce: challenge.nonce, tenant: credentials.tenant)
+            try connection.send(.authenticate, requestID: 2, meta: Wire.Authenticate(mac: proof).encode())
+        }
+        let header = try connection.receiveHeader()
+        let bytes = try connection.receiveSmall(header)
+        if header.opcode == .error { throw .refused(Self.decodeError(bytes)) }
+        guard header.opcode == .welcome,
+              let welcome = bytes.withUnsafeBytes({ raw -> Wire.Welcome? in
+                  var reader = WireReader(raw)
+                  return Wire.Welcome.decode(&reader)
+              })
+        else { throw .protocolViolation("expected welcome, got \(header.opcode)") }
+        return (connection, welcome)
+    }
+
+    static func decodeError(_ bytes: [UInt8]) -> Wire.ErrorReply {
+        bytes.withUnsafeBytes { raw in
+            var reader = WireReader(raw)
+            return Wire.ErrorReply.decode(&reader) ?? Wire.ErrorReply(.malformedFrame, "undecodable error reply")
+        }
+    }
+
+    /// Runs `body` on a connection of the pool (opening one if none is idle and the pool has
+    /// room, else waiting). A connection whose use failed is closed, not returned.
+    public func withConnection<R>(_ body: (FrameConnection) throws(RemoteError) -> R) throws(RemoteError) -> R {
+        var connection: FrameConnection?
+        while connection == nil {
+            let (idle, mayOpen) = pool.withLock { pool -> (FrameConnection?, Bool) in
+                if let idle = pool.idle.popLast() { return (idle, false) }
+                if pool.open < maxConnections {
+                    pool.open += 1
+                    return (nil, true)
+                }
+                return (nil, false)
+            }
+            if let idle {
+                connection = idle
+            } else if mayOpen {
+                do {
+                    connection = try Self.open(endpoint, credentials: credentials, ioTimeout: ioTimeout).0
+                } catch {
+                    pool.withLock { $0.open -= 1 }
+                    throw error
+                }
+            } else {
+                sched_yield()
+            }
+        }
+        let borrowed = connection!
+        do {
+            let result = try body(borrowed)
+            pool.withLock { $0.idle.append(borrowed) }
+            return result
+        } catch {
+            borrowed.socket.close()
+            pool.withLock { $0.open -= 1 }
+            if case .refused = error {} else { failed.store(true, ordering: .relaxed) }
+            throw error
+        }
+    }
+
+    /// Receives the next reply, handling notices that arrive in between.
+    private func receiveReply(_ connection: FrameConnection) throws(RemoteError) -> FrameHeader {
+        while true {
+            let header = try connection.receiveHeader()
+            guard header.flags.contains(.notice) else { return header }
+            let bytes = try connection.receiveSmall(header)
+            switch header.opcode {
+            case .reclaim:
+                if let notice = bytes.withUnsafeBytes({ raw -> Wire.Reclaim? in
+                    var reader = WireReader(raw)
+                    return Wire.Reclaim.decode(&reader)
+                }) {
+                    logger.notice("daemon reclaims a slab", metadata: ["daemon": "\(endpoint)", "slab": "\(notice.slab)"])
+                    reclaims.withLock { $0.append(notice) }
+                }
+            case .goodbye:
+                logger.notice("daemon is shutting down", metadata: ["daemon": "\(endpoint)"])
+                failed.store(true, ordering: .relaxed)
+            case .error:
+                throw .refused(Self.decodeError(bytes))
+            default:
+                throw .protocolViolation("unexpected notice \(header.opcode)")
+            }
+        }
+    }
+
+    /// A request without page data whose reply has none either.
+    private func call(_ opcode: Opcode, meta: [UInt8]) throws(RemoteError) -> [UInt8] {
+        try withConnection { connection throws(RemoteError) in
+            let id = nextRequest.loadThenWrappingIncrement(ordering: .relaxed)
+            try connection.send(opcode, requestID: id, meta: meta)
+            let header = try receiveReply(connection)
+            let bytes = try connection.receiveSmall(header)
+            guard header.requestID == id else { throw .protocolViolation("reply to \(header.requestID), expected \(id)") }
+            if header.opcode == .error { throw .refused(Self.decodeError(bytes)) }
+            guard header.opcode == opcode else { throw .protocolViolation("\(header.opcode) reply to \(opcode)") }
+            return bytes
+        }
+    }
+
+    public func mapSlab() throws(RemoteError) -> UInt32 {
+        let bytes = try call(.mapSlab, meta: [])
+        guard bytes.count == 4 else { throw .protocolViolation("map reply of \(bytes.count) bytes") }
+        return bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) }
+    }
+
+    public func unmapSlab(_ slab: UInt32) throws(RemoteError) {
+        _ = try call(.unmapSlab, meta: Wire.encodeSlab(slab))
+    }
+
+    public func heartbeat() throws(RemoteError) {
+        _ = try call(.heartbeat, meta: [])
+    }
+
+    /// The daemon's `stats` JSON.
+    public func stats() throws(RemoteError) -> String {
+        String(decoding: try call(.stats, meta: []), as: UTF8.self)
+    }
+
+    /// Runs `operations` pipelined on one connection, at most `window` in flight; replies are
+    /// matched by request id (in any order), read data lands straight in each operation's
+    /// buffer and is checked against the frame's CRC32C. Each operation gets a status: 0, the
+    /// errno of a refusal, or, if the connection fails, the connection's errno (for those not
+    /// completed). Returns the connection error, if any.
+    @discardableResult
+    public func execute(_ operations: UnsafeMutableBufferPointer<RemoteOperation>, window: Int = 32) -> RemoteError? {
+        guard !operations.isEmpty else { return nil }
+        let window = max(1, min(window, 256))
+        do {
+            try withConnection { connection throws(RemoteError) in
+                let slots = UnsafeMutableBufferPointer<(id: UInt64, index: Int)>.allocate(capacity: window)
+                slots.initialize(repeating: (0, -1))
+                defer { slots.deallocate() }
+                do {
+                    var next = 0
+                    var inFlight = 0
+                    let meta = UnsafeMutableRawPointer.allocate(byteCount: Wire.SlabRange.encodedSize, alignment: 8)
+                    defer { meta.deallocate() }
+                    func start(_ slot: Int) throws(RemoteError) {
+                        let index = next
+                        next += 1
+                        let operation = operations[index]
+                        let id = nextRequest.loadThenWrappingIncrement(ordering: .relaxed)
+                        slots[slot] = (id, index)
+                        Wire.SlabRange(slab: operation.slab, offset: operation.offset, length: UInt32(operation.length))
+                            .encode(into: meta)
+                        try connection.send(operation.write ? .write : .read, requestID: id,
+                                            meta: UnsafeRawBufferPointer(start: meta, count: Wire.SlabRange.encodedSize),
+                                            data: operation.write
+                                                ? UnsafeRawBufferPointer(start: operation.buffer, count: operation.length)
+                                                : UnsafeRawBufferPointer(start: nil, count: 0))
+                    }
+                    while inFlight < window && next < operations.count {
+                        try start(inFlight)
+                        inFlight += 1
+                    }
+                    while inFlight > 0 {
+                        let header = try receiveReply(connection)
+                        guard let slot = (0..<window).first(where: { slots[$0].id == header.requestID && slots[$0].index >= 0 })
+                        else { throw .protocolViolation("reply to unknown request \(header.requestID)") }
+                        let index = slots[slot].index
+                        let operation = operations[index]
+                        if header.opcode == .error {
+                            operations[index].status = RemoteError.refused(Self.decodeError(try connection.receiveSmall(header))).errno
+                        } else if operation.write {
+                            guard header.opcode == .write, header.dataLength == 0 else {
+                                throw .protocolViolation("\(header.opcode) reply to a write")
+                            }
+                            _ = try connection.receiveSmall(header)
+                            operations[index].status = 0
+                        } else {
+                            guard header.opcode == .read, header.metaLength == 0, header.dataLength == operation.length else {
+                                throw .protocolViolation("read reply of \(header.dataLength) bytes for \(operation.length)")
+                            }
+                            let (_, register) = try connection.receiveMeta(header)
+                            let final = try connection.receiveData(into: operation.buffer, count: operation.length, register: register)
+                            operations[index].status = ~final == header.payloadChecksum ? 0 : EBADMSG
+                        }
+                        slots[slot].index = -1
+                        inFlight -= 1
+                        if next < operations.count {
+                            try start(slot)
+                            inFlight += 1
+                        }
+                    }
+                }
+            }
+            return nil
+        } catch {
+            // Everything not known to have completed fails with the connection's errno.
+            for index in 0..<operations.count where operations[index].status == 0 {
+                operations[index].status = error.errno == 0 ? EIO : error.errno
+            }
+            logger.warning("daemon connection failed", metadata: ["daemon": "\(endpoint)", "error": "\(error)"])
+            return error
+        }
+    }
+
+    /// Closes every idle connection.
+    public func close() {
+        pool.withLock { pool in
+            for connection in pool.idle { connection.socket.close() }
+            pool.open -= pool.idle.count
+            pool.idle.removeAll()
+        }
+    }
+}

@@ -1,0 +1,183 @@
+import SpillwayCore
+import SpillwayProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What can go wrong talking to a peer.
+public enum RemoteError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The socket failed (reset, timeout as `EAGAIN`, refused).
+    case system(SystemCallError)
+    /// The peer sent a frame that does not decode; the connection is closed.
+    case frame(FrameError)
+    /// The peer answered with an error frame.
+    case refused(Wire.ErrorReply)
+    /// The peer broke the protocol in a way the header checks cannot see.
+    case protocolViolation(String)
+
+    public var description: String {
+        switch self {
+        case .system(let error): "\(error)"
+        case .frame(let error): "malformed frame: \(error)"
+        case .refused(let reply): "refused (\(reply.code)): \(reply.message)"
+        case .protocolViolation(let reason): "protocol violation: \(reason)"
+        }
+    }
+
+    /// The errno a tier reports for this error.
+    public var errno: Int32 {
+        switch self {
+        case .system(let error): error.errno
+        case .frame, .protocolViolation: EPROTO
+        case .refused(let reply):
+            switch reply.code {
+            case .noCapacity: ENOSPC
+            case .notOwner, .authenticationFailed, .authenticationRequired: EACCES
+            case .outOfBounds, .tooLarge: EINVAL
+            case .checksumMismatch: EBADMSG
+            case .shuttingDown: ESHUTDOWN
+            case .slabRevoked, .unknownSlab: ENXIO
+            default: EPROTO
+            }
+        }
+    }
+}
+
+/// Frames over one TCP socket: a header, meta and data sent with one `writev` (data straight
+/// from the caller's memory), and received in three steps so data can land straight in the
+/// caller's buffer. Not thread-safe: one sender and one receiver at a time, arranged by the
+/// owner (`sendLock` serializes senders when notices share the socket).
+///
+/// `@unchecked Sendable`: the buffers are used by the thread that currently owns the
+/// connection; `sendLock` orders concurrent senders.
+public final class FrameConnection: @unchecked Sendable {
+    public let socket: TCPSocket
+    let sendLock = Locked(())
+    private let headerOut: UnsafeMutableRawPointer
+    private let headerIn: UnsafeMutableRawPointer
+    /// Received meta lands here (at most `WireProtocol.maxMetaLength`).
+    private let metaIn: UnsafeMutableRawPointer
+    private let scratch: UnsafeMutableRawPointer
+    private let vectors: UnsafeMutableBufferPointer<iovec>
+    private static let scratchSize = 64 << 10
+
+    public init(socket: TCPSocket) {
+        self.socket = socket
+        headerOut = .allocate(byteCount: WireProtocol.headerSize, alignment: 8)
+        headerIn = .allocate(byteCount: WireProtocol.headerSize, alignment: 8)
+        metaIn = .allocate(byteCount: WireProtocol.maxMetaLength, alignment: 8)
+        scratch = .allocate(byteCount: Self.scratchSize, alignment: 8)
+        vectors = .allocate(capacity: 3)
+    }
+
+    deinit {
+        headerOut.deallocate()
+        headerIn.deallocate()
+        metaIn.deallocate()
+        scratch.deallocate()
+        vectors.deallocate()
+    }
+
+    /// Sends one frame; `data` is sent from where it lies.
+    public func send(_ opcode: Opcode, flags: FrameFlags = [], requestID: UInt64, meta: UnsafeRawBufferPointer,
+                     data: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)) throws(RemoteError)
+    {
+        try sendLock.withLock { _ throws(RemoteError) in
+            var crc = WireChecksum.update(0xFFFF_FFFF, meta)
+            crc = ~WireChecksum.update(crc, data)
+            FrameHeader(opcode: opcode, flags: flags, requestID: requestID, metaLength: meta.count, dataLength: data.count,
+                        payloadChecksum: crc).encode(into: headerOut)
+            vectors[0] = iovec(iov_base: headerOut, iov_len: WireProtocol.headerSize)
+            var count = 1
+            if meta.count > 0 {
+                vectors[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: meta.baseAddress!), iov_len: meta.count)
+                count += 1
+            }
+            if data.count > 0 {
+                vectors[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress!), iov_len: data.count)
+                count += 1
+            }
+            do throws(SystemCallError) {
+                try socket.send(UnsafeMutableBufferPointer(rebasing: vectors[0..<count]))
+            } catch {
+                throw .system(error)
+            }
+        }
+    }
+
+    public func send(_ opcode: Opcode, flags: FrameFlags = [], requestID: UInt64, meta: [UInt8]) throws(RemoteError) {
+        do {
+            try meta.withUnsafeBytes { bytes in try send(opcode, flags: flags, requestID: requestID, meta: bytes) }
+        } catch let error as RemoteError {
+            throw error
+        } catch {
+            throw .protocolViolation("\(error)")
+        }
+    }
+
+    /// Sends an error reply to `requestID`.
+    public func sendError(_ reply: Wire.ErrorReply, requestID: UInt64) throws(RemoteError) {
+        try send(.error, flags: .response, requestID: requestID, meta: reply.encode())
+    }
+
+    /// Receives and validates the next header.
+    public func receiveHeader() throws(RemoteError) -> FrameHeader {
+        do {
+            try socket.receive(into: headerIn, count: WireProtocol.headerSize)
+        } catch {
+            throw .system(error)
+        }
+        switch FrameHeader.decode(UnsafeRawBufferPointer(start: headerIn, count: WireProtocol.headerSize)) {
+        case .success(let header): return header
+        case .failure(let error): throw .frame(error)
+        }
+    }
+
+    /// Receives the frame's meta (valid until the next receive) and returns it with the running
+    /// payload CRC register, to be continued over the data and checked with `finishChecksum`.
+    public func receiveMeta(_ header: FrameHeader) throws(RemoteError) -> (meta: UnsafeRawBufferPointer, register: UInt32) {
+        do {
+            try socket.receive(into: metaIn, count: header.metaLength)
+        } catch {
+            throw .system(error)
+        }
+        let meta = UnsafeRawBufferPointer(start: metaIn, count: header.metaLength)
+        return (meta, WireChecksum.update(0xFFFF_FFFF, meta))
+    }
+
+    /// Receives `count` data bytes into `buffer`; returns the CRC register continued over them.
+    public func receiveData(into buffer: UnsafeMutableRawPointer, count: Int, register: UInt32) throws(RemoteError) -> UInt32 {
+        do {
+            try socket.receive(into: buffer, count: count)
+        } catch {
+            throw .system(error)
+        }
+        return WireChecksum.update(register, UnsafeRawBufferPointer(start: buffer, count: count))
+    }
+
+    /// Reads and drops `count` data bytes (a refused write's payload), continuing the register.
+    public func discardData(count: Int, register: UInt32) throws(RemoteError) -> UInt32 {
+        var register = register
+        var remaining = count
+        while remaining > 0 {
+            let piece = min(remaining, Self.scratchSize)
+            register = try receiveData(into: scratch, count: piece, register: register)
+            remaining -= piece
+        }
+        return register
+    }
+
+    /// Receives a whole small frame's meta and data (handshake, notices, replies without page
+    /// data) and checks its payload CRC32C.
+    public func receiveSmall(_ header: FrameHeader) throws(RemoteError) -> [UInt8] {
+        guard header.dataLength <= Self.scratchSize else {
+            throw .protocolViolation("unexpected \(header.dataLength) data bytes in a \(header.opcode) frame")
+        }
+        let (meta, register) = try receiveMeta(header)
+        let copy = Array(meta)
+        let final = try receiveData(into: scratch, count: header.dataLength, register: register)
+        guard ~final == header.payloadChecksum else { throw .frame(.badPayloadChecksum) }
+        return copy
+    }
+}

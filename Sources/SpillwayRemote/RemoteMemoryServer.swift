@@ -1,0 +1,718 @@
+import Atomics
+import Logging
+import SpillwayCore
+import SpillwayProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a daemon lends memory.
+public struct DaemonConfiguration: Sendable {
+    public var listen: Endpoint
+    public var capacity: Int
+    public var slabSize: Int
+    /// Nil: no authentication (then `listen` must be loopback).
+    public var tokens: TokenFile?
+    /// Seconds a tenant with no connection keeps its slabs.
+    public var lease: Double
+    /// Free host memory (MemAvailable) to keep; below it, slabs are reclaimed. 0 = off.
+    public var headroom: Int
+    /// Seconds a client gets to give a reclaimed slab back.
+    public var reclaimDeadline: Double
+    public var maxConnections: Int
+    /// Where MemAvailable is read (tests point it at a file they control).
+    public var memoryInfoPath: String
+    /// Seconds between lease, deadline and headroom checks.
+    public var checkInterval: Double
+
+    public init(listen: Endpoint = Endpoint(host: "127.0.0.1", port: 7450), capacity: Int, slabSize: Int = 64 << 20,
+                tokens: TokenFile? = nil, lease: Double = 30, headroom: Int = 0, reclaimDeadline: Double = 5,
+                maxConnections: Int = 256, memoryInfoPath: String = "/proc/meminfo", checkInterval: Double = 0.5)
+    {
+        self.listen = listen
+        self.capacity = capacity
+        self.slabSize = slabSize
+        self.tokens = tokens
+        self.lease = lease
+        self.headroom = headroom
+        self.reclaimDeadline = reclaimDeadline
+        self.maxConnections = maxConnections
+        self.memoryInfoPath = memoryInfoPath
+        self.checkInterval = checkInterval
+    }
+
+    public func validate() throws(SpillwayError) {
+        guard slabSize >= 1 << 20, slabSize <= 1 << 30, slabSize & (slabSize - 1) == 0 else {
+            throw .invalidConfiguration("slab size must be a power of two between 1m and 1g")
+        }
+        guard capacity >= slabSize else { throw .invalidConfiguration("capacity must hold at least one slab") }
+        guard lease >= 0, reclaimDeadline > 0, maxConnections > 0 else {
+            throw .invalidConfiguration("lease, reclaim deadline and connection limit must be positive")
+        }
+        if tokens == nil && !listen.isLoopback {
+            throw .invalidConfiguration("without --token-file the daemon only listens on loopback (asked: \(listen))")
+        }
+    }
+}
+
+/// Counters a daemon keeps (all atomics, read by `stats` and the metrics endpoint).
+public final class DaemonCounters: Sendable {
+    public let reads = ManagedAtomic<Int>(0)
+    public let writes = ManagedAtomic<Int>(0)
+    public let bytesRead = ManagedAtomic<Int>(0)
+    public let bytesWritten = ManagedAtomic<Int>(0)
+    public let authFailures = ManagedAtomic<Int>(0)
+    public let refusedAccesses = ManagedAtomic<Int>(0)
+    public let malformedFrames = ManagedAtomic<Int>(0)
+    public let checksumFailures = ManagedAtomic<Int>(0)
+    public let reclaimNotices = ManagedAtomic<Int>(0)
+    public let revokedSlabs = ManagedAtomic<Int>(0)
+    public let expiredLeases = ManagedAtomic<Int>(0)
+    public let connections = ManagedAtomic<Int>(0)
+}
+
+/// `spillwayd`'s engine: lends DRAM in slabs to authenticated tenants over TCP.
+///
+/// - One thread per connection (bounded by `maxConnections`) reads a request, checks it, and
+///   answers; page data is received straight into the slab and sent straight from it.
+/// - A slab belongs to one tenant. Every access is checked against the owner and the slab's
+///   bounds under the slab table's lock; the slab's user count keeps it mapped while a copy
+///   runs, so an unmap or revoke never pulls memory from under a transfer.
+/// - Slabs are fresh anonymous mappings (zero-filled by the kernel) mapped when lent and
+///   unmapped when returned, so no tenant can read another's old bytes, and memory is only
+///   used while lent.
+/// - A tenant without connections keeps its slabs for `lease` seconds.
+/// - Below `headroom` of MemAvailable the daemon sends reclaim notices and revokes the slabs
+///   of clients that miss the deadline.
+///
+/// `@unchecked Sendable`: mutable state lives in `state` (its lock) and atomics.
+public final class RemoteMemoryServer: @unchecked Sendable {
+    public let configuration: DaemonConfiguration
+    public let counters = DaemonCounters()
+    public let instance = UInt64.random(in: 1 ... .max)
+    private let logger: Logger
+    private var listener: TCPSocket?
+    private let stopping = ManagedAtomic<Bool>(false)
+    private let state = Locked(ServerState())
+    private var acceptThread: BackgroundThread?
+    private var janitorThread: BackgroundThread?
+
+    struct Slab {
+        var base: UnsafeMutableRawPointer
+        var owner: String
+        var users = 0
+        /// Unmapped or revoked: freed when the last user leaves; refused to new accesses.
+        var retired = false
+        var revoked = false
+        var reclaimDeadline: Double?
+        var mappedAt: Double
+    }
+
+    struct Tenant {
+        var slabs: Set<UInt32> = []
+        var connections: [ObjectIdentifier: FrameConnection] = [:]
+        var disconnectedAt: Double?
+        var reads = 0
+        var writes = 0
+        var refused = 0
+    }
+
+    struct ServerState {
+        var slabs: [UInt32: Slab] = [:]
+        var nextSlab: UInt32 = 1
+        var lentSlabs = 0
+        var tenants: [String: Tenant] = [:]
+        var connections: [ObjectIdentifier: FrameConnection] = [:]
+        var revokedFor: [String: Set<UInt32>] = [:]
+    }
+
+    public init(_ configuration: DaemonConfiguration, logger: Logger = Logger(label: "spillwayd")) throws(SpillwayError) {
+        try configuration.validate()
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    deinit {
+        state.withLock { state in
+            for slab in state.slabs.values { munmap(slab.base, configuration.slabSize) }
+            state.slabs.removeAll()
+        }
+    }
+
+    public var totalSlabs: Int { configuration.capacity / configuration.slabSize }
+
+    /// The port actually bound (after `start` on port 0).
+    public private(set) var port: UInt16 = 0
+
+    /// Binds and starts serving on background threads.
+    public func start() throws(SpillwayError) {
+        let socket: TCPSocket
+        do {
+            socket = try TCPSocket.listen(on: configuration.listen)
+        } catch {
+            throw .invalidConfiguration("cannot listen on \(configuration.listen): \(error)")
+        }
+        listener = socket
+        port = socket.localPort
+        if configuration.tokens == nil {
+            logger.notice("no token file: authentication is off, listening on loopback only", metadata: ["listen": "\(configuration.listen.host):\(port)"])
+        }
+        logger.info("spillwayd serving", metadata: [
+            "listen": "\(configuration.listen.host):\(port)", "capacity": "\(ByteCount.format(configuration.capacity))",
+            "slab": "\(ByteCount.format(configuration.slabSize))", "transport": "tcp",
+        ])
+        acceptThread = BackgroundThread { [self] in acceptLoop(socket) }
+        janitorThread = BackgroundThread { [self] in janitorLoop() }
+    }
+
+    /// Stops accepting, tells every client (`goodbye`), lets in-flight requests finish for up
+    /// to `drain` seconds, then closes every connection.
+    public func shutdown(drain: Double = 5) {
+        guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        acceptThread?.join()
+        janitorThread?.join()
+        listener?.close()
+        let connections = state.withLock { Array($0.connections.values) }
+        var goodbye = WireWriter()
+        goodbye.write(string: "daemon shutting down")
+        for connection in connections {
+            try? connection.send(.goodbye, flags: .notice, requestID: 0, meta: goodbye.bytes)
+        }
+        let deadline = Self.now() + drain
+        while Self.now() < deadline && state.withLock({ !$0.connections.isEmpty }) {
+            // Handlers stop after the request they are in; a peer idle in receive is woken by
+            // the shutdown below once the drain time is over.
+            usleep(10_000)
+            for connection in state.withLock({ Array($0.connections.values) }) {
+                _ = Glibc.shutdown(connection.socket.descriptor, Int32(SHUT_RD))
+            }
+        }
+        for connection in state.withLock({ Array($0.connections.values) }) { connection.socket.shutdown() }
+        logger.info("spillwayd stopped")
+    }
+
+    static func now() -> Double {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return Double(spec.tv_sec) + Double(spec.tv_nsec) / 1e9
+    }
+
+    // MARK: Accepting
+
+    private func acceptLoop(_ listener: TCPSocket) {
+        while !stopping.load(ordering: .relaxed) {
+            let accepted: (TCPSocket, Endpoint)?
+            do {
+                accepted = try listener.accept(timeout: 0.1)
+            } catch {
+                logger.error("accept failed", metadata: ["error": "\(error)"])
+                usleep(10_000)
+                continue
+            }
+            guard let (socket, peer) = accepted else { continue }
+            let connection = FrameConnection(socket: socket)
+            let admitted = state.withLock { state -> Bool in
+                guard state.connections.count < configuration.maxConnections else { return false }
+                state.connections[ObjectIdentifier(connection)] = connection
+                return true
+            }
+            guard admitted else {
+                logger.warning("connection limit reached; refusing", metadata: ["peer": "\(peer)"])
+                try? connection.sendError(Wire.ErrorReply(.noCapacity, "connection limit reached"), requestID: 0)
+                continue
+            }
+            counters.connections.wrappingIncrement(ordering: .relaxed)
+            BackgroundThread { [self] in serve(connection, peer: peer) }.detach()
+        }
+    }
+
+    // MARK: One connection
+
+    private func serve(_ connection: FrameConnection, peer: Endpoint) {
+        let id = ObjectIdentifier(connection)
+        var tenantName: String?
+        defer {
+            state.withLock { state in
+                state.connections[id] = nil
+                if let tenantName, var tenant = state.tenants[tenantName] {
+                    tenant.connections[id] = nil
+                    if tenant.connections.isEmpty { tenant.disconnectedAt = Self.now() }
+                    state.tenants[tenantName] = tenant
+                }
+            }
+            connection.socket.close()
+        }
+        connection.socket.setTimeout(10)  // the handshake must not hang a thread forever
+        do {
+            tenantName = try handshake(connection, peer: peer)
+        } catch {
+            logger.notice("handshake failed", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            return
+        }
+        guard let tenantName else { return }
+        connection.socket.setTimeout(0)
+        while !stopping.load(ordering: .relaxed) {
+            let header: FrameHeader
+            do {
+                header = try connection.receiveHeader()
+            } catch {
+                if case .frame(let frameError) = error {
+                    counters.malformedFrames.wrappingIncrement(ordering: .relaxed)
+                    logger.warning("malformed frame; closing", metadata: ["peer": "\(peer)", "error": "\(frameError)"])
+                    try? connection.sendError(Wire.ErrorReply(.malformedFrame, "\(frameError)"), requestID: 0)
+                }
+                return
+            }
+            do {
+                try handle(header, on: connection, tenant: tenantName)
+            } catch {
+                if case .frame = error { counters.malformedFrames.wrappingIncrement(ordering: .relaxed) }
+                logger.notice("connection closed", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)", "reason": "\(error)"])
+                return
+            }
+        }
+    }
+
+    /// hello → challenge → (authenticate) → welcome. Returns the tenant's name.
+    private func handshake(_ connection: FrameConnection, peer: Endpoint) throws(RemoteError) -> String {
+        let header = try connection.receiveHeader()
+        guard header.opcode == .hello else {
+            try? connection.sendError(Wire.ErrorReply(.authenticationRequired, "say hello first"), requestID: header.requestID)
+            throw .protocolViolation("first frame was \(header.opcode)")
+        }
+        let bytes = try connection.receiveSmall(header)
+        let hello = bytes.withUnsafeBytes { raw -> Wire.Hello? in
+            var reader = WireReader(raw)
+            return Wire.Hello.decode(&reader)
+        }
+        guard let hello else {
+            try? connection.sendError(Wire.ErrorReply(.malformedFrame, "bad hello"), requestID: header.requestID)
+            throw .protocolViolation("bad hello")
+        }
+        // Version: the highest both speak; none in common is a clear refusal naming ours.
+        let version = min(hello.maximumVersion, WireProtocol.maximumVersion)
+        guard version >= max(hello.minimumVersion, WireProtocol.minimumVersion) else {
+            try? connection.sendError(Wire.ErrorReply(.unsupportedVersion,
+                "daemon speaks versions \(WireProtocol.minimumVersion)...\(WireProtocol.maximumVersion), client \(hello.minimumVersion)...\(hello.maximumVersion)"),
+                requestID: header.requestID)
+            throw .protocolViolation("no common version")
+        }
+        let nonce = Authenticator.nonce()
+        let required = configuration.tokens != nil
+        try connection.send(.challenge, flags: .response, requestID: header.requestID,
+                            meta: Wire.Challenge(version: version, authenticationRequired: required, capabilities: 0, nonce: nonce).encode())
+        if let tokens = configuration.tokens {
+            let proofHeader = try connection.receiveHeader()
+            let proofBytes = try connection.receiveSmall(proofHeader)
+            let proof = proofBytes.withUnsafeBytes { raw -> Wire.Authenticate? in
+                var reader = WireReader(raw)
+                return Wire.Authenticate.decode(&reader)
+            }
+            // An unknown tenant is checked against a dummy token, so timing does not say
+            // which names exist.
+            let token = tokens.tokens[hello.tenant] ?? Array(repeating: 0, count: 32)
+            let expected = Authenticator.proof(token: token, nonce: nonce, tenant: hello.tenant)
+            guard proofHeader.opcode == .authenticate, let proof, tokens.tokens[hello.tenant] != nil,
+                  Authenticator.constantTimeEqual(proof.mac, expected)
+            else {
+                counters.authFailures.wrappingIncrement(ordering: .relaxed)
+                logger.warning("authentication failed", metadata: ["peer": "\(peer)", "tenant": "\(hello.tenant)"])
+                try? connection.sendError(Wire.ErrorReply(.authenticationFailed, "authentication failed"), requestID: proofHeader.requestID)
+                throw .refused(Wire.ErrorReply(.authenticationFailed, "authentication failed"))
+            }
+        }
+        let tenantName = hello.tenant
+        let welcome = state.withLock { state -> Wire.Welcome in
+            var tenant = state.tenants[tenantName] ?? Tenant()
+            tenant.connections[ObjectIdentifier(connection)] = connection
+            tenant.disconnectedAt = nil
+            state.tenants[tenantName] = tenant
+            return Wire.Welcome(slabSize: UInt64(configuration.slabSize), capacity: UInt64(configuration.capacity),
+                                freeSlabs: UInt32(totalSlabs - state.lentSlabs), heldSlabs: tenant.slabs.sorted(),
+                                daemonInstance: instance)
+        }
+        try connection.send(.welcome, flags: .response, requestID: header.requestID, meta: welcome.encode())
+        logger.debug("client authenticated", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)"])
+        return tenantName
+    }
+
+    private func handle(_ header: FrameHeader, on connection: FrameConnection, tenant: String) throws(RemoteError) {
+        let id = header.requestID
+        switch header.opcode {
+        case .read, .readBatch:
+            let (meta, register) = try connection.receiveMeta(header)
+            guard header.dataLength == 0, ~register == header.payloadChecksum else {
+                try refuse(connection, id, .checksumMismatch, "bad payload checksum", tenant: tenant)
+                return
+            }
+            var reader = WireReader(meta)
+            let ranges: [Wire.SlabRange]?
+            if header.opcode == .read {
+                ranges = Wire.SlabRange.decode(&reader).map { [$0] }
+            } else {
+                ranges = Wire.decodeBatch(&reader)
+            }
+            guard let ranges, reader.remaining == 0 else {
+                try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
+                return
+            }
+            try serveRead(ranges, opcode: header.opcode, id: id, on: connection, tenant: tenant)
+
+        case .write, .writeBatch:
+            let (meta, register) = try connection.receiveMeta(header)
+            var reader = WireReader(meta)
+            let ranges: [Wire.SlabRange]?
+            if header.opcode == .write {
+                ranges = Wire.SlabRange.decode(&reader).map { [$0] }
+            } else {
+                ranges = Wire.decodeBatch(&reader)
+            }
+            guard let ranges, reader.remaining == 0, ranges.reduce(0, { $0 + Int($1.length) }) == header.dataLength else {
+                _ = try connection.discardData(count: header.dataLength, register: register)
+                try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
+                return
+            }
+            try serveWrite(ranges, header: header, register: register, on: connection, tenant: tenant)
+
+        case .mapSlab:
+            _ = try connection.receiveSmall(header)
+            switch mapSlab(for: tenant) {
+            case .success(let slab): try connection.send(.mapSlab, flags: .response, requestID: id, meta: Wire.encodeSlab(slab))
+            case .failure(let reply): try refuse(connection, id, reply.code, reply.message, tenant: tenant)
+            }
+
+        case .unmapSlab:
+            let bytes = try connection.receiveSmall(header)
+            guard bytes.count == 4 else {
+                try refuse(connection, id, .malformedFrame, "unmap takes a slab id", tenant: tenant)
+                return
+            }
+            let slab = bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) }
+            if let reply = unmapSlab(slab, for: tenant) {
+                try refuse(connection, id, reply.code, reply.message, tenant: tenant)
+            } else {
+                try connection.send(.unmapSlab, flags: .response, requestID: id, meta: [])
+            }
+
+        case .heartbeat:
+            _ = try connection.receiveSmall(header)
+            try connection.send(.heartbeat, flags: .response, requestID: id, meta: [])
+
+        case .stats:
+            _ = try connection.receiveSmall(header)
+            try connection.send(.stats, flags: .response, requestID: id, meta: Array(statsJSON().utf8))
+
+        case .hello, .challenge, .authenticate, .welcome, .reclaim, .error, .goodbye:
+            _ = try connection.receiveSmall(header)
+            try refuse(connection, id, .malformedFrame, "\(header.opcode) is not a request here", tenant: tenant)
+        }
+    }
+
+    private func refuse(_ connection: FrameConnection, _ id: UInt64, _ code: WireErrorCode, _ message: String,
+                        tenant: String) throws(RemoteError)
+    {
+        switch code {
+        case .notOwner, .outOfBounds, .unknownSlab, .slabRevoked:
+            counters.refusedAccesses.wrappingIncrement(ordering: .relaxed)
+            state.withLock { $0.tenants[tenant]?.refused += 1 }
+        case .checksumMismatch: counters.checksumFailures.wrappingIncrement(ordering: .relaxed)
+        case .malformedFrame: counters.malformedFrames.wrappingIncrement(ordering: .relaxed)
+        default: break
+        }
+        try connection.sendError(Wire.ErrorReply(code, message), requestID: id)
+    }
+
+    /// Checks owner and bounds of every range and pins their slabs (users += 1). Returns the
+    /// base addresses, or the refusal.
+    private func acquire(_ ranges: [Wire.SlabRange], tenant: String) -> Result<[UnsafeMutableRawPointer], Wire.ErrorReply> {
+        state.withLock { state in
+            var bases: [UnsafeMutableRawPointer] = []
+            bases.reserveCapacity(ranges.count)
+            for range in ranges {
+                guard let slab = state.slabs[range.slab], !slab.retired else {
+                    if state.revokedFor[tenant]?.contains(range.slab) == true {
+                        return .failure(Wire.ErrorReply(.slabRevoked, "slab \(range.slab) was reclaimed"))
+                    }
+                    return .failure(Wire.ErrorReply(.unknownSlab, "no slab \(range.slab)"))
+                }
+                guard slab.owner == tenant else {
+                    return .failure(Wire.ErrorReply(.notOwner, "slab \(range.slab) belongs to another tenant"))
+                }
+                guard range.offset <= UInt64(configuration.slabSize), UInt64(range.length) <= UInt64(configuration.slabSize) - range.offset
+                else {
+                    return .failure(Wire.ErrorReply(.outOfBounds,
+                        "range \(range.offset)+\(range.length) is outside slab \(range.slab) (\(configuration.slabSize) bytes)"))
+                }
+                bases.append(slab.base + Int(range.offset))
+            }
+            for range in ranges { state.slabs[range.slab]!.users += 1 }
+            return .success(bases)
+        }
+    }
+
+    private func releaseSlabs(_ ranges: [Wire.SlabRange]) {
+        state.withLock { state in
+            for range in ranges {
+                guard var slab = state.slabs[range.slab] else { continue }
+                slab.users -= 1
+                if slab.retired && slab.users == 0 {
+                    munmap(slab.base, configuration.slabSize)
+                    state.slabs[range.slab] = nil
+                } else {
+                    state.slabs[range.slab] = slab
+                }
+            }
+        }
+    }
+
+    private func serveRead(_ ranges: [Wire.SlabRange], opcode: Opcode, id: UInt64, on connection: FrameConnection,
+                           tenant: String) throws(RemoteError)
+    {
+        let total = ranges.reduce(0) { $0 + Int($1.length) }
+        guard total <= WireProtocol.maxDataLength else {
+            try refuse(connection, id, .tooLarge, "read of \(total) bytes exceeds \(WireProtocol.maxDataLength)", tenant: tenant)
+            return
+        }
+        let bases: [UnsafeMutableRawPointer]
+        switch acquire(ranges, tenant: tenant) {
+        case .success(let pinned): bases = pinned
+        case .failure(let reply):
+            try refuse(connection, id, reply.code, reply.message, tenant: tenant)
+            return
+        }
+        defer { releaseSlabs(ranges) }
+        if ranges.count == 1 {
+            try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
+                                data: UnsafeRawBufferPointer(start: bases[0], count: Int(ranges[0].length)))
+        } else {
+            // Batched: the ranges are sent back to back (copied into one buffer: the frame's
+            // CRC32C covers them all; a scatter send would need one pass anyway).
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(1, total), alignment: 64)
+            defer { buffer.deallocate() }
+            var offset = 0
+            for (index, range) in ranges.enumerated() {
+                memcpy(buffer + offset, bases[index], Int(range.length))
+                offset += Int(range.length)
+            }
+            try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
+                                data: UnsafeRawBufferPointer(start: buffer, count: total))
+        }
+        counters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+        counters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
+    }
+
+    private func serveWrite(_ ranges: [Wire.SlabRange], header: FrameHeader, register: UInt32, on connection: FrameConnection,
+                            tenant: String) throws(RemoteError)
+    {
+        let bases: [UnsafeMutableRawPointer]
+        switch acquire(ranges, tenant: tenant) {
+        case .success(let pinned): bases = pinned
+        case .failure(let reply):
+            _ = try connection.discardData(count: header.dataLength, register: register)
+            try refuse(connection, header.requestID, reply.code, reply.message, tenant: tenant)
+            return
+        }
+        defer { releaseSlabs(ranges) }
+        // Straight into the slab. The bytes land before their CRC32C is checked; a mismatch is
+        // refused, and the client never makes that location visible (it writes fresh
+        // locations and publishes only acknowledged ones).
+        var running = register
+        for (index, range) in ranges.enumerated() {
+            running = try connection.receiveData(into: bases[index], count: Int(range.length), register: running)
+        }
+        guard ~running == header.payloadChecksum else {
+            try refuse(connection, header.requestID, .checksumMismatch, "payload CRC32C mismatch", tenant: tenant)
+            return
+        }
+        try connection.send(header.opcode, flags: .response, requestID: header.requestID, meta: [])
+        counters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+        counters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
+    }
+
+    // MARK: Slabs
+
+    private func mapSlab(for tenant: String) -> Result<UInt32, Wire.ErrorReply> {
+        state.withLock { state in
+            guard state.lentSlabs < totalSlabs else {
+                return .failure(Wire.ErrorReply(.noCapacity, "all \(totalSlabs) slabs are lent"))
+            }
+            // A fresh anonymous mapping: zero-filled, and memory is committed only as written.
+            let base = mmap(nil, configuration.slabSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            guard let base, base != MAP_FAILED else {
+                return .failure(Wire.ErrorReply(.noCapacity, "mmap of a slab failed: \(String(cString: strerror(errno)))"))
+            }
+            let id = state.nextSlab
+            state.nextSlab &+= 1
+            if state.nextSlab == 0 { state.nextSlab = 1 }
+            state.slabs[id] = Slab(base: base, owner: tenant, mappedAt: Self.now())
+            state.lentSlabs += 1
+            state.tenants[tenant, default: Tenant()].slabs.insert(id)
+            return .success(id)
+        }
+    }
+
+    private func unmapSlab(_ id: UInt32, for tenant: String) -> Wire.ErrorReply? {
+        state.withLock { state in
+            guard let slab = state.slabs[id], !slab.retired else { return Wire.ErrorReply(.unknownSlab, "no slab \(id)") }
+            guard slab.owner == tenant else { return Wire.ErrorReply(.notOwner, "slab \(id) belongs to another tenant") }
+            retire(id, in: &state)
+            return nil
+        }
+    }
+
+    /// Takes a slab out of service: freed now, or by its last user.
+    private func retire(_ id: UInt32, in state: inout ServerState) {
+        guard var slab = state.slabs[id], !slab.retired else { return }
+        slab.retired = true
+        state.lentSlabs -= 1
+        state.tenants[slab.owner]?.slabs.remove(id)
+        if slab.users == 0 {
+            munmap(slab.base, configuration.slabSize)
+            state.slabs[id] = nil
+        } else {
+            state.slabs[id] = slab
+        }
+    }
+
+    // MARK: Leases, reclaim
+
+    private func janitorLoop() {
+        while !stopping.load(ordering: .relaxed) {
+            usleep(UInt32(configuration.checkInterval * 1_000_000))
+            expireLeases()
+            enforceDeadlines()
+            if configuration.headroom > 0 { checkHeadroom() }
+        }
+    }
+
+    private func expireLeases() {
+        let now = Self.now()
+        state.withLock { state in
+            for (name, tenant) in state.tenants where tenant.connections.isEmpty {
+                guard let since = tenant.disconnectedAt, now - since >= configuration.lease else { continue }
+                if !tenant.slabs.isEmpty {
+                    logger.info("lease expired; freeing the tenant's slabs", metadata: ["tenant": "\(name)", "slabs": "\(tenant.slabs.count)"])
+                    counters.expiredLeases.wrappingIncrement(ordering: .relaxed)
+                }
+                for id in tenant.slabs { retire(id, in: &state) }
+                state.tenants[name] = nil
+            }
+        }
+    }
+
+    private func enforceDeadlines() {
+        let now = Self.now()
+        state.withLock { state in
+            for (id, slab) in state.slabs where !slab.retired {
+                guard let deadline = slab.reclaimDeadline, now >= deadline else { continue }
+                logger.warning("reclaim deadline missed; revoking slab", metadata: ["tenant": "\(slab.owner)", "slab": "\(id)"])
+                counters.revokedSlabs.wrappingIncrement(ordering: .relaxed)
+                state.revokedFor[slab.owner, default: []].insert(id)
+                retire(id, in: &state)
+            }
+        }
+    }
+
+    /// MemAvailable from `memoryInfoPath`, in bytes.
+    func availableMemory() -> Int? {
+        guard let file = fopen(configuration.memoryInfoPath, "r") else { return nil }
+        defer { fclose(file) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, Int32(line.count), file) != nil {
+            let text = String(cString: line)
+            guard text.hasPrefix("MemAvailable:") else { continue }
+            let fields = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
+            guard fields.count >= 2, let kilobytes = Int(fields[1]) else { return nil }
+            return kilobytes * 1024
+        }
+        return nil
+    }
+
+    /// Below headroom: ask owners to give back enough slabs (newest first), each with a deadline.
+    private func checkHeadroom() {
+        guard let available = availableMemory(), available < configuration.headroom else { return }
+        let shortfall = configuration.headroom - available
+        let now = Self.now()
+        let notices: [(FrameConnection?, UInt32)] = state.withLock { state in
+            let pending = state.slabs.values.filter { $0.reclaimDeadline != nil && !$0.retired }.count * configuration.slabSize
+            guard pending < shortfall else { return [] }
+            var needed = shortfall - pending
+            var chosen: [(FrameConnection?, UInt32)] = []
+            for (id, slab) in state.slabs.sorted(by: { $0.value.mappedAt > $1.value.mappedAt })
+                where !slab.retired && slab.reclaimDeadline == nil && needed > 0
+            {
+                state.slabs[id]!.reclaimDeadline = now + configuration.reclaimDeadline
+                chosen.append((state.tenants[slab.owner]?.connections.values.first, id))
+                needed -= configuration.slabSize
+            }
+            return chosen
+        }
+        for (connection, slab) in notices {
+            counters.reclaimNotices.wrappingIncrement(ordering: .relaxed)
+            logger.notice("memory below headroom; reclaiming slab", metadata: [
+                "slab": "\(slab)", "available": "\(ByteCount.format(available))", "headroom": "\(ByteCount.format(configuration.headroom))",
+            ])
+            let notice = Wire.Reclaim(slab: slab, deadlineMilliseconds: UInt32(configuration.reclaimDeadline * 1000))
+            try? connection?.send(.reclaim, flags: .notice, requestID: 0, meta: notice.encode())
+        }
+    }
+
+    // MARK: Stats
+
+    public struct Snapshot: Sendable {
+        public var slabsLent: Int
+        public var slabsFree: Int
+        public var bytesLent: Int
+        public var tenants: [String: (slabs: Int, connections: Int, refused: Int)]
+    }
+
+    public func snapshot() -> Snapshot {
+        state.withLock { state in
+            Snapshot(slabsLent: state.lentSlabs, slabsFree: totalSlabs - state.lentSlabs,
+                     bytesLent: state.lentSlabs * configuration.slabSize,
+                     tenants: state.tenants.mapValues { ($0.slabs.count, $0.connections.count, $0.refused) })
+        }
+    }
+
+    /// The `stats` reply: one JSON object (also what `spillway status` prints).
+    public func statsJSON() -> String {
+        let snap = snapshot()
+        let tenants = snap.tenants.keys.sorted().map { name -> String in
+            let tenant = snap.tenants[name]!
+            return "{\"name\": \(jsonString(name)), \"slabs\": \(tenant.slabs), \"connections\": \(tenant.connections), \"refused\": \(tenant.refused)}"
+        }
+        let c = counters
+        return """
+        {"version": "\(SpillwayVersion.current)", "protocol": \(WireProtocol.maximumVersion), "transport": "tcp", \
+        "capacity": \(configuration.capacity), "slab_size": \(configuration.slabSize), \
+        "slabs_lent": \(snap.slabsLent), "slabs_free": \(snap.slabsFree), "tenants": [\(tenants.joined(separator: ", "))], \
+        "ops": {"reads": \(c.reads.load(ordering: .relaxed)), "writes": \(c.writes.load(ordering: .relaxed)), \
+        "bytes_read": \(c.bytesRead.load(ordering: .relaxed)), "bytes_written": \(c.bytesWritten.load(ordering: .relaxed))}, \
+        "errors": {"auth_failures": \(c.authFailures.load(ordering: .relaxed)), "refused_accesses": \(c.refusedAccesses.load(ordering: .relaxed)), \
+        "malformed_frames": \(c.malformedFrames.load(ordering: .relaxed)), "checksum_failures": \(c.checksumFailures.load(ordering: .relaxed)), \
+        "revoked_slabs": \(c.revokedSlabs.load(ordering: .relaxed)), "expired_leases": \(c.expiredLeases.load(ordering: .relaxed))}, \
+        "reclaim_notices": \(c.reclaimNotices.load(ordering: .relaxed))}
+        """
+    }
+}
+
+func jsonString(_ text: String) -> String {
+    var out = "\""
+    for scalar in text.unicodeScalars {
+        switch scalar {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case _ where scalar.value < 0x20:
+            let hex = String(scalar.value, radix: 16)
+            out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+        default: out.unicodeScalars.append(scalar)
+        }
+    }
+    return out + "\""
+}
+
+/// The version the daemon and CLI report.
+public enum SpillwayVersion {
+    public static let current = "0.2.0"
+}

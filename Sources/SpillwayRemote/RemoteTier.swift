@@ -1,0 +1,314 @@
+import Atomics
+import Logging
+import Metrics
+import SpillwayCore
+import SpillwayProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How to reach the daemons a remote tier borrows from.
+public struct RemoteTierConfiguration: Sendable {
+    public var name: String
+    public var servers: [Endpoint]
+    public var credentials: ClientCredentials
+    /// Bytes this tier may borrow in all (rounded down to whole slots).
+    public var capacity: Int
+    public var slotSize: Int
+    public var connectionsPerDaemon: Int
+    /// Seconds without an answer before a daemon counts as dead.
+    public var ioTimeout: Double
+    /// Seconds between heartbeats (0 = no heartbeat thread).
+    public var heartbeatInterval: Double
+
+    public init(name: String = "remote", servers: [Endpoint], credentials: ClientCredentials, capacity: Int, slotSize: Int,
+                connectionsPerDaemon: Int = 4, ioTimeout: Double = 5, heartbeatInterval: Double = 1)
+    {
+        self.name = name
+        self.servers = servers
+        self.credentials = credentials
+        self.capacity = capacity
+        self.slotSize = slotSize
+        self.connectionsPerDaemon = connectionsPerDaemon
+        self.ioTimeout = ioTimeout
+        self.heartbeatInterval = heartbeatInterval
+    }
+}
+
+/// The remote tier: pages in DRAM that `spillwayd` daemons lend, over TCP.
+///
+/// The tier's slot space is cut into virtual slabs of the daemons' slab size; a virtual slab
+/// is mapped onto a real slab of some daemon the first time an allocation touches it (the
+/// daemon is picked by power of two choices on free slabs). A page is addressed as (daemon,
+/// slab, offset); an extent that crosses a slab boundary becomes one transfer per piece.
+/// A batch's transfers to one daemon are pipelined on one borrowed connection.
+///
+/// A daemon that fails (connection lost, heartbeat missed, goodbye) is marked dead: its slabs
+/// are lost, I/O to them fails with `EHOSTDOWN` (so the store never serves those pages; the
+/// erasure-coded tier is what makes them recoverable), their free slots are withheld, and new
+/// allocations go to the live daemons. A write completes only after the daemon acknowledged
+/// it.
+///
+/// `@unchecked Sendable`: the slab map and daemon states are behind `map`'s lock; the
+/// allocator and clients are thread-safe.
+public final class RemoteTier: Tier, @unchecked Sendable {
+    public let descriptor: TierDescriptor
+    public let clients: [DaemonClient?]
+    public let slabSize: Int
+    private let slabSlots: Int
+    private let allocator: SlotAllocator
+    private let map: Locked<SlabMap>
+    private let mappingLock = Locked(())
+    private let logger: Logger
+    private let closed = ManagedAtomic<Bool>(false)
+    private var heartbeatThread: BackgroundThread?
+    /// Pages' I/Os refused because their daemon is gone.
+    public let unavailableIOs = ManagedAtomic<Int>(0)
+
+    struct VirtualSlab {
+        var daemon = -1
+        var slab: UInt32 = 0
+        var lost = false
+    }
+
+    struct SlabMap {
+        var slabs: [VirtualSlab]
+        var alive: [Bool]
+        var freeSlabs: [Int]
+    }
+
+    public init(_ configuration: RemoteTierConfiguration, logger: Logger = Logger(label: "spillway.remote")) throws(SpillwayError) {
+        let name = configuration.name
+        guard !configuration.servers.isEmpty else { throw .invalidConfiguration("tier '\(name)': no servers") }
+        self.logger = logger
+        var clients: [DaemonClient?] = []
+        var welcomes: [Wire.Welcome?] = []
+        for endpoint in configuration.servers {
+            do {
+                let client = try DaemonClient(endpoint: endpoint, credentials: configuration.credentials,
+                                              maxConnections: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
+                                              logger: logger)
+                clients.append(client)
+                welcomes.append(client.welcome)
+            } catch {
+                if case .refused(let reply) = error, reply.code == .authenticationFailed || reply.code == .authenticationRequired {
+                    throw .invalidConfiguration("tier '\(name)': daemon \(endpoint) refused the credentials: \(reply.message)")
+                }
+                logger.error("daemon unreachable; continuing without it", metadata: ["tier": "\(name)", "daemon": "\(endpoint)", "error": "\(error)"])
+                clients.append(nil)
+                welcomes.append(nil)
+            }
+        }
+        let live = welcomes.compactMap { $0 }
+        guard let first = live.first else {
+            throw .tierIO(tier: name, operation: "connect to \(configuration.servers.map(\.description).joined(separator: ","))", errno: ECONNREFUSED)
+        }
+        guard live.allSatisfy({ $0.slabSize == first.slabSize }) else {
+            throw .invalidConfiguration("tier '\(name)': the daemons lend slabs of different sizes")
+        }
+        slabSize = Int(first.slabSize)
+        guard configuration.slotSize <= slabSize, slabSize % configuration.slotSize == 0 else {
+            throw .invalidConfiguration("tier '\(name)': slot size \(configuration.slotSize) does not divide the slab size \(slabSize)")
+        }
+        slabSlots = slabSize / configuration.slotSize
+        let capacitySlots = configuration.capacity / configuration.slotSize
+        guard capacitySlots > 0 else { throw .invalidConfiguration("tier '\(name)': capacity below one slot") }
+        self.clients = clients
+        allocator = SlotAllocator(capacity: capacitySlots)
+        map = Locked(SlabMap(slabs: Array(repeating: VirtualSlab(), count: (capacitySlots + slabSlots - 1) / slabSlots),
+                             alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) }))
+        descriptor = TierDescriptor(name: name, kind: .remote, slotSize: configuration.slotSize, capacitySlots: capacitySlots,
+                                    performance: .remote, verifiesReads: true, completesInline: true)
+        logger.info("remote tier open", metadata: [
+            "tier": "\(name)", "daemons": "\(live.count)/\(clients.count)", "transport": "tcp",
+            "rdma": "no RDMA device on this machine; using TCP",
+        ])
+        Gauge(label: "spillway_remote_transport", dimensions: [("tier", name), ("transport", "tcp")]).record(1)
+        if configuration.heartbeatInterval > 0 {
+            let interval = configuration.heartbeatInterval
+            heartbeatThread = BackgroundThread { [weak self] in
+                // Holds the tier only while pinging, so dropping it ends the thread.
+                func beat(_ tier: RemoteTier?) -> Bool {
+                    guard let tier, !tier.closed.load(ordering: .relaxed) else { return false }
+                    tier.heartbeat()
+                    return true
+                }
+                while beat(self) { usleep(UInt32(interval * 1_000_000)) }
+            }
+        }
+    }
+
+    deinit { close() }
+
+    // MARK: Space
+
+    public func allocate(slotCount: Int) -> Extent? {
+        guard let extent = allocator.allocate(count: slotCount) else { return nil }
+        let firstSlab = Int(extent.firstSlot) / slabSlots
+        let lastSlab = (Int(extent.endSlot) - 1) / slabSlots
+        for index in firstSlab...lastSlab where !ensureMapped(index) {
+            allocator.release(extent)
+            return nil
+        }
+        return extent
+    }
+
+    public func release(_ extent: Extent) { allocator.release(extent) }
+
+    public var usedSlots: Int { allocator.usedSlots }
+
+    /// Maps virtual slab `index` onto a live daemon if it is not mapped yet.
+    private func ensureMapped(_ index: Int) -> Bool {
+        if map.withLock({ $0.slabs[index].daemon >= 0 }) { return true }
+        return mappingLock.withLock { _ -> Bool in
+            if map.withLock({ $0.slabs[index].daemon >= 0 }) { return true }
+            var refused = Set<Int>()
+            while true {
+                // Power of two choices on free slabs among live daemons that have not refused.
+                let candidate: Int? = map.withLock { map in
+                    let live = (0..<clients.count).filter { map.alive[$0] && !refused.contains($0) && map.freeSlabs[$0] > 0 }
+                    guard !live.isEmpty else { return nil }
+                    let a = live.randomElement()!
+                    let b = live.randomElement()!
+                    return map.freeSlabs[a] >= map.freeSlabs[b] ? a : b
+                }
+                guard let daemon = candidate, let client = clients[daemon] else { return false }
+                do throws(RemoteError) {
+                    let slab = try client.mapSlab()
+                    map.withLock { map in
+                        map.slabs[index] = VirtualSlab(daemon: daemon, slab: slab, lost: false)
+                        map.freeSlabs[daemon] -= 1
+                    }
+                    return true
+                } catch {
+                    refused.insert(daemon)
+                    if case .refused(let reply) = error, reply.code == .noCapacity {
+                        map.withLock { $0.freeSlabs[daemon] = 0 }
+                    } else {
+                        markDead(daemon, reason: "\(error)")
+                    }
+                }
+            }
+        }
+    }
+
+    /// A daemon is gone: its slabs are lost; their free slots are withheld from allocation.
+    func markDead(_ daemon: Int, reason: String) {
+        let found: [Int]? = map.withLock { map in
+            guard map.alive[daemon] else { return nil }
+            map.alive[daemon] = false
+            var lost: [Int] = []
+            for index in map.slabs.indices where map.slabs[index].daemon == daemon {
+                map.slabs[index].lost = true
+                lost.append(index)
+            }
+            return lost
+        }
+        guard let lostSlabs = found else { return }
+        for index in lostSlabs {
+            let start = index * slabSlots
+            for slot in start..<min(start + slabSlots, descriptor.capacitySlots) {
+                _ = allocator.reserve(Extent(firstSlot: UInt32(slot), slotCount: 1))
+            }
+        }
+        do {
+            logger.error("daemon lost; its pages are unavailable", metadata: [
+                "tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")",
+                "slabs": "\(lostSlabs.count)", "reason": "\(reason)",
+            ])
+            Counter(label: "spillway_remote_daemons_lost", dimensions: [("tier", descriptor.name)]).increment()
+        }
+    }
+
+    /// Live daemons.
+    public var liveDaemons: Int { map.withLock { $0.alive.filter { $0 }.count } }
+
+    // MARK: I/O
+
+    public func submit(_ batch: TierBatch) {
+        defer { for index in 0..<batch.count { batch.finish(index) } }
+        guard !closed.load(ordering: .relaxed) else {
+            for index in 0..<batch.count { batch.setStatus(index, ESHUTDOWN) }
+            return
+        }
+        // Split into per-daemon transfers (an extent crossing a slab boundary becomes several).
+        var perDaemon = [[RemoteOperation]](repeating: [], count: clients.count)
+        var owners = [[Int]](repeating: [], count: clients.count)
+        let snapshot = map.withLock { $0 }
+        for index in 0..<batch.count {
+            let io = batch[index]
+            guard io.operation != .discard, io.length > 0 else { continue }
+            guard let buffer = io.buffer, io.length <= Int(io.extent.slotCount) * descriptor.slotSize,
+                  Int(io.extent.endSlot) <= descriptor.capacitySlots
+            else {
+                batch.setStatus(index, EINVAL)
+                continue
+            }
+            var done = 0
+            var slot = Int(io.extent.firstSlot)
+            while done < io.length {
+                let virtual = snapshot.slabs[slot / slabSlots]
+                let offsetInSlab = (slot % slabSlots) * descriptor.slotSize
+                let piece = min(io.length - done, slabSize - offsetInSlab)
+                guard virtual.daemon >= 0, !virtual.lost, snapshot.alive[virtual.daemon] else {
+                    batch.setStatus(index, virtual.daemon < 0 ? EINVAL : EHOSTDOWN)
+                    unavailableIOs.wrappingIncrement(ordering: .relaxed)
+                    break
+                }
+                perDaemon[virtual.daemon].append(RemoteOperation(write: io.operation == .write, slab: virtual.slab,
+                                                                 offset: UInt64(offsetInSlab), length: piece, buffer: buffer + done))
+                owners[virtual.daemon].append(index)
+                done += piece
+                slot += (piece + descriptor.slotSize - 1) / descriptor.slotSize
+            }
+        }
+        let window = batch.maxInFlight > 0 ? batch.maxInFlight : 32
+        for daemon in 0..<clients.count where !perDaemon[daemon].isEmpty {
+            guard let client = clients[daemon] else { continue }
+            let started = Self.now()
+            let failure = perDaemon[daemon].withUnsafeMutableBufferPointer { operations in
+                client.execute(operations, window: window)
+            }
+            let elapsed = Self.now() &- started
+            for (position, operation) in perDaemon[daemon].enumerated() {
+                let index = owners[daemon][position]
+                batch.setLatency(index, nanoseconds: elapsed / UInt64(max(1, perDaemon[daemon].count)))
+                if operation.status != 0 && batch[index].status == 0 { batch.setStatus(index, operation.status) }
+            }
+            if let failure, case .system = failure { markDead(daemon, reason: "\(failure)") }
+            if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
+        }
+    }
+
+    /// Pings every live daemon; one that does not answer is dead.
+    public func heartbeat() {
+        for (daemon, client) in clients.enumerated() {
+            guard let client, map.withLock({ $0.alive[daemon] }) else { continue }
+            do {
+                try client.heartbeat()
+            } catch {
+                if case .refused = error { continue }
+                markDead(daemon, reason: "heartbeat: \(error)")
+            }
+            if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye") }
+        }
+    }
+
+    static func now() -> UInt64 {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return UInt64(spec.tv_sec) &* 1_000_000_000 &+ UInt64(spec.tv_nsec)
+    }
+
+    public func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        heartbeatThread?.join()
+        // Give the slabs back so a daemon does not hold them for the lease.
+        let mapped: [(Int, UInt32)] = map.withLock { map in
+            map.slabs.filter { $0.daemon >= 0 && !$0.lost && map.alive[$0.daemon] }.map { ($0.daemon, $0.slab) }
+        }
+        for (daemon, slab) in mapped { try? clients[daemon]?.unmapSlab(slab) }
+        for client in clients { client?.close() }
+    }
+}
