@@ -1,0 +1,162 @@
+import Foundation
+import Glibc
+import Testing
+@testable import SpillwayCore
+@testable import SpillwayMemoryTiers
+@testable import SpillwayProtocol
+@testable import SpillwayRemote
+@testable import SpillwayStore
+
+/// A `spillwayd` child process on an ephemeral loopback port.
+final class DaemonProcess {
+    let process = Process()
+    let port: UInt16
+
+    init(arguments: [String] = []) throws {
+        let directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        var binary = directory.appendingPathComponent("spillwayd")
+        if !FileManager.default.fileExists(atPath: binary.path) {
+            binary = directory.deletingLastPathComponent().appendingPathComponent("spillwayd")
+        }
+        guard FileManager.default.fileExists(atPath: binary.path) else {
+            throw SpillwayError.invalidConfiguration("spillwayd not found next to \(directory.path): run `swift build` first")
+        }
+        process.executableURL = binary
+        process.arguments = ["--listen", "127.0.0.1:0", "--capacity", "16m", "--slab-size", "1m", "--log-level", "error"] + arguments
+        let out = Pipe()
+        process.standardOutput = out
+        try process.run()
+        // The first stdout line names the bound address.
+        var line = Data()
+        while true {
+            let byte = out.fileHandleForReading.readData(ofLength: 1)
+            if byte.isEmpty || byte == Data([0x0A]) { break }
+            line.append(byte)
+        }
+        let text = String(decoding: line, as: UTF8.self)
+        guard let range = text.range(of: "127.0.0.1:"), let port = UInt16(text[range.upperBound...].prefix { $0.isNumber }) else {
+            process.terminate()
+            throw SpillwayError.invalidConfiguration("spillwayd did not report its port: '\(text)'")
+        }
+        self.port = port
+    }
+
+    var endpoint: Endpoint { Endpoint(host: "127.0.0.1", port: port) }
+
+    func kill(_ signal: Int32) { Glibc.kill(process.processIdentifier, signal) }
+
+    /// Waits up to `seconds` for the process to exit; its status, or nil if it is still running.
+    func wait(seconds: Double) -> Int32? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        return process.isRunning ? nil : process.terminationStatus
+    }
+
+    deinit {
+        if process.isRunning {
+            kill(SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+}
+
+func remoteStore(_ servers: [Endpoint], credentials: ClientCredentials = ClientCredentials(tenant: "t", token: nil),
+                 dramSlots: Int = 0, capacity: Int = 8 << 20) throws -> (TieredStore, RemoteTier)
+{
+    let remote = try RemoteTier(RemoteTierConfiguration(servers: servers, credentials: credentials, capacity: capacity,
+                                                        slotSize: 4096, ioTimeout: 2, heartbeatInterval: 0.2))
+    var tiers: [any Tier] = []
+    if dramSlots > 0 { tiers.append(try DRAMTier(slotSize: 4096, capacitySlots: dramSlots, prefault: false)) }
+    tiers.append(remote)
+    return (try TieredStore(tiers: tiers, options: StoreOptions(maxPageSize: 3 * 4096, backgroundWorker: false)), remote)
+}
+
+@Suite(.serialized) struct RemoteTierTests {
+    @Test func storeSpillsDRAMToRemoteMemoryAndBack() throws {
+        let servers = try (0..<2).map { _ in try startDaemon(tokens: nil) }
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        let (store, remote) = try remoteStore(servers.map(endpoint), dramSlots: 8)
+        var generator = SplitMix(seed: 5)
+        var expected: [PageKey: [UInt8]] = [:]
+        for step in 0..<600 {
+            let key = PageKey(generator.next() % 80)
+            switch generator.next() % 4 {
+            case 0, 1:
+                let page = pattern(UInt64(step), Int(generator.next() % 9000) + 1)
+                try store.put(key, bytes: page)
+                expected[key] = page
+            case 2:
+                if let page = expected[key] { #expect(try store.get(key) == page) }
+            default:
+                if expected[key] != nil {
+                    try store.remove(key)
+                    expected[key] = nil
+                }
+            }
+        }
+        for (key, page) in expected { #expect(try store.get(key) == page) }
+        #expect(store.stats().tiers[0].demotionsOut > 0 && store.stats().tiers[1].hits > 0)
+        #expect(store.stats().checksumFailures == 0)
+        #expect(servers.reduce(0) { $0 + $1.snapshot().slabsLent } > 0)
+        #expect(remote.liveDaemons == 2)
+        store.close()
+        // Closing gives the slabs back (no lease wait).
+        usleep(100_000)
+        #expect(servers.reduce(0) { $0 + $1.snapshot().slabsLent } == 0)
+    }
+
+    @Test func aKilledDaemonMakesItsPagesUnavailableNeverWrong() throws {
+        let daemons = try (0..<2).map { _ in try DaemonProcess() }
+        let (store, remote) = try remoteStore(daemons.map(\.endpoint))
+        defer { store.close() }
+        var expected: [PageKey: [UInt8]] = [:]
+        for value in 0..<300 {
+            let page = pattern(UInt64(value), 4096)
+            try store.put(PageKey(UInt64(value)), bytes: page)
+            expected[PageKey(UInt64(value))] = page
+        }
+        daemons[0].kill(SIGKILL)
+        _ = daemons[0].wait(seconds: 5)
+        var served = 0
+        var unavailable = 0
+        for (key, page) in expected {
+            do {
+                let got = try store.get(key)
+                #expect(got == page, "a read returned bytes other than those written")
+                served += 1
+            } catch {
+                guard case .tierIO = error else {
+                    Issue.record("unexpected error \(error)")
+                    continue
+                }
+                unavailable += 1
+            }
+        }
+        #expect(served > 0 && unavailable > 0, "served \(served), unavailable \(unavailable)")
+        #expect(remote.liveDaemons == 1)
+        // New writes go to the survivor.
+        for value in 1000..<1100 {
+            try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value), 4096))
+            #expect(try store.get(PageKey(UInt64(value))) == pattern(UInt64(value), 4096))
+        }
+    }
+
+    @Test func sigtermDrainsAndExitsZero() throws {
+        let daemon = try DaemonProcess()
+        let client = try DaemonClient(endpoint: daemon.endpoint, credentials: ClientCredentials(tenant: "t", token: nil))
+        let slab = try client.mapSlab()
+        var page = pattern(9, 4096)
+        #expect(transfer(client, write: true, slab: slab, offset: 0, &page) == 0)
+        daemon.kill(SIGTERM)
+        #expect(daemon.wait(seconds: 10) == 0)
+        // The daemon is gone: a typed error, not a hang.
+        var back = [UInt8](repeating: 0, count: 4096)
+        #expect(transfer(client, write: false, slab: slab, offset: 0, &back) != 0)
+    }
+
+    @Test func daemonRefusesToListenBeyondLoopbackWithoutTokens() throws {
+        #expect(throws: SpillwayError.self) {
+            _ = try RemoteMemoryServer(DaemonConfiguration(listen: Endpoint(host: "0.0.0.0", port: 0), capacity: 8 << 20, slabSize: 1 << 20))
+        }
+    }
+}
