@@ -98,6 +98,7 @@ let package = Package(
                 "SpillwayMemoryTiers",
                 "SpillwayNVMe",
                 "SpillwayStore",
+                "SpillwayRemote",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -20,6 +20,12 @@ public struct TierConfiguration: Sendable, Equatable {
     public var pollMode: NVMePollMode?
     /// NVMe: ignore what the file holds and start empty (benchmarks' scratch files).
     public var reformat: Bool
+    /// Remote: daemons as HOST:PORT; empty = start in-process daemons on loopback (the
+    /// embedded default: `embeddedDaemons` of them, each lending the tier's capacity).
+    public var servers: [String] = []
+    /// Remote: the client's token file (its first line is used).
+    public var tokenFile: String?
+    public var embeddedDaemons: Int = 2
 
     public init(name: String? = nil, kind: TierKind, capacity: Int, watermarks: Watermarks = Watermarks(),
                 verifyReads: Bool? = nil, prefault: Bool = true, path: String? = nil, bufferedIO: Bool = false,
@@ -80,12 +86,14 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     }
 
     /// The embedded default: a 64 MiB device tier over 256 MiB of DRAM over a 1 GiB NVMe file
-    /// in the scratch directory, 4 KiB slots. Remote daemons on loopback join it with their issue.
+    /// in the scratch directory, with 256 MiB of remote memory between DRAM and NVMe lent by two
+    /// in-process daemons on loopback; 4 KiB slots.
     public static let embeddedDefault = SpillwayConfiguration(
         slotSize: 4096,
         tiers: [
             TierConfiguration(kind: .device, capacity: 64 << 20),
             TierConfiguration(kind: .dram, capacity: 256 << 20),
+            TierConfiguration(kind: .remote, capacity: 256 << 20),
             TierConfiguration(kind: .nvme, capacity: 1 << 30),
         ])
 
@@ -94,7 +102,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
         "slot-size", "max-page-size", "policy", "tier", "background-interval-ms", "prefetch-queue-limit",
     ]
     static let tierKeys: Set<String> = [
-        "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault",
+        "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
         "path", "buffered-io", "poll-mode", "reformat",
     ]
 
@@ -150,13 +158,18 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             }
             pollMode = mode
         }
-        return TierConfiguration(
+        var tier = TierConfiguration(
             name: try TOMLReader.string(table, "name"), kind: kind, capacity: capacity,
             watermarks: Watermarks(high: try TOMLReader.double(table, "high-watermark") ?? defaults.high,
                                    low: try TOMLReader.double(table, "low-watermark") ?? defaults.low),
             verifyReads: try TOMLReader.bool(table, "verify-reads"), prefault: try TOMLReader.bool(table, "prefault") ?? true,
             path: try TOMLReader.string(table, "path"), bufferedIO: try TOMLReader.bool(table, "buffered-io") ?? false,
             pollMode: pollMode, reformat: try TOMLReader.bool(table, "reformat") ?? false)
+        if let servers = try TOMLReader.string(table, "servers") {
+            tier.servers = servers.split(separator: ",").map { String($0) }
+        }
+        tier.tokenFile = try TOMLReader.string(table, "token-file")
+        return tier
     }
 
     /// Reads and parses a TOML file.
@@ -175,7 +188,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             guard tier.capacity >= slotSize else {
                 throw .invalidConfiguration("tier '\(tier.name)': capacity \(tier.capacity) is smaller than one slot (\(slotSize))")
             }
-            guard tier.kind == .device || tier.kind == .dram || tier.kind == .nvme else {
+            guard tier.kind != .erasureCoded else {
                 throw .invalidConfiguration("tier '\(tier.name)': kind '\(tier.kind.rawValue)' is not available in this build yet")
             }
             try tier.watermarks.validate(tier: tier.name)
@@ -210,7 +223,9 @@ extension TieredStore {
                                           capacitySlots: slots, bufferedIO: tier.bufferedIO, pollMode: tier.pollMode,
                                           reformat: tier.reformat),
                     logger: logger))
-            case .remote, .erasureCoded:
+            case .remote:
+                tiers.append(try RemoteTier.open(tier, slotSize: configuration.slotSize, logger: logger))
+            case .erasureCoded:
                 throw .invalidConfiguration("tier kind '\(tier.kind.rawValue)' is not available in this build yet")
             }
         }
@@ -281,3 +296,48 @@ public func readTextFile(_ path: String) throws(SpillwayError) -> String {
 #if canImport(Glibc)
 import Glibc
 #endif
+
+extension RemoteTier {
+    /// Opens a configured remote tier: against `servers`, or, when none are given, against
+    /// in-process daemons on loopback ports (the embedded default), which the tier keeps alive
+    /// and shuts down when it closes.
+    static func open(_ tier: TierConfiguration, slotSize: Int, logger: Logger) throws(SpillwayError) -> RemoteTier {
+        var endpoints: [Endpoint] = []
+        var embedded: [RemoteMemoryServer] = []
+        var credentials = ClientCredentials(tenant: "spillway", token: nil)
+        if let path = tier.tokenFile { credentials = ClientCredentials(tokenFile: try TokenFile.load(path, logger: logger)) }
+        if tier.servers.isEmpty {
+            // Slabs of 16 MiB unless the capacity is tiny; each daemon can hold the whole tier.
+            let slab = min(16 << 20, max(1 << 20, 1 << (Int.bitWidth - (tier.capacity / 4).leadingZeroBitCount - 1)))
+            let capacity = (tier.capacity + slab - 1) / slab * slab + slab
+            for _ in 0..<max(1, tier.embeddedDaemons) {
+                let server = try RemoteMemoryServer(
+                    DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: capacity, slabSize: slab,
+                                        tokens: nil),
+                    logger: logger)
+                try server.start()
+                embedded.append(server)
+                endpoints.append(Endpoint(host: "127.0.0.1", port: server.port))
+            }
+        } else {
+            for server in tier.servers { endpoints.append(try Endpoint(parsing: server.trimmingCharacters(in: " "))) }
+        }
+        do {
+            let remote = try RemoteTier(
+                RemoteTierConfiguration(name: tier.name, servers: endpoints, credentials: credentials, capacity: tier.capacity,
+                                        slotSize: slotSize),
+                logger: logger)
+            remote.embeddedServers = embedded
+            return remote
+        } catch {
+            for server in embedded { server.shutdown(drain: 0) }
+            throw error
+        }
+    }
+}
+
+extension String {
+    fileprivate func trimmingCharacters(in character: Character) -> String {
+        String(drop(while: { $0 == character }).reversed().drop(while: { $0 == character }).reversed())
+    }
+}

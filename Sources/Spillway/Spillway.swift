@@ -4,3 +4,4 @@
 @_exported import SpillwayMemoryTiers
 @_exported import SpillwayNVMe
 @_exported import SpillwayStore
+@_exported import SpillwayRemote

@@ -28,6 +28,10 @@ public struct BenchOptions: Sendable, Equatable {
     public var latencySampleEvery: Int
     /// NVMe: the scratch file (created or overwritten); nil = one in the scratch directory.
     public var file: String?
+    /// Remote: daemons (HOST:PORT); empty = in-process daemons on loopback.
+    public var servers: [String] = []
+    /// Remote: the client's token file.
+    public var tokenFile: String?
 
     public init(target: String, pattern: BenchPattern = .randread, blockSize: Int = 4096, queueDepth: Int = 1,
                 durationSeconds: Double = 5, size: Int = 64 << 20, seed: UInt64 = 42, latencySampleEvery: Int = 16)
@@ -119,8 +123,8 @@ public enum BenchRunner {
     /// The store a single-tier run uses: exactly the working set plus slack for copy-on-write
     /// overwrites (a `put` writes the new version before freeing the old one).
     public static func configuration(for options: BenchOptions) throws(SpillwayError) -> SpillwayConfiguration {
-        guard let kind = TierKind(rawValue: options.target), kind == .device || kind == .dram || kind == .nvme else {
-            throw .invalidArgument("unknown or unavailable tier '\(options.target)' (available: device, dram, nvme, tiered)")
+        guard let kind = TierKind(rawValue: options.target), kind != .erasureCoded else {
+            throw .invalidArgument("unknown or unavailable tier '\(options.target)' (available: device, dram, nvme, remote, tiered)")
         }
         let pages = options.size / options.blockSize
         // Room for one batch of new versions before the old ones are released (copy-on-write),
@@ -131,6 +135,10 @@ public enum BenchRunner {
             // A scratch file: overwritten without asking, never recovered.
             tier.path = options.file ?? ScratchDirectory.file("spillway-bench.nvme")
             tier.reformat = true
+        }
+        if kind == .remote {
+            tier.servers = options.servers
+            tier.tokenFile = options.tokenFile
         }
         return SpillwayConfiguration(slotSize: options.blockSize, maxPageSize: options.blockSize, tiers: [tier])
     }

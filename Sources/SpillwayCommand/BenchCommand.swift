@@ -24,7 +24,7 @@ struct BenchCommand: ParsableCommand {
         tables define the store used by 'tiered'); the command line wins over the file.
         """)
 
-    @Argument(help: "device | dram | nvme | tiered; omit to run every available tier.")
+    @Argument(help: "device | dram | nvme | remote | tiered; omit to run every available tier.")
     var tier: String?
 
     @Option(help: "randread | randwrite | read | write (default randread).")
@@ -48,6 +48,12 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "NVMe: scratch file or block device (created or overwritten without asking; default: in $SPILLWAY_TMPDIR or /tmp).")
     var file: String?
 
+    @Option(help: "Remote: daemons as HOST:PORT[,HOST:PORT…] (default: in-process daemons on loopback).")
+    var servers: String?
+
+    @Option(name: .customLong("token-file"), help: "Remote: the client's token file (line 'NAME TOKEN').")
+    var tokenFile: String?
+
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
 
@@ -58,7 +64,7 @@ struct BenchCommand: ParsableCommand {
     var logLevel: LogLevelArgument?
 
     /// Keys a --config file may set for this command (`tier` is the store's [[tier]] array).
-    static let optionKeys: Set<String> = ["file", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
+    static let optionKeys: Set<String> = ["file", "servers", "token-file", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -78,6 +84,8 @@ struct BenchCommand: ParsableCommand {
         let sizeGiven = try size?.bytes ?? file.size("size")
         options.seed = try seed ?? file.int("seed").map { UInt64(bitPattern: Int64($0)) } ?? 42
         options.file = try self.file ?? file.string("file")
+        options.servers = try (servers ?? file.string("servers")).map { $0.split(separator: ",").map(String.init) } ?? []
+        options.tokenFile = try tokenFile ?? file.string("token-file")
 
         var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
         storeConfiguration.slotSize = options.blockSize

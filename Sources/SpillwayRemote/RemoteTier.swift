@@ -63,6 +63,8 @@ public final class RemoteTier: Tier, @unchecked Sendable {
     private let logger: Logger
     private let closed = ManagedAtomic<Bool>(false)
     private var heartbeatThread: BackgroundThread?
+    /// In-process daemons this tier started (the embedded default); shut down on close.
+    public var embeddedServers: [RemoteMemoryServer] = []
     /// Pages' I/Os refused because their daemon is gone.
     public let unavailableIOs = ManagedAtomic<Int>(0)
 
@@ -310,5 +312,6 @@ public final class RemoteTier: Tier, @unchecked Sendable {
         }
         for (daemon, slab) in mapped { try? clients[daemon]?.unmapSlab(slab) }
         for client in clients { client?.close() }
+        for server in embeddedServers { server.shutdown(drain: 0) }
     }
 }
