@@ -341,7 +341,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                         if flight.status != 0 { batch.setStatus(index, flight.status) }
                         continue
                     }
-                    flight.startedAt = Self.now()
+                    flight.startedAt = monotonicNanoseconds()
                     flights[slot] = flight
                     queue(flight, batch: batch, context: context, tag: UInt64(slot))
                     return true
@@ -387,7 +387,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                         return
                     }
                     let flight = flights[slot]
-                    batch.setLatency(flight.io, nanoseconds: Self.now() &- flight.startedAt)
+                    batch.setLatency(flight.io, nanoseconds: monotonicNanoseconds() &- flight.startedAt)
                     if flight.status != 0 {
                         batch.setStatus(flight.io, flight.status)
                     } else if isWrite {
@@ -406,13 +406,6 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             }
             if !written.isEmpty { appendRecords(written, of: batch, on: context) }
         }
-    }
-
-    @inline(__always)
-    static func now() -> UInt64 {
-        var spec = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &spec)
-        return UInt64(spec.tv_sec) &* 1_000_000_000 &+ UInt64(spec.tv_nsec)
     }
 
     /// Validates one I/O and prepares its buffer: the caller's when it is block-aligned and a

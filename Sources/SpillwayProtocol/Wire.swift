@@ -21,6 +21,14 @@ public struct WireReader {
         return Array(UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + count)]))
     }
 
+    /// Runs one field decoder (e.g. `Wire.Hello.decode`) over a received meta section.
+    public static func decode<T>(_ bytes: [UInt8], with decoder: (inout WireReader) -> T?) -> T? {
+        bytes.withUnsafeBytes { raw in
+            var reader = WireReader(raw)
+            return decoder(&reader)
+        }
+    }
+
     /// A string prefixed by its UInt16 length; nil if truncated or not UTF-8.
     public mutating func readString() -> String? {
         guard let count = read(UInt16.self), let raw = readBytes(Int(count)) else { return nil }

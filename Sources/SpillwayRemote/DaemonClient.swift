@@ -103,10 +103,7 @@ public final class DaemonClient: @unchecked Sendable {
         let challengeBytes = try connection.receiveSmall(challengeHeader)
         if challengeHeader.opcode == .error { throw .refused(Self.decodeError(challengeBytes)) }
         guard challengeHeader.opcode == .challenge,
-              let challenge = challengeBytes.withUnsafeBytes({ raw -> Wire.Challenge? in
-                  var reader = WireReader(raw)
-                  return Wire.Challenge.decode(&reader)
-              })
+              let challenge = WireReader.decode(challengeBytes, with: Wire.Challenge.decode)
         else { throw .protocolViolation("expected a challenge, got \(challengeHeader.opcode)") }
         if challenge.authenticationRequired {
             guard let token = credentials.token else {
@@ -119,19 +116,13 @@ public final class DaemonClient: @unchecked Sendable {
         let bytes = try connection.receiveSmall(header)
         if header.opcode == .error { throw .refused(Self.decodeError(bytes)) }
         guard header.opcode == .welcome,
-              let welcome = bytes.withUnsafeBytes({ raw -> Wire.Welcome? in
-                  var reader = WireReader(raw)
-                  return Wire.Welcome.decode(&reader)
-              })
+              let welcome = WireReader.decode(bytes, with: Wire.Welcome.decode)
         else { throw .protocolViolation("expected welcome, got \(header.opcode)") }
         return (connection, welcome)
     }
 
     static func decodeError(_ bytes: [UInt8]) -> Wire.ErrorReply {
-        bytes.withUnsafeBytes { raw in
-            var reader = WireReader(raw)
-            return Wire.ErrorReply.decode(&reader) ?? Wire.ErrorReply(.malformedFrame, "undecodable error reply")
-        }
+        WireReader.decode(bytes, with: Wire.ErrorReply.decode) ?? Wire.ErrorReply(.malformedFrame, "undecodable error reply")
     }
 
     /// Runs `body` on a connection of the pool (opening one if none is idle and the pool has
@@ -181,10 +172,7 @@ public final class DaemonClient: @unchecked Sendable {
             let bytes = try connection.receiveSmall(header)
             switch header.opcode {
             case .reclaim:
-                if let notice = bytes.withUnsafeBytes({ raw -> Wire.Reclaim? in
-                    var reader = WireReader(raw)
-                    return Wire.Reclaim.decode(&reader)
-                }) {
+                if let notice = WireReader.decode(bytes, with: Wire.Reclaim.decode) {
                     logger.notice("daemon reclaims a slab", metadata: ["daemon": "\(endpoint)", "slab": "\(notice.slab)"])
                     reclaims.withLock { $0.append(notice) }
                 }

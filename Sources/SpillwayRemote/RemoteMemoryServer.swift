@@ -192,11 +192,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         logger.info("spillwayd stopped")
     }
 
-    static func now() -> Double {
-        var spec = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &spec)
-        return Double(spec.tv_sec) + Double(spec.tv_nsec) / 1e9
-    }
+    /// Monotonic seconds (leases and deadlines).
+    static func now() -> Double { Double(monotonicNanoseconds()) / 1e9 }
 
     // MARK: Accepting
 
@@ -282,10 +279,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             throw .protocolViolation("first frame was \(header.opcode)")
         }
         let bytes = try connection.receiveSmall(header)
-        let hello = bytes.withUnsafeBytes { raw -> Wire.Hello? in
-            var reader = WireReader(raw)
-            return Wire.Hello.decode(&reader)
-        }
+        let hello = WireReader.decode(bytes, with: Wire.Hello.decode)
         guard let hello else {
             try? connection.sendError(Wire.ErrorReply(.malformedFrame, "bad hello"), requestID: header.requestID)
             throw .protocolViolation("bad hello")
@@ -305,10 +299,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         if let tokens = configuration.tokens {
             let proofHeader = try connection.receiveHeader()
             let proofBytes = try connection.receiveSmall(proofHeader)
-            let proof = proofBytes.withUnsafeBytes { raw -> Wire.Authenticate? in
-                var reader = WireReader(raw)
-                return Wire.Authenticate.decode(&reader)
-            }
+            let proof = WireReader.decode(proofBytes, with: Wire.Authenticate.decode)
             // An unknown tenant is checked against a dummy token, so timing does not say
             // which names exist.
             let token = tokens.tokens[hello.tenant] ?? Array(repeating: 0, count: 32)
@@ -678,38 +669,25 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     /// The `stats` reply: one JSON object (also what `spillway status` prints).
     public func statsJSON() -> String {
         let snap = snapshot()
-        let tenants = snap.tenants.keys.sorted().map { name -> String in
-            let tenant = snap.tenants[name]!
-            return "{\"name\": \(jsonString(name)), \"slabs\": \(tenant.slabs), \"connections\": \(tenant.connections), \"refused\": \(tenant.refused)}"
-        }
         let c = counters
-        return """
-        {"version": "\(SpillwayVersion.current)", "protocol": \(WireProtocol.maximumVersion), "transport": "tcp", \
-        "capacity": \(configuration.capacity), "slab_size": \(configuration.slabSize), \
-        "slabs_lent": \(snap.slabsLent), "slabs_free": \(snap.slabsFree), "tenants": [\(tenants.joined(separator: ", "))], \
-        "ops": {"reads": \(c.reads.load(ordering: .relaxed)), "writes": \(c.writes.load(ordering: .relaxed)), \
-        "bytes_read": \(c.bytesRead.load(ordering: .relaxed)), "bytes_written": \(c.bytesWritten.load(ordering: .relaxed))}, \
-        "errors": {"auth_failures": \(c.authFailures.load(ordering: .relaxed)), "refused_accesses": \(c.refusedAccesses.load(ordering: .relaxed)), \
-        "malformed_frames": \(c.malformedFrames.load(ordering: .relaxed)), "checksum_failures": \(c.checksumFailures.load(ordering: .relaxed)), \
-        "revoked_slabs": \(c.revokedSlabs.load(ordering: .relaxed)), "expired_leases": \(c.expiredLeases.load(ordering: .relaxed))}, \
-        "reclaim_notices": \(c.reclaimNotices.load(ordering: .relaxed))}
-        """
-    }
-}
-
-func jsonString(_ text: String) -> String {
-    var out = "\""
-    for scalar in text.unicodeScalars {
-        switch scalar {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case _ where scalar.value < 0x20:
-            let hex = String(scalar.value, radix: 16)
-            out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-        default: out.unicodeScalars.append(scalar)
+        func load(_ counter: ManagedAtomic<Int>) -> JSONValue { .int(counter.load(ordering: .relaxed)) }
+        let tenants: [JSONValue] = snap.tenants.keys.sorted().map { name in
+            let tenant = snap.tenants[name]!
+            return .object([("name", .string(name)), ("slabs", .int(tenant.slabs)), ("connections", .int(tenant.connections)),
+                            ("refused", .int(tenant.refused))])
         }
+        return JSONValue.object([
+            ("version", .string(SpillwayVersion.current)), ("protocol", .int(Int(WireProtocol.maximumVersion))),
+            ("transport", .string("tcp")), ("capacity", .int(configuration.capacity)), ("slab_size", .int(configuration.slabSize)),
+            ("slabs_lent", .int(snap.slabsLent)), ("slabs_free", .int(snap.slabsFree)), ("tenants", .array(tenants)),
+            ("ops", .object([("reads", load(c.reads)), ("writes", load(c.writes)), ("bytes_read", load(c.bytesRead)),
+                             ("bytes_written", load(c.bytesWritten))])),
+            ("errors", .object([("auth_failures", load(c.authFailures)), ("refused_accesses", load(c.refusedAccesses)),
+                                ("malformed_frames", load(c.malformedFrames)), ("checksum_failures", load(c.checksumFailures)),
+                                ("revoked_slabs", load(c.revokedSlabs)), ("expired_leases", load(c.expiredLeases))])),
+            ("reclaim_notices", load(c.reclaimNotices)),
+        ]).serialized()
     }
-    return out + "\""
 }
 
 /// The version the daemon and CLI report.

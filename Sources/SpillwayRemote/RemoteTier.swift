@@ -268,11 +268,11 @@ public final class RemoteTier: Tier, @unchecked Sendable {
         let window = batch.maxInFlight > 0 ? batch.maxInFlight : 32
         for daemon in 0..<clients.count where !perDaemon[daemon].isEmpty {
             guard let client = clients[daemon] else { continue }
-            let started = Self.now()
+            let started = monotonicNanoseconds()
             let failure = perDaemon[daemon].withUnsafeMutableBufferPointer { operations in
                 client.execute(operations, window: window)
             }
-            let elapsed = Self.now() &- started
+            let elapsed = monotonicNanoseconds() &- started
             for (position, operation) in perDaemon[daemon].enumerated() {
                 let index = owners[daemon][position]
                 batch.setLatency(index, nanoseconds: elapsed / UInt64(max(1, perDaemon[daemon].count)))
@@ -295,12 +295,6 @@ public final class RemoteTier: Tier, @unchecked Sendable {
             }
             if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye") }
         }
-    }
-
-    static func now() -> UInt64 {
-        var spec = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &spec)
-        return UInt64(spec.tv_sec) &* 1_000_000_000 &+ UInt64(spec.tv_nsec)
     }
 
     public func close() {
