@@ -146,7 +146,7 @@ let package = Package(
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayTests", dependencies: ["Spillway", "SpillwayBench"]),
-        .testTarget(name: "SpillwayRemoteTests", dependencies: ["SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers"]),
+        .testTarget(name: "SpillwayRemoteTests", dependencies: ["SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -157,6 +157,26 @@ public final class SlotAllocator: Sendable {
         }
     }
 
+    /// The runs of allocated slots inside `range` (what a tier must copy when it moves that
+    /// part of its space elsewhere).
+    public func allocatedRuns(in range: Range<Int>) -> [Range<Int>] {
+        let range = range.clamped(to: 0..<capacity)
+        return state.withLock { state in
+            var runs: [Range<Int>] = []
+            var start = -1
+            for slot in range {
+                if state.isSet(slot) {
+                    if start < 0 { start = slot }
+                } else if start >= 0 {
+                    runs.append(start..<slot)
+                    start = -1
+                }
+            }
+            if start >= 0 { runs.append(start..<range.upperBound) }
+            return runs
+        }
+    }
+
     /// Slots allocated now (a relaxed read: exact when no allocation races with it).
     public var usedSlots: Int { usedMirror.load(ordering: .relaxed) }
 

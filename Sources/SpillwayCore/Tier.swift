@@ -306,6 +306,14 @@ public protocol Tier: AnyObject, Sendable {
     func close()
 }
 
+/// A tier that may have to give up part of its slot space while pages live there: the remote
+/// tier, when a daemon reclaims a slab and no other daemon has room for its pages. The store
+/// installs a handler that moves every page stored in a slot range to another tier and
+/// returns how many pages it could not move.
+public protocol EvacuatingTier: Tier {
+    func setEvacuationHandler(_ handler: @escaping @Sendable (_ slots: Range<Int>) -> Int)
+}
+
 /// A page a persistent tier recovered at open: where it is and what it must verify to.
 public struct RecoveredPage: Sendable, Equatable {
     public var key: PageKey

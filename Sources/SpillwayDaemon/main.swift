@@ -42,13 +42,19 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(help: "Seconds a disconnected client keeps its slabs (default 30).")
     var lease: Double?
 
+    @Option(name: .customLong("reclaim-deadline"), help: "Seconds a client gets to give a reclaimed slab back (default 5).")
+    var reclaimDeadline: Double?
+
+    @Option(name: .customLong("memory-info"), help: "Where to read MemAvailable (default /proc/meminfo; a container may point elsewhere).")
+    var memoryInfo: String?
+
     @Option(name: .customLong("log-level"), help: "Log level on stderr (default info).")
     var logLevel: LogLevelArgument?
 
     @Option(help: "TOML file with these options as keys.")
     var config: String?
 
-    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "log-level"]
+    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "log-level"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -63,6 +69,8 @@ struct SpillwayDaemon: ParsableCommand {
         daemon.slabSize = try slabSize?.bytes ?? file.size("slab-size") ?? 64 << 20
         daemon.headroom = try headroom?.bytes ?? file.size("headroom") ?? 0
         daemon.lease = try lease ?? file.double("lease") ?? 30
+        daemon.reclaimDeadline = try reclaimDeadline ?? file.double("reclaim-deadline") ?? 5
+        daemon.memoryInfoPath = try memoryInfo ?? file.string("memory-info") ?? "/proc/meminfo"
         if let path = try tokenFile ?? file.string("token-file") {
             daemon.tokens = try TokenFile.load(path, logger: logger)
         }

@@ -169,21 +169,61 @@ public final class DaemonClient: @unchecked Sendable {
         while true {
             let header = try connection.receiveHeader()
             guard header.flags.contains(.notice) else { return header }
-            let bytes = try connection.receiveSmall(header)
-            switch header.opcode {
-            case .reclaim:
-                if let notice = WireReader.decode(bytes, with: Wire.Reclaim.decode) {
-                    logger.notice("daemon reclaims a slab", metadata: ["daemon": "\(endpoint)", "slab": "\(notice.slab)"])
-                    reclaims.withLock { $0.append(notice) }
-                }
-            case .goodbye:
-                logger.notice("daemon is shutting down", metadata: ["daemon": "\(endpoint)"])
-                failed.store(true, ordering: .relaxed)
-            case .error:
-                throw .refused(Self.decodeError(bytes))
-            default:
-                throw .protocolViolation("unexpected notice \(header.opcode)")
+            try handleNotice(header, bytes: connection.receiveSmall(header))
+        }
+    }
+
+    private func handleNotice(_ header: FrameHeader, bytes: [UInt8]) throws(RemoteError) {
+        switch header.opcode {
+        case .reclaim:
+            guard let notice = WireReader.decode(bytes, with: Wire.Reclaim.decode) else {
+                throw .protocolViolation("undecodable reclaim notice")
             }
+            logger.notice("daemon reclaims a slab", metadata: ["daemon": "\(endpoint)", "slab": "\(notice.slab)"])
+            reclaims.withLock { $0.append(notice) }
+        case .goodbye:
+            logger.notice("daemon is shutting down", metadata: ["daemon": "\(endpoint)"])
+            failed.store(true, ordering: .relaxed)
+        case .error:
+            throw .refused(Self.decodeError(bytes))
+        default:
+            throw .protocolViolation("unexpected notice \(header.opcode)")
+        }
+    }
+
+    /// Reads the notices waiting on idle connections: the daemon sends a reclaim notice on
+    /// one of the tenant's connections, which may be one nobody is reading. A connection that
+    /// turns out closed or sends anything but a notice is dropped (and the daemon counts as
+    /// failed, as on any connection failure).
+    public func pollNotices() {
+        let idle = pool.withLock { pool -> [FrameConnection] in
+            defer { pool.idle.removeAll() }
+            return pool.idle
+        }
+        var kept: [FrameConnection] = []
+        for connection in idle {
+            do throws(RemoteError) {
+                while connection.socket.isReadable {
+                    let header = try connection.receiveHeader()
+                    guard header.flags.contains(.notice) else { throw .protocolViolation("unsolicited \(header.opcode) frame") }
+                    try handleNotice(header, bytes: connection.receiveSmall(header))
+                }
+                kept.append(connection)
+            } catch {
+                connection.socket.close()
+                pool.withLock { $0.open -= 1 }
+                if case .refused = error {} else { failed.store(true, ordering: .relaxed) }
+                logger.warning("idle daemon connection failed", metadata: ["daemon": "\(endpoint)", "error": "\(error)"])
+            }
+        }
+        pool.withLock { $0.idle.append(contentsOf: kept) }
+    }
+
+    /// Takes the reclaim notices received so far.
+    public func takeReclaims() -> [Wire.Reclaim] {
+        reclaims.withLock { notices in
+            defer { notices.removeAll() }
+            return notices
         }
     }
 
@@ -243,7 +283,8 @@ public final class DaemonClient: @unchecked Sendable {
                         let index = next
                         next += 1
                         let operation = operations[index]
-                        let id = nextRequest.loadThenWrappingIncrement(ordering: .relaxed)
+                        // The low byte names the slot, so a reply finds its slot without a scan.
+                        let id = nextRequest.loadThenWrappingIncrement(ordering: .relaxed) << 8 | UInt64(slot)
                         slots[slot] = (id, index)
                         Wire.SlabRange(slab: operation.slab, offset: operation.offset, length: UInt32(operation.length))
                             .encode(into: meta)
@@ -259,7 +300,8 @@ public final class DaemonClient: @unchecked Sendable {
                     }
                     while inFlight > 0 {
                         let header = try receiveReply(connection)
-                        guard let slot = (0..<window).first(where: { slots[$0].id == header.requestID && slots[$0].index >= 0 })
+                        let slot = Int(header.requestID & 0xFF)
+                        guard slot < window, slots[slot].id == header.requestID, slots[slot].index >= 0
                         else { throw .protocolViolation("reply to unknown request \(header.requestID)") }
                         let index = slots[slot].index
                         let operation = operations[index]

@@ -52,7 +52,7 @@ public struct RemoteTierConfiguration: Sendable {
 ///
 /// `@unchecked Sendable`: the slab map and daemon states are behind `map`'s lock; the
 /// allocator and clients are thread-safe.
-public final class RemoteTier: Tier, @unchecked Sendable {
+public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     public let descriptor: TierDescriptor
     public let clients: [DaemonClient?]
     public let slabSize: Int
@@ -67,6 +67,18 @@ public final class RemoteTier: Tier, @unchecked Sendable {
     public var embeddedServers: [RemoteMemoryServer] = []
     /// Pages' I/Os refused because their daemon is gone.
     public let unavailableIOs = ManagedAtomic<Int>(0)
+    /// Batches hold it shared; moving a slab to another daemon holds it exclusive, so no I/O
+    /// sees the slab half moved.
+    private let migrationGate = ReadWriteLock()
+    /// Slabs moved to another daemon after a reclaim notice.
+    public let migratedSlabs = ManagedAtomic<Int>(0)
+    /// Slabs given back after the store moved their pages to another tier (no other daemon
+    /// had room).
+    public let evacuatedSlabs = ManagedAtomic<Int>(0)
+    private let evacuationHandler = Locked<(@Sendable (Range<Int>) -> Int)?>(nil)
+    /// Reclaim notices this tier could not honour (no other daemon had room, or the copy
+    /// failed): the daemon revokes the slab at its deadline and its pages become unavailable.
+    public let failedMigrations = ManagedAtomic<Int>(0)
 
     struct VirtualSlab {
         var daemon = -1
@@ -165,34 +177,197 @@ public final class RemoteTier: Tier, @unchecked Sendable {
         if map.withLock({ $0.slabs[index].daemon >= 0 }) { return true }
         return mappingLock.withLock { _ -> Bool in
             if map.withLock({ $0.slabs[index].daemon >= 0 }) { return true }
-            var refused = Set<Int>()
-            while true {
-                // Power of two choices on free slabs among live daemons that have not refused.
-                let candidate: Int? = map.withLock { map in
-                    let live = (0..<clients.count).filter { map.alive[$0] && !refused.contains($0) && map.freeSlabs[$0] > 0 }
-                    guard !live.isEmpty else { return nil }
-                    let a = live.randomElement()!
-                    let b = live.randomElement()!
-                    return map.freeSlabs[a] >= map.freeSlabs[b] ? a : b
-                }
-                guard let daemon = candidate, let client = clients[daemon] else { return false }
-                do throws(RemoteError) {
-                    let slab = try client.mapSlab()
-                    map.withLock { map in
-                        map.slabs[index] = VirtualSlab(daemon: daemon, slab: slab, lost: false)
-                        map.freeSlabs[daemon] -= 1
-                    }
-                    return true
-                } catch {
-                    refused.insert(daemon)
-                    if case .refused(let reply) = error, reply.code == .noCapacity {
-                        map.withLock { $0.freeSlabs[daemon] = 0 }
-                    } else {
-                        markDead(daemon, reason: "\(error)")
-                    }
+            guard let (daemon, slab) = mapNewSlab(excluding: nil) else { return false }
+            map.withLock { $0.slabs[index] = VirtualSlab(daemon: daemon, slab: slab, lost: false) }
+            return true
+        }
+    }
+
+    /// Maps a fresh slab on a live daemon other than `excluded`, picked by power of two choices
+    /// on free slabs. Called under `mappingLock`.
+    private func mapNewSlab(excluding excluded: Int?) -> (daemon: Int, slab: UInt32)? {
+        var refused = Set<Int>()
+        if let excluded { refused.insert(excluded) }
+        while true {
+            let candidate: Int? = map.withLock { map in
+                let live = (0..<clients.count).filter { map.alive[$0] && !refused.contains($0) && map.freeSlabs[$0] > 0 }
+                guard !live.isEmpty else { return nil }
+                let a = live.randomElement()!
+                let b = live.randomElement()!
+                return map.freeSlabs[a] >= map.freeSlabs[b] ? a : b
+            }
+            guard let daemon = candidate, let client = clients[daemon] else { return nil }
+            do throws(RemoteError) {
+                let slab = try client.mapSlab()
+                map.withLock { $0.freeSlabs[daemon] -= 1 }
+                return (daemon, slab)
+            } catch {
+                refused.insert(daemon)
+                if case .refused(let reply) = error, reply.code == .noCapacity {
+                    map.withLock { $0.freeSlabs[daemon] = 0 }
+                } else {
+                    markDead(daemon, reason: "\(error)")
                 }
             }
         }
+    }
+
+    // MARK: Reclaim
+
+    /// Honours the reclaim notices the daemons sent: each named slab's pages move to a slab on
+    /// another live daemon, then the slab is given back before its deadline. Runs on the
+    /// heartbeat thread (or a caller's).
+    public func serviceReclaims() {
+        for (daemon, client) in clients.enumerated() {
+            guard let client else { continue }
+            client.pollNotices()
+            for notice in client.takeReclaims() { migrate(fromDaemon: daemon, slab: notice.slab) }
+        }
+    }
+
+    /// Moves the pages of `slab` on `daemon` to another daemon. False if they could not move.
+    @discardableResult
+    func migrate(fromDaemon daemon: Int, slab: UInt32) -> Bool {
+        guard let index = map.withLock({ map in
+            map.slabs.firstIndex { $0.daemon == daemon && $0.slab == slab && !$0.lost }
+        }) else {
+            return true  // not (or no longer) one of ours
+        }
+        let metadata: Logger.Metadata = [
+            "tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")", "slab": "\(slab)",
+        ]
+        guard let (target, replacement) = mappingLock.withLock({ _ in mapNewSlab(excluding: daemon) }) else {
+            if let handler = evacuationHandler.withLock({ $0 }), evacuate(index, daemon: daemon, slab: slab, handler) {
+                return true
+            }
+            failedMigrations.wrappingIncrement(ordering: .relaxed)
+            Counter(label: "spillway_remote_reclaim_failures", dimensions: [("tier", descriptor.name)]).increment()
+            logger.error("reclaim: no other daemon has a free slab and the store could not take the pages; they will be lost at the deadline",
+                         metadata: metadata)
+            return false
+        }
+        let started = monotonicNanoseconds()
+        let copied: Result<Int, RemoteError> = migrationGate.withWriteLock {
+            let result = copySlab(index, from: (daemon, slab), to: (target, replacement))
+            if case .success = result {
+                map.withLock { map in
+                    map.slabs[index] = VirtualSlab(daemon: target, slab: replacement, lost: false)
+                    map.freeSlabs[daemon] += 1
+                }
+            }
+            return result
+        }
+        switch copied {
+        case .success(let bytes):
+            try? clients[daemon]?.unmapSlab(slab)
+            migratedSlabs.wrappingIncrement(ordering: .relaxed)
+            Counter(label: "spillway_remote_slabs_migrated", dimensions: [("tier", descriptor.name)]).increment()
+            logger.notice("reclaim: slab moved to another daemon", metadata: metadata.merging([
+                "to": "\(clients[target]?.endpoint.description ?? "?")", "bytes": "\(bytes)",
+                "ms": "\((monotonicNanoseconds() &- started) / 1_000_000)",
+            ]) { $1 })
+            return true
+        case .failure(let error):
+            try? clients[target]?.unmapSlab(replacement)
+            map.withLock { $0.freeSlabs[target] += 1 }
+            failedMigrations.wrappingIncrement(ordering: .relaxed)
+            Counter(label: "spillway_remote_reclaim_failures", dimensions: [("tier", descriptor.name)]).increment()
+            logger.error("reclaim: moving the slab failed", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+            return false
+        }
+    }
+
+    public func setEvacuationHandler(_ handler: @escaping @Sendable (Range<Int>) -> Int) {
+        evacuationHandler.withLock { $0 = handler }
+    }
+
+    /// Gives virtual slab `index` back after the store moved its pages to another tier: its
+    /// free slots are withheld first (so nothing new lands there), the store moves the pages,
+    /// then the slab is unmapped and the virtual slab is left unmapped (mapped afresh when an
+    /// allocation needs it). False, with the slots handed back, if pages remain.
+    private func evacuate(_ index: Int, daemon: Int, slab: UInt32, _ handler: (Range<Int>) -> Int) -> Bool {
+        let first = index * slabSlots
+        let range = first..<min(first + slabSlots, descriptor.capacitySlots)
+        var withheld: [Int] = []
+        func withhold() {
+            for slot in range where allocator.reserve(Extent(firstSlot: UInt32(slot), slotCount: 1)) { withheld.append(slot) }
+        }
+        withhold()
+        // A put that allocated here just before may commit after the store looked: look again.
+        for _ in 0..<3 where withheld.count < range.count {
+            guard handler(range) == 0 else { break }
+            withhold()
+        }
+        guard withheld.count == range.count else {
+            for slot in withheld { allocator.release(Extent(firstSlot: UInt32(slot), slotCount: 1)) }
+            return false
+        }
+        migrationGate.withWriteLock {
+            map.withLock { map in
+                map.slabs[index] = VirtualSlab()
+                map.freeSlabs[daemon] += 1
+            }
+        }
+        try? clients[daemon]?.unmapSlab(slab)
+        for slot in withheld { allocator.release(Extent(firstSlot: UInt32(slot), slotCount: 1)) }
+        evacuatedSlabs.wrappingIncrement(ordering: .relaxed)
+        Counter(label: "spillway_remote_slabs_evacuated", dimensions: [("tier", descriptor.name)]).increment()
+        logger.notice("reclaim: no other daemon had room; the store moved the slab's pages to another tier and the slab was given back",
+                      metadata: ["tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")", "slab": "\(slab)"])
+        return true
+    }
+
+    /// Copies the allocated slots of virtual slab `index` from one real slab to another.
+    /// Called with the migration gate held exclusively. Returns the bytes copied.
+    private func copySlab(_ index: Int, from source: (daemon: Int, slab: UInt32), to target: (daemon: Int, slab: UInt32))
+        -> Result<Int, RemoteError>
+    {
+        guard let reader = clients[source.daemon], let writer = clients[target.daemon] else {
+            return .failure(.protocolViolation("daemon has no client"))
+        }
+        let first = index * slabSlots
+        let runs = allocator.allocatedRuns(in: first..<min(first + slabSlots, descriptor.capacitySlots))
+        let chunk = min(slabSize, 1 << 20)
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buffer.deallocate() }
+        var copied = 0
+        for run in runs {
+            var offset = (run.lowerBound - first) * descriptor.slotSize
+            let end = (run.upperBound - first) * descriptor.slotSize
+            while offset < end {
+                let length = min(chunk, end - offset)
+                var read = RemoteOperation(write: false, slab: source.slab, offset: UInt64(offset), length: length, buffer: buffer)
+                var write = RemoteOperation(write: true, slab: target.slab, offset: UInt64(offset), length: length, buffer: buffer)
+                if let error = withUnsafeMutablePointer(to: &read, { reader.execute(UnsafeMutableBufferPointer(start: $0, count: 1)) }) {
+                    return .failure(error)
+                }
+                guard read.status == 0 else { return .failure(.system(SystemCallError(call: "reclaim read", errno: read.status))) }
+                if let error = withUnsafeMutablePointer(to: &write, { writer.execute(UnsafeMutableBufferPointer(start: $0, count: 1)) }) {
+                    return .failure(error)
+                }
+                guard write.status == 0 else { return .failure(.system(SystemCallError(call: "reclaim write", errno: write.status))) }
+                offset += length
+                copied += length
+            }
+        }
+        return .success(copied)
+    }
+
+    /// A slab the daemon revoked (a missed reclaim deadline): its pages are lost, its free
+    /// slots withheld.
+    func markSlabLost(_ index: Int) {
+        let newlyLost = map.withLock { map -> Bool in
+            guard !map.slabs[index].lost else { return false }
+            map.slabs[index].lost = true
+            return true
+        }
+        guard newlyLost else { return }
+        let start = index * slabSlots
+        for slot in start..<min(start + slabSlots, descriptor.capacitySlots) {
+            _ = allocator.reserve(Extent(firstSlot: UInt32(slot), slotCount: 1))
+        }
+        logger.error("slab revoked by its daemon; its pages are unavailable", metadata: ["tier": "\(descriptor.name)", "virtual_slab": "\(index)"])
+        Counter(label: "spillway_remote_slabs_revoked", dimensions: [("tier", descriptor.name)]).increment()
     }
 
     /// A daemon is gone: its slabs are lost; their free slots are withheld from allocation.
@@ -234,9 +409,13 @@ public final class RemoteTier: Tier, @unchecked Sendable {
             for index in 0..<batch.count { batch.setStatus(index, ESHUTDOWN) }
             return
         }
+        migrationGate.withReadLock { submitLocked(batch) }
+    }
+
+    private func submitLocked(_ batch: TierBatch) {
         // Split into per-daemon transfers (an extent crossing a slab boundary becomes several).
         var perDaemon = [[RemoteOperation]](repeating: [], count: clients.count)
-        var owners = [[Int]](repeating: [], count: clients.count)
+        var owners = [[(index: Int, virtual: Int)]](repeating: [], count: clients.count)
         let snapshot = map.withLock { $0 }
         for index in 0..<batch.count {
             let io = batch[index]
@@ -260,7 +439,7 @@ public final class RemoteTier: Tier, @unchecked Sendable {
                 }
                 perDaemon[virtual.daemon].append(RemoteOperation(write: io.operation == .write, slab: virtual.slab,
                                                                  offset: UInt64(offsetInSlab), length: piece, buffer: buffer + done))
-                owners[virtual.daemon].append(index)
+                owners[virtual.daemon].append((index, slot / slabSlots))
                 done += piece
                 slot += (piece + descriptor.slotSize - 1) / descriptor.slotSize
             }
@@ -274,9 +453,11 @@ public final class RemoteTier: Tier, @unchecked Sendable {
             }
             let elapsed = monotonicNanoseconds() &- started
             for (position, operation) in perDaemon[daemon].enumerated() {
-                let index = owners[daemon][position]
+                let (index, virtual) = owners[daemon][position]
                 batch.setLatency(index, nanoseconds: elapsed / UInt64(max(1, perDaemon[daemon].count)))
                 if operation.status != 0 && batch[index].status == 0 { batch.setStatus(index, operation.status) }
+                // ENXIO: the daemon no longer has the slab (revoked after a missed reclaim deadline).
+                if operation.status == ENXIO { markSlabLost(virtual) }
             }
             if let failure, case .system = failure { markDead(daemon, reason: "\(failure)") }
             if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
@@ -295,6 +476,7 @@ public final class RemoteTier: Tier, @unchecked Sendable {
             }
             if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye") }
         }
+        serviceReclaims()
     }
 
     public func close() {

@@ -194,6 +194,12 @@ public final class TCPSocket: @unchecked Sendable {
 
     /// Stops both directions (wakes a thread blocked in receive); the descriptor stays open
     /// until `close`.
+    /// Whether a receive would not block now (data or end of stream waiting).
+    public var isReadable: Bool {
+        var entry = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        return poll(&entry, 1, 0) > 0
+    }
+
     public func shutdown() {
         _ = Glibc.shutdown(descriptor, Int32(SHUT_RDWR))
     }

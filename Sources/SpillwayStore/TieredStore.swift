@@ -158,6 +158,11 @@ public final class TieredStore: Sendable {
             }
             worker.withLock { $0 = thread }
         }
+        // A tier that must give up space (a reclaimed remote slab) hands its pages to us to move.
+        for (index, tier) in tiers.enumerated() {
+            guard let evacuating = tier as? any EvacuatingTier else { continue }
+            evacuating.setEvacuationHandler { [weak self] slots in self?.evacuate(tier: index, slots: slots) ?? -1 }
+        }
         logger.info("store open", metadata: [
             "tiers": "\(tiers.map { "\($0.descriptor.name)(\($0.descriptor.kind.rawValue), \($0.descriptor.capacitySlots) slots)" })",
             "slotSize": "\(slotSize)", "policy": "\(policy.name)",
@@ -746,6 +751,37 @@ public final class TieredStore: Sendable {
                 }
             }
         }
+    }
+
+    /// Moves every page whose extent overlaps `slots` on `tier` to the tier below (else the one
+    /// above), making room there as usual. Returns how many pages are still in the range
+    /// (pinned or failed moves); the tier must not give the range up unless this is 0.
+    func evacuate(tier index: Int, slots: Range<Int>) -> Int {
+        func pagesInRange() -> [PageKey] {
+            directory.allPages().filter { page in
+                page.location.tier == index && Int(page.location.extent.firstSlot) < slots.upperBound
+                    && Int(page.location.extent.endSlot) > slots.lowerBound
+            }.map(\.key)
+        }
+        let targets = (index + 1 < tiers.count ? [index + 1] : []) + (index > 0 ? [index - 1] : [])
+        var moved = 0
+        for _ in 0..<3 {
+            let keys = pagesInRange()
+            if keys.isEmpty { break }
+            for target in targets {
+                var start = 0
+                while start < keys.count {
+                    let end = min(keys.count, start + ThreadBatch.moveChunk)
+                    moved += movePages(Array(keys[start..<end]), from: index, to: target)
+                    start = end
+                }
+            }
+        }
+        let left = pagesInRange().count
+        logger.notice("tier gave up space: pages moved off it", metadata: [
+            "tier": "\(tiers[index].descriptor.name)", "slots": "\(slots)", "moved": "\(moved)", "left": "\(left)",
+        ])
+        return left
     }
 
     private func evict(_ keys: [PageKey], tier index: Int) -> Int {

@@ -3,6 +3,7 @@ import Glibc
 import Testing
 @testable import SpillwayCore
 @testable import SpillwayMemoryTiers
+@testable import SpillwayNVMe
 @testable import SpillwayProtocol
 @testable import SpillwayRemote
 @testable import SpillwayStore
@@ -139,6 +140,99 @@ func remoteStore(_ servers: [Endpoint], credentials: ClientCredentials = ClientC
             try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value), 4096))
             #expect(try store.get(PageKey(UInt64(value))) == pattern(UInt64(value), 4096))
         }
+    }
+
+    @Test func reclaimMovesPagesToAnotherDaemonWithNoLoss() throws {
+        // The pressured daemon reads MemAvailable from a file the test controls.
+        let path = "/tmp/spillway-test-\(getpid())-reclaim-meminfo"
+        defer { unlink(path) }
+        func setAvailable(_ kilobytes: Int) throws {
+            try "MemTotal: 100000000 kB\nMemAvailable: \(kilobytes) kB\n".write(toFile: path, atomically: true, encoding: .utf8)
+        }
+        try setAvailable(8 << 20)  // 8 GiB free
+        let pressured = try DaemonProcess(arguments: ["--headroom", "1g", "--memory-info", path, "--reclaim-deadline", "5"])
+        let spare = try DaemonProcess()
+        let (store, remote) = try remoteStore([pressured.endpoint, spare.endpoint])
+        defer { store.close() }
+        var expected: [PageKey: [UInt8]] = [:]
+        for value in 0..<1500 {
+            let page = pattern(UInt64(value) &* 7919, 4096)
+            try store.put(PageKey(UInt64(value)), bytes: page)
+            expected[PageKey(UInt64(value))] = page
+        }
+        func slabsLent(_ client: DaemonClient) throws -> Int {
+            let stats = try client.stats()
+            guard let range = stats.range(of: "\"slabs_lent\": ") ?? stats.range(of: "\"slabs_lent\":") else { return -1 }
+            return Int(stats[range.upperBound...].prefix { $0.isNumber }) ?? -1
+        }
+        let before = try slabsLent(remote.clients[0]!)
+        try #require(before > 0, "the pressured daemon should hold some of the tier's slabs")
+        try setAvailable(100 << 10)  // 100 MiB free, headroom 1 GiB: every slab is reclaimed
+        let deadline = Date().addingTimeInterval(15)
+        while try slabsLent(remote.clients[0]!) > 0 && Date() < deadline { usleep(50_000) }
+        #expect(try slabsLent(remote.clients[0]!) == 0, "the tier gave every reclaimed slab back")
+        #expect(remote.migratedSlabs.load(ordering: .relaxed) == before)
+        #expect(remote.failedMigrations.load(ordering: .relaxed) == 0)
+        #expect(remote.liveDaemons == 2)
+        // No page was lost: every one reads back from the spare daemon.
+        for (key, page) in expected { #expect(try store.get(key) == page) }
+        // New writes keep working (on the spare daemon).
+        try store.put(PageKey(99_999), bytes: pattern(1, 4096))
+        #expect(try store.get(PageKey(99_999)) == pattern(1, 4096))
+    }
+
+    @Test func aReclaimNobodyCanHonourLosesOnlyThatSlabsPages() throws {
+        let path = "/tmp/spillway-test-\(getpid())-lost-meminfo"
+        defer { unlink(path) }
+        try "MemAvailable: 8388608 kB\n".write(toFile: path, atomically: true, encoding: .utf8)
+        // One daemon: nowhere to move to, so the slab is revoked at the deadline.
+        let daemon = try DaemonProcess(arguments: ["--headroom", "1g", "--memory-info", path, "--reclaim-deadline", "0.5"])
+        let (store, remote) = try remoteStore([daemon.endpoint], dramSlots: 0)
+        defer { store.close() }
+        for value in 0..<10 { try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value), 4096)) }
+        try "MemAvailable: 1024 kB\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let deadline = Date().addingTimeInterval(10)
+        while remote.failedMigrations.load(ordering: .relaxed) == 0 && Date() < deadline { usleep(50_000) }
+        #expect(remote.failedMigrations.load(ordering: .relaxed) > 0)
+        usleep(1_500_000)  // past the deadline: the daemon revoked the slab
+        for value in 0..<10 {
+            do {
+                let got = try store.get(PageKey(UInt64(value)))
+                Issue.record("a revoked page was served (\(got.count) bytes)")
+            } catch {
+                guard case .tierIO = error else {
+                    Issue.record("unexpected error \(error)")
+                    continue
+                }
+            }
+        }
+    }
+
+    @Test func aReclaimWithNoOtherDaemonMovesPagesDownToNVMe() throws {
+        let path = "/tmp/spillway-test-\(getpid())-evacuate-meminfo"
+        let nvmePath = "/tmp/spillway-test-\(getpid())-evacuate.nvme"
+        defer {
+            unlink(path)
+            unlink(nvmePath)
+        }
+        try "MemAvailable: 8388608 kB\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let daemon = try DaemonProcess(arguments: ["--headroom", "1g", "--memory-info", path, "--reclaim-deadline", "5"])
+        let remote = try RemoteTier(RemoteTierConfiguration(servers: [daemon.endpoint], credentials: ClientCredentials(tenant: "t", token: nil),
+                                                            capacity: 4 << 20, slotSize: 4096, ioTimeout: 2, heartbeatInterval: 0.2))
+        let tiers: [any Tier] = [try DRAMTier(slotSize: 4096, capacitySlots: 16, prefault: false), remote,
+                                 try NVMeTier(NVMeTierConfiguration(path: nvmePath, slotSize: 4096, capacitySlots: 2048))]
+        let store = try TieredStore(tiers: tiers, options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
+        defer { store.close() }
+        for value in 0..<400 { try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value) &+ 11, 4096)) }
+        let onRemote = store.directory.pageCount(tier: 1)
+        try #require(onRemote > 0)
+        try "MemAvailable: 1024 kB\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let deadline = Date().addingTimeInterval(15)
+        while store.directory.pageCount(tier: 1) > 0 && Date() < deadline { usleep(50_000) }
+        #expect(store.directory.pageCount(tier: 1) == 0, "every remote page moved down")
+        #expect(remote.evacuatedSlabs.load(ordering: .relaxed) > 0)
+        #expect(remote.failedMigrations.load(ordering: .relaxed) == 0)
+        for value in 0..<400 { #expect(try store.get(PageKey(UInt64(value))) == pattern(UInt64(value) &+ 11, 4096)) }
     }
 
     @Test func sigtermDrainsAndExitsZero() throws {
