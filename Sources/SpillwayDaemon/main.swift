@@ -1,5 +1,9 @@
 import ArgumentParser
+import Dispatch
 import Logging
+import Metrics
+import Prometheus
+import ServiceLifecycle
 import Spillway
 import SpillwayCommandSupport
 import SpillwayRemote
@@ -74,24 +78,75 @@ struct SpillwayDaemon: ParsableCommand {
         if let path = try tokenFile ?? file.string("token-file") {
             daemon.tokens = try TokenFile.load(path, logger: logger)
         }
-        if let metrics = try metrics ?? file.string("metrics") {
-            _ = try Endpoint(parsing: metrics)
-            logger.warning("--metrics is accepted but the Prometheus endpoint is not built yet", metadata: ["metrics": "\(metrics)"])
-        }
+        let metricsEndpoint = try (metrics ?? file.string("metrics")).map(Endpoint.init(parsing:))
         let server = try RemoteMemoryServer(daemon, logger: logger)
-        // Block the signals here so the waiting thread receives them with sigwait.
-        var signals = sigset_t()
-        sigemptyset(&signals)
-        sigaddset(&signals, SIGTERM)
-        sigaddset(&signals, SIGINT)
-        pthread_sigmask(SIG_BLOCK, &signals, nil)
         try server.start()
-        // Scripts and tests that ask for port 0 read the bound address from stdout.
-        printLine("{\"listen\": \"\(endpoint.host):\(server.port)\", \"pid\": \(getpid())}")
-        var received: Int32 = 0
-        sigwait(&signals, &received)
-        logger.info("signal received; draining", metadata: ["signal": "\(received == SIGTERM ? "SIGTERM" : "SIGINT")"])
-        server.shutdown(drain: 5)
+        var services: [any Service] = []
+        var metricsPort: UInt16?
+        if let metricsEndpoint {
+            let registry = PrometheusCollectorRegistry()
+            // Library metrics (swift-metrics) land in the same registry.
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+            let exporter = DaemonMetricsExporter(registry: registry, server: server)
+            let endpoint = try MetricsEndpoint(listen: metricsEndpoint, logger: logger, render: exporter.render)
+            metricsPort = endpoint.port
+            services.append(MetricsService(endpoint: endpoint))
+        }
+        // Scripts and tests that ask for port 0 read the bound addresses from stdout.
+        let metricsField = metricsPort.map { ", \"metrics\": \"\(metricsEndpoint!.host):\($0)\"" } ?? ""
+        let announcement = "{\"listen\": \"\(endpoint.host):\(server.port)\"\(metricsField), \"pid\": \(getpid())}"
+        services.append(RemoteMemoryService(server: server, drain: 5, announcement: announcement, logger: logger))
+        // swift-service-lifecycle turns SIGTERM/SIGINT into a graceful shutdown of the services,
+        // in reverse order: the daemon drains first, then the metrics endpoint stops.
+        let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        let finished = DispatchSemaphore(value: 0)
+        let failure = Locked<String?>(nil)
+        Task {
+            do {
+                try await group.run()
+            } catch {
+                failure.withLock { $0 = "\(error)" }
+            }
+            finished.signal()
+        }
+        finished.wait()
+        if let failure = failure.withLock({ $0 }) { throw SpillwayError.invalidConfiguration("service group failed: \(failure)") }
+    }
+}
+
+/// The daemon as a service: serves until graceful shutdown, then stops accepting, says
+/// goodbye to clients and drains in-flight requests.
+struct RemoteMemoryService: Service {
+    let server: RemoteMemoryServer
+    let drain: Double
+    /// Printed once the service group traps the signals, so a SIGTERM right after the line
+    /// is a graceful shutdown, never the default kill.
+    let announcement: String
+    let logger: Logger
+
+    func run() async throws {
+        printLine(announcement)
+        try? await gracefulShutdown()
+        logger.info("shutdown requested; draining", metadata: ["drain_seconds": "\(drain)"])
+        // The drain blocks for up to `drain` seconds: keep it off the cooperative pool.
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let server = self.server
+            let drain = self.drain
+            BackgroundThread {
+                server.shutdown(drain: drain)
+                continuation.resume()
+            }.detach()
+        }
+    }
+}
+
+/// The Prometheus endpoint as a service: stopped after the daemon has drained.
+struct MetricsService: Service {
+    let endpoint: MetricsEndpoint
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        endpoint.stop()
     }
 }
 

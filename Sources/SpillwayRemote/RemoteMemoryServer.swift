@@ -56,6 +56,18 @@ public struct DaemonConfiguration: Sendable {
     }
 }
 
+/// One tenant's operation counters. A connection looks its tenant's up once, after the
+/// handshake, so the request path increments atomics and takes no lock.
+public final class TenantCounters: Sendable {
+    public let reads = ManagedAtomic<Int>(0)
+    public let writes = ManagedAtomic<Int>(0)
+    public let bytesRead = ManagedAtomic<Int>(0)
+    public let bytesWritten = ManagedAtomic<Int>(0)
+    public let refused = ManagedAtomic<Int>(0)
+
+    public init() {}
+}
+
 /// Counters a daemon keeps (all atomics, read by `stats` and the metrics endpoint).
 public final class DaemonCounters: Sendable {
     public let reads = ManagedAtomic<Int>(0)
@@ -113,9 +125,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         var slabs: Set<UInt32> = []
         var connections: [ObjectIdentifier: FrameConnection] = [:]
         var disconnectedAt: Double?
-        var reads = 0
-        var writes = 0
-        var refused = 0
+        let counters = TenantCounters()
     }
 
     struct ServerState {
@@ -247,7 +257,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             logger.notice("handshake failed", metadata: ["peer": "\(peer)", "error": "\(error)"])
             return
         }
-        guard let tenantName else { return }
+        guard let tenantName, let tenantCounters = state.withLock({ $0.tenants[tenantName]?.counters }) else { return }
         connection.socket.setTimeout(0)
         while !stopping.load(ordering: .relaxed) {
             let header: FrameHeader
@@ -262,7 +272,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 return
             }
             do {
-                try handle(header, on: connection, tenant: tenantName)
+                try handle(header, on: connection, tenant: tenantName, counters: tenantCounters)
             } catch {
                 if case .frame = error { counters.malformedFrames.wrappingIncrement(ordering: .relaxed) }
                 logger.notice("connection closed", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)", "reason": "\(error)"])
@@ -328,7 +338,9 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         return tenantName
     }
 
-    private func handle(_ header: FrameHeader, on connection: FrameConnection, tenant: String) throws(RemoteError) {
+    private func handle(_ header: FrameHeader, on connection: FrameConnection, tenant: String, counters tenantCounters: TenantCounters)
+        throws(RemoteError)
+    {
         let id = header.requestID
         switch header.opcode {
         case .read, .readBatch:
@@ -348,7 +360,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
                 return
             }
-            try serveRead(ranges, opcode: header.opcode, id: id, on: connection, tenant: tenant)
+            try serveRead(ranges, opcode: header.opcode, id: id, on: connection, tenant: tenant, counters: tenantCounters)
 
         case .write, .writeBatch:
             let (meta, register) = try connection.receiveMeta(header)
@@ -364,7 +376,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
                 return
             }
-            try serveWrite(ranges, header: header, register: register, on: connection, tenant: tenant)
+            try serveWrite(ranges, header: header, register: register, on: connection, tenant: tenant, counters: tenantCounters)
 
         case .mapSlab:
             _ = try connection.receiveSmall(header)
@@ -406,7 +418,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         switch code {
         case .notOwner, .outOfBounds, .unknownSlab, .slabRevoked:
             counters.refusedAccesses.wrappingIncrement(ordering: .relaxed)
-            state.withLock { $0.tenants[tenant]?.refused += 1 }
+            state.withLock { $0.tenants[tenant]?.counters.refused.wrappingIncrement(ordering: .relaxed) }
         case .checksumMismatch: counters.checksumFailures.wrappingIncrement(ordering: .relaxed)
         case .malformedFrame: counters.malformedFrames.wrappingIncrement(ordering: .relaxed)
         default: break
@@ -458,7 +470,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     }
 
     private func serveRead(_ ranges: [Wire.SlabRange], opcode: Opcode, id: UInt64, on connection: FrameConnection,
-                           tenant: String) throws(RemoteError)
+                           tenant: String, counters tenantCounters: TenantCounters) throws(RemoteError)
     {
         let total = ranges.reduce(0) { $0 + Int($1.length) }
         guard total <= WireProtocol.maxDataLength else {
@@ -491,10 +503,12 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         }
         counters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
         counters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
+        tenantCounters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+        tenantCounters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
     }
 
     private func serveWrite(_ ranges: [Wire.SlabRange], header: FrameHeader, register: UInt32, on connection: FrameConnection,
-                            tenant: String) throws(RemoteError)
+                            tenant: String, counters tenantCounters: TenantCounters) throws(RemoteError)
     {
         let bases: [UnsafeMutableRawPointer]
         switch acquire(ranges, tenant: tenant) {
@@ -519,6 +533,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         try connection.send(header.opcode, flags: .response, requestID: header.requestID, meta: [])
         counters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
         counters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
+        tenantCounters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+        tenantCounters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
     }
 
     // MARK: Slabs
@@ -651,18 +667,39 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     // MARK: Stats
 
+    public struct TenantSnapshot: Sendable {
+        public var name: String
+        public var slabs: Int
+        public var connections: Int
+        public var reads: Int
+        public var writes: Int
+        public var bytesRead: Int
+        public var bytesWritten: Int
+        public var refused: Int
+    }
+
     public struct Snapshot: Sendable {
         public var slabsLent: Int
         public var slabsFree: Int
         public var bytesLent: Int
-        public var tenants: [String: (slabs: Int, connections: Int, refused: Int)]
+        public var connections: Int
+        /// By name.
+        public var tenants: [TenantSnapshot]
     }
 
     public func snapshot() -> Snapshot {
         state.withLock { state in
             Snapshot(slabsLent: state.lentSlabs, slabsFree: totalSlabs - state.lentSlabs,
-                     bytesLent: state.lentSlabs * configuration.slabSize,
-                     tenants: state.tenants.mapValues { ($0.slabs.count, $0.connections.count, $0.refused) })
+                     bytesLent: state.lentSlabs * configuration.slabSize, connections: state.connections.count,
+                     tenants: state.tenants.keys.sorted().map { name in
+                         let tenant = state.tenants[name]!
+                         let c = tenant.counters
+                         return TenantSnapshot(name: name, slabs: tenant.slabs.count, connections: tenant.connections.count,
+                                               reads: c.reads.load(ordering: .relaxed), writes: c.writes.load(ordering: .relaxed),
+                                               bytesRead: c.bytesRead.load(ordering: .relaxed),
+                                               bytesWritten: c.bytesWritten.load(ordering: .relaxed),
+                                               refused: c.refused.load(ordering: .relaxed))
+                     })
         }
     }
 
@@ -671,15 +708,16 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         let snap = snapshot()
         let c = counters
         func load(_ counter: ManagedAtomic<Int>) -> JSONValue { .int(counter.load(ordering: .relaxed)) }
-        let tenants: [JSONValue] = snap.tenants.keys.sorted().map { name in
-            let tenant = snap.tenants[name]!
-            return .object([("name", .string(name)), ("slabs", .int(tenant.slabs)), ("connections", .int(tenant.connections)),
-                            ("refused", .int(tenant.refused))])
+        let tenants: [JSONValue] = snap.tenants.map { tenant in
+            .object([("name", .string(tenant.name)), ("slabs", .int(tenant.slabs)), ("connections", .int(tenant.connections)),
+                     ("reads", .int(tenant.reads)), ("writes", .int(tenant.writes)), ("bytes_read", .int(tenant.bytesRead)),
+                     ("bytes_written", .int(tenant.bytesWritten)), ("refused", .int(tenant.refused))])
         }
         return JSONValue.object([
             ("version", .string(SpillwayVersion.current)), ("protocol", .int(Int(WireProtocol.maximumVersion))),
             ("transport", .string("tcp")), ("capacity", .int(configuration.capacity)), ("slab_size", .int(configuration.slabSize)),
-            ("slabs_lent", .int(snap.slabsLent)), ("slabs_free", .int(snap.slabsFree)), ("tenants", .array(tenants)),
+            ("slabs_lent", .int(snap.slabsLent)), ("slabs_free", .int(snap.slabsFree)), ("bytes_lent", .int(snap.bytesLent)),
+            ("connections", .int(snap.connections)), ("tenants", .array(tenants)),
             ("ops", .object([("reads", load(c.reads)), ("writes", load(c.writes)), ("bytes_read", load(c.bytesRead)),
                              ("bytes_written", load(c.bytesWritten))])),
             ("errors", .object([("auth_failures", load(c.authFailures)), ("refused_accesses", load(c.refusedAccesses)),

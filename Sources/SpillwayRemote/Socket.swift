@@ -192,14 +192,24 @@ public final class TCPSocket: @unchecked Sendable {
         }
     }
 
-    /// Stops both directions (wakes a thread blocked in receive); the descriptor stays open
-    /// until `close`.
+    /// Receives what is there, up to `capacity` bytes (at least one, waiting for it): the count,
+    /// 0 at end of stream. For line protocols (the metrics endpoint's HTTP).
+    public func receiveSome(into buffer: UnsafeMutableRawPointer, capacity: Int) throws(SystemCallError) -> Int {
+        while true {
+            let got = recv(descriptor, buffer, capacity, 0)
+            if got >= 0 { return got }
+            if errno != EINTR { throw SystemCallError(call: "receive", errno: errno) }
+        }
+    }
+
     /// Whether a receive would not block now (data or end of stream waiting).
     public var isReadable: Bool {
         var entry = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
         return poll(&entry, 1, 0) > 0
     }
 
+    /// Stops both directions (wakes a thread blocked in receive); the descriptor stays open
+    /// until `close`.
     public func shutdown() {
         _ = Glibc.shutdown(descriptor, Int32(SHUT_RDWR))
     }

@@ -40,6 +40,33 @@ final class DaemonProcess {
             throw SpillwayError.invalidConfiguration("spillwayd did not report its port: '\(text)'")
         }
         self.port = port
+        if let range = text.range(of: "\"metrics\": \"127.0.0.1:") {
+            metricsPort = UInt16(text[range.upperBound...].prefix { $0.isNumber })
+        } else {
+            metricsPort = nil
+        }
+    }
+
+    let metricsPort: UInt16?
+
+    /// `GET path` on the metrics endpoint: (status line, body).
+    func scrape(_ path: String = "/metrics") throws -> (String, String) {
+        let socket = try TCPSocket.connect(to: Endpoint(host: "127.0.0.1", port: metricsPort!), ioTimeout: 5)
+        var request = Array("GET \(path) HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
+        try request.withUnsafeMutableBytes { raw in
+            var vector = iovec(iov_base: raw.baseAddress, iov_len: raw.count)
+            try withUnsafeMutablePointer(to: &vector) { try socket.send(UnsafeMutableBufferPointer(start: $0, count: 1)) }
+        }
+        var response: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let got = try chunk.withUnsafeMutableBytes { try socket.receiveSome(into: $0.baseAddress!, capacity: $0.count) }
+            if got == 0 { break }
+            response += chunk[0..<got]
+        }
+        let text = String(decoding: response, as: UTF8.self)
+        let parts = text.components(separatedBy: "\r\n\r\n")
+        return (text.components(separatedBy: "\r\n")[0], parts.dropFirst().joined(separator: "\r\n\r\n"))
     }
 
     var endpoint: Endpoint { Endpoint(host: "127.0.0.1", port: port) }
@@ -233,6 +260,32 @@ func remoteStore(_ servers: [Endpoint], credentials: ClientCredentials = ClientC
         #expect(remote.evacuatedSlabs.load(ordering: .relaxed) > 0)
         #expect(remote.failedMigrations.load(ordering: .relaxed) == 0)
         for value in 0..<400 { #expect(try store.get(PageKey(UInt64(value))) == pattern(UInt64(value) &+ 11, 4096)) }
+    }
+
+    @Test func prometheusEndpointReportsSlabsOpsAndTenants() throws {
+        let daemon = try DaemonProcess(arguments: ["--metrics", "127.0.0.1:0"])
+        let client = try DaemonClient(endpoint: daemon.endpoint, credentials: ClientCredentials(tenant: "carol", token: nil))
+        let slab = try client.mapSlab()
+        var page = pattern(3, 4096)
+        for offset in 0..<5 { #expect(transfer(client, write: true, slab: slab, offset: UInt64(offset * 4096), &page) == 0) }
+        #expect(transfer(client, write: false, slab: slab, offset: 0, &page) == 0)
+        #expect(transfer(client, write: false, slab: slab, offset: 1 << 30, &page) == EINVAL)  // out of bounds: refused, counted
+        let (status, body) = try daemon.scrape()
+        #expect(status == "HTTP/1.1 200 OK")
+        let lines = Set(body.split(separator: "\n").map(String.init))
+        #expect(lines.contains("spillwayd_slabs_lent 1.0"))
+        #expect(lines.contains("spillwayd_writes_total 5"))
+        #expect(lines.contains("spillwayd_refused_accesses_total 1"))
+        #expect(lines.contains("spillwayd_tenant_writes_total{tenant=\"carol\"} 5"))
+        #expect(lines.contains("spillwayd_tenant_reads_total{tenant=\"carol\"} 1"))
+        #expect(lines.contains("spillwayd_tenant_written_bytes_total{tenant=\"carol\"} 20480"))
+        #expect(lines.contains("# TYPE spillwayd_writes_total counter"))
+        // Counters stay monotonic across scrapes.
+        #expect(transfer(client, write: true, slab: slab, offset: 0, &page) == 0)
+        #expect(Set(try daemon.scrape().1.split(separator: "\n").map(String.init)).contains("spillwayd_writes_total 6"))
+        #expect(try daemon.scrape("/other").0 == "HTTP/1.1 404 Not Found")
+        daemon.kill(SIGTERM)
+        #expect(daemon.wait(seconds: 10) == 0)
     }
 
     @Test func sigtermDrainsAndExitsZero() throws {
