@@ -152,7 +152,10 @@ let package = Package(
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers"]),
-        .testTarget(name: "SpillwayTests", dependencies: ["Spillway", "SpillwayBench"]),
+        .testTarget(name: "SpillwayTests", dependencies: [
+            "Spillway", "SpillwayBench",
+            .product(name: "Atomics", package: "swift-atomics"), .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "SpillwayRemoteTests", dependencies: ["SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
     ],
     swiftLanguageModes: [.v6]

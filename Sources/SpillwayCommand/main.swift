@@ -1,13 +1,13 @@
 import ArgumentParser
 import SpillwayCommandSupport
 
-/// `spillway`: tier benchmarks now; trace replay and pool tools join as their issues land.
+/// `spillway`: tier benchmarks and daemon status; trace replay and pool tools join as their issues land.
 struct SpillwayTool: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "spillway",
         abstract: "Spillway tiered page store: benchmarks and tools.",
         version: "0.1.0",
-        subcommands: [BenchCommand.self])
+        subcommands: [BenchCommand.self, StatusCommand.self])
 }
 
 runMain(SpillwayTool.self, name: "spillway")

@@ -49,6 +49,9 @@ public func runMain<Command: ParsableCommand>(_ type: Command.Type, name: String
         var command = try type.parseAsRoot()
         try command.run()
         exit(0)
+    } catch let exitCode as ExitCode {
+        // The command already said what went wrong (e.g. `status` with an unreachable daemon).
+        exit(exitCode.rawValue)
     } catch {
         let code = type.exitCode(for: error)
         if code == .success { type.exit(withError: error) }

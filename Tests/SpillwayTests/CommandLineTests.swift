@@ -1,4 +1,6 @@
+import Atomics
 import Foundation
+import Logging
 import Testing
 @testable import Spillway
 @testable import SpillwayBench
@@ -103,6 +105,55 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
         #expect(result.stdout.isEmpty)
         #expect(result.stderr.filter { $0 == "\n" }.count == 1, "stderr was: \(result.stderr)")
         #expect(result.stderr.hasPrefix("spillway: error: "))
+    }
+
+    @Test func benchRemoteRunsAgainstExternalAndInProcessDaemons() throws {
+        let tokenPath = NSTemporaryDirectory() + "spillway-bench-remote-\(getpid()).tokens"
+        defer { unlink(tokenPath) }
+        try "bench bench-token-0123456789\n".write(toFile: tokenPath, atomically: true, encoding: .utf8)
+        chmod(tokenPath, 0o600)
+        let server = try RemoteMemoryServer(DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 64 << 20,
+                                                                slabSize: 1 << 20, tokens: try TokenFile.load(tokenPath, logger: Logger(label: "test"))))
+        try server.start()
+        defer { server.shutdown(drain: 0) }
+        let external = try runSpillway(["bench", "remote", "--servers", "127.0.0.1:\(server.port)", "--token-file", tokenPath, "--json",
+                                        "--duration", "0.3", "--size", "2m", "--queue-depth", "8"])
+        #expect(external.status == 0, "\(external.stderr)")
+        checkBenchSchema(try #require(try JSONSerialization.jsonObject(with: Data(external.stdout.utf8)) as? [String: Any]), tier: "remote")
+        #expect(server.counters.reads.load(ordering: .relaxed) > 0, "the external daemon served the reads")
+        let embedded = try runSpillway(["bench", "remote", "--json", "--duration", "0.3", "--size", "2m", "--pattern", "randwrite"])
+        #expect(embedded.status == 0, "\(embedded.stderr)")
+        checkBenchSchema(try #require(try JSONSerialization.jsonObject(with: Data(embedded.stdout.utf8)) as? [String: Any]), tier: "remote")
+        // A wrong token is a clear one-line error, not a crash.
+        try "bench wrong-token-0123456789\n".write(toFile: tokenPath, atomically: true, encoding: .utf8)
+        let refused = try runSpillway(["bench", "remote", "--servers", "127.0.0.1:\(server.port)", "--token-file", tokenPath,
+                                       "--duration", "0.2", "--size", "1m"])
+        #expect(refused.status != 0)
+        #expect(refused.stderr.contains("refused the credentials"), "\(refused.stderr)")
+    }
+
+    @Test func statusReportsEachDaemonAndFailsOnAnUnreachableOne() throws {
+        let server = try RemoteMemoryServer(DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 32 << 20, slabSize: 1 << 20))
+        try server.start()
+        defer { server.shutdown(drain: 0) }
+        let ok = try runSpillway(["status", "--servers", "127.0.0.1:\(server.port)", "--json"])
+        #expect(ok.status == 0, "\(ok.stderr)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(ok.stdout.utf8)) as? [String: Any])
+        let daemons = try #require(object["daemons"] as? [[String: Any]])
+        #expect(daemons.count == 1 && daemons[0]["reachable"] as? Bool == true)
+        let stats = try #require(daemons[0]["stats"] as? [String: Any])
+        #expect(stats["capacity"] as? Int == 32 << 20)
+        #expect(stats["slabs_free"] as? Int == 32)
+        #expect(stats["transport"] as? String == "tcp")
+        #expect(stats["version"] is String && stats["ops"] is [String: Any] && stats["errors"] is [String: Any])
+        // A dead address: reported, and the exit status says so.
+        let listener = try TCPSocket.listen(on: Endpoint(host: "127.0.0.1", port: 0))
+        let deadPort = listener.localPort
+        listener.close()
+        let mixed = try runSpillway(["status", "--servers", "127.0.0.1:\(server.port),127.0.0.1:\(deadPort)"])
+        #expect(mixed.status == 1)
+        #expect(mixed.stdout.contains("unreachable"))
+        #expect(mixed.stdout.contains("tcp"))
     }
 
     @Test func helpExitsZero() throws {
