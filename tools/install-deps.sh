@@ -9,7 +9,8 @@ packages=(
   libisal-dev           # CRC32C and Reed-Solomon erasure coding
   libxxhash-dev         # stable 128-bit KV prefix hashes
   fio                   # NVMe reference in Bench/
-  redis-server          # TCP round-trip reference in Bench/
+  redis-server          # TCP round-trip reference in Bench/ (redis-benchmark)
+  iperf3                # TCP bandwidth reference in Bench/
   iproute2              # network-namespace fault tests
   e2fsprogs util-linux mount   # NVMe tests: a small ext4 image on a loop device (ENOSPC, block device)
 )

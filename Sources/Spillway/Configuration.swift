@@ -26,6 +26,8 @@ public struct TierConfiguration: Sendable, Equatable {
     /// Remote: the client's token file (its first line is used).
     public var tokenFile: String?
     public var embeddedDaemons: Int = 2
+    /// Remote: microseconds a connection polls for a reply before sleeping (TOML `poll-us`).
+    public var pollMicroseconds: Int = 20
 
     public init(name: String? = nil, kind: TierKind, capacity: Int, watermarks: Watermarks = Watermarks(),
                 verifyReads: Bool? = nil, prefault: Bool = true, path: String? = nil, bufferedIO: Bool = false,
@@ -103,7 +105,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     ]
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
-        "path", "buffered-io", "poll-mode", "reformat",
+        "path", "buffered-io", "poll-mode", "reformat", "poll-us",
     ]
 
     /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
@@ -169,6 +171,10 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             tier.servers = servers.split(separator: ",").map { String($0) }
         }
         tier.tokenFile = try TOMLReader.string(table, "token-file")
+        if let poll = try TOMLReader.int(table, "poll-us") {
+            guard (0...10_000).contains(poll) else { throw .invalidConfiguration("tier '\(tier.name)': poll-us must be 0…10000") }
+            tier.pollMicroseconds = poll
+        }
         return tier
     }
 
@@ -323,10 +329,10 @@ extension RemoteTier {
             for server in tier.servers { endpoints.append(try Endpoint(parsing: server.trimmingCharacters(in: " "))) }
         }
         do {
-            let remote = try RemoteTier(
-                RemoteTierConfiguration(name: tier.name, servers: endpoints, credentials: credentials, capacity: tier.capacity,
-                                        slotSize: slotSize),
-                logger: logger)
+            var configuration = RemoteTierConfiguration(name: tier.name, servers: endpoints, credentials: credentials,
+                                                        capacity: tier.capacity, slotSize: slotSize)
+            configuration.pollMicroseconds = tier.pollMicroseconds
+            let remote = try RemoteTier(configuration, logger: logger)
             remote.embeddedServers = embedded
             return remote
         } catch {

@@ -52,13 +52,16 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(name: .customLong("memory-info"), help: "Where to read MemAvailable (default /proc/meminfo; a container may point elsewhere).")
     var memoryInfo: String?
 
+    @Option(name: .customLong("poll-us"), help: "Microseconds a connection polls for the next request before sleeping (default 0).")
+    var pollMicroseconds: Int?
+
     @Option(name: .customLong("log-level"), help: "Log level on stderr (default info).")
     var logLevel: LogLevelArgument?
 
     @Option(help: "TOML file with these options as keys.")
     var config: String?
 
-    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "log-level"]
+    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "poll-us", "log-level"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -75,6 +78,8 @@ struct SpillwayDaemon: ParsableCommand {
         daemon.lease = try lease ?? file.double("lease") ?? 30
         daemon.reclaimDeadline = try reclaimDeadline ?? file.double("reclaim-deadline") ?? 5
         daemon.memoryInfoPath = try memoryInfo ?? file.string("memory-info") ?? "/proc/meminfo"
+        daemon.pollMicroseconds = try pollMicroseconds ?? file.int("poll-us") ?? 0
+        guard (0...10_000).contains(daemon.pollMicroseconds) else { throw SpillwayError.invalidConfiguration("poll-us must be 0…10000") }
         if let path = try tokenFile ?? file.string("token-file") {
             daemon.tokens = try TokenFile.load(path, logger: logger)
         }

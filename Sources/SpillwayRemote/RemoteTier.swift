@@ -21,6 +21,8 @@ public struct RemoteTierConfiguration: Sendable {
     public var ioTimeout: Double
     /// Seconds between heartbeats (0 = no heartbeat thread).
     public var heartbeatInterval: Double
+    /// Microseconds a connection polls for a reply before sleeping (0 = sleep at once).
+    public var pollMicroseconds: Int = 20
 
     public init(name: String = "remote", servers: [Endpoint], credentials: ClientCredentials, capacity: Int, slotSize: Int,
                 connectionsPerDaemon: Int = 4, ioTimeout: Double = 5, heartbeatInterval: Double = 1)
@@ -102,7 +104,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             do {
                 let client = try DaemonClient(endpoint: endpoint, credentials: configuration.credentials,
                                               maxConnections: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
-                                              logger: logger)
+                                              pollMicroseconds: configuration.pollMicroseconds, logger: logger)
                 clients.append(client)
                 welcomes.append(client.welcome)
             } catch {

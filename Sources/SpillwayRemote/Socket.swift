@@ -202,6 +202,16 @@ public final class TCPSocket: @unchecked Sendable {
         }
     }
 
+    /// Like `receiveSome`, but never waits: nil when nothing has arrived yet.
+    public func receiveAvailable(into buffer: UnsafeMutableRawPointer, capacity: Int) throws(SystemCallError) -> Int? {
+        while true {
+            let got = recv(descriptor, buffer, capacity, Int32(MSG_DONTWAIT))
+            if got >= 0 { return got }
+            if errno == EAGAIN || errno == EWOULDBLOCK { return nil }
+            if errno != EINTR { throw SystemCallError(call: "receive", errno: errno) }
+        }
+    }
+
     /// Whether a receive would not block now (data or end of stream waiting).
     public var isReadable: Bool {
         var entry = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
