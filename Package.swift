@@ -81,6 +81,20 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
             ]
         ),
+        // Erasure-coded remote memory: ISA-L Reed-Solomon, the erasure-coded tier over
+        // spillwayd daemons (late-binding reads, CodingSets placement, repair).
+        .target(
+            name: "SpillwayErasure",
+            dependencies: [
+                "SpillwayCore",
+                "SpillwayProtocol",
+                "SpillwayRemote",
+                "CSpillwayISAL",
+                .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ]
+        ),
         // The tiered store: put/get/pin/prefetch, promotion, background demotion, eviction, stats.
         .target(
             name: "SpillwayStore",
@@ -101,6 +115,7 @@ let package = Package(
                 "SpillwayNVMe",
                 "SpillwayStore",
                 "SpillwayRemote",
+                "SpillwayErasure",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -149,6 +164,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore"]),
+        .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers"]),

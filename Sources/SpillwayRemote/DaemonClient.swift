@@ -134,44 +134,76 @@ public final class DaemonClient: @unchecked Sendable {
     /// Runs `body` on a connection of the pool (opening one if none is idle and the pool has
     /// room, else waiting). A connection whose use failed is closed, not returned.
     public func withConnection<R>(_ body: (FrameConnection) throws(RemoteError) -> R) throws(RemoteError) -> R {
-        var connection: FrameConnection?
-        while connection == nil {
-            let (idle, mayOpen) = pool.withLock { pool -> (FrameConnection?, Bool) in
-                if let idle = pool.idle.popLast() { return (idle, false) }
-                if pool.open < maxConnections {
-                    pool.open += 1
-                    return (nil, true)
-                }
-                return (nil, false)
-            }
-            if let idle {
-                connection = idle
-            } else if mayOpen {
-                do {
-                    connection = try Self.open(endpoint, credentials: credentials, ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds).0
-                } catch {
-                    pool.withLock { $0.open -= 1 }
-                    throw error
-                }
-            } else {
-                sched_yield()
-            }
-        }
-        let borrowed = connection!
+        let borrowed = try borrow()
         do {
             let result = try body(borrowed)
-            pool.withLock { $0.idle.append(borrowed) }
+            giveBack(borrowed)
             return result
         } catch {
-            borrowed.socket.close()
-            pool.withLock { $0.open -= 1 }
-            if case .refused = error {} else { failed.store(true, ordering: .relaxed) }
+            giveBack(borrowed, failedWith: error)
             throw error
         }
     }
 
+    /// Takes a connection from the pool: an idle one that owes no replies, else a new one if
+    /// the pool has room, else an idle one after discarding the replies it owes, else waits.
+    public func borrow() throws(RemoteError) -> FrameConnection {
+        while true {
+            let (idle, mayOpen) = pool.withLock { pool -> (FrameConnection?, Bool) in
+                if let clean = pool.idle.lastIndex(where: { $0.owedReplies == 0 }) { return (pool.idle.remove(at: clean), false) }
+                if pool.open < maxConnections {
+                    pool.open += 1
+                    return (nil, true)
+                }
+                return (pool.idle.popLast(), false)
+            }
+            if let idle {
+                if idle.owedReplies > 0 {
+                    do {
+                        try drainOwedReplies(idle)
+                    } catch {
+                        giveBack(idle, failedWith: error)
+                        throw error
+                    }
+                }
+                return idle
+            }
+            if mayOpen {
+                do {
+                    return try Self.open(endpoint, credentials: credentials, ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds).0
+                } catch {
+                    pool.withLock { $0.open -= 1 }
+                    throw error
+                }
+            }
+            sched_yield()
+        }
+    }
+
+    /// Returns a borrowed connection; with an error it is closed instead (and, unless the
+    /// daemon merely refused a request, the daemon counts as failed).
+    public func giveBack(_ connection: FrameConnection, failedWith error: RemoteError? = nil) {
+        guard let error else {
+            pool.withLock { $0.idle.append(connection) }
+            return
+        }
+        connection.socket.close()
+        pool.withLock { $0.open -= 1 }
+        if case .refused = error {} else { failed.store(true, ordering: .relaxed) }
+    }
+
+    /// Receives and drops the replies a connection owes.
+    private func drainOwedReplies(_ connection: FrameConnection) throws(RemoteError) {
+        while connection.owedReplies > 0 {
+            let header = try receiveReply(connection)
+            let (_, register) = try connection.receiveMeta(header)
+            _ = try connection.discardData(count: header.dataLength, register: register)
+            connection.owedReplies -= 1
+        }
+    }
+
     /// Receives the next reply, handling notices that arrive in between.
-    private func receiveReply(_ connection: FrameConnection) throws(RemoteError) -> FrameHeader {
+    func receiveReply(_ connection: FrameConnection) throws(RemoteError) -> FrameHeader {
         while true {
             let header = try connection.receiveHeader()
             guard header.flags.contains(.notice) else { return header }
@@ -232,6 +264,9 @@ public final class DaemonClient: @unchecked Sendable {
             return notices
         }
     }
+
+    /// A fresh request id (shifted left 8 by pipelined users, whose low byte names a slot).
+    public func nextRequestID() -> UInt64 { nextRequest.loadThenWrappingIncrement(ordering: .relaxed) }
 
     /// A request without page data whose reply has none either.
     private func call(_ opcode: Opcode, meta: [UInt8]) throws(RemoteError) -> [UInt8] {

@@ -74,6 +74,10 @@ public final class FrameConnection: @unchecked Sendable {
     /// loopback or LAN round trip at queue depth 1; the price is one core busy for at most
     /// this long per wait. 0 = always block. Set by the owner before use.
     public var pollNanoseconds: UInt64 = 0
+    /// Replies to requests an exchange stopped waiting for (late binding, a straggler): the
+    /// next borrower receives and discards them before using the connection, so they never
+    /// land in anyone's buffer. Owned by whoever holds the connection.
+    public var owedReplies = 0
 
     public init(socket: TCPSocket) {
         self.socket = socket
