@@ -55,6 +55,12 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(name: .customLong("poll-us"), help: "Microseconds a connection polls for the next request before sleeping (default 0).")
     var pollMicroseconds: Int?
 
+    @Flag(name: .customLong("enable-test-faults"), help: .hidden)
+    var enableTestFaults = false
+
+    @Option(name: .customLong("test-delay-us"), help: .hidden)
+    var testDelayMicroseconds: Int?
+
     @Option(name: .customLong("log-level"), help: "Log level on stderr (default info).")
     var logLevel: LogLevelArgument?
 
@@ -79,6 +85,13 @@ struct SpillwayDaemon: ParsableCommand {
         daemon.reclaimDeadline = try reclaimDeadline ?? file.double("reclaim-deadline") ?? 5
         daemon.memoryInfoPath = try memoryInfo ?? file.string("memory-info") ?? "/proc/meminfo"
         daemon.pollMicroseconds = try pollMicroseconds ?? file.int("poll-us") ?? 0
+        // Test faults: a corruption opcode and a per-reply delay, for fault tests and Bench only.
+        daemon.enableTestFaults = enableTestFaults
+        daemon.testDelayMicroseconds = testDelayMicroseconds ?? 0
+        if daemon.testDelayMicroseconds > 0 && !enableTestFaults {
+            throw SpillwayError.invalidConfiguration("--test-delay-us needs --enable-test-faults")
+        }
+        if enableTestFaults { logger.warning("test faults are ON: clients may corrupt their own slabs; replies are delayed", metadata: ["delay_us": "\(daemon.testDelayMicroseconds)"]) }
         guard (0...10_000).contains(daemon.pollMicroseconds) else { throw SpillwayError.invalidConfiguration("poll-us must be 0…10000") }
         if let path = try tokenFile ?? file.string("token-file") {
             daemon.tokens = try TokenFile.load(path, logger: logger)

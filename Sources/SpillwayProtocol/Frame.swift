@@ -40,6 +40,10 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     case stats = 13
     case error = 14
     case goodbye = 15
+    /// Test-only: flip the bytes of a range of one of the caller's slabs (simulated memory
+    /// corruption). Refused with `unknownOpcode` unless the daemon runs with
+    /// `--enable-test-faults`.
+    case corruptForTest = 16
 }
 
 /// Frame flags.

@@ -250,7 +250,7 @@ extension WireProtocol {
             case .challenge: _ = Wire.Challenge.decode(&reader)
             case .authenticate: _ = Wire.Authenticate.decode(&reader)
             case .welcome: _ = Wire.Welcome.decode(&reader)
-            case .read, .write: _ = Wire.SlabRange.decode(&reader)
+            case .read, .write, .corruptForTest: _ = Wire.SlabRange.decode(&reader)
             case .readBatch, .writeBatch: _ = Wire.decodeBatch(&reader)
             case .reclaim: _ = Wire.Reclaim.decode(&reader)
             case .error: _ = Wire.ErrorReply.decode(&reader)

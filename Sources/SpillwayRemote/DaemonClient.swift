@@ -296,6 +296,14 @@ public final class DaemonClient: @unchecked Sendable {
         _ = try call(.heartbeat, meta: [])
     }
 
+    /// Test-only: asks a daemon started with `--enable-test-faults` to flip the bytes of a
+    /// range of one of our slabs.
+    public func corruptForTest(slab: UInt32, offset: UInt64, length: Int) throws(RemoteError) {
+        var writer = WireWriter()
+        Wire.SlabRange(slab: slab, offset: offset, length: UInt32(length)).encode(into: &writer)
+        _ = try call(.corruptForTest, meta: writer.bytes)
+    }
+
     /// The daemon's `stats` JSON.
     public func stats() throws(RemoteError) -> String {
         String(decoding: try call(.stats, meta: []), as: UTF8.self)

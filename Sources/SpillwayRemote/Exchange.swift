@@ -68,8 +68,11 @@ public enum MultiDaemonExchange {
 
         func fail(_ leg: Int, _ error: RemoteError) {
             let operations = legs[leg].operations
+            // Requests already sent or never sent alike fail with the connection's errno, and
+            // the caller hears of each (so it can stop waiting for them).
             for index in 0..<operations.count where operations[index].status == pending {
                 operations[index].status = error.errno == 0 ? EIO : error.errno
+                onReply(leg, index)
             }
             if let connection = states[leg].connection { legs[leg].client.giveBack(connection, failedWith: error) }
             states[leg].connection = nil

@@ -29,6 +29,10 @@ public struct DaemonConfiguration: Sendable {
     /// (0 = sleep at once). Saves a thread wake-up per request at low queue depth, at the
     /// cost of a busy core per active connection for that long.
     public var pollMicroseconds: Int = 0
+    /// Test faults (`spillwayd --enable-test-faults`): accept `corruptForTest` and delay every
+    /// page reply by `testDelayMicroseconds` (a slow daemon). Never on in production.
+    public var enableTestFaults = false
+    public var testDelayMicroseconds = 0
 
     public init(listen: Endpoint = Endpoint(host: "127.0.0.1", port: 7450), capacity: Int, slabSize: Int = 64 << 20,
                 tokens: TokenFile? = nil, lease: Double = 30, headroom: Int = 0, reclaimDeadline: Double = 5,
@@ -106,6 +110,9 @@ public final class DaemonCounters: Sendable {
 public final class RemoteMemoryServer: @unchecked Sendable {
     public let configuration: DaemonConfiguration
     public let counters = DaemonCounters()
+    /// Test faults only: delay before each page request is served (a slow daemon); starts at
+    /// `configuration.testDelayMicroseconds`, tests may change it while running.
+    public let testDelayMicroseconds = ManagedAtomic<Int>(0)
     public let instance = UInt64.random(in: 1 ... .max)
     private let logger: Logger
     private var listener: TCPSocket?
@@ -145,6 +152,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         try configuration.validate()
         self.configuration = configuration
         self.logger = logger
+        testDelayMicroseconds.store(configuration.testDelayMicroseconds, ordering: .relaxed)
     }
 
     deinit {
@@ -349,6 +357,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         let id = header.requestID
         switch header.opcode {
         case .read, .readBatch:
+            if configuration.enableTestFaults, case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
             let (meta, register) = try connection.receiveMeta(header)
             guard header.dataLength == 0, ~register == header.payloadChecksum else {
                 try refuse(connection, id, .checksumMismatch, "bad payload checksum", tenant: tenant)
@@ -368,6 +377,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             try serveRead(ranges, opcode: header.opcode, id: id, on: connection, tenant: tenant, counters: tenantCounters)
 
         case .write, .writeBatch:
+            if configuration.enableTestFaults, case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
             let (meta, register) = try connection.receiveMeta(header)
             var reader = WireReader(meta)
             let ranges: [Wire.SlabRange]?
@@ -410,6 +420,28 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         case .stats:
             _ = try connection.receiveSmall(header)
             try connection.send(.stats, flags: .response, requestID: id, meta: Array(statsJSON().utf8))
+
+        case .corruptForTest:
+            let bytes = try connection.receiveSmall(header)
+            guard configuration.enableTestFaults else {
+                try refuse(connection, id, .unknownOpcode, "test faults are off (spillwayd --enable-test-faults)", tenant: tenant)
+                return
+            }
+            guard let range = WireReader.decode(bytes, with: Wire.SlabRange.decode) else {
+                try refuse(connection, id, .malformedFrame, "corruptForTest takes a slab range", tenant: tenant)
+                return
+            }
+            switch acquire([range], tenant: tenant) {
+            case .success(let bases):
+                let base = bases[0].assumingMemoryBound(to: UInt8.self)
+                for index in 0..<Int(range.length) { base[index] ^= 0xFF }
+                releaseSlabs([range])
+                logger.warning("test fault: corrupted slab bytes", metadata: ["tenant": "\(tenant)", "slab": "\(range.slab)",
+                                                                           "offset": "\(range.offset)", "length": "\(range.length)"])
+                try connection.send(.corruptForTest, flags: .response, requestID: id, meta: [])
+            case .failure(let reply):
+                try refuse(connection, id, reply.code, reply.message, tenant: tenant)
+            }
 
         case .hello, .challenge, .authenticate, .welcome, .reclaim, .error, .goodbye:
             _ = try connection.receiveSmall(header)

@@ -154,12 +154,17 @@ public final class TCPSocket: @unchecked Sendable {
         setsockopt(descriptor, SOL_SOCKET, SO_SNDTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
     }
 
-    /// Sends every byte of `vectors` (retrying short writes and EINTR).
+    /// Sends every byte of `vectors` (retrying short writes and EINTR; never raises SIGPIPE).
     public func send(_ vectors: UnsafeMutableBufferPointer<iovec>) throws(SystemCallError) {
         var first = 0
         var count = vectors.count
         while count > 0 {
-            let sent = Glibc.writev(descriptor, vectors.baseAddress! + first, Int32(min(count, 1024)))
+            // sendmsg with MSG_NOSIGNAL, not writev: a peer that vanished must be an EPIPE
+            // error here, not a SIGPIPE that kills the host process.
+            var message = msghdr()
+            message.msg_iov = vectors.baseAddress! + first
+            message.msg_iovlen = min(count, 1024)
+            let sent = sendmsg(descriptor, &message, Int32(MSG_NOSIGNAL))
             if sent < 0 {
                 if errno == EINTR { continue }
                 throw SystemCallError(call: "send", errno: errno)

@@ -1,0 +1,815 @@
+import Atomics
+import CSpillwayISAL
+import Logging
+import Metrics
+import SpillwayCore
+import SpillwayProtocol
+import SpillwayRemote
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How to reach the daemons an erasure-coded tier spreads its splits over, and the code.
+public struct ErasureCodedTierConfiguration: Sendable {
+    public var name: String = "ec"
+    public var servers: [Endpoint]
+    public var credentials: ClientCredentials
+    /// Bytes of page data the tier holds (the daemons lend (k+r)/k times as much).
+    public var capacity: Int
+    public var slotSize: Int
+    public var k: Int = 4
+    public var r: Int = 2
+    /// Late binding: read k+Δ splits and decode from the first k (0 = read exactly k).
+    public var lateBindingDelta: Int = 1
+    public var placement: CodingPlacement = .codingSets(slack: 1)
+    public var connectionsPerDaemon: Int = 4
+    /// Seconds without an answer before an operation fails (and its daemon is suspect).
+    public var ioTimeout: Double = 2
+    /// Seconds a write waits for its last splits before acknowledging with k+1 of them.
+    public var writeGrace: Double = 0.02
+    /// Seconds between heartbeats and repair rounds (0 = no background thread).
+    public var heartbeatInterval: Double = 0.5
+    /// Bytes of splits the repairer regenerates per second at most.
+    public var repairBytesPerSecond: Int = 256 << 20
+    public var pollMicroseconds: Int = 20
+
+    public init(servers: [Endpoint], credentials: ClientCredentials, capacity: Int, slotSize: Int) {
+        self.servers = servers
+        self.credentials = credentials
+        self.capacity = capacity
+        self.slotSize = slotSize
+    }
+}
+
+/// Pages on remote memory, erasure-coded (Hydra-style): each slot is cut into k data splits
+/// plus r Reed–Solomon parity splits, each on a different `spillwayd` daemon, so any r
+/// daemons can die without losing a page.
+///
+/// - **Layout.** The slot space is cut into *stripes*; a stripe maps to k+r real slabs on k+r
+///   distinct daemons of one coding set (`CodingPlacement`), and split i of local slot j lives
+///   at offset j·splitSize of member i's slab. Each split's CRC32C is kept client-side.
+/// - **Writes** encode and send all k+r splits; they are acknowledged when all are stored, or,
+///   after `writeGrace`, once k+1 are (the missing ones are marked stale and repaired in the
+///   background). Fewer than k+1 fails the write (`EIO`); the store never makes it visible.
+/// - **Reads** ask for k+Δ valid splits, data splits first (late binding), and finish with
+///   the first k that arrive and pass their CRC32C; k data splits need no decode. A split that
+///   fails its check is an erasure: counted, logged, marked stale, rebuilt from the others.
+/// - **Failures and repair.** A daemon that fails (connection, heartbeat) is dead: its
+///   splits are skipped at once (degraded reads). The repairer maps a replacement slab on a
+///   live daemon of the same coding set and regenerates the member's splits at a bounded
+///   rate, under an exclusive gate per chunk so no I/O sees a half-rebuilt split; stale splits
+///   are rewritten the same way. Pages then have full redundancy again.
+///
+/// `@unchecked Sendable`: the stripe map is behind `map`'s lock; per-slot split CRCs are
+/// written only by the I/O that owns the slot (the store never writes a slot under a reader)
+/// or by the repairer with the gate held exclusively; stale masks are atomics.
+public final class ErasureCodedTier: Tier, @unchecked Sendable {
+    public let descriptor: TierDescriptor
+    public let configuration: ErasureCodedTierConfiguration
+    public let code: ReedSolomonCode
+    public let clients: [DaemonClient?]
+    public let splitSize: Int
+    public let slotsPerStripe: Int
+    public let groups: [[Int]]
+    private let k: Int
+    private let n: Int
+    private let allocator: SlotAllocator
+    private let map: Locked<StripeMap>
+    private let mappingLock = Locked(())
+    private let gate = ReadWriteLock()
+    private let logger: Logger
+    private let closed = ManagedAtomic<Bool>(false)
+    private var background: BackgroundThread?
+    /// capacitySlots × n CRC32Cs of the splits as written.
+    private let splitChecksums: UnsafeMutablePointer<UInt32>
+    /// Per slot: bit i set = split i does not hold the current bytes (a write did not reach
+    /// it, or it failed its check). Cleared by repair.
+    private let staleMasks: UnsafeMutablePointer<UnsafeAtomic<UInt32>.Storage>
+    /// In-process daemons this tier started (no `servers` given); shut down on close.
+    public var embeddedServers: [RemoteMemoryServer] = []
+    public let counters = ErasureCounters()
+
+    struct Member {
+        var daemon: Int
+        var slab: UInt32
+        /// Non-nil while being rebuilt on a replacement slab: local slots below it are valid.
+        var rebuiltUpTo: Int?
+    }
+
+    struct Stripe {
+        var members: [Member] = []
+        var group = 0
+        /// Logged once when a dead member has no replacement.
+        var repairBlocked = false
+    }
+
+    struct StripeMap {
+        var stripes: [Stripe]
+        var alive: [Bool]
+        var freeSlabs: [Int]
+    }
+
+    public init(_ configuration: ErasureCodedTierConfiguration, logger: Logger = Logger(label: "spillway.ec")) throws(SpillwayError) {
+        let name = configuration.name
+        code = try ReedSolomonCode(k: configuration.k, r: configuration.r)
+        k = configuration.k
+        n = configuration.k + configuration.r
+        guard configuration.servers.count >= n else {
+            throw .invalidConfiguration("tier '\(name)': RS(\(k), \(configuration.r)) needs at least \(n) daemons, got \(configuration.servers.count)")
+        }
+        guard configuration.lateBindingDelta >= 0, configuration.lateBindingDelta <= configuration.r else {
+            throw .invalidConfiguration("tier '\(name)': late-binding delta must be 0…r")
+        }
+        self.configuration = configuration
+        self.logger = logger
+        var clients: [DaemonClient?] = []
+        var welcomes: [Wire.Welcome?] = []
+        for endpoint in configuration.servers {
+            do {
+                let client = try DaemonClient(endpoint: endpoint, credentials: configuration.credentials,
+                                              maxConnections: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
+                                              pollMicroseconds: configuration.pollMicroseconds, logger: logger)
+                clients.append(client)
+                welcomes.append(client.welcome)
+            } catch {
+                if case .refused(let reply) = error, reply.code == .authenticationFailed || reply.code == .authenticationRequired {
+                    throw .invalidConfiguration("tier '\(name)': daemon \(endpoint) refused the credentials: \(reply.message)")
+                }
+                logger.error("daemon unreachable; continuing without it", metadata: ["tier": "\(name)", "daemon": "\(endpoint)", "error": "\(error)"])
+                clients.append(nil)
+                welcomes.append(nil)
+            }
+        }
+        let live = welcomes.compactMap { $0 }
+        guard live.count >= k + 1, let first = live.first else {
+            throw .tierIO(tier: name, operation: "connect to k+1 of \(configuration.servers.count) daemons", errno: ECONNREFUSED)
+        }
+        guard live.allSatisfy({ $0.slabSize == first.slabSize }) else {
+            throw .invalidConfiguration("tier '\(name)': the daemons lend slabs of different sizes")
+        }
+        // Splits are whole 64-byte lines (ISA-L's vector width); the last data split is padded.
+        splitSize = ((configuration.slotSize + k - 1) / k + 63) / 64 * 64
+        slotsPerStripe = Int(first.slabSize) / splitSize
+        let capacitySlots = configuration.capacity / configuration.slotSize
+        guard capacitySlots > 0, slotsPerStripe > 0 else { throw .invalidConfiguration("tier '\(name)': capacity below one slot") }
+        self.clients = clients
+        groups = configuration.placement.groups(daemons: clients.count, k: k, r: configuration.r)
+        allocator = SlotAllocator(capacity: capacitySlots)
+        map = Locked(StripeMap(stripes: Array(repeating: Stripe(), count: (capacitySlots + slotsPerStripe - 1) / slotsPerStripe),
+                               alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) }))
+        splitChecksums = .allocate(capacity: capacitySlots * n)
+        splitChecksums.initialize(repeating: 0, count: capacitySlots * n)
+        staleMasks = .allocate(capacity: capacitySlots)
+        staleMasks.initialize(repeating: UnsafeAtomic<UInt32>.Storage(0), count: capacitySlots)
+        descriptor = TierDescriptor(name: name, kind: .erasureCoded, slotSize: configuration.slotSize, capacitySlots: capacitySlots,
+                                    performance: .remote, verifiesReads: true, completesInline: true)
+        logger.info("erasure-coded tier open", metadata: [
+            "tier": "\(name)", "code": "RS(\(k),\(configuration.r))", "daemons": "\(live.count)/\(clients.count)",
+            "placement": "\(configuration.placement)", "coding_sets": "\(groups.count)", "split": "\(splitSize)",
+            "late_binding_delta": "\(configuration.lateBindingDelta)", "transport": "tcp",
+            "rdma": "no RDMA device on this machine; using TCP",
+        ])
+        Gauge(label: "spillway_remote_transport", dimensions: [("tier", name), ("transport", "tcp")]).record(1)
+        if configuration.heartbeatInterval > 0 {
+            let interval = configuration.heartbeatInterval
+            background = BackgroundThread { [weak self] in
+                func round(_ tier: ErasureCodedTier?) -> Bool {
+                    guard let tier, !tier.closed.load(ordering: .relaxed) else { return false }
+                    tier.heartbeat()
+                    tier.repair(budgetBytes: Int(Double(tier.configuration.repairBytesPerSecond) * interval))
+                    return true
+                }
+                while round(self) { usleep(UInt32(interval * 1_000_000)) }
+            }
+        }
+    }
+
+    deinit {
+        close()
+        splitChecksums.deallocate()
+        staleMasks.deallocate()
+    }
+
+    @inline(__always) private func stale(_ slot: Int) -> UnsafeAtomic<UInt32> { UnsafeAtomic(at: staleMasks + slot) }
+
+    // MARK: Space
+
+    public func allocate(slotCount: Int) -> Extent? {
+        guard let extent = allocator.allocate(count: slotCount) else { return nil }
+        let firstStripe = Int(extent.firstSlot) / slotsPerStripe
+        let lastStripe = (Int(extent.endSlot) - 1) / slotsPerStripe
+        for index in firstStripe...lastStripe where !ensureMapped(index) {
+            allocator.release(extent)
+            return nil
+        }
+        return extent
+    }
+
+    public func release(_ extent: Extent) { allocator.release(extent) }
+    public var usedSlots: Int { allocator.usedSlots }
+    public var hostMemory: UnsafeMutableRawBufferPointer? { nil }
+    public var recoveredPages: [RecoveredPage] { [] }
+    public func persistReleases() {}
+
+    public var liveDaemons: Int { map.withLock { $0.alive.filter { $0 }.count } }
+
+    private func ensureMapped(_ index: Int) -> Bool {
+        if map.withLock({ !$0.stripes[index].members.isEmpty }) { return true }
+        return mappingLock.withLock { _ -> Bool in
+            if map.withLock({ !$0.stripes[index].members.isEmpty }) { return true }
+            var excluded = Set<Int>()
+            for _ in 0..<4 {
+                guard let (group, chosen) = choosePlacement(excluding: excluded) else { return false }
+                var members: [Member] = []
+                for daemon in chosen {
+                    guard let client = clients[daemon] else { break }
+                    do throws(RemoteError) {
+                        members.append(Member(daemon: daemon, slab: try client.mapSlab(), rebuiltUpTo: nil))
+                    } catch {
+                        excluded.insert(daemon)
+                        if case .refused(let reply) = error, reply.code == .noCapacity {
+                            map.withLock { $0.freeSlabs[daemon] = 0 }
+                        } else {
+                            markDead(daemon, reason: "\(error)")
+                        }
+                        break
+                    }
+                }
+                if members.count == n {
+                    map.withLock { map in
+                        map.stripes[index] = Stripe(members: members, group: group)
+                        for member in members { map.freeSlabs[member.daemon] -= 1 }
+                    }
+                    return true
+                }
+                for member in members { try? clients[member.daemon]?.unmapSlab(member.slab) }
+            }
+            return false
+        }
+    }
+
+    /// A coding set and k+r live members of it with free slabs (power of two choices among
+    /// eligible sets by free slabs; within the set, the emptiest daemons).
+    private func choosePlacement(excluding excluded: Set<Int>) -> (group: Int, daemons: [Int])? {
+        map.withLock { map in
+            func candidates(_ group: Int) -> [Int] {
+                groups[group].filter { map.alive[$0] && map.freeSlabs[$0] > 0 && !excluded.contains($0) }
+            }
+            let eligible = groups.indices.filter { candidates($0).count >= n }
+            guard !eligible.isEmpty else { return nil }
+            let a = eligible.randomElement()!
+            let b = eligible.randomElement()!
+            func free(_ g: Int) -> Int { candidates(g).reduce(0) { $0 + map.freeSlabs[$1] } }
+            let group = free(a) >= free(b) ? a : b
+            var pool = candidates(group).shuffled()
+            if configuration.placement != .random {
+                pool.sort { map.freeSlabs[$0] > map.freeSlabs[$1] }
+            }
+            return (group, Array(pool.prefix(n)))
+        }
+    }
+
+    func markDead(_ daemon: Int, reason: String) {
+        let newly = map.withLock { map -> Bool in
+            guard map.alive[daemon] else { return false }
+            map.alive[daemon] = false
+            return true
+        }
+        guard newly else { return }
+        counters.daemonsLost.wrappingIncrement(ordering: .relaxed)
+        logger.error("daemon lost; reads of its splits go degraded until repair", metadata: [
+            "tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")", "reason": "\(reason)",
+        ])
+        Counter(label: "spillway_ec_daemons_lost", dimensions: [("tier", descriptor.name)]).increment()
+    }
+
+    // MARK: I/O
+
+    /// One slot of one I/O: the unit that is coded.
+    struct Unit {
+        var io: Int
+        var slot: Int
+        var offset: Int
+        var bytes: Int
+        var write: Bool
+        /// Reads: splits arrived valid; writes: splits acknowledged.
+        var good: UInt32 = 0
+        var requested: UInt32 = 0
+        var answered = 0
+        var issued = 0
+        var status: Int32 = 0
+        /// This round: the unit needs no more replies (k valid splits, or all answered).
+        var done = false
+    }
+
+    public func submit(_ batch: TierBatch) {
+        defer { for index in 0..<batch.count { batch.finish(index) } }
+        guard !closed.load(ordering: .relaxed) else {
+            for index in 0..<batch.count { batch.setStatus(index, ESHUTDOWN) }
+            return
+        }
+        let started = monotonicNanoseconds()
+        gate.withReadLock { run(batch) }
+        let elapsed = monotonicNanoseconds() &- started
+        for index in 0..<batch.count { batch.setLatency(index, nanoseconds: elapsed / UInt64(max(1, batch.count))) }
+    }
+
+    private func run(_ batch: TierBatch) {
+        var units: [Unit] = []
+        units.reserveCapacity(batch.count)
+        for index in 0..<batch.count {
+            let io = batch[index]
+            guard io.operation != .discard, io.length > 0 else { continue }
+            guard io.buffer != nil, io.length <= Int(io.extent.slotCount) * descriptor.slotSize,
+                  Int(io.extent.endSlot) <= descriptor.capacitySlots
+            else {
+                batch.setStatus(index, EINVAL)
+                continue
+            }
+            var offset = 0
+            var slot = Int(io.extent.firstSlot)
+            while offset < io.length {
+                let bytes = min(descriptor.slotSize, io.length - offset)
+                units.append(Unit(io: index, slot: slot, offset: offset, bytes: bytes, write: io.operation == .write))
+                offset += bytes
+                slot += 1
+            }
+        }
+        guard !units.isEmpty else { return }
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: units.count * n * splitSize, alignment: 64)
+        defer { scratch.deallocate() }
+        let snapshot = map.withLock { $0 }
+        // Writes: encode into scratch, record split checksums.
+        let pointers = UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>.allocate(capacity: n)
+        defer { pointers.deallocate() }
+        for u in units.indices where units[u].write {
+            let base = scratch + u * n * splitSize
+            let source = batch[units[u].io].buffer! + units[u].offset
+            memcpy(base, source, units[u].bytes)
+            memset(base + units[u].bytes, 0, k * splitSize - units[u].bytes)
+            for i in 0..<n { pointers[i] = (base + i * splitSize).assumingMemoryBound(to: UInt8.self) }
+            code.encode(data: pointers, parity: pointers + k, length: splitSize)
+            for i in 0..<n {
+                splitChecksums[units[u].slot * n + i] = CRC32C.checksum(UnsafeRawBufferPointer(start: base + i * splitSize, count: splitSize))
+            }
+        }
+        // Round 1: every write's splits, every read's first k+Δ valid splits.
+        var choices: [[Int]] = Array(repeating: [], count: units.count)
+        for u in units.indices {
+            if units[u].write {
+                choices[u] = Array(0..<n)
+            } else {
+                let valid = validSplits(units[u].slot, snapshot)
+                if valid.count < n { counters.degradedReads.wrappingIncrement(ordering: .relaxed) }
+                guard valid.count >= k else {
+                    units[u].status = valid.isEmpty || snapshot.alive.contains(false) ? EHOSTDOWN : EIO
+                    continue
+                }
+                choices[u] = Array(valid.prefix(k + configuration.lateBindingDelta))
+            }
+        }
+        exchange(&units, choices, scratch: scratch, snapshot: snapshot)
+        // Round 2: reads still short of k valid splits ask for the rest.
+        var retry = false
+        for u in units.indices where !units[u].write && units[u].status == 0 && units[u].good.nonzeroBitCount < k {
+            let more = validSplits(units[u].slot, snapshot).filter { units[u].requested & (1 << $0) == 0 }
+            choices[u] = more
+            retry = retry || !more.isEmpty
+        }
+        if retry {
+            for u in units.indices where units[u].write || units[u].good.nonzeroBitCount >= k { choices[u] = [] }
+            exchange(&units, choices, scratch: scratch, snapshot: snapshot)
+        }
+        // Finish each unit.
+        for u in units.indices {
+            let unit = units[u]
+            let base = scratch + u * n * splitSize
+            if unit.status != 0 {
+                if batch[unit.io].status == 0 { batch.setStatus(unit.io, unit.status) }
+                if !unit.write { counters.lostReads.wrappingIncrement(ordering: .relaxed) }
+                continue
+            }
+            if unit.write {
+                let stored = unit.good.nonzeroBitCount
+                if stored == n {
+                    stale(unit.slot).store(0, ordering: .relaxed)
+                } else if stored >= k + 1 {
+                    stale(unit.slot).store(~unit.good & ((1 << n) - 1), ordering: .relaxed)
+                    counters.degradedWrites.wrappingIncrement(ordering: .relaxed)
+                } else {
+                    counters.failedWrites.wrappingIncrement(ordering: .relaxed)
+                    if batch[unit.io].status == 0 { batch.setStatus(unit.io, EIO) }
+                }
+                continue
+            }
+            let dataMask: UInt32 = (1 << k) - 1
+            if unit.good & dataMask != dataMask {
+                guard unit.good.nonzeroBitCount >= k else {
+                    counters.lostReads.wrappingIncrement(ordering: .relaxed)
+                    if batch[unit.io].status == 0 { batch.setStatus(unit.io, snapshot.alive.contains(false) ? EHOSTDOWN : EIO) }
+                    continue
+                }
+                let sources = Array((0..<n).filter { unit.good & (1 << $0) != 0 }.prefix(k))
+                let targets = (0..<k).filter { unit.good & (1 << $0) == 0 }
+                guard let plan = code.plan(sources: sources, targets: targets) else {
+                    if batch[unit.io].status == 0 { batch.setStatus(unit.io, EIO) }
+                    continue
+                }
+                let targetPointers = UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>.allocate(capacity: targets.count)
+                defer { targetPointers.deallocate() }
+                for (position, source) in plan.sources.enumerated() {
+                    pointers[position] = (base + source * splitSize).assumingMemoryBound(to: UInt8.self)
+                }
+                for (position, target) in plan.targets.enumerated() {
+                    targetPointers[position] = (base + target * splitSize).assumingMemoryBound(to: UInt8.self)
+                }
+                code.decode(plan, sources: pointers, targets: targetPointers, length: splitSize)
+                counters.decodedReads.wrappingIncrement(ordering: .relaxed)
+            }
+            memcpy(batch[unit.io].buffer! + unit.offset, base, unit.bytes)
+        }
+    }
+
+    /// The splits of `slot` worth reading: member alive, rebuilt past this slot, not stale;
+    /// data splits first.
+    private func validSplits(_ slot: Int, _ snapshot: StripeMap) -> [Int] {
+        let stripe = snapshot.stripes[slot / slotsPerStripe]
+        guard stripe.members.count == n else { return [] }
+        let local = slot % slotsPerStripe
+        let staleBits = stale(slot).load(ordering: .relaxed)
+        return (0..<n).filter { i in
+            let member = stripe.members[i]
+            return snapshot.alive[member.daemon] && (member.rebuiltUpTo.map { local < $0 } ?? true) && staleBits & (1 << i) == 0
+        }
+    }
+
+    /// Runs one round: for each unit, transfers the splits in `choices[u]`.
+    private func exchange(_ units: inout [Unit], _ choices: [[Int]], scratch: UnsafeMutableRawPointer, snapshot: StripeMap) {
+        var perDaemon = [[RemoteOperation]](repeating: [], count: clients.count)
+        var owners = [[(unit: Int, split: Int)]](repeating: [], count: clients.count)
+        for u in units.indices where !choices[u].isEmpty && units[u].status == 0 {
+            let stripe = snapshot.stripes[units[u].slot / slotsPerStripe]
+            guard stripe.members.count == n else {
+                units[u].status = EINVAL
+                continue
+            }
+            let local = units[u].slot % slotsPerStripe
+            for split in choices[u] {
+                let member = stripe.members[split]
+                guard snapshot.alive[member.daemon] else { continue }
+                if let rebuilt = member.rebuiltUpTo, !units[u].write, local >= rebuilt { continue }
+                let buffer = scratch + (u * n + split) * splitSize
+                perDaemon[member.daemon].append(RemoteOperation(write: units[u].write, slab: member.slab,
+                                                                offset: UInt64(local * splitSize), length: splitSize, buffer: buffer))
+                owners[member.daemon].append((u, split))
+                units[u].requested |= 1 << split
+                units[u].issued += 1
+            }
+        }
+        let involved = (0..<clients.count).filter { !perDaemon[$0].isEmpty && clients[$0] != nil }
+        guard !involved.isEmpty else { return }
+        // Stable storage for the operations while the exchange runs.
+        var flat: [RemoteOperation] = involved.flatMap { perDaemon[$0] }
+        var starts: [Int] = []
+        var position = 0
+        for daemon in involved {
+            starts.append(position)
+            position += perDaemon[daemon].count
+        }
+        var readsPending = 0
+        var writesPending = 0
+        for u in units.indices {
+            units[u].done = units[u].answered == units[u].issued || (!units[u].write && units[u].good.nonzeroBitCount >= k)
+            guard !units[u].done else { continue }
+            if units[u].write { writesPending += 1 } else { readsPending += 1 }
+        }
+        let started = monotonicNanoseconds()
+        let graceDeadline = started &+ UInt64(configuration.writeGrace * 1e9)
+        let hardDeadline = started &+ UInt64(configuration.ioTimeout * 1e9)
+        flat.withUnsafeMutableBufferPointer { operations in
+            var legs = involved.enumerated().map { position, daemon in
+                ExchangeLeg(client: clients[daemon]!, operations: UnsafeMutableBufferPointer(rebasing: operations[starts[position]..<(starts[position] + perDaemon[daemon].count)]))
+            }
+            legs.withUnsafeMutableBufferPointer { legBuffer in
+                MultiDaemonExchange.run(legBuffer, window: 128, onReply: { leg, index in
+                    let daemon = involved[leg]
+                    let (u, split) = owners[daemon][index]
+                    let status = legBuffer[leg].operations[index].status
+                    units[u].answered += 1
+                    defer {
+                        // A unit is finished for this round once it has what it needs or
+                        // every request it made is answered.
+                        if !units[u].done && (units[u].answered == units[u].issued || (!units[u].write && units[u].good.nonzeroBitCount >= k)) {
+                            units[u].done = true
+                            if units[u].write { writesPending -= 1 } else { readsPending -= 1 }
+                        }
+                    }
+                    if units[u].write {
+                        if status == 0 { units[u].good |= 1 << split }
+                        return
+                    }
+                    guard status == 0 else { return }
+                    let slot = units[u].slot
+                    let bytes = UnsafeRawBufferPointer(start: scratch + (u * n + split) * splitSize, count: splitSize)
+                    if CRC32C.checksum(bytes) == splitChecksums[slot * n + split] {
+                        units[u].good |= 1 << split
+                    } else {
+                        counters.corruptSplits.wrappingIncrement(ordering: .relaxed)
+                        stale(slot).loadThenBitwiseOr(with: 1 << split, ordering: .relaxed)
+                        logger.error("split failed its CRC32C; treated as an erasure and rebuilt from the others", metadata: [
+                            "tier": "\(descriptor.name)", "slot": "\(slot)", "split": "\(split)",
+                            "daemon": "\(clients[daemon]?.endpoint.description ?? "?")",
+                        ])
+                    }
+                }, stop: { now in
+                    if now >= hardDeadline { return true }
+                    guard readsPending <= 0 else { return false }
+                    if writesPending <= 0 { return true }
+                    // Past the grace time, writes with k+1 stored splits may be acknowledged.
+                    guard now >= graceDeadline else { return false }
+                    return units.indices.allSatisfy { u in !units[u].write || units[u].done || units[u].good.nonzeroBitCount >= k + 1 }
+                })
+            }
+        }
+        for daemon in involved where clients[daemon]!.failed.load(ordering: .relaxed) {
+            markDead(daemon, reason: "connection failed")
+        }
+    }
+
+    // MARK: Heartbeat and repair
+
+    public func heartbeat() {
+        for (daemon, client) in clients.enumerated() {
+            guard let client, map.withLock({ $0.alive[daemon] }) else { continue }
+            do {
+                try client.heartbeat()
+            } catch {
+                if case .refused = error { continue }
+                markDead(daemon, reason: "heartbeat: \(error)")
+            }
+            if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
+        }
+    }
+
+    /// One repair round, regenerating at most `budgetBytes` of splits: replacement slabs for
+    /// members on dead daemons (same coding set when possible), then their splits, then stale
+    /// splits on live members. Returns the splits regenerated.
+    @discardableResult
+    public func repair(budgetBytes: Int) -> Int {
+        var budget = max(splitSize, budgetBytes) / splitSize
+        var regenerated = 0
+        assignReplacements()
+        // Rebuild members on replacement slabs, a chunk at a time.
+        let rebuilding: [(stripe: Int, member: Int, from: Int)] = map.withLock { map in
+            var list: [(Int, Int, Int)] = []
+            for (index, stripe) in map.stripes.enumerated() {
+                for (position, member) in stripe.members.enumerated() {
+                    if let from = member.rebuiltUpTo { list.append((index, position, from)) }
+                }
+            }
+            return list
+        }
+        for (stripe, member, from) in rebuilding where budget > 0 {
+            let first = stripe * slotsPerStripe
+            // The last stripe may extend past the tier's capacity: those slots never exist.
+            let stripeEnd = min(slotsPerStripe, descriptor.capacitySlots - first)
+            let end = min(stripeEnd, from + min(budget, 256))
+            let slots = allocator.allocatedRuns(in: (first + from)..<(first + end)).flatMap { $0 }
+            let done = gate.withWriteLock { () -> Bool in
+                let ok = regenerate(slots.map { ($0, [member]) })
+                // Counted before the member is published complete, so whoever sees full
+                // health also sees the count.
+                if end >= stripeEnd { counters.membersRebuilt.wrappingIncrement(ordering: .relaxed) }
+                map.withLock { map in
+                    let next = end >= stripeEnd ? nil : end
+                    map.stripes[stripe].members[member].rebuiltUpTo = next
+                }
+                return ok
+            }
+            regenerated += slots.count
+            budget -= max(1, slots.count)
+            if end >= stripeEnd {
+                logger.notice(done ? "stripe member rebuilt; full redundancy restored" : "stripe member rebuilt; some of its pages were already lost", metadata: [
+                    "tier": "\(descriptor.name)", "stripe": "\(stripe)", "split": "\(member)",
+                ])
+            }
+        }
+        // Stale splits on live, complete members.
+        if budget > 0 {
+            let snapshot = map.withLock { $0 }
+            var work: [(Int, [Int])] = []
+            for run in allocator.allocatedRuns(in: 0..<descriptor.capacitySlots) {
+                for slot in run where work.count < min(budget, 256) {
+                    let bits = stale(slot).load(ordering: .relaxed)
+                    guard bits != 0 else { continue }
+                    let stripe = snapshot.stripes[slot / slotsPerStripe]
+                    guard stripe.members.count == n else { continue }
+                    let targets = (0..<n).filter { bits & (1 << $0) != 0 && snapshot.alive[stripe.members[$0].daemon]
+                        && stripe.members[$0].rebuiltUpTo == nil }
+                    if !targets.isEmpty { work.append((slot, targets)) }
+                }
+            }
+            if !work.isEmpty {
+                gate.withWriteLock { _ = regenerate(work) }
+                regenerated += work.reduce(0) { $0 + $1.1.count }
+            }
+        }
+        if regenerated > 0 {
+            counters.repairedSplits.wrappingIncrement(by: regenerated, ordering: .relaxed)
+            Counter(label: "spillway_ec_repaired_splits", dimensions: [("tier", descriptor.name)]).increment(by: regenerated)
+        }
+        publishHealth()
+        return regenerated
+    }
+
+    /// Maps a replacement slab for every member on a dead daemon (in the stripe's coding set
+    /// if it has a live daemon not in the stripe, else anywhere, logged).
+    private func assignReplacements() {
+        let needing: [(stripe: Int, member: Int, group: Int, used: Set<Int>)] = map.withLock { map in
+            var list: [(Int, Int, Int, Set<Int>)] = []
+            for (index, stripe) in map.stripes.enumerated() {
+                let used = Set(stripe.members.map(\.daemon))
+                for (position, member) in stripe.members.enumerated() where !map.alive[member.daemon] {
+                    list.append((index, position, stripe.group, used))
+                }
+            }
+            return list
+        }
+        for (stripe, member, group, used) in needing {
+            let candidate: Int? = map.withLock { map in
+                let inGroup = groups[group].filter { map.alive[$0] && !used.contains($0) && map.freeSlabs[$0] > 0 }
+                let anywhere = clients.indices.filter { map.alive[$0] && !used.contains($0) && map.freeSlabs[$0] > 0 }
+                return (inGroup.isEmpty ? anywhere : inGroup).max { map.freeSlabs[$0] < map.freeSlabs[$1] }
+            }
+            guard let daemon = candidate, let client = clients[daemon] else {
+                let first = map.withLock { map -> Bool in
+                    defer { map.stripes[stripe].repairBlocked = true }
+                    return !map.stripes[stripe].repairBlocked
+                }
+                if first {
+                    logger.warning("no live daemon outside the stripe has room; the stripe stays degraded", metadata: [
+                        "tier": "\(descriptor.name)", "stripe": "\(stripe)",
+                    ])
+                }
+                continue
+            }
+            if !groups[group].contains(daemon) {
+                logger.warning("repairing outside the stripe's coding set (none of its daemons has room)", metadata: [
+                    "tier": "\(descriptor.name)", "stripe": "\(stripe)",
+                ])
+            }
+            do throws(RemoteError) {
+                let slab = try client.mapSlab()
+                gate.withWriteLock {
+                    map.withLock { map in
+                        map.stripes[stripe].members[member] = Member(daemon: daemon, slab: slab, rebuiltUpTo: 0)
+                        map.stripes[stripe].repairBlocked = false
+                        map.freeSlabs[daemon] -= 1
+                    }
+                }
+            } catch {
+                if case .refused(let reply) = error, reply.code == .noCapacity {
+                    map.withLock { $0.freeSlabs[daemon] = 0 }
+                } else {
+                    markDead(daemon, reason: "\(error)")
+                }
+            }
+        }
+    }
+
+    /// Regenerates the listed splits of each slot from k valid others (data first) and writes
+    /// them. Called with the gate held exclusively. False if any slot had fewer than k valid
+    /// splits (those pages are lost) or a transfer failed.
+    private func regenerate(_ work: [(slot: Int, targets: [Int])]) -> Bool {
+        guard !work.isEmpty else { return true }
+        let snapshot = map.withLock { $0 }
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: work.count * n * splitSize, alignment: 64)
+        defer { scratch.deallocate() }
+        var units = work.map { Unit(io: 0, slot: $0.slot, offset: 0, bytes: 0, write: false) }
+        var choices: [[Int]] = work.map { item in
+            Array(validSplits(item.slot, snapshot).filter { !item.targets.contains($0) }.prefix(k))
+        }
+        exchange(&units, choices, scratch: scratch, snapshot: snapshot)
+        var ok = true
+        var writes = units
+        for u in units.indices {
+            writes[u].write = true
+            writes[u].good = 0
+            writes[u].answered = 0
+            writes[u].issued = 0
+            writes[u].requested = 0
+            choices[u] = []
+            guard units[u].good.nonzeroBitCount >= k else {
+                ok = false
+                logger.error("page lost: fewer than k valid splits left", metadata: ["tier": "\(descriptor.name)", "slot": "\(units[u].slot)"])
+                counters.lostPagesSeen.wrappingIncrement(ordering: .relaxed)
+                continue
+            }
+            let base = scratch + u * n * splitSize
+            let sources = Array((0..<n).filter { units[u].good & (1 << $0) != 0 }.prefix(k))
+            let targets = work[u].targets
+            guard let plan = code.plan(sources: sources, targets: targets) else {
+                ok = false
+                continue
+            }
+            let sourcePointers = UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>.allocate(capacity: k)
+            let targetPointers = UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>.allocate(capacity: plan.targets.count)
+            defer {
+                sourcePointers.deallocate()
+                targetPointers.deallocate()
+            }
+            for (position, source) in plan.sources.enumerated() { sourcePointers[position] = (base + source * splitSize).assumingMemoryBound(to: UInt8.self) }
+            for (position, target) in plan.targets.enumerated() { targetPointers[position] = (base + target * splitSize).assumingMemoryBound(to: UInt8.self) }
+            code.decode(plan, sources: sourcePointers, targets: targetPointers, length: splitSize)
+            for target in plan.targets {
+                let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: base + target * splitSize, count: splitSize))
+                if crc != splitChecksums[units[u].slot * n + target] {
+                    // The sources decoded to other bytes than were written: never store them.
+                    ok = false
+                    logger.error("regenerated split does not match its recorded CRC32C; not written", metadata: [
+                        "tier": "\(descriptor.name)", "slot": "\(units[u].slot)", "split": "\(target)",
+                    ])
+                    continue
+                }
+                choices[u].append(target)
+            }
+        }
+        // Writes go to the targets' current members, including a replacement being rebuilt.
+        exchange(&writes, choices, scratch: scratch, snapshot: snapshot)
+        for u in writes.indices where !choices[u].isEmpty {
+            let written = writes[u].good
+            stale(units[u].slot).loadThenBitwiseAnd(with: ~written, ordering: .relaxed)
+            if written.nonzeroBitCount != choices[u].count { ok = false }
+        }
+        return ok
+    }
+
+    // MARK: Health
+
+    /// Allocated slots by redundancy: all k+r splits valid, k…k+r-1 valid, fewer than k.
+    public func health() -> (healthy: Int, degraded: Int, lost: Int) {
+        let snapshot = map.withLock { $0 }
+        var healthy = 0
+        var degraded = 0
+        var lost = 0
+        for run in allocator.allocatedRuns(in: 0..<descriptor.capacitySlots) {
+            for slot in run {
+                let valid = validSplits(slot, snapshot).count
+                if valid == n { healthy += 1 } else if valid >= k { degraded += 1 } else { lost += 1 }
+            }
+        }
+        return (healthy, degraded, lost)
+    }
+
+    func publishHealth() {
+        let (healthy, degraded, lost) = health()
+        Gauge(label: "spillway_ec_pages", dimensions: [("tier", descriptor.name), ("state", "healthy")]).record(healthy)
+        Gauge(label: "spillway_ec_pages", dimensions: [("tier", descriptor.name), ("state", "degraded")]).record(degraded)
+        Gauge(label: "spillway_ec_pages", dimensions: [("tier", descriptor.name), ("state", "lost")]).record(lost)
+    }
+
+    /// Test hook: flips the bytes of split `split` of `slot` on its daemon (which must run
+    /// with `--enable-test-faults`).
+    public func corruptSplitForTest(slot: Int, split: Int) throws(RemoteError) {
+        let member = map.withLock { $0.stripes[slot / slotsPerStripe].members[split] }
+        try clients[member.daemon]!.corruptForTest(slab: member.slab, offset: UInt64(slot % slotsPerStripe * splitSize), length: 16)
+    }
+
+    /// The daemon holding split `split` of `slot`.
+    public func daemonOf(slot: Int, split: Int) -> Int {
+        map.withLock { $0.stripes[slot / slotsPerStripe].members[split].daemon }
+    }
+
+    public func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        background?.join()
+        let mapped: [(Int, UInt32)] = map.withLock { map in
+            map.stripes.flatMap { $0.members }.filter { map.alive[$0.daemon] }.map { ($0.daemon, $0.slab) }
+        }
+        for (daemon, slab) in mapped { try? clients[daemon]?.unmapSlab(slab) }
+        for client in clients { client?.close() }
+        for server in embeddedServers { server.shutdown(drain: 0) }
+    }
+}
+
+/// What the erasure-coded tier counts (relaxed atomics).
+public final class ErasureCounters: Sendable {
+    /// Reads of a page short of full redundancy (a split on a dead daemon, stale or corrupt).
+    public let degradedReads = ManagedAtomic<Int>(0)
+    /// Reads that had to reconstruct data splits (missing, corrupt, or a parity split came
+    /// first under late binding).
+    public let decodedReads = ManagedAtomic<Int>(0)
+    /// Reads that found fewer than k valid splits.
+    public let lostReads = ManagedAtomic<Int>(0)
+    /// Splits that failed their CRC32C.
+    public let corruptSplits = ManagedAtomic<Int>(0)
+    /// Writes acknowledged with k+1…k+r-1 splits stored.
+    public let degradedWrites = ManagedAtomic<Int>(0)
+    /// Writes refused: fewer than k+1 splits stored.
+    public let failedWrites = ManagedAtomic<Int>(0)
+    public let repairedSplits = ManagedAtomic<Int>(0)
+    public let membersRebuilt = ManagedAtomic<Int>(0)
+    public let daemonsLost = ManagedAtomic<Int>(0)
+    public let lostPagesSeen = ManagedAtomic<Int>(0)
+}
