@@ -28,6 +28,13 @@ public struct TierConfiguration: Sendable, Equatable {
     public var embeddedDaemons: Int = 2
     /// Remote: microseconds a connection polls for a reply before sleeping (TOML `poll-us`).
     public var pollMicroseconds: Int = 20
+    /// Erasure-coded (`kind = "ec"`): RS(k, r), late binding Δ, placement (TOML `k`, `r`,
+    /// `late-binding-delta`, `placement` = "coding-sets" | "random"). With no `servers`,
+    /// k+r in-process daemons on loopback.
+    public var k: Int = 4
+    public var r: Int = 2
+    public var lateBindingDelta: Int = 1
+    public var placement: CodingPlacement = .codingSets(slack: 1)
 
     public init(name: String? = nil, kind: TierKind, capacity: Int, watermarks: Watermarks = Watermarks(),
                 verifyReads: Bool? = nil, prefault: Bool = true, path: String? = nil, bufferedIO: Bool = false,
@@ -105,7 +112,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     ]
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
-        "path", "buffered-io", "poll-mode", "reformat", "poll-us",
+        "path", "buffered-io", "poll-mode", "reformat", "poll-us", "k", "r", "late-binding-delta", "placement",
     ]
 
     /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
@@ -171,6 +178,16 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             tier.servers = servers.split(separator: ",").map { String($0) }
         }
         tier.tokenFile = try TOMLReader.string(table, "token-file")
+        if let k = try TOMLReader.int(table, "k") { tier.k = k }
+        if let r = try TOMLReader.int(table, "r") { tier.r = r }
+        if let delta = try TOMLReader.int(table, "late-binding-delta") { tier.lateBindingDelta = delta }
+        if let placement = try TOMLReader.string(table, "placement") {
+            switch placement {
+            case "coding-sets": tier.placement = .codingSets(slack: 1)
+            case "random": tier.placement = .random
+            default: throw .invalidConfiguration("tier '\(tier.name)': placement '\(placement)' (coding-sets or random)")
+            }
+        }
         if let poll = try TOMLReader.int(table, "poll-us") {
             guard (0...10_000).contains(poll) else { throw .invalidConfiguration("tier '\(tier.name)': poll-us must be 0…10000") }
             tier.pollMicroseconds = poll
@@ -194,8 +211,12 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             guard tier.capacity >= slotSize else {
                 throw .invalidConfiguration("tier '\(tier.name)': capacity \(tier.capacity) is smaller than one slot (\(slotSize))")
             }
-            guard tier.kind != .erasureCoded else {
-                throw .invalidConfiguration("tier '\(tier.name)': kind '\(tier.kind.rawValue)' is not available in this build yet")
+            if tier.kind == .erasureCoded {
+                guard (1...32).contains(tier.k), (1...16).contains(tier.r), tier.k + tier.r <= 32,
+                      (0...tier.r).contains(tier.lateBindingDelta)
+                else {
+                    throw .invalidConfiguration("tier '\(tier.name)': RS(\(tier.k), \(tier.r)) with late-binding delta \(tier.lateBindingDelta) (need 1 ≤ k, 1 ≤ r ≤ 16, k + r ≤ 32, 0 ≤ delta ≤ r)")
+                }
             }
             try tier.watermarks.validate(tier: tier.name)
         }
@@ -232,7 +253,7 @@ extension TieredStore {
             case .remote:
                 tiers.append(try RemoteTier.open(tier, slotSize: configuration.slotSize, logger: logger))
             case .erasureCoded:
-                throw .invalidConfiguration("tier kind '\(tier.kind.rawValue)' is not available in this build yet")
+                tiers.append(try ErasureCodedTier.open(tier, slotSize: configuration.slotSize, logger: logger))
             }
         }
         let options = StoreOptions(
@@ -335,6 +356,54 @@ extension RemoteTier {
             let remote = try RemoteTier(configuration, logger: logger)
             remote.embeddedServers = embedded
             return remote
+        } catch {
+            for server in embedded { server.shutdown(drain: 0) }
+            throw error
+        }
+    }
+}
+
+extension ErasureCodedTier {
+    /// Opens a configured erasure-coded tier: against `servers`, or, when none are given,
+    /// against k+r in-process daemons on loopback ports, which the tier shuts down on close.
+    static func open(_ tier: TierConfiguration, slotSize: Int, logger: Logger) throws(SpillwayError) -> ErasureCodedTier {
+        var endpoints: [Endpoint] = []
+        var embedded: [RemoteMemoryServer] = []
+        var credentials = ClientCredentials(tenant: "spillway", token: nil)
+        if let path = tier.tokenFile { credentials = ClientCredentials(tokenFile: try TokenFile.load(path, logger: logger)) }
+        if tier.servers.isEmpty {
+            // Each daemon holds one split of every stripe: capacity/k of splits, plus a slab of slack.
+            let perDaemon = tier.capacity / max(1, tier.k) + (tier.capacity / max(1, tier.k)) / 8
+            let slab = min(16 << 20, max(1 << 20, 1 << (Int.bitWidth - (max(1, perDaemon) / 4).leadingZeroBitCount - 1)))
+            let capacity = (perDaemon + slab - 1) / slab * slab + 2 * slab
+            for _ in 0..<(tier.k + tier.r) {
+                do {
+                    let server = try RemoteMemoryServer(
+                        DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: capacity, slabSize: slab, tokens: nil),
+                        logger: logger)
+                    try server.start()
+                    embedded.append(server)
+                    endpoints.append(Endpoint(host: "127.0.0.1", port: server.port))
+                } catch {
+                    for server in embedded { server.shutdown(drain: 0) }
+                    throw error
+                }
+            }
+        } else {
+            for server in tier.servers { endpoints.append(try Endpoint(parsing: server.trimmingCharacters(in: " "))) }
+        }
+        do {
+            var configuration = ErasureCodedTierConfiguration(servers: endpoints, credentials: credentials, capacity: tier.capacity,
+                                                              slotSize: slotSize)
+            configuration.name = tier.name
+            configuration.k = tier.k
+            configuration.r = tier.r
+            configuration.lateBindingDelta = tier.lateBindingDelta
+            configuration.placement = tier.placement
+            configuration.pollMicroseconds = tier.pollMicroseconds
+            let coded = try ErasureCodedTier(configuration, logger: logger)
+            coded.embeddedServers = embedded
+            return coded
         } catch {
             for server in embedded { server.shutdown(drain: 0) }
             throw error

@@ -5,3 +5,4 @@
 @_exported import SpillwayNVMe
 @_exported import SpillwayStore
 @_exported import SpillwayRemote
+@_exported import SpillwayErasure

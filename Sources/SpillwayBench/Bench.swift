@@ -32,6 +32,10 @@ public struct BenchOptions: Sendable, Equatable {
     public var servers: [String] = []
     /// Remote: the client's token file.
     public var tokenFile: String?
+    /// Erasure-coded: RS(k, r) and the late-binding Δ (0 = off).
+    public var k = 4
+    public var r = 2
+    public var lateBindingDelta = 1
 
     public init(target: String, pattern: BenchPattern = .randread, blockSize: Int = 4096, queueDepth: Int = 1,
                 durationSeconds: Double = 5, size: Int = 64 << 20, seed: UInt64 = 42, latencySampleEvery: Int = 16)
@@ -123,8 +127,8 @@ public enum BenchRunner {
     /// The store a single-tier run uses: exactly the working set plus slack for copy-on-write
     /// overwrites (a `put` writes the new version before freeing the old one).
     public static func configuration(for options: BenchOptions) throws(SpillwayError) -> SpillwayConfiguration {
-        guard let kind = TierKind(rawValue: options.target), kind != .erasureCoded else {
-            throw .invalidArgument("unknown or unavailable tier '\(options.target)' (available: device, dram, nvme, remote, tiered)")
+        guard let kind = TierKind(rawValue: options.target) else {
+            throw .invalidArgument("unknown tier '\(options.target)' (available: device, dram, nvme, remote, ec, tiered)")
         }
         let pages = options.size / options.blockSize
         // Room for one batch of new versions before the old ones are released (copy-on-write),
@@ -136,9 +140,12 @@ public enum BenchRunner {
             tier.path = options.file ?? ScratchDirectory.file("spillway-bench.nvme")
             tier.reformat = true
         }
-        if kind == .remote {
+        if kind == .remote || kind == .erasureCoded {
             tier.servers = options.servers
             tier.tokenFile = options.tokenFile
+            tier.k = options.k
+            tier.r = options.r
+            tier.lateBindingDelta = options.lateBindingDelta
         }
         return SpillwayConfiguration(slotSize: options.blockSize, maxPageSize: options.blockSize, tiers: [tier])
     }

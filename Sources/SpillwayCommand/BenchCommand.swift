@@ -11,7 +11,8 @@ struct BenchCommand: ParsableCommand {
         commandName: "bench",
         abstract: "Measure one tier, or (no tier) every available tier on the embedded default configuration.",
         discussion: """
-        Tiers: device, dram, nvme (O_DIRECT through io_uring on --file), tiered (the whole
+        Tiers: device, dram, nvme (O_DIRECT through io_uring on --file), remote and ec (spillwayd
+        daemons at --servers, else in-process daemons on loopback; ec = RS(--k, --r)), tiered (the whole
         configured hierarchy as one store, with a working set larger than its top tier). Without a tier, runs randread and randwrite on each and
         prints one summary table (with --json: {"results": [...]}).
 
@@ -24,7 +25,7 @@ struct BenchCommand: ParsableCommand {
         tables define the store used by 'tiered'); the command line wins over the file.
         """)
 
-    @Argument(help: "device | dram | nvme | remote | tiered; omit to run every available tier.")
+    @Argument(help: "device | dram | nvme | remote | ec | tiered; omit to run every available tier.")
     var tier: String?
 
     @Option(help: "randread | randwrite | read | write (default randread).")
@@ -54,6 +55,15 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("token-file"), help: "Remote: the client's token file (line 'NAME TOKEN').")
     var tokenFile: String?
 
+    @Option(help: "Erasure-coded: data splits per page (default 4).")
+    var k: Int?
+
+    @Option(help: "Erasure-coded: parity splits per page (default 2).")
+    var r: Int?
+
+    @Option(name: .customLong("late-binding-delta"), help: "Erasure-coded: extra splits read per page, first k win (default 1; 0 = off).")
+    var lateBindingDelta: Int?
+
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
 
@@ -64,7 +74,7 @@ struct BenchCommand: ParsableCommand {
     var logLevel: LogLevelArgument?
 
     /// Keys a --config file may set for this command (`tier` is the store's [[tier]] array).
-    static let optionKeys: Set<String> = ["file", "servers", "token-file", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
+    static let optionKeys: Set<String> = ["file", "servers", "token-file", "k", "r", "late-binding-delta", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -86,6 +96,9 @@ struct BenchCommand: ParsableCommand {
         options.file = try self.file ?? file.string("file")
         options.servers = try (servers ?? file.string("servers")).map { $0.split(separator: ",").map(String.init) } ?? []
         options.tokenFile = try tokenFile ?? file.string("token-file")
+        options.k = try k ?? file.int("k") ?? 4
+        options.r = try r ?? file.int("r") ?? 2
+        options.lateBindingDelta = try lateBindingDelta ?? file.int("late-binding-delta") ?? 1
 
         var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
         storeConfiguration.slotSize = options.blockSize

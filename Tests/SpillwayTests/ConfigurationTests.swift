@@ -65,7 +65,12 @@ import Testing
         #expect(throws: SpillwayError.self) { try SpillwayConfiguration(tiers: []).validate() }
         #expect(throws: SpillwayError.self) { try SpillwayConfiguration(policy: "mru", tiers: [dram]).validate() }
         #expect(throws: SpillwayError.self) { try SpillwayConfiguration(tiers: [dram, device]).validate() }
-        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(tiers: [TierConfiguration(kind: .erasureCoded, capacity: 1 << 20)]).validate() }
+        var badCode = TierConfiguration(kind: .erasureCoded, capacity: 1 << 20)
+        badCode.r = 0
+        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(tiers: [badCode]).validate() }
+        badCode.r = 2
+        badCode.lateBindingDelta = 3
+        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(tiers: [badCode]).validate() }
         #expect(throws: SpillwayError.self) { try SpillwayConfiguration(slotSize: 1 << 20, tiers: [TierConfiguration(kind: .dram, capacity: 4096)]).validate() }
         try SpillwayConfiguration.embeddedDefault.validate()
     }
