@@ -156,6 +156,55 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
         #expect(mixed.stdout.contains("tcp"))
     }
 
+    @Test func poolSoakSurvivesKillNineOfRDaemons() throws {
+        // Six spillwayd processes; two are SIGKILLed while the soak runs.
+        let directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        var daemonBinary = directory.appendingPathComponent("spillwayd")
+        if !FileManager.default.fileExists(atPath: daemonBinary.path) {
+            daemonBinary = directory.deletingLastPathComponent().appendingPathComponent("spillwayd")
+        }
+        var daemons: [(Process, String)] = []
+        defer { for (process, _) in daemons where process.isRunning { process.terminate(); process.waitUntilExit() } }
+        for _ in 0..<6 {
+            let process = Process()
+            process.executableURL = daemonBinary
+            process.arguments = ["--listen", "127.0.0.1:0", "--capacity", "32m", "--slab-size", "1m", "--log-level", "error"]
+            let out = Pipe()
+            process.standardOutput = out
+            try process.run()
+            var line = Data()
+            while true {
+                let byte = out.fileHandleForReading.readData(ofLength: 1)
+                if byte.isEmpty || byte == Data([0x0A]) { break }
+                line.append(byte)
+            }
+            let object = try #require(try JSONSerialization.jsonObject(with: line) as? [String: Any])
+            daemons.append((process, try #require(object["listen"] as? String)))
+        }
+        let victims = [daemons[1].0.processIdentifier, daemons[4].0.processIdentifier]
+        let killer = Thread {
+            usleep(1_500_000)
+            kill(victims[0], SIGKILL)
+            usleep(1_000_000)
+            kill(victims[1], SIGKILL)
+        }
+        killer.start()
+        let result = try runSpillway(["pool", "soak", "--servers", daemons.map(\.1).joined(separator: ","), "--duration", "4",
+                                      "--size", "2m", "--json"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        #expect(object["lost"] as? Int == 0)
+        #expect(object["corrupt"] as? Int == 0)
+        let reads = try #require(object["reads"] as? Int)
+        #expect(reads > 0 && object["verified"] as? Int == reads)
+        #expect((object["writes"] as? Int ?? 0) >= 512, "every page was written at least once")
+        let latency = try #require(object["latency_ns"] as? [String: Any])
+        for state in ["healthy", "degraded"] {
+            let entry = try #require(latency[state] as? [String: Any])
+            #expect(entry["p50"] is Int && entry["p99"] is Int)
+        }
+    }
+
     @Test func helpExitsZero() throws {
         let result = try runSpillway(["bench", "--help"])
         #expect(result.status == 0)
