@@ -36,6 +36,12 @@ public struct BenchOptions: Sendable, Equatable {
     public var k = 4
     public var r = 2
     public var lateBindingDelta = 1
+    /// Erasure-coded with in-process daemons: after the prefill, stop this many daemons
+    /// (the first holds data split 0 of the first page) — degraded reads.
+    public var killDaemons = 0
+    /// Erasure-coded with in-process daemons: after the prefill, the daemon holding data
+    /// split 0 of the first page answers every page request this late — a slow daemon.
+    public var slowDaemonMicroseconds = 0
 
     public init(target: String, pattern: BenchPattern = .randread, blockSize: Int = 4096, queueDepth: Int = 1,
                 durationSeconds: Double = 5, size: Int = 64 << 20, seed: UInt64 = 42, latencySampleEvery: Int = 16)
@@ -211,6 +217,21 @@ public enum BenchRunner {
             }
             page += count
             if page & 1023 == 0 { progress?.update(fraction: 0, detail: "prefill \(page)/\(pages)") }
+        }
+        if options.killDaemons > 0 || options.slowDaemonMicroseconds > 0 {
+            guard let coded = store.tiers.first as? ErasureCodedTier, coded.embeddedServers.count == coded.clients.count,
+                  options.killDaemons <= coded.configuration.r
+            else {
+                throw .invalidArgument("--kill-daemons (≤ r) and --slow-daemon-us need the ec tier on in-process daemons (no --servers)")
+            }
+            let first = coded.daemonOf(slot: 0, split: 0)
+            if options.slowDaemonMicroseconds > 0 {
+                coded.embeddedServers[first].testDelayMicroseconds.store(options.slowDaemonMicroseconds, ordering: .relaxed)
+            }
+            if options.killDaemons > 0 {
+                let victims = [first] + coded.embeddedServers.indices.filter { $0 != first }.prefix(options.killDaemons - 1)
+                for victim in victims { coded.embeddedServers[victim].shutdown(drain: 0) }
+            }
         }
         // Written blocks carry one recognizable pattern (checked after the run).
         Self.fillPage(UnsafeMutableRawBufferPointer(start: buffers, count: blockSize), key: .max, seed: options.seed)

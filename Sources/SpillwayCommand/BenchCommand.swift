@@ -64,6 +64,12 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("late-binding-delta"), help: "Erasure-coded: extra splits read per page, first k win (default 1; 0 = off).")
     var lateBindingDelta: Int?
 
+    @Option(name: .customLong("kill-daemons"), help: "ec, in-process daemons: stop this many (≤ r) after the prefill.")
+    var killDaemons: Int?
+
+    @Option(name: .customLong("slow-daemon-us"), help: "ec, in-process daemons: one daemon answers this many µs late after the prefill.")
+    var slowDaemonMicroseconds: Int?
+
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
 
@@ -99,6 +105,8 @@ struct BenchCommand: ParsableCommand {
         options.k = try k ?? file.int("k") ?? 4
         options.r = try r ?? file.int("r") ?? 2
         options.lateBindingDelta = try lateBindingDelta ?? file.int("late-binding-delta") ?? 1
+        options.killDaemons = killDaemons ?? 0
+        options.slowDaemonMicroseconds = slowDaemonMicroseconds ?? 0
 
         var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
         storeConfiguration.slotSize = options.blockSize
@@ -108,6 +116,13 @@ struct BenchCommand: ParsableCommand {
             storeConfiguration.tiers[index].reformat = true
         }
 
+        if target == "ec-encode" {
+            // The encoder alone (no daemons): compared with Bench/isal_encode_reference.c.
+            let object = try CodecBench.run(k: options.k, r: options.r, blockSize: options.blockSize,
+                                            durationSeconds: durationGiven ?? 2)
+            printLine(json ? object.serialized() : "ec-encode RS(\(options.k),\(options.r)) \(options.blockSize) B: \(object.serialized())")
+            return
+        }
         var results: [BenchResult] = []
         switch target {
         case nil:

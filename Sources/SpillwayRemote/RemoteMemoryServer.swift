@@ -111,7 +111,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     public let configuration: DaemonConfiguration
     public let counters = DaemonCounters()
     /// Test faults only: delay before each page request is served (a slow daemon); starts at
-    /// `configuration.testDelayMicroseconds`, tests may change it while running.
+    /// `configuration.testDelayMicroseconds` (which `spillwayd` accepts only with
+    /// `--enable-test-faults`); in-process tests and benchmarks may change it while running.
     public let testDelayMicroseconds = ManagedAtomic<Int>(0)
     public let instance = UInt64.random(in: 1 ... .max)
     private let logger: Logger
@@ -357,7 +358,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         let id = header.requestID
         switch header.opcode {
         case .read, .readBatch:
-            if configuration.enableTestFaults, case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
+            if case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
             let (meta, register) = try connection.receiveMeta(header)
             guard header.dataLength == 0, ~register == header.payloadChecksum else {
                 try refuse(connection, id, .checksumMismatch, "bad payload checksum", tenant: tenant)
@@ -377,7 +378,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             try serveRead(ranges, opcode: header.opcode, id: id, on: connection, tenant: tenant, counters: tenantCounters)
 
         case .write, .writeBatch:
-            if configuration.enableTestFaults, case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
+            if case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
             let (meta, register) = try connection.receiveMeta(header)
             var reader = WireReader(meta)
             let ranges: [Wire.SlabRange]?
