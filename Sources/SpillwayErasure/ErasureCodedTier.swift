@@ -259,7 +259,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             let eligible = groups.indices.filter { candidates($0).count >= n }
             guard !eligible.isEmpty else { return nil }
             let a = eligible.randomElement()!
-            let b = eligible.randomElement()!
+            let b = eligible.filter { $0 != a }.randomElement() ?? a
             func free(_ g: Int) -> Int { candidates(g).reduce(0) { $0 + map.freeSlabs[$1] } }
             let group = free(a) >= free(b) ? a : b
             var pool = candidates(group).shuffled()
@@ -354,14 +354,31 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 splitChecksums[units[u].slot * n + i] = CRC32C.checksum(UnsafeRawBufferPointer(start: base + i * splitSize, count: splitSize))
             }
         }
-        // Round 1: every write's splits, every read's first k+Δ valid splits.
+        // Round 1: every write's splits, every read's first k+Δ valid splits. With late
+        // binding, daemons still owing replies from earlier reads (stragglers) go last.
+        var owed = [Int](repeating: 0, count: clients.count)
+        if configuration.lateBindingDelta > 0 && units.contains(where: { !$0.write }) {
+            for (daemon, client) in clients.enumerated() where client != nil && snapshot.alive[daemon] {
+                owed[daemon] = client!.laggingReplies()
+            }
+        }
+        let anyLagging = owed.contains { $0 > 0 }
         var choices: [[Int]] = Array(repeating: [], count: units.count)
         for u in units.indices {
             if units[u].write {
                 choices[u] = Array(0..<n)
             } else {
-                let valid = validSplits(units[u].slot, snapshot)
+                var valid = validSplits(units[u].slot, snapshot)
                 if valid.count < n { counters.degradedReads.wrappingIncrement(ordering: .relaxed) }
+                if anyLagging {
+                    // Fewest owed replies first (a straggler keeps owing), data splits first
+                    // among equals: the sort is stable.
+                    let members = snapshot.stripes[units[u].slot / slotsPerStripe].members
+                    valid = valid.enumerated().sorted { a, b in
+                        let (x, y) = (owed[members[a.element].daemon], owed[members[b.element].daemon])
+                        return x != y ? x < y : a.offset < b.offset
+                    }.map(\.element)
+                }
                 guard valid.count >= k else {
                     units[u].status = valid.isEmpty || snapshot.alive.contains(false) ? EHOSTDOWN : EIO
                     continue
@@ -516,7 +533,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                         units[u].good |= 1 << split
                     } else {
                         counters.corruptSplits.wrappingIncrement(ordering: .relaxed)
-                        stale(slot).loadThenBitwiseOr(with: 1 << split, ordering: .relaxed)
+                        _ = stale(slot).loadThenBitwiseOr(with: 1 << split, ordering: .relaxed)
                         logger.error("split failed its CRC32C; treated as an erasure and rebuilt from the others", metadata: [
                             "tier": "\(descriptor.name)", "slot": "\(slot)", "split": "\(split)",
                             "daemon": "\(clients[daemon]?.endpoint.description ?? "?")",
@@ -739,7 +756,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         exchange(&writes, choices, scratch: scratch, snapshot: snapshot)
         for u in writes.indices where !choices[u].isEmpty {
             let written = writes[u].good
-            stale(units[u].slot).loadThenBitwiseAnd(with: ~written, ordering: .relaxed)
+            _ = stale(units[u].slot).loadThenBitwiseAnd(with: ~written, ordering: .relaxed)
             if written.nonzeroBitCount != choices[u].count { ok = false }
         }
         return ok

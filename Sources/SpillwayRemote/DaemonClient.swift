@@ -145,9 +145,45 @@ public final class DaemonClient: @unchecked Sendable {
         }
     }
 
-    /// Takes a connection from the pool: an idle one that owes no replies, else a new one if
-    /// the pool has room, else an idle one after discarding the replies it owes, else waits.
+    /// Replies idle connections still owe (a straggling daemon): late-binding readers steer
+    /// around a daemon while it lags. Reaps, without waiting, the owed replies that arrived.
+    public func laggingReplies() -> Int {
+        let idle = pool.withLock { pool -> [FrameConnection] in
+            defer { pool.idle.removeAll { $0.owedReplies > 0 } }
+            return pool.idle.filter { $0.owedReplies > 0 }
+        }
+        var owed = 0
+        var kept: [FrameConnection] = []
+        for connection in idle {
+            do {
+                try drainArrivedReplies(connection)
+                owed += connection.owedReplies
+                kept.append(connection)
+            } catch {
+                giveBack(connection, failedWith: error)
+            }
+        }
+        pool.withLock { $0.idle.append(contentsOf: kept) }
+        return owed
+    }
+
+    /// Drains the owed replies that have already arrived, without waiting for the rest.
+    private func drainArrivedReplies(_ connection: FrameConnection) throws(RemoteError) {
+        while connection.owedReplies > 0 && (connection.hasBufferedInput || connection.socket.isReadable) {
+            let header = try receiveReply(connection)
+            let (_, register) = try connection.receiveMeta(header)
+            _ = try connection.discardData(count: header.dataLength, register: register)
+            connection.owedReplies -= 1
+        }
+    }
+
+    /// Takes a connection from the pool: an idle one that owes no replies (after reaping the
+    /// owed replies that have arrived), else a new one if the pool has room, else an idle one
+    /// after waiting for the replies it owes, else waits.
     public func borrow() throws(RemoteError) -> FrameConnection {
+        if pool.withLock({ pool in pool.idle.contains { $0.owedReplies > 0 } && !pool.idle.contains { $0.owedReplies == 0 } }) {
+            _ = laggingReplies()
+        }
         while true {
             let (idle, mayOpen) = pool.withLock { pool -> (FrameConnection?, Bool) in
                 if let clean = pool.idle.lastIndex(where: { $0.owedReplies == 0 }) { return (pool.idle.remove(at: clean), false) }

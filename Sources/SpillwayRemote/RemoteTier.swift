@@ -194,8 +194,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             let candidate: Int? = map.withLock { map in
                 let live = (0..<clients.count).filter { map.alive[$0] && !refused.contains($0) && map.freeSlabs[$0] > 0 }
                 guard !live.isEmpty else { return nil }
+                // Two distinct random candidates; the freer wins.
                 let a = live.randomElement()!
-                let b = live.randomElement()!
+                let b = live.filter { $0 != a }.randomElement() ?? a
                 return map.freeSlabs[a] >= map.freeSlabs[b] ? a : b
             }
             guard let daemon = candidate, let client = clients[daemon] else { return nil }
