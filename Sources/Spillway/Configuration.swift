@@ -95,14 +95,14 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     }
 
     /// The embedded default: a 64 MiB device tier over 256 MiB of DRAM over a 1 GiB NVMe file
-    /// in the scratch directory, with 256 MiB of remote memory between DRAM and NVMe lent by two
-    /// in-process daemons on loopback; 4 KiB slots.
+    /// in the scratch directory, with 256 MiB of erasure-coded remote memory (RS(4,2)) between
+    /// DRAM and NVMe lent by six in-process daemons on loopback; 4 KiB slots.
     public static let embeddedDefault = SpillwayConfiguration(
         slotSize: 4096,
         tiers: [
             TierConfiguration(kind: .device, capacity: 64 << 20),
             TierConfiguration(kind: .dram, capacity: 256 << 20),
-            TierConfiguration(kind: .remote, capacity: 256 << 20),
+            TierConfiguration(kind: .erasureCoded, capacity: 256 << 20),
             TierConfiguration(kind: .nvme, capacity: 1 << 30),
         ])
 
