@@ -95,6 +95,24 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
             ]
         ),
+        // xxHash (Debian libxxhash-dev): XXH3-128 for stable KV prefix-block keys.
+        .systemLibrary(
+            name: "CSpillwayXXHash",
+            pkgConfig: "libxxhash",
+            providers: [.apt(["libxxhash-dev"])]
+        ),
+        // The serving-engine KV-cache API: block geometry, chained prefix hashes, a KV pool
+        // over a tiered store (lookup, store, load per layer, prefetch, pin).
+        .target(
+            name: "SpillwayKV",
+            dependencies: [
+                "SpillwayCore",
+                "SpillwayStore",
+                "CSpillwayXXHash",
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The tiered store: put/get/pin/prefetch, promotion, background demotion, eviction, stats.
         .target(
             name: "SpillwayStore",
@@ -116,6 +134,7 @@ let package = Package(
                 "SpillwayStore",
                 "SpillwayRemote",
                 "SpillwayErasure",
+                "SpillwayKV",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -164,6 +183,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore"]),
+        .testTarget(name: "SpillwayKVTests", dependencies: ["SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),

@@ -6,3 +6,4 @@
 @_exported import SpillwayStore
 @_exported import SpillwayRemote
 @_exported import SpillwayErasure
+@_exported import SpillwayKV

@@ -1,0 +1,469 @@
+import Dispatch
+import DequeModule
+import Logging
+import SpillwayCore
+import SpillwayStore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a pool's blocks are cut into store pages.
+public enum KVLayout: String, Sendable, CaseIterable {
+    /// One page per (block, layer): a layer can be loaded while the previous one computes
+    /// (vLLM's layer-wise KV connector).
+    case perLayer = "per-layer"
+    /// One page per block holding every layer.
+    case wholeBlock = "whole-block"
+}
+
+/// The shape of one KV-cache block. A layer's slice of a block is K then V, each
+/// `tokensPerBlock × kvHeads × headDim` elements of `dtypeSize` bytes: `layerBytes`. A whole
+/// block is its layers back to back, layer 0 first: `blockBytes`.
+public struct KVBlockGeometry: Sendable, Equatable {
+    public var tokensPerBlock: Int
+    public var layers: Int
+    public var kvHeads: Int
+    public var headDim: Int
+    public var dtypeSize: Int
+    public var layout: KVLayout
+
+    public init(tokensPerBlock: Int, layers: Int, kvHeads: Int, headDim: Int, dtypeSize: Int, layout: KVLayout = .perLayer) {
+        self.tokensPerBlock = tokensPerBlock
+        self.layers = layers
+        self.kvHeads = kvHeads
+        self.headDim = headDim
+        self.dtypeSize = dtypeSize
+        self.layout = layout
+    }
+
+    public var layerBytes: Int { 2 * tokensPerBlock * kvHeads * headDim * dtypeSize }
+    public var blockBytes: Int { layers * layerBytes }
+
+    public func validate() throws(SpillwayError) {
+        guard (1...65_536).contains(tokensPerBlock), (1...1024).contains(layers), (1...4096).contains(kvHeads),
+              (1...16_384).contains(headDim), [1, 2, 4, 8].contains(dtypeSize)
+        else {
+            throw .invalidConfiguration("KV geometry \(self): tokens per block 1…65536, layers 1…1024, KV heads 1…4096, head dim 1…16384, dtype size 1, 2, 4 or 8")
+        }
+        guard blockBytes <= Int(UInt32.max) else { throw .invalidConfiguration("KV block of \(blockBytes) bytes exceeds 4 GiB") }
+    }
+
+    /// Distinguishes geometries in page keys (so pools of different shapes never share bytes).
+    var fingerprint: UInt64 {
+        var bytes: [UInt8] = []
+        for value in [tokensPerBlock, layers, kvHeads, headDim, dtypeSize] {
+            withUnsafeBytes(of: UInt64(value).littleEndian) { bytes += $0 }
+        }
+        bytes += Array(layout.rawValue.utf8)
+        return KVBlockHasher.hash64(bytes, seed: 0x5350_4B56)  // "SPKV"
+    }
+}
+
+/// What happened to each block of a call. Blocks are independent: a failure of one never
+/// makes another's bytes wrong.
+public struct KVResult: Sendable {
+    /// Per requested block: nil if it succeeded, else why not.
+    public var errors: [SpillwayError?]
+
+    public init(errors: [SpillwayError?]) { self.errors = errors }
+
+    public var succeeded: Int { errors.reduce(0) { $0 + ($1 == nil ? 1 : 0) } }
+    /// Blocks that succeeded from the first one with no gap: what an engine can use.
+    public var contiguous: Int { errors.firstIndex { $0 != nil } ?? errors.count }
+    public var allSucceeded: Bool { errors.allSatisfy { $0 == nil } }
+    public var firstError: SpillwayError? { errors.lazy.compactMap { $0 }.first }
+}
+
+/// A KV-cache block pool over a tiered store: the API a serving engine's KV connector calls.
+///
+/// Blocks are addressed by chained prefix hashes (`KVBlockHasher`). A block becomes visible
+/// (`lookup`, `load`) only once it is completely stored: in the per-layer layout, once every
+/// layer has been stored; then a small manifest page is written and lookups check for it
+/// and for every data page. Buffers are checked against the geometry before anything is
+/// written; loads fill the caller's buffers or fail per block, never with other bytes.
+///
+/// Thread-safe: any thread may call any method. Asynchronous stores run on one worker thread
+/// per pool, fed by a bounded queue.
+public final class KVPool: Sendable {
+    public let store: TieredStore
+    public let geometry: KVBlockGeometry
+    public let hasher: KVBlockHasher
+    private let fingerprint: UInt64
+    private let logger: Logger
+    private let state = Locked(PoolState())
+    private let queue = Locked(Deque<StoreJob>())
+    private let queued = DispatchSemaphore(value: 0)
+    private let space: DispatchSemaphore
+    private let worker = Locked<BackgroundThread?>(nil)
+    public static let asyncQueueLimit = 64
+
+    static let manifestPart: UInt32 = 0xFFFF_FFFE
+    static let wholePart: UInt32 = 0xFFFF_FFFF
+
+    struct PoolState {
+        /// Per-layer layout: layers stored so far of blocks not yet complete.
+        var pending: [BlockHash: Set<Int>] = [:]
+        /// Blocks this pool completed (for `clear`).
+        var committed: Set<BlockHash> = []
+        var closed = false
+    }
+
+    /// One queued asynchronous store. `@unchecked Sendable`: the caller keeps the buffers
+    /// valid and unchanged until the ticket's `wait()` returns (the vLLM `wait_for_save`
+    /// contract); only the worker thread reads them meanwhile.
+    struct StoreJob: @unchecked Sendable {
+        var hashes: [BlockHash]
+        var layer: Int?
+        var buffers: [UnsafeRawBufferPointer]
+        var ticket: KVStoreTicket?
+    }
+
+    public init(store: TieredStore, geometry: KVBlockGeometry, modelID: String,
+                logger: Logger = Logger(label: "spillway.kv")) throws(SpillwayError)
+    {
+        try geometry.validate()
+        let pageBytes = geometry.layout == .perLayer ? geometry.layerBytes : geometry.blockBytes
+        guard pageBytes <= store.options.maxPageSize else {
+            throw .invalidConfiguration("a KV \(geometry.layout == .perLayer ? "layer block" : "block") is \(pageBytes) bytes; the store's max page size is \(store.options.maxPageSize)")
+        }
+        guard !modelID.isEmpty else { throw .invalidConfiguration("KV pool: empty model id") }
+        self.store = store
+        self.geometry = geometry
+        self.logger = logger
+        hasher = KVBlockHasher(modelID: modelID, tokensPerBlock: geometry.tokensPerBlock)
+        fingerprint = geometry.fingerprint
+        space = DispatchSemaphore(value: Self.asyncQueueLimit)
+        logger.info("KV pool open", metadata: [
+            "model": "\(modelID)", "layout": "\(geometry.layout.rawValue)", "block_bytes": "\(geometry.blockBytes)",
+            "tokens_per_block": "\(geometry.tokensPerBlock)", "layers": "\(geometry.layers)",
+        ])
+    }
+
+    deinit { close() }
+
+    /// Finishes queued asynchronous stores, then refuses further calls (`closed`).
+    public func close() {
+        let thread = state.withLock { state -> BackgroundThread? in
+            guard !state.closed else { return nil }
+            state.closed = true
+            return worker.withLock { $0 }
+        }
+        queued.signal()  // wake the worker so it sees `closed` once the queue is empty
+        thread?.join()
+    }
+
+    // MARK: Keys
+
+    /// The chained hashes of every full block of `tokens`.
+    public func blockHashes(tokens: [UInt32]) -> [BlockHash] { hasher.blockHashes(tokens) }
+
+    func dataKey(_ block: BlockHash, layer: Int) -> PageKey {
+        hasher.pageKey(block, part: geometry.layout == .perLayer ? UInt32(layer) : Self.wholePart, fingerprint: fingerprint)
+    }
+
+    func manifestKey(_ block: BlockHash) -> PageKey { hasher.pageKey(block, part: Self.manifestPart, fingerprint: fingerprint) }
+
+    private func dataKeys(_ block: BlockHash) -> [PageKey] {
+        geometry.layout == .perLayer ? (0..<geometry.layers).map { dataKey(block, layer: $0) } : [dataKey(block, layer: 0)]
+    }
+
+    private func checkOpen() throws(SpillwayError) {
+        if state.withLock({ $0.closed }) { throw .closed }
+    }
+
+    // MARK: Lookup
+
+    /// How many blocks from the start of `hashes` are stored completely (only a contiguous
+    /// prefix counts: the first missing block ends the match).
+    public func lookup(_ hashes: [BlockHash]) -> Int {
+        var matched = 0
+        for block in hashes {
+            guard store.contains(manifestKey(block)), dataKeys(block).allSatisfy({ store.contains($0) }) else { break }
+            matched += 1
+        }
+        return matched
+    }
+
+    /// Tokens of `tokens` whose KV is stored: a whole number of blocks.
+    public func lookup(tokens: [UInt32]) -> Int { lookup(blockHashes(tokens: tokens)) * geometry.tokensPerBlock }
+
+    // MARK: Store
+
+    /// Stores one layer of each block (per-layer layout): `buffers[i]` is block i's layer
+    /// slice, exactly `layerBytes`. A block becomes visible when its last layer is stored.
+    public func storeLayer(_ hashes: [BlockHash], layer: Int, buffers: [UnsafeRawBufferPointer]) -> KVResult {
+        do throws(SpillwayError) {
+            try checkOpen()
+            guard geometry.layout == .perLayer else { throw .invalidArgument("storeLayer needs the per-layer layout; this pool stores whole blocks") }
+            guard (0..<geometry.layers).contains(layer) else { throw .invalidArgument("layer \(layer) outside 0..<\(geometry.layers)") }
+            try checkBuffers(hashes.count, buffers.map(\.count), expected: geometry.layerBytes)
+        } catch {
+            return KVResult(errors: Array(repeating: error, count: max(1, hashes.count)))
+        }
+        var writes = hashes.indices.map { PageWrite(key: dataKey(hashes[$0], layer: layer), bytes: buffers[$0]) }
+        _ = writes.withUnsafeMutableBufferPointer { store.put(batch: $0) }
+        var errors: [SpillwayError?] = writes.map(\.error)
+        var complete: [(Int, BlockHash)] = []
+        state.withLock { state in
+            for (index, block) in hashes.enumerated() where errors[index] == nil {
+                state.pending[block, default: []].insert(layer)
+                if state.pending[block]!.count == geometry.layers {
+                    state.pending[block] = nil
+                    complete.append((index, block))
+                }
+            }
+        }
+        for (index, block) in complete {
+            if let error = commit(block) { errors[index] = error }
+        }
+        return KVResult(errors: errors)
+    }
+
+    /// Stores whole blocks: `buffers[i]` is block i, exactly `blockBytes`, layers back to back.
+    /// Each block is visible once all of it is stored.
+    public func store(_ hashes: [BlockHash], blocks buffers: [UnsafeRawBufferPointer]) -> KVResult {
+        do throws(SpillwayError) {
+            try checkOpen()
+            try checkBuffers(hashes.count, buffers.map(\.count), expected: geometry.blockBytes)
+        } catch {
+            return KVResult(errors: Array(repeating: error, count: max(1, hashes.count)))
+        }
+        var writes: [PageWrite] = []
+        var owner: [Int] = []
+        for (index, block) in hashes.enumerated() {
+            if geometry.layout == .perLayer {
+                for layer in 0..<geometry.layers {
+                    let slice = UnsafeRawBufferPointer(rebasing: buffers[index][(layer * geometry.layerBytes)..<((layer + 1) * geometry.layerBytes)])
+                    writes.append(PageWrite(key: dataKey(block, layer: layer), bytes: slice))
+                    owner.append(index)
+                }
+            } else {
+                writes.append(PageWrite(key: dataKey(block, layer: 0), bytes: buffers[index]))
+                owner.append(index)
+            }
+        }
+        _ = writes.withUnsafeMutableBufferPointer { store.put(batch: $0) }
+        var errors = [SpillwayError?](repeating: nil, count: hashes.count)
+        for (position, write) in writes.enumerated() where write.error != nil && errors[owner[position]] == nil {
+            errors[owner[position]] = write.error
+        }
+        for (index, block) in hashes.enumerated() where errors[index] == nil {
+            state.withLock { _ = $0.pending.removeValue(forKey: block) }
+            errors[index] = commit(block)
+        }
+        return KVResult(errors: errors)
+    }
+
+    /// Queues a store of whole blocks (or, with `layer`, of one layer of each block) and
+    /// returns at once; the ticket's `wait()` gives the result. The caller keeps the buffers
+    /// valid and unchanged until then. Blocks when `asyncQueueLimit` stores are queued.
+    public func storeAsync(_ hashes: [BlockHash], layer: Int? = nil, buffers: [UnsafeRawBufferPointer]) -> KVStoreTicket {
+        let ticket = KVStoreTicket()
+        if state.withLock({ $0.closed }) {
+            ticket.finish(KVResult(errors: Array(repeating: .closed, count: max(1, hashes.count))))
+            return ticket
+        }
+        startWorkerIfNeeded()
+        space.wait()
+        queue.withLock { $0.append(StoreJob(hashes: hashes, layer: layer, buffers: buffers, ticket: ticket)) }
+        queued.signal()
+        return ticket
+    }
+
+    private func startWorkerIfNeeded() {
+        worker.withLock { worker in
+            guard worker == nil else { return }
+            worker = BackgroundThread { [self] in
+                while true {
+                    queued.wait()
+                    guard let job = queue.withLock({ $0.popFirst() }) else {
+                        if state.withLock({ $0.closed }) { return }
+                        continue
+                    }
+                    space.signal()
+                    let result = job.layer.map { storeLayer(job.hashes, layer: $0, buffers: job.buffers) }
+                        ?? store(job.hashes, blocks: job.buffers)
+                    job.ticket?.finish(result)
+                    if queue.withLock({ $0.isEmpty }) && state.withLock({ $0.closed }) { return }
+                }
+            }
+        }
+    }
+
+    /// Writes the manifest that makes `block` visible.
+    private func commit(_ block: BlockHash) -> SpillwayError? {
+        var manifest = [UInt8](repeating: 0, count: 32)
+        manifest.withUnsafeMutableBytes { raw in
+            raw.storeBytes(of: UInt32(0x5350_4B56).littleEndian, toByteOffset: 0, as: UInt32.self)  // "SPKV"
+            raw.storeBytes(of: UInt32(1).littleEndian, toByteOffset: 4, as: UInt32.self)
+            raw.storeBytes(of: fingerprint.littleEndian, toByteOffset: 8, as: UInt64.self)
+            raw.storeBytes(of: UInt32(geometry.layers).littleEndian, toByteOffset: 16, as: UInt32.self)
+            raw.storeBytes(of: UInt32(geometry.tokensPerBlock).littleEndian, toByteOffset: 20, as: UInt32.self)
+        }
+        do {
+            try store.put(manifestKey(block), bytes: manifest)
+            state.withLock { _ = $0.committed.insert(block) }
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    private func checkBuffers(_ blocks: Int, _ sizes: [Int], expected: Int) throws(SpillwayError) {
+        guard blocks == sizes.count else { throw .invalidArgument("\(blocks) block hashes but \(sizes.count) buffers") }
+        if let bad = sizes.firstIndex(where: { $0 != expected }) {
+            throw .invalidArgument("buffer \(bad) has \(sizes[bad]) bytes; this pool's geometry needs \(expected)")
+        }
+    }
+
+    // MARK: Load
+
+    /// Loads layer `layer` of each block into `buffers[i]` (exactly `layerBytes`; per-layer
+    /// layout), or with `layer` nil whole blocks (exactly `blockBytes`, either layout). A block
+    /// that is not completely stored fails with `unknownKey`.
+    public func load(_ hashes: [BlockHash], layer: Int? = nil, into buffers: [UnsafeMutableRawBufferPointer]) -> KVResult {
+        do throws(SpillwayError) {
+            try checkOpen()
+            if let layer {
+                guard geometry.layout == .perLayer else { throw .invalidArgument("a per-layer load needs the per-layer layout") }
+                guard (0..<geometry.layers).contains(layer) else { throw .invalidArgument("layer \(layer) outside 0..<\(geometry.layers)") }
+            }
+            try checkBuffers(hashes.count, buffers.map(\.count), expected: layer == nil ? geometry.blockBytes : geometry.layerBytes)
+        } catch {
+            return KVResult(errors: Array(repeating: error, count: max(1, hashes.count)))
+        }
+        var errors = [SpillwayError?](repeating: nil, count: hashes.count)
+        var reads: [PageRead] = []
+        var owner: [Int] = []
+        var expectedLength: [Int] = []
+        for (index, block) in hashes.enumerated() {
+            guard store.contains(manifestKey(block)) else {
+                errors[index] = .unknownKey(manifestKey(block))
+                continue
+            }
+            if let layer {
+                reads.append(PageRead(key: dataKey(block, layer: layer), buffer: buffers[index]))
+                expectedLength.append(geometry.layerBytes)
+                owner.append(index)
+            } else if geometry.layout == .perLayer {
+                for layer in 0..<geometry.layers {
+                    let slice = UnsafeMutableRawBufferPointer(rebasing: buffers[index][(layer * geometry.layerBytes)..<((layer + 1) * geometry.layerBytes)])
+                    reads.append(PageRead(key: dataKey(block, layer: layer), buffer: slice))
+                    expectedLength.append(geometry.layerBytes)
+                    owner.append(index)
+                }
+            } else {
+                reads.append(PageRead(key: dataKey(block, layer: 0), buffer: buffers[index]))
+                expectedLength.append(geometry.blockBytes)
+                owner.append(index)
+            }
+        }
+        _ = reads.withUnsafeMutableBufferPointer { store.get(batch: $0) }
+        for (position, read) in reads.enumerated() where errors[owner[position]] == nil {
+            if let error = read.error {
+                errors[owner[position]] = error
+            } else if read.length != expectedLength[position] {
+                errors[owner[position]] = .invalidArgument("stored page has \(read.length) bytes, expected \(expectedLength[position])")
+            }
+        }
+        return KVResult(errors: errors)
+    }
+
+    /// Starts moving the blocks' pages (or only `layers` of them) toward the top tier.
+    public func prefetch(_ hashes: [BlockHash], layers: Range<Int>? = nil) {
+        let range = layers ?? 0..<geometry.layers
+        var keys: [PageKey] = []
+        for block in hashes {
+            if geometry.layout == .perLayer {
+                for layer in range.clamped(to: 0..<geometry.layers) { keys.append(dataKey(block, layer: layer)) }
+            } else {
+                keys.append(dataKey(block, layer: 0))
+            }
+        }
+        store.prefetch(keys)
+    }
+
+    // MARK: Pin, evict
+
+    /// Keeps the blocks where they are (in active use). All or nothing: on failure, blocks
+    /// pinned by this call are unpinned again.
+    public func pin(_ hashes: [BlockHash]) throws(SpillwayError) {
+        try checkOpen()
+        var pinned: [PageKey] = []
+        for block in hashes {
+            guard store.contains(manifestKey(block)) else {
+                for key in pinned { try? store.unpin(key) }
+                throw .unknownKey(manifestKey(block))
+            }
+            for key in dataKeys(block) {
+                do {
+                    try store.pin(key)
+                    pinned.append(key)
+                } catch {
+                    for key in pinned { try? store.unpin(key) }
+                    throw error
+                }
+            }
+        }
+    }
+
+    public func unpin(_ hashes: [BlockHash]) throws(SpillwayError) {
+        var first: SpillwayError?
+        for block in hashes {
+            for key in dataKeys(block) {
+                do { try store.unpin(key) } catch { first = first ?? error }
+            }
+        }
+        if let first { throw first }
+    }
+
+    /// Removes blocks (their manifest first, so a concurrent lookup never sees half a block).
+    /// Returns how many were stored.
+    @discardableResult
+    public func evict(_ hashes: [BlockHash]) -> Int {
+        var removed = 0
+        for block in hashes {
+            if (try? store.remove(manifestKey(block))) == true { removed += 1 }
+            for key in dataKeys(block) { _ = try? store.remove(key) }
+            state.withLock { state in
+                state.committed.remove(block)
+                state.pending[block] = nil
+            }
+        }
+        return removed
+    }
+
+    /// Removes every block this pool stored.
+    @discardableResult
+    public func clear() -> Int {
+        let blocks = state.withLock { state -> [BlockHash] in
+            let all = Array(state.committed) + Array(state.pending.keys)
+            return all
+        }
+        return evict(blocks)
+    }
+
+    /// Blocks this pool has made visible and not evicted (some may since have been evicted by
+    /// the store's own capacity management: `lookup` is the truth).
+    public var committedBlocks: Int { state.withLock { $0.committed.count } }
+}
+
+/// The result of an asynchronous store, available once the store has finished.
+public final class KVStoreTicket: Sendable {
+    private let done = DispatchSemaphore(value: 0)
+    private let result = Locked<KVResult?>(nil)
+
+    func finish(_ value: KVResult) {
+        result.withLock { $0 = value }
+        done.signal()
+    }
+
+    /// Waits for the store to finish; then the caller may reuse its buffers.
+    public func wait() -> KVResult {
+        if let value = result.withLock({ $0 }) { return value }
+        done.wait()
+        done.signal()  // later waiters return at once
+        return result.withLock { $0! }
+    }
+}
