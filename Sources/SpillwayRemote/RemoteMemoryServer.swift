@@ -523,6 +523,11 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             return
         }
         defer { releaseSlabs(ranges) }
+        // Counted before the reply, so whoever saw it also sees the count.
+        counters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+        counters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
+        tenantCounters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+        tenantCounters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
         if ranges.count == 1 {
             try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
                                 data: UnsafeRawBufferPointer(start: bases[0], count: Int(ranges[0].length)))
@@ -539,10 +544,6 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
                                 data: UnsafeRawBufferPointer(start: buffer, count: total))
         }
-        counters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-        counters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
-        tenantCounters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-        tenantCounters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
     }
 
     private func serveWrite(_ ranges: [Wire.SlabRange], header: FrameHeader, register: UInt32, on connection: FrameConnection,
@@ -568,11 +569,12 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             try refuse(connection, header.requestID, .checksumMismatch, "payload CRC32C mismatch", tenant: tenant)
             return
         }
-        try connection.send(header.opcode, flags: .response, requestID: header.requestID, meta: [])
+        // Counted before the acknowledgement, so whoever saw it also sees the count.
         counters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
         counters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
         tenantCounters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
         tenantCounters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
+        try connection.send(header.opcode, flags: .response, requestID: header.requestID, meta: [])
     }
 
     // MARK: Slabs
