@@ -12,6 +12,9 @@ let package = Package(
         .library(name: "Spillway", targets: ["Spillway"]),
         .executable(name: "spillway", targets: ["SpillwayCommand"]),
         .executable(name: "spillwayd", targets: ["SpillwayDaemon"]),
+        // The C ABI (include/spillway.h) as libSpillwayC.so; tools/install-c-library.sh
+        // installs it as libspillway.so.
+        .library(name: "SpillwayC", type: .dynamic, targets: ["SpillwayC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -166,6 +169,14 @@ let package = Package(
                 "SpillwayCommandSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The C ABI: @_cdecl exports over the Swift API, integer handles, status codes.
+        .target(
+            name: "SpillwayC",
+            dependencies: [
+                "Spillway",
+                .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
         .executableTarget(

@@ -20,7 +20,7 @@ public enum KVLayout: String, Sendable, CaseIterable {
 /// The shape of one KV-cache block. A layer's slice of a block is K then V, each
 /// `tokensPerBlock × kvHeads × headDim` elements of `dtypeSize` bytes: `layerBytes`. A whole
 /// block is its layers back to back, layer 0 first: `blockBytes`.
-public struct KVBlockGeometry: Sendable, Equatable {
+public struct KVBlockGeometry: Sendable, Equatable, CustomStringConvertible {
     public var tokensPerBlock: Int
     public var layers: Int
     public var kvHeads: Int
@@ -38,6 +38,10 @@ public struct KVBlockGeometry: Sendable, Equatable {
     }
 
     public var layerBytes: Int { 2 * tokensPerBlock * kvHeads * headDim * dtypeSize }
+
+    public var description: String {
+        "\(tokensPerBlock) tokens/block × \(layers) layers × \(kvHeads) KV heads × head dim \(headDim) × \(dtypeSize) B (\(layout.rawValue))"
+    }
     public var blockBytes: Int { layers * layerBytes }
 
     public func validate() throws(SpillwayError) {

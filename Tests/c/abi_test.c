@@ -1,0 +1,96 @@
+/* Exercises include/spillway.h from C: compiled and run by the Swift test suite
+ * (SpillwayTests/CABITests). Prints one line per failed check; exit status = failures. */
+#include "spillway.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0;
+#define CHECK(cond) do { if (!(cond)) { failures++; printf("FAIL %s:%d: %s (last error: %s)\n", __FILE__, __LINE__, #cond, spillway_last_error()); } } while (0)
+
+int main(int argc, char **argv) {
+    if (argc != 2) { fprintf(stderr, "usage: %s CONFIG.toml\n", argv[0]); return 2; }
+    CHECK(strlen(spillway_version()) > 0);
+
+    spillway_store store = 0;
+    CHECK(spillway_store_open("/nonexistent/spillway.toml", &store) == SPILLWAY_E_INVALID_CONFIGURATION);
+    CHECK(strlen(spillway_last_error()) > 0);
+    CHECK(spillway_store_open(argv[1], &store) == SPILLWAY_OK && store != 0);
+
+    /* Pages. */
+    uint8_t key[16] = {0};
+    key[15] = 42;
+    char page[5000];
+    for (int i = 0; i < (int)sizeof page; i++) page[i] = (char)(i * 7);
+    CHECK(spillway_store_put(store, key, page, sizeof page) == SPILLWAY_OK);
+    char back[5000];
+    size_t length = 0;
+    CHECK(spillway_store_get(store, key, back, sizeof back, &length) == SPILLWAY_OK && length == sizeof page);
+    CHECK(memcmp(page, back, sizeof page) == 0);
+    CHECK(spillway_store_get(store, key, back, 100, &length) == SPILLWAY_E_BUFFER_TOO_SMALL && length == sizeof page);
+    uint8_t missing[16] = {1};
+    CHECK(spillway_store_get(store, missing, back, sizeof back, &length) == SPILLWAY_E_UNKNOWN_KEY);
+    CHECK(spillway_store_put(store, NULL, page, 1) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_store_put(12345, key, page, 1) == SPILLWAY_E_INVALID_HANDLE);
+    char stats[8192];
+    CHECK(spillway_store_stats_json(store, stats, sizeof stats, &length) == SPILLWAY_OK && stats[0] == '{' && strstr(stats, "\"puts\"") != NULL);
+    CHECK(spillway_store_stats_json(store, stats, 4, &length) == SPILLWAY_E_BUFFER_TOO_SMALL && length > 4);
+
+    /* KV pool: 4 tokens per block, 2 layers, 2 KV heads, head dim 8, fp16: 2 x 4 x 2 x 8 x 2 = 256 B per layer. */
+    spillway_kv_geometry geometry = {4, 2, 2, 8, 2, 0};
+    spillway_kv_pool pool = 0;
+    spillway_kv_geometry bad = {0, 2, 2, 16, 2, 0};
+    CHECK(spillway_kv_pool_create(store, &bad, "model", &pool) == SPILLWAY_E_INVALID_CONFIGURATION);
+    CHECK(spillway_kv_pool_create(store, &geometry, "model", &pool) == SPILLWAY_OK && pool != 0);
+    size_t layer_bytes = 0, block_bytes = 0;
+    CHECK(spillway_kv_block_sizes(pool, &layer_bytes, &block_bytes) == SPILLWAY_OK && layer_bytes == 256 && block_bytes == 512);
+
+    uint32_t tokens[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+    uint8_t hashes[16 * 4];
+    size_t blocks = 0;
+    CHECK(spillway_kv_block_hashes(pool, tokens, 10, hashes, 4, &blocks) == SPILLWAY_OK && blocks == 2);
+    CHECK(spillway_kv_block_hashes(pool, tokens, 10, hashes, 1, &blocks) == SPILLWAY_E_BUFFER_TOO_SMALL);
+    size_t matched = 99;
+    CHECK(spillway_kv_lookup(pool, hashes, 2, &matched) == SPILLWAY_OK && matched == 0);
+
+    static char data[2][512];
+    for (int b = 0; b < 2; b++) for (int i = 0; i < 512; i++) data[b][i] = (char)(b * 31 + i);
+    const void *layer0[2] = {data[0], data[1]};
+    const void *layer1[2] = {data[0] + 256, data[1] + 256};
+    size_t stored = 0;
+    CHECK(spillway_kv_store(pool, hashes, 2, 0, layer0, 256, &stored) == SPILLWAY_OK && stored == 2);
+    CHECK(spillway_kv_lookup(pool, hashes, 2, &matched) == SPILLWAY_OK && matched == 0); /* layer 1 missing */
+    spillway_ticket ticket = 0;
+    CHECK(spillway_kv_store_async(pool, hashes, 2, 1, layer1, 256, &ticket) == SPILLWAY_OK);
+    CHECK(spillway_kv_wait(ticket, &stored) == SPILLWAY_OK && stored == 2);
+    CHECK(spillway_kv_wait(ticket, &stored) == SPILLWAY_E_INVALID_HANDLE); /* a ticket is used once */
+    CHECK(spillway_kv_lookup(pool, hashes, 2, &matched) == SPILLWAY_OK && matched == 2);
+    CHECK(spillway_kv_store(pool, hashes, 2, 0, layer0, 100, &stored) == SPILLWAY_E_INVALID_ARGUMENT); /* wrong size */
+
+    static char out[2][512];
+    void *whole[2] = {out[0], out[1]};
+    size_t loaded = 0;
+    CHECK(spillway_kv_load(pool, hashes, 2, -1, whole, 512, &loaded) == SPILLWAY_OK && loaded == 2);
+    CHECK(memcmp(out, data, sizeof data) == 0);
+    static char one_layer[256];
+    void *layer_out[1] = {one_layer};
+    CHECK(spillway_kv_load(pool, hashes + 16, 1, 1, layer_out, 256, &loaded) == SPILLWAY_OK && memcmp(one_layer, data[1] + 256, 256) == 0);
+
+    CHECK(spillway_kv_prefetch(pool, hashes, 2) == SPILLWAY_OK);
+    CHECK(spillway_kv_pin(pool, hashes, 2) == SPILLWAY_OK);
+    CHECK(spillway_kv_unpin(pool, hashes, 2) == SPILLWAY_OK);
+    CHECK(spillway_kv_unpin(pool, hashes, 2) == SPILLWAY_E_NOT_PINNED);
+
+    size_t removed = 0;
+    CHECK(spillway_kv_evict(pool, hashes + 16, 1, &removed) == SPILLWAY_OK && removed == 1);
+    CHECK(spillway_kv_load(pool, hashes, 2, -1, whole, 512, &loaded) == SPILLWAY_E_PARTIAL && loaded == 1);
+
+    CHECK(spillway_kv_pool_destroy(pool) == SPILLWAY_OK);
+    CHECK(spillway_kv_lookup(pool, hashes, 2, &matched) == SPILLWAY_E_INVALID_HANDLE);
+    CHECK(spillway_store_close(store) == SPILLWAY_OK);
+    CHECK(spillway_store_close(store) == SPILLWAY_E_INVALID_HANDLE);
+    CHECK(spillway_store_get(store, key, back, sizeof back, &length) == SPILLWAY_E_INVALID_HANDLE);
+
+    printf("%s: %d failure(s)\n", argv[0], failures);
+    return failures;
+}

@@ -1,0 +1,126 @@
+/*
+ * spillway.h — the C ABI of Spillway, a tiered page store for LLM serving
+ * (device → host DRAM → remote memory → NVMe).
+ *
+ * Library: libSpillwayC.so (SwiftPM product `SpillwayC`; `swift build -c release` puts it in
+ * .build/release/; tools/install-c-library.sh installs it as libspillway.so). Link with
+ * -lSpillwayC (or -lspillway once installed).
+ *
+ * Conventions
+ *  - Every function returns a spillway_status: 0 (SPILLWAY_OK) or an error code. After an
+ *    error, spillway_last_error() returns a message for the calling thread.
+ *  - Handles are opaque 64-bit values, never pointers. An unknown, closed or wrong-kind
+ *    handle is SPILLWAY_E_INVALID_HANDLE; it never crashes. 0 is never a valid handle.
+ *  - No call keeps a pointer it was given after it returns. Asynchronous stores are the
+ *    exception: buffers must stay valid until spillway_kv_wait returns.
+ *  - Keys and block hashes are 16 bytes: the 128-bit value, high half first, big-endian
+ *    (the same text as the 32 hex digits Spillway prints).
+ *  - Thread safety: every function may be called from any thread, concurrently, on the same
+ *    or different handles, except that closing a handle while another thread uses it makes
+ *    that other call fail with SPILLWAY_E_INVALID_HANDLE or SPILLWAY_E_CLOSED (never a crash).
+ */
+#ifndef SPILLWAY_H
+#define SPILLWAY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef int32_t spillway_status;
+enum {
+    SPILLWAY_OK = 0,
+    SPILLWAY_E_TIER_FULL = 1,
+    SPILLWAY_E_STORE_FULL = 2,
+    SPILLWAY_E_PAGE_TOO_LARGE = 3,
+    SPILLWAY_E_UNKNOWN_KEY = 4,
+    SPILLWAY_E_BUFFER_TOO_SMALL = 5,
+    SPILLWAY_E_CHECKSUM_MISMATCH = 6,
+    SPILLWAY_E_TIER_IO = 7,
+    SPILLWAY_E_PAGE_PINNED = 8,
+    SPILLWAY_E_NOT_PINNED = 9,
+    SPILLWAY_E_CLOSED = 10,
+    SPILLWAY_E_INVALID_CONFIGURATION = 11,
+    SPILLWAY_E_INVALID_ARGUMENT = 12,
+    SPILLWAY_E_INVALID_HANDLE = 100,
+    SPILLWAY_E_PARTIAL = 101 /* some blocks of a batch failed; see the count returned */
+};
+
+typedef uint64_t spillway_store;   /* a tiered store */
+typedef uint64_t spillway_kv_pool; /* a KV-cache block pool on a store */
+typedef uint64_t spillway_ticket;  /* an asynchronous KV store in flight */
+
+/* The version string ("0.3.0"); static storage. Thread-safe. */
+const char *spillway_version(void);
+
+/* The message of the last failed call on this thread ("" if none). Valid until this thread's
+ * next failing call. Thread-safe (per thread). */
+const char *spillway_last_error(void);
+
+/* Opens a store from a TOML file (docs/operations.md), or the embedded default when path is
+ * NULL. */
+spillway_status spillway_store_open(const char *config_path, spillway_store *out);
+/* Closes the store and every pool on it; further use of the handles fails. */
+spillway_status spillway_store_close(spillway_store store);
+
+/* Stores length bytes under key (visible once complete; replaces an older version). */
+spillway_status spillway_store_put(spillway_store store, const uint8_t key[16], const void *bytes, size_t length);
+/* Reads the page into buffer (capacity bytes); *length gets its size. A buffer too small is
+ * SPILLWAY_E_BUFFER_TOO_SMALL with *length set to the size needed. */
+spillway_status spillway_store_get(spillway_store store, const uint8_t key[16], void *buffer, size_t capacity, size_t *length);
+spillway_status spillway_store_remove(spillway_store store, const uint8_t key[16]);
+/* Writes the store's statistics as one JSON object (NUL-terminated) into buffer; *length
+ * gets the JSON's length. Too small: SPILLWAY_E_BUFFER_TOO_SMALL with *length = needed. */
+spillway_status spillway_store_stats_json(spillway_store store, char *buffer, size_t capacity, size_t *length);
+
+/* KV-cache geometry: K and V of tokens_per_block × kv_heads × head_dim elements of
+ * dtype_size bytes per layer. layout: 0 = per-layer pages, 1 = whole-block pages. */
+typedef struct {
+    uint32_t tokens_per_block;
+    uint32_t layers;
+    uint32_t kv_heads;
+    uint32_t head_dim;
+    uint32_t dtype_size;
+    uint32_t layout;
+} spillway_kv_geometry;
+
+spillway_status spillway_kv_pool_create(spillway_store store, const spillway_kv_geometry *geometry, const char *model_id,
+                                        spillway_kv_pool *out);
+spillway_status spillway_kv_pool_destroy(spillway_kv_pool pool);
+/* Bytes of one layer of a block, and of a whole block. */
+spillway_status spillway_kv_block_sizes(spillway_kv_pool pool, size_t *layer_bytes, size_t *block_bytes);
+
+/* The chained prefix hashes of the full blocks of tokens (16 bytes each into hashes, at most
+ * capacity of them); *blocks gets how many full blocks there are. */
+spillway_status spillway_kv_block_hashes(spillway_kv_pool pool, const uint32_t *tokens, size_t count, uint8_t *hashes,
+                                         size_t capacity, size_t *blocks);
+/* How many blocks from the start of hashes (count × 16 bytes) are completely stored. */
+spillway_status spillway_kv_lookup(spillway_kv_pool pool, const uint8_t *hashes, size_t count, size_t *matched);
+
+/* Stores count blocks: buffers[i] holds block i (layer < 0: the whole block, block_bytes) or
+ * its layer `layer` (layer_bytes). A block is visible once all its layers are stored.
+ * *stored gets the number of blocks stored from the start without a gap; if some failed, the
+ * status is SPILLWAY_E_PARTIAL (or the first error when none succeeded). */
+spillway_status spillway_kv_store(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t layer,
+                                  const void *const *buffers, size_t buffer_bytes, size_t *stored);
+/* Like spillway_kv_store but returns at once; buffers must stay valid and unchanged until
+ * spillway_kv_wait(ticket) returns. */
+spillway_status spillway_kv_store_async(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t layer,
+                                        const void *const *buffers, size_t buffer_bytes, spillway_ticket *ticket);
+spillway_status spillway_kv_wait(spillway_ticket ticket, size_t *stored);
+/* Loads count blocks (layer < 0: whole blocks) into buffers; *loaded = blocks loaded from the
+ * start without a gap. Never writes bytes other than those stored. */
+spillway_status spillway_kv_load(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t layer,
+                                 void *const *buffers, size_t buffer_bytes, size_t *loaded);
+spillway_status spillway_kv_prefetch(spillway_kv_pool pool, const uint8_t *hashes, size_t count);
+spillway_status spillway_kv_pin(spillway_kv_pool pool, const uint8_t *hashes, size_t count);
+spillway_status spillway_kv_unpin(spillway_kv_pool pool, const uint8_t *hashes, size_t count);
+spillway_status spillway_kv_evict(spillway_kv_pool pool, const uint8_t *hashes, size_t count, size_t *removed);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SPILLWAY_H */
