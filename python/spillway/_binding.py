@@ -1,0 +1,320 @@
+"""ctypes declarations for include/spillway.h and thin Python classes over them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+OK = 0
+E_PARTIAL = 101
+ERROR_NAMES = {
+    1: "tier full", 2: "store full", 3: "page too large", 4: "unknown key", 5: "buffer too small",
+    6: "checksum mismatch", 7: "tier I/O", 8: "page pinned", 9: "not pinned", 10: "closed",
+    11: "invalid configuration", 12: "invalid argument", 100: "invalid handle", 101: "partial",
+}
+
+
+class SpillwayError(Exception):
+    """A failed call: ``status`` is the C status code, ``args[0]`` the library's message."""
+
+    def __init__(self, status: int, message: str, count: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+        self.count = count  # for partial batch results: blocks done from the start
+
+    @property
+    def name(self) -> str:
+        return ERROR_NAMES.get(self.status, f"status {self.status}")
+
+
+def library_path() -> str:
+    """Where the library is: $SPILLWAY_LIBRARY, else the package's build tree (release, then
+    debug), else the system's libspillway.so."""
+    explicit = os.environ.get("SPILLWAY_LIBRARY")
+    if explicit:
+        return explicit
+    root = Path(__file__).resolve().parents[2]
+    for build in ("release", "debug"):
+        candidate = root / ".build" / build / "libSpillwayC.so"
+        if candidate.exists():
+            return str(candidate)
+    return "libspillway.so"
+
+
+_lib = ctypes.CDLL(library_path())
+_u64 = ctypes.c_uint64
+_size = ctypes.c_size_t
+_status = ctypes.c_int32
+_p = ctypes.c_void_p
+
+
+class _Geometry(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in
+                ("tokens_per_block", "layers", "kv_heads", "head_dim", "dtype_size", "layout")]
+
+
+def _declare(name, *argtypes):
+    function = getattr(_lib, name)
+    function.argtypes = list(argtypes)
+    function.restype = _status
+    return function
+
+
+_lib.spillway_version.restype = ctypes.c_char_p
+_lib.spillway_version.argtypes = []
+_lib.spillway_last_error.restype = ctypes.c_char_p
+_lib.spillway_last_error.argtypes = []
+_store_open = _declare("spillway_store_open", ctypes.c_char_p, ctypes.POINTER(_u64))
+_store_close = _declare("spillway_store_close", _u64)
+_store_put = _declare("spillway_store_put", _u64, ctypes.c_char_p, _p, _size)
+_store_get = _declare("spillway_store_get", _u64, ctypes.c_char_p, _p, _size, ctypes.POINTER(_size))
+_store_remove = _declare("spillway_store_remove", _u64, ctypes.c_char_p)
+_store_stats = _declare("spillway_store_stats_json", _u64, ctypes.c_char_p, _size, ctypes.POINTER(_size))
+_pool_create = _declare("spillway_kv_pool_create", _u64, ctypes.POINTER(_Geometry), ctypes.c_char_p, ctypes.POINTER(_u64))
+_pool_destroy = _declare("spillway_kv_pool_destroy", _u64)
+_block_sizes = _declare("spillway_kv_block_sizes", _u64, ctypes.POINTER(_size), ctypes.POINTER(_size))
+_block_hashes = _declare("spillway_kv_block_hashes", _u64, ctypes.POINTER(ctypes.c_uint32), _size, ctypes.c_char_p, _size,
+                         ctypes.POINTER(_size))
+_lookup = _declare("spillway_kv_lookup", _u64, ctypes.c_char_p, _size, ctypes.POINTER(_size))
+_kv_store = _declare("spillway_kv_store", _u64, ctypes.c_char_p, _size, ctypes.c_int32, ctypes.POINTER(_p), _size, ctypes.POINTER(_size))
+_kv_store_async = _declare("spillway_kv_store_async", _u64, ctypes.c_char_p, _size, ctypes.c_int32, ctypes.POINTER(_p), _size,
+                           ctypes.POINTER(_u64))
+_kv_wait = _declare("spillway_kv_wait", _u64, ctypes.POINTER(_size))
+_kv_load = _declare("spillway_kv_load", _u64, ctypes.c_char_p, _size, ctypes.c_int32, ctypes.POINTER(_p), _size, ctypes.POINTER(_size))
+_kv_prefetch = _declare("spillway_kv_prefetch", _u64, ctypes.c_char_p, _size)
+_kv_pin = _declare("spillway_kv_pin", _u64, ctypes.c_char_p, _size)
+_kv_unpin = _declare("spillway_kv_unpin", _u64, ctypes.c_char_p, _size)
+_kv_evict = _declare("spillway_kv_evict", _u64, ctypes.c_char_p, _size, ctypes.POINTER(_size))
+
+
+def version() -> str:
+    return _lib.spillway_version().decode()
+
+
+def _check(status: int, count: Optional[int] = None) -> None:
+    if status != OK:
+        raise SpillwayError(status, _lib.spillway_last_error().decode(errors="replace"), count)
+
+
+def _key(key) -> bytes:
+    """A 16-byte key from bytes, or an int (the 128-bit value)."""
+    if isinstance(key, int):
+        if not 0 <= key < 1 << 128:
+            raise ValueError("a key is a 128-bit unsigned integer")
+        return key.to_bytes(16, "big")
+    key = bytes(key)
+    if len(key) != 16:
+        raise ValueError("a key is 16 bytes")
+    return key
+
+
+class _Buffer:
+    """An address and size for a buffer-protocol object (kept alive by this object) or an
+    explicit (address, size) pair."""
+
+    def __init__(self, obj, writable: bool):
+        self.keep = obj
+        if isinstance(obj, tuple):
+            address, size = obj
+            self.address, self.size = int(address.value if isinstance(address, ctypes.c_void_p) else address), int(size)
+            return
+        view = memoryview(obj)
+        if writable and view.readonly:
+            raise ValueError("a load needs a writable buffer")
+        if not view.c_contiguous:
+            raise ValueError("buffers must be C-contiguous")
+        self.size = view.nbytes
+        if view.readonly:
+            # Read-only bytes: ctypes cannot take their address, so copy once.
+            self.keep = ctypes.create_string_buffer(view.tobytes(), self.size)
+            self.address = ctypes.addressof(self.keep)
+        else:
+            carrier = (ctypes.c_char * self.size).from_buffer(view.cast("B"))
+            self.keep = (obj, carrier)
+            self.address = ctypes.addressof(carrier)
+
+
+def _buffers(objects: Sequence, writable: bool):
+    wrapped = [_Buffer(obj, writable) for obj in objects]
+    sizes = {buffer.size for buffer in wrapped}
+    if len(sizes) > 1:
+        raise ValueError("all buffers of a call must have the same size")
+    array = (_p * max(1, len(wrapped)))(*[buffer.address for buffer in wrapped])
+    return wrapped, array, (sizes.pop() if sizes else 0)
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """K and V of tokens_per_block × kv_heads × head_dim elements of dtype_size bytes per layer."""
+
+    tokens_per_block: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_size: int = 2
+    layout: str = "per-layer"  # or "whole-block"
+
+    @property
+    def layer_bytes(self) -> int:
+        return 2 * self.tokens_per_block * self.kv_heads * self.head_dim * self.dtype_size
+
+    @property
+    def block_bytes(self) -> int:
+        return self.layers * self.layer_bytes
+
+
+class Store:
+    """A tiered store (a TOML configuration file, or the embedded default with None)."""
+
+    def __init__(self, config_path: Optional[str] = None):
+        handle = _u64(0)
+        _check(_store_open(config_path.encode() if config_path else None, ctypes.byref(handle)))
+        self.handle = handle.value
+
+    def close(self) -> None:
+        if self.handle:
+            handle, self.handle = self.handle, 0
+            _check(_store_close(handle))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def put(self, key, data) -> None:
+        buffer = _Buffer(data, writable=False)
+        _check(_store_put(self.handle, _key(key), buffer.address, buffer.size))
+
+    def get(self, key, into=None) -> bytes | int:
+        """With ``into`` (a writable buffer): fills it, returns the page length. Without:
+        returns the page as bytes."""
+        length = _size(0)
+        if into is not None:
+            buffer = _Buffer(into, writable=True)
+            _check(_store_get(self.handle, _key(key), buffer.address, buffer.size, ctypes.byref(length)))
+            return length.value
+        status = _store_get(self.handle, _key(key), None, 0, ctypes.byref(length))
+        if status not in (OK, 5):  # 5: buffer too small, length tells the size
+            _check(status)
+        out = ctypes.create_string_buffer(max(1, length.value))
+        _check(_store_get(self.handle, _key(key), out, length.value, ctypes.byref(length)))
+        return out.raw[: length.value]
+
+    def remove(self, key) -> None:
+        _check(_store_remove(self.handle, _key(key)))
+
+    def stats(self) -> dict:
+        import json
+
+        length = _size(0)
+        _store_stats(self.handle, None, 0, ctypes.byref(length))
+        out = ctypes.create_string_buffer(length.value + 1)
+        _check(_store_stats(self.handle, out, length.value + 1, ctypes.byref(length)))
+        return json.loads(out.value.decode())
+
+    def kv_pool(self, geometry: KVGeometry, model_id: str) -> "KVPool":
+        return KVPool(self, geometry, model_id)
+
+
+class StoreTicket:
+    """An asynchronous KV store in flight; ``wait()`` returns the blocks stored (from the start)."""
+
+    def __init__(self, handle: int, keep):
+        self.handle = handle
+        self._keep = keep  # the buffers stay alive (and must stay unchanged) until wait()
+
+    def wait(self) -> int:
+        stored = _size(0)
+        status = _kv_wait(self.handle, ctypes.byref(stored))
+        self._keep = None
+        _check(status, stored.value)
+        return stored.value
+
+
+class KVPool:
+    """A KV-cache block pool: chained prefix hashes, lookup, store/load per layer or whole."""
+
+    def __init__(self, store: Store, geometry: KVGeometry, model_id: str):
+        if geometry.layout not in ("per-layer", "whole-block"):
+            raise ValueError("layout is 'per-layer' or 'whole-block'")
+        self.owner = store  # keeps the store object alive as long as the pool
+        self.geometry = geometry
+        raw = _Geometry(geometry.tokens_per_block, geometry.layers, geometry.kv_heads, geometry.head_dim, geometry.dtype_size,
+                        0 if geometry.layout == "per-layer" else 1)
+        handle = _u64(0)
+        _check(_pool_create(store.handle, ctypes.byref(raw), model_id.encode(), ctypes.byref(handle)))
+        self.handle = handle.value
+
+    def close(self) -> None:
+        if self.handle:
+            handle, self.handle = self.handle, 0
+            _check(_pool_destroy(handle))
+
+    def block_hashes(self, tokens: Iterable[int]) -> list[bytes]:
+        """The 16-byte chained hashes of every full block of ``tokens``."""
+        tokens = list(tokens)
+        array = (ctypes.c_uint32 * max(1, len(tokens)))(*tokens)
+        capacity = len(tokens) // self.geometry.tokens_per_block
+        out = ctypes.create_string_buffer(max(1, 16 * capacity))
+        blocks = _size(0)
+        _check(_block_hashes(self.handle, array, len(tokens), out, capacity, ctypes.byref(blocks)))
+        return [out.raw[16 * i: 16 * i + 16] for i in range(blocks.value)]
+
+    @staticmethod
+    def _hashes(hashes: Sequence[bytes]) -> bytes:
+        return b"".join(_key(h) for h in hashes)
+
+    def lookup(self, hashes: Sequence[bytes]) -> int:
+        """Blocks stored completely from the start of ``hashes``."""
+        matched = _size(0)
+        _check(_lookup(self.handle, self._hashes(hashes), len(hashes), ctypes.byref(matched)))
+        return matched.value
+
+    def store(self, hashes: Sequence[bytes], buffers: Sequence, layer: Optional[int] = None) -> int:
+        """Stores blocks (or one layer of each); returns the blocks stored from the start.
+        Raises SpillwayError (status 101 = partial, ``count`` = blocks done) on failure."""
+        if len(hashes) != len(buffers):
+            raise ValueError("one buffer per block hash")
+        keep, array, size = _buffers(buffers, writable=False)
+        stored = _size(0)
+        _check(_kv_store(self.handle, self._hashes(hashes), len(hashes), -1 if layer is None else layer, array, size,
+                         ctypes.byref(stored)), stored.value)
+        return stored.value
+
+    def store_async(self, hashes: Sequence[bytes], buffers: Sequence, layer: Optional[int] = None) -> StoreTicket:
+        if len(hashes) != len(buffers):
+            raise ValueError("one buffer per block hash")
+        keep, array, size = _buffers(buffers, writable=False)
+        ticket = _u64(0)
+        _check(_kv_store_async(self.handle, self._hashes(hashes), len(hashes), -1 if layer is None else layer, array, size,
+                               ctypes.byref(ticket)))
+        return StoreTicket(ticket.value, (keep, array))
+
+    def load(self, hashes: Sequence[bytes], buffers: Sequence, layer: Optional[int] = None) -> int:
+        """Loads blocks (or one layer of each) into writable buffers; returns the blocks loaded
+        from the start. Raises SpillwayError (101 = partial, ``count``) if any failed."""
+        if len(hashes) != len(buffers):
+            raise ValueError("one buffer per block hash")
+        keep, array, size = _buffers(buffers, writable=True)
+        loaded = _size(0)
+        _check(_kv_load(self.handle, self._hashes(hashes), len(hashes), -1 if layer is None else layer, array, size,
+                        ctypes.byref(loaded)), loaded.value)
+        return loaded.value
+
+    def prefetch(self, hashes: Sequence[bytes]) -> None:
+        _check(_kv_prefetch(self.handle, self._hashes(hashes), len(hashes)))
+
+    def pin(self, hashes: Sequence[bytes]) -> None:
+        _check(_kv_pin(self.handle, self._hashes(hashes), len(hashes)))
+
+    def unpin(self, hashes: Sequence[bytes]) -> None:
+        _check(_kv_unpin(self.handle, self._hashes(hashes), len(hashes)))
+
+    def evict(self, hashes: Sequence[bytes]) -> int:
+        removed = _size(0)
+        _check(_kv_evict(self.handle, self._hashes(hashes), len(hashes), ctypes.byref(removed)))
+        return removed.value
