@@ -120,8 +120,10 @@ public struct BenchResult: Sendable {
                     ("used_slots", .int(tier.usedSlots)), ("capacity_slots", .int(tier.capacitySlots)),
                     ("promotions", .int(tier.promotionsIn)), ("demotions", .int(tier.demotionsOut)),
                     ("evictions", .int(tier.evictions)), ("checksum_failures", .int(tier.checksumFailures)),
+                    ("stall_ns", .int(tier.stallNanoseconds)),
                 ])
             })))
+            members.append(("goodput", .double(stats.goodput)))
         }
         return .object(members)
     }

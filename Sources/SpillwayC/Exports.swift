@@ -224,7 +224,12 @@ public func spillway_store_stats_json(_ handle: UInt64, _ buffer: UnsafeMutableP
         let encoder = JSONEncoder()
         encoder.keyEncodingStrategy = .convertToSnakeCase
         encoder.outputFormatting = [.sortedKeys]
-        let bytes = Array((try? encoder.encode(store.stats())) ?? Data("{}".utf8))
+        let stats = store.stats()
+        var object = ((try? encoder.encode(stats)).flatMap { try? JSONSerialization.jsonObject(with: $0) } as? [String: Any]) ?? [:]
+        // Computed values the Codable synthesis leaves out.
+        object["goodput"] = stats.goodput
+        object["stall_nanoseconds"] = stats.stallNanoseconds
+        let bytes = Array((try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8))
         length?.pointee = bytes.count
         guard let buffer, capacity > bytes.count else { throw .spillway(.bufferTooSmall(required: bytes.count + 1, available: capacity)) }
         bytes.withUnsafeBytes { UnsafeMutableRawPointer(buffer).copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }

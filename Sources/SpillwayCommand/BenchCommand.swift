@@ -198,6 +198,8 @@ enum BenchTable {
             if let stats = result.stats, stats.tiers.count > 1 {
                 let tiers = stats.tiers.map { "\($0.name): \($0.hits) hits, \($0.promotionsIn) promoted in, \($0.demotionsOut) demoted out, \($0.evictions) evicted" }
                 lines.append("\(result.tier): " + tiers.joined(separator: "; "))
+                let stalls = stats.tiers.dropFirst().map { "\($0.name) \(String(format2: Double($0.stallNanoseconds) / 1e6)) ms" }
+                lines.append("\(result.tier): goodput \(String(format2: stats.goodput * 100))% (stalled on " + stalls.joined(separator: ", ") + ")")
             }
         }
         lines.append("latency: one batch in \(results.first?.latencySampleEvery ?? 16) timed; every run verified \(results.map(\.verifiedPages).reduce(0, +)) pages after timing")

@@ -11,6 +11,8 @@ final class TierCounters: Sendable {
     let bytesWritten = ManagedAtomic<Int>(0)
     let checksumFailures = ManagedAtomic<Int>(0)
     let ioErrors = ManagedAtomic<Int>(0)
+    /// Time API calls spent waiting on this tier's I/O (tiers below the top only).
+    let stallNanoseconds = ManagedAtomic<Int>(0)
 }
 
 final class StoreCounters: Sendable {
@@ -44,6 +46,9 @@ public struct TierStats: Sendable, Equatable, Codable {
     public var bytesWritten: Int
     public var checksumFailures: Int
     public var ioErrors: Int
+    /// Nanoseconds API calls (get, put, batches) spent waiting on this tier's I/O; always 0
+    /// for the top tier, whose accesses are the work itself, not a stall.
+    public var stallNanoseconds: Int = 0
 }
 
 /// A point-in-time view of the store (`TieredStore.stats()`).
@@ -56,6 +61,18 @@ public struct StoreStats: Sendable, Equatable, Codable {
     public var prefetchRequests: Int
     public var prefetchDropped: Int
     public var promotionsSkipped: Int
+    /// Nanoseconds since the store opened.
+    public var uptimeNanoseconds: Int = 0
+
+    /// Stall time on lower tiers, all tiers together.
+    public var stallNanoseconds: Int { tiers.reduce(0) { $0 + $1.stallNanoseconds } }
+    /// Goodput: the fraction of the store's lifetime not spent stalled on memory below the
+    /// top tier, 1 − stall / uptime (clamped to 0…1; with many threads stalling at once the
+    /// stall sum can exceed wall time, which reads as 0).
+    public var goodput: Double {
+        guard uptimeNanoseconds > 0 else { return 1 }
+        return max(0, min(1, 1 - Double(stallNanoseconds) / Double(uptimeNanoseconds)))
+    }
 
     public var checksumFailures: Int { tiers.reduce(0) { $0 + $1.checksumFailures } }
     public var evictions: Int { tiers.reduce(0) { $0 + $1.evictions } }
@@ -66,13 +83,14 @@ final class MetricsPublisher: @unchecked Sendable {
     // `@unchecked Sendable`: `published` is only touched by `publish`, which the store calls
     // from its background thread or under `publishLock`.
     private struct TierHandles {
-        let hits, promotions, demotions, evictions, bytesRead, bytesWritten, checksumFailures, ioErrors: Counter
+        let hits, promotions, demotions, evictions, bytesRead, bytesWritten, checksumFailures, ioErrors, stall: Counter
         let usedSlots, pages: Gauge
         let reclaimDuration: Timer
     }
 
     private let tiers: [TierHandles]
     private let puts, gets, misses, prefetchDropped: Counter
+    private let goodput: Gauge
     private var published: [String: Int] = [:]
 
     init(prefix: String, tierNames: [String]) {
@@ -87,6 +105,7 @@ final class MetricsPublisher: @unchecked Sendable {
                 bytesWritten: Counter(label: "\(prefix)_tier_written_bytes_total", dimensions: dimensions),
                 checksumFailures: Counter(label: "\(prefix)_tier_checksum_failures_total", dimensions: dimensions),
                 ioErrors: Counter(label: "\(prefix)_tier_io_errors_total", dimensions: dimensions),
+                stall: Counter(label: "\(prefix)_tier_stall_nanoseconds_total", dimensions: dimensions),
                 usedSlots: Gauge(label: "\(prefix)_tier_used_slots", dimensions: dimensions),
                 pages: Gauge(label: "\(prefix)_tier_pages", dimensions: dimensions),
                 reclaimDuration: Timer(label: "\(prefix)_tier_reclaim_duration", dimensions: dimensions))
@@ -95,6 +114,7 @@ final class MetricsPublisher: @unchecked Sendable {
         gets = Counter(label: "\(prefix)_gets_total")
         misses = Counter(label: "\(prefix)_misses_total")
         prefetchDropped = Counter(label: "\(prefix)_prefetch_dropped_total")
+        goodput = Gauge(label: "\(prefix)_goodput_ratio")
     }
 
     /// One reclaim round of `tier` (demotion batch or eviction) took this long.
@@ -119,6 +139,7 @@ final class MetricsPublisher: @unchecked Sendable {
             delta(handles.bytesWritten, prefix + "bytesWritten", tier.bytesWritten)
             delta(handles.checksumFailures, prefix + "checksumFailures", tier.checksumFailures)
             delta(handles.ioErrors, prefix + "ioErrors", tier.ioErrors)
+            delta(handles.stall, prefix + "stall", tier.stallNanoseconds)
             handles.usedSlots.record(tier.usedSlots)
             handles.pages.record(tier.pages)
         }
@@ -126,5 +147,6 @@ final class MetricsPublisher: @unchecked Sendable {
         delta(gets, "gets", stats.gets)
         delta(misses, "misses", stats.misses)
         delta(prefetchDropped, "prefetchDropped", stats.prefetchDropped)
+        goodput.record(stats.goodput)
     }
 }

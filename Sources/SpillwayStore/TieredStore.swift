@@ -80,6 +80,8 @@ public final class TieredStore: Sendable {
     /// Per tier: `descriptor.recordsPageMetadata` (writes must carry key and checksum).
     private let recordsMetadata: [Bool]
     private let lowSlots: [Int]
+    /// When the store opened (goodput's denominator).
+    private let openedAt = monotonicNanoseconds()
 
     public init(tiers: [any Tier], policy: any PlacementPolicy = LRUPolicy(), options: StoreOptions = StoreOptions(),
                 logger: Logger = Logger(label: "spillway.store")) throws(SpillwayError)
@@ -194,6 +196,8 @@ public final class TieredStore: Sendable {
         } else {
             location = try allocateForPut(slots: slotsNeeded(length), length: length)
         }
+        let stallStart = location.tier > 0 ? monotonicNanoseconds() : 0
+        defer { if location.tier > 0 { tierCounters[location.tier].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) } }
         if let base = UnsafeMutableRawPointer(bitPattern: hostBases[location.tier]) {
             // Host-memory tier: copy, then checksum the source while the stores drain.
             if length > 0 { memcpy(base + Int(location.extent.firstSlot) * slotSize, bytes.baseAddress!, length) }
@@ -245,6 +249,9 @@ public final class TieredStore: Sendable {
         }
         let tierIndex = snapshot.location.tier
         let status: Int32
+        // A read below the top tier is a stall on memory (goodput accounting).
+        let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
+        defer { if tierIndex > 0 { tierCounters[tierIndex].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) } }
         if let base = UnsafeMutableRawPointer(bitPattern: hostBases[tierIndex]) {
             if snapshot.length > 0 {
                 memcpy(buffer.baseAddress!, base + Int(snapshot.location.extent.firstSlot) * slotSize, snapshot.length)
@@ -414,12 +421,13 @@ public final class TieredStore: Sendable {
                     promotionsIn: counter.promotionsIn.value, demotionsOut: counter.demotionsOut.value,
                     evictions: counter.evictions.value, bytesRead: reads.bytes,
                     bytesWritten: counter.bytesWritten.value, checksumFailures: counter.checksumFailures.value,
-                    ioErrors: counter.ioErrors.value)
+                    ioErrors: counter.ioErrors.value, stallNanoseconds: counter.stallNanoseconds.value)
             },
             puts: counters.puts.value, gets: served.reduce(counters.misses.value) { $0 + $1.reads },
             misses: counters.misses.value, removes: counters.removes.value,
             prefetchRequests: counters.prefetchRequests.value, prefetchDropped: counters.prefetchDropped.value,
-            promotionsSkipped: counters.promotionsSkipped.value)
+            promotionsSkipped: counters.promotionsSkipped.value,
+            uptimeNanoseconds: Int(monotonicNanoseconds() &- openedAt))
     }
 
     /// Publishes the current counters to swift-metrics (the worker does this periodically).
@@ -528,7 +536,9 @@ public final class TieredStore: Sendable {
                 }
                 guard batch.count > 0 else { continue }
                 batch.maxInFlight = queueDepth
+                let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
                 batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
+                if tierIndex > 0 { tierCounters[tierIndex].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) }
                 var entry = 0
                 for index in requests.indices {
                     guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
@@ -656,7 +666,9 @@ public final class TieredStore: Sendable {
                 }
                 guard batch.count > 0 else { continue }
                 batch.maxInFlight = queueDepth
+                let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
                 batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
+                if tierIndex > 0 { tierCounters[tierIndex].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) }
                 // Copy statuses out before finishRead reuses the thread's batch for promotions.
                 withUnsafeTemporaryAllocation(of: Int32.self, capacity: batch.count) { statuses in
                     for entry in 0..<batch.count { statuses.initializeElement(at: entry, to: batch[entry].status) }
