@@ -116,6 +116,18 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Model weights: safetensors parsing, registration into a store, layer streaming
+        // into a device-memory budget with a layer-ahead prefetcher.
+        .target(
+            name: "SpillwayWeights",
+            dependencies: [
+                "SpillwayCore",
+                "SpillwayStore",
+                "SpillwayMemoryTiers",
+                "CSpillwayXXHash",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The tiered store: put/get/pin/prefetch, promotion, background demotion, eviction, stats.
         .target(
             name: "SpillwayStore",
@@ -138,6 +150,7 @@ let package = Package(
                 "SpillwayRemote",
                 "SpillwayErasure",
                 "SpillwayKV",
+                "SpillwayWeights",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -195,6 +208,7 @@ let package = Package(
         ),
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore"]),
         .testTarget(name: "SpillwayKVTests", dependencies: ["SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers"]),
+        .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayWeights", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),

@@ -7,3 +7,4 @@
 @_exported import SpillwayRemote
 @_exported import SpillwayErasure
 @_exported import SpillwayKV
+@_exported import SpillwayWeights
