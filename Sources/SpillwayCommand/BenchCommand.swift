@@ -25,7 +25,7 @@ struct BenchCommand: ParsableCommand {
         tables define the store used by 'tiered'); the command line wins over the file.
         """)
 
-    @Argument(help: "device | dram | nvme | remote | ec | tiered; omit to run every available tier.")
+    @Argument(help: "device | dram | nvme | remote | ec | tiered | weights | ec-encode; omit to run every available tier.")
     var tier: String?
 
     @Option(help: "randread | randwrite | read | write (default randread).")
@@ -69,6 +69,15 @@ struct BenchCommand: ParsableCommand {
 
     @Option(name: .customLong("slow-daemon-us"), help: "ec, in-process daemons: one daemon answers this many µs late after the prefill.")
     var slowDaemonMicroseconds: Int?
+
+    @Option(help: "weights: a .safetensors model (default: a synthetic 12-layer fp16 model in the scratch directory).")
+    var model: String?
+
+    @Option(help: "weights: layers loaded ahead of the one in use (default 2).")
+    var prefetch: Int?
+
+    @Option(name: .customLong("compute-us"), help: "weights: simulated compute per layer in µs (default 0).")
+    var computeMicroseconds: Int?
 
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
@@ -116,6 +125,17 @@ struct BenchCommand: ParsableCommand {
             storeConfiguration.tiers[index].reformat = true
         }
 
+        if target == "weights" {
+            var weights = WeightsBench.Options()
+            weights.model = model
+            weights.prefetch = prefetch ?? 2
+            weights.durationSeconds = durationGiven ?? 3
+            weights.computeMicroseconds = computeMicroseconds ?? 0
+            weights.nvmeFile = options.file
+            let object = try WeightsBench.run(weights)
+            printLine(json ? object.serialized() : "weights: \(object.serialized())")
+            return
+        }
         if target == "ec-encode" {
             // The encoder alone (no daemons): compared with Bench/isal_encode_reference.c.
             let object = try CodecBench.run(k: options.k, r: options.r, blockSize: options.blockSize,
