@@ -119,6 +119,34 @@ spillway_status spillway_kv_pin(spillway_kv_pool pool, const uint8_t *hashes, si
 spillway_status spillway_kv_unpin(spillway_kv_pool pool, const uint8_t *hashes, size_t count);
 spillway_status spillway_kv_evict(spillway_kv_pool pool, const uint8_t *hashes, size_t count, size_t *removed);
 
+/* Model weights (safetensors). */
+typedef uint64_t spillway_weights;
+
+/* One tensor of an acquired layer: name and dtype are NUL-terminated and live as long as the
+ * weights handle; data is valid until the layer is released. */
+typedef struct {
+    const char *name;
+    const char *dtype;
+    const void *data;
+    size_t bytes;
+} spillway_tensor_view;
+
+/* Registers a safetensors model (copies its tensors into the store, on tier `tier`, or where
+ * the store's policy puts them when tier < 0) and prepares a streamer with a device-memory
+ * budget of device_budget bytes and `prefetch` layers loaded ahead. */
+spillway_status spillway_weights_register(spillway_store store, const char *path, const char *model_id, int32_t tier,
+                                          size_t device_budget, uint32_t prefetch, spillway_weights *out);
+/* The model's layer numbers, ascending (-1 = shared tensors: embeddings, final norm, head). */
+spillway_status spillway_weights_layers(spillway_weights weights, int32_t *layers, size_t capacity, size_t *count);
+/* Acquires a layer: its tensors in device memory (waits only while they load). *count gets the
+ * number of tensors; views receives up to capacity of them. */
+spillway_status spillway_weights_acquire(spillway_weights weights, int32_t layer, spillway_tensor_view *views, size_t capacity,
+                                         size_t *count);
+spillway_status spillway_weights_release(spillway_weights weights, int32_t layer);
+/* Nanoseconds acquire calls waited for layers not loaded yet, in total. */
+spillway_status spillway_weights_stall(spillway_weights weights, uint64_t *nanoseconds);
+spillway_status spillway_weights_destroy(spillway_weights weights);
+
 #ifdef __cplusplus
 }
 #endif

@@ -87,6 +87,7 @@ public enum WeightsBench {
         let total = stalls.reduce(0, +)
         return .object([
             ("tier", .string("weights")), ("model", .string(model)), ("model_bytes", .int(file.fileSize)),
+            ("nvme_file", .string(tier.path ?? "")),
             ("layers", .int(weights.layers.count)), ("prefetch", .int(options.prefetch)), ("passes", .int(passes)),
             ("bytes_per_s", .double(Double(streamed) / seconds)), ("duration_s", .double(seconds)),
             ("compute_us_per_layer", .int(options.computeMicroseconds)), ("register_s", .double(registerSeconds)),

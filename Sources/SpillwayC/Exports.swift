@@ -22,6 +22,31 @@ enum HandleEntry {
     case store(TieredStore, pools: Set<UInt64>)
     case pool(KVPool, store: UInt64)
     case ticket(KVStoreTicket)
+    case weights(WeightsBox, store: UInt64)
+}
+
+/// A registered model, its streamer, and the C strings its tensor views point to (allocated
+/// once, freed with the handle). `@unchecked Sendable`: the C strings are immutable after init.
+final class WeightsBox: @unchecked Sendable {
+    let weights: ModelWeights
+    let streamer: WeightStreamer
+    let names: [String: (name: UnsafeMutablePointer<CChar>, dtype: UnsafeMutablePointer<CChar>)]
+
+    init(weights: ModelWeights, streamer: WeightStreamer) {
+        self.weights = weights
+        self.streamer = streamer
+        var names: [String: (UnsafeMutablePointer<CChar>, UnsafeMutablePointer<CChar>)] = [:]
+        for tensor in weights.file.tensors { names[tensor.name] = (strdup(tensor.name), strdup(tensor.dtype)) }
+        self.names = names
+    }
+
+    deinit {
+        streamer.close()
+        for (name, dtype) in names.values {
+            free(name)
+            free(dtype)
+        }
+    }
 }
 
 /// Every live handle. Handles are counters, never addresses, so a stale or forged one is a
@@ -162,6 +187,7 @@ public func spillway_store_close(_ handle: UInt64) -> Int32 {
             var pools: [KVPool] = []
             for poolHandle in poolHandles {
                 if case .pool(let pool, _) = entries[poolHandle] { pools.append(pool) }
+                if case .weights(let box, _) = entries[poolHandle] { box.streamer.close() }
                 entries[poolHandle] = nil
             }
             return (store, pools)
@@ -445,6 +471,113 @@ public func spillway_kv_evict(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?,
     entry { () throws(CError) in
         let pool = try handles.pool(handle)
         removed?.pointee = pool.evict(try readHashes(hashes, count))
+        return CStatus.ok
+    }
+}
+
+// MARK: Weights
+
+func weightsBox(_ handle: UInt64) throws(CError) -> WeightsBox {
+    guard case .weights(let box, _) = handles.entries.withLock({ $0[handle] }) else { throw .handle("no weights with handle \(handle)") }
+    return box
+}
+
+@_cdecl("spillway_weights_register")
+public func spillway_weights_register(_ storeHandle: UInt64, _ path: UnsafePointer<CChar>?, _ modelID: UnsafePointer<CChar>?, _ tier: Int32,
+                                      _ deviceBudget: Int, _ prefetch: UInt32, _ out: UnsafeMutablePointer<UInt64>?) -> Int32
+{
+    entry { () throws(CError) in
+        let store = try handles.store(storeHandle)
+        guard let path, let modelID, let out else { throw .spillway(.invalidArgument("path, model_id and out must not be NULL")) }
+        try argument(deviceBudget > 0 && prefetch <= 64, "device budget must be positive and prefetch at most 64")
+        let weights = try wrap { () throws(SpillwayError) in
+            try ModelWeights(store: store, path: String(cString: path), modelID: String(cString: modelID), tier: tier < 0 ? nil : Int(tier))
+        }
+        let streamer = try wrap { () throws(SpillwayError) in try WeightStreamer(weights: weights, deviceBudget: deviceBudget, prefetchDepth: Int(prefetch)) }
+        let handle = handles.insert(.weights(WeightsBox(weights: weights, streamer: streamer), store: storeHandle))
+        let attached = handles.entries.withLock { entries -> Bool in
+            guard case .store(let store, var children) = entries[storeHandle] else { return false }
+            children.insert(handle)
+            entries[storeHandle] = .store(store, pools: children)
+            return true
+        }
+        guard attached else {
+            handles.entries.withLock { $0[handle] = nil }
+            throw .handle("store \(storeHandle) was closed meanwhile")
+        }
+        out.pointee = handle
+        return CStatus.ok
+    }
+}
+
+@_cdecl("spillway_weights_layers")
+public func spillway_weights_layers(_ handle: UInt64, _ layers: UnsafeMutablePointer<Int32>?, _ capacity: Int, _ count: UnsafeMutablePointer<Int>?) -> Int32 {
+    entry { () throws(CError) in
+        let box = try weightsBox(handle)
+        let all = box.weights.layers
+        count?.pointee = all.count
+        guard capacity >= all.count else { throw .spillway(.bufferTooSmall(required: all.count, available: max(0, capacity))) }
+        guard let layers else { throw .spillway(.invalidArgument("layers is NULL")) }
+        for (index, layer) in all.enumerated() { layers[index] = Int32(layer) }
+        return CStatus.ok
+    }
+}
+
+@_cdecl("spillway_weights_acquire")
+public func spillway_weights_acquire(_ handle: UInt64, _ layer: Int32, _ views: UnsafeMutableRawPointer?, _ capacity: Int,
+                                     _ count: UnsafeMutablePointer<Int>?) -> Int32
+{
+    entry { () throws(CError) in
+        let box = try weightsBox(handle)
+        let tensors = box.weights.tensors(layer: Int(layer))
+        count?.pointee = tensors.count
+        guard box.weights.layers.contains(Int(layer)) else { throw .spillway(.invalidArgument("no layer \(layer)")) }
+        guard capacity >= tensors.count else { throw .spillway(.bufferTooSmall(required: tensors.count, available: max(0, capacity))) }
+        guard let views else { throw .spillway(.invalidArgument("views is NULL")) }
+        let acquired = try wrap { () throws(SpillwayError) in try box.streamer.acquire(layer: Int(layer)) }
+        // spillway_tensor_view: name, dtype, data pointers then a size_t (32 bytes).
+        for (index, (info, bytes)) in acquired.tensors.enumerated() {
+            let view = views + 32 * index
+            let strings = box.names[info.name]!
+            view.storeBytes(of: UnsafeRawPointer(strings.name), toByteOffset: 0, as: UnsafeRawPointer.self)
+            view.storeBytes(of: UnsafeRawPointer(strings.dtype), toByteOffset: 8, as: UnsafeRawPointer.self)
+            view.storeBytes(of: bytes.baseAddress.map { UInt(bitPattern: $0) } ?? 0, toByteOffset: 16, as: UInt.self)
+            view.storeBytes(of: bytes.count, toByteOffset: 24, as: Int.self)
+        }
+        return CStatus.ok
+    }
+}
+
+@_cdecl("spillway_weights_release")
+public func spillway_weights_release(_ handle: UInt64, _ layer: Int32) -> Int32 {
+    entry { () throws(CError) in
+        try weightsBox(handle).streamer.release(layer: Int(layer))
+        return CStatus.ok
+    }
+}
+
+@_cdecl("spillway_weights_stall")
+public func spillway_weights_stall(_ handle: UInt64, _ nanoseconds: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    entry { () throws(CError) in
+        nanoseconds?.pointee = try weightsBox(handle).streamer.stallNanoseconds.total
+        return CStatus.ok
+    }
+}
+
+@_cdecl("spillway_weights_destroy")
+public func spillway_weights_destroy(_ handle: UInt64) -> Int32 {
+    entry { () throws(CError) in
+        let box = handles.entries.withLock { entries -> WeightsBox? in
+            guard case .weights(let box, let storeHandle) = entries[handle] else { return nil }
+            entries[handle] = nil
+            if case .store(let store, var children) = entries[storeHandle] {
+                children.remove(handle)
+                entries[storeHandle] = .store(store, pools: children)
+            }
+            return box
+        }
+        guard let box else { throw .handle("no weights with handle \(handle)") }
+        box.streamer.close()
         return CStatus.ok
     }
 }

@@ -85,6 +85,41 @@ int main(int argc, char **argv) {
     CHECK(spillway_kv_evict(pool, hashes + 16, 1, &removed) == SPILLWAY_OK && removed == 1);
     CHECK(spillway_kv_load(pool, hashes, 2, -1, whole, 512, &loaded) == SPILLWAY_E_PARTIAL && loaded == 1);
 
+    /* Weights: a tiny safetensors file written here (header JSON, then the data). */
+    const char *model_path = "/tmp/spillway-abi-test-model.safetensors";
+    const char *header = "{\"model.layers.0.w\":{\"dtype\":\"U8\",\"shape\":[4,8],\"data_offsets\":[0,32]},"
+                         "\"model.layers.1.w\":{\"dtype\":\"F16\",\"shape\":[16],\"data_offsets\":[32,64]},"
+                         "\"model.norm\":{\"dtype\":\"U8\",\"shape\":[8],\"data_offsets\":[64,72]}}";
+    FILE *model = fopen(model_path, "wb");
+    uint64_t header_length = strlen(header);
+    fwrite(&header_length, 8, 1, model); /* little-endian host */
+    fwrite(header, 1, header_length, model);
+    unsigned char weights_data[72];
+    for (int i = 0; i < 72; i++) weights_data[i] = (unsigned char)(i * 3 + 1);
+    fwrite(weights_data, 1, sizeof weights_data, model);
+    fclose(model);
+    /* A new store for the weights (the first one is closed at the end). */
+    spillway_weights weights = 0;
+    CHECK(spillway_weights_register(store, "/nonexistent.safetensors", "m", -1, 1 << 20, 1, &weights) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_weights_register(store, model_path, "tiny", -1, 1 << 20, 1, &weights) == SPILLWAY_OK && weights != 0);
+    int32_t layer_ids[8];
+    size_t layer_count = 0;
+    CHECK(spillway_weights_layers(weights, layer_ids, 8, &layer_count) == SPILLWAY_OK && layer_count == 3);
+    CHECK(layer_ids[0] == -1 && layer_ids[1] == 0 && layer_ids[2] == 1);
+    spillway_tensor_view views[4];
+    size_t tensor_count = 0;
+    CHECK(spillway_weights_acquire(weights, 1, views, 4, &tensor_count) == SPILLWAY_OK && tensor_count == 1);
+    CHECK(strcmp(views[0].name, "model.layers.1.w") == 0 && strcmp(views[0].dtype, "F16") == 0 && views[0].bytes == 32);
+    CHECK(memcmp(views[0].data, weights_data + 32, 32) == 0);
+    CHECK(spillway_weights_release(weights, 1) == SPILLWAY_OK);
+    CHECK(spillway_weights_acquire(weights, 7, views, 4, &tensor_count) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_weights_acquire(weights, 0, views, 0, &tensor_count) == SPILLWAY_E_BUFFER_TOO_SMALL);
+    uint64_t stall = 0;
+    CHECK(spillway_weights_stall(weights, &stall) == SPILLWAY_OK);
+    CHECK(spillway_weights_destroy(weights) == SPILLWAY_OK);
+    CHECK(spillway_weights_release(weights, 1) == SPILLWAY_E_INVALID_HANDLE);
+    remove(model_path);
+
     CHECK(spillway_kv_pool_destroy(pool) == SPILLWAY_OK);
     CHECK(spillway_kv_lookup(pool, hashes, 2, &matched) == SPILLWAY_E_INVALID_HANDLE);
     CHECK(spillway_store_close(store) == SPILLWAY_OK);

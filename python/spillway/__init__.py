@@ -18,8 +18,9 @@ from ._binding import (
     SpillwayError,
     Store,
     StoreTicket,
+    Weights,
     library_path,
     version,
 )
 
-__all__ = ["KVGeometry", "KVPool", "SpillwayError", "Store", "StoreTicket", "library_path", "version"]
+__all__ = ["KVGeometry", "KVPool", "SpillwayError", "Store", "StoreTicket", "Weights", "library_path", "version"]

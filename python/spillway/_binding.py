@@ -90,6 +90,19 @@ _kv_unpin = _declare("spillway_kv_unpin", _u64, ctypes.c_char_p, _size)
 _kv_evict = _declare("spillway_kv_evict", _u64, ctypes.c_char_p, _size, ctypes.POINTER(_size))
 
 
+class _TensorView(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_char_p), ("data", _p), ("bytes", _size)]
+
+
+_weights_register = _declare("spillway_weights_register", _u64, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32, _size,
+                             ctypes.c_uint32, ctypes.POINTER(_u64))
+_weights_layers = _declare("spillway_weights_layers", _u64, ctypes.POINTER(ctypes.c_int32), _size, ctypes.POINTER(_size))
+_weights_acquire = _declare("spillway_weights_acquire", _u64, ctypes.c_int32, ctypes.POINTER(_TensorView), _size, ctypes.POINTER(_size))
+_weights_release = _declare("spillway_weights_release", _u64, ctypes.c_int32)
+_weights_stall = _declare("spillway_weights_stall", _u64, ctypes.POINTER(ctypes.c_uint64))
+_weights_destroy = _declare("spillway_weights_destroy", _u64)
+
+
 def version() -> str:
     return _lib.spillway_version().decode()
 
@@ -218,6 +231,54 @@ class Store:
 
     def kv_pool(self, geometry: KVGeometry, model_id: str) -> "KVPool":
         return KVPool(self, geometry, model_id)
+
+    def register_weights(self, path: str, model_id: str, device_budget: int, prefetch: int = 2,
+                         tier: Optional[int] = None) -> "Weights":
+        return Weights(self, path, model_id, device_budget, prefetch, tier)
+
+
+class Weights:
+    """A safetensors model registered in the store, streamed layer by layer into a device
+    budget with ``prefetch`` layers loading ahead. ``acquire(layer)`` returns
+    ``{name: memoryview}`` valid until ``release(layer)``; layer -1 holds shared tensors."""
+
+    def __init__(self, store: Store, path: str, model_id: str, device_budget: int, prefetch: int, tier: Optional[int]):
+        handle = _u64(0)
+        _check(_weights_register(store.handle, path.encode(), model_id.encode(), -1 if tier is None else tier, device_budget,
+                                 prefetch, ctypes.byref(handle)))
+        self.owner = store
+        self.handle = handle.value
+
+    def layers(self) -> list[int]:
+        count = _size(0)
+        _weights_layers(self.handle, None, 0, ctypes.byref(count))
+        out = (ctypes.c_int32 * max(1, count.value))()
+        _check(_weights_layers(self.handle, out, count.value, ctypes.byref(count)))
+        return list(out[: count.value])
+
+    def acquire(self, layer: int) -> dict:
+        count = _size(0)
+        views = (_TensorView * 64)()
+        status = _weights_acquire(self.handle, layer, views, 64, ctypes.byref(count))
+        if status == 5:  # more than 64 tensors in the layer
+            views = (_TensorView * count.value)()
+            status = _weights_acquire(self.handle, layer, views, count.value, ctypes.byref(count))
+        _check(status)
+        return {view.name.decode(): memoryview((ctypes.c_char * view.bytes).from_address(view.data)).cast("B")
+                for view in views[: count.value]}
+
+    def release(self, layer: int) -> None:
+        _check(_weights_release(self.handle, layer))
+
+    def stall_seconds(self) -> float:
+        value = ctypes.c_uint64(0)
+        _check(_weights_stall(self.handle, ctypes.byref(value)))
+        return value.value / 1e9
+
+    def close(self) -> None:
+        if self.handle:
+            handle, self.handle = self.handle, 0
+            _check(_weights_destroy(handle))
 
 
 class StoreTicket:

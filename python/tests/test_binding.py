@@ -102,3 +102,54 @@ def test_vllm_style_connector_example(config):
     connector.start_load_kv(prompt, out)
     assert (out == kv).all()
     connector.close()
+
+
+def write_safetensors(path, tensors):
+    """tensors: name -> numpy array (C-contiguous). The reference layout: u64 LE header length,
+    JSON header, data."""
+    import json
+    import struct
+
+    header, offset, blobs = {}, 0, []
+    dtypes = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
+    for name, array in tensors.items():
+        data = array.tobytes()
+        header[name] = {"dtype": dtypes[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    encoded = json.dumps(header).encode()
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+
+
+def test_weights_stream_layers(config, tmp_path):
+    rng = np.random.default_rng(3)
+    tensors = {f"model.layers.{i}.mlp.weight": rng.standard_normal((64, 32)).astype(np.float16) for i in range(4)}
+    tensors["model.embed_tokens.weight"] = rng.standard_normal((16, 32)).astype(np.float32)
+    path = str(tmp_path / "model.safetensors")
+    write_safetensors(path, tensors)
+    with Store(config) as store:
+        weights = store.register_weights(path, "tiny", device_budget=1 << 20, prefetch=2)
+        assert weights.layers() == [-1, 0, 1, 2, 3]
+        for layer in range(4):
+            views = weights.acquire(layer)
+            name = f"model.layers.{layer}.mlp.weight"
+            assert np.array_equal(np.frombuffer(views[name], dtype=np.float16).reshape(64, 32), tensors[name])
+            weights.release(layer)
+        shared = weights.acquire(-1)
+        assert np.array_equal(np.frombuffer(shared["model.embed_tokens.weight"], dtype=np.float32).reshape(16, 32),
+                              tensors["model.embed_tokens.weight"])
+        weights.release(-1)
+        with pytest.raises(SpillwayError):
+            weights.acquire(9)
+        assert weights.stall_seconds() >= 0
+        weights.close()
+        with pytest.raises(SpillwayError) as error:
+            weights.layers()
+        assert error.value.name == "invalid handle"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with Store(config) as store:
+        with pytest.raises(SpillwayError) as error:
+            store.register_weights(str(bad), "bad", device_budget=1 << 20)
+        assert error.value.name == "invalid argument"
