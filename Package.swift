@@ -128,6 +128,21 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // LZ4 (Debian liblz4-dev) for opt-in compression of spilled pages.
+        .systemLibrary(
+            name: "CSpillwayLZ4",
+            pkgConfig: "liblz4",
+            providers: [.apt(["liblz4-dev"])]
+        ),
+        // A compressing wrapper for volatile tiers.
+        .target(
+            name: "SpillwayCompression",
+            dependencies: [
+                "SpillwayCore",
+                "CSpillwayLZ4",
+                .product(name: "Atomics", package: "swift-atomics"),
+            ]
+        ),
         // The tiered store: put/get/pin/prefetch, promotion, background demotion, eviction, stats.
         .target(
             name: "SpillwayStore",
@@ -151,6 +166,7 @@ let package = Package(
                 "SpillwayErasure",
                 "SpillwayKV",
                 "SpillwayWeights",
+                "SpillwayCompression",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -207,6 +223,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore"]),
+        .testTarget(name: "SpillwayCompressionTests", dependencies: ["SpillwayCompression", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayKVTests", dependencies: ["SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayWeights", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers"]),

@@ -8,6 +8,7 @@ packages=(
   libibverbs-dev librdmacm-dev   # RDMA transport (builds without a device; falls back to TCP)
   libisal-dev           # CRC32C and Reed-Solomon erasure coding
   libxxhash-dev         # stable 128-bit KV prefix hashes
+  liblz4-dev            # opt-in compression of spilled pages
   fio                   # NVMe reference in Bench/
   redis-server          # TCP round-trip reference in Bench/ (redis-benchmark)
   iperf3                # TCP bandwidth reference in Bench/

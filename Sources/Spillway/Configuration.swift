@@ -35,6 +35,10 @@ public struct TierConfiguration: Sendable, Equatable {
     public var r: Int = 2
     public var lateBindingDelta: Int = 1
     public var placement: CodingPlacement = .codingSets(slack: 1)
+    /// Opt-in compression of the pages this tier holds (TOML `compression = "lz4"`; volatile
+    /// tiers only) and the ratio its virtual capacity assumes (`compression-ratio`, default 2).
+    public var compression: String?
+    public var compressionRatio: Double = 2
 
     public init(name: String? = nil, kind: TierKind, capacity: Int, watermarks: Watermarks = Watermarks(),
                 verifyReads: Bool? = nil, prefault: Bool = true, path: String? = nil, bufferedIO: Bool = false,
@@ -112,7 +116,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     ]
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
-        "path", "buffered-io", "poll-mode", "reformat", "poll-us", "k", "r", "late-binding-delta", "placement",
+        "path", "buffered-io", "poll-mode", "reformat", "poll-us", "k", "r", "late-binding-delta", "placement", "compression", "compression-ratio",
     ]
 
     /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
@@ -178,6 +182,8 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             tier.servers = servers.split(separator: ",").map { String($0) }
         }
         tier.tokenFile = try TOMLReader.string(table, "token-file")
+        tier.compression = try TOMLReader.string(table, "compression")
+        if let ratio = try TOMLReader.double(table, "compression-ratio") { tier.compressionRatio = ratio }
         if let k = try TOMLReader.int(table, "k") { tier.k = k }
         if let r = try TOMLReader.int(table, "r") { tier.r = r }
         if let delta = try TOMLReader.int(table, "late-binding-delta") { tier.lateBindingDelta = delta }
@@ -210,6 +216,15 @@ public struct SpillwayConfiguration: Sendable, Equatable {
         for tier in tiers {
             guard tier.capacity >= slotSize else {
                 throw .invalidConfiguration("tier '\(tier.name)': capacity \(tier.capacity) is smaller than one slot (\(slotSize))")
+            }
+            if let compression = tier.compression {
+                guard compression == "lz4" else { throw .invalidConfiguration("tier '\(tier.name)': compression '\(compression)' (available: lz4)") }
+                guard [.dram, .remote, .erasureCoded].contains(tier.kind) else {
+                    throw .invalidConfiguration("tier '\(tier.name)': compression is for the volatile spill tiers (dram, remote, ec)")
+                }
+                guard tier.compressionRatio >= 1, tier.compressionRatio <= 8 else {
+                    throw .invalidConfiguration("tier '\(tier.name)': compression-ratio must be 1…8")
+                }
             }
             if tier.kind == .erasureCoded {
                 guard (1...32).contains(tier.k), (1...16).contains(tier.r), tier.k + tier.r <= 32,
@@ -254,6 +269,9 @@ extension TieredStore {
                 tiers.append(try RemoteTier.open(tier, slotSize: configuration.slotSize, logger: logger))
             case .erasureCoded:
                 tiers.append(try ErasureCodedTier.open(tier, slotSize: configuration.slotSize, logger: logger))
+            }
+            if tier.compression != nil, let plain = tiers.popLast() {
+                tiers.append(try CompressedTier(wrapping: plain, expectedRatio: tier.compressionRatio))
             }
         }
         let options = StoreOptions(

@@ -8,3 +8,4 @@
 @_exported import SpillwayErasure
 @_exported import SpillwayKV
 @_exported import SpillwayWeights
+@_exported import SpillwayCompression

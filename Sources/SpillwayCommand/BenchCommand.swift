@@ -25,7 +25,7 @@ struct BenchCommand: ParsableCommand {
         tables define the store used by 'tiered'); the command line wins over the file.
         """)
 
-    @Argument(help: "device | dram | nvme | remote | ec | tiered | weights | ec-encode; omit to run every available tier.")
+    @Argument(help: "device | dram | nvme | remote | ec | tiered | weights | ec-encode | compression; omit to run every available tier.")
     var tier: String?
 
     @Option(help: "randread | randwrite | read | write (default randread).")
@@ -134,6 +134,11 @@ struct BenchCommand: ParsableCommand {
             weights.nvmeFile = options.file
             let object = try WeightsBench.run(weights)
             printLine(json ? object.serialized() : "weights: \(object.serialized())")
+            return
+        }
+        if target == "compression" {
+            let object = CompressionBench.run(pageBytes: options.blockSize, seconds: durationGiven ?? 1)
+            printLine(json ? object.serialized() : "compression: \(object.serialized())")
             return
         }
         if target == "ec-encode" {
