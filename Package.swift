@@ -68,6 +68,13 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
             ]
         ),
+        // libibverbs (Debian libibverbs-dev): RDMA device discovery; without a device (or a
+        // verbs transport) the remote tiers fall back to TCP, logged and counted.
+        .systemLibrary(
+            name: "CSpillwayVerbs",
+            pkgConfig: "libibverbs",
+            providers: [.apt(["libibverbs-dev"])]
+        ),
         // The remote-memory wire protocol: frame header, opcodes, fields, bounds-checked decoding.
         // Depends on ISA-L alone (CRC32C) so tools/fuzz-protocol.sh can build it with swiftc.
         .target(name: "SpillwayProtocol", dependencies: ["CSpillwayISAL"]),
@@ -78,6 +85,7 @@ let package = Package(
             dependencies: [
                 "SpillwayCore",
                 "SpillwayProtocol",
+                "CSpillwayVerbs",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
@@ -234,7 +242,10 @@ let package = Package(
             "Spillway", "SpillwayBench",
             .product(name: "Atomics", package: "swift-atomics"), .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "SpillwayRemoteTests", dependencies: ["SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
+        .testTarget(name: "SpillwayRemoteTests", dependencies: [
+            "SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )

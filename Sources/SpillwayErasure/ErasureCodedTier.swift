@@ -167,8 +167,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         logger.info("erasure-coded tier open", metadata: [
             "tier": "\(name)", "code": "RS(\(k),\(configuration.r))", "daemons": "\(live.count)/\(clients.count)",
             "placement": "\(configuration.placement)", "coding_sets": "\(groups.count)", "split": "\(splitSize)",
-            "late_binding_delta": "\(configuration.lateBindingDelta)", "transport": "tcp",
-            "rdma": "no RDMA device on this machine; using TCP",
+            "late_binding_delta": "\(configuration.lateBindingDelta)",
+            "transport": "\(TransportSelection.choose(for: "tier \(name)", logger: logger))",
         ])
         Gauge(label: "spillway_remote_transport", dimensions: [("tier", name), ("transport", "tcp")]).record(1)
         if configuration.heartbeatInterval > 0 {

@@ -181,9 +181,10 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         if configuration.tokens == nil {
             logger.notice("no token file: authentication is off, listening on loopback only", metadata: ["listen": "\(configuration.listen.host):\(port)"])
         }
+        let transport = TransportSelection.choose(for: "spillwayd", logger: logger)
         logger.info("spillwayd serving", metadata: [
             "listen": "\(configuration.listen.host):\(port)", "capacity": "\(ByteCount.format(configuration.capacity))",
-            "slab": "\(ByteCount.format(configuration.slabSize))", "transport": "tcp",
+            "slab": "\(ByteCount.format(configuration.slabSize))", "transport": "\(transport)",
         ])
         acceptThread = BackgroundThread { [self] in acceptLoop(socket) }
         janitorThread = BackgroundThread { [self] in janitorLoop() }

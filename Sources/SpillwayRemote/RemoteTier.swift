@@ -136,9 +136,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
                              alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) }))
         descriptor = TierDescriptor(name: name, kind: .remote, slotSize: configuration.slotSize, capacitySlots: capacitySlots,
                                     performance: .remote, verifiesReads: true, completesInline: true)
+        let transport = TransportSelection.choose(for: "tier \(name)", logger: logger)
         logger.info("remote tier open", metadata: [
-            "tier": "\(name)", "daemons": "\(live.count)/\(clients.count)", "transport": "tcp",
-            "rdma": "no RDMA device on this machine; using TCP",
+            "tier": "\(name)", "daemons": "\(live.count)/\(clients.count)", "transport": "\(transport)",
         ])
         Gauge(label: "spillway_remote_transport", dimensions: [("tier", name), ("transport", "tcp")]).record(1)
         if configuration.heartbeatInterval > 0 {
