@@ -366,13 +366,16 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 return
             }
             var reader = WireReader(meta)
-            let ranges: [Wire.SlabRange]?
             if header.opcode == .read {
-                ranges = Wire.SlabRange.decode(&reader).map { [$0] }
-            } else {
-                ranges = Wire.decodeBatch(&reader)
+                // The page path: one range, no arrays.
+                guard let range = Wire.SlabRange.decode(&reader), reader.remaining == 0 else {
+                    try refuse(connection, id, .malformedFrame, "bad read fields", tenant: tenant)
+                    return
+                }
+                try serveReadOne(range, id: id, on: connection, tenant: tenant, counters: tenantCounters)
+                return
             }
-            guard let ranges, reader.remaining == 0 else {
+            guard let ranges = Wire.decodeBatch(&reader), reader.remaining == 0 else {
                 try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
                 return
             }
@@ -382,12 +385,16 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             if case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
             let (meta, register) = try connection.receiveMeta(header)
             var reader = WireReader(meta)
-            let ranges: [Wire.SlabRange]?
             if header.opcode == .write {
-                ranges = Wire.SlabRange.decode(&reader).map { [$0] }
-            } else {
-                ranges = Wire.decodeBatch(&reader)
+                guard let range = Wire.SlabRange.decode(&reader), reader.remaining == 0, Int(range.length) == header.dataLength else {
+                    _ = try connection.discardData(count: header.dataLength, register: register)
+                    try refuse(connection, id, .malformedFrame, "bad write fields", tenant: tenant)
+                    return
+                }
+                try serveWriteOne(range, header: header, register: register, on: connection, tenant: tenant, counters: tenantCounters)
+                return
             }
+            let ranges = Wire.decodeBatch(&reader)
             guard let ranges, reader.remaining == 0, ranges.reduce(0, { $0 + Int($1.length) }) == header.dataLength else {
                 _ = try connection.discardData(count: header.dataLength, register: register)
                 try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
@@ -491,6 +498,85 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             for range in ranges { state.slabs[range.slab]!.users += 1 }
             return .success(bases)
         }
+    }
+
+    /// `acquire` for one range, without arrays (the per-page path).
+    private func acquireOne(_ range: Wire.SlabRange, tenant: String) -> Result<UnsafeMutableRawPointer, Wire.ErrorReply> {
+        state.withLock { state in
+            guard let slab = state.slabs[range.slab], !slab.retired else {
+                if state.revokedFor[tenant]?.contains(range.slab) == true {
+                    return .failure(Wire.ErrorReply(.slabRevoked, "slab \(range.slab) was reclaimed"))
+                }
+                return .failure(Wire.ErrorReply(.unknownSlab, "no slab \(range.slab)"))
+            }
+            guard slab.owner == tenant else {
+                return .failure(Wire.ErrorReply(.notOwner, "slab \(range.slab) belongs to another tenant"))
+            }
+            guard range.offset <= UInt64(configuration.slabSize), UInt64(range.length) <= UInt64(configuration.slabSize) - range.offset else {
+                return .failure(Wire.ErrorReply(.outOfBounds,
+                    "range \(range.offset)+\(range.length) is outside slab \(range.slab) (\(configuration.slabSize) bytes)"))
+            }
+            state.slabs[range.slab]!.users += 1
+            return .success(slab.base + Int(range.offset))
+        }
+    }
+
+    private func releaseOne(_ range: Wire.SlabRange) {
+        state.withLock { state in
+            guard var slab = state.slabs[range.slab] else { return }
+            slab.users -= 1
+            if slab.retired && slab.users == 0 {
+                munmap(slab.base, configuration.slabSize)
+                state.slabs[range.slab] = nil
+            } else {
+                state.slabs[range.slab] = slab
+            }
+        }
+    }
+
+    private func serveReadOne(_ range: Wire.SlabRange, id: UInt64, on connection: FrameConnection, tenant: String,
+                              counters tenantCounters: TenantCounters) throws(RemoteError)
+    {
+        let base: UnsafeMutableRawPointer
+        switch acquireOne(range, tenant: tenant) {
+        case .success(let pinned): base = pinned
+        case .failure(let reply):
+            try refuse(connection, id, reply.code, reply.message, tenant: tenant)
+            return
+        }
+        defer { releaseOne(range) }
+        counters.reads.wrappingIncrement(ordering: .relaxed)
+        counters.bytesRead.wrappingIncrement(by: Int(range.length), ordering: .relaxed)
+        tenantCounters.reads.wrappingIncrement(ordering: .relaxed)
+        tenantCounters.bytesRead.wrappingIncrement(by: Int(range.length), ordering: .relaxed)
+        try connection.send(.read, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
+                            data: UnsafeRawBufferPointer(start: base, count: Int(range.length)))
+    }
+
+    private func serveWriteOne(_ range: Wire.SlabRange, header: FrameHeader, register: UInt32, on connection: FrameConnection,
+                               tenant: String, counters tenantCounters: TenantCounters) throws(RemoteError)
+    {
+        let base: UnsafeMutableRawPointer
+        switch acquireOne(range, tenant: tenant) {
+        case .success(let pinned): base = pinned
+        case .failure(let reply):
+            _ = try connection.discardData(count: header.dataLength, register: register)
+            try refuse(connection, header.requestID, reply.code, reply.message, tenant: tenant)
+            return
+        }
+        defer { releaseOne(range) }
+        // Straight into the slab; a CRC32C mismatch is refused and the client never makes that
+        // location visible (see serveWrite).
+        let final = try connection.receiveData(into: base, count: Int(range.length), register: register)
+        guard ~final == header.payloadChecksum else {
+            try refuse(connection, header.requestID, .checksumMismatch, "payload CRC32C mismatch", tenant: tenant)
+            return
+        }
+        counters.writes.wrappingIncrement(ordering: .relaxed)
+        counters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
+        tenantCounters.writes.wrappingIncrement(ordering: .relaxed)
+        tenantCounters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
+        try connection.send(.write, flags: .response, requestID: header.requestID, meta: UnsafeRawBufferPointer(start: nil, count: 0))
     }
 
     private func releaseSlabs(_ ranges: [Wire.SlabRange]) {
