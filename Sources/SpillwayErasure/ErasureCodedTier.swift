@@ -95,6 +95,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         var slab: UInt32
         /// Non-nil while being rebuilt on a replacement slab: local slots below it are valid.
         var rebuiltUpTo: Int?
+        /// Its slab is going away though its daemon lives (a reclaim notice, or the daemon
+        /// revoked it): treated like a dead member, replaced and regenerated elsewhere.
+        var retiring = false
     }
 
     struct Stripe {
@@ -457,7 +460,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         let staleBits = stale(slot).load(ordering: .relaxed)
         return (0..<n).filter { i in
             let member = stripe.members[i]
-            return snapshot.alive[member.daemon] && (member.rebuiltUpTo.map { local < $0 } ?? true) && staleBits & (1 << i) == 0
+            return snapshot.alive[member.daemon] && !member.retiring && (member.rebuiltUpTo.map { local < $0 } ?? true)
+                && staleBits & (1 << i) == 0
         }
     }
 
@@ -552,6 +556,12 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         for daemon in involved where clients[daemon]!.failed.load(ordering: .relaxed) {
             markDead(daemon, reason: "connection failed")
         }
+        // ENXIO: the daemon no longer has that slab (revoked after a missed reclaim deadline).
+        for (position, daemon) in involved.enumerated() {
+            for index in 0..<perDaemon[daemon].count where flat[starts[position] + index].status == ENXIO {
+                retire(daemon: daemon, slab: flat[starts[position] + index].slab, reason: "slab revoked")
+            }
+        }
     }
 
     // MARK: Heartbeat and repair
@@ -566,7 +576,32 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 markDead(daemon, reason: "heartbeat: \(error)")
             }
             if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
+            // Reclaim: the slab's split moves elsewhere by regeneration (repair), then the slab
+            // goes back. No page loses more than that one split meanwhile.
+            client.pollNotices()
+            for notice in client.takeReclaims() { retire(daemon: daemon, slab: notice.slab, reason: "reclaim notice") }
         }
+    }
+
+    /// Marks the member on (`daemon`, `slab`) for replacement.
+    func retire(daemon: Int, slab: UInt32, reason: String) {
+        let found = map.withLock { map -> Bool in
+            for stripe in map.stripes.indices {
+                for member in map.stripes[stripe].members.indices
+                    where map.stripes[stripe].members[member].daemon == daemon && map.stripes[stripe].members[member].slab == slab
+                    && !map.stripes[stripe].members[member].retiring
+                {
+                    map.stripes[stripe].members[member].retiring = true
+                    return true
+                }
+            }
+            return false
+        }
+        guard found else { return }
+        counters.slabsRetired.wrappingIncrement(ordering: .relaxed)
+        logger.notice("stripe member retired; its splits are regenerated on another daemon", metadata: [
+            "tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")", "slab": "\(slab)", "reason": "\(reason)",
+        ])
     }
 
     /// One repair round, regenerating at most `budgetBytes` of splits: replacement slabs for
@@ -623,7 +658,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     let stripe = snapshot.stripes[slot / slotsPerStripe]
                     guard stripe.members.count == n else { continue }
                     let targets = (0..<n).filter { bits & (1 << $0) != 0 && snapshot.alive[stripe.members[$0].daemon]
-                        && stripe.members[$0].rebuiltUpTo == nil }
+                        && stripe.members[$0].rebuiltUpTo == nil && !stripe.members[$0].retiring }
                     if !targets.isEmpty { work.append((slot, targets)) }
                 }
             }
@@ -647,7 +682,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             var list: [(Int, Int, Int, Set<Int>)] = []
             for (index, stripe) in map.stripes.enumerated() {
                 let used = Set(stripe.members.map(\.daemon))
-                for (position, member) in stripe.members.enumerated() where !map.alive[member.daemon] {
+                for (position, member) in stripe.members.enumerated() where !map.alive[member.daemon] || member.retiring {
                     list.append((index, position, stripe.group, used))
                 }
             }
@@ -678,12 +713,21 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             }
             do throws(RemoteError) {
                 let slab = try client.mapSlab()
-                gate.withWriteLock {
-                    map.withLock { map in
+                let replaced = gate.withWriteLock {
+                    map.withLock { map -> Member in
+                        let old = map.stripes[stripe].members[member]
                         map.stripes[stripe].members[member] = Member(daemon: daemon, slab: slab, rebuiltUpTo: 0)
                         map.stripes[stripe].repairBlocked = false
                         map.freeSlabs[daemon] -= 1
+                        if old.retiring { map.freeSlabs[old.daemon] += 1 }
+                        return old
                     }
+                }
+                // A retiring slab on a live daemon goes back at once (before a reclaim deadline):
+                // its split is regenerated from the others.
+                if replaced.retiring, let owner = clients[replaced.daemon] {
+                    try? owner.unmapSlab(replaced.slab)
+                    counters.slabsReturned.wrappingIncrement(ordering: .relaxed)
                 }
             } catch {
                 if case .refused(let reply) = error, reply.code == .noCapacity {
@@ -828,5 +872,8 @@ public final class ErasureCounters: Sendable {
     public let repairedSplits = ManagedAtomic<Int>(0)
     public let membersRebuilt = ManagedAtomic<Int>(0)
     public let daemonsLost = ManagedAtomic<Int>(0)
+    /// Members retired on live daemons (reclaim notices, revoked slabs) and slabs returned.
+    public let slabsRetired = ManagedAtomic<Int>(0)
+    public let slabsReturned = ManagedAtomic<Int>(0)
     public let lostPagesSeen = ManagedAtomic<Int>(0)
 }

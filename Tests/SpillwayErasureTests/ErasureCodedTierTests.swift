@@ -211,6 +211,43 @@ final class DaemonProcess {
         for (key, page) in expected { #expect(try store.get(key) == page) }
     }
 
+    @Test func aReclaimedSlabIsRegeneratedElsewhereAndGivenBackWithNoLoss() throws {
+        // Seven daemons (six per stripe + a spare), each reading MemAvailable from its own file.
+        let paths = (0..<7).map { "/tmp/spillway-ec-reclaim-\(getpid())-\($0)" }
+        defer { for path in paths { unlink(path) } }
+        for path in paths { try "MemAvailable: 8388608 kB\n".write(toFile: path, atomically: true, encoding: .utf8) }
+        let servers = try paths.map { path in
+            let server = try RemoteMemoryServer(DaemonConfiguration(
+                listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 32 << 20, slabSize: 1 << 20, headroom: 1 << 30,
+                reclaimDeadline: 10, memoryInfoPath: path, checkInterval: 0.05))
+            try server.start()
+            return server
+        }
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        let (store, tier) = try ecStore(servers.map { Endpoint(host: "127.0.0.1", port: $0.port) }, heartbeat: 0.1, capacity: 2 << 20)
+        defer { store.close() }
+        var expected: [PageKey: [UInt8]] = [:]
+        for value in 0..<200 {
+            let page = pattern(UInt64(value) &+ 99, 4096)
+            try store.put(PageKey(UInt64(value)), bytes: page)
+            expected[PageKey(UInt64(value))] = page
+        }
+        let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
+        let pressured = tier.daemonOf(slot: slot, split: 2)
+        #expect(servers[pressured].snapshot().slabsLent == 1)
+        try "MemAvailable: 1024 kB\n".write(toFile: paths[pressured], atomically: true, encoding: .utf8)
+        let deadline = Date().addingTimeInterval(20)
+        while (servers[pressured].snapshot().slabsLent > 0 || tier.health().healthy != tier.usedSlots) && Date() < deadline {
+            usleep(50_000)
+        }
+        #expect(servers[pressured].snapshot().slabsLent == 0, "the reclaimed slab was given back")
+        #expect(servers[pressured].counters.revokedSlabs.load(ordering: .relaxed) == 0, "before the deadline")
+        #expect(tier.counters.slabsRetired.load(ordering: .relaxed) >= 1)
+        #expect(tier.health().healthy == tier.usedSlots, "full redundancy again, on the spare daemon")
+        #expect(tier.daemonOf(slot: slot, split: 2) != pressured)
+        for (key, page) in expected { #expect(try store.get(key) == page) }
+    }
+
     @Test func codingSetsLoseDataFarLessOftenThanRandomPlacement() {
         var simulation = PlacementLossSimulation()
         simulation.trials = 300
