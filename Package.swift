@@ -230,11 +230,13 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Helpers for tests that run the built executables (spillwayd on loopback).
+        .target(name: "SpillwayTestSupport", dependencies: ["SpillwayCore", "SpillwayRemote"], path: "Tests/SpillwayTestSupport"),
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore"]),
         .testTarget(name: "SpillwayCompressionTests", dependencies: ["SpillwayCompression", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayKVTests", dependencies: ["SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayWeights", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
-        .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers"]),
+        .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers"]),
@@ -243,7 +245,7 @@ let package = Package(
             .product(name: "Atomics", package: "swift-atomics"), .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "SpillwayRemoteTests", dependencies: [
-            "SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe",
+            "SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe", "SpillwayTestSupport",
             .product(name: "Logging", package: "swift-log"),
         ]),
     ],

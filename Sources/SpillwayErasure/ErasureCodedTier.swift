@@ -126,34 +126,14 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
         self.configuration = configuration
         self.logger = logger
-        var clients: [DaemonClient?] = []
-        var welcomes: [Wire.Welcome?] = []
-        for endpoint in configuration.servers {
-            do {
-                let client = try DaemonClient(endpoint: endpoint, credentials: configuration.credentials,
-                                              maxConnections: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
-                                              pollMicroseconds: configuration.pollMicroseconds, logger: logger)
-                clients.append(client)
-                welcomes.append(client.welcome)
-            } catch {
-                if case .refused(let reply) = error, reply.code == .authenticationFailed || reply.code == .authenticationRequired {
-                    throw .invalidConfiguration("tier '\(name)': daemon \(endpoint) refused the credentials: \(reply.message)")
-                }
-                logger.error("daemon unreachable; continuing without it", metadata: ["tier": "\(name)", "daemon": "\(endpoint)", "error": "\(error)"])
-                clients.append(nil)
-                welcomes.append(nil)
-            }
-        }
+        let (clients, welcomes, lentSlabSize) = try DaemonClient.connectAll(
+            tier: name, servers: configuration.servers, credentials: configuration.credentials, minimumLive: k + 1,
+            connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
+            pollMicroseconds: configuration.pollMicroseconds, logger: logger)
         let live = welcomes.compactMap { $0 }
-        guard live.count >= k + 1, let first = live.first else {
-            throw .tierIO(tier: name, operation: "connect to k+1 of \(configuration.servers.count) daemons", errno: ECONNREFUSED)
-        }
-        guard live.allSatisfy({ $0.slabSize == first.slabSize }) else {
-            throw .invalidConfiguration("tier '\(name)': the daemons lend slabs of different sizes")
-        }
         // Splits are whole 64-byte lines (ISA-L's vector width); the last data split is padded.
         splitSize = ((configuration.slotSize + k - 1) / k + 63) / 64 * 64
-        slotsPerStripe = Int(first.slabSize) / splitSize
+        slotsPerStripe = lentSlabSize / splitSize
         let capacitySlots = configuration.capacity / configuration.slotSize
         guard capacitySlots > 0, slotsPerStripe > 0 else { throw .invalidConfiguration("tier '\(name)': capacity below one slot") }
         self.clients = clients

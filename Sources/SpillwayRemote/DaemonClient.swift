@@ -279,8 +279,16 @@ public final class DaemonClient: @unchecked Sendable {
             do throws(RemoteError) {
                 while connection.hasBufferedInput || connection.socket.isReadable {
                     let header = try connection.receiveHeader()
-                    guard header.flags.contains(.notice) else { throw .protocolViolation("unsolicited \(header.opcode) frame") }
-                    try handleNotice(header, bytes: connection.receiveSmall(header))
+                    if header.flags.contains(.notice) {
+                        try handleNotice(header, bytes: connection.receiveSmall(header))
+                    } else if connection.owedReplies > 0 {
+                        // A late reply an exchange stopped waiting for: drop it.
+                        let (_, register) = try connection.receiveMeta(header)
+                        _ = try connection.discardData(count: header.dataLength, register: register)
+                        connection.owedReplies -= 1
+                    } else {
+                        throw .protocolViolation("unsolicited \(header.opcode) frame")
+                    }
                 }
                 kept.append(connection)
             } catch {
@@ -299,6 +307,42 @@ public final class DaemonClient: @unchecked Sendable {
             defer { notices.removeAll() }
             return notices
         }
+    }
+
+    /// Connects to every daemon of a tier: a client per reachable one (nil for the others,
+    /// logged), and the slab size they all lend. A daemon that refuses the credentials is a
+    /// configuration error; fewer than `minimumLive` reachable daemons is a tier I/O error;
+    /// daemons lending different slab sizes cannot be mixed. Used by the remote tiers.
+    public static func connectAll(tier name: String, servers: [Endpoint], credentials: ClientCredentials, minimumLive: Int,
+                                  connectionsPerDaemon: Int, ioTimeout: Double, pollMicroseconds: Int, logger: Logger)
+        throws(SpillwayError) -> (clients: [DaemonClient?], welcomes: [Wire.Welcome?], slabSize: Int)
+    {
+        var clients: [DaemonClient?] = []
+        var welcomes: [Wire.Welcome?] = []
+        for endpoint in servers {
+            do {
+                let client = try DaemonClient(endpoint: endpoint, credentials: credentials, maxConnections: connectionsPerDaemon,
+                                              ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds, logger: logger)
+                clients.append(client)
+                welcomes.append(client.welcome)
+            } catch {
+                if case .refused(let reply) = error, reply.code == .authenticationFailed || reply.code == .authenticationRequired {
+                    throw .invalidConfiguration("tier '\(name)': daemon \(endpoint) refused the credentials: \(reply.message)")
+                }
+                logger.error("daemon unreachable; continuing without it", metadata: ["tier": "\(name)", "daemon": "\(endpoint)", "error": "\(error)"])
+                clients.append(nil)
+                welcomes.append(nil)
+            }
+        }
+        let live = welcomes.compactMap { $0 }
+        guard live.count >= max(1, minimumLive), let first = live.first else {
+            throw .tierIO(tier: name, operation: "connect to \(max(1, minimumLive)) of \(servers.map(\.description).joined(separator: ","))",
+                          errno: ECONNREFUSED)
+        }
+        guard live.allSatisfy({ $0.slabSize == first.slabSize }) else {
+            throw .invalidConfiguration("tier '\(name)': the daemons lend slabs of different sizes")
+        }
+        return (clients, welcomes, Int(first.slabSize))
     }
 
     /// A fresh request id (shifted left 8 by pipelined users, whose low byte names a slot).
@@ -390,22 +434,7 @@ public final class DaemonClient: @unchecked Sendable {
                         else { throw .protocolViolation("reply to unknown request \(header.requestID)") }
                         let index = slots[slot].index
                         let operation = operations[index]
-                        if header.opcode == .error {
-                            operations[index].status = RemoteError.refused(Self.decodeError(try connection.receiveSmall(header))).errno
-                        } else if operation.write {
-                            guard header.opcode == .write, header.dataLength == 0 else {
-                                throw .protocolViolation("\(header.opcode) reply to a write")
-                            }
-                            _ = try connection.receiveSmall(header)
-                            operations[index].status = 0
-                        } else {
-                            guard header.opcode == .read, header.metaLength == 0, header.dataLength == operation.length else {
-                                throw .protocolViolation("read reply of \(header.dataLength) bytes for \(operation.length)")
-                            }
-                            let (_, register) = try connection.receiveMeta(header)
-                            let final = try connection.receiveData(into: operation.buffer, count: operation.length, register: register)
-                            operations[index].status = ~final == header.payloadChecksum ? 0 : EBADMSG
-                        }
+                        operations[index].status = try Self.completeReply(header, on: connection, for: operation)
                         slots[slot].index = -1
                         inFlight -= 1
                         if next < operations.count {
@@ -424,6 +453,29 @@ public final class DaemonClient: @unchecked Sendable {
             logger.warning("daemon connection failed", metadata: ["daemon": "\(endpoint)", "error": "\(error)"])
             return error
         }
+    }
+
+    /// Receives the rest of a page operation's reply (`header` already read) and returns the
+    /// operation's status: 0, the errno of a refusal, or `EBADMSG` for read data that failed
+    /// its CRC32C. Read data lands straight in the operation's buffer. Shared by `execute` and
+    /// `MultiDaemonExchange`.
+    static func completeReply(_ header: FrameHeader, on connection: FrameConnection, for operation: RemoteOperation) throws(RemoteError)
+        -> Int32
+    {
+        if header.opcode == .error {
+            return RemoteError.refused(decodeError(try connection.receiveSmall(header))).errno
+        }
+        if operation.write {
+            guard header.opcode == .write, header.dataLength == 0 else { throw .protocolViolation("\(header.opcode) reply to a write") }
+            _ = try connection.receiveSmall(header)
+            return 0
+        }
+        guard header.opcode == .read, header.metaLength == 0, header.dataLength == operation.length else {
+            throw .protocolViolation("read reply of \(header.dataLength) bytes for \(operation.length)")
+        }
+        let (_, register) = try connection.receiveMeta(header)
+        let final = try connection.receiveData(into: operation.buffer, count: operation.length, register: register)
+        return ~final == header.payloadChecksum ? 0 : EBADMSG
     }
 
     /// Closes every idle connection.

@@ -123,21 +123,7 @@ public enum MultiDaemonExchange {
             else { throw .protocolViolation("reply to unknown request \(header.requestID)") }
             let index = slots[states[leg].slotBase + slot].index
             let operations = legs[leg].operations
-            let operation = operations[index]
-            if header.opcode == .error {
-                operations[index].status = RemoteError.refused(DaemonClient.decodeError(try connection.receiveSmall(header))).errno
-            } else if operation.write {
-                guard header.opcode == .write, header.dataLength == 0 else { throw .protocolViolation("\(header.opcode) reply to a write") }
-                _ = try connection.receiveSmall(header)
-                operations[index].status = 0
-            } else {
-                guard header.opcode == .read, header.metaLength == 0, header.dataLength == operation.length else {
-                    throw .protocolViolation("read reply of \(header.dataLength) bytes for \(operation.length)")
-                }
-                let (_, register) = try connection.receiveMeta(header)
-                let final = try connection.receiveData(into: operation.buffer, count: operation.length, register: register)
-                operations[index].status = ~final == header.payloadChecksum ? 0 : EBADMSG
-            }
+            operations[index].status = try DaemonClient.completeReply(header, on: connection, for: operations[index])
             slots[states[leg].slotBase + slot].index = -1
             states[leg].inFlight -= 1
             onReply(leg, index)

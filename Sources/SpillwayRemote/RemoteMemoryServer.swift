@@ -479,59 +479,45 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             var bases: [UnsafeMutableRawPointer] = []
             bases.reserveCapacity(ranges.count)
             for range in ranges {
-                guard let slab = state.slabs[range.slab], !slab.retired else {
-                    if state.revokedFor[tenant]?.contains(range.slab) == true {
-                        return .failure(Wire.ErrorReply(.slabRevoked, "slab \(range.slab) was reclaimed"))
-                    }
-                    return .failure(Wire.ErrorReply(.unknownSlab, "no slab \(range.slab)"))
+                switch check(range, tenant: tenant, in: &state) {
+                case .success(let base): bases.append(base)
+                case .failure(let reply): return .failure(reply)
                 }
-                guard slab.owner == tenant else {
-                    return .failure(Wire.ErrorReply(.notOwner, "slab \(range.slab) belongs to another tenant"))
-                }
-                guard range.offset <= UInt64(configuration.slabSize), UInt64(range.length) <= UInt64(configuration.slabSize) - range.offset
-                else {
-                    return .failure(Wire.ErrorReply(.outOfBounds,
-                        "range \(range.offset)+\(range.length) is outside slab \(range.slab) (\(configuration.slabSize) bytes)"))
-                }
-                bases.append(slab.base + Int(range.offset))
             }
             for range in ranges { state.slabs[range.slab]!.users += 1 }
             return .success(bases)
         }
     }
 
+    /// Owner and bounds of one range (under the state lock): its address, or the refusal.
+    private func check(_ range: Wire.SlabRange, tenant: String, in state: inout ServerState) -> Result<UnsafeMutableRawPointer, Wire.ErrorReply> {
+        guard let slab = state.slabs[range.slab], !slab.retired else {
+            if state.revokedFor[tenant]?.contains(range.slab) == true {
+                return .failure(Wire.ErrorReply(.slabRevoked, "slab \(range.slab) was reclaimed"))
+            }
+            return .failure(Wire.ErrorReply(.unknownSlab, "no slab \(range.slab)"))
+        }
+        guard slab.owner == tenant else {
+            return .failure(Wire.ErrorReply(.notOwner, "slab \(range.slab) belongs to another tenant"))
+        }
+        guard range.offset <= UInt64(configuration.slabSize), UInt64(range.length) <= UInt64(configuration.slabSize) - range.offset else {
+            return .failure(Wire.ErrorReply(.outOfBounds,
+                "range \(range.offset)+\(range.length) is outside slab \(range.slab) (\(configuration.slabSize) bytes)"))
+        }
+        return .success(slab.base + Int(range.offset))
+    }
+
     /// `acquire` for one range, without arrays (the per-page path).
     private func acquireOne(_ range: Wire.SlabRange, tenant: String) -> Result<UnsafeMutableRawPointer, Wire.ErrorReply> {
         state.withLock { state in
-            guard let slab = state.slabs[range.slab], !slab.retired else {
-                if state.revokedFor[tenant]?.contains(range.slab) == true {
-                    return .failure(Wire.ErrorReply(.slabRevoked, "slab \(range.slab) was reclaimed"))
-                }
-                return .failure(Wire.ErrorReply(.unknownSlab, "no slab \(range.slab)"))
-            }
-            guard slab.owner == tenant else {
-                return .failure(Wire.ErrorReply(.notOwner, "slab \(range.slab) belongs to another tenant"))
-            }
-            guard range.offset <= UInt64(configuration.slabSize), UInt64(range.length) <= UInt64(configuration.slabSize) - range.offset else {
-                return .failure(Wire.ErrorReply(.outOfBounds,
-                    "range \(range.offset)+\(range.length) is outside slab \(range.slab) (\(configuration.slabSize) bytes)"))
-            }
-            state.slabs[range.slab]!.users += 1
-            return .success(slab.base + Int(range.offset))
+            let result = check(range, tenant: tenant, in: &state)
+            if case .success = result { state.slabs[range.slab]!.users += 1 }
+            return result
         }
     }
 
     private func releaseOne(_ range: Wire.SlabRange) {
-        state.withLock { state in
-            guard var slab = state.slabs[range.slab] else { return }
-            slab.users -= 1
-            if slab.retired && slab.users == 0 {
-                munmap(slab.base, configuration.slabSize)
-                state.slabs[range.slab] = nil
-            } else {
-                state.slabs[range.slab] = slab
-            }
-        }
+        state.withLock { unpin(range.slab, in: &$0) }
     }
 
     private func serveReadOne(_ range: Wire.SlabRange, id: UInt64, on connection: FrameConnection, tenant: String,
@@ -581,16 +567,19 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     private func releaseSlabs(_ ranges: [Wire.SlabRange]) {
         state.withLock { state in
-            for range in ranges {
-                guard var slab = state.slabs[range.slab] else { continue }
-                slab.users -= 1
-                if slab.retired && slab.users == 0 {
-                    munmap(slab.base, configuration.slabSize)
-                    state.slabs[range.slab] = nil
-                } else {
-                    state.slabs[range.slab] = slab
-                }
-            }
+            for range in ranges { unpin(range.slab, in: &state) }
+        }
+    }
+
+    /// Drops one user of a slab; a retired slab is freed by its last user.
+    private func unpin(_ id: UInt32, in state: inout ServerState) {
+        guard var slab = state.slabs[id] else { return }
+        slab.users -= 1
+        if slab.retired && slab.users == 0 {
+            munmap(slab.base, configuration.slabSize)
+            state.slabs[id] = nil
+        } else {
+            state.slabs[id] = slab
         }
     }
 

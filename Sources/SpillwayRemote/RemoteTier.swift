@@ -98,32 +98,12 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         let name = configuration.name
         guard !configuration.servers.isEmpty else { throw .invalidConfiguration("tier '\(name)': no servers") }
         self.logger = logger
-        var clients: [DaemonClient?] = []
-        var welcomes: [Wire.Welcome?] = []
-        for endpoint in configuration.servers {
-            do {
-                let client = try DaemonClient(endpoint: endpoint, credentials: configuration.credentials,
-                                              maxConnections: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
-                                              pollMicroseconds: configuration.pollMicroseconds, logger: logger)
-                clients.append(client)
-                welcomes.append(client.welcome)
-            } catch {
-                if case .refused(let reply) = error, reply.code == .authenticationFailed || reply.code == .authenticationRequired {
-                    throw .invalidConfiguration("tier '\(name)': daemon \(endpoint) refused the credentials: \(reply.message)")
-                }
-                logger.error("daemon unreachable; continuing without it", metadata: ["tier": "\(name)", "daemon": "\(endpoint)", "error": "\(error)"])
-                clients.append(nil)
-                welcomes.append(nil)
-            }
-        }
+        let (clients, welcomes, lentSlabSize) = try DaemonClient.connectAll(
+            tier: name, servers: configuration.servers, credentials: configuration.credentials, minimumLive: 1,
+            connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
+            pollMicroseconds: configuration.pollMicroseconds, logger: logger)
         let live = welcomes.compactMap { $0 }
-        guard let first = live.first else {
-            throw .tierIO(tier: name, operation: "connect to \(configuration.servers.map(\.description).joined(separator: ","))", errno: ECONNREFUSED)
-        }
-        guard live.allSatisfy({ $0.slabSize == first.slabSize }) else {
-            throw .invalidConfiguration("tier '\(name)': the daemons lend slabs of different sizes")
-        }
-        slabSize = Int(first.slabSize)
+        slabSize = lentSlabSize
         guard configuration.slotSize <= slabSize, slabSize % configuration.slotSize == 0 else {
             throw .invalidConfiguration("tier '\(name)': slot size \(configuration.slotSize) does not divide the slab size \(slabSize)")
         }

@@ -6,6 +6,7 @@ import Testing
 @testable import SpillwayMemoryTiers
 @testable import SpillwayRemote
 @testable import SpillwayStore
+import SpillwayTestSupport
 
 func pattern(_ seed: UInt64, _ count: Int) -> [UInt8] {
     var generator = SplitMix64(seed: seed)
@@ -35,51 +36,6 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
     configuration.writeGrace = writeGrace
     let tier = try ErasureCodedTier(configuration)
     return (try TieredStore(tiers: [tier], options: StoreOptions(maxPageSize: 3 * 4096, backgroundWorker: false)), tier)
-}
-
-/// A `spillwayd` child process on an ephemeral loopback port.
-final class DaemonProcess {
-    let process = Process()
-    let port: UInt16
-
-    init(arguments: [String] = []) throws {
-        let directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        var binary = directory.appendingPathComponent("spillwayd")
-        if !FileManager.default.fileExists(atPath: binary.path) {
-            binary = directory.deletingLastPathComponent().appendingPathComponent("spillwayd")
-        }
-        guard FileManager.default.fileExists(atPath: binary.path) else {
-            throw SpillwayError.invalidConfiguration("spillwayd not found next to \(directory.path): run `swift build` first")
-        }
-        process.executableURL = binary
-        process.arguments = ["--listen", "127.0.0.1:0", "--capacity", "32m", "--slab-size", "1m", "--log-level", "error"] + arguments
-        let out = Pipe()
-        process.standardOutput = out
-        try process.run()
-        var line = Data()
-        while true {
-            let byte = out.fileHandleForReading.readData(ofLength: 1)
-            if byte.isEmpty || byte == Data([0x0A]) { break }
-            line.append(byte)
-        }
-        let text = String(decoding: line, as: UTF8.self)
-        guard let range = text.range(of: "127.0.0.1:"), let port = UInt16(text[range.upperBound...].prefix { $0.isNumber }) else {
-            process.terminate()
-            throw SpillwayError.invalidConfiguration("spillwayd did not report its port: '\(text)'")
-        }
-        self.port = port
-    }
-
-    var endpoint: Endpoint { Endpoint(host: "127.0.0.1", port: port) }
-
-    func kill9() {
-        Glibc.kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
-    }
-
-    deinit {
-        if process.isRunning { kill9() }
-    }
 }
 
 @Suite(.serialized) struct ErasureCodedTierTests {
