@@ -70,7 +70,7 @@ public struct TierConfiguration: Sendable, Equatable {
 /// policy = "lru"
 ///
 /// [[tier]]
-/// kind = "device"           # device | dram   (nvme, remote, ec: later issues)
+/// kind = "device"           # device | dram | nvme | remote | ec
 /// capacity = "64m"
 /// high-watermark = 0.9
 /// low-watermark = 0.8
