@@ -110,6 +110,8 @@ public final class KVPool: Sendable {
         var pending: [BlockHash: Set<Int>] = [:]
         /// Blocks this pool completed (for `clear`).
         var committed: Set<BlockHash> = []
+        /// `close` began: no new asynchronous stores; queued ones still run.
+        var closing = false
         var closed = false
     }
 
@@ -146,15 +148,18 @@ public final class KVPool: Sendable {
 
     deinit { close() }
 
-    /// Finishes queued asynchronous stores, then refuses further calls (`closed`).
+    /// Finishes queued asynchronous stores (refusing new ones), then refuses every call
+    /// (`closed`).
     public func close() {
-        let thread = state.withLock { state -> BackgroundThread? in
-            guard !state.closed else { return nil }
-            state.closed = true
-            return worker.withLock { $0 }
+        let (first, thread) = state.withLock { state -> (Bool, BackgroundThread?) in
+            guard !state.closing else { return (false, nil) }
+            state.closing = true
+            return (true, worker.withLock { $0 })
         }
-        queued.signal()  // wake the worker so it sees `closed` once the queue is empty
+        guard first else { return }
+        queued.signal()  // wake the worker so it sees `closing` once the queue is empty
         thread?.join()
+        state.withLock { $0.closed = true }
     }
 
     // MARK: Keys
@@ -264,34 +269,54 @@ public final class KVPool: Sendable {
     /// valid and unchanged until then. Blocks when `asyncQueueLimit` stores are queued.
     public func storeAsync(_ hashes: [BlockHash], layer: Int? = nil, buffers: [UnsafeRawBufferPointer]) -> KVStoreTicket {
         let ticket = KVStoreTicket()
-        if state.withLock({ $0.closed }) {
+        if state.withLock({ $0.closing }) {
             ticket.finish(KVResult(errors: Array(repeating: .closed, count: max(1, hashes.count))))
             return ticket
         }
         startWorkerIfNeeded()
         space.wait()
-        queue.withLock { $0.append(StoreJob(hashes: hashes, layer: layer, buffers: buffers, ticket: ticket)) }
+        // Checked and queued under the state lock, so a concurrent `close` either sees the job
+        // (and the worker runs it before exiting) or refuses it here: no ticket waits forever.
+        let accepted = state.withLock { state -> Bool in
+            guard !state.closing else { return false }
+            queue.withLock { $0.append(StoreJob(hashes: hashes, layer: layer, buffers: buffers, ticket: ticket)) }
+            return true
+        }
+        guard accepted else {
+            space.signal()
+            ticket.finish(KVResult(errors: Array(repeating: .closed, count: max(1, hashes.count))))
+            return ticket
+        }
         queued.signal()
         return ticket
     }
 
     private func startWorkerIfNeeded() {
-        worker.withLock { worker in
-            guard worker == nil else { return }
-            worker = BackgroundThread { [self] in
-                while true {
-                    queued.wait()
-                    guard let job = queue.withLock({ $0.popFirst() }) else {
-                        if state.withLock({ $0.closed }) { return }
-                        continue
-                    }
-                    space.signal()
-                    let result = job.layer.map { storeLayer(job.hashes, layer: $0, buffers: job.buffers) }
-                        ?? store(job.hashes, blocks: job.buffers)
-                    job.ticket?.finish(result)
-                    if queue.withLock({ $0.isEmpty }) && state.withLock({ $0.closed }) { return }
-                }
+        // Under the state lock (then the worker lock, the order `close` takes them): a closed
+        // pool never starts a worker nobody would join.
+        state.withLock { poolState in
+            guard !poolState.closing else { return }
+            worker.withLock { worker in
+                guard worker == nil else { return }
+                worker = BackgroundThread { [self] in runWorker() }
             }
+        }
+    }
+
+    /// The asynchronous-store worker: runs queued stores in order until the pool closes and
+    /// the queue is empty.
+    private func runWorker() {
+        while true {
+            queued.wait()
+            guard let job = queue.withLock({ $0.popFirst() }) else {
+                if state.withLock({ $0.closing }) { return }
+                continue
+            }
+            space.signal()
+            let result = job.layer.map { storeLayer(job.hashes, layer: $0, buffers: job.buffers) }
+                ?? store(job.hashes, blocks: job.buffers)
+            job.ticket?.finish(result)
+            if queue.withLock({ $0.isEmpty }) && state.withLock({ $0.closing }) { return }
         }
     }
 

@@ -129,6 +129,25 @@ func blockBytes(_ seed: UInt64, _ count: Int) -> [UInt8] {
         #expect(out[0] == blocks[0] && out[2] == blocks[2])
     }
 
+    @Test func closeFinishesQueuedAsyncStoresThenRefuses() throws {
+        let store = try kvStore()
+        let pool = try KVPool(store: store, geometry: smallGeometry, modelID: "m")
+        let hashes = pool.blockHashes(tokens: Array(0..<80))  // 20 blocks
+        let blocks = hashes.indices.map { blockBytes(UInt64(500 + $0), smallGeometry.blockBytes) }
+        try blocks.withBuffers { buffers in
+            let tickets = hashes.indices.map { pool.storeAsync([hashes[$0]], buffers: [buffers[$0]]) }
+            pool.close()  // while stores are queued
+            for ticket in tickets { #expect(ticket.wait().allSucceeded, "a queued store runs before close returns") }
+        }
+        #expect(pool.lookup(hashes) == 20)
+        let late = [blocks[0]].withBuffers { pool.storeAsync([hashes[0]], buffers: $0).wait() }
+        guard case .closed = late.firstError else {
+            Issue.record("a closed pool must refuse new stores")
+            return
+        }
+        _ = try? store.remove(PageKey(0))
+    }
+
     @Test func asyncStoresPinsEvictionAndClear() throws {
         let store = try kvStore()
         let pool = try KVPool(store: store, geometry: smallGeometry, modelID: "m")
