@@ -226,7 +226,7 @@ public enum BenchRunner {
             else {
                 throw .invalidArgument("--kill-daemons (≤ r) and --slow-daemon-us need the ec tier on in-process daemons (no --servers)")
             }
-            let first = coded.daemonOf(slot: 0, split: 0)
+            guard let first = coded.daemonOf(slot: 0, split: 0) else { throw .invalidArgument("the ec tier has no mapped stripe to fault") }
             if options.slowDaemonMicroseconds > 0 {
                 coded.embeddedServers[first].testDelayMicroseconds.store(options.slowDaemonMicroseconds, ordering: .relaxed)
             }

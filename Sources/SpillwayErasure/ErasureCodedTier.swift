@@ -813,13 +813,21 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// Test hook: flips the bytes of split `split` of `slot` on its daemon (which must run
     /// with `--enable-test-faults`).
     public func corruptSplitForTest(slot: Int, split: Int) throws(RemoteError) {
-        let member = map.withLock { $0.stripes[slot / slotsPerStripe].members[split] }
-        try clients[member.daemon]!.corruptForTest(slab: member.slab, offset: UInt64(slot % slotsPerStripe * splitSize), length: 16)
+        guard let member = member(slot: slot, split: split), let client = clients[member.daemon] else {
+            throw .protocolViolation("slot \(slot) split \(split) is not mapped")
+        }
+        try client.corruptForTest(slab: member.slab, offset: UInt64(slot % slotsPerStripe * splitSize), length: 16)
     }
 
-    /// The daemon holding split `split` of `slot`.
-    public func daemonOf(slot: Int, split: Int) -> Int {
-        map.withLock { $0.stripes[slot / slotsPerStripe].members[split].daemon }
+    /// The daemon (index into `clients`) holding split `split` of `slot`; nil if not mapped.
+    public func daemonOf(slot: Int, split: Int) -> Int? { member(slot: slot, split: split)?.daemon }
+
+    private func member(slot: Int, split: Int) -> Member? {
+        guard slot >= 0, slot < descriptor.capacitySlots, split >= 0, split < n else { return nil }
+        return map.withLock { map in
+            let members = map.stripes[slot / slotsPerStripe].members
+            return members.count == n ? members[split] : nil
+        }
     }
 
     public func close() {

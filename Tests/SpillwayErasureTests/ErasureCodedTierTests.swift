@@ -116,7 +116,7 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
             for value in 0..<20 { try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value), 4096)) }
             // The daemon holding data split 0 of these pages answers 30 ms late from now on.
             let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
-            let slow = servers[tier.daemonOf(slot: slot, split: 0)]
+            let slow = servers[try #require(tier.daemonOf(slot: slot, split: 0))]
             slow.testDelayMicroseconds.store(30_000, ordering: .relaxed)
             let before = tier.counters.decodedReads.load(ordering: .relaxed)
             for value in 0..<20 { #expect(try store.get(PageKey(UInt64(value))) == pattern(UInt64(value), 4096)) }
@@ -145,7 +145,7 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
         }
         // Which daemons hold splits: kill two of them mid-workload.
         let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
-        let victims = [tier.daemonOf(slot: slot, split: 0), tier.daemonOf(slot: slot, split: 5)]
+        let victims = [try #require(tier.daemonOf(slot: slot, split: 0)), try #require(tier.daemonOf(slot: slot, split: 5))]
         for (index, (key, page)) in expected.enumerated() {
             if index == 100 { for victim in victims { daemons[victim].kill9() } }
             #expect(try store.get(key) == page)
@@ -189,7 +189,7 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
             expected[PageKey(UInt64(value))] = page
         }
         let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
-        let pressured = tier.daemonOf(slot: slot, split: 2)
+        let pressured = try #require(tier.daemonOf(slot: slot, split: 2))
         #expect(servers[pressured].snapshot().slabsLent == 1)
         try "MemAvailable: 1024 kB\n".write(toFile: paths[pressured], atomically: true, encoding: .utf8)
         let deadline = Date().addingTimeInterval(20)
