@@ -25,7 +25,7 @@ struct BenchCommand: ParsableCommand {
         tables define the store used by 'tiered'); the command line wins over the file.
         """)
 
-    @Argument(help: "device | dram | nvme | remote | ec | tiered | weights | ec-encode | compression; omit to run every available tier.")
+    @Argument(help: "device | dram | nvme | remote | ec | tiered | weights | ec-encode | compression | kv-trace; omit to run every available tier.")
     var tier: String?
 
     @Option(help: "randread | randwrite | read | write (default randread).")
@@ -78,6 +78,12 @@ struct BenchCommand: ParsableCommand {
 
     @Option(name: .customLong("compute-us"), help: "weights: simulated compute per layer in µs (default 0).")
     var computeMicroseconds: Int?
+
+    @Option(help: "kv-trace: a Mooncake-format trace (default ../shared/traces/mooncake_synthetic_trace.jsonl).")
+    var trace: String?
+
+    @Option(help: "kv-trace: replay only the first N requests.")
+    var limit: Int?
 
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
@@ -134,6 +140,20 @@ struct BenchCommand: ParsableCommand {
             weights.nvmeFile = options.file
             let object = try WeightsBench.run(weights)
             printLine(json ? object.serialized() : "weights: \(object.serialized())")
+            return
+        }
+        if target == "kv-trace" {
+            guard let path = trace ?? TraceReplay.defaultTrace() else {
+                throw SpillwayError.invalidArgument("kv-trace needs --trace PATH (a Mooncake-format .jsonl; none found in ../shared/traces/)")
+            }
+            var replay = TraceReplay.Options(trace: path)
+            replay.limit = limit
+            var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
+            for index in storeConfiguration.tiers.indices where storeConfiguration.tiers[index].kind == .nvme {
+                storeConfiguration.tiers[index].reformat = true
+            }
+            let object = try TraceReplay.run(replay, configuration: storeConfiguration)
+            printLine(json ? object.serialized() : "kv-trace: \(object.serialized())")
             return
         }
         if target == "compression" {
