@@ -84,7 +84,8 @@ public struct KVResult: Sendable {
 /// Blocks are addressed by chained prefix hashes (`KVBlockHasher`). A block becomes visible
 /// (`lookup`, `load`) only once it is completely stored: in the per-layer layout, once every
 /// layer has been stored; then a small manifest page is written and lookups check for it
-/// and for every data page. Buffers are checked against the geometry before anything is
+/// and for every data page. A whole block is one page, which the store makes visible only
+/// when complete, so it needs no manifest. Buffers are checked against the geometry before anything is
 /// written; loads fill the caller's buffers or fail per block, never with other bytes.
 ///
 /// Thread-safe: any thread may call any method. Asynchronous stores run on one worker thread
@@ -173,6 +174,12 @@ public final class KVPool: Sendable {
 
     func manifestKey(_ block: BlockHash) -> PageKey { hasher.pageKey(block, part: Self.manifestPart, fingerprint: fingerprint) }
 
+    /// The page whose presence makes a block visible: the manifest (per-layer layout), or the
+    /// block's single page, which the store already makes visible only when complete.
+    func visibilityKey(_ block: BlockHash) -> PageKey {
+        geometry.layout == .perLayer ? manifestKey(block) : dataKey(block, layer: 0)
+    }
+
     private func dataKeys(_ block: BlockHash) -> [PageKey] {
         geometry.layout == .perLayer ? (0..<geometry.layers).map { dataKey(block, layer: $0) } : [dataKey(block, layer: 0)]
     }
@@ -188,7 +195,7 @@ public final class KVPool: Sendable {
     public func lookup(_ hashes: [BlockHash]) -> Int {
         var matched = 0
         for block in hashes {
-            guard store.contains(manifestKey(block)), dataKeys(block).allSatisfy({ store.contains($0) }) else { break }
+            guard store.contains(visibilityKey(block)), dataKeys(block).allSatisfy({ store.contains($0) }) else { break }
             matched += 1
         }
         return matched
@@ -320,8 +327,13 @@ public final class KVPool: Sendable {
         }
     }
 
-    /// Writes the manifest that makes `block` visible.
+    /// Makes `block` visible: writes its manifest (per-layer layout; a whole block's single
+    /// page needs none).
     private func commit(_ block: BlockHash) -> SpillwayError? {
+        guard geometry.layout == .perLayer else {
+            state.withLock { _ = $0.committed.insert(block) }
+            return nil
+        }
         var manifest = [UInt8](repeating: 0, count: 32)
         manifest.withUnsafeMutableBytes { raw in
             raw.storeBytes(of: UInt32(0x5350_4B56).littleEndian, toByteOffset: 0, as: UInt32.self)  // "SPKV"
@@ -367,8 +379,8 @@ public final class KVPool: Sendable {
         var owner: [Int] = []
         var expectedLength: [Int] = []
         for (index, block) in hashes.enumerated() {
-            guard store.contains(manifestKey(block)) else {
-                errors[index] = .unknownKey(manifestKey(block))
+            guard store.contains(visibilityKey(block)) else {
+                errors[index] = .unknownKey(visibilityKey(block))
                 continue
             }
             if let layer {
@@ -421,9 +433,9 @@ public final class KVPool: Sendable {
         try checkOpen()
         var pinned: [PageKey] = []
         for block in hashes {
-            guard store.contains(manifestKey(block)) else {
+            guard store.contains(visibilityKey(block)) else {
                 for key in pinned { try? store.unpin(key) }
-                throw .unknownKey(manifestKey(block))
+                throw .unknownKey(visibilityKey(block))
             }
             for key in dataKeys(block) {
                 do {
@@ -453,7 +465,7 @@ public final class KVPool: Sendable {
     public func evict(_ hashes: [BlockHash]) -> Int {
         var removed = 0
         for block in hashes {
-            if (try? store.remove(manifestKey(block))) == true { removed += 1 }
+            if (try? store.remove(visibilityKey(block))) == true { removed += 1 }
             for key in dataKeys(block) { _ = try? store.remove(key) }
             state.withLock { state in
                 state.committed.remove(block)
