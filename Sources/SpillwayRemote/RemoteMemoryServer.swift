@@ -367,31 +367,39 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             }
             var reader = WireReader(meta)
             if header.opcode == .read {
-                // The page path: one range, no arrays.
-                guard let range = Wire.SlabRange.decode(&reader), reader.remaining == 0 else {
+                // The page path: one range, served from a stack value (no arrays).
+                guard var range = Wire.SlabRange.decode(&reader), reader.remaining == 0 else {
                     try refuse(connection, id, .malformedFrame, "bad read fields", tenant: tenant)
                     return
                 }
-                try serveReadOne(range, id: id, on: connection, tenant: tenant, counters: tenantCounters)
+                try withUnsafeMutablePointer(to: &range) { pointer throws(RemoteError) in
+                    try serveRead(UnsafeBufferPointer(start: pointer, count: 1), opcode: .read, id: id, on: connection, tenant: tenant,
+                                  counters: tenantCounters)
+                }
                 return
             }
             guard let ranges = Wire.decodeBatch(&reader), reader.remaining == 0 else {
                 try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
                 return
             }
-            try serveRead(ranges, opcode: header.opcode, id: id, on: connection, tenant: tenant, counters: tenantCounters)
+            try ranges.withUnsafeBufferPointer { buffer throws(RemoteError) in
+                try serveRead(buffer, opcode: header.opcode, id: id, on: connection, tenant: tenant, counters: tenantCounters)
+            }
 
         case .write, .writeBatch:
             if case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
             let (meta, register) = try connection.receiveMeta(header)
             var reader = WireReader(meta)
             if header.opcode == .write {
-                guard let range = Wire.SlabRange.decode(&reader), reader.remaining == 0, Int(range.length) == header.dataLength else {
+                guard var range = Wire.SlabRange.decode(&reader), reader.remaining == 0, Int(range.length) == header.dataLength else {
                     _ = try connection.discardData(count: header.dataLength, register: register)
                     try refuse(connection, id, .malformedFrame, "bad write fields", tenant: tenant)
                     return
                 }
-                try serveWriteOne(range, header: header, register: register, on: connection, tenant: tenant, counters: tenantCounters)
+                try withUnsafeMutablePointer(to: &range) { pointer throws(RemoteError) in
+                    try serveWrite(UnsafeBufferPointer(start: pointer, count: 1), header: header, register: register, on: connection,
+                                   tenant: tenant, counters: tenantCounters)
+                }
                 return
             }
             let ranges = Wire.decodeBatch(&reader)
@@ -400,7 +408,9 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
                 return
             }
-            try serveWrite(ranges, header: header, register: register, on: connection, tenant: tenant, counters: tenantCounters)
+            try ranges.withUnsafeBufferPointer { buffer throws(RemoteError) in
+                try serveWrite(buffer, header: header, register: register, on: connection, tenant: tenant, counters: tenantCounters)
+            }
 
         case .mapSlab:
             _ = try connection.receiveSmall(header)
@@ -440,16 +450,24 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 try refuse(connection, id, .malformedFrame, "corruptForTest takes a slab range", tenant: tenant)
                 return
             }
-            switch acquire([range], tenant: tenant) {
-            case .success(let bases):
-                let base = bases[0].assumingMemoryBound(to: UInt8.self)
-                for index in 0..<Int(range.length) { base[index] ^= 0xFF }
-                releaseSlabs([range])
+            var target = range
+            let refusal = withUnsafePointer(to: &target) { pointer in
+                withUnsafeTemporaryAllocation(of: UnsafeMutableRawPointer.self, capacity: 1) { bases -> Wire.ErrorReply? in
+                    let ranges = UnsafeBufferPointer(start: pointer, count: 1)
+                    if let reply = acquire(ranges, into: bases, tenant: tenant) { return reply }
+                    // Pinned while the bytes are flipped: a concurrent unmap cannot free the slab.
+                    let base = bases[0].assumingMemoryBound(to: UInt8.self)
+                    for index in 0..<Int(range.length) { base[index] ^= 0xFF }
+                    releaseSlabs(ranges)
+                    return nil
+                }
+            }
+            if let refusal {
+                try refuse(connection, id, refusal.code, refusal.message, tenant: tenant)
+            } else {
                 logger.warning("test fault: corrupted slab bytes", metadata: ["tenant": "\(tenant)", "slab": "\(range.slab)",
                                                                            "offset": "\(range.offset)", "length": "\(range.length)"])
                 try connection.send(.corruptForTest, flags: .response, requestID: id, meta: [])
-            case .failure(let reply):
-                try refuse(connection, id, reply.code, reply.message, tenant: tenant)
             }
 
         case .hello, .challenge, .authenticate, .welcome, .reclaim, .error, .goodbye:
@@ -474,18 +492,20 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     /// Checks owner and bounds of every range and pins their slabs (users += 1). Returns the
     /// base addresses, or the refusal.
-    private func acquire(_ ranges: [Wire.SlabRange], tenant: String) -> Result<[UnsafeMutableRawPointer], Wire.ErrorReply> {
+    /// Checks owner and bounds of every range and pins their slabs (users += 1), writing each
+    /// range's address into `bases`. Returns the refusal, if any (then nothing is pinned).
+    private func acquire(_ ranges: UnsafeBufferPointer<Wire.SlabRange>, into bases: UnsafeMutableBufferPointer<UnsafeMutableRawPointer>,
+                         tenant: String) -> Wire.ErrorReply?
+    {
         state.withLock { state in
-            var bases: [UnsafeMutableRawPointer] = []
-            bases.reserveCapacity(ranges.count)
-            for range in ranges {
+            for (index, range) in ranges.enumerated() {
                 switch check(range, tenant: tenant, in: &state) {
-                case .success(let base): bases.append(base)
-                case .failure(let reply): return .failure(reply)
+                case .success(let base): bases[index] = base
+                case .failure(let reply): return reply
                 }
             }
             for range in ranges { state.slabs[range.slab]!.users += 1 }
-            return .success(bases)
+            return nil
         }
     }
 
@@ -508,64 +528,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     }
 
     /// `acquire` for one range, without arrays (the per-page path).
-    private func acquireOne(_ range: Wire.SlabRange, tenant: String) -> Result<UnsafeMutableRawPointer, Wire.ErrorReply> {
-        state.withLock { state in
-            let result = check(range, tenant: tenant, in: &state)
-            if case .success = result { state.slabs[range.slab]!.users += 1 }
-            return result
-        }
-    }
-
-    private func releaseOne(_ range: Wire.SlabRange) {
-        state.withLock { unpin(range.slab, in: &$0) }
-    }
-
-    private func serveReadOne(_ range: Wire.SlabRange, id: UInt64, on connection: FrameConnection, tenant: String,
-                              counters tenantCounters: TenantCounters) throws(RemoteError)
-    {
-        let base: UnsafeMutableRawPointer
-        switch acquireOne(range, tenant: tenant) {
-        case .success(let pinned): base = pinned
-        case .failure(let reply):
-            try refuse(connection, id, reply.code, reply.message, tenant: tenant)
-            return
-        }
-        defer { releaseOne(range) }
-        counters.reads.wrappingIncrement(ordering: .relaxed)
-        counters.bytesRead.wrappingIncrement(by: Int(range.length), ordering: .relaxed)
-        tenantCounters.reads.wrappingIncrement(ordering: .relaxed)
-        tenantCounters.bytesRead.wrappingIncrement(by: Int(range.length), ordering: .relaxed)
-        try connection.send(.read, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
-                            data: UnsafeRawBufferPointer(start: base, count: Int(range.length)))
-    }
-
-    private func serveWriteOne(_ range: Wire.SlabRange, header: FrameHeader, register: UInt32, on connection: FrameConnection,
-                               tenant: String, counters tenantCounters: TenantCounters) throws(RemoteError)
-    {
-        let base: UnsafeMutableRawPointer
-        switch acquireOne(range, tenant: tenant) {
-        case .success(let pinned): base = pinned
-        case .failure(let reply):
-            _ = try connection.discardData(count: header.dataLength, register: register)
-            try refuse(connection, header.requestID, reply.code, reply.message, tenant: tenant)
-            return
-        }
-        defer { releaseOne(range) }
-        // Straight into the slab; a CRC32C mismatch is refused and the client never makes that
-        // location visible (see serveWrite).
-        let final = try connection.receiveData(into: base, count: Int(range.length), register: register)
-        guard ~final == header.payloadChecksum else {
-            try refuse(connection, header.requestID, .checksumMismatch, "payload CRC32C mismatch", tenant: tenant)
-            return
-        }
-        counters.writes.wrappingIncrement(ordering: .relaxed)
-        counters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
-        tenantCounters.writes.wrappingIncrement(ordering: .relaxed)
-        tenantCounters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
-        try connection.send(.write, flags: .response, requestID: header.requestID, meta: UnsafeRawBufferPointer(start: nil, count: 0))
-    }
-
-    private func releaseSlabs(_ ranges: [Wire.SlabRange]) {
+    private func releaseSlabs(_ ranges: UnsafeBufferPointer<Wire.SlabRange>) {
         state.withLock { state in
             for range in ranges { unpin(range.slab, in: &state) }
         }
@@ -583,7 +546,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         }
     }
 
-    private func serveRead(_ ranges: [Wire.SlabRange], opcode: Opcode, id: UInt64, on connection: FrameConnection,
+    private func serveRead(_ ranges: UnsafeBufferPointer<Wire.SlabRange>, opcode: Opcode, id: UInt64, on connection: FrameConnection,
                            tenant: String, counters tenantCounters: TenantCounters) throws(RemoteError)
     {
         let total = ranges.reduce(0) { $0 + Int($1.length) }
@@ -591,66 +554,65 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             try refuse(connection, id, .tooLarge, "read of \(total) bytes exceeds \(WireProtocol.maxDataLength)", tenant: tenant)
             return
         }
-        let bases: [UnsafeMutableRawPointer]
-        switch acquire(ranges, tenant: tenant) {
-        case .success(let pinned): bases = pinned
-        case .failure(let reply):
-            try refuse(connection, id, reply.code, reply.message, tenant: tenant)
-            return
-        }
-        defer { releaseSlabs(ranges) }
-        // Counted before the reply, so whoever saw it also sees the count.
-        counters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-        counters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
-        tenantCounters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-        tenantCounters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
-        if ranges.count == 1 {
-            try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
-                                data: UnsafeRawBufferPointer(start: bases[0], count: Int(ranges[0].length)))
-        } else {
-            // Batched: the ranges are sent back to back (copied into one buffer: the frame's
-            // CRC32C covers them all; a scatter send would need one pass anyway).
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(1, total), alignment: 64)
-            defer { buffer.deallocate() }
-            var offset = 0
-            for (index, range) in ranges.enumerated() {
-                memcpy(buffer + offset, bases[index], Int(range.length))
-                offset += Int(range.length)
+        // Bases on the stack for a page (and small batches), so the page path allocates nothing.
+        try withUnsafeTemporaryAllocation(of: UnsafeMutableRawPointer.self, capacity: ranges.count) { bases throws(RemoteError) in
+            if let reply = acquire(ranges, into: bases, tenant: tenant) {
+                try refuse(connection, id, reply.code, reply.message, tenant: tenant)
+                return
             }
-            try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
-                                data: UnsafeRawBufferPointer(start: buffer, count: total))
+            defer { releaseSlabs(ranges) }
+            // Counted before the reply, so whoever saw it also sees the count.
+            counters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+            counters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
+            tenantCounters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+            tenantCounters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
+            if ranges.count == 1 {
+                try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
+                                    data: UnsafeRawBufferPointer(start: bases[0], count: Int(ranges[0].length)))
+            } else {
+                // Batched: the ranges are sent back to back (copied into one buffer: the frame's
+                // CRC32C covers them all; a scatter send would need one pass anyway).
+                let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(1, total), alignment: 64)
+                defer { buffer.deallocate() }
+                var offset = 0
+                for (index, range) in ranges.enumerated() {
+                    memcpy(buffer + offset, bases[index], Int(range.length))
+                    offset += Int(range.length)
+                }
+                try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
+                                    data: UnsafeRawBufferPointer(start: buffer, count: total))
+            }
         }
     }
 
-    private func serveWrite(_ ranges: [Wire.SlabRange], header: FrameHeader, register: UInt32, on connection: FrameConnection,
-                            tenant: String, counters tenantCounters: TenantCounters) throws(RemoteError)
+    private func serveWrite(_ ranges: UnsafeBufferPointer<Wire.SlabRange>, header: FrameHeader, register: UInt32,
+                            on connection: FrameConnection, tenant: String, counters tenantCounters: TenantCounters) throws(RemoteError)
     {
-        let bases: [UnsafeMutableRawPointer]
-        switch acquire(ranges, tenant: tenant) {
-        case .success(let pinned): bases = pinned
-        case .failure(let reply):
-            _ = try connection.discardData(count: header.dataLength, register: register)
-            try refuse(connection, header.requestID, reply.code, reply.message, tenant: tenant)
-            return
+        try withUnsafeTemporaryAllocation(of: UnsafeMutableRawPointer.self, capacity: ranges.count) { bases throws(RemoteError) in
+            if let reply = acquire(ranges, into: bases, tenant: tenant) {
+                _ = try connection.discardData(count: header.dataLength, register: register)
+                try refuse(connection, header.requestID, reply.code, reply.message, tenant: tenant)
+                return
+            }
+            defer { releaseSlabs(ranges) }
+            // Straight into the slab. The bytes land before their CRC32C is checked; a mismatch is
+            // refused, and the client never makes that location visible (it writes fresh
+            // locations and publishes only acknowledged ones).
+            var running = register
+            for (index, range) in ranges.enumerated() {
+                running = try connection.receiveData(into: bases[index], count: Int(range.length), register: running)
+            }
+            guard ~running == header.payloadChecksum else {
+                try refuse(connection, header.requestID, .checksumMismatch, "payload CRC32C mismatch", tenant: tenant)
+                return
+            }
+            // Counted before the acknowledgement, so whoever saw it also sees the count.
+            counters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+            counters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
+            tenantCounters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+            tenantCounters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
+            try connection.send(header.opcode, flags: .response, requestID: header.requestID, meta: UnsafeRawBufferPointer(start: nil, count: 0))
         }
-        defer { releaseSlabs(ranges) }
-        // Straight into the slab. The bytes land before their CRC32C is checked; a mismatch is
-        // refused, and the client never makes that location visible (it writes fresh
-        // locations and publishes only acknowledged ones).
-        var running = register
-        for (index, range) in ranges.enumerated() {
-            running = try connection.receiveData(into: bases[index], count: Int(range.length), register: running)
-        }
-        guard ~running == header.payloadChecksum else {
-            try refuse(connection, header.requestID, .checksumMismatch, "payload CRC32C mismatch", tenant: tenant)
-            return
-        }
-        // Counted before the acknowledgement, so whoever saw it also sees the count.
-        counters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-        counters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
-        tenantCounters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-        tenantCounters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
-        try connection.send(header.opcode, flags: .response, requestID: header.requestID, meta: [])
     }
 
     // MARK: Slabs
