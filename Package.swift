@@ -241,7 +241,7 @@ let package = Package(
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayTests", dependencies: [
-            "Spillway", "SpillwayBench",
+            "Spillway", "SpillwayBench", "SpillwayTestSupport",
             .product(name: "Atomics", package: "swift-atomics"), .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "SpillwayRemoteTests", dependencies: [

@@ -225,8 +225,9 @@ public enum LZ4Codec {
             return Double(bytes) / (Double(monotonicNanoseconds() &- started) / 1e9)
         }
         let shuffleRate = rate { page in page.withUnsafeBytes { shuffle($0.baseAddress!, scratch, count: page.count, elementSize: elementSize) } }
+        let unshuffleRate = rate { page in page.withUnsafeBytes { unshuffle($0.baseAddress!, scratch, count: page.count, elementSize: elementSize) } }
         // Rates combine as harmonic sums (time per byte adds up).
-        return (plain.ratio, 1 / (1 / plain.compress + 1 / shuffleRate), 1 / (1 / plain.decompress + 1 / shuffleRate))
+        return (plain.ratio, 1 / (1 / plain.compress + 1 / shuffleRate), 1 / (1 / plain.decompress + 1 / unshuffleRate))
     }
 
     /// Compression ratio (input / output), and compress and decompress throughput in input

@@ -549,13 +549,10 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public func heartbeat() {
         for (daemon, client) in clients.enumerated() {
             guard let client, map.withLock({ $0.alive[daemon] }) else { continue }
-            do {
-                try client.heartbeat()
-            } catch {
-                if case .refused = error { continue }
-                markDead(daemon, reason: "heartbeat: \(error)")
+            if let reason = client.ping() {
+                markDead(daemon, reason: reason)
+                continue
             }
-            if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
             // Reclaim: the slab's split moves elsewhere by regeneration (repair), then the slab
             // goes back. No page loses more than that one split meanwhile.
             client.pollNotices()

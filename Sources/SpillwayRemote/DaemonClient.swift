@@ -148,6 +148,8 @@ public final class DaemonClient: @unchecked Sendable {
     /// Replies idle connections still owe (a straggling daemon): late-binding readers steer
     /// around a daemon while it lags. Reaps, without waiting, the owed replies that arrived.
     public func laggingReplies() -> Int {
+        // The common case, no connection owing anything, without building arrays.
+        guard pool.withLock({ pool in pool.idle.contains { $0.owedReplies > 0 } }) else { return 0 }
         let idle = pool.withLock { pool -> [FrameConnection] in
             defer { pool.idle.removeAll { $0.owedReplies > 0 } }
             return pool.idle.filter { $0.owedReplies > 0 }
@@ -374,6 +376,17 @@ public final class DaemonClient: @unchecked Sendable {
 
     public func heartbeat() throws(RemoteError) {
         _ = try call(.heartbeat, meta: [])
+    }
+
+    /// A tier's liveness check: nil while the daemon answers, else why it counts as dead
+    /// (no answer, or it said goodbye / a connection failed). A refused ping is an answer.
+    public func ping() -> String? {
+        do {
+            try heartbeat()
+        } catch {
+            if case .refused = error {} else { return "heartbeat: \(error)" }
+        }
+        return failed.load(ordering: .relaxed) ? "daemon said goodbye or its connection failed" : nil
     }
 
     /// Test-only: asks a daemon started with `--enable-test-faults` to flip the bytes of a

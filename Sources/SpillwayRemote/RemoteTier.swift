@@ -451,13 +451,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     public func heartbeat() {
         for (daemon, client) in clients.enumerated() {
             guard let client, map.withLock({ $0.alive[daemon] }) else { continue }
-            do {
-                try client.heartbeat()
-            } catch {
-                if case .refused = error { continue }
-                markDead(daemon, reason: "heartbeat: \(error)")
-            }
-            if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye") }
+            if let reason = client.ping() { markDead(daemon, reason: reason) }
         }
         serviceReclaims()
     }

@@ -1,5 +1,6 @@
 import Atomics
 import Foundation
+import SpillwayTestSupport
 import Logging
 import Testing
 @testable import Spillway
@@ -7,17 +8,8 @@ import Testing
 
 /// Runs the built `spillway` binary (tools/test.sh builds it before `swift test`).
 func runSpillway(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
-    let directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-    var binary = directory.appendingPathComponent("spillway")
-    if !FileManager.default.fileExists(atPath: binary.path) {
-        // Swift Testing may run from inside the .xctest bundle directory.
-        binary = directory.deletingLastPathComponent().appendingPathComponent("spillway")
-    }
-    guard FileManager.default.fileExists(atPath: binary.path) else {
-        throw SpillwayError.invalidConfiguration("spillway binary not found next to \(directory.path): run `swift build` first")
-    }
     let process = Process()
-    process.executableURL = binary
+    process.executableURL = try builtExecutable("spillway")
     process.arguments = arguments
     let out = Pipe()
     let err = Pipe()
@@ -158,30 +150,8 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
 
     @Test func poolSoakSurvivesKillNineOfRDaemons() throws {
         // Six spillwayd processes; two are SIGKILLed while the soak runs.
-        let directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        var daemonBinary = directory.appendingPathComponent("spillwayd")
-        if !FileManager.default.fileExists(atPath: daemonBinary.path) {
-            daemonBinary = directory.deletingLastPathComponent().appendingPathComponent("spillwayd")
-        }
-        var daemons: [(Process, String)] = []
-        defer { for (process, _) in daemons where process.isRunning { process.terminate(); process.waitUntilExit() } }
-        for _ in 0..<6 {
-            let process = Process()
-            process.executableURL = daemonBinary
-            process.arguments = ["--listen", "127.0.0.1:0", "--capacity", "32m", "--slab-size", "1m", "--log-level", "error"]
-            let out = Pipe()
-            process.standardOutput = out
-            try process.run()
-            var line = Data()
-            while true {
-                let byte = out.fileHandleForReading.readData(ofLength: 1)
-                if byte.isEmpty || byte == Data([0x0A]) { break }
-                line.append(byte)
-            }
-            let object = try #require(try JSONSerialization.jsonObject(with: line) as? [String: Any])
-            daemons.append((process, try #require(object["listen"] as? String)))
-        }
-        let victims = [daemons[1].0.processIdentifier, daemons[4].0.processIdentifier]
+        let daemons = try (0..<6).map { _ in try DaemonProcess() }
+        let victims = [daemons[1].process.processIdentifier, daemons[4].process.processIdentifier]
         let killer = Thread {
             usleep(1_500_000)
             kill(victims[0], SIGKILL)
@@ -189,7 +159,7 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
             kill(victims[1], SIGKILL)
         }
         killer.start()
-        let result = try runSpillway(["pool", "soak", "--servers", daemons.map(\.1).joined(separator: ","), "--duration", "4",
+        let result = try runSpillway(["pool", "soak", "--servers", daemons.map(\.endpoint.description).joined(separator: ","), "--duration", "4",
                                       "--size", "2m", "--json"])
         #expect(result.status == 0, "\(result.stderr)")
         let object = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
