@@ -98,9 +98,21 @@ public struct SpillwayConfiguration: Sendable, Equatable {
         self.prefetchQueueLimit = prefetchQueueLimit
     }
 
-    /// The embedded default: a 64 MiB device tier over 256 MiB of DRAM over a 1 GiB NVMe file
-    /// in the scratch directory, with 256 MiB of erasure-coded remote memory (RS(4,2)) between
-    /// DRAM and NVMe lent by six in-process daemons on loopback; 4 KiB slots.
+    /// The library's default (`spillway_store_open(NULL)`, Python `Store()`): a 64 MiB
+    /// device tier over 256 MiB of DRAM over a 1 GiB NVMe file; 4 KiB slots. No remote
+    /// tier: local DRAM behind loopback sockets is a demonstration, not a tier, and a library
+    /// must not open listening sockets and threads nobody asked for.
+    public static let libraryDefault = SpillwayConfiguration(
+        slotSize: 4096,
+        tiers: [
+            TierConfiguration(kind: .device, capacity: 64 << 20),
+            TierConfiguration(kind: .dram, capacity: 256 << 20),
+            TierConfiguration(kind: .nvme, capacity: 1 << 30),
+        ])
+
+    /// The CLI's demonstration default (`spillway bench` with no configuration): the library
+    /// default with 256 MiB of erasure-coded remote memory (RS(4,2)) between DRAM and NVMe,
+    /// lent by six in-process daemons on loopback, each with a fresh in-memory token.
     public static let embeddedDefault = SpillwayConfiguration(
         slotSize: 4096,
         tiers: [
@@ -352,13 +364,17 @@ extension RemoteTier {
         var credentials = ClientCredentials(tenant: "spillway", token: nil)
         if let path = tier.tokenFile { credentials = ClientCredentials(tokenFile: try TokenFile.load(path, logger: logger)) }
         if tier.servers.isEmpty {
+            // In-process daemons authenticate like any other: a fresh random token, in memory
+            // only, shared with this tier and nobody else (loopback is not a user boundary).
+            let tokens = TokenFile.random()
+            credentials = ClientCredentials(tokenFile: tokens)
             // Slabs of 16 MiB unless the capacity is tiny; each daemon can hold the whole tier.
             let slab = min(16 << 20, max(1 << 20, 1 << (Int.bitWidth - (tier.capacity / 4).leadingZeroBitCount - 1)))
             let capacity = (tier.capacity + slab - 1) / slab * slab + slab
             for _ in 0..<max(1, tier.embeddedDaemons) {
                 let server = try RemoteMemoryServer(
                     DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: capacity, slabSize: slab,
-                                        tokens: nil),
+                                        tokens: tokens),
                     logger: logger)
                 try server.start()
                 embedded.append(server)
@@ -390,6 +406,10 @@ extension ErasureCodedTier {
         var credentials = ClientCredentials(tenant: "spillway", token: nil)
         if let path = tier.tokenFile { credentials = ClientCredentials(tokenFile: try TokenFile.load(path, logger: logger)) }
         if tier.servers.isEmpty {
+            // In-process daemons authenticate like any other: a fresh random token, in memory
+            // only (see RemoteTier.open).
+            let tokens = TokenFile.random()
+            credentials = ClientCredentials(tokenFile: tokens)
             // Each daemon holds one split of every stripe: capacity/k of splits, plus a slab of slack.
             let perDaemon = tier.capacity / max(1, tier.k) + (tier.capacity / max(1, tier.k)) / 8
             let slab = min(16 << 20, max(1 << 20, 1 << (Int.bitWidth - (max(1, perDaemon) / 4).leadingZeroBitCount - 1)))
@@ -397,7 +417,7 @@ extension ErasureCodedTier {
             for _ in 0..<(tier.k + tier.r) {
                 do {
                     let server = try RemoteMemoryServer(
-                        DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: capacity, slabSize: slab, tokens: nil),
+                        DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: capacity, slabSize: slab, tokens: tokens),
                         logger: logger)
                     try server.start()
                     embedded.append(server)

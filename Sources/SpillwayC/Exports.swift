@@ -170,7 +170,7 @@ public func spillway_store_open(_ path: UnsafePointer<CChar>?, _ out: UnsafeMuta
         guard let out else { throw .spillway(.invalidArgument("out is NULL")) }
         let configuration = try wrap { () throws(SpillwayError) in
             try path.map { path throws(SpillwayError) in try SpillwayConfiguration(contentsOfFile: String(cString: path)) }
-                ?? SpillwayConfiguration.embeddedDefault
+                ?? SpillwayConfiguration.libraryDefault
         }
         let store = try wrap { () throws(SpillwayError) in try TieredStore.open(configuration) }
         out.pointee = handles.insert(.store(store, pools: []))

@@ -40,6 +40,15 @@ public final class Locked<Value: ~Copyable>: @unchecked Sendable {
         defer { pthread_mutex_unlock(mutex) }
         return try body(&value.pointee)
     }
+
+    /// Runs `body` under the lock if it is free now; nil (without running it) if another
+    /// thread holds it. For callers that must never wait (a daemon's janitor).
+    @inline(__always)
+    public func withTryLock<Result>(_ body: (inout Value) -> Result) -> Result? {
+        guard pthread_mutex_trylock(mutex) == 0 else { return nil }
+        defer { pthread_mutex_unlock(mutex) }
+        return body(&value.pointee)
+    }
 }
 
 /// A pthread reader–writer lock that prefers writers (a steady stream of readers cannot starve

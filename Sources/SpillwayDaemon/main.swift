@@ -21,7 +21,10 @@ struct SpillwayDaemon: ParsableCommand {
         abstract: "Lend this machine's spare DRAM to Spillway clients (remote memory tier).",
         discussion: """
         Options may also come from --config FILE (TOML, keys = long option names); command-line options win.
-        Without --token-file, authentication is off and the daemon only listens on loopback.
+        Every client authenticates. Without --token-file the daemon listens on loopback only and
+        generates a random token in a 0600 file in a 0700 per-user runtime directory (its path is
+        printed and in the startup JSON as "token_file"); spillway commands of the same user find
+        it by the daemon's address. SIGHUP reloads --token-file.
         """,
         version: SpillwayVersion.current)
 
@@ -37,8 +40,20 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(name: .customLong("token-file"), help: "Tenant tokens: lines 'NAME TOKEN'.")
     var tokenFile: String?
 
-    @Option(help: "HOST:PORT for Prometheus /metrics (off unless given).")
+    @Option(help: "PORT or HOST:PORT for Prometheus /metrics (off unless given; a bare port binds 127.0.0.1).")
     var metrics: String?
+
+    @Option(name: .customLong("max-connections"), help: "Connections in all (default 256).")
+    var maxConnections: Int?
+
+    @Option(name: .customLong("max-unauthenticated"), help: "Connections still in the handshake; a newcomer evicts the oldest (default 64).")
+    var maxUnauthenticated: Int?
+
+    @Option(name: .customLong("handshake-timeout"), help: "Seconds for a whole handshake (default 5).")
+    var handshakeTimeout: Double?
+
+    @Option(name: .customLong("send-timeout"), help: "Seconds a reply may wait on a client that stopped reading before it is disconnected (default 10).")
+    var sendTimeout: Double?
 
     @Option(help: "Free host memory to keep for the host itself (default 0 = reclaim off).")
     var headroom: SizeArgument?
@@ -67,7 +82,7 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(help: "TOML file with these options as keys.")
     var config: String?
 
-    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "poll-us", "log-level"]
+    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "poll-us", "log-level", "max-connections", "max-unauthenticated", "handshake-timeout", "send-timeout"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -85,6 +100,10 @@ struct SpillwayDaemon: ParsableCommand {
         daemon.reclaimDeadline = try reclaimDeadline ?? file.double("reclaim-deadline") ?? 5
         daemon.memoryInfoPath = try memoryInfo ?? file.string("memory-info") ?? "/proc/meminfo"
         daemon.pollMicroseconds = try pollMicroseconds ?? file.int("poll-us") ?? 0
+        daemon.maxConnections = try maxConnections ?? file.int("max-connections") ?? 256
+        daemon.maxUnauthenticated = try maxUnauthenticated ?? file.int("max-unauthenticated") ?? 64
+        daemon.handshakeTimeout = try handshakeTimeout ?? file.double("handshake-timeout") ?? 5
+        daemon.sendTimeout = try sendTimeout ?? file.double("send-timeout") ?? 10
         // Test faults: a corruption opcode and a per-reply delay, for fault tests and Bench only.
         daemon.enableTestFaults = enableTestFaults
         daemon.testDelayMicroseconds = testDelayMicroseconds ?? 0
@@ -93,12 +112,39 @@ struct SpillwayDaemon: ParsableCommand {
         }
         if enableTestFaults { logger.warning("test faults are ON: clients may corrupt their own slabs; replies are delayed", metadata: ["delay_us": "\(daemon.testDelayMicroseconds)"]) }
         guard (0...10_000).contains(daemon.pollMicroseconds) else { throw SpillwayError.invalidConfiguration("poll-us must be 0…10000") }
-        if let path = try tokenFile ?? file.string("token-file") {
-            daemon.tokens = try TokenFile.load(path, logger: logger)
+        let configuredTokenFile = try tokenFile ?? file.string("token-file")
+        if let configuredTokenFile {
+            daemon.tokens = try TokenFile.load(configuredTokenFile, logger: logger)
+        } else if !endpoint.isLoopback {
+            throw SpillwayError.invalidConfiguration("without --token-file the daemon only listens on loopback (asked: \(endpoint))")
         }
-        let metricsEndpoint = try (metrics ?? file.string("metrics")).map(Endpoint.init(parsing:))
+        let metricsEndpoint = try (metrics ?? file.string("metrics")).map(Self.metricsEndpoint(parsing:))
         let server = try RemoteMemoryServer(daemon, logger: logger)
         try server.start()
+        // No token file: a generated one, named after the address actually bound (port 0).
+        var generatedTokenFile: String?
+        if configuredTokenFile == nil {
+            let created = try LocalTokens.create(for: Endpoint(host: endpoint.host, port: server.port))
+            server.reloadTokens(created.tokens, counted: false)
+            generatedTokenFile = created.path
+            logger.notice("no --token-file: generated a token for this user's clients", metadata: ["token_file": "\(created.path)"])
+        }
+        defer { if let generatedTokenFile { unlink(generatedTokenFile) } }
+        // SIGHUP: reload the token file (new tenants admitted, removed tenants disconnected).
+        signal(SIGHUP, SIG_IGN)
+        let hangup = DispatchSource.makeSignalSource(signal: SIGHUP)
+        hangup.setEventHandler {
+            guard let configuredTokenFile else {
+                logger.notice("SIGHUP: no --token-file to reload (the generated token stays)")
+                return
+            }
+            do {
+                server.reloadTokens(try TokenFile.load(configuredTokenFile, logger: logger))
+            } catch {
+                logger.error("SIGHUP: token file not reloaded; the old one stays in force", metadata: ["error": "\(error)"])
+            }
+        }
+        hangup.resume()
         var services: [any Service] = []
         var metricsPort: UInt16?
         if let metricsEndpoint {
@@ -112,7 +158,8 @@ struct SpillwayDaemon: ParsableCommand {
         }
         // Scripts and tests that ask for port 0 read the bound addresses from stdout.
         let metricsField = metricsPort.map { ", \"metrics\": \"\(metricsEndpoint!.host):\($0)\"" } ?? ""
-        let announcement = "{\"listen\": \"\(endpoint.host):\(server.port)\"\(metricsField), \"pid\": \(getpid())}"
+        let tokenField = generatedTokenFile.map { ", \"token_file\": \(JSONValue.string($0).serialized())" } ?? ""
+        let announcement = "{\"listen\": \"\(endpoint.host):\(server.port)\"\(metricsField)\(tokenField), \"pid\": \(getpid())}"
         services.append(RemoteMemoryService(server: server, drain: 5, announcement: announcement, logger: logger))
         // swift-service-lifecycle turns SIGTERM/SIGINT into a graceful shutdown of the services,
         // in reverse order: the daemon drains first, then the metrics endpoint stops.
@@ -128,7 +175,15 @@ struct SpillwayDaemon: ParsableCommand {
             finished.signal()
         }
         finished.wait()
+        hangup.cancel()
         if let failure = failure.withLock({ $0 }) { throw SpillwayError.invalidConfiguration("service group failed: \(failure)") }
+    }
+
+    /// `--metrics`: a bare port binds loopback (scrapes reveal tenants' activity, so the
+    /// network sees them only when asked to); HOST:PORT binds where told.
+    static func metricsEndpoint(parsing text: String) throws(SpillwayError) -> Endpoint {
+        if let port = UInt16(text) { return Endpoint(host: "127.0.0.1", port: port) }
+        return try Endpoint(parsing: text)
     }
 }
 

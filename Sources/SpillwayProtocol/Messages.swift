@@ -33,6 +33,20 @@ public enum Wire {
         }
     }
 
+    /// Capability bits of `hello` and `challenge`. A daemon echoes in its challenge the bits
+    /// of the client's hello it supports; what both set is in force for the connection.
+    public struct Capabilities: OptionSet, Sendable, Hashable {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        /// Mutual authentication: the client's `authenticate` carries a client nonce after its
+        /// MAC, and the daemon's `welcome` ends with the daemon's proof of the same token
+        /// (`Authenticator.daemonProof`), so a client never hands pages to a daemon that does
+        /// not hold the tenant's token. Without the bit, version 1's one-way handshake.
+        public static let mutualAuthentication = Capabilities(rawValue: 1 << 0)
+        /// What this build understands.
+        public static let supported: Capabilities = [.mutualAuthentication]
+    }
+
     public struct Hello: Equatable, Sendable {
         public var minimumVersion: UInt8
         public var maximumVersion: UInt8
@@ -96,18 +110,26 @@ public enum Wire {
         }
     }
 
-    /// The client's proof: HMAC-SHA256(token, "spillway-auth-v1" ‖ nonce ‖ tenant).
+    /// The client's proof: HMAC-SHA256(token, "spillway-auth-v1" ‖ nonce ‖ tenant); with
+    /// mutual authentication, followed by the client's own 32-byte nonce for the daemon to sign.
     public struct Authenticate: Equatable, Sendable {
         public var mac: [UInt8]
+        public var clientNonce: [UInt8]?
         public static let macSize = 32
 
-        public init(mac: [UInt8]) { self.mac = mac }
+        public init(mac: [UInt8], clientNonce: [UInt8]? = nil) {
+            self.mac = mac
+            self.clientNonce = clientNonce
+        }
 
-        public func encode() -> [UInt8] { mac }
+        public func encode() -> [UInt8] { mac + (clientNonce ?? []) }
 
         public static func decode(_ reader: inout WireReader) -> Authenticate? {
             guard let mac = reader.readBytes(macSize) else { return nil }
-            return Authenticate(mac: mac)
+            // Version 1 without mutual authentication ends here; anything else must be a nonce.
+            if reader.remaining == 0 { return Authenticate(mac: mac) }
+            guard let nonce = reader.readBytes(Challenge.nonceSize), reader.remaining == 0 else { return nil }
+            return Authenticate(mac: mac, clientNonce: nonce)
         }
     }
 
@@ -118,13 +140,22 @@ public enum Wire {
         /// Slabs this tenant already holds (kept through a disconnect, within the lease).
         public var heldSlabs: [UInt32]
         public var daemonInstance: UInt64
+        /// With mutual authentication: the daemon's proof (`Authenticator.daemonProof`) that it
+        /// holds the tenant's token, binding both nonces and `daemonInstance`.
+        public var daemonProof: [UInt8]?
+        /// Most slab ids one welcome lists: the daemon refuses to map more to one tenant, so a
+        /// welcome always fits in a frame's meta section.
+        public static let maxHeldSlabs = (WireProtocol.maxMetaLength - 64) / 4
 
-        public init(slabSize: UInt64, capacity: UInt64, freeSlabs: UInt32, heldSlabs: [UInt32], daemonInstance: UInt64) {
+        public init(slabSize: UInt64, capacity: UInt64, freeSlabs: UInt32, heldSlabs: [UInt32], daemonInstance: UInt64,
+                    daemonProof: [UInt8]? = nil)
+        {
             self.slabSize = slabSize
             self.capacity = capacity
             self.freeSlabs = freeSlabs
             self.heldSlabs = heldSlabs
             self.daemonInstance = daemonInstance
+            self.daemonProof = daemonProof
         }
 
         public func encode() -> [UInt8] {
@@ -135,6 +166,7 @@ public enum Wire {
             writer.write(daemonInstance)
             writer.write(UInt32(heldSlabs.count))
             for slab in heldSlabs { writer.write(slab) }
+            if let daemonProof { writer.write(bytes: daemonProof) }
             return writer.bytes
         }
 
@@ -148,7 +180,13 @@ public enum Wire {
                 guard let slab = reader.read(UInt32.self) else { return nil }
                 held.append(slab)
             }
-            return Welcome(slabSize: slabSize, capacity: capacity, freeSlabs: free, heldSlabs: held, daemonInstance: instance)
+            var proof: [UInt8]?
+            if reader.remaining > 0 {
+                guard let bytes = reader.readBytes(Authenticate.macSize), reader.remaining == 0 else { return nil }
+                proof = bytes
+            }
+            return Welcome(slabSize: slabSize, capacity: capacity, freeSlabs: free, heldSlabs: held, daemonInstance: instance,
+                           daemonProof: proof)
         }
     }
 

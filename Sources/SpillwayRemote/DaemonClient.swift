@@ -10,8 +10,12 @@ import Glibc
 /// Who the client is to a daemon.
 public struct ClientCredentials: Sendable {
     public var tenant: String
-    /// Nil: the daemon runs without authentication (loopback only).
+    /// Nil: use the generated token file of a same-host `spillwayd` started without
+    /// `--token-file` (`LocalTokens`), found by the daemon's address.
     public var token: [UInt8]?
+    /// Refuse a daemon that cannot prove it holds the token (one without the mutual
+    /// authentication capability). Only for talking to a pre-mutual `spillwayd`.
+    public var requireDaemonProof = true
 
     public init(tenant: String, token: [UInt8]?) {
         self.tenant = tenant
@@ -75,6 +79,8 @@ public final class DaemonClient: @unchecked Sendable {
     {
         self.pollMicroseconds = pollMicroseconds
         self.endpoint = endpoint
+        // No token given: a same-host daemon's generated token file, if this user has one.
+        let credentials = credentials.token == nil ? (LocalTokens.credentials(for: endpoint, logger: logger) ?? credentials) : credentials
         self.credentials = credentials
         self.maxConnections = maxConnections
         self.ioTimeout = ioTimeout
@@ -104,26 +110,43 @@ public final class DaemonClient: @unchecked Sendable {
         }
         let connection = FrameConnection(socket: socket)
         connection.pollNanoseconds = UInt64(max(0, pollMicroseconds)) * 1000
-        try connection.send(.hello, requestID: 1, meta: Wire.Hello(tenant: credentials.tenant).encode())
+        try connection.send(.hello, requestID: 1, meta: Wire.Hello(capabilities: Wire.Capabilities.supported.rawValue,
+                                                                   tenant: credentials.tenant).encode())
         let challengeHeader = try connection.receiveHeader()
         let challengeBytes = try connection.receiveSmall(challengeHeader)
         if challengeHeader.opcode == .error { throw .refused(Self.decodeError(challengeBytes)) }
         guard challengeHeader.opcode == .challenge,
               let challenge = WireReader.decode(challengeBytes, with: Wire.Challenge.decode)
         else { throw .protocolViolation("expected a challenge, got \(challengeHeader.opcode)") }
-        if challenge.authenticationRequired {
-            guard let token = credentials.token else {
-                throw .refused(Wire.ErrorReply(.authenticationRequired, "the daemon at \(endpoint) requires a token (--token-file)"))
-            }
-            let proof = Authenticator.proof(token: token, nonce: challenge.nonce, tenant: credentials.tenant)
-            try connection.send(.authenticate, requestID: 2, meta: Wire.Authenticate(mac: proof).encode())
+        // A daemon that does not authenticate its clients cannot prove anything either: it
+        // gets no pages.
+        guard challenge.authenticationRequired else {
+            throw .daemonNotAuthenticated("the daemon at \(endpoint) runs without authentication")
         }
+        guard let token = credentials.token else {
+            throw .refused(Wire.ErrorReply(.authenticationRequired,
+                "the daemon at \(endpoint) requires a token (--token-file), and no generated token file of it was found"))
+        }
+        let mutual = Wire.Capabilities(rawValue: challenge.capabilities).contains(.mutualAuthentication)
+        if !mutual && credentials.requireDaemonProof {
+            throw .daemonNotAuthenticated("the daemon at \(endpoint) cannot prove it holds the token (no mutual authentication)")
+        }
+        let clientNonce = mutual ? Authenticator.nonce() : nil
+        let proof = Authenticator.proof(token: token, nonce: challenge.nonce, tenant: credentials.tenant)
+        try connection.send(.authenticate, requestID: 2, meta: Wire.Authenticate(mac: proof, clientNonce: clientNonce).encode())
         let header = try connection.receiveHeader()
         let bytes = try connection.receiveSmall(header)
         if header.opcode == .error { throw .refused(Self.decodeError(bytes)) }
         guard header.opcode == .welcome,
               let welcome = WireReader.decode(bytes, with: Wire.Welcome.decode)
         else { throw .protocolViolation("expected welcome, got \(header.opcode)") }
+        if let clientNonce {
+            let expected = Authenticator.daemonProof(token: token, clientNonce: clientNonce, daemonNonce: challenge.nonce,
+                                                     tenant: credentials.tenant, instance: welcome.daemonInstance)
+            guard let daemonProof = welcome.daemonProof, Authenticator.constantTimeEqual(daemonProof, expected) else {
+                throw .daemonNotAuthenticated("the daemon at \(endpoint) failed to prove it holds the token")
+            }
+        }
         return (connection, welcome)
     }
 
@@ -207,8 +230,19 @@ public final class DaemonClient: @unchecked Sendable {
                 return idle
             }
             if mayOpen {
-                do {
-                    return try Self.open(endpoint, credentials: credentials, ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds).0
+                do throws(RemoteError) {
+                    let (connection, reached) = try Self.open(endpoint, credentials: credentials, ioTimeout: ioTimeout,
+                                                              pollMicroseconds: pollMicroseconds)
+                    // A restarted daemon numbers its slabs from 1 again: a write through an old
+                    // slab id could land in memory that now holds other pages. Never use it.
+                    guard reached.daemonInstance == welcome.daemonInstance else {
+                        connection.socket.close()
+                        failed.store(true, ordering: .relaxed)
+                        logger.error("daemon restarted under us; treating it as dead", metadata: [
+                            "daemon": "\(endpoint)", "instance": "\(String(reached.daemonInstance, radix: 16))"])
+                        throw .daemonRestarted(previous: welcome.daemonInstance, now: reached.daemonInstance)
+                    }
+                    return connection
                 } catch {
                     pool.withLock { $0.open -= 1 }
                     throw error

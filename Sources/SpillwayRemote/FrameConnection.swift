@@ -15,6 +15,14 @@ public enum RemoteError: Error, Equatable, Sendable, CustomStringConvertible {
     case refused(Wire.ErrorReply)
     /// The peer broke the protocol in a way the header checks cannot see.
     case protocolViolation(String)
+    /// A frame this side was asked to send exceeds the protocol's limits (nothing was sent).
+    case oversized(String)
+    /// The daemon did not prove it holds the tenant's token (mutual authentication), or runs
+    /// without authentication: it gets no pages.
+    case daemonNotAuthenticated(String)
+    /// A reconnect reached a different daemon instance (it restarted): the slab ids held
+    /// before mean nothing there, so nothing may be read or written through them.
+    case daemonRestarted(previous: UInt64, now: UInt64)
 
     public var description: String {
         switch self {
@@ -22,6 +30,10 @@ public enum RemoteError: Error, Equatable, Sendable, CustomStringConvertible {
         case .frame(let error): "malformed frame: \(error)"
         case .refused(let reply): "refused (\(reply.code)): \(reply.message)"
         case .protocolViolation(let reason): "protocol violation: \(reason)"
+        case .oversized(let what): "not sent: \(what)"
+        case .daemonNotAuthenticated(let reason): "daemon not authenticated: \(reason)"
+        case .daemonRestarted(let previous, let now):
+            "daemon restarted (instance \(String(previous, radix: 16)) is now \(String(now, radix: 16))): its old slabs are gone"
         }
     }
 
@@ -30,6 +42,9 @@ public enum RemoteError: Error, Equatable, Sendable, CustomStringConvertible {
         switch self {
         case .system(let error): error.errno
         case .frame, .protocolViolation: EPROTO
+        case .oversized: EMSGSIZE
+        case .daemonNotAuthenticated: EACCES
+        case .daemonRestarted: ESTALE
         case .refused(let reply):
             switch reply.code {
             case .noCapacity: ENOSPC
@@ -145,30 +160,74 @@ public final class FrameConnection: @unchecked Sendable {
         return taken
     }
 
-    /// Sends one frame; `data` is sent from where it lies.
+    /// Sends one frame; `data` is sent from where it lies. A frame over the protocol's limits is
+    /// refused here with `.oversized` (never a trap: its size may come from what peers did).
+    /// The socket's send timeout bounds how long a peer that stops reading can hold the caller.
     public func send(_ opcode: Opcode, flags: FrameFlags = [], requestID: UInt64, meta: UnsafeRawBufferPointer,
                      data: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)) throws(RemoteError)
     {
+        guard meta.count <= WireProtocol.maxMetaLength, data.count <= WireProtocol.maxDataLength else {
+            throw .oversized("\(opcode) frame with \(meta.count) meta and \(data.count) data bytes")
+        }
         try sendLock.withLock { _ throws(RemoteError) in
-            var crc = WireChecksum.update(0xFFFF_FFFF, meta)
-            crc = ~WireChecksum.update(crc, data)
-            FrameHeader(opcode: opcode, flags: flags, requestID: requestID, metaLength: meta.count, dataLength: data.count,
-                        payloadChecksum: crc).encode(into: headerOut)
-            vectors[0] = iovec(iov_base: headerOut, iov_len: WireProtocol.headerSize)
-            var count = 1
-            if meta.count > 0 {
-                vectors[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: meta.baseAddress!), iov_len: meta.count)
-                count += 1
-            }
-            if data.count > 0 {
-                vectors[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress!), iov_len: data.count)
-                count += 1
-            }
-            do throws(SystemCallError) {
-                try socket.send(UnsafeMutableBufferPointer(rebasing: vectors[0..<count]))
-            } catch {
-                throw .system(error)
-            }
+            try sendLocked(opcode, flags: flags, requestID: requestID, meta: meta, data: data)
+        }
+    }
+
+    /// What became of a notice sent without waiting.
+    public enum NoticeOutcome: Sendable, Equatable {
+        case sent
+        /// Not sent: the connection's owner is mid-send or the peer's receive window is full.
+        case busy
+        /// Part of the frame went out: the stream is broken; the caller must close it.
+        case broken
+    }
+
+    /// Sends a small notice (reclaim, goodbye) from a thread that does not own the connection,
+    /// without ever waiting: if the owner is mid-send (it holds the send lock, perhaps blocked
+    /// on a peer that stopped reading) or the socket buffer is full, nothing is sent. The
+    /// janitor and a shutdown must never block behind a tenant that does not read.
+    public func trySendNotice(_ opcode: Opcode, meta: [UInt8]) -> NoticeOutcome {
+        guard meta.count <= WireProtocol.maxMetaLength else { return .busy }
+        return meta.withUnsafeBytes { raw -> NoticeOutcome in
+            sendLock.withTryLock { _ -> NoticeOutcome in
+                let crc = ~WireChecksum.update(0xFFFF_FFFF, raw)
+                FrameHeader(opcode: opcode, flags: .notice, requestID: 0, metaLength: raw.count, dataLength: 0,
+                            payloadChecksum: crc).encode(into: headerOut)
+                vectors[0] = iovec(iov_base: headerOut, iov_len: WireProtocol.headerSize)
+                var count = 1
+                if raw.count > 0 {
+                    vectors[1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: raw.baseAddress!), iov_len: raw.count)
+                    count = 2
+                }
+                let sent = socket.sendWithoutWaiting(UnsafeMutableBufferPointer(rebasing: vectors[0..<count]))
+                if sent == WireProtocol.headerSize + raw.count { return .sent }
+                return sent <= 0 ? .busy : .broken
+            } ?? .busy
+        }
+    }
+
+    private func sendLocked(_ opcode: Opcode, flags: FrameFlags, requestID: UInt64, meta: UnsafeRawBufferPointer,
+                            data: UnsafeRawBufferPointer) throws(RemoteError)
+    {
+        var crc = WireChecksum.update(0xFFFF_FFFF, meta)
+        crc = ~WireChecksum.update(crc, data)
+        FrameHeader(opcode: opcode, flags: flags, requestID: requestID, metaLength: meta.count, dataLength: data.count,
+                    payloadChecksum: crc).encode(into: headerOut)
+        vectors[0] = iovec(iov_base: headerOut, iov_len: WireProtocol.headerSize)
+        var count = 1
+        if meta.count > 0 {
+            vectors[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: meta.baseAddress!), iov_len: meta.count)
+            count += 1
+        }
+        if data.count > 0 {
+            vectors[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress!), iov_len: data.count)
+            count += 1
+        }
+        do throws(SystemCallError) {
+            try socket.send(UnsafeMutableBufferPointer(rebasing: vectors[0..<count]))
+        } catch {
+            throw .system(error)
         }
     }
 

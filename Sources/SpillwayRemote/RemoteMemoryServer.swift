@@ -12,15 +12,27 @@ public struct DaemonConfiguration: Sendable {
     public var listen: Endpoint
     public var capacity: Int
     public var slabSize: Int
-    /// Nil: no authentication (then `listen` must be loopback).
-    public var tokens: TokenFile?
+    /// The tenants and their tokens. Always present: a daemon never serves unauthenticated
+    /// clients. In-process daemons get `TokenFile.random()` (in memory only); `spillwayd`
+    /// without `--token-file` generates one (`LocalTokens`).
+    public var tokens: TokenFile
     /// Seconds a tenant with no connection keeps its slabs.
     public var lease: Double
     /// Free host memory (MemAvailable) to keep; below it, slabs are reclaimed. 0 = off.
     public var headroom: Int
     /// Seconds a client gets to give a reclaimed slab back.
     public var reclaimDeadline: Double
+    /// Connections in all, authenticated or not.
     public var maxConnections: Int
+    /// Connections still in the handshake: when this many are waiting, a new connection
+    /// evicts the oldest of them, so strangers can never crowd out tenants.
+    public var maxUnauthenticated: Int = 64
+    /// Seconds a connection gets for the whole handshake (not per receive: a peer sending a
+    /// byte now and then is cut off all the same).
+    public var handshakeTimeout: Double = 5
+    /// Seconds a reply may wait for a peer that stopped reading before the connection is
+    /// dropped (the daemon's threads never block on a stuck tenant for longer).
+    public var sendTimeout: Double = 10
     /// Where MemAvailable is read (tests point it at a file they control).
     public var memoryInfoPath: String
     /// Seconds between lease, deadline and headroom checks.
@@ -35,7 +47,7 @@ public struct DaemonConfiguration: Sendable {
     public var testDelayMicroseconds = 0
 
     public init(listen: Endpoint = Endpoint(host: "127.0.0.1", port: 7450), capacity: Int, slabSize: Int = 64 << 20,
-                tokens: TokenFile? = nil, lease: Double = 30, headroom: Int = 0, reclaimDeadline: Double = 5,
+                tokens: TokenFile = .random(), lease: Double = 30, headroom: Int = 0, reclaimDeadline: Double = 5,
                 maxConnections: Int = 256, memoryInfoPath: String = "/proc/meminfo", checkInterval: Double = 0.5)
     {
         self.listen = listen
@@ -55,12 +67,10 @@ public struct DaemonConfiguration: Sendable {
             throw .invalidConfiguration("slab size must be a power of two between 1m and 1g")
         }
         guard capacity >= slabSize else { throw .invalidConfiguration("capacity must hold at least one slab") }
-        guard lease >= 0, reclaimDeadline > 0, maxConnections > 0 else {
-            throw .invalidConfiguration("lease, reclaim deadline and connection limit must be positive")
+        guard lease >= 0, reclaimDeadline > 0, maxConnections > 0, maxUnauthenticated > 0, handshakeTimeout > 0, sendTimeout > 0 else {
+            throw .invalidConfiguration("lease, reclaim deadline, connection limits and timeouts must be positive")
         }
-        if tokens == nil && !listen.isLoopback {
-            throw .invalidConfiguration("without --token-file the daemon only listens on loopback (asked: \(listen))")
-        }
+        guard !tokens.names.isEmpty else { throw .invalidConfiguration("a daemon needs at least one tenant token") }
     }
 }
 
@@ -90,12 +100,25 @@ public final class DaemonCounters: Sendable {
     public let revokedSlabs = ManagedAtomic<Int>(0)
     public let expiredLeases = ManagedAtomic<Int>(0)
     public let connections = ManagedAtomic<Int>(0)
+    /// Handshakes cut off: past the deadline, or evicted by a newer connection.
+    public let handshakeTimeouts = ManagedAtomic<Int>(0)
+    public let handshakeEvictions = ManagedAtomic<Int>(0)
+    /// Connections dropped because the peer stopped reading (a send timed out or a notice
+    /// could not be queued).
+    public let stuckPeers = ManagedAtomic<Int>(0)
+    /// Token file reloads (SIGHUP) and connections closed because their tenant was removed.
+    public let tokenReloads = ManagedAtomic<Int>(0)
+    public let removedTenantConnections = ManagedAtomic<Int>(0)
 }
 
 /// `spillwayd`'s engine: lends DRAM in slabs to authenticated tenants over TCP.
 ///
 /// - One thread per connection (bounded by `maxConnections`) reads a request, checks it, and
 ///   answers; page data is received straight into the slab and sent straight from it.
+/// - Every client authenticates (HMAC challenge–response; with the mutual capability the daemon
+///   proves the token too). A handshake has a total deadline, and unauthenticated connections
+///   have their own small quota whose oldest member a newcomer evicts. Sends are bounded by
+///   `sendTimeout`; notices never wait.
 /// - A slab belongs to one tenant. Every access is checked against the owner and the slab's
 ///   bounds under the slab table's lock; the slab's user count keeps it mapped while a copy
 ///   runs, so an unmap or revoke never pulls memory from under a transfer.
@@ -118,7 +141,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     private let logger: Logger
     private var listener: TCPSocket?
     private let stopping = ManagedAtomic<Bool>(false)
-    private let state = Locked(ServerState())
+    private let state: Locked<ServerState>
     private var acceptThread: BackgroundThread?
     private var janitorThread: BackgroundThread?
 
@@ -135,15 +158,29 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     struct Tenant {
         var slabs: Set<UInt32> = []
+        /// Slabs revoked while their tenant is connected keep a pending notice.
         var connections: [ObjectIdentifier: FrameConnection] = [:]
         var disconnectedAt: Double?
         let counters = TenantCounters()
     }
 
+    /// A connection still in its handshake.
+    struct Pending {
+        let connection: FrameConnection
+        let acceptedAt: Double
+    }
+
     struct ServerState {
         var slabs: [UInt32: Slab] = [:]
         var nextSlab: UInt32 = 1
+        /// Slabs lent to tenants (what `stats` reports as lent).
         var lentSlabs = 0
+        /// Slabs whose memory is mapped: lent ones plus retired ones a transfer still pins.
+        /// Capacity is checked against this, so a stuck transfer can never make the daemon
+        /// map more than `capacity`.
+        var mappedSlabs = 0
+        var pending: [ObjectIdentifier: Pending] = [:]
+        var tokens: TokenFile
         var tenants: [String: Tenant] = [:]
         var connections: [ObjectIdentifier: FrameConnection] = [:]
         var revokedFor: [String: Set<UInt32>] = [:]
@@ -153,17 +190,44 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         try configuration.validate()
         self.configuration = configuration
         self.logger = logger
+        state = Locked(ServerState(tokens: configuration.tokens))
         testDelayMicroseconds.store(configuration.testDelayMicroseconds, ordering: .relaxed)
     }
 
     deinit {
         state.withLock { state in
             for slab in state.slabs.values { munmap(slab.base, configuration.slabSize) }
+            state.mappedSlabs = 0
             state.slabs.removeAll()
         }
     }
 
     public var totalSlabs: Int { configuration.capacity / configuration.slabSize }
+
+    /// Credentials of the token file's first tenant: what an in-process client of this daemon
+    /// (the CLI's embedded daemons, tests) connects with.
+    public var clientCredentials: ClientCredentials { ClientCredentials(tokenFile: state.withLock { $0.tokens }) }
+
+    /// Replaces the tenants (SIGHUP): new tenants are admitted from now on; connections of
+    /// tenants no longer in the file are closed at once (their slabs follow the lease rules).
+    /// Returns how many connections were closed.
+    @discardableResult
+    public func reloadTokens(_ tokens: TokenFile, counted: Bool = true) -> Int {
+        let closing = state.withLock { state -> [FrameConnection] in
+            state.tokens = tokens
+            var closing: [FrameConnection] = []
+            for (name, tenant) in state.tenants where tokens.tokens[name] == nil {
+                closing += tenant.connections.values
+            }
+            return closing
+        }
+        for connection in closing { connection.socket.shutdown() }
+        guard counted else { return closing.count }
+        counters.tokenReloads.wrappingIncrement(ordering: .relaxed)
+        counters.removedTenantConnections.wrappingIncrement(by: closing.count, ordering: .relaxed)
+        logger.notice("token file reloaded", metadata: ["tenants": "\(tokens.names.count)", "closed_connections": "\(closing.count)"])
+        return closing.count
+    }
 
     /// The port actually bound (after `start` on port 0).
     public private(set) var port: UInt16 = 0
@@ -178,9 +242,6 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         }
         listener = socket
         port = socket.localPort
-        if configuration.tokens == nil {
-            logger.notice("no token file: authentication is off, listening on loopback only", metadata: ["listen": "\(configuration.listen.host):\(port)"])
-        }
         let transport = TransportSelection.choose(for: "spillwayd", logger: logger)
         logger.info("spillwayd serving", metadata: [
             "listen": "\(configuration.listen.host):\(port)", "capacity": "\(ByteCount.format(configuration.capacity))",
@@ -201,7 +262,9 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         var goodbye = WireWriter()
         goodbye.write(string: "daemon shutting down")
         for connection in connections {
-            try? connection.send(.goodbye, flags: .notice, requestID: 0, meta: goodbye.bytes)
+            // Never waits: a tenant that stopped reading just misses its goodbye (and is cut
+            // off below with everyone else once the drain time is over).
+            if connection.trySendNotice(.goodbye, meta: goodbye.bytes) == .broken { connection.socket.shutdown() }
         }
         let deadline = Self.now() + drain
         while Self.now() < deadline && state.withLock({ !$0.connections.isEmpty }) {
@@ -234,18 +297,57 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             guard let (socket, peer) = accepted else { continue }
             let connection = FrameConnection(socket: socket)
             connection.pollNanoseconds = UInt64(configuration.pollMicroseconds * 1000)
-            let admitted = state.withLock { state -> Bool in
-                guard state.connections.count < configuration.maxConnections else { return false }
-                state.connections[ObjectIdentifier(connection)] = connection
-                return true
+            // Bounded from the first byte: the whole handshake must fit in the deadline (the
+            // janitor enforces it in total; this bounds each receive and send).
+            socket.setTimeout(configuration.handshakeTimeout)
+            let (admitted, evicted) = admit(connection)
+            if let evicted {
+                counters.handshakeEvictions.wrappingIncrement(ordering: .relaxed)
+                evicted.socket.shutdown()
             }
             guard admitted else {
                 logger.warning("connection limit reached; refusing", metadata: ["peer": "\(peer)"])
-                try? connection.sendError(Wire.ErrorReply(.noCapacity, "connection limit reached"), requestID: 0)
+                _ = connection.trySendNotice(.error, meta: Wire.ErrorReply(.noCapacity, "connection limit reached").encode())
                 continue
             }
             counters.connections.wrappingIncrement(ordering: .relaxed)
             BackgroundThread { [self] in serve(connection, peer: peer) }.detach()
+        }
+    }
+
+    /// Admits a new connection as unauthenticated. If the unauthenticated quota is full, or
+    /// all connections are in use, the oldest unauthenticated connection makes room (returned,
+    /// for the caller to shut down): a flood of strangers that never finish a handshake only
+    /// ever evicts each other, never a tenant. Refused only when every slot is a tenant's.
+    private func admit(_ connection: FrameConnection) -> (admitted: Bool, evicted: FrameConnection?) {
+        state.withLock { state in
+            var evicted: FrameConnection?
+            if state.pending.count >= configuration.maxUnauthenticated || state.connections.count >= configuration.maxConnections,
+               let oldest = state.pending.min(by: { $0.value.acceptedAt < $1.value.acceptedAt })
+            {
+                state.pending[oldest.key] = nil
+                state.connections[oldest.key] = nil
+                evicted = oldest.value.connection
+            }
+            guard state.connections.count < configuration.maxConnections else { return (false, evicted) }
+            let id = ObjectIdentifier(connection)
+            state.connections[id] = connection
+            state.pending[id] = Pending(connection: connection, acceptedAt: Self.now())
+            return (true, evicted)
+        }
+    }
+
+    /// Cuts off handshakes older than the deadline (a peer trickling bytes resets no timer).
+    private func expireHandshakes() {
+        let cutoff = Self.now() - configuration.handshakeTimeout
+        let expired = state.withLock { state -> [FrameConnection] in
+            let old = state.pending.filter { $0.value.acceptedAt <= cutoff }
+            for key in old.keys { state.pending[key] = nil }
+            return old.values.map(\.connection)
+        }
+        for connection in expired {
+            counters.handshakeTimeouts.wrappingIncrement(ordering: .relaxed)
+            connection.socket.shutdown()
         }
     }
 
@@ -257,6 +359,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         defer {
             state.withLock { state in
                 state.connections[id] = nil
+                state.pending[id] = nil
                 if let tenantName, var tenant = state.tenants[tenantName] {
                     tenant.connections[id] = nil
                     if tenant.connections.isEmpty { tenant.disconnectedAt = Self.now() }
@@ -265,7 +368,6 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             }
             connection.socket.close()
         }
-        connection.socket.setTimeout(10)  // the handshake must not hang a thread forever
         do {
             tenantName = try handshake(connection, peer: peer)
         } catch {
@@ -273,7 +375,10 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             return
         }
         guard let tenantName, let tenantCounters = state.withLock({ $0.tenants[tenantName]?.counters }) else { return }
-        connection.socket.setTimeout(0)
+        // An authenticated connection may idle between requests, but a reply never waits
+        // longer than `sendTimeout` for a peer that stopped reading.
+        connection.socket.setReceiveTimeout(0)
+        connection.socket.setSendTimeout(configuration.sendTimeout)
         while !stopping.load(ordering: .relaxed) {
             let header: FrameHeader
             do {
@@ -290,6 +395,10 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 try handle(header, on: connection, tenant: tenantName, counters: tenantCounters)
             } catch {
                 if case .frame = error { counters.malformedFrames.wrappingIncrement(ordering: .relaxed) }
+                if case .system(let failure) = error, failure.errno == EAGAIN || failure.errno == EWOULDBLOCK {
+                    counters.stuckPeers.wrappingIncrement(ordering: .relaxed)
+                    logger.warning("tenant stopped reading replies; disconnecting it", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)"])
+                }
                 logger.notice("connection closed", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)", "reason": "\(error)"])
                 return
             }
@@ -318,38 +427,52 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             throw .protocolViolation("no common version")
         }
         let nonce = Authenticator.nonce()
-        let required = configuration.tokens != nil
+        // Mutual authentication when the client asks for it; version 1's one-way handshake
+        // otherwise (docs/protocol.md). Authentication itself is never optional.
+        let agreed = Wire.Capabilities(rawValue: hello.capabilities).intersection(.supported)
         try connection.send(.challenge, flags: .response, requestID: header.requestID,
-                            meta: Wire.Challenge(version: version, authenticationRequired: required, capabilities: 0, nonce: nonce).encode())
-        if let tokens = configuration.tokens {
-            let proofHeader = try connection.receiveHeader()
-            let proofBytes = try connection.receiveSmall(proofHeader)
-            let proof = WireReader.decode(proofBytes, with: Wire.Authenticate.decode)
-            // An unknown tenant is checked against a dummy token, so timing does not say
-            // which names exist.
-            let token = tokens.tokens[hello.tenant] ?? Array(repeating: 0, count: 32)
-            let expected = Authenticator.proof(token: token, nonce: nonce, tenant: hello.tenant)
-            guard proofHeader.opcode == .authenticate, let proof, tokens.tokens[hello.tenant] != nil,
-                  Authenticator.constantTimeEqual(proof.mac, expected)
-            else {
-                counters.authFailures.wrappingIncrement(ordering: .relaxed)
-                logger.warning("authentication failed", metadata: ["peer": "\(peer)", "tenant": "\(hello.tenant)"])
-                try? connection.sendError(Wire.ErrorReply(.authenticationFailed, "authentication failed"), requestID: proofHeader.requestID)
-                throw .refused(Wire.ErrorReply(.authenticationFailed, "authentication failed"))
-            }
+                            meta: Wire.Challenge(version: version, authenticationRequired: true, capabilities: agreed.rawValue,
+                                                 nonce: nonce).encode())
+        let proofHeader = try connection.receiveHeader()
+        let proofBytes = try connection.receiveSmall(proofHeader)
+        let proof = WireReader.decode(proofBytes, with: Wire.Authenticate.decode)
+        let tokens = state.withLock { $0.tokens }
+        // An unknown tenant is checked against a dummy token, so timing does not say which
+        // names exist.
+        let token = tokens.tokens[hello.tenant] ?? Array(repeating: 0, count: 32)
+        let expected = Authenticator.proof(token: token, nonce: nonce, tenant: hello.tenant)
+        guard proofHeader.opcode == .authenticate, let proof, tokens.tokens[hello.tenant] != nil,
+              Authenticator.constantTimeEqual(proof.mac, expected),
+              agreed.contains(.mutualAuthentication) == (proof.clientNonce != nil)
+        else {
+            counters.authFailures.wrappingIncrement(ordering: .relaxed)
+            logger.warning("authentication failed", metadata: ["peer": "\(peer)", "tenant": "\(hello.tenant)"])
+            try? connection.sendError(Wire.ErrorReply(.authenticationFailed, "authentication failed"), requestID: proofHeader.requestID)
+            throw .refused(Wire.ErrorReply(.authenticationFailed, "authentication failed"))
+        }
+        let daemonProof = proof.clientNonce.map {
+            Authenticator.daemonProof(token: token, clientNonce: $0, daemonNonce: nonce, tenant: hello.tenant, instance: instance)
         }
         let tenantName = hello.tenant
-        let welcome = state.withLock { state -> Wire.Welcome in
+        let welcome = state.withLock { state -> Wire.Welcome? in
+            // The tenant may have been removed (SIGHUP) while this handshake ran.
+            guard state.tokens.tokens[tenantName] != nil else { return nil }
+            state.pending[ObjectIdentifier(connection)] = nil
             var tenant = state.tenants[tenantName] ?? Tenant()
             tenant.connections[ObjectIdentifier(connection)] = connection
             tenant.disconnectedAt = nil
             state.tenants[tenantName] = tenant
             return Wire.Welcome(slabSize: UInt64(configuration.slabSize), capacity: UInt64(configuration.capacity),
-                                freeSlabs: UInt32(totalSlabs - state.lentSlabs), heldSlabs: tenant.slabs.sorted(),
-                                daemonInstance: instance)
+                                freeSlabs: UInt32(max(0, totalSlabs - state.mappedSlabs)), heldSlabs: tenant.slabs.sorted(),
+                                daemonInstance: instance, daemonProof: daemonProof)
+        }
+        guard let welcome else {
+            try? connection.sendError(Wire.ErrorReply(.authenticationFailed, "authentication failed"), requestID: proofHeader.requestID)
+            throw .refused(Wire.ErrorReply(.authenticationFailed, "tenant removed"))
         }
         try connection.send(.welcome, flags: .response, requestID: header.requestID, meta: welcome.encode())
-        logger.debug("client authenticated", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)"])
+        logger.debug("client authenticated", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)",
+                                                        "mutual": "\(daemonProof != nil)"])
         return tenantName
     }
 
@@ -438,7 +561,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
         case .stats:
             _ = try connection.receiveSmall(header)
-            try connection.send(.stats, flags: .response, requestID: id, meta: Array(statsJSON().utf8))
+            try connection.send(.stats, flags: .response, requestID: id, meta: Array(statsJSON(for: tenant).utf8))
 
         case .corruptForTest:
             let bytes = try connection.receiveSmall(header)
@@ -540,6 +663,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         slab.users -= 1
         if slab.retired && slab.users == 0 {
             munmap(slab.base, configuration.slabSize)
+            state.mappedSlabs -= 1
             state.slabs[id] = nil
         } else {
             state.slabs[id] = slab
@@ -619,8 +743,13 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     private func mapSlab(for tenant: String) -> Result<UInt32, Wire.ErrorReply> {
         state.withLock { state in
-            guard state.lentSlabs < totalSlabs else {
+            // Mapped, not lent: a retired slab that a stuck transfer still pins holds memory too.
+            guard state.mappedSlabs < totalSlabs else {
                 return .failure(Wire.ErrorReply(.noCapacity, "all \(totalSlabs) slabs are lent"))
+            }
+            // Every slab a tenant holds is listed in its welcome, which must fit in one frame.
+            guard (state.tenants[tenant]?.slabs.count ?? 0) < Wire.Welcome.maxHeldSlabs else {
+                return .failure(Wire.ErrorReply(.noCapacity, "a tenant may hold at most \(Wire.Welcome.maxHeldSlabs) slabs of one daemon"))
             }
             // A fresh anonymous mapping: zero-filled, and memory is committed only as written.
             let base = mmap(nil, configuration.slabSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -632,6 +761,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             if state.nextSlab == 0 { state.nextSlab = 1 }
             state.slabs[id] = Slab(base: base, owner: tenant, mappedAt: Self.now())
             state.lentSlabs += 1
+            state.mappedSlabs += 1
             state.tenants[tenant, default: Tenant()].slabs.insert(id)
             return .success(id)
         }
@@ -654,6 +784,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         state.tenants[slab.owner]?.slabs.remove(id)
         if slab.users == 0 {
             munmap(slab.base, configuration.slabSize)
+            state.mappedSlabs -= 1
             state.slabs[id] = nil
         } else {
             state.slabs[id] = slab
@@ -665,6 +796,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     private func janitorLoop() {
         while !stopping.load(ordering: .relaxed) {
             usleep(UInt32(configuration.checkInterval * 1_000_000))
+            expireHandshakes()
             expireLeases()
             enforceDeadlines()
             if configuration.headroom > 0 { checkHeadroom() }
@@ -739,7 +871,17 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 "slab": "\(slab)", "available": "\(ByteCount.format(available))", "headroom": "\(ByteCount.format(configuration.headroom))",
             ])
             let notice = Wire.Reclaim(slab: slab, deadlineMilliseconds: UInt32(configuration.reclaimDeadline * 1000))
-            try? connection?.send(.reclaim, flags: .notice, requestID: 0, meta: notice.encode())
+            // Never waits on the tenant: unsent, the notice is simply missed and the deadline
+            // revokes the slab; a half-sent frame breaks the stream, so that peer is cut off.
+            switch connection?.trySendNotice(.reclaim, meta: notice.encode()) {
+            case .broken?:
+                counters.stuckPeers.wrappingIncrement(ordering: .relaxed)
+                connection?.socket.shutdown()
+            case .busy?:
+                logger.notice("reclaim notice not delivered (the tenant is not reading); the deadline still applies",
+                              metadata: ["slab": "\(slab)"])
+            case .sent?, nil: break
+            }
         }
     }
 
@@ -767,7 +909,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     public func snapshot() -> Snapshot {
         state.withLock { state in
-            Snapshot(slabsLent: state.lentSlabs, slabsFree: totalSlabs - state.lentSlabs,
+            Snapshot(slabsLent: state.lentSlabs, slabsFree: max(0, totalSlabs - state.mappedSlabs),
                      bytesLent: state.lentSlabs * configuration.slabSize, connections: state.connections.count,
                      tenants: state.tenants.keys.sorted().map { name in
                          let tenant = state.tenants[name]!
@@ -781,26 +923,46 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         }
     }
 
-    /// The `stats` reply: one JSON object (also what `spillway status` prints).
-    public func statsJSON() -> String {
+    /// Most bytes of tenant entries one `stats` reply carries (the rest of the reply is small
+    /// and fixed; the whole must fit in a frame's meta section).
+    static let statsTenantBudget = WireProtocol.maxMetaLength - 4096
+
+    /// The `stats` reply: one JSON object (also what `spillway status` prints). A tenant sees
+    /// its own entry; an admin tenant (token file) or nil (the daemon itself) sees every
+    /// tenant, as many as fit in one frame, and `tenants_omitted` says how many did not.
+    public func statsJSON(for viewer: String? = nil) -> String {
         let snap = snapshot()
         let c = counters
         func load(_ counter: ManagedAtomic<Int>) -> JSONValue { .int(counter.load(ordering: .relaxed)) }
-        let tenants: [JSONValue] = snap.tenants.map { tenant in
-            .object([("name", .string(tenant.name)), ("slabs", .int(tenant.slabs)), ("connections", .int(tenant.connections)),
-                     ("reads", .int(tenant.reads)), ("writes", .int(tenant.writes)), ("bytes_read", .int(tenant.bytesRead)),
-                     ("bytes_written", .int(tenant.bytesWritten)), ("refused", .int(tenant.refused))])
+        let seesAll = viewer == nil || state.withLock { $0.tokens.admins.contains(viewer!) }
+        var tenants: [JSONValue] = []
+        var budget = Self.statsTenantBudget
+        var omitted = 0
+        for tenant in snap.tenants where seesAll || tenant.name == viewer {
+            let entry = JSONValue.object([
+                ("name", .string(tenant.name)), ("slabs", .int(tenant.slabs)), ("connections", .int(tenant.connections)),
+                ("reads", .int(tenant.reads)), ("writes", .int(tenant.writes)), ("bytes_read", .int(tenant.bytesRead)),
+                ("bytes_written", .int(tenant.bytesWritten)), ("refused", .int(tenant.refused))])
+            let size = entry.serialized().utf8.count + 1
+            guard size <= budget else {
+                omitted += 1
+                continue
+            }
+            budget -= size
+            tenants.append(entry)
         }
         return JSONValue.object([
             ("version", .string(SpillwayVersion.current)), ("protocol", .int(Int(WireProtocol.maximumVersion))),
             ("transport", .string("tcp")), ("capacity", .int(configuration.capacity)), ("slab_size", .int(configuration.slabSize)),
             ("slabs_lent", .int(snap.slabsLent)), ("slabs_free", .int(snap.slabsFree)), ("bytes_lent", .int(snap.bytesLent)),
-            ("connections", .int(snap.connections)), ("tenants", .array(tenants)),
+            ("connections", .int(snap.connections)), ("tenants", .array(tenants)), ("tenants_omitted", .int(omitted)),
             ("ops", .object([("reads", load(c.reads)), ("writes", load(c.writes)), ("bytes_read", load(c.bytesRead)),
                              ("bytes_written", load(c.bytesWritten))])),
             ("errors", .object([("auth_failures", load(c.authFailures)), ("refused_accesses", load(c.refusedAccesses)),
                                 ("malformed_frames", load(c.malformedFrames)), ("checksum_failures", load(c.checksumFailures)),
-                                ("revoked_slabs", load(c.revokedSlabs)), ("expired_leases", load(c.expiredLeases))])),
+                                ("revoked_slabs", load(c.revokedSlabs)), ("expired_leases", load(c.expiredLeases)),
+                                ("handshake_timeouts", load(c.handshakeTimeouts)), ("handshake_evictions", load(c.handshakeEvictions)),
+                                ("stuck_peers", load(c.stuckPeers))])),
             ("reclaim_notices", load(c.reclaimNotices)),
         ]).serialized()
     }

@@ -149,9 +149,39 @@ public final class TCPSocket: @unchecked Sendable {
 
     /// Send and receive timeouts (a peer that stops answering becomes `EAGAIN`).
     public func setTimeout(_ seconds: Double) {
-        var value = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1_000_000))
+        setReceiveTimeout(seconds)
+        setSendTimeout(seconds)
+    }
+
+    /// Receive timeout alone (0 = wait forever: an idle authenticated connection).
+    public func setReceiveTimeout(_ seconds: Double) {
+        var value = Self.timeValue(seconds)
         setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Send timeout alone: a peer that stops reading fails the send with `EAGAIN` after this
+    /// long instead of holding the sending thread (and everything waiting on it) forever.
+    public func setSendTimeout(_ seconds: Double) {
+        var value = Self.timeValue(seconds)
         setsockopt(descriptor, SOL_SOCKET, SO_SNDTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    private static func timeValue(_ seconds: Double) -> timeval {
+        timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1_000_000))
+    }
+
+    /// One non-blocking `sendmsg`: the bytes sent (0 if the buffer is full, -1 on error).
+    /// For notices that must never wait (see `FrameConnection.trySendNotice`).
+    public func sendWithoutWaiting(_ vectors: UnsafeMutableBufferPointer<iovec>) -> Int {
+        var message = msghdr()
+        message.msg_iov = vectors.baseAddress
+        message.msg_iovlen = vectors.count
+        while true {
+            let sent = sendmsg(descriptor, &message, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+            if sent >= 0 { return sent }
+            if errno == EINTR { continue }
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1
+        }
     }
 
     /// Sends every byte of `vectors` (retrying short writes and EINTR; never raises SIGPIPE).

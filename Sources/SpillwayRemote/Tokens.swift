@@ -6,21 +6,43 @@ import SpillwayCore
 import Glibc
 #endif
 
-/// Tenant tokens (`--token-file`): lines `NAME TOKEN`, split on spaces or tabs; `#` comments
-/// and blank lines ignored; CR/LF trimmed; TOKEN is 16–1024 printable ASCII characters. A file
-/// readable by group or others is used, with a warning.
+/// Tenant tokens (`--token-file`): lines `NAME TOKEN [admin]`, split on spaces or tabs; `#`
+/// comments and blank lines ignored; CR/LF trimmed; TOKEN is 16–1024 printable ASCII
+/// characters; `admin` lets that tenant see every tenant in `stats` (others see their own).
+/// A file readable by group or others is used, with a warning.
 public struct TokenFile: Sendable, Equatable {
     public var tokens: [String: [UInt8]]
     /// Tenant names in file order (a client uses the first).
     public var names: [String]
+    /// Tenants marked `admin`.
+    public var admins: Set<String>
 
-    public init(tokens: [(String, String)]) {
+    public init(tokens: [(String, String)], admins: Set<String> = []) {
         self.tokens = Dictionary(tokens.map { ($0.0, Array($0.1.utf8)) }, uniquingKeysWith: { _, last in last })
         names = tokens.map(\.0)
+        self.admins = admins
+    }
+
+    /// One tenant with a fresh random token (64 hex digits from the system's CSPRNG), never
+    /// written anywhere unless the caller does: in-process daemons and the clients of the same
+    /// process share it in memory.
+    public static func random(tenant: String = "spillway", admin: Bool = true) -> TokenFile {
+        var generator = SystemRandomNumberGenerator()
+        let digits = Array("0123456789abcdef".utf8)
+        let token = String(decoding: (0..<64).map { _ in digits[Int.random(in: 0..<16, using: &generator)] }, as: UTF8.self)
+        return TokenFile(tokens: [(tenant, token)], admins: admin ? [tenant] : [])
+    }
+
+    /// The file's text (what `parse` reads back).
+    public var text: String {
+        names.map { name in
+            "\(name) \(String(decoding: tokens[name]!, as: UTF8.self))\(admins.contains(name) ? " admin" : "")\n"
+        }.joined()
     }
 
     public static func parse(_ text: String, source: String = "token file") throws(SpillwayError) -> TokenFile {
         var entries: [(String, String)] = []
+        var admins: Set<String> = []
         var lineNumber = 0
         // "\r\n" is one Character in Swift, so split on every newline form.
         for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" || $0 == "\r" }) {
@@ -30,9 +52,13 @@ public struct TokenFile: Sendable, Equatable {
             if let hash = line.firstIndex(of: "#") { line = line[..<hash] }
             let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
             if fields.isEmpty { continue }
-            guard fields.count == 2 else {
-                throw .invalidConfiguration("\(source):\(lineNumber): expected 'NAME TOKEN', found \(fields.count) field(s)")
+            guard fields.count == 2 || (fields.count == 3 && fields[2] == "admin") else {
+                throw .invalidConfiguration("\(source):\(lineNumber): expected 'NAME TOKEN [admin]', found \(fields.count) field(s)")
             }
+            guard fields[0].utf8.count <= 256, fields[0].unicodeScalars.allSatisfy({ $0.value > 0x20 && $0.value != 0x7F }) else {
+                throw .invalidConfiguration("\(source):\(lineNumber): a tenant name is at most 256 bytes without control characters")
+            }
+            if fields.count == 3 { admins.insert(String(fields[0])) }
             let token = fields[1]
             guard token.utf8.count >= 16, token.utf8.count <= 1024, token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
                 throw .invalidConfiguration("\(source):\(lineNumber): the token must be 16–1024 printable ASCII characters")
@@ -40,7 +66,7 @@ public struct TokenFile: Sendable, Equatable {
             entries.append((String(fields[0]), String(token)))
         }
         guard !entries.isEmpty else { throw .invalidConfiguration("\(source): no 'NAME TOKEN' line") }
-        return TokenFile(tokens: entries)
+        return TokenFile(tokens: entries, admins: admins)
     }
 
     /// Reads and parses `path`; warns (does not refuse) when group or others can read it.
@@ -71,11 +97,94 @@ public struct TokenFile: Sendable, Equatable {
     }
 }
 
+/// Token files a `spillwayd` started without `--token-file` generates: one per listen address,
+/// `spillwayd-HOST-PORT.token` (mode 0600) in the first of `PrivateDirectory.runtimeCandidates`
+/// (a 0700 directory of the user's). `spillway` commands and the library find it by the
+/// daemon's address when given no token, so a same-host user needs no setup while other users
+/// cannot read it.
+public enum LocalTokens {
+    static func fileName(for endpoint: Endpoint) -> String {
+        let host = endpoint.host == "localhost" ? "127.0.0.1" : endpoint.host
+        return "spillwayd-\(host)-\(endpoint.port).token"
+    }
+
+    /// Creates a fresh random token file for a daemon listening on `endpoint`: its path and
+    /// the tokens. A stale file of an earlier daemon on the same address is replaced.
+    public static func create(for endpoint: Endpoint) throws(SpillwayError) -> (path: String, tokens: TokenFile) {
+        let directory = PrivateDirectory.runtimeCandidates[0]
+        try PrivateDirectory.ensure(directory)
+        let path = "\(directory)/\(fileName(for: endpoint))"
+        let tokens = TokenFile.random(tenant: "spillway", admin: true)
+        unlink(path)
+        let descriptor = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard descriptor >= 0 else { throw .invalidConfiguration("cannot create token file '\(path)': \(String(cString: strerror(errno)))") }
+        defer { close(descriptor) }
+        let text = tokens.text
+        guard writeAll(descriptor, text) else {
+            unlink(path)
+            throw .invalidConfiguration("cannot write token file '\(path)': \(String(cString: strerror(errno)))")
+        }
+        return (path, tokens)
+    }
+
+    private static func writeAll(_ descriptor: Int32, _ text: String) -> Bool {
+        let bytes = Array(text.utf8)
+        var offset = 0
+        while offset < bytes.count {
+            let written = bytes.withUnsafeBytes { write(descriptor, $0.baseAddress! + offset, $0.count - offset) }
+            if written < 0 && errno == EINTR { continue }
+            if written <= 0 { return false }
+            offset += written
+        }
+        return true
+    }
+
+    /// The generated token file of the daemon at `endpoint`, if this user has one: the path of
+    /// the first private, user-owned, 0600 file found. Files that fail those checks are skipped.
+    public static func path(for endpoint: Endpoint) -> String? {
+        for directory in PrivateDirectory.runtimeCandidates {
+            guard (try? PrivateDirectory.check(directory)) != nil else { continue }
+            let path = "\(directory)/\(fileName(for: endpoint))"
+            var info = stat()
+            guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFREG, info.st_uid == geteuid(), info.st_mode & 0o077 == 0
+            else { continue }
+            return path
+        }
+        return nil
+    }
+
+    /// Credentials from the daemon's generated token file, if this user can find one.
+    public static func credentials(for endpoint: Endpoint, logger: Logger) -> ClientCredentials? {
+        guard let path = path(for: endpoint) else { return nil }
+        do {
+            return ClientCredentials(tokenFile: try TokenFile.load(path, logger: logger))
+        } catch {
+            logger.warning("ignoring an unreadable generated token file", metadata: ["path": "\(path)", "error": "\(error)"])
+            return nil
+        }
+    }
+}
+
 /// HMAC-SHA256 challenge–response: the client proves it holds the tenant's token without
 /// sending it. The MAC covers a fixed label, the daemon's fresh nonce and the tenant name, so
 /// a proof cannot be replayed on another connection or for another tenant.
 public enum Authenticator {
     static let label = Array("spillway-auth-v1".utf8)
+    /// A different label for the daemon's proof, so a client's proof can never be replayed as
+    /// a daemon's (or the reverse).
+    static let daemonLabel = Array("spillway-daemon-v1".utf8)
+
+    /// The daemon's proof in a mutually authenticated handshake: HMAC-SHA256(token,
+    /// "spillway-daemon-v1" ‖ client nonce ‖ daemon nonce ‖ tenant ‖ daemon instance (u64 LE)).
+    /// Binding the instance authenticates the welcome's `daemonInstance`.
+    public static func daemonProof(token: [UInt8], clientNonce: [UInt8], daemonNonce: [UInt8], tenant: String, instance: UInt64) -> [UInt8] {
+        var message = daemonLabel
+        message += clientNonce
+        message += daemonNonce
+        message += Array(tenant.utf8)
+        withUnsafeBytes(of: instance.littleEndian) { message += $0 }
+        return Array(HMAC<SHA256>.authenticationCode(for: message, using: SymmetricKey(data: token)))
+    }
 
     public static func proof(token: [UInt8], nonce: [UInt8], tenant: String) -> [UInt8] {
         var message = label

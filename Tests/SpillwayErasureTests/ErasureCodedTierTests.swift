@@ -15,7 +15,8 @@ func pattern(_ seed: UInt64, _ count: Int) -> [UInt8] {
 
 func startDaemons(_ count: Int, testFaults: Bool = false, slowIndex: Int? = nil, delayMicroseconds: Int = 0) throws -> [RemoteMemoryServer] {
     try (0..<count).map { index in
-        var configuration = DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 32 << 20, slabSize: 1 << 20)
+        var configuration = DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 32 << 20, slabSize: 1 << 20,
+                                                tokens: testTokens)
         configuration.enableTestFaults = testFaults || index == slowIndex
         if index == slowIndex { configuration.testDelayMicroseconds = delayMicroseconds }
         let server = try RemoteMemoryServer(configuration)
@@ -25,9 +26,10 @@ func startDaemons(_ count: Int, testFaults: Bool = false, slowIndex: Int? = nil,
 }
 
 func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, capacity: Int = 4 << 20,
-             placement: CodingPlacement = .codingSets(slack: 1), writeGrace: Double = 0.02) throws -> (TieredStore, ErasureCodedTier)
+             placement: CodingPlacement = .codingSets(slack: 1), writeGrace: Double = 0.02,
+             credentials: ClientCredentials = testCredentials) throws -> (TieredStore, ErasureCodedTier)
 {
-    var configuration = ErasureCodedTierConfiguration(servers: endpoints, credentials: ClientCredentials(tenant: "t", token: nil),
+    var configuration = ErasureCodedTierConfiguration(servers: endpoints, credentials: credentials,
                                                       capacity: capacity, slotSize: 4096)
     configuration.lateBindingDelta = delta
     configuration.heartbeatInterval = heartbeat
@@ -135,7 +137,8 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
     @Test func killNineOfRDaemonsThenRepairRestoresFullRedundancy() throws {
         // k+r+2 daemons: each of the r lost members needs a live daemon outside the stripe.
         let daemons = try (0..<8).map { _ in try DaemonProcess() }
-        let (store, tier) = try ecStore(daemons.map(\.endpoint), heartbeat: 0.1, capacity: 2 << 20)
+        let (store, tier) = try ecStore(daemons.map(\.endpoint), heartbeat: 0.1, capacity: 2 << 20,
+                                        credentials: ClientCredentials(tenant: "t", token: nil))  // their generated token files
         defer { store.close() }
         var expected: [PageKey: [UInt8]] = [:]
         for value in 0..<300 {
@@ -174,7 +177,7 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
         for path in paths { try "MemAvailable: 8388608 kB\n".write(toFile: path, atomically: true, encoding: .utf8) }
         let servers = try paths.map { path in
             let server = try RemoteMemoryServer(DaemonConfiguration(
-                listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 32 << 20, slabSize: 1 << 20, headroom: 1 << 30,
+                listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 32 << 20, slabSize: 1 << 20, tokens: testTokens, headroom: 1 << 30,
                 reclaimDeadline: 10, memoryInfoPath: path, checkInterval: 0.05))
             try server.start()
             return server

@@ -4,6 +4,7 @@ import Testing
 @testable import SpillwayMemoryTiers
 @testable import SpillwayRemote
 @testable import SpillwayStore
+import SpillwayTestSupport
 
 /// Random put/get/remove/maintenance/repair sequences on a DRAM tier over an erasure-coded
 /// tier (so pages keep moving into and out of the coded tier), with up to r of its daemons
@@ -15,7 +16,7 @@ import Testing
         let servers = try startDaemons(7)
         defer { for server in servers { server.shutdown(drain: 0) } }
         var configuration = ErasureCodedTierConfiguration(servers: servers.map { Endpoint(host: "127.0.0.1", port: $0.port) },
-                                                          credentials: ClientCredentials(tenant: "p", token: nil), capacity: 2 << 20, slotSize: 4096)
+                                                          credentials: testCredentials, capacity: 2 << 20, slotSize: 4096)
         configuration.heartbeatInterval = 0
         configuration.ioTimeout = 2
         let coded = try ErasureCodedTier(configuration)

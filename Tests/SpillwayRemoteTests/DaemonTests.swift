@@ -13,7 +13,7 @@ let alice = ClientCredentials(tenant: "alice", token: Array(aliceToken.utf8))
 let bob = ClientCredentials(tenant: "bob", token: Array(bobToken.utf8))
 
 /// An in-process daemon on an ephemeral loopback port.
-func startDaemon(capacity: Int = 8 << 20, slabSize: Int = 1 << 20, tokens: TokenFile? = tokens, lease: Double = 30,
+func startDaemon(capacity: Int = 8 << 20, slabSize: Int = 1 << 20, tokens: TokenFile = tokens, lease: Double = 30,
                  headroom: Int = 0, memoryInfoPath: String = "/proc/meminfo", reclaimDeadline: Double = 5) throws -> RemoteMemoryServer
 {
     let server = try RemoteMemoryServer(DaemonConfiguration(
@@ -147,13 +147,7 @@ func transfer(_ client: DaemonClient, write: Bool, slab: UInt32, offset: UInt64,
             guard let (socket, _) = try? listener.accept(timeout: 5) else { return }
             let connection = FrameConnection(socket: socket)
             do {
-                let hello = try connection.receiveHeader()
-                _ = try connection.receiveSmall(hello)
-                try connection.send(.challenge, flags: .response, requestID: hello.requestID,
-                                    meta: Wire.Challenge(version: 1, authenticationRequired: false, capabilities: 0,
-                                                         nonce: [UInt8](repeating: 1, count: 32)).encode())
-                try connection.send(.welcome, flags: .response, requestID: hello.requestID,
-                                    meta: Wire.Welcome(slabSize: 1 << 20, capacity: 1 << 20, freeSlabs: 1, heldSlabs: [], daemonInstance: 1).encode())
+                try fakeDaemonHandshake(connection, token: Array(aliceToken.utf8))
                 var requests: [(UInt64, UInt64)] = []
                 for _ in 0..<count {
                     let header = try connection.receiveHeader()
@@ -173,7 +167,7 @@ func transfer(_ client: DaemonClient, write: Bool, slab: UInt32, offset: UInt64,
                 _ = try? connection.receiveHeader()  // until the client hangs up
             } catch {}
         }
-        let client = try DaemonClient(endpoint: Endpoint(host: "127.0.0.1", port: port), credentials: ClientCredentials(tenant: "t", token: nil))
+        let client = try DaemonClient(endpoint: Endpoint(host: "127.0.0.1", port: port), credentials: alice)
         let buffers = UnsafeMutableRawPointer.allocate(byteCount: 256 * count, alignment: 64)
         defer { buffers.deallocate() }
         var operations = (0..<count).map {
@@ -212,4 +206,24 @@ func transfer(_ client: DaemonClient, write: Bool, slab: UInt32, offset: UInt64,
         #expect(transfer(a, write: false, slab: slab, offset: 0, &page) == ENXIO)
         #expect(server.counters.revokedSlabs.load(ordering: .relaxed) == 1)
     }
+}
+
+/// The daemon's side of a mutually authenticated handshake, for fake daemons in tests: reads
+/// hello and authenticate and proves `token` in the welcome (or a wrong proof if asked).
+func fakeDaemonHandshake(_ connection: FrameConnection, token: [UInt8], forgeProof: Bool = false, instance: UInt64 = 1) throws {
+    let helloHeader = try connection.receiveHeader()
+    let hello = try #require(WireReader.decode(try connection.receiveSmall(helloHeader), with: Wire.Hello.decode))
+    let nonce = [UInt8](repeating: 1, count: 32)
+    try connection.send(.challenge, flags: .response, requestID: helloHeader.requestID,
+                        meta: Wire.Challenge(version: 1, authenticationRequired: true,
+                                             capabilities: Wire.Capabilities.mutualAuthentication.rawValue, nonce: nonce).encode())
+    let authHeader = try connection.receiveHeader()
+    let proof = try #require(WireReader.decode(try connection.receiveSmall(authHeader), with: Wire.Authenticate.decode))
+    let clientNonce = try #require(proof.clientNonce)
+    var daemonProof = Authenticator.daemonProof(token: token, clientNonce: clientNonce, daemonNonce: nonce, tenant: hello.tenant,
+                                                instance: instance)
+    if forgeProof { daemonProof[0] ^= 1 }
+    try connection.send(.welcome, flags: .response, requestID: helloHeader.requestID,
+                        meta: Wire.Welcome(slabSize: 1 << 20, capacity: 1 << 20, freeSlabs: 1, heldSlabs: [], daemonInstance: instance,
+                                           daemonProof: daemonProof).encode())
 }

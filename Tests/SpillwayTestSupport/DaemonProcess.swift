@@ -17,30 +17,60 @@ public func builtExecutable(_ name: String) throws -> URL {
     throw SpillwayError.invalidConfiguration("\(name) not found next to \(directory.path): run `swift build` first")
 }
 
-/// A `spillwayd` child process on an ephemeral loopback port.
+/// Tokens shared by a test process's in-process daemons and their clients (tenant `t`, admin,
+/// and `carol`): in-process daemons otherwise each get their own random token.
+public let testTokens = TokenFile(tokens: [("t", "test-token-0123456789abcdef"), ("carol", "carol-token-0123456789abcdef")],
+                                  admins: ["t"])
+public let testCredentials = ClientCredentials(tokenFile: testTokens)
+
+/// Reads one line from `descriptor` within `seconds`; nil on timeout or end of file.
+public func readLine(from descriptor: Int32, seconds: Double) -> String? {
+    let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+    var line: [UInt8] = []
+    while true {
+        let now = monotonicNanoseconds()
+        guard now < deadline else { return nil }
+        var entry = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        guard poll(&entry, 1, Int32((deadline - now) / 1_000_000) + 1) == 1 else { continue }
+        var byte: UInt8 = 0
+        let got = read(descriptor, &byte, 1)
+        if got < 0 && errno == EINTR { continue }
+        if got <= 0 { return nil }
+        if byte == 0x0A { return String(decoding: line, as: UTF8.self) }
+        line.append(byte)
+    }
+}
+
+/// A `spillwayd` child process on an ephemeral loopback port. Without `--token-file` among
+/// the arguments it generates its token file (`tokenFile`), which clients of this user find
+/// by the daemon's address.
 public final class DaemonProcess {
     public let process = Process()
     public let port: UInt16
+    /// The generated token file the daemon announced, if it made one.
+    public let tokenFile: String?
 
-    public init(arguments: [String] = []) throws {
+    public init(arguments: [String] = [], listen: String = "127.0.0.1:0", environment: [String: String]? = nil) throws {
         process.executableURL = try builtExecutable("spillwayd")
-        process.arguments = ["--listen", "127.0.0.1:0", "--capacity", "32m", "--slab-size", "1m", "--log-level", "error"] + arguments
+        process.arguments = ["--listen", listen, "--capacity", "32m", "--slab-size", "1m", "--log-level", "error"] + arguments
+        if let environment { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         let out = Pipe()
         process.standardOutput = out
         try process.run()
-        // The first stdout line names the bound address.
-        var line = Data()
-        while true {
-            let byte = out.fileHandleForReading.readData(ofLength: 1)
-            if byte.isEmpty || byte == Data([0x0A]) { break }
-            line.append(byte)
-        }
-        let text = String(decoding: line, as: UTF8.self)
+        // The first stdout line names the bound address; a daemon that says nothing in 20 s
+        // is a failure, not a hang.
+        let text = readLine(from: out.fileHandleForReading.fileDescriptor, seconds: 20) ?? ""
         guard let range = text.range(of: "127.0.0.1:"), let port = UInt16(text[range.upperBound...].prefix { $0.isNumber }) else {
-            process.terminate()
+            Glibc.kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
             throw SpillwayError.invalidConfiguration("spillwayd did not report its port: '\(text)'")
         }
         self.port = port
+        if let range = text.range(of: "\"token_file\": \"") {
+            tokenFile = String(text[range.upperBound...].prefix { $0 != "\"" })
+        } else {
+            tokenFile = nil
+        }
         if let range = text.range(of: "\"metrics\": \"127.0.0.1:") {
             metricsPort = UInt16(text[range.upperBound...].prefix { $0.isNumber })
         } else {
@@ -72,7 +102,12 @@ public final class DaemonProcess {
 
     public var endpoint: Endpoint { Endpoint(host: "127.0.0.1", port: port) }
 
-    public func kill(_ signal: Int32) { Glibc.kill(process.processIdentifier, signal) }
+    /// Signals the daemon unless it has already been reaped (its pid may belong to another
+    /// process by then).
+    public func kill(_ signal: Int32) {
+        guard process.isRunning else { return }
+        Glibc.kill(process.processIdentifier, signal)
+    }
 
     /// Waits up to `seconds` for the process to exit; its status, or nil if it is still running.
     public func wait(seconds: Double) -> Int32? {
@@ -81,10 +116,16 @@ public final class DaemonProcess {
         return process.isRunning ? nil : process.terminationStatus
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL and reap (bounded: SIGKILL cannot be ignored).
     public func kill9() {
         kill(SIGKILL)
         process.waitUntilExit()
+    }
+
+    /// The daemon's threads (`/proc/PID/task`), or nil once it has exited.
+    public var threadCount: Int? {
+        guard process.isRunning else { return nil }
+        return (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(process.processIdentifier)/task"))?.count
     }
 
     deinit {

@@ -125,10 +125,9 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
     }
 
     @Test func statusReportsEachDaemonAndFailsOnAnUnreachableOne() throws {
-        let server = try RemoteMemoryServer(DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 32 << 20, slabSize: 1 << 20))
-        try server.start()
-        defer { server.shutdown(drain: 0) }
-        let ok = try runSpillway(["status", "--servers", "127.0.0.1:\(server.port)", "--json"])
+        // No --token-file on either side: spillwayd generates one, status finds it by address.
+        let daemon = try DaemonProcess()
+        let ok = try runSpillway(["status", "--servers", "127.0.0.1:\(daemon.port)", "--json"])
         #expect(ok.status == 0, "\(ok.stderr)")
         let object = try #require(try JSONSerialization.jsonObject(with: Data(ok.stdout.utf8)) as? [String: Any])
         let daemons = try #require(object["daemons"] as? [[String: Any]])
@@ -142,7 +141,7 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
         let listener = try TCPSocket.listen(on: Endpoint(host: "127.0.0.1", port: 0))
         let deadPort = listener.localPort
         listener.close()
-        let mixed = try runSpillway(["status", "--servers", "127.0.0.1:\(server.port),127.0.0.1:\(deadPort)"])
+        let mixed = try runSpillway(["status", "--servers", "127.0.0.1:\(daemon.port),127.0.0.1:\(deadPort)"])
         #expect(mixed.status == 1)
         #expect(mixed.stdout.contains("unreachable"))
         #expect(mixed.stdout.contains("tcp"))
