@@ -67,6 +67,11 @@ final class DaemonMetricsExporter: Sendable {
         counter("reclaim_notices", "Slabs asked back because free host memory fell below the headroom.", load(c.reclaimNotices))
         counter("revoked_slabs", "Reclaimed slabs taken back at their deadline.", load(c.revokedSlabs))
         counter("expired_leases", "Disconnected tenants whose slabs were freed after the lease.", load(c.expiredLeases))
+        counter("handshake_timeouts", "Connections cut off for not finishing the handshake in time.", load(c.handshakeTimeouts))
+        counter("handshake_evictions", "Unauthenticated connections evicted to make room for newer ones.", load(c.handshakeEvictions))
+        counter("stuck_peers", "Connections dropped because the client stopped reading replies.", load(c.stuckPeers))
+        counter("token_reloads", "Token file reloads (SIGHUP).", load(c.tokenReloads))
+        counter("removed_tenant_connections", "Connections closed because a reload removed their tenant.", load(c.removedTenantConnections))
         for tenant in snapshot.tenants {
             gauge("tenant_slabs", "", "Slabs a tenant holds.", tenant.slabs, tenant: tenant.name)
             gauge("tenant_connections", "", "A tenant's open connections.", tenant.connections, tenant: tenant.name)
