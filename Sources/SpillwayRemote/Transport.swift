@@ -25,9 +25,13 @@ public enum TransportSelection {
     /// The probe's outcome, computed once.
     public static let probe: (devices: [String], reason: String) = {
         let devices = rdmaDevices()
-        let reason = devices.isEmpty ? "no-rdma-device" : "verbs-transport-not-built"
-        return (devices, reason)
+        return (devices, fallbackReason(devices: devices))
     }()
+
+    /// Why TCP is used, given the devices found (the label of the fallback counter).
+    public static func fallbackReason(devices: [String]) -> String {
+        devices.isEmpty ? "no-rdma-device" : "verbs-transport-not-built"
+    }
 
     /// Chooses the transport for `component` and logs and counts the fallback to TCP.
     /// Returns "tcp" (the only transport this build carries).

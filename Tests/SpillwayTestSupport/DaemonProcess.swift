@@ -135,3 +135,24 @@ public final class DaemonProcess {
         }
     }
 }
+
+/// The one place random tests take their seed from: `SPILLWAY_TEST_SEED` (decimal or 0x-hex)
+/// to replay a failure, else a fixed default so CI is repeatable. Tests derive per-case seeds
+/// from it and print the seed in every failure message (`TestSeed.note(seed)`).
+public enum TestSeed {
+    public static let base: UInt64 = {
+        if let text = ProcessInfo.processInfo.environment["SPILLWAY_TEST_SEED"] {
+            if text.hasPrefix("0x"), let value = UInt64(text.dropFirst(2), radix: 16) { return value }
+            if let value = UInt64(text) { return value }
+        }
+        return 0x5EED_5EED
+    }()
+
+    /// A per-case seed: the base mixed with the case's own number.
+    public static func derive(_ value: UInt64) -> UInt64 { base &+ value &* 0x9E37_79B9_7F4A_7C15 }
+
+    /// What failure messages say so a run can be replayed.
+    public static func note(_ seed: UInt64) -> String {
+        "seed \(seed) (replay with SPILLWAY_TEST_SEED=\(base))"
+    }
+}
