@@ -445,6 +445,9 @@ public final class DaemonClient: @unchecked Sendable {
     public func execute(_ operations: UnsafeMutableBufferPointer<RemoteOperation>, window: Int = 32) -> RemoteError? {
         guard !operations.isEmpty else { return nil }
         let window = max(1, min(window, 256))
+        // Not yet answered: an operation the connection fails under must be told apart from
+        // one acknowledged before the failure (that one keeps its status 0).
+        for index in 0..<operations.count { operations[index].status = Self.unanswered }
         do {
             try withConnection { connection throws(RemoteError) in
                 let slots = UnsafeMutableBufferPointer<(id: UInt64, index: Int)>.allocate(capacity: window)
@@ -494,13 +497,16 @@ public final class DaemonClient: @unchecked Sendable {
             return nil
         } catch {
             // Everything not known to have completed fails with the connection's errno.
-            for index in 0..<operations.count where operations[index].status == 0 {
+            for index in 0..<operations.count where operations[index].status == Self.unanswered {
                 operations[index].status = error.errno == 0 ? EIO : error.errno
             }
             logger.warning("daemon connection failed", metadata: ["daemon": "\(endpoint)", "error": "\(error)"])
             return error
         }
     }
+
+    /// The status of an operation sent but not answered yet (never an errno).
+    static let unanswered: Int32 = -1
 
     /// Receives the rest of a page operation's reply (`header` already read) and returns the
     /// operation's status: 0, the errno of a refusal, or `EBADMSG` for read data that failed

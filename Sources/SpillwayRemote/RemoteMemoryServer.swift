@@ -99,6 +99,8 @@ public final class DaemonCounters: Sendable {
     public let reclaimNotices = ManagedAtomic<Int>(0)
     public let revokedSlabs = ManagedAtomic<Int>(0)
     public let expiredLeases = ManagedAtomic<Int>(0)
+    /// Reclaims called off because memory came back above the headroom before their deadline.
+    public let cancelledReclaims = ManagedAtomic<Int>(0)
     public let connections = ManagedAtomic<Int>(0)
     /// Handshakes cut off: past the deadline, or evicted by a newer connection.
     public let handshakeTimeouts = ManagedAtomic<Int>(0)
@@ -820,6 +822,23 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     private func enforceDeadlines() {
         let now = Self.now()
+        // Memory back above the headroom (a slab given back, or the host freed memory): the
+        // pending reclaims are no longer needed, so nobody loses pages for them.
+        if configuration.headroom > 0, let available = availableMemory(), available >= configuration.headroom {
+            let cancelled = state.withLock { state -> Int in
+                var cancelled = 0
+                for (id, slab) in state.slabs where slab.reclaimDeadline != nil && !slab.retired {
+                    state.slabs[id]!.reclaimDeadline = nil
+                    cancelled += 1
+                }
+                return cancelled
+            }
+            if cancelled > 0 {
+                counters.cancelledReclaims.wrappingIncrement(by: cancelled, ordering: .relaxed)
+                logger.notice("memory back above the headroom; pending reclaims cancelled", metadata: ["slabs": "\(cancelled)"])
+            }
+            return
+        }
         state.withLock { state in
             for (id, slab) in state.slabs where !slab.retired {
                 guard let deadline = slab.reclaimDeadline, now >= deadline else { continue }
@@ -903,6 +922,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         public var slabsFree: Int
         public var bytesLent: Int
         public var connections: Int
+        /// Slabs asked back whose deadline has not come yet.
+        public var pendingReclaims: Int
         /// By name.
         public var tenants: [TenantSnapshot]
     }
@@ -911,6 +932,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         state.withLock { state in
             Snapshot(slabsLent: state.lentSlabs, slabsFree: max(0, totalSlabs - state.mappedSlabs),
                      bytesLent: state.lentSlabs * configuration.slabSize, connections: state.connections.count,
+                     pendingReclaims: state.slabs.values.filter { $0.reclaimDeadline != nil && !$0.retired }.count,
                      tenants: state.tenants.keys.sorted().map { name in
                          let tenant = state.tenants[name]!
                          let c = tenant.counters
@@ -963,7 +985,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                                 ("revoked_slabs", load(c.revokedSlabs)), ("expired_leases", load(c.expiredLeases)),
                                 ("handshake_timeouts", load(c.handshakeTimeouts)), ("handshake_evictions", load(c.handshakeEvictions)),
                                 ("stuck_peers", load(c.stuckPeers))])),
-            ("reclaim_notices", load(c.reclaimNotices)),
+            ("reclaim_notices", load(c.reclaimNotices)), ("reclaims_pending", .int(snap.pendingReclaims)),
+            ("reclaims_cancelled", load(c.cancelledReclaims)),
         ]).serialized()
     }
 }

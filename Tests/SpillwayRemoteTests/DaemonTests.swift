@@ -133,8 +133,8 @@ func transfer(_ client: DaemonClient, write: Bool, slab: UInt32, offset: UInt64,
         #expect(transfer(again, write: false, slab: slab, offset: 0, &back) == 0)
         #expect(back == page)
         again.close()
-        usleep(800_000)
-        #expect(server.snapshot().slabsLent == 0)
+        let expired = eventually(10) { server.snapshot().slabsLent == 0 }
+        #expect(expired)
         #expect(server.counters.expiredLeases.load(ordering: .relaxed) == 1)
     }
 
@@ -198,10 +198,16 @@ func transfer(_ client: DaemonClient, write: Bool, slab: UInt32, offset: UInt64,
         let a = try DaemonClient(endpoint: endpoint(server), credentials: alice)
         let slab = try a.mapSlab()
         setAvailable(100 << 10)  // 100 MiB available, headroom 512 MiB
-        usleep(200_000)
-        try a.heartbeat()  // notices arrive between replies
+        // Notices arrive between replies: heartbeat until one has come.
+        let noticed = eventually(10) {
+            try? a.heartbeat()
+            return !a.reclaims.withLock { $0 }.isEmpty
+        }
+        #expect(noticed)
         #expect(a.reclaims.withLock { $0 }.map(\.slab) == [slab])
-        usleep(500_000)  // the client ignores the deadline
+        // The client ignores the deadline: the daemon revokes the slab.
+        let revoked = eventually(10) { server.counters.revokedSlabs.load(ordering: .relaxed) == 1 }
+        #expect(revoked)
         var page = [UInt8](repeating: 0, count: 4096)
         #expect(transfer(a, write: false, slab: slab, offset: 0, &page) == ENXIO)
         #expect(server.counters.revokedSlabs.load(ordering: .relaxed) == 1)
