@@ -44,7 +44,7 @@ public func readLine(from descriptor: Int32, seconds: Double) -> String? {
 /// A `spillwayd` child process on an ephemeral loopback port. Without `--token-file` among
 /// the arguments it generates its token file (`tokenFile`), which clients of this user find
 /// by the daemon's address.
-public final class DaemonProcess {
+public final class DaemonProcess: Sendable {
     public let process = Process()
     public let port: UInt16
     /// The generated token file the daemon announced, if it made one.

@@ -148,18 +148,34 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
     }
 
     @Test func poolSoakSurvivesKillNineOfRDaemons() throws {
-        // Six spillwayd processes; two are SIGKILLed while the soak runs.
+        // Six spillwayd processes; two are SIGKILLed while the soak runs, and the test proves
+        // the soak was still running at each kill.
         let daemons = try (0..<6).map { _ in try DaemonProcess() }
-        let victims = [daemons[1].process.processIdentifier, daemons[4].process.processIdentifier]
-        let killer = Thread {
-            usleep(1_500_000)
-            kill(victims[0], SIGKILL)
-            usleep(1_000_000)
-            kill(victims[1], SIGKILL)
+        let soak = Process()
+        soak.executableURL = try builtExecutable("spillway")
+        soak.arguments = ["pool", "soak", "--servers", daemons.map(\.endpoint.description).joined(separator: ","), "--duration", "4",
+                          "--size", "2m", "--json"]
+        let out = Pipe()
+        let err = Pipe()
+        soak.standardOutput = out
+        soak.standardError = err
+        try soak.run()
+        let killedMidRun = Locked<[Bool]>([])
+        let killer = BackgroundThread {
+            for (victim, delay) in [(1, 1_500_000), (4, 1_000_000)] {
+                usleep(UInt32(delay))  // when to strike, not a synchronisation
+                let running = soak.isRunning
+                daemons[victim].kill9()
+                killedMidRun.withLock { $0.append(running && soak.isRunning) }
+            }
         }
-        killer.start()
-        let result = try runSpillway(["pool", "soak", "--servers", daemons.map(\.endpoint.description).joined(separator: ","), "--duration", "4",
-                                      "--size", "2m", "--json"])
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        soak.waitUntilExit()
+        killer.join()
+        #expect(killedMidRun.withLock { $0 } == [true, true], "both kills landed while the soak ran")
+        let result = (status: soak.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+                      stderr: String(decoding: stderr, as: UTF8.self))
         #expect(result.status == 0, "\(result.stderr)")
         let object = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
         #expect(object["lost"] as? Int == 0)
