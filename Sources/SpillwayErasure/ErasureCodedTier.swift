@@ -368,9 +368,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         var status: Int32 = 0
         /// This round: the unit needs no more replies (k valid splits, or all answered).
         var done = false
-        /// Reads: a split was unavailable (member dead, suspect-free but failing, rebuilding,
-        /// stale) or failed its check. Distinct from decoding, which late binding also does
-        /// when a parity split merely answers first.
+        /// Reads: a split was unavailable (member dead, retired or being rebuilt, split stale)
+        /// or failed (an error or its CRC32C). Distinct from decoding, which late binding also
+        /// does on a healthy pool when a parity split merely answers first.
         var degraded = false
     }
 
