@@ -35,6 +35,11 @@ public struct TierConfiguration: Sendable, Equatable {
     public var r: Int = 2
     public var lateBindingDelta: Int = 1
     public var placement: CodingPlacement = .codingSets(slack: 1)
+    /// Erasure-coded: when a write is acknowledged (TOML `write-quorum` = "all" | k+1…k+r) and
+    /// how long it waits for a slow member before counting it missing (`write-deadline-ms`).
+    /// See docs/erasure-coding.md for what each setting survives.
+    public var writeQuorum: ErasureWriteQuorum = .all
+    public var writeDeadlineMilliseconds: Int = 500
     /// Opt-in compression of the pages this tier holds (TOML `compression = "lz4"`; volatile
     /// tiers only) and the ratio its virtual capacity assumes (`compression-ratio`, default 2).
     public var compression: String?
@@ -129,6 +134,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
         "path", "buffered-io", "poll-mode", "reformat", "poll-us", "k", "r", "late-binding-delta", "placement", "compression", "compression-ratio",
+        "write-quorum", "write-deadline-ms",
     ]
 
     /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
@@ -206,6 +212,17 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             default: throw .invalidConfiguration("tier '\(tier.name)': placement '\(placement)' (coding-sets or random)")
             }
         }
+        if let quorum = table["write-quorum"] {
+            // "all", or a number of splits (validated against k and r in `validate`).
+            if let count = quorum.int {
+                tier.writeQuorum = .splits(count)
+            } else if quorum.string == "all" {
+                tier.writeQuorum = .all
+            } else {
+                throw .invalidConfiguration("tier '\(tier.name)': write-quorum must be \"all\" or a number of splits (k+1…k+r)")
+            }
+        }
+        if let deadline = try TOMLReader.int(table, "write-deadline-ms") { tier.writeDeadlineMilliseconds = deadline }
         if let poll = try TOMLReader.int(table, "poll-us") {
             guard (0...10_000).contains(poll) else { throw .invalidConfiguration("tier '\(tier.name)': poll-us must be 0…10000") }
             tier.pollMicroseconds = poll
@@ -243,6 +260,12 @@ public struct SpillwayConfiguration: Sendable, Equatable {
                       (0...tier.r).contains(tier.lateBindingDelta)
                 else {
                     throw .invalidConfiguration("tier '\(tier.name)': RS(\(tier.k), \(tier.r)) with late-binding delta \(tier.lateBindingDelta) (need 1 ≤ k, 1 ≤ r ≤ 16, k + r ≤ 32, 0 ≤ delta ≤ r)")
+                }
+                if case .splits(let quorum) = tier.writeQuorum, !(tier.k + 1...tier.k + tier.r).contains(quorum) {
+                    throw .invalidConfiguration("tier '\(tier.name)': write-quorum \(quorum) must be \"all\" or k+1…k+r (\(tier.k + 1)…\(tier.k + tier.r))")
+                }
+                guard (1...60_000).contains(tier.writeDeadlineMilliseconds) else {
+                    throw .invalidConfiguration("tier '\(tier.name)': write-deadline-ms must be 1…60000")
                 }
             }
             try tier.watermarks.validate(tier: tier.name)
@@ -438,6 +461,8 @@ extension ErasureCodedTier {
             configuration.r = tier.r
             configuration.lateBindingDelta = tier.lateBindingDelta
             configuration.placement = tier.placement
+            configuration.writeQuorum = tier.writeQuorum
+            configuration.writeDeadline = Double(tier.writeDeadlineMilliseconds) / 1000
             configuration.pollMicroseconds = tier.pollMicroseconds
             let coded = try ErasureCodedTier(configuration, logger: logger)
             coded.embeddedServers = embedded

@@ -18,8 +18,11 @@ struct SoakCommand: ParsableCommand {
         abstract: "Write verifiable pages, read them back continuously, keep going while daemons die.",
         discussion: """
         Pages hold bytes derived from (key, --seed), so any process can verify them. Prints \
-        {"writes", "reads", "verified", "lost", "corrupt", "errors", "degraded_reads", \
-        "latency_ns": {"healthy": {"p50", "p99"}, "degraded": {"p50", "p99"}}}. lost = \
+        {"writes", "reads", "verified", "lost", "corrupt", "errors", "decoded_reads", \
+        "degraded_reads", "latency_ns": {"healthy": {"p50", "p99"}, "degraded": {"p50", "p99"}}}. \
+        decoded_reads = reads that reconstructed data splits (late binding does this on a \
+        healthy pool when a parity split answers first); degraded_reads = reads that found a \
+        member unavailable or a split stale, timed as "degraded". lost = \
         acknowledged pages that can no longer be read back; errors = refused or failed \
         operations (e.g. writes while fewer than k+1 daemons live). Exit status 0 if and only \
         if lost = 0 and corrupt = 0. Survives kill -9 of up to r daemons at any moment.
@@ -76,7 +79,8 @@ struct SoakCommand: ParsableCommand {
         } else {
             printLine("""
                 writes \(result.writes)  reads \(result.reads)  verified \(result.verified)  lost \(result.lost)  \
-                corrupt \(result.corrupt)  errors \(result.errors)  degraded reads \(result.degradedReads)
+                corrupt \(result.corrupt)  errors \(result.errors)  decoded reads \(result.decodedReads)  \
+                degraded reads \(result.degradedReads)
                 latency p50/p99: healthy \(result.healthy.p50)/\(result.healthy.p99) ns, degraded \(result.degraded.p50)/\(result.degraded.p99) ns
                 """)
         }

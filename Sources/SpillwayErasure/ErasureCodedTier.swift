@@ -26,8 +26,16 @@ public struct ErasureCodedTierConfiguration: Sendable {
     public var connectionsPerDaemon: Int = 4
     /// Seconds without an answer before an operation fails (and its daemon is suspect).
     public var ioTimeout: Double = 2
-    /// Seconds a write waits for its last splits before acknowledging with k+1 of them.
-    public var writeGrace: Double = 0.02
+    /// When a write is acknowledged (TOML `write-quorum`); see `ErasureWriteQuorum`.
+    public var writeQuorum: ErasureWriteQuorum = .all
+    /// Seconds a write waits for a slow member (TOML `write-deadline-ms`). A member that has
+    /// not stored its split by then is marked suspect and its split counted missing (stale,
+    /// rewritten by the repairer), so one slow daemon costs a write at most this much.
+    public var writeDeadline: Double = 0.5
+    /// Seconds a member stays suspect after missing a write deadline. Meanwhile writes neither
+    /// send to it nor wait for it (its split is counted missing at once) and the repairer
+    /// leaves its stale splits alone; afterwards the next write probes it again.
+    public var suspectSeconds: Double = 2
     /// Seconds between heartbeats and repair rounds (0 = no background thread).
     public var heartbeatInterval: Double = 0.5
     /// Bytes of splits the repairer regenerates per second at most.
@@ -42,6 +50,26 @@ public struct ErasureCodedTierConfiguration: Sendable {
     }
 }
 
+/// When an erasure-coded write is acknowledged. Either way a write waits at most
+/// `writeDeadline` for a slow member, which is then suspect and its split missing, and it
+/// never acknowledges fewer than k+1 stored splits (a page that survives no failure).
+public enum ErasureWriteQuorum: Sendable, Equatable, CustomStringConvertible {
+    /// Every live member (alive and not suspect) stored its split, and at least k+1 did. An
+    /// acknowledged page survives r − m further failures, m = members of its stripe dead or
+    /// suspect when it was written (r when the pool is healthy).
+    case all
+    /// At least this many splits (k+1…k+r) stored, whatever the pool's state: an acknowledged
+    /// page survives at least q − k further failures; the write fails (`EIO`) otherwise.
+    case splits(Int)
+
+    public var description: String {
+        switch self {
+        case .all: "all"
+        case .splits(let count): "\(count)"
+        }
+    }
+}
+
 /// Pages on remote memory, erasure-coded (Hydra-style): each slot is cut into k data splits
 /// plus r Reed–Solomon parity splits, each on a different `spillwayd` daemon, so any r
 /// daemons can die without losing a page.
@@ -49,9 +77,11 @@ public struct ErasureCodedTierConfiguration: Sendable {
 /// - **Layout.** The slot space is cut into *stripes*; a stripe maps to k+r real slabs on k+r
 ///   distinct daemons of one coding set (`CodingPlacement`), and split i of local slot j lives
 ///   at offset j·splitSize of member i's slab. Each split's CRC32C is kept client-side.
-/// - **Writes** encode and send all k+r splits; they are acknowledged when all are stored, or,
-///   after `writeGrace`, once k+1 are (the missing ones are marked stale and repaired in the
-///   background). Fewer than k+1 fails the write (`EIO`); the store never makes it visible.
+/// - **Writes** encode and send the k+r splits to every live, non-suspect member and are
+///   acknowledged per `writeQuorum`: by default when every such member has stored its split.
+///   A member still silent after `writeDeadline` is marked suspect and its split counted
+///   missing (stale, repaired in the background). Fewer than k+1 (or q) stored fails the write
+///   (`EIO`); the store never makes it visible.
 /// - **Reads** ask for k+Δ valid splits, data splits first (late binding), and finish with
 ///   the first k that arrive and pass their CRC32C; k data splits need no decode. A split that
 ///   fails its check is an erasure: counted, logged, marked stale, rebuilt from the others.
@@ -89,6 +119,18 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// In-process daemons this tier started (no `servers` given); shut down on close.
     public var embeddedServers: [RemoteMemoryServer] = []
     public let counters = ErasureCounters()
+    /// Where the next stale-split scan starts: each repair round resumes after the last slot
+    /// the previous one looked at, so slots that cannot be repaired yet never starve the rest.
+    private let staleCursor = ManagedAtomic<Int>(0)
+    /// Created once: a metrics backend lookup per read would cost more than the read's bookkeeping.
+    private let decodedReadsMetric: Counter
+    private let degradedReadsMetric: Counter
+    private let suspectMetric: Counter
+
+    struct SlabReference: Equatable {
+        var daemon: Int
+        var slab: UInt32
+    }
 
     struct Member {
         var daemon: Int
@@ -98,6 +140,11 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         /// Its slab is going away though its daemon lives (a reclaim notice, or the daemon
         /// revoked it): treated like a dead member, replaced and regenerated elsewhere.
         var retiring = false
+        /// While this member (a replacement) is rebuilt: the retiring slab it replaces. It
+        /// still holds the split of the slots past the rebuild watermark, so reads use it
+        /// there and no page loses a split during the move; it goes back to its daemon only
+        /// once the rebuild is complete (or the daemon revokes it first).
+        var retired: SlabReference?
     }
 
     struct Stripe {
@@ -111,6 +158,11 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         var stripes: [Stripe]
         var alive: [Bool]
         var freeSlabs: [Int]
+        /// Per daemon: monotonic nanoseconds until which it is suspect (missed a write
+        /// deadline); 0 = never was.
+        var suspectUntil: [UInt64]
+
+        func suspect(_ daemon: Int, at now: UInt64) -> Bool { now < suspectUntil[daemon] }
     }
 
     public init(_ configuration: ErasureCodedTierConfiguration, logger: Logger = Logger(label: "spillway.ec")) throws(SpillwayError) {
@@ -123,6 +175,12 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
         guard configuration.lateBindingDelta >= 0, configuration.lateBindingDelta <= configuration.r else {
             throw .invalidConfiguration("tier '\(name)': late-binding delta must be 0…r")
+        }
+        if case .splits(let quorum) = configuration.writeQuorum, !(k + 1...n).contains(quorum) {
+            throw .invalidConfiguration("tier '\(name)': write quorum \(quorum) must be \"all\" or k+1…k+r (\(k + 1)…\(n))")
+        }
+        guard configuration.writeDeadline > 0, configuration.suspectSeconds >= 0 else {
+            throw .invalidConfiguration("tier '\(name)': the write deadline must be positive")
         }
         self.configuration = configuration
         self.logger = logger
@@ -140,7 +198,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         groups = configuration.placement.groups(daemons: clients.count, k: k, r: configuration.r)
         allocator = SlotAllocator(capacity: capacitySlots)
         map = Locked(StripeMap(stripes: Array(repeating: Stripe(), count: (capacitySlots + slotsPerStripe - 1) / slotsPerStripe),
-                               alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) }))
+                               alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) },
+                               suspectUntil: clients.map { _ in 0 }))
         splitChecksums = .allocate(capacity: capacitySlots * n)
         splitChecksums.initialize(repeating: 0, count: capacitySlots * n)
         staleMasks = .allocate(capacity: capacitySlots)
@@ -150,10 +209,13 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         logger.info("erasure-coded tier open", metadata: [
             "tier": "\(name)", "code": "RS(\(k),\(configuration.r))", "daemons": "\(live.count)/\(clients.count)",
             "placement": "\(configuration.placement)", "coding_sets": "\(groups.count)", "split": "\(splitSize)",
-            "late_binding_delta": "\(configuration.lateBindingDelta)",
+            "late_binding_delta": "\(configuration.lateBindingDelta)", "write_quorum": "\(configuration.writeQuorum)",
             "transport": "\(TransportSelection.choose(for: "tier \(name)", logger: logger))",
         ])
         Gauge(label: "spillway_remote_transport", dimensions: [("tier", name), ("transport", "tcp")]).record(1)
+        decodedReadsMetric = Counter(label: "spillway_ec_decoded_reads", dimensions: [("tier", name)])
+        degradedReadsMetric = Counter(label: "spillway_ec_degraded_reads", dimensions: [("tier", name)])
+        suspectMetric = Counter(label: "spillway_ec_suspect_members", dimensions: [("tier", name)])
         if configuration.heartbeatInterval > 0 {
             let interval = configuration.heartbeatInterval
             background = BackgroundThread { [weak self] in
@@ -253,6 +315,28 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
     }
 
+    /// Whether `daemon` is suspect now (missed a write deadline less than `suspectSeconds` ago).
+    public func isSuspect(_ daemon: Int) -> Bool {
+        let now = monotonicNanoseconds()
+        return map.withLock { $0.suspect(daemon, at: now) }
+    }
+
+    /// Marks a daemon that missed a write deadline suspect for `suspectSeconds`.
+    func markSuspect(_ daemon: Int) {
+        let now = monotonicNanoseconds()
+        let newly = map.withLock { map -> Bool in
+            defer { map.suspectUntil[daemon] = now &+ UInt64(configuration.suspectSeconds * 1e9) }
+            return !map.suspect(daemon, at: now)
+        }
+        guard newly else { return }
+        counters.suspectMembers.wrappingIncrement(ordering: .relaxed)
+        suspectMetric.increment()
+        logger.warning("daemon missed the write deadline; suspect: writes count its splits missing for a while", metadata: [
+            "tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")",
+            "deadline_ms": "\(Int(configuration.writeDeadline * 1000))", "suspect_s": "\(configuration.suspectSeconds)",
+        ])
+    }
+
     func markDead(_ daemon: Int, reason: String) {
         let newly = map.withLock { map -> Bool in
             guard map.alive[daemon] else { return false }
@@ -284,6 +368,18 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         var status: Int32 = 0
         /// This round: the unit needs no more replies (k valid splits, or all answered).
         var done = false
+        /// Reads: a split was unavailable (member dead, retired or being rebuilt, split stale)
+        /// or failed (an error or its CRC32C). Distinct from decoding, which late binding also
+        /// does on a healthy pool when a parity split merely answers first.
+        var degraded = false
+    }
+
+    /// Fewest splits stored for a write to be acknowledged.
+    private var acknowledgeFloor: Int {
+        switch configuration.writeQuorum {
+        case .all: k + 1
+        case .splits(let quorum): quorum
+        }
     }
 
     public func submit(_ batch: TierBatch) {
@@ -347,12 +443,16 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
         let anyLagging = owed.contains { $0 > 0 }
         var choices: [[Int]] = Array(repeating: [], count: units.count)
+        let now = monotonicNanoseconds()
         for u in units.indices {
             if units[u].write {
-                choices[u] = Array(0..<n)
+                // Suspect members are counted missing at once: a daemon known to be slow must
+                // not cost every write the deadline (nor pile up requests it owes).
+                let members = snapshot.stripes[units[u].slot / slotsPerStripe].members
+                choices[u] = members.count == n ? (0..<n).filter { !snapshot.suspect(members[$0].daemon, at: now) } : Array(0..<n)
             } else {
                 var valid = validSplits(units[u].slot, snapshot)
-                if valid.count < n { counters.degradedReads.wrappingIncrement(ordering: .relaxed) }
+                if valid.count < n { units[u].degraded = true }
                 if anyLagging {
                     // Fewest owed replies first (a straggler keeps owing), data splits first
                     // among equals: the sort is stable.
@@ -382,6 +482,18 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             exchange(&units, choices, scratch: scratch, snapshot: snapshot)
         }
         // Finish each unit.
+        var decodedCount = 0
+        var degradedCount = 0
+        defer {
+            if decodedCount > 0 {
+                counters.decodedReads.wrappingIncrement(by: decodedCount, ordering: .relaxed)
+                decodedReadsMetric.increment(by: decodedCount)
+            }
+            if degradedCount > 0 {
+                counters.degradedReads.wrappingIncrement(by: degradedCount, ordering: .relaxed)
+                degradedReadsMetric.increment(by: degradedCount)
+            }
+        }
         for u in units.indices {
             let unit = units[u]
             let base = scratch + u * n * splitSize
@@ -392,11 +504,15 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             }
             if unit.write {
                 let stored = unit.good.nonzeroBitCount
-                if stored == n {
+                // A member being rebuilt past this slot from a retired slab: reads there go to
+                // the retired slab, which holds the previous bytes, so the split counts as
+                // stale until the rebuild rewrites it.
+                let pastWatermark = retiredPastWatermark(unit.slot, snapshot)
+                if stored == n && pastWatermark == 0 {
                     stale(unit.slot).store(0, ordering: .relaxed)
-                } else if stored >= k + 1 {
-                    stale(unit.slot).store(~unit.good & ((1 << n) - 1), ordering: .relaxed)
-                    counters.degradedWrites.wrappingIncrement(ordering: .relaxed)
+                } else if stored >= acknowledgeFloor {
+                    stale(unit.slot).store((~unit.good & ((1 << n) - 1)) | pastWatermark, ordering: .relaxed)
+                    if stored < n { counters.degradedWrites.wrappingIncrement(ordering: .relaxed) }
                 } else {
                     counters.failedWrites.wrappingIncrement(ordering: .relaxed)
                     if batch[unit.io].status == 0 { batch.setStatus(unit.io, EIO) }
@@ -425,8 +541,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     targetPointers[position] = (base + target * splitSize).assumingMemoryBound(to: UInt8.self)
                 }
                 code.decode(plan, sources: pointers, targets: targetPointers, length: splitSize)
-                counters.decodedReads.wrappingIncrement(ordering: .relaxed)
+                decodedCount += 1
             }
+            if unit.degraded { degradedCount += 1 }
             memcpy(batch[unit.io].buffer! + unit.offset, base, unit.bytes)
         }
     }
@@ -439,10 +556,26 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         let local = slot % slotsPerStripe
         let staleBits = stale(slot).load(ordering: .relaxed)
         return (0..<n).filter { i in
+            guard staleBits & (1 << i) == 0 else { return false }
             let member = stripe.members[i]
-            return snapshot.alive[member.daemon] && !member.retiring && (member.rebuiltUpTo.map { local < $0 } ?? true)
-                && staleBits & (1 << i) == 0
+            if member.rebuiltUpTo.map({ local < $0 }) ?? true {
+                return snapshot.alive[member.daemon] && !member.retiring
+            }
+            // Past the rebuild watermark: only a retired slab still holding the split counts.
+            return member.retired.map { snapshot.alive[$0.daemon] } ?? false
         }
+    }
+
+    /// The splits of `slot` whose member is rebuilt from a retired slab not yet past `slot`.
+    private func retiredPastWatermark(_ slot: Int, _ snapshot: StripeMap) -> UInt32 {
+        let stripe = snapshot.stripes[slot / slotsPerStripe]
+        guard stripe.members.count == n else { return 0 }
+        let local = slot % slotsPerStripe
+        var bits: UInt32 = 0
+        for (i, member) in stripe.members.enumerated() {
+            if member.retired != nil, let rebuilt = member.rebuiltUpTo, local >= rebuilt { bits |= 1 << i }
+        }
+        return bits
     }
 
     /// Runs one round: for each unit, transfers the splits in `choices[u]`.
@@ -457,13 +590,17 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             }
             let local = units[u].slot % slotsPerStripe
             for split in choices[u] {
-                let member = stripe.members[split]
-                guard snapshot.alive[member.daemon] else { continue }
-                if let rebuilt = member.rebuiltUpTo, !units[u].write, local >= rebuilt { continue }
+                var target = SlabReference(daemon: stripe.members[split].daemon, slab: stripe.members[split].slab)
+                if let rebuilt = stripe.members[split].rebuiltUpTo, !units[u].write, local >= rebuilt {
+                    // Not rebuilt this far: read the retired slab it replaces, if any.
+                    guard let retired = stripe.members[split].retired else { continue }
+                    target = retired
+                }
+                guard snapshot.alive[target.daemon] else { continue }
                 let buffer = scratch + (u * n + split) * splitSize
-                perDaemon[member.daemon].append(RemoteOperation(write: units[u].write, slab: member.slab,
+                perDaemon[target.daemon].append(RemoteOperation(write: units[u].write, slab: target.slab,
                                                                 offset: UInt64(local * splitSize), length: splitSize, buffer: buffer))
-                owners[member.daemon].append((u, split))
+                owners[target.daemon].append((u, split))
                 units[u].requested |= 1 << split
                 units[u].issued += 1
             }
@@ -486,8 +623,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             if units[u].write { writesPending += 1 } else { readsPending += 1 }
         }
         let started = monotonicNanoseconds()
-        let graceDeadline = started &+ UInt64(configuration.writeGrace * 1e9)
+        let writeDeadline = started &+ UInt64(configuration.writeDeadline * 1e9)
         let hardDeadline = started &+ UInt64(configuration.ioTimeout * 1e9)
+        let floor = acknowledgeFloor
         flat.withUnsafeMutableBufferPointer { operations in
             var legs = involved.enumerated().map { position, daemon in
                 ExchangeLeg(client: clients[daemon]!, operations: UnsafeMutableBufferPointer(rebasing: operations[starts[position]..<(starts[position] + perDaemon[daemon].count)]))
@@ -510,12 +648,16 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                         if status == 0 { units[u].good |= 1 << split }
                         return
                     }
-                    guard status == 0 else { return }
+                    guard status == 0 else {
+                        units[u].degraded = true
+                        return
+                    }
                     let slot = units[u].slot
                     let bytes = UnsafeRawBufferPointer(start: scratch + (u * n + split) * splitSize, count: splitSize)
                     if CRC32C.checksum(bytes) == splitChecksums[slot * n + split] {
                         units[u].good |= 1 << split
                     } else {
+                        units[u].degraded = true
                         counters.corruptSplits.wrappingIncrement(ordering: .relaxed)
                         _ = stale(slot).loadThenBitwiseOr(with: 1 << split, ordering: .relaxed)
                         logger.error("split failed its CRC32C; treated as an erasure and rebuilt from the others", metadata: [
@@ -527,10 +669,19 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     if now >= hardDeadline { return true }
                     guard readsPending <= 0 else { return false }
                     if writesPending <= 0 { return true }
-                    // Past the grace time, writes with k+1 stored splits may be acknowledged.
-                    guard now >= graceDeadline else { return false }
-                    return units.indices.allSatisfy { u in !units[u].write || units[u].done || units[u].good.nonzeroBitCount >= k + 1 }
+                    // Every write waits for all its members until the deadline; then the
+                    // members still silent are suspect, and a write with its acknowledgement
+                    // floor stored need not wait for them.
+                    guard now >= writeDeadline else { return false }
+                    return units.indices.allSatisfy { u in !units[u].write || units[u].done || units[u].good.nonzeroBitCount >= floor }
                 })
+            }
+        }
+        // A write split still unanswered here outlived the write deadline: its member is slow.
+        for (position, daemon) in involved.enumerated() where !clients[daemon]!.failed.load(ordering: .relaxed) {
+            let operations = flat[starts[position]..<(starts[position] + perDaemon[daemon].count)]
+            if operations.contains(where: { $0.write && $0.status == MultiDaemonExchange.pending }) {
+                markSuspect(daemon)
             }
         }
         for daemon in involved where clients[daemon]!.failed.load(ordering: .relaxed) {
@@ -539,7 +690,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         // ENXIO: the daemon no longer has that slab (revoked after a missed reclaim deadline).
         for (position, daemon) in involved.enumerated() {
             for index in 0..<perDaemon[daemon].count where flat[starts[position] + index].status == ENXIO {
-                retire(daemon: daemon, slab: flat[starts[position] + index].slab, reason: "slab revoked")
+                retire(daemon: daemon, slab: flat[starts[position] + index].slab, reason: "slab revoked", revoked: true)
             }
         }
     }
@@ -560,10 +711,18 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
     }
 
-    /// Marks the member on (`daemon`, `slab`) for replacement.
-    func retire(daemon: Int, slab: UInt32, reason: String) {
+    /// Marks the member on (`daemon`, `slab`) for replacement. `revoked`: the daemon no longer
+    /// has the slab, so a retired slab it matches stops serving reads at once.
+    func retire(daemon: Int, slab: UInt32, reason: String, revoked: Bool = false) {
+        let reference = SlabReference(daemon: daemon, slab: slab)
         let found = map.withLock { map -> Bool in
             for stripe in map.stripes.indices {
+                for member in map.stripes[stripe].members.indices where map.stripes[stripe].members[member].retired == reference {
+                    // Already being moved; a reclaim notice changes nothing, a revocation means
+                    // its splits past the rebuild watermark are gone.
+                    if revoked { map.stripes[stripe].members[member].retired = nil }
+                    return false
+                }
                 for member in map.stripes[stripe].members.indices
                     where map.stripes[stripe].members[member].daemon == daemon && map.stripes[stripe].members[member].slab == slab
                     && !map.stripes[stripe].members[member].retiring
@@ -605,17 +764,21 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             let stripeEnd = min(slotsPerStripe, descriptor.capacitySlots - first)
             let end = min(stripeEnd, from + min(budget, 256))
             let slots = allocator.allocatedRuns(in: (first + from)..<(first + end)).flatMap { $0 }
-            let done = gate.withWriteLock { () -> Bool in
+            let (done, returning) = gate.withWriteLock { () -> (Bool, SlabReference?) in
                 let ok = regenerate(slots.map { ($0, [member]) })
                 // Counted before the member is published complete, so whoever sees full
                 // health also sees the count.
                 if end >= stripeEnd { counters.membersRebuilt.wrappingIncrement(ordering: .relaxed) }
-                map.withLock { map in
+                return (ok, map.withLock { map -> SlabReference? in
                     let next = end >= stripeEnd ? nil : end
                     map.stripes[stripe].members[member].rebuiltUpTo = next
-                }
-                return ok
+                    guard next == nil, let retired = map.stripes[stripe].members[member].retired else { return nil }
+                    // Every split is regenerated: the retired slab is no longer read.
+                    map.stripes[stripe].members[member].retired = nil
+                    return retired
+                })
             }
+            if let returning { giveBack(returning) }
             regenerated += slots.count
             budget -= max(1, slots.count)
             if end >= stripeEnd {
@@ -624,21 +787,40 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 ])
             }
         }
-        // Stale splits on live, complete members.
+        // Stale splits on live, complete, non-suspect members. The scan resumes where the
+        // last round stopped and wraps around, so slots that cannot be repaired now never hold
+        // back the ones behind them round after round.
         if budget > 0 {
             let snapshot = map.withLock { $0 }
+            let now = monotonicNanoseconds()
+            let capacity = descriptor.capacitySlots
+            let start = staleCursor.load(ordering: .relaxed) % capacity
+            let limit = min(budget, 256)
             var work: [(Int, [Int])] = []
-            for run in allocator.allocatedRuns(in: 0..<descriptor.capacitySlots) {
-                for slot in run where work.count < min(budget, 256) {
-                    let bits = stale(slot).load(ordering: .relaxed)
-                    guard bits != 0 else { continue }
-                    let stripe = snapshot.stripes[slot / slotsPerStripe]
-                    guard stripe.members.count == n else { continue }
-                    let targets = (0..<n).filter { bits & (1 << $0) != 0 && snapshot.alive[stripe.members[$0].daemon]
-                        && stripe.members[$0].rebuiltUpTo == nil && !stripe.members[$0].retiring }
-                    if !targets.isEmpty { work.append((slot, targets)) }
+            var resume: Int?
+            scan: for range in [start..<capacity, 0..<start] {
+                for run in allocator.allocatedRuns(in: range) {
+                    for slot in run {
+                        guard work.count < limit else {
+                            resume = slot
+                            break scan
+                        }
+                        let bits = stale(slot).load(ordering: .relaxed)
+                        guard bits != 0 else { continue }
+                        let stripe = snapshot.stripes[slot / slotsPerStripe]
+                        guard stripe.members.count == n else { continue }
+                        // Fewer than k valid splits: the page is lost (health() counts it);
+                        // retrying it every round would only spend the budget.
+                        guard validSplits(slot, snapshot).count >= k else { continue }
+                        let targets = (0..<n).filter { bits & (1 << $0) != 0 && snapshot.alive[stripe.members[$0].daemon]
+                            && stripe.members[$0].rebuiltUpTo == nil && !stripe.members[$0].retiring
+                            && !snapshot.suspect(stripe.members[$0].daemon, at: now) }
+                        if !targets.isEmpty { work.append((slot, targets)) }
+                    }
                 }
             }
+            // A full lap found less than the limit: the next round starts over where this one did.
+            staleCursor.store(resume ?? start, ordering: .relaxed)
             if !work.isEmpty {
                 gate.withWriteLock { _ = regenerate(work) }
                 regenerated += work.reduce(0) { $0 + $1.1.count }
@@ -690,22 +872,29 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             }
             do throws(RemoteError) {
                 let slab = try client.mapSlab()
-                let replaced = gate.withWriteLock {
-                    map.withLock { map -> Member in
+                let superseded = gate.withWriteLock {
+                    map.withLock { map -> SlabReference? in
                         let old = map.stripes[stripe].members[member]
-                        map.stripes[stripe].members[member] = Member(daemon: daemon, slab: slab, rebuiltUpTo: 0)
+                        var replacement = Member(daemon: daemon, slab: slab, rebuiltUpTo: 0)
+                        var superseded: SlabReference?
+                        if old.retiring {
+                            // The retiring slab still holds its splits: it serves reads past the
+                            // rebuild watermark and goes back only once the rebuild completes.
+                            replacement.retired = SlabReference(daemon: old.daemon, slab: old.slab)
+                            superseded = old.retired
+                        } else {
+                            // A dead replacement: keep the retired slab it was rebuilt from.
+                            replacement.retired = old.retired
+                        }
+                        map.stripes[stripe].members[member] = replacement
                         map.stripes[stripe].repairBlocked = false
                         map.freeSlabs[daemon] -= 1
-                        if old.retiring { map.freeSlabs[old.daemon] += 1 }
-                        return old
+                        return superseded
                     }
                 }
-                // A retiring slab on a live daemon goes back at once (before a reclaim deadline):
-                // its split is regenerated from the others.
-                if replaced.retiring, let owner = clients[replaced.daemon] {
-                    try? owner.unmapSlab(replaced.slab)
-                    counters.slabsReturned.wrappingIncrement(ordering: .relaxed)
-                }
+                // A slab retired twice over (its replacement was retired mid-rebuild): the
+                // newer retiring slab holds the same splits, so the older one can go.
+                if let superseded { giveBack(superseded) }
             } catch {
                 if case .refused(let reply) = error, reply.code == .noCapacity {
                     map.withLock { $0.freeSlabs[daemon] = 0 }
@@ -713,6 +902,21 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     markDead(daemon, reason: "\(error)")
                 }
             }
+        }
+    }
+
+    /// Unmaps a retired slab on its (live) daemon.
+    private func giveBack(_ reference: SlabReference) {
+        guard let owner = clients[reference.daemon], map.withLock({ $0.alive[reference.daemon] }) else { return }
+        do throws(RemoteError) {
+            try owner.unmapSlab(reference.slab)
+            map.withLock { $0.freeSlabs[reference.daemon] += 1 }
+            counters.slabsReturned.wrappingIncrement(ordering: .relaxed)
+        } catch {
+            // The daemon reclaims it at its deadline anyway (revoking it).
+            logger.warning("could not give a retired slab back", metadata: [
+                "tier": "\(descriptor.name)", "daemon": "\(owner.endpoint.description)", "slab": "\(reference.slab)", "error": "\(error)",
+            ])
         }
     }
 
@@ -816,6 +1020,12 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         try client.corruptForTest(slab: member.slab, offset: UInt64(slot % slotsPerStripe * splitSize), length: 16)
     }
 
+    /// Test hook: marks splits of `slot` stale (bit i = split i), as a write that missed them
+    /// or a failed check would.
+    func markStaleForTest(slot: Int, splits: UInt32) {
+        _ = stale(slot).loadThenBitwiseOr(with: splits, ordering: .relaxed)
+    }
+
     /// The daemon (index into `clients`) holding split `split` of `slot`; nil if not mapped.
     public func daemonOf(slot: Int, split: Int) -> Int? { member(slot: slot, split: split)?.daemon }
 
@@ -831,7 +1041,10 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         background?.join()
         let mapped: [(Int, UInt32)] = map.withLock { map in
-            map.stripes.flatMap { $0.members }.filter { map.alive[$0.daemon] }.map { ($0.daemon, $0.slab) }
+            let members = map.stripes.flatMap { $0.members }
+            let current = members.map { ($0.daemon, $0.slab) }
+            let retired = members.compactMap { $0.retired.map { ($0.daemon, $0.slab) } }
+            return (current + retired).filter { map.alive[$0.0] }
         }
         for (daemon, slab) in mapped { try? clients[daemon]?.unmapSlab(slab) }
         for client in clients { client?.close() }
@@ -841,7 +1054,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
 /// What the erasure-coded tier counts (relaxed atomics).
 public final class ErasureCounters: Sendable {
-    /// Reads of a page short of full redundancy (a split on a dead daemon, stale or corrupt).
+    /// Slot reads that found a split unavailable: its member dead, retired or being rebuilt,
+    /// the split stale, or it failed (an error or its CRC32C). Per slot, whether or not the
+    /// read then succeeded by decoding.
     public let degradedReads = ManagedAtomic<Int>(0)
     /// Reads that had to reconstruct data splits (missing, corrupt, or a parity split came
     /// first under late binding).
@@ -850,10 +1065,12 @@ public final class ErasureCounters: Sendable {
     public let lostReads = ManagedAtomic<Int>(0)
     /// Splits that failed their CRC32C.
     public let corruptSplits = ManagedAtomic<Int>(0)
-    /// Writes acknowledged with k+1…k+r-1 splits stored.
+    /// Writes acknowledged with fewer than k+r splits stored (members dead or suspect).
     public let degradedWrites = ManagedAtomic<Int>(0)
-    /// Writes refused: fewer than k+1 splits stored.
+    /// Writes refused: fewer than the acknowledgement floor (k+1, or the write quorum) stored.
     public let failedWrites = ManagedAtomic<Int>(0)
+    /// Times a daemon was marked suspect (missed a write deadline while not suspect).
+    public let suspectMembers = ManagedAtomic<Int>(0)
     public let repairedSplits = ManagedAtomic<Int>(0)
     public let membersRebuilt = ManagedAtomic<Int>(0)
     public let daemonsLost = ManagedAtomic<Int>(0)

@@ -51,20 +51,32 @@ func fp16Normal(_ count: Int, seed: UInt64, scale: Float = 1) -> [UInt8] {
         var refused = 0
         for value in 0..<32 {
             let page = fp16Normal(2048, seed: UInt64(value))  // incompressible: one physical slot each
-            do {
+            do throws(SpillwayError) {
                 try store.put(PageKey(UInt64(value)), bytes: page)
                 stored[PageKey(UInt64(value))] = page
             } catch {
+                // The one acceptable refusal: the wrapped tier has no physical slot (ENOSPC).
+                guard case .tierIO(tier: "spill", operation: "write", errno: ENOSPC) = error else {
+                    Issue.record("page \(value): expected the physical tier to be full (ENOSPC), got \(error)")
+                    continue
+                }
                 refused += 1
             }
         }
-        #expect(refused > 0 && compressed.physicalFull.load(ordering: .relaxed) > 0)
+        #expect(refused > 0)
+        #expect(compressed.physicalFull.load(ordering: .relaxed) == refused, "every refusal was a full physical tier")
         for (key, page) in stored { #expect(try store.get(key) == page) }
     }
 
     @Test func invalidCompressionSettingsAreRefused() throws {
-        #expect(throws: SpillwayError.self) {
-            _ = try CompressedTier(wrapping: try DRAMTier(slotSize: 4096, capacitySlots: 8, prefault: false), expectedRatio: 0.5)
+        let inner = try DRAMTier(slotSize: 4096, capacitySlots: 8, prefault: false)
+        for ratio in [0.5, 9] {
+            let error = #expect(throws: SpillwayError.self) { _ = try CompressedTier(wrapping: inner, expectedRatio: ratio) }
+            guard case .invalidConfiguration(let message) = error else {
+                Issue.record("ratio \(ratio): expected invalidConfiguration, got \(String(describing: error))")
+                continue
+            }
+            #expect(message.contains("compression ratio"), "\(message)")
         }
     }
 }

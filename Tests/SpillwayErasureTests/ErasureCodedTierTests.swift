@@ -26,18 +26,32 @@ func startDaemons(_ count: Int, testFaults: Bool = false, slowIndex: Int? = nil,
 }
 
 func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, capacity: Int = 4 << 20,
-             placement: CodingPlacement = .codingSets(slack: 1), writeGrace: Double = 0.02,
-             credentials: ClientCredentials = testCredentials) throws -> (TieredStore, ErasureCodedTier)
+             placement: CodingPlacement = .codingSets(slack: 1), quorum: ErasureWriteQuorum = .all, writeDeadline: Double = 0.5,
+             suspectSeconds: Double = 2, ioTimeout: Double = 2, credentials: ClientCredentials = testCredentials)
+    throws -> (TieredStore, ErasureCodedTier)
 {
     var configuration = ErasureCodedTierConfiguration(servers: endpoints, credentials: credentials,
                                                       capacity: capacity, slotSize: 4096)
     configuration.lateBindingDelta = delta
     configuration.heartbeatInterval = heartbeat
-    configuration.ioTimeout = 2
+    configuration.ioTimeout = ioTimeout
     configuration.placement = placement
-    configuration.writeGrace = writeGrace
+    configuration.writeQuorum = quorum
+    configuration.writeDeadline = writeDeadline
+    configuration.suspectSeconds = suspectSeconds
     let tier = try ErasureCodedTier(configuration)
     return (try TieredStore(tiers: [tier], options: StoreOptions(maxPageSize: 3 * 4096, backgroundWorker: false)), tier)
+}
+
+/// Polls `condition` until it holds or `seconds` pass; whether it held. (Background work and
+/// daemons are observed, not slept on: the wait ends as soon as the condition is true.)
+func waitUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while !condition() {
+        guard Date() < deadline else { return false }
+        usleep(10_000)
+    }
+    return true
 }
 
 @Suite(.serialized) struct ErasureCodedTierTests {
@@ -114,24 +128,254 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
         defer { for server in servers { server.shutdown(drain: 0) } }
         let endpoints = servers.map { Endpoint(host: "127.0.0.1", port: $0.port) }
         for delta in [1, 0] {
-            let (store, tier) = try ecStore(endpoints, delta: delta)
+            // Δ = 1: the slow daemon answers only after the tier's I/O timeout, so a read can
+            // succeed only by decoding around it; that every read decodes then follows from
+            // every read succeeding, not from who wins a race. Δ = 0 must wait for the slow
+            // data split, so its delay stays well inside the timeout.
+            let (store, tier) = try ecStore(endpoints, delta: delta, ioTimeout: delta == 1 ? 1 : 2)
             for value in 0..<20 { try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value), 4096)) }
-            // The daemon holding data split 0 of these pages answers 30 ms late from now on.
             let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
             let slow = servers[try #require(tier.daemonOf(slot: slot, split: 0))]
-            slow.testDelayMicroseconds.store(30_000, ordering: .relaxed)
-            let before = tier.counters.decodedReads.load(ordering: .relaxed)
+            slow.testDelayMicroseconds.store(delta == 1 ? 5_000_000 : 30_000, ordering: .relaxed)
+            let decodedBefore = tier.counters.decodedReads.load(ordering: .relaxed)
+            let degradedBefore = tier.counters.degradedReads.load(ordering: .relaxed)
             for value in 0..<20 { #expect(try store.get(PageKey(UInt64(value))) == pattern(UInt64(value), 4096)) }
-            let decoded = tier.counters.decodedReads.load(ordering: .relaxed) - before
+            let decoded = tier.counters.decodedReads.load(ordering: .relaxed) - decodedBefore
             slow.testDelayMicroseconds.store(0, ordering: .relaxed)
             if delta == 1 {
-                // Late binding: the parity split arrives first and stands in for the slow one.
+                // Late binding: a parity split stands in for the slow one.
                 #expect(decoded == 20)
             } else {
                 #expect(decoded == 0, "without late binding every read waits for its k data splits")
             }
+            #expect(tier.counters.degradedReads.load(ordering: .relaxed) == degradedBefore, "a slow member is not a degraded read")
             store.close()
         }
+    }
+
+    /// Decoding (late binding around a slow member, on a healthy pool) and degraded reads (a
+    /// member unavailable) are counted apart: the soak once reported a healthy pool's decodes
+    /// as degraded reads.
+    @Test func decodedAndDegradedReadsAreCountedApart() throws {
+        let servers = try startDaemons(6, testFaults: true)
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        let (store, tier) = try ecStore(servers.map { Endpoint(host: "127.0.0.1", port: $0.port) }, ioTimeout: 1)
+        defer { store.close() }
+        let pages = (0..<20).map { pattern(TestSeed.derive(UInt64($0)), 4096) }
+        for (value, page) in pages.enumerated() { try store.put(PageKey(UInt64(value)), bytes: page) }
+        func readAll() throws -> (decoded: Int, degraded: Int) {
+            let decoded = tier.counters.decodedReads.load(ordering: .relaxed)
+            let degraded = tier.counters.degradedReads.load(ordering: .relaxed)
+            for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page, "seed \(TestSeed.base)") }
+            return (tier.counters.decodedReads.load(ordering: .relaxed) - decoded, tier.counters.degradedReads.load(ordering: .relaxed) - degraded)
+        }
+        // Healthy: whatever late binding decodes, nothing is degraded.
+        #expect(try readAll().degraded == 0)
+        // Healthy but slow (answers after the I/O timeout): every read decodes, none is degraded.
+        let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
+        let slowIndex = try #require(tier.daemonOf(slot: slot, split: 0))
+        servers[slowIndex].testDelayMicroseconds.store(5_000_000, ordering: .relaxed)
+        let slow = try readAll()
+        #expect(slow.decoded == 20 && slow.degraded == 0, "\(slow)")
+        // The member holding data split 0 dies: every read is degraded (and decodes).
+        servers[slowIndex].testDelayMicroseconds.store(0, ordering: .relaxed)
+        servers[slowIndex].shutdown(drain: 0)
+        tier.heartbeat()
+        #expect(tier.liveDaemons == 5)
+        let dead = try readAll()
+        #expect(dead.decoded == 20 && dead.degraded == 20, "\(dead)")
+    }
+
+    /// With the default write quorum a write waits for every live member (within the
+    /// deadline), so once acknowledged any r daemons can die. The old rule acknowledged with
+    /// k+1 splits after 20 ms: a member 60 ms slow was left stale, and killing two others lost
+    /// the page. Every pair of the six daemons is tried.
+    @Test func afterAnAcknowledgedWriteAnyRDaemonsCanDie() throws {
+        for first in 0..<6 {
+            for second in (first + 1)..<6 {
+                let servers = try startDaemons(6, testFaults: true)
+                defer { for server in servers { server.shutdown(drain: 0) } }
+                // A generous deadline: the slow member must be waited for, not suspected, even
+                // on a loaded machine.
+                let (store, tier) = try ecStore(servers.map { Endpoint(host: "127.0.0.1", port: $0.port) }, writeDeadline: 1.5, ioTimeout: 3)
+                defer { store.close() }
+                servers[0].testDelayMicroseconds.store(60_000, ordering: .relaxed)
+                let pages = (0..<4).map { pattern(TestSeed.derive(UInt64(first * 6 + second) << 8 | UInt64($0)), 4096) }
+                for (value, page) in pages.enumerated() { try store.put(PageKey(UInt64(value)), bytes: page) }
+                #expect(tier.counters.degradedWrites.load(ordering: .relaxed) == 0 && tier.counters.suspectMembers.load(ordering: .relaxed) == 0)
+                #expect(tier.health().healthy == tier.usedSlots, "every split of every acknowledged page is stored")
+                servers[0].testDelayMicroseconds.store(0, ordering: .relaxed)
+                servers[first].shutdown(drain: 0)
+                servers[second].shutdown(drain: 0)
+                for (value, page) in pages.enumerated() {
+                    #expect(try store.get(PageKey(UInt64(value))) == page, "daemons \(first) and \(second) killed, seed \(TestSeed.base)")
+                }
+            }
+        }
+    }
+
+    /// A member slower than the deadline: the write waits for it up to the deadline, then it
+    /// is suspect and its split counted missing (stale); while suspect, writes do not wait
+    /// for it; when the suspicion has expired a write probes it again, and the repairer
+    /// rewrites what it missed.
+    @Test func aSlowMemberIsWaitedForUntilTheDeadlineThenSuspect() throws {
+        let servers = try startDaemons(6, testFaults: true)
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        let (store, tier) = try ecStore(servers.map { Endpoint(host: "127.0.0.1", port: $0.port) }, writeDeadline: 0.4,
+                                        suspectSeconds: 1.5, ioTimeout: 5)
+        defer { store.close() }
+        let pages = (0..<4).map { pattern(TestSeed.derive(100 + UInt64($0)), 4096) }
+        try store.put(PageKey(0), bytes: pages[0])
+        let slot = { (value: Int) throws -> Int in Int(try #require(store.location(of: PageKey(UInt64(value)))).extent.firstSlot) }
+        let slowIndex = try #require(tier.daemonOf(slot: try slot(0), split: 2))
+        let slow = servers[slowIndex]
+        // Slower than the old 20 ms grace, within the deadline: waited for, all splits stored.
+        slow.testDelayMicroseconds.store(50_000, ordering: .relaxed)
+        try store.put(PageKey(1), bytes: pages[1])
+        #expect(tier.health() == (healthy: 2, degraded: 0, lost: 0))
+        #expect(!tier.isSuspect(slowIndex) && tier.counters.degradedWrites.load(ordering: .relaxed) == 0)
+        // Slower than the deadline (but within the I/O timeout): acknowledged without it, which
+        // is now suspect, its split counted missing.
+        slow.testDelayMicroseconds.store(2_000_000, ordering: .relaxed)
+        try store.put(PageKey(2), bytes: pages[2])
+        #expect(tier.isSuspect(slowIndex))
+        #expect(tier.counters.suspectMembers.load(ordering: .relaxed) == 1)
+        #expect(tier.counters.degradedWrites.load(ordering: .relaxed) == 1)
+        #expect(tier.health() == (healthy: 2, degraded: 1, lost: 0))
+        // While suspect its split is missing at once (not sent, so it is not suspected again).
+        try store.put(PageKey(3), bytes: pages[3])
+        #expect(tier.counters.suspectMembers.load(ordering: .relaxed) == 1)
+        #expect(tier.counters.degradedWrites.load(ordering: .relaxed) == 2)
+        // The repairer leaves a suspect's splits alone.
+        #expect(tier.repair(budgetBytes: 1 << 20) == 0)
+        for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page) }
+        // The daemon recovers; once the suspicion expires a write waits for it again.
+        slow.testDelayMicroseconds.store(0, ordering: .relaxed)
+        #expect(waitUntil(seconds: 10) { !tier.isSuspect(slowIndex) })
+        try store.put(PageKey(0), bytes: pages[0])
+        #expect(tier.counters.degradedWrites.load(ordering: .relaxed) == 2)
+        #expect(tier.repair(budgetBytes: 1 << 20) == 2, "the two splits the suspect missed")
+        #expect(tier.health() == (healthy: 4, degraded: 0, lost: 0))
+        for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page) }
+    }
+
+    /// A write quorum of q splits fails writes that store fewer, whatever the pool's state;
+    /// `all` acknowledges with every live member (at least k+1).
+    @Test func aNumericWriteQuorumRefusesWritesBelowIt() throws {
+        let servers = try startDaemons(6)
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        let endpoints = servers.map { Endpoint(host: "127.0.0.1", port: $0.port) }
+        let (strict, strictTier) = try ecStore(endpoints, quorum: .splits(6))
+        defer { strict.close() }
+        let (lenient, lenientTier) = try ecStore(endpoints)
+        defer { lenient.close() }
+        let page = pattern(TestSeed.derive(200), 4096)
+        try strict.put(PageKey(1), bytes: page)
+        try lenient.put(PageKey(1), bytes: page)
+        let location = try #require(strict.location(of: PageKey(1)))
+        let victim = try #require(strictTier.daemonOf(slot: Int(location.extent.firstSlot), split: 3))
+        servers[victim].shutdown(drain: 0)
+        strictTier.heartbeat()
+        lenientTier.heartbeat()
+        #expect(throws: SpillwayError.self) { try strict.put(PageKey(2), bytes: page) }
+        #expect(!strict.contains(PageKey(2)))
+        #expect(strictTier.counters.failedWrites.load(ordering: .relaxed) == 1)
+        try lenient.put(PageKey(2), bytes: page)
+        #expect(lenientTier.counters.degradedWrites.load(ordering: .relaxed) == 1)
+        #expect(try lenient.get(PageKey(2)) == page)
+        for quorum in [4, 7] {
+            #expect(throws: SpillwayError.self) { _ = try ecStore(endpoints, quorum: .splits(quorum)) }
+        }
+    }
+
+    /// Stale-split repair resumes where the last round stopped. Lost slots (fewer than k valid
+    /// splits) at the front used to fill every round's 256-slot scan, so the repairable stale
+    /// splits behind them were never reached.
+    @Test func staleRepairReachesEverySlotWithinBoundedRounds() throws {
+        let servers = try startDaemons(6)
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        let (store, tier) = try ecStore(servers.map { Endpoint(host: "127.0.0.1", port: $0.port) })
+        defer { store.close() }
+        var random = SplitMix64(seed: TestSeed.derive(300))
+        var slots: [Int] = []
+        for value in 0..<700 {
+            try store.put(PageKey(UInt64(value)), bytes: pattern(random.next(), 4096))
+            slots.append(Int(try #require(store.location(of: PageKey(UInt64(value)))).extent.firstSlot))
+        }
+        slots.sort()
+        // The first 300 slots lose r+1 splits (lost for good); 40 of the rest, spread at random,
+        // lose one split each.
+        for slot in slots.prefix(300) { tier.markStaleForTest(slot: slot, splits: 0b000111) }
+        var repairable = Set<Int>()
+        while repairable.count < 40 { repairable.insert(slots[300 + Int(random.next() % 400)]) }
+        for slot in repairable { tier.markStaleForTest(slot: slot, splits: 1 << UInt32(random.next() % 6)) }
+        #expect(tier.health() == (healthy: 360, degraded: 40, lost: 300))
+        // Rounds of at most 256 slots each: three cover all 700 once.
+        var rounds = 0
+        while tier.health().degraded > 0 && rounds < 4 {
+            tier.repair(budgetBytes: 1 << 20)
+            rounds += 1
+        }
+        #expect(tier.health() == (healthy: 400, degraded: 0, lost: 300), "after \(rounds) rounds, seed \(TestSeed.base)")
+    }
+
+    /// A retiring slab (reclaim notice) stays mapped, and keeps serving its splits, until its
+    /// replacement is completely rebuilt: no page is short of a split during the move. It used
+    /// to be given back as soon as the replacement was mapped, before any split was rebuilt.
+    @Test func aRetiringSlabIsKeptUntilItsSplitsAreRegenerated() throws {
+        let paths = (0..<7).map { "/tmp/spillway-ec-retire-\(getpid())-\($0)" }
+        defer { for path in paths { unlink(path) } }
+        for path in paths { try "MemAvailable: 8388608 kB\n".write(toFile: path, atomically: true, encoding: .utf8) }
+        let servers = try paths.map { path in
+            let server = try RemoteMemoryServer(DaemonConfiguration(
+                listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 32 << 20, slabSize: 1 << 20, tokens: testTokens, headroom: 1 << 30,
+                reclaimDeadline: 60, memoryInfoPath: path, checkInterval: 0.05))
+            try server.start()
+            return server
+        }
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        // No background thread: the test drives heartbeats and repair rounds.
+        let (store, tier) = try ecStore(servers.map { Endpoint(host: "127.0.0.1", port: $0.port) }, capacity: 2 << 20)
+        defer { store.close() }
+        var expected: [PageKey: [UInt8]] = [:]
+        for value in 0..<200 {
+            let page = pattern(TestSeed.derive(400 + UInt64(value)), 4096)
+            try store.put(PageKey(UInt64(value)), bytes: page)
+            expected[PageKey(UInt64(value))] = page
+        }
+        let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
+        let pressured = try #require(tier.daemonOf(slot: slot, split: 2))
+        try "MemAvailable: 1024 kB\n".write(toFile: paths[pressured], atomically: true, encoding: .utf8)
+        #expect(waitUntil(seconds: 20) {
+            tier.heartbeat()
+            return tier.counters.slabsRetired.load(ordering: .relaxed) >= 1
+        }, "the reclaim notice arrived")
+        // One round with a budget of 16 splits: the replacement is mapped, 16 slots rebuilt.
+        tier.repair(budgetBytes: 16 * tier.splitSize)
+        #expect(tier.daemonOf(slot: slot, split: 2) != pressured, "the replacement is in place")
+        #expect(servers[pressured].snapshot().slabsLent == 1, "the retiring slab is still mapped")
+        #expect(tier.counters.slabsReturned.load(ordering: .relaxed) == 0)
+        #expect(tier.health().healthy == tier.usedSlots, "the retiring slab still serves the splits not yet rebuilt")
+        let degradedBefore = tier.counters.degradedReads.load(ordering: .relaxed)
+        for (key, page) in expected { #expect(try store.get(key) == page) }
+        #expect(tier.counters.degradedReads.load(ordering: .relaxed) == degradedBefore)
+        // A rewrite past the rebuild watermark reads back right (not the retired slab's old bytes).
+        let rewritten = pattern(TestSeed.derive(499), 4096)
+        try store.put(PageKey(150), bytes: rewritten)
+        expected[PageKey(150)] = rewritten
+        #expect(try store.get(PageKey(150)) == rewritten)
+        // The rebuild completes within a bounded number of rounds; then the slab goes back.
+        var rounds = 0
+        while servers[pressured].snapshot().slabsLent > 0 && rounds < 100 {
+            tier.repair(budgetBytes: 16 * tier.splitSize)
+            rounds += 1
+        }
+        #expect(servers[pressured].snapshot().slabsLent == 0, "given back after \(rounds) rounds")
+        #expect(servers[pressured].counters.revokedSlabs.load(ordering: .relaxed) == 0, "before the deadline")
+        #expect(tier.counters.slabsReturned.load(ordering: .relaxed) == 1)
+        #expect(tier.counters.membersRebuilt.load(ordering: .relaxed) == 1)
+        #expect(tier.health().healthy == tier.usedSlots)
+        for (key, page) in expected { #expect(try store.get(key) == page) }
     }
 
     @Test func killNineOfRDaemonsThenRepairRestoresFullRedundancy() throws {
@@ -213,8 +457,10 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
         simulation.stripes = 50_000
         let random = simulation.lossProbability(.random)
         let codingSets = simulation.lossProbability(.codingSets(slack: 1))
-        print("loss probability, 1000 daemons, 10 failed, RS(4,2), 50k stripes: random \(random), coding sets \(codingSets)")
-        #expect(codingSets < random)
+        // The simulation is seeded (`PlacementLossSimulation.seed`), so these are the numbers
+        // docs/erasure-coding.md quotes (0.48 and 0.01), with room for a change of seed.
+        #expect(random > 0.3, "random placement: \(random)")
+        #expect(codingSets < 0.05, "coding sets: \(codingSets)")
     }
 
     @Test func configurationIsValidated() throws {

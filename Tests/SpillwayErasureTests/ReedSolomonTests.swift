@@ -1,3 +1,4 @@
+import SpillwayTestSupport
 import Testing
 @testable import SpillwayCore
 @testable import SpillwayErasure
@@ -36,7 +37,11 @@ func withPointers<R>(_ arrays: inout [[UInt8]], _ body: (UnsafeMutablePointer<Un
     func anyKOfTheSplitsRebuildTheOthers(k: Int, r: Int) throws {
         let code = try ReedSolomonCode(k: k, r: r)
         let length = 1024
-        var data = randomSplits(k, length, seed: UInt64(k * 31 + r))
+        // All randomness (split bytes, which patterns, which sources) from one seed, named
+        // in every failure message.
+        let seed = TestSeed.derive(UInt64(k * 31 + r))
+        var random = SplitMix64(seed: seed)
+        var data = randomSplits(k, length, seed: random.next())
         var parity = [[UInt8]](repeating: [UInt8](repeating: 0, count: length), count: r)
         withPointers(&data) { dataPointers in withPointers(&parity) { code.encode(data: dataPointers, parity: $0, length: length) } }
         let all = data + parity
@@ -48,16 +53,16 @@ func withPointers<R>(_ arrays: inout [[UInt8]], _ body: (UnsafeMutablePointer<Un
             for index in start..<(k + r) { choose(index + 1, picked + [index]) }
         }
         choose(0, [])
-        if patterns.count > 400 { patterns = Array(patterns.shuffled().prefix(400)) }
+        if patterns.count > 400 { patterns = Array(patterns.shuffled(using: &random).prefix(400)) }
         for lost in patterns {
             let available = (0..<(k + r)).filter { !lost.contains($0) }
-            let sources = Array(available.shuffled().prefix(k)).sorted()
-            let plan = try #require(code.plan(sources: sources, targets: lost))
+            let sources = Array(available.shuffled(using: &random).prefix(k)).sorted()
+            let plan = try #require(code.plan(sources: sources, targets: lost), "seed \(seed)")
             var sourceBytes = plan.sources.map { all[$0] }
             var rebuilt = [[UInt8]](repeating: [UInt8](repeating: 0xEE, count: length), count: plan.targets.count)
             withPointers(&sourceBytes) { s in withPointers(&rebuilt) { code.decode(plan, sources: s, targets: $0, length: length) } }
             for (position, target) in plan.targets.enumerated() {
-                #expect(rebuilt[position] == all[target], "RS(\(k),\(r)) lost \(lost): split \(target) differs")
+                #expect(rebuilt[position] == all[target], "RS(\(k),\(r)) lost \(lost) sources \(sources): split \(target) differs (seed \(seed))")
             }
         }
         #expect(code.cachedPlans > 0)

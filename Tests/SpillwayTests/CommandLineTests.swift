@@ -188,6 +188,24 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
             let entry = try #require(latency[state] as? [String: Any])
             #expect(entry["p50"] is Int && entry["p99"] is Int)
         }
+        // Two members died: reads after that are degraded (a member unavailable).
+        #expect((object["degraded_reads"] as? Int ?? 0) > 0)
+        #expect(object["decoded_reads"] is Int)
+    }
+
+    /// On a healthy pool late binding decodes many reads (a parity split answers first), but
+    /// none is degraded: the soak used to report every decode as a degraded read.
+    @Test func poolSoakOnAHealthyPoolReportsNoDegradedReads() throws {
+        let result = try runSpillway(["pool", "soak", "--duration", "2", "--size", "1m", "--json"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        let reads = try #require(object["reads"] as? Int)
+        let decoded = try #require(object["decoded_reads"] as? Int)
+        #expect(reads > 0 && (0...reads).contains(decoded))
+        #expect(object["degraded_reads"] as? Int == 0, "decoded \(decoded) of \(reads) reads, none with a member unavailable")
+        let latency = try #require(object["latency_ns"] as? [String: Any])
+        let degraded = try #require(latency["degraded"] as? [String: Any])
+        #expect(degraded["p50"] as? Int == 0 && degraded["p99"] as? Int == 0, "no read was timed as degraded")
     }
 
     @Test func helpExitsZero() throws {

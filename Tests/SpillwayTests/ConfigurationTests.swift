@@ -75,6 +75,40 @@ import Testing
         try SpillwayConfiguration.embeddedDefault.validate()
     }
 
+    @Test func parsesTheErasureCodedWriteQuorum() throws {
+        func ec(_ lines: String) throws -> SpillwayConfiguration {
+            try SpillwayConfiguration(toml: "[[tier]]\nkind = \"ec\"\ncapacity = \"4m\"\n" + lines)
+        }
+        #expect(try ec("").tiers[0].writeQuorum == .all, "every live member is the default")
+        #expect(try ec("").tiers[0].writeDeadlineMilliseconds == 500)
+        let numeric = try ec("write-quorum = 5\nwrite-deadline-ms = 200")
+        #expect(numeric.tiers[0].writeQuorum == .splits(5) && numeric.tiers[0].writeDeadlineMilliseconds == 200)
+        try numeric.validate()
+        #expect(try ec("write-quorum = \"all\"").tiers[0].writeQuorum == .all)
+        #expect {
+            _ = try ec("write-quorum = \"most\"")
+        } throws: { error in
+            guard case SpillwayError.invalidConfiguration(let reason) = error else { return false }
+            return reason.contains("write-quorum")
+        }
+        // RS(4,2): k+1…k+r = 5…6.
+        for bad in ["write-quorum = 4", "write-quorum = 7", "write-deadline-ms = 0"] {
+            #expect {
+                try ec(bad).validate()
+            } throws: { error in
+                guard case SpillwayError.invalidConfiguration(let reason) = error else { return false }
+                return reason.contains(bad.prefix { $0 != " " })
+            }
+        }
+        // The settings reach the tier (k+r in-process daemons).
+        let store = try TieredStore.open(try ec("write-quorum = 6\nwrite-deadline-ms = 250"))
+        defer { store.close() }
+        let coded = try #require(store.tiers.first as? ErasureCodedTier)
+        #expect(coded.configuration.writeQuorum == .splits(6) && coded.configuration.writeDeadline == 0.25)
+        try store.put(PageKey(1), bytes: [1, 2, 3])
+        #expect(try store.get(PageKey(1)) == [1, 2, 3])
+    }
+
     @Test func extraKeysAreAllowedWhenDeclared() throws {
         let configuration = try SpillwayConfiguration(toml: "pattern = \"randread\"\n[[tier]]\nkind = \"dram\"\ncapacity = \"1m\"", extraKeys: ["pattern"])
         #expect(configuration.tiers.count == 1)
