@@ -43,16 +43,6 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
     return (try TieredStore(tiers: [tier], options: StoreOptions(maxPageSize: 3 * 4096, backgroundWorker: false)), tier)
 }
 
-/// Polls `condition` until it holds or `seconds` pass; whether it held. (Background work and
-/// daemons are observed, not slept on: the wait ends as soon as the condition is true.)
-func waitUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
-    let deadline = Date().addingTimeInterval(seconds)
-    while !condition() {
-        guard Date() < deadline else { return false }
-        usleep(10_000)
-    }
-    return true
-}
 
 @Suite(.serialized) struct ErasureCodedTierTests {
     @Test func pagesSurviveRDaemonsGoingAwayAndNeverComeBackWrong() throws {
@@ -251,7 +241,7 @@ func waitUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
         for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page) }
         // The daemon recovers; once the suspicion expires a write waits for it again.
         slow.testDelayMicroseconds.store(0, ordering: .relaxed)
-        #expect(waitUntil(seconds: 10) { !tier.isSuspect(slowIndex) })
+        #expect(eventually(10) { !tier.isSuspect(slowIndex) })
         try store.put(PageKey(0), bytes: pages[0])
         #expect(tier.counters.degradedWrites.load(ordering: .relaxed) == 2)
         #expect(tier.repair(budgetBytes: 1 << 20) == 2, "the two splits the suspect missed")
@@ -346,7 +336,7 @@ func waitUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
         let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
         let pressured = try #require(tier.daemonOf(slot: slot, split: 2))
         try "MemAvailable: 1024 kB\n".write(toFile: paths[pressured], atomically: true, encoding: .utf8)
-        #expect(waitUntil(seconds: 20) {
+        #expect(eventually(20) {
             tier.heartbeat()
             return tier.counters.slabsRetired.load(ordering: .relaxed) >= 1
         }, "the reclaim notice arrived")

@@ -5,6 +5,7 @@ import Testing
 @testable import SpillwayProtocol
 @testable import SpillwayRemote
 @testable import SpillwayStore
+import SpillwayTestSupport
 
 let aliceToken = "alice-token-0123456789"
 let bobToken = "bob-token-9876543210ab"

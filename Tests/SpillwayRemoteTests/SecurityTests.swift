@@ -40,16 +40,6 @@ func rawAuthenticate(_ connection: FrameConnection, tenant: String, token: [UInt
     return try #require(WireReader.decode(bytes, with: Wire.Welcome.decode))
 }
 
-/// Polls `condition` every 10 ms for up to `seconds`; whether it became true.
-func eventually(_ seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
-    while monotonicNanoseconds() < deadline {
-        if condition() { return true }
-        usleep(10_000)
-    }
-    return condition()
-}
-
 @Suite(.serialized, .timeLimit(.minutes(3))) struct SecurityTests {
     // MARK: Item 1: nobody gets in without the token
 

@@ -156,3 +156,15 @@ public enum TestSeed {
         "seed \(seed) (replay with SPILLWAY_TEST_SEED=\(base))"
     }
 }
+
+/// Polls `condition` every 10 ms until it holds or `seconds` pass; whether it held. The one
+/// way tests wait for background work or another process: the wait ends as soon as the
+/// condition is true, and never lasts longer than `seconds`.
+public func eventually(_ seconds: Double = 10, _ condition: () -> Bool) -> Bool {
+    let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+    while monotonicNanoseconds() < deadline {
+        if condition() { return true }
+        usleep(10_000)
+    }
+    return condition()
+}

@@ -10,16 +10,6 @@ import SpillwayTestSupport
 // The hardening issue's security items seen from the outside: the embedded daemons, a real
 // spillwayd under a flood of strangers, and its metrics endpoint.
 
-/// Polls `condition` every 10 ms for up to `seconds`.
-private func within(_ seconds: Double, _ condition: () -> Bool) -> Bool {
-    let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
-    while monotonicNanoseconds() < deadline {
-        if condition() { return true }
-        usleep(10_000)
-    }
-    return condition()
-}
-
 @Suite(.serialized, .timeLimit(.minutes(5))) struct SecurityCommandTests {
     @Test func embeddedDaemonsRefuseStrangers() throws {
         let configuration = SpillwayConfiguration(slotSize: 4096, tiers: [
@@ -128,7 +118,7 @@ private func within(_ seconds: Double, _ condition: () -> Bool) -> Bool {
         let (status, body) = try daemon.scrape()
         #expect(status == "HTTP/1.1 200 OK")
         #expect(body.contains("spillwayd_slabs_lent"))
-        let ended = within(15) { closedAfter.withLock { $0.count } == 2 }
+        let ended = eventually(15) { closedAfter.withLock { $0.count } == 2 }
         stop.withLock { $0 = true }
         for thread in threads { thread.join() }
         #expect(ended)
