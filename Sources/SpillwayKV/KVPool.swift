@@ -507,4 +507,13 @@ public final class KVStoreTicket: Sendable {
         done.signal()  // later waiters return at once
         return result.withLock { $0! }
     }
+
+    /// Waits at most `seconds`: the result, or nil if the store has not finished by then (the
+    /// caller must then keep its buffers until a later `wait`).
+    public func wait(timeout seconds: Double) -> KVResult? {
+        if let value = result.withLock({ $0 }) { return value }
+        guard done.wait(timeout: .now() + seconds) == .success else { return nil }
+        done.signal()
+        return result.withLock { $0! }
+    }
 }

@@ -44,7 +44,7 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
 }
 
 
-@Suite(.serialized) struct ErasureCodedTierTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct ErasureCodedTierTests {
     @Test func pagesSurviveRDaemonsGoingAwayAndNeverComeBackWrong() throws {
         let servers = try startDaemons(6)
         defer { for server in servers { server.shutdown(drain: 0) } }

@@ -12,7 +12,7 @@ import SpillwayTestSupport
 /// put succeeds (the pool keeps k+1 live members per stripe: a lost member is detected and
 /// replaced on one of the two spare daemons), and no page with ≤ r lost splits is ever
 /// unreadable.
-@Suite(.serialized) struct ErasurePropertyTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct ErasurePropertyTests {
     @Test(arguments: 0..<12)
     func bytesInEqualBytesOutWhileDaemonsDie(run: UInt64) throws {
         let seed = TestSeed.derive(1000 + run)

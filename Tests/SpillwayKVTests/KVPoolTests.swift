@@ -137,10 +137,10 @@ func blockBytes(_ seed: UInt64, _ count: Int) -> [UInt8] {
         try blocks.withBuffers { buffers in
             let tickets = hashes.indices.map { pool.storeAsync([hashes[$0]], buffers: [buffers[$0]]) }
             pool.close()  // while stores are queued
-            for ticket in tickets { #expect(ticket.wait().allSucceeded, "a queued store runs before close returns") }
+            for ticket in tickets { #expect(ticket.wait(timeout: 30)?.allSucceeded == true, "a queued store runs before close returns") }
         }
         #expect(pool.lookup(hashes) == 20)
-        let late = [blocks[0]].withBuffers { pool.storeAsync([hashes[0]], buffers: $0).wait() }
+        let late = try #require([blocks[0]].withBuffers { pool.storeAsync([hashes[0]], buffers: $0).wait(timeout: 30) })
         guard case .closed = late.firstError else {
             Issue.record("a closed pool must refuse new stores")
             return
@@ -158,7 +158,7 @@ func blockBytes(_ seed: UInt64, _ count: Int) -> [UInt8] {
             for index in hashes.indices {
                 tickets.append(pool.storeAsync([hashes[index]], buffers: [buffers[index]]))
             }
-            for ticket in tickets { #expect(ticket.wait().allSucceeded) }
+            for ticket in tickets { #expect(ticket.wait(timeout: 30)?.allSucceeded == true) }
             try pool.pin(Array(hashes[0..<2]))
             #expect(throws: SpillwayError.self) { _ = try store.remove(pool.dataKey(hashes[0], layer: 0)) }
             try pool.unpin(Array(hashes[0..<2]))

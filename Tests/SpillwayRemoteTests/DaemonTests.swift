@@ -43,7 +43,7 @@ func transfer(_ client: DaemonClient, write: Bool, slab: UInt32, offset: UInt64,
     }
 }
 
-@Suite(.serialized) struct DaemonTests {
+@Suite(.serialized, .timeLimit(.minutes(3))) struct DaemonTests {
     @Test func authenticatedTenantWritesAndReadsItsSlab() throws {
         let server = try startDaemon()
         defer { server.shutdown(drain: 0) }

@@ -21,7 +21,7 @@ func remoteStore(_ servers: [Endpoint], credentials: ClientCredentials = ClientC
     return (try TieredStore(tiers: tiers, options: StoreOptions(maxPageSize: 3 * 4096, backgroundWorker: false)), remote)
 }
 
-@Suite(.serialized) struct RemoteTierTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct RemoteTierTests {
     @Test func storeSpillsDRAMToRemoteMemoryAndBack() throws {
         let servers = try (0..<2).map { _ in try startDaemon(tokens: testTokens) }
         defer { for server in servers { server.shutdown(drain: 0) } }
