@@ -124,7 +124,8 @@ spillway_status spillway_kv_evict(spillway_kv_pool pool, const uint8_t *hashes, 
 typedef uint64_t spillway_weights;
 
 /* One tensor of an acquired layer: name and dtype are NUL-terminated and live as long as the
- * weights handle; data is valid until the layer is released. */
+ * weights handle; data is valid until the matching spillway_weights_release (or
+ * until the weights or their store are destroyed). */
 typedef struct {
     const char *name;
     const char *dtype;
