@@ -29,7 +29,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
-        // ISA-L (Debian libisal-dev): CRC32C now, Reed-Solomon for the erasure-coded tier later.
+        // ISA-L (Debian libisal-dev): CRC32C, and Reed-Solomon for the erasure-coded tier.
         .systemLibrary(
             name: "CSpillwayISAL",
             pkgConfig: "libisal",
@@ -232,12 +232,12 @@ let package = Package(
         ),
         // Helpers for tests that run the built executables (spillwayd on loopback).
         .target(name: "SpillwayTestSupport", dependencies: ["SpillwayCore", "SpillwayRemote"], path: "Tests/SpillwayTestSupport"),
-        .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore"]),
+        .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayCompressionTests", dependencies: ["SpillwayCompression", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayKVTests", dependencies: ["SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayWeights", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
-        .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers"]),
+        .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayTests", dependencies: [

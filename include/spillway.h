@@ -45,7 +45,8 @@ enum {
     SPILLWAY_E_INVALID_CONFIGURATION = 11,
     SPILLWAY_E_INVALID_ARGUMENT = 12,
     SPILLWAY_E_INVALID_HANDLE = 100,
-    SPILLWAY_E_PARTIAL = 101 /* some blocks of a batch failed; see the count returned */
+    SPILLWAY_E_PARTIAL = 101, /* some blocks of a batch failed; see the count returned */
+    SPILLWAY_E_NOT_ACQUIRED = 102 /* spillway_weights_release of a layer not held through that handle */
 };
 
 typedef uint64_t spillway_store;   /* a tiered store */
@@ -123,7 +124,8 @@ spillway_status spillway_kv_evict(spillway_kv_pool pool, const uint8_t *hashes, 
 typedef uint64_t spillway_weights;
 
 /* One tensor of an acquired layer: name and dtype are NUL-terminated and live as long as the
- * weights handle; data is valid until the layer is released. */
+ * weights handle; data is valid until the matching spillway_weights_release (or
+ * until the weights or their store are destroyed). */
 typedef struct {
     const char *name;
     const char *dtype;
@@ -142,6 +144,10 @@ spillway_status spillway_weights_layers(spillway_weights weights, int32_t *layer
  * number of tensors; views receives up to capacity of them. */
 spillway_status spillway_weights_acquire(spillway_weights weights, int32_t layer, spillway_tensor_view *views, size_t capacity,
                                          size_t *count);
+/* Gives back one acquisition of the layer made through this weights handle (acquire and
+ * release pair up, like a counted lock; any thread may release). Releasing a layer this handle
+ * holds no acquisition of (never acquired, or released as many times as acquired) is
+ * SPILLWAY_E_NOT_ACQUIRED and changes nothing: it never gives back another caller's hold. */
 spillway_status spillway_weights_release(spillway_weights weights, int32_t layer);
 /* Nanoseconds acquire calls waited for layers not loaded yet, in total. */
 spillway_status spillway_weights_stall(spillway_weights weights, uint64_t *nanoseconds);

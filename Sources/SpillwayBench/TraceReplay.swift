@@ -18,14 +18,17 @@ public enum TraceReplay {
         public init(trace: String) { self.trace = trace }
     }
 
-    /// The default trace location: `../shared/traces/` from the working directory (where the
-    /// project's data lives), else beside the checkout.
-    public static func defaultTrace() -> String? {
-        let name = "traces/mooncake_synthetic_trace.jsonl"
-        for base in ["../shared", "shared", "/work/shared"] where FileManager.default.fileExists(atPath: "\(base)/\(name)") {
-            return "\(base)/\(name)"
-        }
-        return nil
+    /// Where the trace is looked for when `--trace` is not given, relative to the working
+    /// directory (the project keeps its data in a `shared/` directory beside the checkout).
+    public static let defaultTraceRelativePath = "../shared/traces/mooncake_synthetic_trace.jsonl"
+
+    /// The default trace: `../shared/traces/mooncake_synthetic_trace.jsonl` relative to
+    /// `workingDirectory` (the process's, by default), if that file exists. Nothing else is
+    /// searched: a library must not depend on where one machine keeps its files, so anywhere
+    /// else needs `--trace PATH`.
+    public static func defaultTrace(workingDirectory: String = FileManager.default.currentDirectoryPath) -> String? {
+        let path = URL(fileURLWithPath: workingDirectory).appendingPathComponent(defaultTraceRelativePath).standardizedFileURL.path
+        return FileManager.default.fileExists(atPath: path) ? path : nil
     }
 
     struct Request {

@@ -15,6 +15,8 @@ enum CStatus {
     static let ok: Int32 = 0
     static let invalidHandle: Int32 = 100
     static let partial: Int32 = 101
+    /// `spillway_weights_release` of a layer this handle holds no acquisition of.
+    static let notAcquired: Int32 = 102
 }
 
 /// What a handle names.
@@ -26,11 +28,17 @@ enum HandleEntry {
 }
 
 /// A registered model, its streamer, and the C strings its tensor views point to (allocated
-/// once, freed with the handle). `@unchecked Sendable`: the C strings are immutable after init.
+/// once, freed with the handle). `@unchecked Sendable`: the C strings are immutable after init;
+/// `acquired` is behind its lock.
 final class WeightsBox: @unchecked Sendable {
     let weights: ModelWeights
     let streamer: WeightStreamer
     let names: [String: (name: UnsafeMutablePointer<CChar>, dtype: UnsafeMutablePointer<CChar>)]
+    /// Acquisitions made through this handle and not yet released, per layer. The streamer's
+    /// own count is shared by every user of the layer (the prefetcher included) and ignores a
+    /// release with no user; counting here makes a release without a matching acquire (or a
+    /// second release) a typed error instead of silently giving back somebody else's hold.
+    let acquired = Locked<[Int: Int]>([:])
 
     init(weights: ModelWeights, streamer: WeightStreamer) {
         self.weights = weights
@@ -79,11 +87,13 @@ let handles = HandleTable()
 enum CError: Error {
     case spillway(SpillwayError)
     case handle(String)
+    case notAcquired(String)
 
     var status: Int32 {
         switch self {
         case .spillway(let error): error.code
         case .handle: CStatus.invalidHandle
+        case .notAcquired: CStatus.notAcquired
         }
     }
 
@@ -91,6 +101,7 @@ enum CError: Error {
         switch self {
         case .spillway(let error): error.description
         case .handle(let message): "invalid handle: \(message)"
+        case .notAcquired(let message): "not acquired: \(message)"
         }
     }
 }
@@ -535,6 +546,7 @@ public func spillway_weights_acquire(_ handle: UInt64, _ layer: Int32, _ views: 
         guard capacity >= tensors.count else { throw .spillway(.bufferTooSmall(required: tensors.count, available: max(0, capacity))) }
         guard let views else { throw .spillway(.invalidArgument("views is NULL")) }
         let acquired = try wrap { () throws(SpillwayError) in try box.streamer.acquire(layer: Int(layer)) }
+        box.acquired.withLock { $0[Int(layer), default: 0] += 1 }
         // spillway_tensor_view: name, dtype, data pointers then a size_t (32 bytes).
         for (index, (info, bytes)) in acquired.tensors.enumerated() {
             let view = views + 32 * index
@@ -551,7 +563,15 @@ public func spillway_weights_acquire(_ handle: UInt64, _ layer: Int32, _ views: 
 @_cdecl("spillway_weights_release")
 public func spillway_weights_release(_ handle: UInt64, _ layer: Int32) -> Int32 {
     entry { () throws(CError) in
-        try weightsBox(handle).streamer.release(layer: Int(layer))
+        let box = try weightsBox(handle)
+        // Take one of this handle's acquisitions first; only then give the layer back.
+        let held = box.acquired.withLock { acquired -> Bool in
+            guard let count = acquired[Int(layer)], count > 0 else { return false }
+            acquired[Int(layer)] = count == 1 ? nil : count - 1
+            return true
+        }
+        guard held else { throw .notAcquired("layer \(layer) is not acquired through weights handle \(handle) (never acquired, or already released)") }
+        box.streamer.release(layer: Int(layer))
         return CStatus.ok
     }
 }

@@ -22,7 +22,21 @@ public final class HostArena: @unchecked Sendable {
     public var byteCount: Int { region.byteCount }
     public var hugePages: Bool { region.hugePages }
 
-    public init(byteCount: Int, prefault: Bool, lock: Bool, label: String, logger: Logger) throws(SpillwayError) {
+    public convenience init(byteCount: Int, prefault: Bool, lock: Bool, label: String, logger: Logger) throws(SpillwayError) {
+        try self.init(byteCount: byteCount, prefault: prefault, lock: lock, label: label, logger: logger, locker: HostArena.systemLock)
+    }
+
+    /// `mlock`: 0, or the errno of the refusal.
+    static func systemLock(_ base: UnsafeMutableRawPointer, _ byteCount: Int) -> Int32 {
+        mlock(base, byteCount) == 0 ? 0 : errno
+    }
+
+    /// `locker` pins the mapping (0, or an errno): `mlock` outside tests. Tests pass one that
+    /// refuses, because the refusal cannot be provoked reliably for real (root, which the test
+    /// machines run as, has CAP_IPC_LOCK and ignores RLIMIT_MEMLOCK).
+    init(byteCount: Int, prefault: Bool, lock: Bool, label: String, logger: Logger,
+         locker: (UnsafeMutableRawPointer, Int) -> Int32) throws(SpillwayError)
+    {
         guard byteCount > 0 else { throw .invalidConfiguration("\(label): arena size must be positive") }
         do {
             region = try MappedRegion(byteCount: byteCount, prefault: prefault)
@@ -33,13 +47,14 @@ public final class HostArena: @unchecked Sendable {
             logger.info("transparent huge pages unavailable for arena", metadata: ["tier": "\(label)"])
         }
         if lock {
-            if mlock(region.base, byteCount) == 0 {
+            let refusal = locker(region.base, byteCount)
+            if refusal == 0 {
                 locked = true
             } else {
                 locked = false
                 logger.warning(
                     "mlock refused; continuing with unpinned memory (raise RLIMIT_MEMLOCK or run as root)",
-                    metadata: ["tier": "\(label)", "bytes": "\(byteCount)", "errno": "\(errno)"])
+                    metadata: ["tier": "\(label)", "bytes": "\(byteCount)", "errno": "\(refusal)"])
             }
         } else {
             locked = false

@@ -1,4 +1,5 @@
 import Testing
+import SpillwayTestSupport
 @testable import SpillwayCore
 
 @Suite struct PageKeyTests {
@@ -47,17 +48,18 @@ import Testing
     }
 
     @Test func incrementalEqualsOneShot() {
-        var generator = SystemRandomNumberGenerator()
+        let seed = TestSeed.derive(101)
+        var generator = SplitMix(seed: seed)
         let bytes = (0..<10_000).map { _ in UInt8.random(in: 0...255, using: &generator) }
         let whole = CRC32C.checksum(bytes)
         let split = bytes.withUnsafeBytes { raw in
             let first = CRC32C.update(register: 0xFFFF_FFFF, UnsafeRawBufferPointer(rebasing: raw[0..<3333]))
             return ~CRC32C.update(register: first, UnsafeRawBufferPointer(rebasing: raw[3333...]))
         }
-        #expect(split == whole)
+        #expect(split == whole, "\(TestSeed.note(seed))")
         var flipped = bytes
         flipped[5000] ^= 1
-        #expect(CRC32C.checksum(flipped) != whole)
+        #expect(CRC32C.checksum(flipped) != whole, "\(TestSeed.note(seed))")
     }
 }
 
@@ -94,14 +96,17 @@ import Testing
 
     @Test func randomAllocationsNeverOverlap() {
         let allocator = SlotAllocator(capacity: 1000)
-        var generator = SplitMix(seed: 7)
+        let seed = TestSeed.derive(102)
+        var generator = SplitMix(seed: seed)
         var live: [Extent] = []
         var owned = Set<UInt32>()
-        for _ in 0..<20_000 {
+        for step in 0..<20_000 {
             if live.isEmpty || generator.next() % 3 != 0 {
                 let count = Int(generator.next() % 8) + 1
                 if let extent = allocator.allocate(count: count) {
-                    for slot in extent.firstSlot..<extent.endSlot { #expect(owned.insert(slot).inserted) }
+                    for slot in extent.firstSlot..<extent.endSlot {
+                        #expect(owned.insert(slot).inserted, "slot \(slot) handed out twice at step \(step), \(TestSeed.note(seed))")
+                    }
                     live.append(extent)
                 }
             } else {
@@ -109,7 +114,7 @@ import Testing
                 for slot in extent.firstSlot..<extent.endSlot { owned.remove(slot) }
                 allocator.release(extent)
             }
-            #expect(allocator.usedSlots == owned.count)
+            #expect(allocator.usedSlots == owned.count, "step \(step), \(TestSeed.note(seed))")
         }
     }
 }

@@ -1,4 +1,5 @@
 import Testing
+import SpillwayTestSupport
 @testable import SpillwayCore
 
 @Suite struct PageDirectoryTests {
@@ -102,20 +103,21 @@ import Testing
         let directory = try PageDirectory(tierCapacities: [4096])
         var model: [PageKey: UInt32] = [:]
         var free = Array((0..<4096).map(UInt32.init).reversed())
-        var generator = SplitMix(seed: 11)
-        for _ in 0..<50_000 {
+        let seed = TestSeed.derive(103)
+        var generator = SplitMix(seed: seed)
+        for step in 0..<50_000 {
             let key = PageKey(generator.next() % 3000)
             if generator.next() % 2 == 0, model[key] == nil, let slot = free.popLast() {
                 _ = try directory.insert(key, location: location(0, slot), length: Int(slot), checksum: slot)
                 model[key] = slot
             } else if let slot = model[key] {
                 let result = try directory.remove(key)
-                #expect(result.found && result.release == location(0, slot))
+                #expect(result.found && result.release == location(0, slot), "\(key) at step \(step), \(TestSeed.note(seed))")
                 model[key] = nil
                 free.append(slot)
             }
         }
-        for (key, slot) in model { #expect(directory.snapshot(of: key)?.checksum == slot) }
-        #expect(directory.allPages().count == model.count)
+        for (key, slot) in model { #expect(directory.snapshot(of: key)?.checksum == slot, "\(key), \(TestSeed.note(seed))") }
+        #expect(directory.allPages().count == model.count, "\(TestSeed.note(seed))")
     }
 }

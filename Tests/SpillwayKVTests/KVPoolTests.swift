@@ -57,7 +57,42 @@ func blockBytes(_ seed: UInt64, _ count: Int) -> [UInt8] {
         var whole = [[UInt8]](repeating: [UInt8](repeating: 0, count: smallGeometry.blockBytes), count: 3)
         #expect(whole.withMutableBuffers { pool.load(hashes, into: $0) }.allSucceeded)
         #expect(whole == data.map { $0.flatMap { $0 } })
-        data[0][0][0] ^= 0xFF  // (the caller's copy only)
+        // The pool copied on store: flipping a byte of the caller's copy changes nothing stored.
+        let original = data[0][0]
+        data[0][0][0] ^= 0xFF
+        var again = [[UInt8]](repeating: [UInt8](repeating: 0, count: layer), count: 1)
+        #expect(again.withMutableBuffers { pool.load([hashes[0]], layer: 0, into: $0) }.allSucceeded)
+        #expect(again[0] == original && again[0] != data[0][0])
+    }
+
+    /// A byte flipped in the tier's memory under a stored block is detected on load (a typed
+    /// checksum error for that block), never served; the other blocks still load.
+    @Test func aCorruptedBlockIsReportedNotServed() throws {
+        let tier = try DRAMTier(slotSize: 4096, capacitySlots: 64, prefault: false, verifiesReads: true)
+        let store = try TieredStore(tiers: [tier], options: StoreOptions(maxPageSize: 64 << 10, backgroundWorker: false))
+        let pool = try KVPool(store: store, geometry: smallGeometry, modelID: "m")
+        let hashes = pool.blockHashes(tokens: Array(0..<8))
+        let blocks = (0..<2).map { blockBytes(UInt64(200 + $0), smallGeometry.blockBytes) }
+        #expect(blocks.withBuffers { pool.store(hashes, blocks: $0) }.allSucceeded)
+        // Flip one byte of block 0's layer-1 page where the DRAM tier holds it.
+        let key = pool.dataKey(hashes[0], layer: 1)
+        let snapshot = try #require(store.directory.snapshot(of: key))
+        #expect(snapshot.location.tier == 0)
+        let page = tier.arena.base + Int(snapshot.location.extent.firstSlot) * 4096
+        page.storeBytes(of: page.load(fromByteOffset: 17, as: UInt8.self) ^ 0x01, toByteOffset: 17, as: UInt8.self)
+
+        var out = [[UInt8]](repeating: [UInt8](repeating: 0, count: smallGeometry.blockBytes), count: 2)
+        let result = out.withMutableBuffers { pool.load(hashes, into: $0) }
+        #expect(!result.allSucceeded && result.contiguous == 0, "block 0 is not served")
+        guard case .checksumMismatch(let corrupt, _, _, _) = result.errors[0] else {
+            Issue.record("a flipped byte must be a checksum error, got \(String(describing: result.errors[0]))")
+            return
+        }
+        #expect(corrupt == key)
+        #expect(result.errors[1] == nil && out[1] == blocks[1], "the intact block still loads")
+        #expect(store.stats().tiers[0].checksumFailures >= 1)
+        // Asked again, the block is no longer complete: lookup stops before it.
+        #expect(pool.lookup(hashes) == 0)
     }
 
     @Test func wholeBlocksRoundTripInBothLayoutsAndGeometriesNeverShareBytes() throws {

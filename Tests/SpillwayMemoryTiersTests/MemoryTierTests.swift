@@ -1,4 +1,5 @@
 import Glibc
+import Logging
 import Synchronization
 import Testing
 @testable import SpillwayCore
@@ -108,6 +109,68 @@ final class FailingDeviceMemory: DeviceMemory, @unchecked Sendable {
         var byte: UInt8 = 0
         #expect(throws: SpillwayError.self) { try memory.copyOut(fromOffset: 4090, to: &byte, count: 10) }
         #expect(throws: SpillwayError.self) { try memory.copyIn(from: &byte, toOffset: -1, count: 1) }
-        #expect(memory.isLocked, "running as root, mlock of 4 KiB succeeds")
+    }
+
+    /// Whether this process may pin 4 KiB: root (CAP_IPC_LOCK) or a memlock limit that allows it.
+    static let mayLock: Bool = {
+        var limit = rlimit()
+        return geteuid() == 0 || (getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 && limit.rlim_cur >= 4096)
+    }()
+
+    /// The pinned path: mlock is allowed, so the device backend's arena is locked.
+    @Test(.enabled(if: DeviceTierTests.mayLock, "neither root nor an RLIMIT_MEMLOCK of at least 4 KiB: mlock would be refused"))
+    func hostBackendPinsItsMemoryWhenAllowed() throws {
+        let memory = HostDeviceMemory(prefault: false)
+        try memory.allocate(byteCount: 4096)
+        #expect(memory.isLocked)
+    }
+
+    /// The unpinned fallback: an arena whose mlock is refused logs a warning naming the errno
+    /// and works, unpinned. (Injected: as root, a lowered RLIMIT_MEMLOCK does not refuse.)
+    @Test func anArenaWhoseLockIsRefusedWarnsAndWorksUnpinned() throws {
+        let records = CapturedLog()
+        let logger = Logger(label: "test.arena") { _ in CapturingLogHandler(records: records) }
+        let arena = try HostArena(byteCount: 8192, prefault: false, lock: true, label: "device/test", logger: logger) { _, _ in EPERM }
+        #expect(!arena.locked)
+        let warnings = records.entries.withLock { $0.filter { $0.level == .warning } }
+        #expect(warnings.count == 1, "\(warnings)")
+        #expect(warnings.first?.message.contains("mlock refused; continuing with unpinned memory") == true, "\(warnings)")
+        #expect(warnings.first?.metadata["errno"] == "\(EPERM)" && warnings.first?.metadata["tier"] == "device/test", "\(warnings)")
+        // Unpinned memory is still memory: the whole arena is writable and reads back.
+        memset(arena.base, 0x5A, arena.byteCount)
+        #expect(UnsafeRawBufferPointer(start: arena.base, count: arena.byteCount).allSatisfy { $0 == 0x5A })
+        // And a lock that succeeds logs nothing of the kind.
+        let quiet = CapturedLog()
+        let pinned = try HostArena(byteCount: 4096, prefault: false, lock: true, label: "device/test",
+                                   logger: Logger(label: "test.arena") { _ in CapturingLogHandler(records: quiet) }) { _, _ in 0 }
+        #expect(pinned.locked)
+        #expect(quiet.entries.withLock { $0.isEmpty })
+    }
+}
+
+/// Log records captured by `CapturingLogHandler`.
+final class CapturedLog: Sendable {
+    struct Entry: Sendable {
+        var level: Logger.Level
+        var message: String
+        var metadata: [String: String]
+    }
+    let entries = Mutex<[Entry]>([])
+}
+
+struct CapturingLogHandler: LogHandler {
+    let records: CapturedLog
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        var flattened: [String: String] = [:]
+        for (key, value) in metadata.merging(event.metadata ?? [:], uniquingKeysWith: { $1 }) { flattened[key] = "\(value)" }
+        records.entries.withLock { $0.append(CapturedLog.Entry(level: event.level, message: "\(event.message)", metadata: flattened)) }
     }
 }

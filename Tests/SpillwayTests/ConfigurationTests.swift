@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import Spillway
 
@@ -58,21 +59,69 @@ import Testing
         }
     }
 
+    /// Expects `body` to throw `SpillwayError.invalidConfiguration` whose reason contains `fragment`.
+    func expectInvalidConfiguration(_ fragment: String, sourceLocation: SourceLocation = #_sourceLocation,
+                                    _ body: () throws -> Void) {
+        let error = #expect(throws: SpillwayError.self, sourceLocation: sourceLocation) { try body() }
+        guard case .invalidConfiguration(let reason) = error else {
+            Issue.record("expected invalidConfiguration(…\(fragment)…), got \(String(describing: error))", sourceLocation: sourceLocation)
+            return
+        }
+        #expect(reason.contains(fragment), "reason: \(reason)", sourceLocation: sourceLocation)
+    }
+
     @Test func validationCatchesInconsistentStores() throws {
         let dram = TierConfiguration(kind: .dram, capacity: 1 << 20)
         let device = TierConfiguration(kind: .device, capacity: 1 << 20)
-        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(slotSize: 3000, tiers: [dram]).validate() }
-        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(tiers: []).validate() }
-        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(policy: "mru", tiers: [dram]).validate() }
-        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(tiers: [dram, device]).validate() }
+        expectInvalidConfiguration("slot-size 3000 must be a power of two between 4KiB and 2MiB") {
+            try SpillwayConfiguration(slotSize: 3000, tiers: [dram]).validate()
+        }
+        expectInvalidConfiguration("no tiers configured") { try SpillwayConfiguration(tiers: []).validate() }
+        expectInvalidConfiguration("unknown policy 'mru' (available: lru)") { try SpillwayConfiguration(policy: "mru", tiers: [dram]).validate() }
+        expectInvalidConfiguration("the device tier must be the top (first) tier") { try SpillwayConfiguration(tiers: [dram, device]).validate() }
         var badCode = TierConfiguration(kind: .erasureCoded, capacity: 1 << 20)
         badCode.r = 0
-        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(tiers: [badCode]).validate() }
+        expectInvalidConfiguration("RS(4, 0) with late-binding delta") { try SpillwayConfiguration(tiers: [badCode]).validate() }
         badCode.r = 2
         badCode.lateBindingDelta = 3
-        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(tiers: [badCode]).validate() }
-        #expect(throws: SpillwayError.self) { try SpillwayConfiguration(slotSize: 1 << 20, tiers: [TierConfiguration(kind: .dram, capacity: 4096)]).validate() }
+        expectInvalidConfiguration("RS(4, 2) with late-binding delta 3") { try SpillwayConfiguration(tiers: [badCode]).validate() }
+        expectInvalidConfiguration("capacity 4096 is smaller than one slot (1048576)") {
+            try SpillwayConfiguration(slotSize: 1 << 20, tiers: [TierConfiguration(kind: .dram, capacity: 4096)]).validate()
+        }
+        var compressedNVMe = TierConfiguration(kind: .nvme, capacity: 1 << 20)
+        compressedNVMe.compression = "lz4"
+        expectInvalidConfiguration("compression is for the volatile spill tiers") { try SpillwayConfiguration(tiers: [compressedNVMe]).validate() }
         try SpillwayConfiguration.embeddedDefault.validate()
+    }
+
+    /// Every tier kind a TOML file can name opens through `TieredStore.open` and holds a page:
+    /// nvme (a file in a temporary directory), remote and ec with no `servers` (in-process
+    /// daemons on loopback), and an lz4-compressed dram tier.
+    @Test(arguments: [
+        ("nvme", "kind = \"nvme\"\ncapacity = \"4m\"\npath = \"@DIR@/tier.nvme\""),
+        ("remote", "kind = \"remote\"\ncapacity = \"4m\""),
+        ("ec", "kind = \"ec\"\ncapacity = \"4m\""),
+        ("compressed", "kind = \"dram\"\ncapacity = \"4m\"\ncompression = \"lz4\""),
+    ])
+    func eachConfiguredTierKindOpensAndHoldsAPage(kind: String, tier: String) throws {
+        let directory = NSTemporaryDirectory() + "spillway-config-\(kind)-\(getpid())"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let configuration = try SpillwayConfiguration(toml: "slot-size = \"4k\"\nmax-page-size = \"64k\"\n[[tier]]\n"
+            + tier.replacingOccurrences(of: "@DIR@", with: directory))
+        let store = try TieredStore.open(configuration)
+        defer { store.close() }
+        #expect(store.tiers.count == 1)
+        switch kind {
+        case "nvme": #expect(store.tiers[0] is NVMeTier)
+        case "remote": #expect(store.tiers[0] is RemoteTier)
+        case "ec": #expect(store.tiers[0] is ErasureCodedTier)
+        default: #expect(store.tiers[0] is CompressedTier)
+        }
+        let page = (0..<10_000).map { UInt8(truncatingIfNeeded: $0 % 97) }
+        try store.put(PageKey(7), bytes: page)
+        #expect(try store.get(PageKey(7)) == page)
+        if kind == "nvme" { #expect(FileManager.default.fileExists(atPath: directory + "/tier.nvme")) }
     }
 
     @Test func parsesTheErasureCodedWriteQuorum() throws {
@@ -115,6 +164,8 @@ import Testing
     }
 
     @Test func missingFileIsAClearError() {
-        #expect(throws: SpillwayError.self) { _ = try SpillwayConfiguration(contentsOfFile: "/nonexistent/spillway.toml") }
+        expectInvalidConfiguration("cannot open '/nonexistent/spillway.toml': No such file or directory") {
+            _ = try SpillwayConfiguration(contentsOfFile: "/nonexistent/spillway.toml")
+        }
     }
 }

@@ -26,25 +26,53 @@ import Testing
         #expect(values["load_errors"] == .int(0) && values["corrupt"] == .int(0))
     }
 
-    @Test func theMooncakeTraceReplaysWithoutErrors() throws {
-        guard let trace = TraceReplay.defaultTrace() else {
-            print("skipped: the Mooncake trace is not in ../shared/traces/ on this machine")
-            return
-        }
+    @Test(.enabled(if: TraceReplay.defaultTrace() != nil,
+                   "the Mooncake trace is not at ../shared/traces/mooncake_synthetic_trace.jsonl from the working directory"))
+    func theMooncakeTraceReplaysWithoutErrors() throws {
+        let trace = try #require(TraceReplay.defaultTrace())
         var options = TraceReplay.Options(trace: trace)
         options.limit = 600
-        guard case .object(let fields) = try TraceReplay.run(options, configuration: dramOnly) else { return }
+        let result = try TraceReplay.run(options, configuration: dramOnly)
+        guard case .object(let fields) = result else {
+            Issue.record("the replay's result is not an object: \(result)")
+            return
+        }
         let values = Dictionary(fields, uniquingKeysWith: { a, _ in a })
         #expect(values["requests"] == .int(600))
         #expect(values["load_errors"] == .int(0) && values["store_errors"] == .int(0) && values["corrupt"] == .int(0))
-        guard case .int(let loaded) = values["blocks_loaded"] else { return }
+        guard case .int(let loaded) = try #require(values["blocks_loaded"]) else {
+            Issue.record("blocks_loaded is not an integer: \(String(describing: values["blocks_loaded"]))")
+            return
+        }
         #expect(loaded > 0)
+    }
+
+    /// The default trace is found relative to the working directory and nowhere else (the old
+    /// lookup also tried a hard-coded absolute path).
+    @Test func theDefaultTraceIsLookedForBesideTheWorkingDirectoryOnly() throws {
+        let root = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("spillway-trace-lookup-\(getpid())")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let checkout = root.appendingPathComponent("checkout")
+        let traces = root.appendingPathComponent("shared/traces")
+        try FileManager.default.createDirectory(at: checkout, withIntermediateDirectories: true)
+        #expect(TraceReplay.defaultTrace(workingDirectory: checkout.path) == nil, "no ../shared beside this directory")
+        try FileManager.default.createDirectory(at: traces, withIntermediateDirectories: true)
+        let file = traces.appendingPathComponent("mooncake_synthetic_trace.jsonl")
+        try "{}\n".write(to: file, atomically: true, encoding: .utf8)
+        #expect(TraceReplay.defaultTrace(workingDirectory: checkout.path) == file.standardizedFileURL.path)
+        // One level deeper, ../shared is somewhere else: nothing is searched upwards.
+        #expect(TraceReplay.defaultTrace(workingDirectory: traces.path) == nil)
     }
 
     @Test func aMalformedTraceIsAClearError() throws {
         let path = NSTemporaryDirectory() + "spillway-trace-bad-\(getpid()).jsonl"
         defer { unlink(path) }
         try "{\"timestamp\": 0}\n".write(toFile: path, atomically: true, encoding: .utf8)
-        #expect(throws: SpillwayError.self) { _ = try TraceReplay.run(TraceReplay.Options(trace: path), configuration: dramOnly) }
+        let error = #expect(throws: SpillwayError.self) { _ = try TraceReplay.run(TraceReplay.Options(trace: path), configuration: dramOnly) }
+        guard case .invalidArgument(let reason) = error else {
+            Issue.record("expected invalidArgument, got \(String(describing: error))")
+            return
+        }
+        #expect(reason.contains(":1: not a trace record (needs hash_ids)"), "\(reason)")
     }
 }

@@ -1,5 +1,6 @@
 /* Exercises include/spillway.h from C: compiled and run by the Swift test suite
  * (SpillwayTests/CABITests). Prints one line per failed check; exit status = failures. */
+#define _GNU_SOURCE /* mkdtemp */
 #include "spillway.h"
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,8 +9,35 @@
 static int failures = 0;
 #define CHECK(cond) do { if (!(cond)) { failures++; printf("FAIL %s:%d: %s (last error: %s)\n", __FILE__, __LINE__, #cond, spillway_last_error()); } } while (0)
 
+/* Every "stall_nanoseconds" number in a stats JSON document (the store's and each tier's):
+ * the largest, so 0 means no stall anywhere. */
+static long long max_stall(const char *json) {
+    const char *name = "\"stall_nanoseconds\":";
+    long long largest = -1;
+    for (const char *at = strstr(json, name); at != NULL; at = strstr(at + 1, name)) {
+        long long value = strtoll(at + strlen(name), NULL, 10);
+        if (value > largest) largest = value;
+    }
+    return largest;
+}
+
+/* The "hits" of tier `tier` (0 = top): the tiers array lists tiers top first, each with one "hits". */
+static long long tier_hits(const char *json, int tier) {
+    const char *at = strstr(json, "\"tiers\":");
+    for (int index = 0; at != NULL && index <= tier; index++) {
+        at = strstr(at + 1, "\"hits\":");
+        if (at != NULL && index == tier) return strtoll(at + strlen("\"hits\":"), NULL, 10);
+    }
+    return -1;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 2) { fprintf(stderr, "usage: %s CONFIG.toml\n", argv[0]); return 2; }
+    if (argc != 2 && argc != 3) { fprintf(stderr, "usage: %s CONFIG.toml [SCRATCH_DIRECTORY]\n", argv[0]); return 2; }
+    /* Files this program writes go to the given directory, else to a fresh private one: never
+     * to a fixed path another run (or another user) could collide with. */
+    char made[] = "/tmp/spillway-abi-XXXXXX";
+    const char *scratch = argc == 3 ? argv[2] : mkdtemp(made);
+    if (scratch == NULL) { perror("mkdtemp"); return 2; }
     CHECK(strlen(spillway_version()) > 0);
 
     spillway_store store = 0;
@@ -35,6 +63,49 @@ int main(int argc, char **argv) {
     char stats[8192];
     CHECK(spillway_store_stats_json(store, stats, sizeof stats, &length) == SPILLWAY_OK && stats[0] == '{' && strstr(stats, "\"puts\"") != NULL);
     CHECK(spillway_store_stats_json(store, stats, 4, &length) == SPILLWAY_E_BUFFER_TOO_SMALL && length > 4);
+    /* A single-tier DRAM store never waits on a lower tier. */
+    CHECK(spillway_store_stats_json(store, stats, sizeof stats, &length) == SPILLWAY_OK && max_stall(stats) == 0);
+    CHECK(tier_hits(stats, 0) >= 1);
+
+    /* DRAM (64 KiB) over NVMe (a file in the scratch directory): most of 64 pages of 4 KiB land
+     * on NVMe, and getting them back stalls on it. */
+    {
+        char nvme_config[4096], nvme_file[2048];
+        snprintf(nvme_file, sizeof nvme_file, "%s/abi-spill.nvme", scratch);
+        snprintf(nvme_config, sizeof nvme_config, "%s/abi-nvme.toml", scratch);
+        FILE *file = fopen(nvme_config, "w");
+        CHECK(file != NULL);
+        if (file != NULL) {
+            fprintf(file, "slot-size = \"4k\"\nmax-page-size = \"64k\"\n[[tier]]\nkind = \"dram\"\ncapacity = \"64k\"\n"
+                          "[[tier]]\nkind = \"nvme\"\ncapacity = \"16m\"\npath = \"%s\"\n", nvme_file);
+            fclose(file);
+        }
+        spillway_store layered = 0;
+        CHECK(spillway_store_open(nvme_config, &layered) == SPILLWAY_OK);
+        static char spill_page[4096];
+        uint8_t spill_key[16] = {0};
+        for (int i = 0; i < 64; i++) {
+            spill_key[15] = (uint8_t)i;
+            memset(spill_page, i, sizeof spill_page);
+            CHECK(spillway_store_put(layered, spill_key, spill_page, sizeof spill_page) == SPILLWAY_OK);
+        }
+        static char before[8192], after[8192];
+        CHECK(spillway_store_stats_json(layered, before, sizeof before, &length) == SPILLWAY_OK);
+        int mismatched = 0;
+        for (int i = 0; i < 64; i++) {
+            spill_key[15] = (uint8_t)i;
+            size_t got = 0;
+            CHECK(spillway_store_get(layered, spill_key, spill_page, sizeof spill_page, &got) == SPILLWAY_OK && got == sizeof spill_page);
+            for (size_t b = 0; b < sizeof spill_page; b++) mismatched += spill_page[b] != (char)i;
+        }
+        CHECK(mismatched == 0);
+        CHECK(spillway_store_stats_json(layered, after, sizeof after, &length) == SPILLWAY_OK);
+        CHECK(tier_hits(after, 1) > 0);                  /* some gets came from NVMe */
+        CHECK(max_stall(after) > 0 && max_stall(after) > max_stall(before)); /* and they stalled */
+        CHECK(spillway_store_close(layered) == SPILLWAY_OK);
+        remove(nvme_file);
+        remove(nvme_config);
+    }
 
     /* KV pool: 4 tokens per block, 2 layers, 2 KV heads, head dim 8, fp16: 2 x 4 x 2 x 8 x 2 = 256 B per layer. */
     spillway_kv_geometry geometry = {4, 2, 2, 8, 2, 0};
@@ -86,7 +157,8 @@ int main(int argc, char **argv) {
     CHECK(spillway_kv_load(pool, hashes, 2, -1, whole, 512, &loaded) == SPILLWAY_E_PARTIAL && loaded == 1);
 
     /* Weights: a tiny safetensors file written here (header JSON, then the data). */
-    const char *model_path = "/tmp/spillway-abi-test-model.safetensors";
+    char model_path[2048];
+    snprintf(model_path, sizeof model_path, "%s/abi-test-model.safetensors", scratch);
     const char *header = "{\"model.layers.0.w\":{\"dtype\":\"U8\",\"shape\":[4,8],\"data_offsets\":[0,32]},"
                          "\"model.layers.1.w\":{\"dtype\":\"F16\",\"shape\":[16],\"data_offsets\":[32,64]},"
                          "\"model.norm\":{\"dtype\":\"U8\",\"shape\":[8],\"data_offsets\":[64,72]}}";
@@ -111,11 +183,27 @@ int main(int argc, char **argv) {
     CHECK(spillway_weights_acquire(weights, 1, views, 4, &tensor_count) == SPILLWAY_OK && tensor_count == 1);
     CHECK(strcmp(views[0].name, "model.layers.1.w") == 0 && strcmp(views[0].dtype, "F16") == 0 && views[0].bytes == 32);
     CHECK(memcmp(views[0].data, weights_data + 32, 32) == 0);
+    /* Acquiring a layer this handle already holds (so loaded) never waits: the stall stays put. */
+    uint64_t stall = 0, stall_again = 1;
+    CHECK(spillway_weights_stall(weights, &stall) == SPILLWAY_OK);
+    CHECK(spillway_weights_acquire(weights, 1, views, 4, &tensor_count) == SPILLWAY_OK);
+    CHECK(spillway_weights_stall(weights, &stall_again) == SPILLWAY_OK && stall_again == stall);
+    /* Releases pair with acquires: two acquired, two released, the third is refused. */
     CHECK(spillway_weights_release(weights, 1) == SPILLWAY_OK);
+    CHECK(spillway_weights_release(weights, 1) == SPILLWAY_OK);
+    CHECK(spillway_weights_release(weights, 1) == SPILLWAY_E_NOT_ACQUIRED && strstr(spillway_last_error(), "not acquired") != NULL);
+    CHECK(spillway_weights_release(weights, 0) == SPILLWAY_E_NOT_ACQUIRED); /* never acquired */
+    /* Another handle on the same store cannot release this handle's acquisition. */
+    spillway_weights other = 0;
+    CHECK(spillway_weights_register(store, model_path, "tiny-2", -1, 1 << 20, 1, &other) == SPILLWAY_OK);
+    CHECK(spillway_weights_acquire(weights, 0, views, 4, &tensor_count) == SPILLWAY_OK && tensor_count == 1);
+    CHECK(spillway_weights_release(other, 0) == SPILLWAY_E_NOT_ACQUIRED);
+    CHECK(memcmp(views[0].data, weights_data, 32) == 0); /* still held, still there */
+    CHECK(spillway_weights_release(weights, 0) == SPILLWAY_OK);
+    CHECK(spillway_weights_destroy(other) == SPILLWAY_OK);
     CHECK(spillway_weights_acquire(weights, 7, views, 4, &tensor_count) == SPILLWAY_E_INVALID_ARGUMENT);
     CHECK(spillway_weights_acquire(weights, 0, views, 0, &tensor_count) == SPILLWAY_E_BUFFER_TOO_SMALL);
-    uint64_t stall = 0;
-    CHECK(spillway_weights_stall(weights, &stall) == SPILLWAY_OK);
+    CHECK(spillway_weights_release(weights, 0) == SPILLWAY_E_NOT_ACQUIRED); /* a failed acquire holds nothing */
     CHECK(spillway_weights_destroy(weights) == SPILLWAY_OK);
     CHECK(spillway_weights_release(weights, 1) == SPILLWAY_E_INVALID_HANDLE);
     remove(model_path);
@@ -126,6 +214,7 @@ int main(int argc, char **argv) {
     CHECK(spillway_store_close(store) == SPILLWAY_E_INVALID_HANDLE);
     CHECK(spillway_store_get(store, key, back, sizeof back, &length) == SPILLWAY_E_INVALID_HANDLE);
 
+    if (argc == 2) remove(scratch); /* the directory made here (empty again) */
     printf("%s: %d failure(s)\n", argv[0], failures);
     return failures;
 }

@@ -13,14 +13,16 @@ arrays, bytearray, memoryview) or a raw address (``ctypes.c_void_p``/int).
 """
 
 from ._binding import (
+    AcquiredLayer,
     KVGeometry,
     KVPool,
     SpillwayError,
     Store,
     StoreTicket,
     Weights,
+    inflight_stores,
     library_path,
     version,
 )
 
-__all__ = ["KVGeometry", "KVPool", "SpillwayError", "Store", "StoreTicket", "Weights", "library_path", "version"]
+__all__ = ["AcquiredLayer", "KVGeometry", "KVPool", "SpillwayError", "Store", "StoreTicket", "Weights", "inflight_stores", "library_path", "version"]

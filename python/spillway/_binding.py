@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -14,6 +16,7 @@ ERROR_NAMES = {
     1: "tier full", 2: "store full", 3: "page too large", 4: "unknown key", 5: "buffer too small",
     6: "checksum mismatch", 7: "tier I/O", 8: "page pinned", 9: "not pinned", 10: "closed",
     11: "invalid configuration", 12: "invalid argument", 100: "invalid handle", 101: "partial",
+    102: "not acquired",
 }
 
 
@@ -186,10 +189,20 @@ class Store:
         handle = _u64(0)
         _check(_store_open(config_path.encode() if config_path else None, ctypes.byref(handle)))
         self.handle = handle.value
+        # Weights registered here, held strongly: the library frees their layers' memory when
+        # the store closes, so close() must reach every outstanding view even if the caller
+        # dropped the Weights object.
+        self._weights: list[Weights] = []
 
     def close(self) -> None:
+        """Closes the store and everything on it. Views of acquired weight layers are
+        invalidated first (closing frees their memory); if one still has a buffer export,
+        this raises BufferError and leaves the store open."""
         if self.handle:
+            for weights in list(self._weights):
+                weights._invalidate_all()
             handle, self.handle = self.handle, 0
+            self._weights.clear()
             _check(_store_close(handle))
 
     def __enter__(self):
@@ -223,24 +236,76 @@ class Store:
     def stats(self) -> dict:
         import json
 
+        # The document can grow between the size query and the read (uptime, counters gain
+        # digits), so ask with room to spare and retry with the size the library reports.
         length = _size(0)
-        _store_stats(self.handle, None, 0, ctypes.byref(length))
-        out = ctypes.create_string_buffer(length.value + 1)
-        _check(_store_stats(self.handle, out, length.value + 1, ctypes.byref(length)))
-        return json.loads(out.value.decode())
+        status = _store_stats(self.handle, None, 0, ctypes.byref(length))
+        for _ in range(8):
+            if status not in (OK, 5):
+                break
+            out = ctypes.create_string_buffer(length.value + 256)
+            status = _store_stats(self.handle, out, length.value + 256, ctypes.byref(length))
+            if status == OK:
+                return json.loads(out.value.decode())
+        _check(status)
+        raise SpillwayError(5, "the statistics kept growing faster than they could be read")
 
     def kv_pool(self, geometry: KVGeometry, model_id: str) -> "KVPool":
         return KVPool(self, geometry, model_id)
 
     def register_weights(self, path: str, model_id: str, device_budget: int, prefetch: int = 2,
                          tier: Optional[int] = None) -> "Weights":
-        return Weights(self, path, model_id, device_budget, prefetch, tier)
+        weights = Weights(self, path, model_id, device_budget, prefetch, tier)
+        self._weights.append(weights)
+        return weights
+
+
+class AcquiredLayer(dict):
+    """One acquisition of a layer: ``{tensor name: memoryview}`` over the library's device
+    memory, without a copy. The views are valid until this acquisition is released
+    (``release()``, ``Weights.release(layer)``, or leaving a ``with`` block), or the weights or
+    their store close: then they are released (``memoryview.release()``), so any later use
+    raises ValueError ("operation forbidden on released memoryview object") instead of
+    reading memory the library has reused or freed.
+
+    Only these memoryviews are invalidated. Objects made from them that keep their own
+    reference to the memory (``numpy.frombuffer(view)``, ``memoryview(view)``, slices) are
+    not, and must not be used after the release; copy what must outlive the acquisition
+    (``numpy.array(view)``, ``bytes(view)``, or ``Weights.read_layer``). If something still
+    holds a buffer export on a view (a C extension's Py_buffer), releasing raises BufferError
+    and the layer stays acquired, its memory valid."""
+
+    def __init__(self, weights: "Weights", layer: int, views: dict):
+        super().__init__(views)
+        self.weights = weights
+        self.layer = layer
+        self._bases: list[memoryview] = []
+        self.released = False
+
+    def _invalidate(self) -> None:
+        # BufferError (a live export) propagates before the library gets the layer back.
+        for view in self.values():
+            view.release()
+        for base in self._bases:
+            base.release()
+
+    def release(self) -> None:
+        self.weights._release(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self.released:
+            self.release()
 
 
 class Weights:
     """A safetensors model registered in the store, streamed layer by layer into a device
-    budget with ``prefetch`` layers loading ahead. ``acquire(layer)`` returns
-    ``{name: memoryview}`` valid until ``release(layer)``; layer -1 holds shared tensors."""
+    budget with ``prefetch`` layers loading ahead. ``acquire(layer)`` returns an
+    ``AcquiredLayer`` (``{name: memoryview}``) valid until it is released; layer -1 holds
+    shared tensors. Acquire and release pair up: releasing a layer not held is a
+    SpillwayError ("not acquired")."""
 
     def __init__(self, store: Store, path: str, model_id: str, device_budget: int, prefetch: int, tier: Optional[int]):
         handle = _u64(0)
@@ -248,6 +313,7 @@ class Weights:
                                  prefetch, ctypes.byref(handle)))
         self.owner = store
         self.handle = handle.value
+        self._acquired: dict[int, list[AcquiredLayer]] = {}  # outstanding acquisitions, oldest first
 
     def layers(self) -> list[int]:
         count = _size(0)
@@ -256,7 +322,7 @@ class Weights:
         _check(_weights_layers(self.handle, out, count.value, ctypes.byref(count)))
         return list(out[: count.value])
 
-    def acquire(self, layer: int) -> dict:
+    def acquire(self, layer: int) -> AcquiredLayer:
         count = _size(0)
         views = (_TensorView * 64)()
         status = _weights_acquire(self.handle, layer, views, 64, ctypes.byref(count))
@@ -264,11 +330,45 @@ class Weights:
             views = (_TensorView * count.value)()
             status = _weights_acquire(self.handle, layer, views, count.value, ctypes.byref(count))
         _check(status)
-        return {view.name.decode(): memoryview((ctypes.c_char * view.bytes).from_address(view.data)).cast("B")
-                for view in views[: count.value]}
+        tensors, bases = {}, []
+        for view in views[: count.value]:
+            base = memoryview((ctypes.c_char * view.bytes).from_address(view.data or 0))
+            bases.append(base)
+            tensors[view.name.decode()] = base.cast("B")
+        acquired = AcquiredLayer(self, layer, tensors)
+        acquired._bases = bases
+        self._acquired.setdefault(layer, []).append(acquired)
+        return acquired
+
+    def read_layer(self, layer: int) -> dict:
+        """The layer's tensors copied out: ``{name: bytes}``, no acquisition left behind."""
+        with self.acquire(layer) as views:
+            return {name: bytes(view) for name, view in views.items()}
 
     def release(self, layer: int) -> None:
-        _check(_weights_release(self.handle, layer))
+        """Releases the oldest outstanding acquisition of ``layer`` (its views become
+        unusable). With none outstanding, the library refuses: SpillwayError "not acquired"."""
+        pending = self._acquired.get(layer)
+        if not pending:
+            _check(_weights_release(self.handle, layer))  # refused by the library: not acquired
+            return
+        self._release(pending[0])
+
+    def _release(self, acquired: AcquiredLayer) -> None:
+        if acquired.released:
+            raise SpillwayError(102, f"not acquired: this acquisition of layer {acquired.layer} was already released")
+        # Views first: once the library has the layer back it may reuse the memory.
+        acquired._invalidate()
+        acquired.released = True
+        self._acquired[acquired.layer].remove(acquired)
+        _check(_weights_release(self.handle, acquired.layer))
+
+    def _invalidate_all(self) -> None:
+        for pending in self._acquired.values():
+            for acquired in pending:
+                acquired._invalidate()
+                acquired.released = True
+        self._acquired.clear()
 
     def stall_seconds(self) -> float:
         value = ctypes.c_uint64(0)
@@ -276,24 +376,80 @@ class Weights:
         return value.value / 1e9
 
     def close(self) -> None:
+        """Unregisters the model; outstanding views are invalidated first (BufferError, and
+        nothing closed, if one still has a buffer export)."""
         if self.handle:
+            self._invalidate_all()
             handle, self.handle = self.handle, 0
+            if self in self.owner._weights:
+                self.owner._weights.remove(self)
             _check(_weights_destroy(handle))
 
 
+# Buffers of asynchronous stores in flight, by ticket handle. The library reads them until
+# the store completes, whether or not anybody waits, so they live here (not only on the
+# StoreTicket) until spillway_kv_wait has returned for that ticket.
+_inflight: dict[int, object] = {}
+_inflight_lock = threading.RLock()  # reentrant: __del__ (garbage collection) may run while held
+# Tickets dropped without wait(): a daemon thread waits for them, then lets their buffers go.
+# (Waiting in __del__ itself would block whatever thread the garbage collector ran on.)
+_orphans: "queue.Queue[int]" = queue.Queue()
+_reaper: Optional[threading.Thread] = None
+
+
+def _forget(handle: int) -> None:
+    with _inflight_lock:
+        _inflight.pop(handle, None)
+
+
+def _reap() -> None:
+    while True:
+        handle = _orphans.get()
+        stored = _size(0)
+        _kv_wait(handle, ctypes.byref(stored))  # nobody to report to: the ticket was dropped
+        _forget(handle)
+        _orphans.task_done()
+
+
+def _adopt(handle: int) -> None:
+    global _reaper
+    with _inflight_lock:
+        if _reaper is None:
+            _reaper = threading.Thread(target=_reap, name="spillway-ticket-reaper", daemon=True)
+            _reaper.start()
+    _orphans.put(handle)
+
+
+def inflight_stores() -> int:
+    """Asynchronous stores whose buffers the binding still keeps alive (waited or not)."""
+    with _inflight_lock:
+        return len(_inflight)
+
+
 class StoreTicket:
-    """An asynchronous KV store in flight; ``wait()`` returns the blocks stored (from the start)."""
+    """An asynchronous KV store in flight; ``wait()`` returns the blocks stored (from the start).
+    The buffers stay referenced until the store completes, even if the ticket is dropped
+    without ``wait()`` (then a background thread waits for it); they must stay unchanged."""
 
     def __init__(self, handle: int, keep):
         self.handle = handle
-        self._keep = keep  # the buffers stay alive (and must stay unchanged) until wait()
+        self._waited = False
+        with _inflight_lock:
+            _inflight[handle] = keep
 
     def wait(self) -> int:
         stored = _size(0)
         status = _kv_wait(self.handle, ctypes.byref(stored))
-        self._keep = None
+        if not self._waited:
+            self._waited = True
+            _forget(self.handle)
         _check(status, stored.value)
         return stored.value
+
+    def __del__(self):
+        # getattr: __init__ may not have run to the end; _adopt may be gone at interpreter exit.
+        if not getattr(self, "_waited", True) and _adopt is not None:
+            _adopt(self.handle)
 
 
 class KVPool:

@@ -139,10 +139,15 @@ def test_weights_stream_layers(config, tmp_path):
         shared = weights.acquire(-1)
         assert np.array_equal(np.frombuffer(shared["model.embed_tokens.weight"], dtype=np.float32).reshape(16, 32),
                               tensors["model.embed_tokens.weight"])
+        # Acquiring a layer already held (so loaded) never waits: the stall total stays put.
+        stall = weights.stall_seconds()
+        again = weights.acquire(-1)
+        assert weights.stall_seconds() == stall
+        again.release()
         weights.release(-1)
-        with pytest.raises(SpillwayError):
+        with pytest.raises(SpillwayError) as error:
             weights.acquire(9)
-        assert weights.stall_seconds() >= 0
+        assert error.value.name == "invalid argument" and "no layer 9" in str(error.value)
         weights.close()
         with pytest.raises(SpillwayError) as error:
             weights.layers()
@@ -153,3 +158,132 @@ def test_weights_stream_layers(config, tmp_path):
         with pytest.raises(SpillwayError) as error:
             store.register_weights(str(bad), "bad", device_budget=1 << 20)
         assert error.value.name == "invalid argument"
+
+
+def test_weights_views_are_unusable_after_release_and_close(config, tmp_path):
+    rng = np.random.default_rng(4)
+    tensors = {f"model.layers.{i}.w": rng.integers(0, 255, size=4096, dtype=np.uint8) for i in range(3)}
+    path = str(tmp_path / "model.safetensors")
+    write_safetensors(path, tensors)
+    store = Store(config)
+    weights = store.register_weights(path, "views", device_budget=1 << 20, prefetch=1)
+    views = weights.acquire(0)
+    view = views["model.layers.0.w"]
+    assert bytes(view) == tensors["model.layers.0.w"].tobytes()
+    weights.release(0)
+    # The layer's memory may now be reused by the prefetcher: the view must refuse, not read it.
+    with pytest.raises(ValueError, match="released"):
+        bytes(view)
+    with pytest.raises(ValueError, match="released"):
+        view[0]
+
+    # A copy outlives the acquisition; read_layer copies and leaves nothing acquired.
+    held = weights.acquire(1)
+    copied = np.array(held["model.layers.1.w"])
+    held.release()
+    assert np.array_equal(copied, tensors["model.layers.1.w"])
+    assert weights.read_layer(1) == {"model.layers.1.w": tensors["model.layers.1.w"].tobytes()}
+    with pytest.raises(SpillwayError) as error:
+        weights.release(1)
+    assert error.value.name == "not acquired"
+
+    # Closing the weights (and the store) invalidates what is still acquired.
+    kept = weights.acquire(2)["model.layers.2.w"]
+    weights.close()
+    with pytest.raises(ValueError, match="released"):
+        bytes(kept)
+    weights = store.register_weights(path, "views-2", device_budget=1 << 20, prefetch=1)
+    kept = weights.acquire(0)["model.layers.0.w"]
+    del weights  # the store still reaches the acquisition
+    store.close()
+    with pytest.raises(ValueError, match="released"):
+        bytes(kept)
+
+
+def test_weights_release_is_paired_with_acquire(config, tmp_path):
+    tensors = {f"model.layers.{i}.w": np.full(64, i, dtype=np.uint8) for i in range(2)}
+    path = str(tmp_path / "model.safetensors")
+    write_safetensors(path, tensors)
+    with Store(config) as store:
+        weights = store.register_weights(path, "paired", device_budget=1 << 20, prefetch=1)
+        with pytest.raises(SpillwayError) as error:
+            weights.release(0)  # never acquired
+        assert error.value.name == "not acquired" and error.value.status == 102
+        first = weights.acquire(0)
+        second = weights.acquire(0)
+        weights.release(0)  # the oldest acquisition
+        assert first.released and not second.released
+        assert bytes(second["model.layers.0.w"]) == bytes(64)
+        second.release()
+        with pytest.raises(SpillwayError) as error:
+            second.release()  # twice
+        assert error.value.name == "not acquired"
+        with pytest.raises(SpillwayError) as error:
+            weights.release(0)  # as many releases as acquires already
+        assert error.value.name == "not acquired"
+        with weights.acquire(1) as layer:
+            assert bytes(layer["model.layers.1.w"]) == bytes([1] * 64)
+        assert layer.released
+        weights.close()
+
+
+def test_dropped_store_tickets_keep_their_buffers_until_the_store_completes(tmp_path):
+    """Under the old binding a ticket dropped without wait() freed the buffers the library's
+    worker was still reading: the stored blocks held garbage (or the process crashed)."""
+    import gc
+    import time
+
+    config = tmp_path / "big.toml"
+    config.write_text('slot-size = "4k"\nmax-page-size = "256k"\n[[tier]]\nkind = "dram"\ncapacity = "64m"\n')
+    geometry = KVGeometry(tokens_per_block=16, layers=2, kv_heads=8, head_dim=128, dtype_size=2)  # 64 KiB layers
+    with Store(str(config)) as store:
+        pool = store.kv_pool(geometry, "dropped-tickets")
+        blocks = 32
+        hashes = pool.block_hashes(range(16 * blocks))
+        for index in range(blocks):
+            # Nothing but the (immediately dropped) ticket refers to the buffer.
+            pool.store_async(hashes[index:index + 1], [np.full(geometry.block_bytes, index % 251, dtype=np.uint8)])
+        gc.collect()
+        # Reuse freed memory with a different pattern, so a store reading freed buffers stores it.
+        clutter = [np.full(geometry.block_bytes, 0xEE, dtype=np.uint8) for _ in range(blocks)]
+        deadline = time.monotonic() + 30
+        while pool.lookup(hashes) < blocks or spillway.inflight_stores() > 0:
+            assert time.monotonic() < deadline, f"stores incomplete: {pool.lookup(hashes)} of {blocks} blocks, " \
+                                                f"{spillway.inflight_stores()} in flight"
+            time.sleep(0.01)  # polling a condition with a deadline, not synchronising by time
+        out = np.zeros((blocks, geometry.block_bytes), dtype=np.uint8)
+        assert pool.load(hashes, list(out)) == blocks
+        for index in range(blocks):
+            assert (out[index] == index % 251).all(), f"block {index} does not hold what was stored"
+        del clutter
+        pool.close()
+
+
+def test_store_stall_counts_only_lower_tier_reads(config, tmp_path):
+    """stall_nanoseconds is time API calls waited on tiers below the top: 0 for a DRAM-only
+    store, positive once gets had to read pages from NVMe."""
+    with Store(config) as store:
+        for key in range(8):
+            store.put(key, bytes([key]) * 4096)
+        for key in range(8):
+            assert store.get(key) == bytes([key]) * 4096
+        stats = store.stats()
+        assert stats["misses"] == 0 and stats["tiers"][0]["hits"] >= 8  # (get() asks for the size first)
+        assert stats["stall_nanoseconds"] == 0
+
+    layered = tmp_path / "layered.toml"
+    layered.write_text('slot-size = "4k"\nmax-page-size = "64k"\n'
+                       '[[tier]]\nkind = "dram"\ncapacity = "64k"\n'
+                       f'[[tier]]\nkind = "nvme"\ncapacity = "16m"\npath = "{tmp_path / "spill.nvme"}"\n')
+    with Store(str(layered)) as store:
+        pages = 64  # 256 KiB: four times what DRAM holds, so most pages land on NVMe
+        for key in range(pages):
+            store.put(key, bytes([key]) * 4096)
+        before = store.stats()
+        assert before["tiers"][1]["pages"] > 0, before
+        for key in range(pages):
+            assert store.get(key) == bytes([key]) * 4096
+        after = store.stats()
+        assert after["tiers"][1]["hits"] > 0, after
+        assert after["tiers"][0]["stall_nanoseconds"] == 0
+        assert after["stall_nanoseconds"] > before["stall_nanoseconds"]
