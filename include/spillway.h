@@ -60,7 +60,8 @@ const char *spillway_version(void);
  * next failing call. Thread-safe (per thread). */
 const char *spillway_last_error(void);
 
-/* Opens a store from a TOML file (docs/operations.md), or the embedded default when path is
+/* Opens a store from a TOML file (docs/operations.md), or the library default (device →
+ * DRAM → NVMe in a per-user file; no sockets) when path is
  * NULL. */
 spillway_status spillway_store_open(const char *config_path, spillway_store *out);
 /* Closes the store and every pool on it; further use of the handles fails. */

@@ -183,7 +183,7 @@ class KVGeometry:
 
 
 class Store:
-    """A tiered store (a TOML configuration file, or the embedded default with None)."""
+    """A tiered store (a TOML configuration file, or with None the library default: device → DRAM → NVMe, no sockets)."""
 
     def __init__(self, config_path: Optional[str] = None):
         handle = _u64(0)
