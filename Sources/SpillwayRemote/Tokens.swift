@@ -113,18 +113,42 @@ public enum LocalTokens {
     public static func create(for endpoint: Endpoint) throws(SpillwayError) -> (path: String, tokens: TokenFile) {
         let directory = PrivateDirectory.runtimeCandidates[0]
         try PrivateDirectory.ensure(directory)
+        pruneStale(in: directory)
         let path = "\(directory)/\(fileName(for: endpoint))"
         let tokens = TokenFile.random(tenant: "spillway", admin: true)
         unlink(path)
         let descriptor = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard descriptor >= 0 else { throw .invalidConfiguration("cannot create token file '\(path)': \(String(cString: strerror(errno)))") }
         defer { close(descriptor) }
-        let text = tokens.text
+        // The owner's pid as a comment: a later daemon removes files whose owner died without
+        // cleaning up (SIGKILL), so the directory does not fill with dead tokens.
+        let text = "# spillwayd pid \(getpid())\n" + tokens.text
         guard writeAll(descriptor, text) else {
             unlink(path)
             throw .invalidConfiguration("cannot write token file '\(path)': \(String(cString: strerror(errno)))")
         }
         return (path, tokens)
+    }
+
+    /// Removes generated token files whose daemon (the pid in their first line) is gone.
+    static func pruneStale(in directory: String) {
+        guard let handle = opendir(directory) else { return }
+        defer { closedir(handle) }
+        while let entry = readdir(handle) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard name.hasPrefix("spillwayd-"), name.hasSuffix(".token") else { continue }
+            let path = "\(directory)/\(name)"
+            guard let file = fopen(path, "r") else { continue }
+            var line = [CChar](repeating: 0, count: 64)
+            let read = fgets(&line, Int32(line.count), file) != nil
+            fclose(file)
+            guard read else { continue }
+            let text = String(cString: line)
+            guard text.hasPrefix("# spillwayd pid "),
+                  let pid = Int32(text.dropFirst("# spillwayd pid ".count).prefix { $0.isNumber })
+            else { continue }
+            if kill(pid, 0) != 0 && errno == ESRCH { unlink(path) }
+        }
     }
 
     private static func writeAll(_ descriptor: Int32, _ text: String) -> Bool {

@@ -98,6 +98,27 @@ func rawAuthenticate(_ connection: FrameConnection, tenant: String, token: [UInt
         #expect(access(path, F_OK) != 0, "the generated token file is removed at exit")
     }
 
+    @Test func generatedTokenFilesOfDeadDaemonsArePruned() throws {
+        let directory = NSTemporaryDirectory() + "spillway-prune-\(getpid())"
+        try PrivateDirectory.ensure(directory)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        // A pid that certainly exited: a child we started and reaped.
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: "/bin/true")
+        try child.run()
+        child.waitUntilExit()
+        let dead = "\(directory)/spillwayd-127.0.0.1-1.token"
+        let alive = "\(directory)/spillwayd-127.0.0.1-2.token"
+        let foreign = "\(directory)/notes.token"
+        try "# spillwayd pid \(child.processIdentifier)\nspillway abcdefghijklmnop1234 admin\n".write(toFile: dead, atomically: true, encoding: .utf8)
+        try "# spillwayd pid \(getpid())\nspillway abcdefghijklmnop1234 admin\n".write(toFile: alive, atomically: true, encoding: .utf8)
+        try "whatever\n".write(toFile: foreign, atomically: true, encoding: .utf8)
+        LocalTokens.pruneStale(in: directory)
+        #expect(access(dead, F_OK) != 0, "a dead daemon's token file is removed")
+        #expect(access(alive, F_OK) == 0, "a live daemon's token file stays")
+        #expect(access(foreign, F_OK) == 0, "files that are not generated token files are left alone")
+    }
+
     // MARK: Item 2: strangers cannot hold the door
 
     @Test func aTricklingHandshakeIsCutOffAtTheTotalDeadline() throws {

@@ -116,10 +116,12 @@ public final class DaemonProcess: Sendable {
         return process.isRunning ? nil : process.terminationStatus
     }
 
-    /// SIGKILL and reap (bounded: SIGKILL cannot be ignored).
+    /// SIGKILL and reap (bounded: SIGKILL cannot be ignored); removes the generated token file
+    /// the daemon had no chance to remove.
     public func kill9() {
         kill(SIGKILL)
         process.waitUntilExit()
+        if let tokenFile { unlink(tokenFile) }
     }
 
     /// The daemon's threads (`/proc/PID/task`), or nil once it has exited.
@@ -129,10 +131,7 @@ public final class DaemonProcess: Sendable {
     }
 
     deinit {
-        if process.isRunning {
-            kill(SIGKILL)
-            process.waitUntilExit()
-        }
+        if process.isRunning { kill9() }
     }
 }
 
