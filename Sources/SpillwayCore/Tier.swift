@@ -302,6 +302,18 @@ public protocol Tier: AnyObject, Sendable {
     /// Volatile tiers have nothing to do.
     func persistReleases()
 
+    /// The directory no longer points at `extent` (a newer version, a removal, a move or an
+    /// eviction replaced it), though reads may still copy from it until `release`. A
+    /// persistent tier stops treating the page there as current: it will not be recovered
+    /// once `persistInvalidations(of:)` returned (or the tier journaled it on its own).
+    /// Volatile tiers have nothing to do.
+    func retire(_ extent: Extent)
+
+    /// Makes every retirement or release of a page of `key` durable before returning, so a
+    /// warm restart cannot bring back a version the store has superseded. Returns 0 or the
+    /// errno of the failed journal write. Volatile tiers return 0 at once.
+    func persistInvalidations(of key: PageKey) -> Int32
+
     /// Releases the tier's resources. Further I/O completes with `ESHUTDOWN`.
     func close()
 }
@@ -335,6 +347,10 @@ extension Tier {
     public var recoveredPages: [RecoveredPage] { [] }
 
     public func persistReleases() {}
+
+    public func retire(_ extent: Extent) {}
+
+    public func persistInvalidations(of key: PageKey) -> Int32 { 0 }
 
     public var freeSlots: Int { descriptor.capacitySlots - usedSlots }
 

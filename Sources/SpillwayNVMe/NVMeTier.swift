@@ -24,10 +24,13 @@ public struct NVMeTierConfiguration: Sendable {
     public var ringEntries: Int
     /// Start empty instead of recovering what the file holds.
     public var reformat: Bool
+    /// What an acknowledged write survives: a process crash, or also a power loss.
+    public var durability: NVMeDurability
     public var faults: NVMeFaultInjector?
 
     public init(name: String = "nvme", path: String, slotSize: Int, capacitySlots: Int, bufferedIO: Bool = false,
-                pollMode: NVMePollMode? = nil, ringEntries: Int = 128, reformat: Bool = false, faults: NVMeFaultInjector? = nil)
+                pollMode: NVMePollMode? = nil, ringEntries: Int = 128, reformat: Bool = false,
+                durability: NVMeDurability = .process, faults: NVMeFaultInjector? = nil)
     {
         self.name = name
         self.path = path
@@ -37,8 +40,19 @@ public struct NVMeTierConfiguration: Sendable {
         self.pollMode = pollMode
         self.ringEntries = ringEntries
         self.reformat = reformat
+        self.durability = durability
         self.faults = faults
     }
+}
+
+/// What an acknowledged `put` or `remove` on an NVMe tier survives.
+public enum NVMeDurability: String, Sendable, CaseIterable {
+    /// The journal append completed (the kernel has the write): survives the process being
+    /// killed, not a power loss or kernel crash (the device's volatile cache may lose it).
+    case process
+    /// The journal append, and every data write completed before it, is on stable media
+    /// (`RWF_DSYNC`: FUA or a cache flush) before it is acknowledged: survives power loss too.
+    case power
 }
 
 /// What opening the file found.
@@ -65,14 +79,21 @@ public struct NVMeRecoveryReport: Sendable, Equatable {
 /// - **Durability.** A page is durable once its `O_DIRECT` write completed and its record is
 ///   in the journal (63 records per 4 KiB block, one submission per batch); only then does the
 ///   I/O complete (so the store makes it visible). Checkpoints write the changed index blocks
-///   so the journal's ring can wrap. Power loss is out of scope: there is no fsync per page.
+///   so the journal's ring can wrap. With `durability = .process` that survives the process
+///   being killed; `.power` adds `RWF_DSYNC` to every write (fdatasync after the journal on
+///   IOPOLL rings) so it survives power loss too.
 /// - **Warm restart.** Opening an existing file reads the checkpointed index, replays the
-///   journal, checks every record's CRC32C and every page's data CRC32C, and recovers the pages
-///   that verify (`recoveredPages`); the rest are discarded and counted (`recovery`).
-/// - **Release** empties the page's record in the mirror at once; a release record reaches the
-///   journal with the next batch (or after 64 releases, or on close) and only then are the
-///   slots reused. A slot is never reused under an old record, but a process that crashes
-///   inside that window can recover a page superseded just before (`remove` persists at once).
+///   journal, checks every record's CRC32C, identity and every page's data CRC32C, and
+///   recovers the newest record of each key if it verifies (`recoveredPages`); the rest are
+///   discarded and counted (`recovery`). A key whose newest record fails is dropped, never
+///   served from an older one.
+/// - **Supersession.** When the store stops pointing at a page (`retire` or `release`) its
+///   record leaves the mirror at once and a release record is queued; `persistInvalidations`
+///   makes those of one key durable before the store acknowledges a put or remove of it, so a
+///   restart never brings back a superseded version. Slots are reused only once the release
+///   record is durable.
+/// - **Exclusive.** The file is opened with `O_NOFOLLOW`, created 0600 and `flock`ed: one
+///   process per file.
 ///
 /// `@unchecked Sendable`: the descriptor, geometry and file descriptor are immutable; the
 /// allocator, ring pool, index-block stripes and counters are each synchronized.
@@ -81,6 +102,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     public let path: String
     public let mode: NVMePollMode
     public let directIO: Bool
+    public let durability: NVMeDurability
     public let recovery: NVMeRecoveryReport
     public let recoveredPages: [RecoveredPage]
 
@@ -101,9 +123,9 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     let journalState: Locked<JournalState>
     /// Checkpoints written since open (tests and metrics).
     let checkpoints = ManagedAtomic<Int>(0)
-    /// Released extents whose release record is not in the journal yet (bounded: a release
-    /// that finds 64 waiting writes them out itself).
-    let tombstones = Locked<[Extent]>([])
+    /// Records the store no longer points at whose release record is not durable yet
+    /// (bounded: a release that finds 64 waiting writes them out itself).
+    let tombstones = Locked(Tombstones())
     private let rings: Locked<(free: [URingContext], created: Int)>
     private let maxRings = 8
     private let ringEntries: Int
@@ -114,6 +136,37 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     private let closed = ManagedAtomic<Bool>(false)
     let faults: NVMeFaultInjector?
     let logger: Logger
+
+    /// Superseded index records on their way to a durable release record.
+    ///
+    /// A record leaves the mirror as soon as the store retires or releases its extent (so no
+    /// checkpoint writes it again), but until its release record is durable the journal or the
+    /// on-disk index may still hold it, and a restart would bring that version back. `keys`
+    /// lets `persistInvalidations(of:)` tell in O(1) whether a key has such a record.
+    struct Tombstones {
+        /// Extents whose release record is in no journal append yet.
+        var waiting: [Extent] = []
+        /// Every extent whose release record is not durable (waiting or in an append in
+        /// flight), by first slot: its page's key, its extent, and whether the store released
+        /// it (slots return once the record is durable) or only retired it (reads may still
+        /// copy from it; `release` comes later).
+        var notDurable: [UInt32: (key: PageKey, extent: Extent, released: Bool)] = [:]
+        /// Keys with an entry in `notDurable`, counted.
+        var keys: [PageKey: Int] = [:]
+
+        mutating func add(_ extent: Extent, key: PageKey, released: Bool) {
+            waiting.append(extent)
+            notDurable[extent.firstSlot] = (key, extent, released)
+            keys[key, default: 0] += 1
+        }
+
+        /// The release record of `extent` is durable: returns it if its slots can be reused now.
+        mutating func settle(_ extent: Extent) -> Extent? {
+            guard let entry = notDurable.removeValue(forKey: extent.firstSlot) else { return nil }
+            if let count = keys[entry.key], count > 1 { keys[entry.key] = count - 1 } else { keys[entry.key] = nil }
+            return entry.released ? entry.extent : nil
+        }
+    }
 
     /// Where the journal stands. `next`: sequence of the next journal block; `replayFrom`: the
     /// first block the on-disk checkpoint does not cover; `appending`: appends in flight.
@@ -150,8 +203,11 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         bounceCount = max(4, min(configuration.ringEntries, (16 << 20) / slotSize))
 
         // Open: O_DIRECT unless explicitly told otherwise; a refusal is an error, not a fallback.
+        // O_NOFOLLOW: a symlink planted at the path (a shared /tmp) is refused, not followed.
+        // New files are 0600: the pages are the caller's data.
         directIO = !configuration.bufferedIO
-        let flags = O_RDWR | O_CREAT | O_CLOEXEC | (directIO ? spillway_o_direct() : 0)
+        durability = configuration.durability
+        let flags = O_RDWR | O_CREAT | O_CLOEXEC | spillway_o_nofollow() | (directIO ? spillway_o_direct() : 0)
         var descriptor: Int32
         var openErrno: Int32 = 0
         if let injected = configuration.faults?.takeOpenFailure() {
@@ -167,7 +223,24 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 throw .invalidConfiguration(
                     "tier '\(name)': the filesystem of '\(configuration.path)' refuses O_DIRECT; choose another directory or set buffered-io = true")
             }
+            if error == ELOOP {
+                throw .invalidConfiguration("tier '\(name)': '\(configuration.path)' is a symbolic link; give the path of the file or device itself")
+            }
             throw .tierIO(tier: name, operation: "open '\(configuration.path)'", errno: error)
+        }
+        // One process per file: a second opener (another worker with the same configuration)
+        // would reformat it under the first, or recover the first's pages as its own.
+        do throws(SpillwayError) {
+            try Self.lockExclusively(fd: descriptor, path: configuration.path, name: name)
+        } catch {
+            Glibc.close(descriptor)
+            throw error
+        }
+        var fileStatus = stat()
+        if fstat(descriptor, &fileStatus) == 0, fileStatus.st_mode & S_IFMT == S_IFREG, fileStatus.st_mode & 0o077 != 0 {
+            logger.warning("nvme file is readable or writable by other users; chmod 600 it", metadata: [
+                "tier": "\(name)", "path": "\(configuration.path)", "mode": "\(String(fileStatus.st_mode & 0o777, radix: 8))",
+            ])
         }
         fd = descriptor
         do {
@@ -189,7 +262,10 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         let opened: OpenedContents
         do throws(SpillwayError) {
             opened = try Self.openContents(fd: descriptor, geometry: geometry, mirror: mirror, allocator: allocator,
-                                           reformat: configuration.reformat, name: name, logger: logger)
+                                           reformat: configuration.reformat, name: name, path: configuration.path, logger: logger)
+            if durability == .power && fdatasync(descriptor) != 0 {
+                throw SpillwayError.tierIO(tier: name, operation: "fdatasync after recovery", errno: errno)
+            }
         } catch {
             Glibc.close(descriptor)
             dirtyIndexBlocks.deallocate()
@@ -248,23 +324,76 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// Empties the page's index record in the mirror now. If a record was there, the slots
     /// return to the allocator only once a release record is in the journal (appended with the
     /// next batch's records, or here when 64 releases are waiting, or on close), so no record
-    /// on disk ever claims a reused slot. An extent without a record (a write that failed) is
-    /// free at once.
+    /// on disk ever claims a reused slot. An extent retired earlier waits for its release
+    /// record the same way; an extent without a record (a write that failed, or one whose
+    /// release record is already durable) is free at once.
     public func release(_ extent: Extent) {
-        var hadRecord = false
-        setIndexRecord(slot: extent.firstSlot) { record in
-            hadRecord = record.load(as: UInt32.self) != 0
-            memset(record, 0, NVMeFormat.recordSize)
+        let key = clearIndexRecord(extent)
+        let outcome = tombstones.withLock { state -> (freeNow: Bool, waiting: Int) in
+            if let key {
+                state.add(extent, key: key, released: true)
+                return (false, state.waiting.count)
+            }
+            if state.notDurable[extent.firstSlot] != nil {
+                state.notDurable[extent.firstSlot]!.released = true
+                return (false, 0)
+            }
+            return (true, 0)
         }
-        guard hadRecord else {
-            allocator.release(extent)
-            return
-        }
-        let waiting = tombstones.withLock { pending -> Int in
-            pending.append(extent)
-            return pending.count
+        if outcome.freeNow { allocator.release(extent) }
+        if outcome.waiting >= 64 { flushTombstones() }
+    }
+
+    /// The store no longer points at `extent` (reads may still copy from it): its record leaves
+    /// the mirror and a release record is queued, but the slots stay allocated until `release`.
+    public func retire(_ extent: Extent) {
+        guard let key = clearIndexRecord(extent) else { return }
+        let waiting = tombstones.withLock { state -> Int in
+            state.add(extent, key: key, released: false)
+            return state.waiting.count
         }
         if waiting >= 64 { flushTombstones() }
+    }
+
+    /// Journals the release records of `key`'s superseded pages now if any is not durable yet,
+    /// waiting for an append already carrying one. Returns 0 or the journal write's errno
+    /// (after three failed attempts).
+    public func persistInvalidations(of key: PageKey) -> Int32 {
+        var failures = 0
+        while true {
+            let state = tombstones.withLock { state in (pending: state.keys[key] != nil, waiting: !state.waiting.isEmpty) }
+            guard state.pending else { return 0 }
+            if state.waiting {
+                let status: Int32
+                do {
+                    let context = try takeRing()
+                    status = appendRecords([], of: nil, on: context)
+                    returnRing(context)
+                } catch {
+                    status = error.errno
+                }
+                if status != 0 {
+                    failures += 1
+                    if failures >= 3 { return status }
+                }
+            } else {
+                // Its release record is in another thread's append, which completes (or fails
+                // and puts it back in `waiting`) without waiting for anything this thread holds.
+                sched_yield()
+            }
+        }
+    }
+
+    /// Empties the mirror record at `extent`'s first slot; returns its key if there was one (a
+    /// torn record counts, with a zero key).
+    private func clearIndexRecord(_ extent: Extent) -> PageKey? {
+        var key: PageKey?
+        setIndexRecord(slot: extent.firstSlot) { record in
+            guard record.load(as: UInt32.self) != 0 else { return }
+            key = NVMeFormat.Record.decode(record)?.key ?? PageKey(high: 0, low: 0)
+            memset(record, 0, NVMeFormat.recordSize)
+        }
+        return key
     }
 
     public var usedSlots: Int { allocator.usedSlots }
@@ -275,7 +404,9 @@ public final class NVMeTier: Tier, @unchecked Sendable {
 
     /// Slots released by the store whose empty index record is not on disk yet (still counted
     /// in `usedSlots` until it is).
-    public var pendingReleaseSlots: Int { tombstones.withLock { $0.reduce(0) { $0 + Int($1.slotCount) } } }
+    public var pendingReleaseSlots: Int {
+        tombstones.withLock { $0.notDurable.values.reduce(0) { $0 + ($1.released ? Int($1.extent.slotCount) : 0) } }
+    }
 
     /// Journals waiting releases and writes a checkpoint, so the next open replays nothing.
     public func close() {
@@ -452,8 +583,11 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         } else {
             buffer = io.buffer! + flight.done
         }
+        // A power-durable tier writes pages with RWF_DSYNC as well: a journal write with
+        // RWF_DSYNC may be a lone FUA write that does not flush earlier completed writes.
         return context.prepareOrFlush(write: io.operation == .write, buffer: buffer, length: length,
-                                      offset: offset, fixedBuffer: flight.bounce, tag: tag)
+                                      offset: offset, fixedBuffer: flight.bounce, tag: tag,
+                                      rwFlags: io.operation == .write ? metadataWriteFlags : 0)
     }
 
     /// Interprets one completion. Returns true if the I/O must be queued again.
@@ -490,9 +624,9 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// not reach the disk get its errno as their status. Returns 0 or the last round's errno.
     @discardableResult
     func appendRecords(_ indices: [Int], of batch: TierBatch?, on context: URingContext) -> Int32 {
-        let releases = tombstones.withLock { pending -> [Extent] in
-            defer { pending.removeAll(keepingCapacity: true) }
-            return pending
+        let releases = tombstones.withLock { state -> [Extent] in
+            defer { state.waiting.removeAll(keepingCapacity: true) }
+            return state.waiting
         }
         let perRound = context.journalCount * NVMeFormat.recordsPerJournalBlock
         var putCursor = 0
@@ -524,11 +658,13 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 if record < puts, let batch {
                     let io = batch[indices[roundPuts.lowerBound + record]]
                     let page = NVMeFormat.Record(key: io.key, slot: io.extent.firstSlot, slotCount: io.extent.slotCount,
-                                                 length: UInt32(io.length), checksum: io.checksum, sequence: sequence)
+                                                 length: UInt32(io.length), checksum: io.checksum, sequence: sequence,
+                                                 instance: instance)
                     page.encode(into: target)
                     setIndexRecord(slot: page.slot) { memcpy($0, target, NVMeFormat.recordSize) }
                 } else {
-                    NVMeFormat.Record.release(roundFrees[roundFrees.startIndex + record - puts], sequence: sequence).encode(into: target)
+                    NVMeFormat.Record.release(roundFrees[roundFrees.startIndex + record - puts], sequence: sequence,
+                                              instance: instance).encode(into: target)
                 }
             }
             for block in 0..<blocks {
@@ -561,21 +697,22 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// write failed.
     @discardableResult
     func flushTombstones() -> Bool {
-        guard tombstones.withLock({ !$0.isEmpty }) else { return false }
+        guard tombstones.withLock({ !$0.waiting.isEmpty }) else { return false }
         guard let context = try? takeRing() else { return false }
         defer { returnRing(context) }
         return appendRecords([], of: nil, on: context) == 0
     }
 
-    /// Released extents whose release record is on disk go back to the allocator; if the write
-    /// failed they wait for the next one (a persistent failure keeps them out of use; see
-    /// `pendingReleaseSlots`).
+    /// Extents whose release record is on disk go back to the allocator if the store released
+    /// them (retired ones when it does); if the write failed they wait for the next one (a
+    /// persistent failure keeps them out of use; see `pendingReleaseSlots`).
     private func settle(_ extents: [Extent], written: Bool) {
         guard !extents.isEmpty else { return }
         if written {
-            for extent in extents { allocator.release(extent) }
+            let free = tombstones.withLock { state in extents.compactMap { state.settle($0) } }
+            for extent in free { allocator.release(extent) }
         } else {
-            tombstones.withLock { $0.append(contentsOf: extents) }
+            tombstones.withLock { $0.waiting.append(contentsOf: extents) }
             logger.error("could not journal releases; their slots stay allocated", metadata: [
                 "tier": "\(descriptor.name)", "extents": "\(extents.count)",
             ])
@@ -707,7 +844,8 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         func queue(_ index: Int) -> Bool {
             let target = describe(index)
             return context.prepareOrFlush(write: true, buffer: target.buffer + done[index], length: NVMeFormat.blockSize - done[index],
-                                          offset: target.offset + done[index], fixedBuffer: target.fixed, tag: UInt64(index))
+                                          offset: target.offset + done[index], fixedBuffer: target.fixed, tag: UInt64(index),
+                                          rwFlags: metadataWriteFlags)
         }
         func fill() -> Bool {
             while pending < limit && next < count {
@@ -747,7 +885,16 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             }
             if ringFailed || !fill() { return EIO }
         }
+        // IOPOLL rings take no RWF_DSYNC; a power-durable tier syncs after the blocks instead
+        // (it also covers the data writes that completed before them).
+        if failure == 0 && durability == .power && mode == .iopoll && fdatasync(fd) != 0 { return errno }
         return failure
+    }
+
+    /// `RWF_DSYNC` for page, journal, index and checkpoint writes when `durability` is
+    /// `power`: each is on stable media before it completes.
+    private var metadataWriteFlags: Int32 {
+        durability == .power && mode != .iopoll ? spillway_rwf_dsync() : 0
     }
 
     // MARK: Rings

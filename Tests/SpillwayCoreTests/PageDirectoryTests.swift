@@ -43,14 +43,14 @@ import Testing
         let directory = try PageDirectory(tierCapacities: [16])
         let key = PageKey(3)
         _ = try directory.insert(key, location: location(0, 4), length: 1, checksum: 0)
-        let readA = try #require(directory.beginRead(key))
-        let readB = try #require(directory.beginRead(key))
+        let readA = try #require(try directory.beginRead(key))
+        let readB = try #require(try directory.beginRead(key))
         // Overwrite while two reads are in flight: the old slot is not released yet.
         #expect(try directory.insert(key, location: location(0, 5), length: 1, checksum: 0) == nil)
         #expect(directory.endRead(readA) == nil)
         #expect(directory.endRead(readB) == location(0, 4), "the last reader gets the slot back")
         // Remove with a reader in flight.
-        let readC = try #require(directory.beginRead(key))
+        let readC = try #require(try directory.beginRead(key))
         #expect(try directory.remove(key) == (true, nil))
         #expect(directory.endRead(readC) == location(0, 5))
     }
@@ -88,7 +88,7 @@ import Testing
         for value in 0..<40 { _ = try directory.insert(PageKey(UInt64(value)), location: location(0, UInt32(value)), length: 1, checksum: 0) }
         // Touch the first 20 again: the untouched 20…39 are now the coldest.
         for value in 0..<20 {
-            let read = try #require(directory.beginRead(PageKey(UInt64(value))))
+            let read = try #require(try directory.beginRead(PageKey(UInt64(value))))
             _ = directory.endRead(read)
         }
         try directory.pin(PageKey(20))
