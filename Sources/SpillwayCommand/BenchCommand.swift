@@ -126,10 +126,9 @@ struct BenchCommand: ParsableCommand {
         var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
         storeConfiguration.slotSize = options.blockSize
         storeConfiguration.maxPageSize = options.blockSize
-        // Benchmark files are scratch: never recover a previous run's pages.
-        for index in storeConfiguration.tiers.indices where storeConfiguration.tiers[index].kind == .nvme {
-            storeConfiguration.tiers[index].reformat = true
-        }
+        // Benchmark files are scratch: never recover a previous run's pages, and never the
+        // default store's file (a library user would otherwise recover the benchmark's pages).
+        storeConfiguration.useBenchmarkScratchFiles()
 
         if target == "weights" {
             var weights = WeightsBench.Options()
@@ -149,9 +148,7 @@ struct BenchCommand: ParsableCommand {
             var replay = TraceReplay.Options(trace: path)
             replay.limit = limit
             var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
-            for index in storeConfiguration.tiers.indices where storeConfiguration.tiers[index].kind == .nvme {
-                storeConfiguration.tiers[index].reformat = true
-            }
+            storeConfiguration.useBenchmarkScratchFiles()
             let object = try TraceReplay.run(replay, configuration: storeConfiguration)
             printLine(json ? object.serialized() : "kv-trace: \(object.serialized())")
             return
@@ -269,4 +266,16 @@ extension String {
     }
 
     func padding(_ width: Int) -> String { self + String(repeating: " ", count: max(0, width - count)) }
+}
+
+extension SpillwayConfiguration {
+    /// NVMe tiers without an explicit path get a benchmark scratch file of their own
+    /// (`spillway-bench-<tier>.nvme` in the scratch directory), and every NVMe tier is
+    /// reformatted at open.
+    mutating func useBenchmarkScratchFiles() {
+        for index in tiers.indices where tiers[index].kind == .nvme {
+            tiers[index].reformat = true
+            if tiers[index].path == nil { tiers[index].path = ScratchDirectory.file("spillway-bench-\(tiers[index].name).nvme") }
+        }
+    }
 }

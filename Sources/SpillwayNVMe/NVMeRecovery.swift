@@ -337,3 +337,27 @@ extension NVMeTier {
         return nil
     }
 }
+
+extension NVMeTier {
+    /// Where NVMe files without a configured path live: `$XDG_CACHE_HOME/spillway` if set,
+    /// else `/var/tmp/spillway-<uid>` (disk-backed, unlike a tmpfs /tmp, and per user: two
+    /// users' default stores never share a file).
+    public static var defaultDirectory: String {
+        if let cache = getenv("XDG_CACHE_HOME"), cache.pointee != 0 { return "\(String(cString: cache))/spillway" }
+        return "/var/tmp/spillway-\(getuid())"
+    }
+
+    /// Creates `defaultDirectory` (mode 0700) if missing; refuses one that is a symlink, not a
+    /// directory, or owned by another user (someone else could read or swap the files).
+    public static func createDefaultDirectory() throws(SpillwayError) {
+        let path = defaultDirectory
+        if mkdir(path, 0o700) != 0 && errno != EEXIST {
+            throw .tierIO(tier: "nvme", operation: "create directory '\(path)'", errno: errno)
+        }
+        var status = stat()
+        guard lstat(path, &status) == 0 else { throw .tierIO(tier: "nvme", operation: "lstat '\(path)'", errno: errno) }
+        guard status.st_mode & S_IFMT == S_IFDIR, status.st_uid == getuid() else {
+            throw .invalidConfiguration("'\(path)' is not a directory owned by uid \(getuid()); set the NVMe tier's path explicitly")
+        }
+    }
+}
