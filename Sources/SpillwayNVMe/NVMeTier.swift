@@ -408,12 +408,22 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         tombstones.withLock { $0.notDurable.values.reduce(0) { $0 + ($1.released ? Int($1.extent.slotCount) : 0) } }
     }
 
-    /// Journals waiting releases and writes a checkpoint, so the next open replays nothing.
+    /// Journals waiting releases and writes a checkpoint, so the next open replays nothing,
+    /// then gives up the file's lock (another store may open it now).
     public func close() {
         guard !closed.load(ordering: .relaxed) else { return }
         flushTombstones()
         checkpoint()
         closed.store(true, ordering: .releasing)
+        _ = flock(fd, LOCK_UN)
+    }
+
+    /// Tests: stops writing anything at all (no release records, no checkpoint, not even at
+    /// deinit) and gives up the lock, leaving the file as a killed process would, so the same
+    /// process can reopen it. Process-level crash tests kill a real `spillway store soak`.
+    func abandonForTesting() {
+        closed.store(true, ordering: .releasing)
+        _ = flock(fd, LOCK_UN)
     }
 
     // MARK: I/O
@@ -624,6 +634,11 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// not reach the disk get its errno as their status. Returns 0 or the last round's errno.
     @discardableResult
     func appendRecords(_ indices: [Int], of batch: TierBatch?, on context: URingContext) -> Int32 {
+        if closed.load(ordering: .acquiring) {
+            // Closed (or abandoned by a test): nothing reaches the file any more.
+            if let batch { for index in indices { batch.setStatus(index, ESHUTDOWN) } }
+            return ESHUTDOWN
+        }
         let releases = tombstones.withLock { state -> [Extent] in
             defer { state.waiting.removeAll(keepingCapacity: true) }
             return state.waiting
@@ -762,6 +777,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// Writes a checkpoint now (used on close). Returns 0 or an errno.
     @discardableResult
     func checkpoint() -> Int32 {
+        if closed.load(ordering: .acquiring) { return ESHUTDOWN }
         while true {
             let mine = journalState.withLock { state -> Bool in
                 guard !state.checkpointing else { return false }
