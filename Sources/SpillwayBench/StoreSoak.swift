@@ -134,6 +134,9 @@ public enum StoreSoak {
         let log = open(options.ackLog, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o644)
         guard log >= 0 else { throw .tierIO(tier: "ack log", operation: "open '\(options.ackLog)'", errno: errno) }
         defer { close(log) }
+        let intents = open(intentLogPath(options.ackLog), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o644)
+        guard intents >= 0 else { throw .tierIO(tier: "ack log", operation: "open '\(intentLogPath(options.ackLog))'", errno: errno) }
+        defer { close(intents) }
         let store = try TieredStore.open(configuration)
         defer { store.close() }
         let deadline = monotonicNanoseconds() + UInt64(options.durationSeconds * 1e9)
@@ -171,13 +174,21 @@ public enum StoreSoak {
                     last[slot] = .put(version: version)
                     result.puts += 1
                 } else if choice < 7 {
+                    // A remove is durable before it returns, so a kill between that and its ack
+                    // line leaves the key missing with a put as its last ack: the intent line
+                    // (written first) tells verify a remove was in flight.
+                    guard appendLine(intents, "removing \(index) \(acknowledged[slot])\n") else {
+                        failure.withLock { $0 = .tierIO(tier: "ack log", operation: "write", errno: errno) }
+                        break
+                    }
+                    let line = "remove \(index)\n"
                     do throws(SpillwayError) {
                         try store.remove(key)
                     } catch {
                         result.errors += 1
                         continue
                     }
-                    guard appendLine(log, "remove \(index)\n") else {
+                    guard appendLine(log, line) else {
                         failure.withLock { $0 = .tierIO(tier: "ack log", operation: "write", errno: errno) }
                         break
                     }
@@ -222,6 +233,24 @@ public enum StoreSoak {
     }
 
     // MARK: Verify
+
+    /// The sidecar of an ack log: `removing KEY VERSION` before each remove starts (VERSION:
+    /// the key's last acknowledged put, 0 if none). The ack log keeps its two line kinds.
+    public static func intentLogPath(_ ackLog: String) -> String { ackLog + ".intents" }
+
+    /// Removes that may have been in flight: key → the acknowledged put versions they followed.
+    /// A missing or unreadable sidecar (a log not written by soak) means none.
+    public static func parseIntents(_ text: String) -> [UInt64: Set<UInt64>] {
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        lines.removeLast()
+        var intents: [UInt64: Set<UInt64>] = [:]
+        for line in lines {
+            let fields = line.split(separator: " ")
+            guard fields.count == 3, fields[0] == "removing", let index = UInt64(fields[1]), let version = UInt64(fields[2]) else { continue }
+            intents[index, default: []].insert(version)
+        }
+        return intents
+    }
 
     /// The last acknowledged operation of one key, from the ack log.
     public enum LastOperation: Equatable, Sendable {
@@ -304,6 +333,7 @@ public enum StoreSoak {
             throw .invalidArgument("cannot read ack log '\(path)': \(error)")
         }
         let operations = try parseAckLog(text)
+        let intents = (try? readTextFile(intentLogPath(path))).map(parseIntents) ?? [:]
         var configuration = configuration
         for index in configuration.tiers.indices { configuration.tiers[index].reformat = false }
         let limit = pageLimit(configuration)
@@ -322,7 +352,20 @@ public enum StoreSoak {
                 writeFully(STDERR_FILENO, "spillway: key \(index): \(error)\n")
                 continue
             }
+            let before = result
+            if read == nil, case .put(let version) = operation, intents[index]?.contains(version) == true {
+                // The last acknowledged put was followed by a remove that started (intent
+                // logged) and may have become durable before its ack line: missing is right.
+                result.checked += 1
+                result.present += 1
+                continue
+            }
             classify(operation, read: read, into: &result)
+            // Name the keys that are not present (on stderr, so --json stays one object).
+            if result.present == before.present && result.checked - result.present <= 20 {
+                let found = read.map { $0.map { "version \($0)" } ?? "bytes of no version" } ?? "missing"
+                writeFully(STDERR_FILENO, "spillway: key \(index): last acknowledged \(operation), read \(found)\n")
+            }
         }
         return result
     }

@@ -309,6 +309,12 @@ public protocol Tier: AnyObject, Sendable {
     /// Volatile tiers have nothing to do.
     func retire(_ extent: Extent)
 
+    /// Like `retire`, for the current copy of `key` on this tier just before a put writes a
+    /// new version of `key` to this same tier: a persistent tier journals the old copy's
+    /// invalidation in the same append as the new copy's record (never before it, so a crash
+    /// leaves one of the two).
+    func retire(_ extent: Extent, supersededByNextRecordOf key: PageKey)
+
     /// Makes every retirement or release of a page of `key` durable before returning, so a
     /// warm restart cannot bring back a version the store has superseded. Returns 0 or the
     /// errno of the failed journal write. Volatile tiers return 0 at once.
@@ -349,6 +355,8 @@ extension Tier {
     public func persistReleases() {}
 
     public func retire(_ extent: Extent) {}
+
+    public func retire(_ extent: Extent, supersededByNextRecordOf key: PageKey) {}
 
     public func persistInvalidations(of key: PageKey) -> Int32 { 0 }
 

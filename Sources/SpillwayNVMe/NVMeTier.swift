@@ -87,8 +87,9 @@ public struct NVMeRecoveryReport: Sendable, Equatable {
 ///   recovers the newest record of each key if it verifies (`recoveredPages`); the rest are
 ///   discarded and counted (`recovery`). A key whose newest record fails is dropped, never
 ///   served from an older one.
-/// - **Supersession.** When the store stops pointing at a page (`retire` or `release`) its
-///   record leaves the mirror at once and a release record is queued; `persistInvalidations`
+/// - **Supersession.** When the store stops pointing at a page (`retire` or `release`) a
+///   release record is queued (the record leaves the mirror once that is durable);
+///   `persistInvalidations`
 ///   makes those of one key durable before the store acknowledges a put or remove of it, so a
 ///   restart never brings back a superseded version. Slots are reused only once the release
 ///   record is durable.
@@ -153,11 +154,35 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         var notDurable: [UInt32: (key: PageKey, extent: Extent, released: Bool)] = [:]
         /// Keys with an entry in `notDurable`, counted.
         var keys: [PageKey: Int] = [:]
+        /// Retired copies whose release record must ride with the next record of their key
+        /// (a put overwriting them on this tier): not in `waiting`, so no other append can
+        /// make the old copy's release durable before the new copy's record.
+        var reserved: [PageKey: [Extent]] = [:]
 
-        mutating func add(_ extent: Extent, key: PageKey, released: Bool) {
-            waiting.append(extent)
+        mutating func add(_ extent: Extent, key: PageKey, released: Bool, reservedFor owner: PageKey? = nil) {
+            if let owner {
+                reserved[owner, default: []].append(extent)
+            } else {
+                waiting.append(extent)
+            }
             notDurable[extent.firstSlot] = (key, extent, released)
             keys[key, default: 0] += 1
+        }
+
+        /// Moves `extent` from `reserved` to `waiting` if it is there (it was released or
+        /// retired again, or its key's invalidation must be made durable now).
+        mutating func unreserve(key: PageKey) {
+            guard let extents = reserved.removeValue(forKey: key) else { return }
+            waiting.append(contentsOf: extents)
+        }
+
+        mutating func unreserve(_ extent: Extent) {
+            guard let key = notDurable[extent.firstSlot]?.key, var extents = reserved[key],
+                  let index = extents.firstIndex(of: extent)
+            else { return }
+            extents.remove(at: index)
+            reserved[key] = extents.isEmpty ? nil : extents
+            waiting.append(extent)
         }
 
         /// The release record of `extent` is durable: returns it if its slots can be reused now.
@@ -321,22 +346,25 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         return allocator.allocate(count: slotCount)
     }
 
-    /// Empties the page's index record in the mirror now. If a record was there, the slots
-    /// return to the allocator only once a release record is in the journal (appended with the
-    /// next batch's records, or here when 64 releases are waiting, or on close), so no record
-    /// on disk ever claims a reused slot. An extent retired earlier waits for its release
-    /// record the same way; an extent without a record (a write that failed, or one whose
-    /// release record is already durable) is free at once.
+    /// Gives the page's slots back. If its index record is still current (in the mirror, so
+    /// possibly on disk), a release record is queued and the slots return to the allocator only
+    /// once that record is durable (appended with the next batch's records, or here when 64
+    /// releases are waiting, or on close), so no record on disk ever claims a reused slot. An
+    /// extent retired earlier waits for its release record the same way; an extent without a
+    /// record (a write that failed, or one whose release record is already durable) is free
+    /// at once.
     public func release(_ extent: Extent) {
-        let key = clearIndexRecord(extent)
+        let key = indexRecordKey(extent)
         let outcome = tombstones.withLock { state -> (freeNow: Bool, waiting: Int) in
+            if state.notDurable[extent.firstSlot] != nil {
+                state.notDurable[extent.firstSlot]!.released = true
+                // Not waiting for a put of its key any more: its slots are wanted back.
+                state.unreserve(extent)
+                return (false, state.waiting.count)
+            }
             if let key {
                 state.add(extent, key: key, released: true)
                 return (false, state.waiting.count)
-            }
-            if state.notDurable[extent.firstSlot] != nil {
-                state.notDurable[extent.firstSlot]!.released = true
-                return (false, 0)
             }
             return (true, 0)
         }
@@ -344,15 +372,31 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         if outcome.waiting >= 64 { flushTombstones() }
     }
 
-    /// The store no longer points at `extent` (reads may still copy from it): its record leaves
-    /// the mirror and a release record is queued, but the slots stay allocated until `release`.
+    /// The store no longer points at `extent` (reads may still copy from it): a release record
+    /// is queued; the slots stay allocated until `release`. The record stays in the mirror
+    /// (and so in checkpoints) until the release record is durable: a checkpoint never makes a
+    /// retirement durable before the operation that caused it journaled it.
     public func retire(_ extent: Extent) {
-        guard let key = clearIndexRecord(extent) else { return }
+        let key = indexRecordKey(extent)
         let waiting = tombstones.withLock { state -> Int in
-            state.add(extent, key: key, released: false)
+            if state.notDurable[extent.firstSlot] != nil {
+                state.unreserve(extent)
+            } else if let key {
+                state.add(extent, key: key, released: false)
+            }
             return state.waiting.count
         }
         if waiting >= 64 { flushTombstones() }
+    }
+
+    /// `retire`, with the release record held back for the next journal append that carries
+    /// a record of `key` (the overwriting put's), so both become durable together.
+    public func retire(_ extent: Extent, supersededByNextRecordOf key: PageKey) {
+        guard let recorded = indexRecordKey(extent) else { return }
+        tombstones.withLock { state in
+            guard state.notDurable[extent.firstSlot] == nil else { return }
+            state.add(extent, key: recorded, released: false, reservedFor: key)
+        }
     }
 
     /// Journals the release records of `key`'s superseded pages now if any is not durable yet,
@@ -361,7 +405,11 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     public func persistInvalidations(of key: PageKey) -> Int32 {
         var failures = 0
         while true {
-            let state = tombstones.withLock { state in (pending: state.keys[key] != nil, waiting: !state.waiting.isEmpty) }
+            let state = tombstones.withLock { state in
+                // A release held back for a put of this key that never appended (it failed).
+                state.unreserve(key: key)
+                return (pending: state.keys[key] != nil, waiting: !state.waiting.isEmpty)
+            }
             guard state.pending else { return 0 }
             if state.waiting {
                 let status: Int32
@@ -384,14 +432,15 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         }
     }
 
-    /// Empties the mirror record at `extent`'s first slot; returns its key if there was one (a
-    /// torn record counts, with a zero key).
-    private func clearIndexRecord(_ extent: Extent) -> PageKey? {
+    /// The key of the mirror record at `extent`'s first slot, if there is one (a torn record
+    /// counts, with a zero key).
+    private func indexRecordKey(_ extent: Extent) -> PageKey? {
         var key: PageKey?
-        setIndexRecord(slot: extent.firstSlot) { record in
+        let block = geometry.indexBlock(ofSlot: extent.firstSlot)
+        indexStripes[block % indexStripes.count].withLock { _ in
+            let record = mirror.base + Int(extent.firstSlot) * NVMeFormat.recordSize
             guard record.load(as: UInt32.self) != 0 else { return }
             key = NVMeFormat.Record.decode(record)?.key ?? PageKey(high: 0, low: 0)
-            memset(record, 0, NVMeFormat.recordSize)
         }
         return key
     }
@@ -639,7 +688,13 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             if let batch { for index in indices { batch.setStatus(index, ESHUTDOWN) } }
             return ESHUTDOWN
         }
+        // Every waiting release, plus those held back for the keys this append records: they
+        // follow the puts (puts fill rounds first, and a round's releases go after its puts in
+        // the same blocks), so no old copy's release is durable before its replacement.
         let releases = tombstones.withLock { state -> [Extent] in
+            if let batch, !state.reserved.isEmpty {
+                for index in indices { state.unreserve(key: batch[index].key) }
+            }
             defer { state.waiting.removeAll(keepingCapacity: true) }
             return state.waiting
         }
@@ -687,8 +742,15 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 NVMeFormat.encodeJournalHeader(into: context.journalBlock(block), sequence: first + UInt64(block),
                                                instance: instance, count: count)
             }
-            let roundStatus = writeBlocks(blocks, on: context) { block in
-                (context.journalBlock(block), geometry.journalBlockOffset(sequence: first + UInt64(block)), context.journalFixedBuffer(block))
+            // One block at a time, in order, when a round spans several: the kernel may complete
+            // (or, when the process is killed, cancel) the writes of one submission in any
+            // order, and release records follow the page records they make room for; written
+            // in order, no release is ever durable without the record that superseded it.
+            var roundStatus: Int32 = 0
+            for block in 0..<blocks where roundStatus == 0 {
+                roundStatus = writeBlocks(1, on: context) { _ in
+                    (context.journalBlock(block), geometry.journalBlockOffset(sequence: first + UInt64(block)), context.journalFixedBuffer(block))
+                }
             }
             if roundStatus != 0, let batch {
                 // Not durable: take the records back out of the mirror before a checkpoint can
@@ -697,6 +759,12 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                     setIndexRecord(slot: batch[indices[position]].extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) }
                     batch.setStatus(indices[position], roundStatus)
                 }
+            }
+            if roundStatus == 0 {
+                // The release records are durable: only now do the records leave the mirror,
+                // and before `endAppend`, so no checkpoint can cover these journal blocks
+                // while still writing the released records.
+                for extent in roundFrees { setIndexRecord(slot: extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) } }
             }
             endAppend()
             settle(Array(roundFrees), written: roundStatus == 0)

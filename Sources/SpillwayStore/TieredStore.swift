@@ -530,7 +530,7 @@ public final class TieredStore: Sendable {
         guard recordsMetadata[tier], let current = directory.snapshot(of: key), current.location.tier == tier,
               current.pinCount == 0
         else { return }
-        tiers[tier].retire(current.location.extent)
+        tiers[tier].retire(current.location.extent, supersededByNextRecordOf: key)
     }
 
     /// Makes every persistent tier's invalidations of `key` durable; a failure fails the

@@ -118,4 +118,28 @@ import Testing
         for (key, slot) in model { #expect(directory.snapshot(of: key)?.checksum == slot) }
         #expect(directory.allPages().count == model.count)
     }
+
+    /// The reader count is 16 bits: the 65,536th concurrent read of one key is refused with a
+    /// typed error (it used to overflow `+= 1` and trap), a move cannot claim the saturated
+    /// entry either, and once reads end everything works again.
+    @Test func the65536thConcurrentReaderIsRefusedNotATrap() throws {
+        let directory = try PageDirectory(tierCapacities: [16])
+        let key = PageKey(5)
+        _ = try directory.insert(key, location: location(0, 2), length: 10, checksum: 1)
+        var reads: [PageSnapshot] = []
+        for _ in 0..<Int(UInt16.max) { reads.append(try #require(try directory.beginRead(key))) }
+        #expect(throws: SpillwayError.invalidArgument("page \(key) has 65535 reads in flight")) {
+            _ = try directory.beginRead(key)
+        }
+        #expect(directory.beginMove(key) == nil, "a move would be one reader too many")
+        // Replacing the page parks its old location with all 65,535 readers; the last one to
+        // end gets it back to release.
+        #expect(try directory.insert(key, location: location(0, 3), length: 10, checksum: 2) == nil)
+        var released: [PageLocation] = []
+        for read in reads { if let location = directory.endRead(read) { released.append(location) } }
+        #expect(released == [location(0, 2)])
+        let again = try #require(try directory.beginRead(key))
+        #expect(again.location == location(0, 3))
+        #expect(directory.endRead(again) == nil)
+    }
 }

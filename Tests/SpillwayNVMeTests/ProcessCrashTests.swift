@@ -43,6 +43,8 @@ import Testing
         try text.write(toFile: config, atomically: true, encoding: .utf8)
 
         for run in 0..<3 {
+            // The previous run's log must not count as this run's progress.
+            unlink(ackLog)
             let soakSeed = random.next()
             let soak = try ChildProcess(
                 executable: spillway,
@@ -89,6 +91,7 @@ import Testing
         let config = base + ".toml"
         let ackLog = base + ".acks"
         defer { for file in [config, ackLog, base + ".nvme"] { unlink(file) } }
+        unlink(ackLog)
         try Self.nvmeOnly.replacingOccurrences(of: "PATH", with: base + ".nvme").write(toFile: config, atomically: true, encoding: .utf8)
         let soak = try ChildProcess(
             executable: spillway,
