@@ -38,7 +38,7 @@ import Testing
         let base = scratchPath("crash-\(layout)")
         let config = base + ".toml"
         let ackLog = base + ".acks"
-        defer { for file in [config, ackLog, base + ".nvme"] { unlink(file) } }
+        defer { for file in [config, ackLog, ackLog + ".intents", base + ".nvme"] { unlink(file) } }
         let text = (layout == "nvme" ? Self.nvmeOnly : Self.dramOverNVMe).replacingOccurrences(of: "PATH", with: base + ".nvme")
         try text.write(toFile: config, atomically: true, encoding: .utf8)
 
@@ -90,7 +90,7 @@ import Testing
         let base = scratchPath("crash-lock")
         let config = base + ".toml"
         let ackLog = base + ".acks"
-        defer { for file in [config, ackLog, base + ".nvme"] { unlink(file) } }
+        defer { for file in [config, ackLog, ackLog + ".intents", base + ".nvme"] { unlink(file) } }
         unlink(ackLog)
         try Self.nvmeOnly.replacingOccurrences(of: "PATH", with: base + ".nvme").write(toFile: config, atomically: true, encoding: .utf8)
         let soak = try ChildProcess(
