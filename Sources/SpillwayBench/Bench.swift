@@ -28,6 +28,8 @@ public struct BenchOptions: Sendable, Equatable {
     public var latencySampleEvery: Int
     /// NVMe: the scratch file (created or overwritten); nil = one in the scratch directory.
     public var file: String?
+    /// NVMe: what an acknowledged write survives (`power` adds RWF_DSYNC).
+    public var durability: NVMeDurability = .process
     /// Remote: daemons (HOST:PORT); empty = in-process daemons on loopback.
     public var servers: [String] = []
     /// Remote: the client's token file.
@@ -147,6 +149,7 @@ public enum BenchRunner {
             // A scratch file: overwritten without asking, never recovered.
             tier.path = options.file ?? ScratchDirectory.file("spillway-bench.nvme")
             tier.reformat = true
+            tier.durability = options.durability
         }
         if kind == .remote || kind == .erasureCoded {
             tier.servers = options.servers
