@@ -359,3 +359,15 @@ public enum BenchRunner {
         return samples
     }
 }
+
+extension SpillwayConfiguration {
+    /// NVMe tiers without an explicit path get a benchmark scratch file of their own
+    /// (`spillway-bench-<tier>.nvme` in the scratch directory), and every NVMe tier is
+    /// reformatted at open.
+    public mutating func useBenchmarkScratchFiles() {
+        for index in tiers.indices where tiers[index].kind == .nvme {
+            tiers[index].reformat = true
+            if tiers[index].path == nil { tiers[index].path = ScratchDirectory.file("spillway-bench-\(tiers[index].name).nvme") }
+        }
+    }
+}

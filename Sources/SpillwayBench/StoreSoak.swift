@@ -296,6 +296,8 @@ public enum StoreSoak {
         /// Reads that failed with an error other than a missing key (I/O, checksum).
         public var errors = 0
 
+        public init() {}
+
         public var json: JSONValue {
             .object([("checked", .int(checked)), ("present", .int(present)), ("absent", .int(absent)), ("stale", .int(stale)),
                      ("corrupt", .int(corrupt)), ("errors", .int(errors))])

@@ -276,15 +276,3 @@ extension String {
 
     func padding(_ width: Int) -> String { self + String(repeating: " ", count: max(0, width - count)) }
 }
-
-extension SpillwayConfiguration {
-    /// NVMe tiers without an explicit path get a benchmark scratch file of their own
-    /// (`spillway-bench-<tier>.nvme` in the scratch directory), and every NVMe tier is
-    /// reformatted at open.
-    mutating func useBenchmarkScratchFiles() {
-        for index in tiers.indices where tiers[index].kind == .nvme {
-            tiers[index].reformat = true
-            if tiers[index].path == nil { tiers[index].path = ScratchDirectory.file("spillway-bench-\(tiers[index].name).nvme") }
-        }
-    }
-}

@@ -675,11 +675,23 @@ public final class NVMeTier: Tier, @unchecked Sendable {
 
     // MARK: Index and journal
 
+    /// One record of a journal append: a page (a position in the append's `indices`) or a
+    /// release.
+    private enum JournalEntry {
+        case page(Int)
+        case release(Extent)
+    }
+
     /// Appends journal records for completed writes (`indices` of `batch`) plus every waiting
     /// release, in as few 4 KiB journal blocks as they fit, written in one submission per
-    /// round of `context.journalCount` blocks. A page's record enters the index mirror when its
-    /// journal block is reserved and leaves it again if the block's write fails (before any
-    /// checkpoint can see it: checkpoints wait for in-flight appends). Writes whose record did
+    /// round of `context.journalCount` blocks. A release held back for a key this append
+    /// records (the put's superseded copy on this tier) goes right after that key's page record
+    /// in the same block: the kernel may complete, or on a kill cancel, the blocks of one
+    /// submission in any order, and a single block lands whole or not at all, so the old copy's
+    /// release is never durable without its replacement. A page's record enters the index
+    /// mirror when its journal block is reserved and leaves it again if the block's write fails
+    /// (before any checkpoint can see it: checkpoints wait for in-flight appends); a released
+    /// record leaves the mirror once its release record is durable. Writes whose record did
     /// not reach the disk get its errno as their status. Returns 0 or the last round's errno.
     @discardableResult
     func appendRecords(_ indices: [Int], of batch: TierBatch?, on context: URingContext) -> Int32 {
@@ -688,74 +700,92 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             if let batch { for index in indices { batch.setStatus(index, ESHUTDOWN) } }
             return ESHUTDOWN
         }
-        // Every waiting release, plus those held back for the keys this append records: they
-        // follow the puts (puts fill rounds first, and a round's releases go after its puts in
-        // the same blocks), so no old copy's release is durable before its replacement.
+        var held: [PageKey: [Extent]] = [:]
         let releases = tombstones.withLock { state -> [Extent] in
             if let batch, !state.reserved.isEmpty {
-                for index in indices { state.unreserve(key: batch[index].key) }
+                for index in indices {
+                    let key = batch[index].key
+                    if let extents = state.reserved.removeValue(forKey: key) { held[key, default: []].append(contentsOf: extents) }
+                }
             }
             defer { state.waiting.removeAll(keepingCapacity: true) }
             return state.waiting
         }
-        let perRound = context.journalCount * NVMeFormat.recordsPerJournalBlock
-        var putCursor = 0
-        var releaseCursor = 0
+        // Pack groups (a page record and the releases held for its key; a lone release) into
+        // blocks, never splitting a group across two.
+        let perBlock = NVMeFormat.recordsPerJournalBlock
+        var blocks: [[JournalEntry]] = [[]]
+        blocks[0].reserveCapacity(min(perBlock, indices.count + releases.count))
+        func place(_ group: [JournalEntry]) {
+            if !blocks[blocks.count - 1].isEmpty && blocks[blocks.count - 1].count + group.count > perBlock { blocks.append([]) }
+            for entry in group {
+                if blocks[blocks.count - 1].count == perBlock { blocks.append([]) }
+                blocks[blocks.count - 1].append(entry)
+            }
+        }
+        for position in indices.indices {
+            if let batch, !held.isEmpty, let extents = held.removeValue(forKey: batch[indices[position]].key) {
+                place([.page(position)] + extents.map { .release($0) })
+            } else {
+                place([.page(position)])
+            }
+        }
+        for extent in releases { place([.release(extent)]) }
+        if blocks[blocks.count - 1].isEmpty { blocks.removeLast() }
+
         var status: Int32 = 0
-        while putCursor < indices.count || releaseCursor < releases.count {
-            let puts = min(indices.count - putCursor, perRound)
-            let frees = min(releases.count - releaseCursor, perRound - puts)
-            let records = puts + frees
-            let blocks = (records + NVMeFormat.recordsPerJournalBlock - 1) / NVMeFormat.recordsPerJournalBlock
-            let roundPuts = putCursor..<(putCursor + puts)
-            let roundFrees = releases[releaseCursor..<(releaseCursor + frees)]
-            putCursor += puts
-            releaseCursor += frees
+        var start = 0
+        while start < blocks.count {
+            let end = min(blocks.count, start + context.journalCount)
+            let round = blocks[start..<end]
+            start = end
+            var roundPages: [Int] = []
+            var roundFrees: [Extent] = []
+            for block in round {
+                for entry in block {
+                    switch entry {
+                    case .page(let position): roundPages.append(position)
+                    case .release(let extent): roundFrees.append(extent)
+                    }
+                }
+            }
             let first: UInt64
-            switch beginAppend(blocks: blocks, on: context) {
+            switch beginAppend(blocks: round.count, on: context) {
             case .failure(let error):
                 status = error.errno
-                if let batch { for position in roundPuts { batch.setStatus(indices[position], status) } }
-                settle(Array(roundFrees), written: false)
+                if let batch { for position in roundPages { batch.setStatus(indices[position], status) } }
+                settle(roundFrees, written: false)
                 continue
             case .success(let sequence):
                 first = sequence
             }
-            for record in 0..<records {
-                let block = context.journalBlock(record / NVMeFormat.recordsPerJournalBlock)
-                let target = block + NVMeFormat.recordSize * (1 + record % NVMeFormat.recordsPerJournalBlock)
-                let sequence = self.sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
-                if record < puts, let batch {
-                    let io = batch[indices[roundPuts.lowerBound + record]]
-                    let page = NVMeFormat.Record(key: io.key, slot: io.extent.firstSlot, slotCount: io.extent.slotCount,
-                                                 length: UInt32(io.length), checksum: io.checksum, sequence: sequence,
-                                                 instance: instance)
-                    page.encode(into: target)
-                    setIndexRecord(slot: page.slot) { memcpy($0, target, NVMeFormat.recordSize) }
-                } else {
-                    NVMeFormat.Record.release(roundFrees[roundFrees.startIndex + record - puts], sequence: sequence,
-                                              instance: instance).encode(into: target)
+            for (offset, entries) in round.enumerated() {
+                let block = context.journalBlock(offset)
+                for (index, entry) in entries.enumerated() {
+                    let target = block + NVMeFormat.recordSize * (1 + index)
+                    let sequence = self.sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
+                    switch entry {
+                    case .page(let position):
+                        guard let batch else { continue }
+                        let io = batch[indices[position]]
+                        let page = NVMeFormat.Record(key: io.key, slot: io.extent.firstSlot, slotCount: io.extent.slotCount,
+                                                     length: UInt32(io.length), checksum: io.checksum, sequence: sequence,
+                                                     instance: instance)
+                        page.encode(into: target)
+                        setIndexRecord(slot: page.slot) { memcpy($0, target, NVMeFormat.recordSize) }
+                    case .release(let extent):
+                        NVMeFormat.Record.release(extent, sequence: sequence, instance: instance).encode(into: target)
+                    }
                 }
+                NVMeFormat.encodeJournalHeader(into: block, sequence: first + UInt64(offset), instance: instance, count: entries.count)
             }
-            for block in 0..<blocks {
-                let count = min(NVMeFormat.recordsPerJournalBlock, records - block * NVMeFormat.recordsPerJournalBlock)
-                NVMeFormat.encodeJournalHeader(into: context.journalBlock(block), sequence: first + UInt64(block),
-                                               instance: instance, count: count)
-            }
-            // One block at a time, in order, when a round spans several: the kernel may complete
-            // (or, when the process is killed, cancel) the writes of one submission in any
-            // order, and release records follow the page records they make room for; written
-            // in order, no release is ever durable without the record that superseded it.
-            var roundStatus: Int32 = 0
-            for block in 0..<blocks where roundStatus == 0 {
-                roundStatus = writeBlocks(1, on: context) { _ in
-                    (context.journalBlock(block), geometry.journalBlockOffset(sequence: first + UInt64(block)), context.journalFixedBuffer(block))
-                }
+            let roundStatus = writeBlocks(round.count, on: context) { block in
+                (context.journalBlock(block), geometry.journalBlockOffset(sequence: first + UInt64(block)), context.journalFixedBuffer(block))
             }
             if roundStatus != 0, let batch {
                 // Not durable: take the records back out of the mirror before a checkpoint can
                 // write them, so a failed put never surfaces after a restart.
-                for position in roundPuts {
+                for position in roundPages {
                     setIndexRecord(slot: batch[indices[position]].extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) }
                     batch.setStatus(indices[position], roundStatus)
                 }
@@ -767,7 +797,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 for extent in roundFrees { setIndexRecord(slot: extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) } }
             }
             endAppend()
-            settle(Array(roundFrees), written: roundStatus == 0)
+            settle(roundFrees, written: roundStatus == 0)
             if roundStatus != 0 {
                 status = roundStatus
                 logger.error("journal write failed", metadata: ["tier": "\(descriptor.name)", "errno": "\(roundStatus)"])
