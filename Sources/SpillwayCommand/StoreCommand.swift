@@ -76,11 +76,11 @@ struct StoreVerifyCommand: ParsableCommand {
         Counts per key of the log, against its last acknowledged operation: present (last \
         put v: v or a newer version is read; last remove: missing or a newer put), absent \
         (last put, key missing), stale (an older version; after a remove, the removed version \
-        or an older one), corrupt (bytes of no version), errors (reads that failed other than \
-        with a missing key). Prints {"checked", "present", "absent", "stale", "corrupt", \
-        "errors"}. An incomplete last line of the log is ignored. Exit 0 iff stale, corrupt \
-        and errors are 0 (and, with --expect-all, absent too); 1 otherwise; errors (e.g. a \
-        malformed log) go to stderr.
+        or an older one), corrupt (bytes of no version, or a read that failed other than with \
+        a missing key; the latter also counted in errors). Prints {"checked", "present", \
+        "absent", "stale", "corrupt", "errors"}. An incomplete last line of the log is \
+        ignored. Exit 0 iff stale and corrupt are 0 (and, with --expect-all, absent too); 1 \
+        otherwise; errors (e.g. a malformed log) go to stderr.
         """)
 
     @Option(help: "The store's TOML configuration (the one soak used).")
