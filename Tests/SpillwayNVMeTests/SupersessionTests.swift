@@ -78,6 +78,42 @@ import Testing
         withExtendedLifetime(store) {}
     }
 
+    /// Two concurrent puts of one key: whichever the directory ends up with must be the one a
+    /// restart would recover (the newest record of the key by sequence number), every round.
+    @Test(.timeLimit(.minutes(2))) func concurrentPutsOfOneKeyJournalInDirectoryOrder() throws {
+        let path = scratchPath("supersede-racing-puts")
+        defer { unlink(path) }
+        let (store, nvme) = try openStore(nvmePath: path, dramSlots: 0, nvmeSlots: 64)
+        defer { store.close() }
+        let key = PageKey(11)
+        let failures = Locked<[String]>([])
+        for round in 0..<150 {
+            let threads = (0..<2).map { writer in
+                BackgroundThread {
+                    do {
+                        try store.put(key, bytes: bytes(UInt64(round * 2 + writer), 4096))
+                    } catch {
+                        failures.withLock { $0.append("round \(round) writer \(writer): \(error)") }
+                    }
+                }
+            }
+            for thread in threads { thread.join() }
+            #expect(failures.withLock { $0 }.isEmpty, "\(failures.withLock { $0 })")
+            let current = try #require(store.directory.snapshot(of: key))
+            // The newest record of the key in the index mirror is what recovery would pick.
+            var newest: NVMeFormat.Record?
+            for slot in 0..<64 {
+                guard let record = NVMeFormat.Record.decode(nvme.mirror.base + slot * NVMeFormat.recordSize),
+                      !record.isRelease, record.key == key
+                else { continue }
+                if newest == nil || record.sequence > newest!.sequence { newest = record }
+            }
+            let recovered = try #require(newest, "round \(round): no record of the key")
+            #expect(recovered.checksum == current.checksum && recovered.slot == current.location.extent.firstSlot,
+                    "round \(round): the directory holds one put, a restart would recover the other")
+        }
+    }
+
     /// Per-key order under concurrency: writers put increasing versions of their keys while
     /// readers check that a key's version never goes backwards, with the background worker
     /// demoting and promoting between DRAM and NVMe. Then the tier is abandoned and reopened:
