@@ -87,7 +87,7 @@ import Testing
         defer { store.close() }
         let key = PageKey(11)
         let failures = Locked<[String]>([])
-        for round in 0..<150 {
+        for round in 0..<300 {
             let threads = (0..<2).map { writer in
                 BackgroundThread {
                     do {
