@@ -239,7 +239,7 @@ let package = Package(
         .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
-        .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers"]),
+        .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayTests", dependencies: [
             "Spillway", "SpillwayBench", "SpillwayTestSupport",
             .product(name: "Atomics", package: "swift-atomics"), .product(name: "Logging", package: "swift-log"),

@@ -12,7 +12,8 @@ public struct TierConfiguration: Sendable, Equatable {
     public var verifyReads: Bool?
     /// Fault the tier's memory in at start-up (memory tiers).
     public var prefault: Bool
-    /// NVMe: the file or block device (default: `spillway-<name>.nvme` in the scratch directory).
+    /// NVMe: the file or block device (default: `<name>.nvme` in the per-user directory
+    /// `NVMeTier.defaultDirectory`, never a file shared between users or with the benchmarks).
     public var path: String?
     /// NVMe: use the page cache instead of O_DIRECT (only where the filesystem refuses O_DIRECT).
     public var bufferedIO: Bool
@@ -20,6 +21,8 @@ public struct TierConfiguration: Sendable, Equatable {
     public var pollMode: NVMePollMode?
     /// NVMe: ignore what the file holds and start empty (benchmarks' scratch files).
     public var reformat: Bool
+    /// NVMe: what an acknowledged put or remove survives (TOML `durability = "process" | "power"`).
+    public var durability: NVMeDurability = .process
     /// Remote: daemons as HOST:PORT; empty = start in-process daemons on loopback (the
     /// embedded default: `embeddedDaemons` of them, each lending the tier's capacity).
     public var servers: [String] = []
@@ -62,7 +65,7 @@ public struct TierConfiguration: Sendable, Equatable {
     }
 
     /// The NVMe file this tier uses.
-    public var resolvedPath: String { path ?? ScratchDirectory.file("spillway-\(name).nvme") }
+    public var resolvedPath: String { path ?? "\(NVMeTier.defaultDirectory)/\(name).nvme" }
 }
 
 /// Everything needed to open a store: the pool geometry, the policy and the tiers, top first.
@@ -134,7 +137,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
         "path", "buffered-io", "poll-mode", "reformat", "poll-us", "k", "r", "late-binding-delta", "placement", "compression", "compression-ratio",
-        "write-quorum", "write-deadline-ms",
+        "write-quorum", "write-deadline-ms", "durability",
     ]
 
     /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
@@ -198,6 +201,12 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             pollMode: pollMode, reformat: try TOMLReader.bool(table, "reformat") ?? false)
         if let servers = try TOMLReader.string(table, "servers") {
             tier.servers = servers.split(separator: ",").map { String($0) }
+        }
+        if let durability = try TOMLReader.string(table, "durability") {
+            guard let mode = NVMeDurability(rawValue: durability) else {
+                throw .invalidConfiguration("tier '\(tier.name)': durability '\(durability)' (process or power)")
+            }
+            tier.durability = mode
         }
         tier.tokenFile = try TOMLReader.string(table, "token-file")
         tier.compression = try TOMLReader.string(table, "compression")
@@ -295,10 +304,11 @@ extension TieredStore {
                     name: tier.name, slotSize: configuration.slotSize, capacitySlots: slots, prefault: tier.prefault,
                     verifiesReads: tier.verifyReads ?? false, logger: logger))
             case .nvme:
+                if tier.path == nil { try NVMeTier.createDefaultDirectory() }
                 tiers.append(try NVMeTier(
                     NVMeTierConfiguration(name: tier.name, path: tier.resolvedPath, slotSize: configuration.slotSize,
                                           capacitySlots: slots, bufferedIO: tier.bufferedIO, pollMode: tier.pollMode,
-                                          reformat: tier.reformat),
+                                          reformat: tier.reformat, durability: tier.durability),
                     logger: logger))
             case .remote:
                 tiers.append(try RemoteTier.open(tier, slotSize: configuration.slotSize, logger: logger))

@@ -28,6 +28,8 @@ public struct BenchOptions: Sendable, Equatable {
     public var latencySampleEvery: Int
     /// NVMe: the scratch file (created or overwritten); nil = one in the scratch directory.
     public var file: String?
+    /// NVMe: what an acknowledged write survives (`power` adds RWF_DSYNC).
+    public var durability: NVMeDurability = .process
     /// Remote: daemons (HOST:PORT); empty = in-process daemons on loopback.
     public var servers: [String] = []
     /// Remote: the client's token file.
@@ -147,6 +149,7 @@ public enum BenchRunner {
             // A scratch file: overwritten without asking, never recovered.
             tier.path = options.file ?? ScratchDirectory.file("spillway-bench.nvme")
             tier.reformat = true
+            tier.durability = options.durability
         }
         if kind == .remote || kind == .erasureCoded {
             tier.servers = options.servers
@@ -354,5 +357,17 @@ public enum BenchRunner {
             }
         }
         return samples
+    }
+}
+
+extension SpillwayConfiguration {
+    /// NVMe tiers without an explicit path get a benchmark scratch file of their own
+    /// (`spillway-bench-<tier>.nvme` in the scratch directory), and every NVMe tier is
+    /// reformatted at open.
+    public mutating func useBenchmarkScratchFiles() {
+        for index in tiers.indices where tiers[index].kind == .nvme {
+            tiers[index].reformat = true
+            if tiers[index].path == nil { tiers[index].path = ScratchDirectory.file("spillway-bench-\(tiers[index].name).nvme") }
+        }
     }
 }

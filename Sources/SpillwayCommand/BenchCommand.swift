@@ -49,6 +49,9 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "NVMe: scratch file or block device (created or overwritten without asking; default: in $SPILLWAY_TMPDIR or /tmp).")
     var file: String?
 
+    @Option(help: "NVMe: process | power (default process): whether an acknowledged write survives a power loss too.")
+    var durability: String?
+
     @Option(help: "Remote: daemons as HOST:PORT[,HOST:PORT…] (default: in-process daemons on loopback).")
     var servers: String?
 
@@ -95,7 +98,7 @@ struct BenchCommand: ParsableCommand {
     var logLevel: LogLevelArgument?
 
     /// Keys a --config file may set for this command (`tier` is the store's [[tier]] array).
-    static let optionKeys: Set<String> = ["file", "servers", "token-file", "k", "r", "late-binding-delta", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
+    static let optionKeys: Set<String> = ["file", "durability", "servers", "token-file", "k", "r", "late-binding-delta", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -115,6 +118,12 @@ struct BenchCommand: ParsableCommand {
         let sizeGiven = try size?.bytes ?? file.size("size")
         options.seed = try seed ?? file.int("seed").map { UInt64(bitPattern: Int64($0)) } ?? 42
         options.file = try self.file ?? file.string("file")
+        if let name = try durability ?? file.string("durability") {
+            guard let mode = NVMeDurability(rawValue: name) else {
+                throw SpillwayError.invalidConfiguration("durability '\(name)' (process or power)")
+            }
+            options.durability = mode
+        }
         options.servers = try (servers ?? file.string("servers")).map { $0.split(separator: ",").map(String.init) } ?? []
         options.tokenFile = try tokenFile ?? file.string("token-file")
         options.k = try k ?? file.int("k") ?? 4
@@ -126,10 +135,9 @@ struct BenchCommand: ParsableCommand {
         var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
         storeConfiguration.slotSize = options.blockSize
         storeConfiguration.maxPageSize = options.blockSize
-        // Benchmark files are scratch: never recover a previous run's pages.
-        for index in storeConfiguration.tiers.indices where storeConfiguration.tiers[index].kind == .nvme {
-            storeConfiguration.tiers[index].reformat = true
-        }
+        // Benchmark files are scratch: never recover a previous run's pages, and never the
+        // default store's file (a library user would otherwise recover the benchmark's pages).
+        storeConfiguration.useBenchmarkScratchFiles()
 
         if target == "weights" {
             var weights = WeightsBench.Options()
@@ -149,9 +157,7 @@ struct BenchCommand: ParsableCommand {
             var replay = TraceReplay.Options(trace: path)
             replay.limit = limit
             var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
-            for index in storeConfiguration.tiers.indices where storeConfiguration.tiers[index].kind == .nvme {
-                storeConfiguration.tiers[index].reformat = true
-            }
+            storeConfiguration.useBenchmarkScratchFiles()
             let object = try TraceReplay.run(replay, configuration: storeConfiguration)
             printLine(json ? object.serialized() : "kv-trace: \(object.serialized())")
             return

@@ -156,19 +156,26 @@ public final class PageDirectory: @unchecked Sendable {
     }
 
     /// Looks `key` up for reading: records the access and counts a reader on the entry so its
-    /// extent is not reused until `endRead`. Nil for unknown keys.
+    /// extent is not reused until `endRead`. Nil for unknown keys. The count is 16 bits (the
+    /// entry is one cache line): a read beyond 65,535 in flight on one key is refused with
+    /// `invalidArgument` rather than wrapping the count (which would free the slots under
+    /// the readers).
     @inline(__always)
-    public func beginRead(_ key: PageKey) -> PageSnapshot? {
+    public func beginRead(_ key: PageKey) throws(SpillwayError) -> PageSnapshot? {
         let hash = key.mixedHash
         let tick = nextTick()
-        return withShard(hash) { table -> PageSnapshot? in
-            guard let index = table.find(key, hash: hash) else { return nil }
+        let result: Result<PageSnapshot?, SpillwayError> = withShard(hash) { table in
+            guard let index = table.find(key, hash: hash) else { return .success(nil) }
+            guard table.entries[index].readers < .max else {
+                return .failure(.invalidArgument("page \(key) has \(UInt16.max) reads in flight"))
+            }
             table.entries[index].lastAccessTick = tick
             if table.entries[index].accessCount != .max { table.entries[index].accessCount += 1 }
             table.entries[index].readers += 1
             table.countRead(tier: Int(table.entries[index].tier), bytes: Int(table.entries[index].length))
-            return table.entries[index].snapshot
+            return .success(table.entries[index].snapshot)
         }
+        return try result.get()
     }
 
     /// Lookups served per tier and their bytes, summed over shards in one pass. Counted under the shard
@@ -203,6 +210,14 @@ public final class PageDirectory: @unchecked Sendable {
     public func insert(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32)
         throws(SpillwayError) -> PageLocation?
     {
+        try replace(key, location: location, length: length, checksum: checksum).release
+    }
+
+    /// `insert`, also returning the location the new entry vacated (`old`, whether or not
+    /// reads of it are still in flight): a persistent tier must stop treating it as current.
+    public func replace(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32)
+        throws(SpillwayError) -> (old: PageLocation?, release: PageLocation?)
+    {
         precondition(location.tier < tierCapacities.count, "tier \(location.tier) out of range")
         precondition(Int(location.extent.endSlot) <= tierCapacities[location.tier], "extent beyond tier")
         precondition(length >= 0 && length <= Int(UInt32.max), "page length out of range")
@@ -232,7 +247,7 @@ public final class PageDirectory: @unchecked Sendable {
             case .done(let old, let release):
                 pagesPerTier[location.tier].wrappingIncrement(ordering: .relaxed)
                 if let old { pagesPerTier[old.tier].wrappingDecrement(ordering: .relaxed) }
-                return release
+                return (old, release)
             }
         }
     }
@@ -240,6 +255,12 @@ public final class PageDirectory: @unchecked Sendable {
     /// Removes `key`. `found` is false if absent; `release` is the location to release now.
     /// Throws `pagePinned` if pinned.
     public func remove(_ key: PageKey) throws(SpillwayError) -> (found: Bool, release: PageLocation?) {
+        let (old, release) = try removeEntry(key)
+        return (old != nil, release)
+    }
+
+    /// `remove`, returning the vacated location (`old`, nil if absent) as well.
+    public func removeEntry(_ key: PageKey) throws(SpillwayError) -> (old: PageLocation?, release: PageLocation?) {
         let hash = key.mixedHash
         while true {
             let outcome: Result<Vacate, SpillwayError> = withShard(hash) { table in
@@ -249,7 +270,7 @@ public final class PageDirectory: @unchecked Sendable {
             }
             switch try outcome.get() {
             case .busy: sched_yield()
-            case .done(let old, let release): return (old != nil, release)
+            case .done(let old, let release): return (old, release)
             }
         }
     }
@@ -332,7 +353,9 @@ public final class PageDirectory: @unchecked Sendable {
         return withShard(hash) { table -> PageSnapshot? in
             guard let index = table.find(key, hash: hash) else { return nil }
             let entry = table.entries[index]
-            guard entry.pinCount == 0, !entry.isMoving, !entry.isCorrupt, fromTier == nil || Int(entry.tier) == fromTier else { return nil }
+            guard entry.pinCount == 0, !entry.isMoving, !entry.isCorrupt, entry.readers < .max,
+                  fromTier == nil || Int(entry.tier) == fromTier
+            else { return nil }
             table.entries[index].flags |= PageEntry.moving
             table.entries[index].readers += 1
             return entry.snapshot

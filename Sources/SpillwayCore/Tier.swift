@@ -302,6 +302,24 @@ public protocol Tier: AnyObject, Sendable {
     /// Volatile tiers have nothing to do.
     func persistReleases()
 
+    /// The directory no longer points at `extent` (a newer version, a removal, a move or an
+    /// eviction replaced it), though reads may still copy from it until `release`. A
+    /// persistent tier stops treating the page there as current: it will not be recovered
+    /// once `persistInvalidations(of:)` returned (or the tier journaled it on its own).
+    /// Volatile tiers have nothing to do.
+    func retire(_ extent: Extent)
+
+    /// Like `retire`, for the current copy of `key` on this tier just before a put writes a
+    /// new version of `key` to this same tier: a persistent tier journals the old copy's
+    /// invalidation in the same append as the new copy's record (never before it, so a crash
+    /// leaves one of the two).
+    func retire(_ extent: Extent, supersededByNextRecordOf key: PageKey)
+
+    /// Makes every retirement or release of a page of `key` durable before returning, so a
+    /// warm restart cannot bring back a version the store has superseded. Returns 0 or the
+    /// errno of the failed journal write. Volatile tiers return 0 at once.
+    func persistInvalidations(of key: PageKey) -> Int32
+
     /// Releases the tier's resources. Further I/O completes with `ESHUTDOWN`.
     func close()
 }
@@ -335,6 +353,12 @@ extension Tier {
     public var recoveredPages: [RecoveredPage] { [] }
 
     public func persistReleases() {}
+
+    public func retire(_ extent: Extent) {}
+
+    public func retire(_ extent: Extent, supersededByNextRecordOf key: PageKey) {}
+
+    public func persistInvalidations(of key: PageKey) -> Int32 { 0 }
 
     public var freeSlots: Int { descriptor.capacitySlots - usedSlots }
 

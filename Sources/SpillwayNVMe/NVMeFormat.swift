@@ -20,7 +20,10 @@ enum NVMeFormat {
     static let superblockMagic: UInt64 = 0x314D_564E_574C_5053  // "SPLWNVM1" little-endian
     static let checkpointMagic: UInt64 = 0x5450_4B43_574C_5053  // "SPLWCKPT"
     static let journalMagic: UInt64 = 0x4C4E_524A_574C_5053  // "SPLWJRNL"
-    static let version: UInt32 = 2
+    /// 3: records carry the store's identity (the superblock's instance), so a record written
+    /// by another store (another formatting of the file) is never recovered. Files of an older
+    /// version are refused, not guessed at (NVMeRecovery says what to do).
+    static let version: UInt32 = 3
     static let pageMagic: UInt32 = 0x4547_4150  // "PAGE"
     static let freeMagic: UInt32 = 0x4545_5246  // "FREE"
     static let recordSize = 64
@@ -65,6 +68,13 @@ enum NVMeFormat {
         block.storeBytes(of: UInt64(geometry.journalOffset).littleEndian, toByteOffset: 56, as: UInt64.self)
         block.storeBytes(of: UInt32(geometry.journalBlocks).littleEndian, toByteOffset: 64, as: UInt32.self)
         block.storeBytes(of: CRC32C.checksum(UnsafeRawBufferPointer(start: block, count: 68)).littleEndian, toByteOffset: 68, as: UInt32.self)
+    }
+
+    /// The format version of a block that starts with the superblock magic (nil: not a
+    /// Spillway superblock at all).
+    static func superblockVersion(_ block: UnsafeRawPointer) -> UInt32? {
+        guard UInt64(littleEndian: block.loadUnaligned(fromByteOffset: 0, as: UInt64.self)) == superblockMagic else { return nil }
+        return UInt32(littleEndian: block.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
     }
 
     /// The geometry and instance a superblock describes, or nil if it is not a valid Spillway
@@ -161,11 +171,13 @@ enum NVMeFormat {
         var length: UInt32
         var checksum: UInt32
         var sequence: UInt64
+        /// The store (superblock instance) that wrote the record.
+        var instance: UInt64
         var isRelease: Bool = false
 
-        static func release(_ extent: Extent, sequence: UInt64) -> Record {
+        static func release(_ extent: Extent, sequence: UInt64, instance: UInt64) -> Record {
             Record(key: PageKey(high: 0, low: 0), slot: extent.firstSlot, slotCount: extent.slotCount, length: 0, checksum: 0,
-                   sequence: sequence, isRelease: true)
+                   sequence: sequence, instance: instance, isRelease: true)
         }
 
         func encode(into record: UnsafeMutableRawPointer) {
@@ -178,6 +190,7 @@ enum NVMeFormat {
             record.storeBytes(of: checksum.littleEndian, toByteOffset: 28, as: UInt32.self)
             record.storeBytes(of: sequence.littleEndian, toByteOffset: 32, as: UInt64.self)
             record.storeBytes(of: slot.littleEndian, toByteOffset: 40, as: UInt32.self)
+            record.storeBytes(of: instance.littleEndian, toByteOffset: 48, as: UInt64.self)
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: record, count: 60))
             record.storeBytes(of: crc.littleEndian, toByteOffset: 60, as: UInt32.self)
         }
@@ -197,6 +210,7 @@ enum NVMeFormat {
                 length: UInt32(littleEndian: record.loadUnaligned(fromByteOffset: 24, as: UInt32.self)),
                 checksum: UInt32(littleEndian: record.loadUnaligned(fromByteOffset: 28, as: UInt32.self)),
                 sequence: UInt64(littleEndian: record.loadUnaligned(fromByteOffset: 32, as: UInt64.self)),
+                instance: UInt64(littleEndian: record.loadUnaligned(fromByteOffset: 48, as: UInt64.self)),
                 isRelease: magic == freeMagic)
         }
     }

@@ -46,7 +46,7 @@ extension NVMeTier {
     /// the file. On return the on-disk index matches the mirror and a fresh checkpoint covers
     /// everything replayed, so the journal starts clean.
     static func openContents(fd: Int32, geometry: NVMeFormat.Geometry, mirror: MappedRegion, allocator: SlotAllocator,
-                             reformat: Bool, name: String, logger: Logger) throws(SpillwayError) -> OpenedContents
+                             reformat: Bool, name: String, path: String, logger: Logger) throws(SpillwayError) -> OpenedContents
     {
         let block = UnsafeMutableRawPointer.allocate(byteCount: 2 * NVMeFormat.blockSize, alignment: NVMeFormat.blockSize)
         defer { block.deallocate() }
@@ -64,9 +64,20 @@ extension NVMeTier {
             }
         }
         var existing: (geometry: NVMeFormat.Geometry, instance: UInt64)?
-        if !reformat && (isBlockDevice || Int(stats.st_size) >= geometry.fileBytes) {
+        if !reformat && (isBlockDevice || Int(stats.st_size) >= NVMeFormat.blockSize) {
             if try preadFully(fd, block, NVMeFormat.blockSize, 0, name: name) {
+                if let version = NVMeFormat.superblockVersion(block), version != NVMeFormat.version {
+                    // Another format's pages cannot be read safely; guessing would risk serving
+                    // them under the wrong key, and silently wiping them would surprise.
+                    throw .invalidConfiguration(
+                        "tier '\(name)': '\(path)' holds Spillway NVMe format version \(version), this build reads version \(NVMeFormat.version) "
+                            + "(\(version < NVMeFormat.version ? "older" : "newer")); its pages cannot be recovered. Delete the file, "
+                            + "or open it once with reformat = true, to start empty")
+                }
                 existing = NVMeFormat.decodeSuperblock(block)
+                if let found = existing, !isBlockDevice, Int(stats.st_size) < found.geometry.fileBytes {
+                    existing = nil  // truncated: not the file that superblock describes
+                }
             }
         }
         guard let found = existing, found.geometry == geometry else {
@@ -116,7 +127,9 @@ extension NVMeTier {
             nextJournal = max(nextJournal, entry.sequence + 1)
             for index in 0..<entry.count {
                 let source = journal + entry.position * NVMeFormat.blockSize + NVMeFormat.recordSize * (1 + index)
-                guard let record = NVMeFormat.Record.decode(source), record.slot < UInt32(geometry.capacitySlots) else {
+                guard let record = NVMeFormat.Record.decode(source), record.instance == instance,
+                      record.slot < UInt32(geometry.capacitySlots)
+                else {
                     discarded += 1
                     continue
                 }
@@ -133,16 +146,18 @@ extension NVMeTier {
             }
         }
 
-        // Check every record: torn or misplaced ones go; of the rest, newest first, a page is
-        // accepted if its extent fits, overlaps nothing accepted, its key is not taken by a
-        // newer copy, and its bytes match its CRC32C.
+        // Check every record: torn, misplaced or foreign ones go; of the rest, newest first, a
+        // page is accepted if its extent fits, overlaps nothing accepted, its key has no newer
+        // record (valid or not), and its bytes match its CRC32C.
         var candidates: [(slot: UInt32, record: NVMeFormat.Record)] = []
         for slot in 0..<geometry.capacitySlots {
             let pointer = mirror.base + slot * NVMeFormat.recordSize
-            if let record = NVMeFormat.Record.decode(pointer), !record.isRelease, record.slot == UInt32(slot) {
+            if let record = NVMeFormat.Record.decode(pointer), !record.isRelease, record.slot == UInt32(slot),
+               record.instance == instance
+            {
                 candidates.append((UInt32(slot), record))
             } else if pointer.load(as: UInt32.self) != 0 || pointer.load(fromByteOffset: 60, as: UInt32.self) != 0 {
-                discarded += 1  // torn, misplaced or foreign record
+                discarded += 1  // torn, misplaced or another store's record
                 memset(pointer, 0, NVMeFormat.recordSize)
                 dirtyBlocks.insert(geometry.indexBlock(ofSlot: UInt32(slot)))
             }
@@ -172,8 +187,10 @@ extension NVMeTier {
                 valid = read && CRC32C.checksum(UnsafeRawBufferPointer(start: data, count: Int(record.length))) == record.checksum
                 if !valid { allocator.release(extent) }
             }
+            // The newest record of a key decides it: if its page does not verify, the key is
+            // dropped, never served from an older record (that version was superseded).
+            seen.insert(record.key)
             if valid {
-                seen.insert(record.key)
                 pages.append(RecoveredPage(key: record.key, extent: extent, length: Int(record.length), checksum: record.checksum))
             } else {
                 discarded += 1
@@ -270,5 +287,70 @@ extension NVMeTier {
             done += result
         }
         return true
+    }
+}
+
+extension NVMeTier {
+    /// How long an opener waits for another holder's lock: a killed holder's io_uring rings
+    /// can keep the file open (and locked) for a moment after the process is gone.
+    static let lockWaitNanoseconds: UInt64 = 2_000_000_000
+
+    /// Takes an exclusive `flock` on the tier's file, retrying for up to two seconds, then
+    /// fails naming the file and the holder's pid (from /proc/locks; "unknown" if it is not
+    /// listed there, e.g. another PID namespace).
+    static func lockExclusively(fd: Int32, path: String, name: String) throws(SpillwayError) {
+        let deadline = monotonicNanoseconds() + lockWaitNanoseconds
+        while true {
+            if spillway_flock_exclusive_nonblocking(fd) == 0 { return }
+            let error = errno
+            if error == EINTR { continue }
+            guard error == EWOULDBLOCK else {
+                throw .tierIO(tier: name, operation: "flock '\(path)'", errno: error)
+            }
+            if monotonicNanoseconds() >= deadline { break }
+            var pause = timespec(tv_sec: 0, tv_nsec: 10_000_000)
+            nanosleep(&pause, nil)
+        }
+        let holder = lockHolder(fd: fd).map(String.init) ?? "unknown"
+        throw .invalidConfiguration(
+            "tier '\(name)': '\(path)' is in use by another process (pid \(holder)); each store needs its own NVMe file (set its path)")
+    }
+
+    /// The pid holding a `flock` on `fd`'s file, from /proc/locks (lines such as
+    /// `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`, matched by inode).
+    static func lockHolder(fd: Int32) -> Int32? {
+        var status = stat()
+        guard fstat(fd, &status) == 0, let file = fopen("/proc/locks", "r") else { return nil }
+        defer { fclose(file) }
+        let inode = ":\(status.st_ino) "
+        var line: UnsafeMutablePointer<CChar>?
+        var capacity = 0
+        defer { free(line) }
+        while getline(&line, &capacity, file) > 0 {
+            guard let line else { break }
+            let text = String(cString: line)
+            guard text.contains("FLOCK"), !text.contains("->"), text.contains(inode) else { continue }
+            let fields = text.split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.count >= 6, let pid = Int32(fields[4]) else { continue }
+            return pid
+        }
+        return nil
+    }
+}
+
+extension NVMeTier {
+    /// Where NVMe files without a configured path live: `$XDG_CACHE_HOME/spillway` if set,
+    /// else `/var/tmp/spillway-<uid>` (disk-backed, unlike a tmpfs /tmp, and per user: two
+    /// users' default stores never share a file).
+    public static var defaultDirectory: String {
+        if let cache = getenv("XDG_CACHE_HOME"), cache.pointee != 0 { return "\(String(cString: cache))/spillway" }
+        return "/var/tmp/spillway-\(getuid())"
+    }
+
+    /// Creates `defaultDirectory` (mode 0700) if missing; refuses one that is a symlink, not a
+    /// directory, owned by another user or open to group/others (someone else could read or
+    /// swap the files): `PrivateDirectory`, the same rule as the daemon's token directory.
+    public static func createDefaultDirectory() throws(SpillwayError) {
+        try PrivateDirectory.ensure(defaultDirectory)
     }
 }

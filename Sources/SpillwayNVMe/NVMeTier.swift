@@ -24,10 +24,13 @@ public struct NVMeTierConfiguration: Sendable {
     public var ringEntries: Int
     /// Start empty instead of recovering what the file holds.
     public var reformat: Bool
+    /// What an acknowledged write survives: a process crash, or also a power loss.
+    public var durability: NVMeDurability
     public var faults: NVMeFaultInjector?
 
     public init(name: String = "nvme", path: String, slotSize: Int, capacitySlots: Int, bufferedIO: Bool = false,
-                pollMode: NVMePollMode? = nil, ringEntries: Int = 128, reformat: Bool = false, faults: NVMeFaultInjector? = nil)
+                pollMode: NVMePollMode? = nil, ringEntries: Int = 128, reformat: Bool = false,
+                durability: NVMeDurability = .process, faults: NVMeFaultInjector? = nil)
     {
         self.name = name
         self.path = path
@@ -37,8 +40,19 @@ public struct NVMeTierConfiguration: Sendable {
         self.pollMode = pollMode
         self.ringEntries = ringEntries
         self.reformat = reformat
+        self.durability = durability
         self.faults = faults
     }
+}
+
+/// What an acknowledged `put` or `remove` on an NVMe tier survives.
+public enum NVMeDurability: String, Sendable, CaseIterable {
+    /// The journal append completed (the kernel has the write): survives the process being
+    /// killed, not a power loss or kernel crash (the device's volatile cache may lose it).
+    case process
+    /// The journal append, and every data write completed before it, is on stable media
+    /// (`RWF_DSYNC`: FUA or a cache flush) before it is acknowledged: survives power loss too.
+    case power
 }
 
 /// What opening the file found.
@@ -65,14 +79,22 @@ public struct NVMeRecoveryReport: Sendable, Equatable {
 /// - **Durability.** A page is durable once its `O_DIRECT` write completed and its record is
 ///   in the journal (63 records per 4 KiB block, one submission per batch); only then does the
 ///   I/O complete (so the store makes it visible). Checkpoints write the changed index blocks
-///   so the journal's ring can wrap. Power loss is out of scope: there is no fsync per page.
+///   so the journal's ring can wrap. With `durability = .process` that survives the process
+///   being killed; `.power` adds `RWF_DSYNC` to every write (fdatasync after the journal on
+///   IOPOLL rings) so it survives power loss too.
 /// - **Warm restart.** Opening an existing file reads the checkpointed index, replays the
-///   journal, checks every record's CRC32C and every page's data CRC32C, and recovers the pages
-///   that verify (`recoveredPages`); the rest are discarded and counted (`recovery`).
-/// - **Release** empties the page's record in the mirror at once; a release record reaches the
-///   journal with the next batch (or after 64 releases, or on close) and only then are the
-///   slots reused. A slot is never reused under an old record, but a process that crashes
-///   inside that window can recover a page superseded just before (`remove` persists at once).
+///   journal, checks every record's CRC32C, identity and every page's data CRC32C, and
+///   recovers the newest record of each key if it verifies (`recoveredPages`); the rest are
+///   discarded and counted (`recovery`). A key whose newest record fails is dropped, never
+///   served from an older one.
+/// - **Supersession.** When the store stops pointing at a page (`retire` or `release`) a
+///   release record is queued (the record leaves the mirror once that is durable);
+///   `persistInvalidations`
+///   makes those of one key durable before the store acknowledges a put or remove of it, so a
+///   restart never brings back a superseded version. Slots are reused only once the release
+///   record is durable.
+/// - **Exclusive.** The file is opened with `O_NOFOLLOW`, created 0600 and `flock`ed: one
+///   process per file.
 ///
 /// `@unchecked Sendable`: the descriptor, geometry and file descriptor are immutable; the
 /// allocator, ring pool, index-block stripes and counters are each synchronized.
@@ -81,6 +103,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     public let path: String
     public let mode: NVMePollMode
     public let directIO: Bool
+    public let durability: NVMeDurability
     public let recovery: NVMeRecoveryReport
     public let recoveredPages: [RecoveredPage]
 
@@ -101,9 +124,9 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     let journalState: Locked<JournalState>
     /// Checkpoints written since open (tests and metrics).
     let checkpoints = ManagedAtomic<Int>(0)
-    /// Released extents whose release record is not in the journal yet (bounded: a release
-    /// that finds 64 waiting writes them out itself).
-    let tombstones = Locked<[Extent]>([])
+    /// Records the store no longer points at whose release record is not durable yet
+    /// (bounded: a release that finds 64 waiting writes them out itself).
+    let tombstones = Locked(Tombstones())
     private let rings: Locked<(free: [URingContext], created: Int)>
     private let maxRings = 8
     private let ringEntries: Int
@@ -114,6 +137,61 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     private let closed = ManagedAtomic<Bool>(false)
     let faults: NVMeFaultInjector?
     let logger: Logger
+
+    /// Superseded index records on their way to a durable release record.
+    ///
+    /// A record leaves the mirror as soon as the store retires or releases its extent (so no
+    /// checkpoint writes it again), but until its release record is durable the journal or the
+    /// on-disk index may still hold it, and a restart would bring that version back. `keys`
+    /// lets `persistInvalidations(of:)` tell in O(1) whether a key has such a record.
+    struct Tombstones {
+        /// Extents whose release record is in no journal append yet.
+        var waiting: [Extent] = []
+        /// Every extent whose release record is not durable (waiting or in an append in
+        /// flight), by first slot: its page's key, its extent, and whether the store released
+        /// it (slots return once the record is durable) or only retired it (reads may still
+        /// copy from it; `release` comes later).
+        var notDurable: [UInt32: (key: PageKey, extent: Extent, released: Bool)] = [:]
+        /// Keys with an entry in `notDurable`, counted.
+        var keys: [PageKey: Int] = [:]
+        /// Retired copies whose release record must ride with the next record of their key
+        /// (a put overwriting them on this tier): not in `waiting`, so no other append can
+        /// make the old copy's release durable before the new copy's record.
+        var reserved: [PageKey: [Extent]] = [:]
+
+        mutating func add(_ extent: Extent, key: PageKey, released: Bool, reservedFor owner: PageKey? = nil) {
+            if let owner {
+                reserved[owner, default: []].append(extent)
+            } else {
+                waiting.append(extent)
+            }
+            notDurable[extent.firstSlot] = (key, extent, released)
+            keys[key, default: 0] += 1
+        }
+
+        /// Moves `extent` from `reserved` to `waiting` if it is there (it was released or
+        /// retired again, or its key's invalidation must be made durable now).
+        mutating func unreserve(key: PageKey) {
+            guard let extents = reserved.removeValue(forKey: key) else { return }
+            waiting.append(contentsOf: extents)
+        }
+
+        mutating func unreserve(_ extent: Extent) {
+            guard let key = notDurable[extent.firstSlot]?.key, var extents = reserved[key],
+                  let index = extents.firstIndex(of: extent)
+            else { return }
+            extents.remove(at: index)
+            reserved[key] = extents.isEmpty ? nil : extents
+            waiting.append(extent)
+        }
+
+        /// The release record of `extent` is durable: returns it if its slots can be reused now.
+        mutating func settle(_ extent: Extent) -> Extent? {
+            guard let entry = notDurable.removeValue(forKey: extent.firstSlot) else { return nil }
+            if let count = keys[entry.key], count > 1 { keys[entry.key] = count - 1 } else { keys[entry.key] = nil }
+            return entry.released ? entry.extent : nil
+        }
+    }
 
     /// Where the journal stands. `next`: sequence of the next journal block; `replayFrom`: the
     /// first block the on-disk checkpoint does not cover; `appending`: appends in flight.
@@ -150,8 +228,11 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         bounceCount = max(4, min(configuration.ringEntries, (16 << 20) / slotSize))
 
         // Open: O_DIRECT unless explicitly told otherwise; a refusal is an error, not a fallback.
+        // O_NOFOLLOW: a symlink planted at the path (a shared /tmp) is refused, not followed.
+        // New files are 0600: the pages are the caller's data.
         directIO = !configuration.bufferedIO
-        let flags = O_RDWR | O_CREAT | O_CLOEXEC | (directIO ? spillway_o_direct() : 0)
+        durability = configuration.durability
+        let flags = O_RDWR | O_CREAT | O_CLOEXEC | spillway_o_nofollow() | (directIO ? spillway_o_direct() : 0)
         var descriptor: Int32
         var openErrno: Int32 = 0
         if let injected = configuration.faults?.takeOpenFailure() {
@@ -167,7 +248,24 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 throw .invalidConfiguration(
                     "tier '\(name)': the filesystem of '\(configuration.path)' refuses O_DIRECT; choose another directory or set buffered-io = true")
             }
+            if error == ELOOP {
+                throw .invalidConfiguration("tier '\(name)': '\(configuration.path)' is a symbolic link; give the path of the file or device itself")
+            }
             throw .tierIO(tier: name, operation: "open '\(configuration.path)'", errno: error)
+        }
+        // One process per file: a second opener (another worker with the same configuration)
+        // would reformat it under the first, or recover the first's pages as its own.
+        do throws(SpillwayError) {
+            try Self.lockExclusively(fd: descriptor, path: configuration.path, name: name)
+        } catch {
+            Glibc.close(descriptor)
+            throw error
+        }
+        var fileStatus = stat()
+        if fstat(descriptor, &fileStatus) == 0, fileStatus.st_mode & S_IFMT == S_IFREG, fileStatus.st_mode & 0o077 != 0 {
+            logger.warning("nvme file is readable or writable by other users; chmod 600 it", metadata: [
+                "tier": "\(name)", "path": "\(configuration.path)", "mode": "\(String(fileStatus.st_mode & 0o777, radix: 8))",
+            ])
         }
         fd = descriptor
         do {
@@ -189,7 +287,10 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         let opened: OpenedContents
         do throws(SpillwayError) {
             opened = try Self.openContents(fd: descriptor, geometry: geometry, mirror: mirror, allocator: allocator,
-                                           reformat: configuration.reformat, name: name, logger: logger)
+                                           reformat: configuration.reformat, name: name, path: configuration.path, logger: logger)
+            if durability == .power && fdatasync(descriptor) != 0 {
+                throw SpillwayError.tierIO(tier: name, operation: "fdatasync after recovery", errno: errno)
+            }
         } catch {
             Glibc.close(descriptor)
             dirtyIndexBlocks.deallocate()
@@ -245,26 +346,103 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         return allocator.allocate(count: slotCount)
     }
 
-    /// Empties the page's index record in the mirror now. If a record was there, the slots
-    /// return to the allocator only once a release record is in the journal (appended with the
-    /// next batch's records, or here when 64 releases are waiting, or on close), so no record
-    /// on disk ever claims a reused slot. An extent without a record (a write that failed) is
-    /// free at once.
+    /// Gives the page's slots back. If its index record is still current (in the mirror, so
+    /// possibly on disk), a release record is queued and the slots return to the allocator only
+    /// once that record is durable (appended with the next batch's records, or here when 64
+    /// releases are waiting, or on close), so no record on disk ever claims a reused slot. An
+    /// extent retired earlier waits for its release record the same way; an extent without a
+    /// record (a write that failed, or one whose release record is already durable) is free
+    /// at once.
     public func release(_ extent: Extent) {
-        var hadRecord = false
-        setIndexRecord(slot: extent.firstSlot) { record in
-            hadRecord = record.load(as: UInt32.self) != 0
-            memset(record, 0, NVMeFormat.recordSize)
+        let key = indexRecordKey(extent)
+        let outcome = tombstones.withLock { state -> (freeNow: Bool, waiting: Int) in
+            if state.notDurable[extent.firstSlot] != nil {
+                state.notDurable[extent.firstSlot]!.released = true
+                // Not waiting for a put of its key any more: its slots are wanted back.
+                state.unreserve(extent)
+                return (false, state.waiting.count)
+            }
+            if let key {
+                state.add(extent, key: key, released: true)
+                return (false, state.waiting.count)
+            }
+            return (true, 0)
         }
-        guard hadRecord else {
-            allocator.release(extent)
-            return
-        }
-        let waiting = tombstones.withLock { pending -> Int in
-            pending.append(extent)
-            return pending.count
+        if outcome.freeNow { allocator.release(extent) }
+        if outcome.waiting >= 64 { flushTombstones() }
+    }
+
+    /// The store no longer points at `extent` (reads may still copy from it): a release record
+    /// is queued; the slots stay allocated until `release`. The record stays in the mirror
+    /// (and so in checkpoints) until the release record is durable: a checkpoint never makes a
+    /// retirement durable before the operation that caused it journaled it.
+    public func retire(_ extent: Extent) {
+        let key = indexRecordKey(extent)
+        let waiting = tombstones.withLock { state -> Int in
+            if state.notDurable[extent.firstSlot] != nil {
+                state.unreserve(extent)
+            } else if let key {
+                state.add(extent, key: key, released: false)
+            }
+            return state.waiting.count
         }
         if waiting >= 64 { flushTombstones() }
+    }
+
+    /// `retire`, with the release record held back for the next journal append that carries
+    /// a record of `key` (the overwriting put's), so both become durable together.
+    public func retire(_ extent: Extent, supersededByNextRecordOf key: PageKey) {
+        guard let recorded = indexRecordKey(extent) else { return }
+        tombstones.withLock { state in
+            guard state.notDurable[extent.firstSlot] == nil else { return }
+            state.add(extent, key: recorded, released: false, reservedFor: key)
+        }
+    }
+
+    /// Journals the release records of `key`'s superseded pages now if any is not durable yet,
+    /// waiting for an append already carrying one. Returns 0 or the journal write's errno
+    /// (after three failed attempts).
+    public func persistInvalidations(of key: PageKey) -> Int32 {
+        var failures = 0
+        while true {
+            let state = tombstones.withLock { state in
+                // A release held back for a put of this key that never appended (it failed).
+                state.unreserve(key: key)
+                return (pending: state.keys[key] != nil, waiting: !state.waiting.isEmpty)
+            }
+            guard state.pending else { return 0 }
+            if state.waiting {
+                let status: Int32
+                do {
+                    let context = try takeRing()
+                    status = appendRecords([], of: nil, on: context)
+                    returnRing(context)
+                } catch {
+                    status = error.errno
+                }
+                if status != 0 {
+                    failures += 1
+                    if failures >= 3 { return status }
+                }
+            } else {
+                // Its release record is in another thread's append, which completes (or fails
+                // and puts it back in `waiting`) without waiting for anything this thread holds.
+                sched_yield()
+            }
+        }
+    }
+
+    /// The key of the mirror record at `extent`'s first slot, if there is one (a torn record
+    /// counts, with a zero key).
+    private func indexRecordKey(_ extent: Extent) -> PageKey? {
+        var key: PageKey?
+        let block = geometry.indexBlock(ofSlot: extent.firstSlot)
+        indexStripes[block % indexStripes.count].withLock { _ in
+            let record = mirror.base + Int(extent.firstSlot) * NVMeFormat.recordSize
+            guard record.load(as: UInt32.self) != 0 else { return }
+            key = NVMeFormat.Record.decode(record)?.key ?? PageKey(high: 0, low: 0)
+        }
+        return key
     }
 
     public var usedSlots: Int { allocator.usedSlots }
@@ -275,14 +453,26 @@ public final class NVMeTier: Tier, @unchecked Sendable {
 
     /// Slots released by the store whose empty index record is not on disk yet (still counted
     /// in `usedSlots` until it is).
-    public var pendingReleaseSlots: Int { tombstones.withLock { $0.reduce(0) { $0 + Int($1.slotCount) } } }
+    public var pendingReleaseSlots: Int {
+        tombstones.withLock { $0.notDurable.values.reduce(0) { $0 + ($1.released ? Int($1.extent.slotCount) : 0) } }
+    }
 
-    /// Journals waiting releases and writes a checkpoint, so the next open replays nothing.
+    /// Journals waiting releases and writes a checkpoint, so the next open replays nothing,
+    /// then gives up the file's lock (another store may open it now).
     public func close() {
         guard !closed.load(ordering: .relaxed) else { return }
         flushTombstones()
         checkpoint()
         closed.store(true, ordering: .releasing)
+        _ = flock(fd, LOCK_UN)
+    }
+
+    /// Tests: stops writing anything at all (no release records, no checkpoint, not even at
+    /// deinit) and gives up the lock, leaving the file as a killed process would, so the same
+    /// process can reopen it. Process-level crash tests kill a real `spillway store soak`.
+    func abandonForTesting() {
+        closed.store(true, ordering: .releasing)
+        _ = flock(fd, LOCK_UN)
     }
 
     // MARK: I/O
@@ -452,8 +642,11 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         } else {
             buffer = io.buffer! + flight.done
         }
+        // A power-durable tier writes pages with RWF_DSYNC as well: a journal write with
+        // RWF_DSYNC may be a lone FUA write that does not flush earlier completed writes.
         return context.prepareOrFlush(write: io.operation == .write, buffer: buffer, length: length,
-                                      offset: offset, fixedBuffer: flight.bounce, tag: tag)
+                                      offset: offset, fixedBuffer: flight.bounce, tag: tag,
+                                      rwFlags: io.operation == .write ? metadataWriteFlags : 0)
     }
 
     /// Interprets one completion. Returns true if the I/O must be queued again.
@@ -482,73 +675,129 @@ public final class NVMeTier: Tier, @unchecked Sendable {
 
     // MARK: Index and journal
 
+    /// One record of a journal append: a page (a position in the append's `indices`) or a
+    /// release.
+    private enum JournalEntry {
+        case page(Int)
+        case release(Extent)
+    }
+
     /// Appends journal records for completed writes (`indices` of `batch`) plus every waiting
     /// release, in as few 4 KiB journal blocks as they fit, written in one submission per
-    /// round of `context.journalCount` blocks. A page's record enters the index mirror when its
-    /// journal block is reserved and leaves it again if the block's write fails (before any
-    /// checkpoint can see it: checkpoints wait for in-flight appends). Writes whose record did
+    /// round of `context.journalCount` blocks. A release held back for a key this append
+    /// records (the put's superseded copy on this tier) goes right after that key's page record
+    /// in the same block: the kernel may complete, or on a kill cancel, the blocks of one
+    /// submission in any order, and a single block lands whole or not at all, so the old copy's
+    /// release is never durable without its replacement. A page's record enters the index
+    /// mirror when its journal block is reserved and leaves it again if the block's write fails
+    /// (before any checkpoint can see it: checkpoints wait for in-flight appends); a released
+    /// record leaves the mirror once its release record is durable. Writes whose record did
     /// not reach the disk get its errno as their status. Returns 0 or the last round's errno.
     @discardableResult
     func appendRecords(_ indices: [Int], of batch: TierBatch?, on context: URingContext) -> Int32 {
-        let releases = tombstones.withLock { pending -> [Extent] in
-            defer { pending.removeAll(keepingCapacity: true) }
-            return pending
+        if closed.load(ordering: .acquiring) {
+            // Closed (or abandoned by a test): nothing reaches the file any more.
+            if let batch { for index in indices { batch.setStatus(index, ESHUTDOWN) } }
+            return ESHUTDOWN
         }
-        let perRound = context.journalCount * NVMeFormat.recordsPerJournalBlock
-        var putCursor = 0
-        var releaseCursor = 0
+        var held: [PageKey: [Extent]] = [:]
+        let releases = tombstones.withLock { state -> [Extent] in
+            if let batch, !state.reserved.isEmpty {
+                for index in indices {
+                    let key = batch[index].key
+                    if let extents = state.reserved.removeValue(forKey: key) { held[key, default: []].append(contentsOf: extents) }
+                }
+            }
+            defer { state.waiting.removeAll(keepingCapacity: true) }
+            return state.waiting
+        }
+        // Pack groups (a page record and the releases held for its key; a lone release) into
+        // blocks, never splitting a group across two.
+        let perBlock = NVMeFormat.recordsPerJournalBlock
+        var blocks: [[JournalEntry]] = [[]]
+        blocks[0].reserveCapacity(min(perBlock, indices.count + releases.count))
+        func place(_ group: [JournalEntry]) {
+            if !blocks[blocks.count - 1].isEmpty && blocks[blocks.count - 1].count + group.count > perBlock { blocks.append([]) }
+            for entry in group {
+                if blocks[blocks.count - 1].count == perBlock { blocks.append([]) }
+                blocks[blocks.count - 1].append(entry)
+            }
+        }
+        for position in indices.indices {
+            if let batch, !held.isEmpty, let extents = held.removeValue(forKey: batch[indices[position]].key) {
+                place([.page(position)] + extents.map { .release($0) })
+            } else {
+                place([.page(position)])
+            }
+        }
+        for extent in releases { place([.release(extent)]) }
+        if blocks[blocks.count - 1].isEmpty { blocks.removeLast() }
+
         var status: Int32 = 0
-        while putCursor < indices.count || releaseCursor < releases.count {
-            let puts = min(indices.count - putCursor, perRound)
-            let frees = min(releases.count - releaseCursor, perRound - puts)
-            let records = puts + frees
-            let blocks = (records + NVMeFormat.recordsPerJournalBlock - 1) / NVMeFormat.recordsPerJournalBlock
-            let roundPuts = putCursor..<(putCursor + puts)
-            let roundFrees = releases[releaseCursor..<(releaseCursor + frees)]
-            putCursor += puts
-            releaseCursor += frees
+        var start = 0
+        while start < blocks.count {
+            let end = min(blocks.count, start + context.journalCount)
+            let round = blocks[start..<end]
+            start = end
+            var roundPages: [Int] = []
+            var roundFrees: [Extent] = []
+            for block in round {
+                for entry in block {
+                    switch entry {
+                    case .page(let position): roundPages.append(position)
+                    case .release(let extent): roundFrees.append(extent)
+                    }
+                }
+            }
             let first: UInt64
-            switch beginAppend(blocks: blocks, on: context) {
+            switch beginAppend(blocks: round.count, on: context) {
             case .failure(let error):
                 status = error.errno
-                if let batch { for position in roundPuts { batch.setStatus(indices[position], status) } }
-                settle(Array(roundFrees), written: false)
+                if let batch { for position in roundPages { batch.setStatus(indices[position], status) } }
+                settle(roundFrees, written: false)
                 continue
             case .success(let sequence):
                 first = sequence
             }
-            for record in 0..<records {
-                let block = context.journalBlock(record / NVMeFormat.recordsPerJournalBlock)
-                let target = block + NVMeFormat.recordSize * (1 + record % NVMeFormat.recordsPerJournalBlock)
-                let sequence = self.sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
-                if record < puts, let batch {
-                    let io = batch[indices[roundPuts.lowerBound + record]]
-                    let page = NVMeFormat.Record(key: io.key, slot: io.extent.firstSlot, slotCount: io.extent.slotCount,
-                                                 length: UInt32(io.length), checksum: io.checksum, sequence: sequence)
-                    page.encode(into: target)
-                    setIndexRecord(slot: page.slot) { memcpy($0, target, NVMeFormat.recordSize) }
-                } else {
-                    NVMeFormat.Record.release(roundFrees[roundFrees.startIndex + record - puts], sequence: sequence).encode(into: target)
+            for (offset, entries) in round.enumerated() {
+                let block = context.journalBlock(offset)
+                for (index, entry) in entries.enumerated() {
+                    let target = block + NVMeFormat.recordSize * (1 + index)
+                    let sequence = self.sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
+                    switch entry {
+                    case .page(let position):
+                        guard let batch else { continue }
+                        let io = batch[indices[position]]
+                        let page = NVMeFormat.Record(key: io.key, slot: io.extent.firstSlot, slotCount: io.extent.slotCount,
+                                                     length: UInt32(io.length), checksum: io.checksum, sequence: sequence,
+                                                     instance: instance)
+                        page.encode(into: target)
+                        setIndexRecord(slot: page.slot) { memcpy($0, target, NVMeFormat.recordSize) }
+                    case .release(let extent):
+                        NVMeFormat.Record.release(extent, sequence: sequence, instance: instance).encode(into: target)
+                    }
                 }
+                NVMeFormat.encodeJournalHeader(into: block, sequence: first + UInt64(offset), instance: instance, count: entries.count)
             }
-            for block in 0..<blocks {
-                let count = min(NVMeFormat.recordsPerJournalBlock, records - block * NVMeFormat.recordsPerJournalBlock)
-                NVMeFormat.encodeJournalHeader(into: context.journalBlock(block), sequence: first + UInt64(block),
-                                               instance: instance, count: count)
-            }
-            let roundStatus = writeBlocks(blocks, on: context) { block in
+            let roundStatus = writeBlocks(round.count, on: context) { block in
                 (context.journalBlock(block), geometry.journalBlockOffset(sequence: first + UInt64(block)), context.journalFixedBuffer(block))
             }
             if roundStatus != 0, let batch {
                 // Not durable: take the records back out of the mirror before a checkpoint can
                 // write them, so a failed put never surfaces after a restart.
-                for position in roundPuts {
+                for position in roundPages {
                     setIndexRecord(slot: batch[indices[position]].extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) }
                     batch.setStatus(indices[position], roundStatus)
                 }
             }
+            if roundStatus == 0 {
+                // The release records are durable: only now do the records leave the mirror,
+                // and before `endAppend`, so no checkpoint can cover these journal blocks
+                // while still writing the released records.
+                for extent in roundFrees { setIndexRecord(slot: extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) } }
+            }
             endAppend()
-            settle(Array(roundFrees), written: roundStatus == 0)
+            settle(roundFrees, written: roundStatus == 0)
             if roundStatus != 0 {
                 status = roundStatus
                 logger.error("journal write failed", metadata: ["tier": "\(descriptor.name)", "errno": "\(roundStatus)"])
@@ -561,21 +810,22 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// write failed.
     @discardableResult
     func flushTombstones() -> Bool {
-        guard tombstones.withLock({ !$0.isEmpty }) else { return false }
+        guard tombstones.withLock({ !$0.waiting.isEmpty }) else { return false }
         guard let context = try? takeRing() else { return false }
         defer { returnRing(context) }
         return appendRecords([], of: nil, on: context) == 0
     }
 
-    /// Released extents whose release record is on disk go back to the allocator; if the write
-    /// failed they wait for the next one (a persistent failure keeps them out of use; see
-    /// `pendingReleaseSlots`).
+    /// Extents whose release record is on disk go back to the allocator if the store released
+    /// them (retired ones when it does); if the write failed they wait for the next one (a
+    /// persistent failure keeps them out of use; see `pendingReleaseSlots`).
     private func settle(_ extents: [Extent], written: Bool) {
         guard !extents.isEmpty else { return }
         if written {
-            for extent in extents { allocator.release(extent) }
+            let free = tombstones.withLock { state in extents.compactMap { state.settle($0) } }
+            for extent in free { allocator.release(extent) }
         } else {
-            tombstones.withLock { $0.append(contentsOf: extents) }
+            tombstones.withLock { $0.waiting.append(contentsOf: extents) }
             logger.error("could not journal releases; their slots stay allocated", metadata: [
                 "tier": "\(descriptor.name)", "extents": "\(extents.count)",
             ])
@@ -625,6 +875,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// Writes a checkpoint now (used on close). Returns 0 or an errno.
     @discardableResult
     func checkpoint() -> Int32 {
+        if closed.load(ordering: .acquiring) { return ESHUTDOWN }
         while true {
             let mine = journalState.withLock { state -> Bool in
                 guard !state.checkpointing else { return false }
@@ -707,7 +958,8 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         func queue(_ index: Int) -> Bool {
             let target = describe(index)
             return context.prepareOrFlush(write: true, buffer: target.buffer + done[index], length: NVMeFormat.blockSize - done[index],
-                                          offset: target.offset + done[index], fixedBuffer: target.fixed, tag: UInt64(index))
+                                          offset: target.offset + done[index], fixedBuffer: target.fixed, tag: UInt64(index),
+                                          rwFlags: metadataWriteFlags)
         }
         func fill() -> Bool {
             while pending < limit && next < count {
@@ -747,7 +999,16 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             }
             if ringFailed || !fill() { return EIO }
         }
+        // IOPOLL rings take no RWF_DSYNC; a power-durable tier syncs after the blocks instead
+        // (it also covers the data writes that completed before them).
+        if failure == 0 && durability == .power && mode == .iopoll && fdatasync(fd) != 0 { return errno }
         return failure
+    }
+
+    /// `RWF_DSYNC` for page, journal, index and checkpoint writes when `durability` is
+    /// `power`: each is on stable media before it completes.
+    private var metadataWriteFlags: Int32 {
+        durability == .power && mode != .iopoll ? spillway_rwf_dsync() : 0
     }
 
     // MARK: Rings

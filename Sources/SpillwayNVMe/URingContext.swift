@@ -94,7 +94,10 @@ final class URingContext: @unchecked Sendable {
 
     /// Queues one read or write on fixed file 0. `fixedBuffer` ≥ 0 uses that registered buffer.
     /// Returns false when the submission queue is full (the caller submits and retries).
-    func prepare(write: Bool, buffer: UnsafeMutableRawPointer, length: Int, offset: Int, fixedBuffer: Int32, tag: UInt64) -> Bool {
+    /// `rwFlags`: per-write flags (`RWF_DSYNC` for journal and checkpoint writes of a tier with
+    /// `durability = "power"`).
+    func prepare(write: Bool, buffer: UnsafeMutableRawPointer, length: Int, offset: Int, fixedBuffer: Int32, tag: UInt64,
+                 rwFlags: Int32 = 0) -> Bool {
         guard let sqe = io_uring_get_sqe(ring) else { return false }
         if fixedBuffer >= 0 {
             if write {
@@ -108,6 +111,7 @@ final class URingContext: @unchecked Sendable {
             io_uring_prep_read(sqe, 0, buffer, UInt32(length), UInt64(offset))
         }
         spillway_io_uring_sqe_use_fixed_file(sqe)
+        if rwFlags != 0 { spillway_io_uring_sqe_set_rw_flags(sqe, rwFlags) }
         io_uring_sqe_set_data64(sqe, tag)
         return true
     }
@@ -130,8 +134,10 @@ final class URingContext: @unchecked Sendable {
 
     /// Queues an SQE, pushing queued ones to the kernel while the submission queue is full.
     /// False if the ring failed.
-    func prepareOrFlush(write: Bool, buffer: UnsafeMutableRawPointer, length: Int, offset: Int, fixedBuffer: Int32, tag: UInt64) -> Bool {
-        while !prepare(write: write, buffer: buffer, length: length, offset: offset, fixedBuffer: fixedBuffer, tag: tag) {
+    func prepareOrFlush(write: Bool, buffer: UnsafeMutableRawPointer, length: Int, offset: Int, fixedBuffer: Int32, tag: UInt64,
+                        rwFlags: Int32 = 0) -> Bool {
+        while !prepare(write: write, buffer: buffer, length: length, offset: offset, fixedBuffer: fixedBuffer, tag: tag,
+                       rwFlags: rwFlags) {
             if submit(waitFor: 0) < 0 { return false }
         }
         return true

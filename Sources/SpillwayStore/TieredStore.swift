@@ -62,6 +62,10 @@ public final class TieredStore: Sendable {
     private let counters = StoreCounters()
     private let closedFlag = ManagedAtomic<Bool>(false)
     private let reclaimLocks: [Locked<Void>]
+    /// Orders the changes of one key that a persistent tier must see in order (see `KeyLocks`).
+    private let keyLocks = KeyLocks()
+    /// Indices of tiers that record pages persistently (`recordsPageMetadata`).
+    private let persistentTiers: [Int]
     private let prefetchQueue: Locked<Deque<PageKey>>
     private let wake = DispatchSemaphore(value: 0)
     private let worker = Locked<BackgroundThread?>(nil)
@@ -123,6 +127,7 @@ public final class TieredStore: Sendable {
         inlineTiers = tiers.map(\.descriptor.completesInline)
         hostBases = tiers.map { UInt(bitPattern: $0.hostMemory?.baseAddress) }
         recordsMetadata = tiers.map(\.descriptor.recordsPageMetadata)
+        persistentTiers = tiers.indices.filter { tiers[$0].descriptor.recordsPageMetadata }
         tierCounters = tiers.map { _ in TierCounters() }
         reclaimLocks = tiers.map { _ in Locked(()) }
         prefetchQueue = Locked(Deque(minimumCapacity: options.prefetchQueueLimit))
@@ -184,6 +189,11 @@ public final class TieredStore: Sendable {
     ///   policy choose and falls back to lower tiers.
     public func put(_ key: PageKey, _ bytes: UnsafeRawBufferPointer, tier: Int? = nil) throws(SpillwayError) {
         try checkOpen()
+        // One change of a key at a time: its journal records and directory commits stay in order.
+        try keyLocks.withLock(key) { () throws(SpillwayError) in try putLocked(key, bytes, tier: tier) }
+    }
+
+    private func putLocked(_ key: PageKey, _ bytes: UnsafeRawBufferPointer, tier: Int?) throws(SpillwayError) {
         let length = bytes.count
         guard length <= options.maxPageSize else { throw .pageTooLarge(length: length, limit: options.maxPageSize) }
         let location: PageLocation
@@ -206,6 +216,7 @@ public final class TieredStore: Sendable {
         }
         let tier = tiers[location.tier]
         let batch = ThreadBatch.current()
+        retireSupersededCopy(of: key, onTier: location.tier)
         // A persistent tier records the checksum with the page, so it is needed up front;
         // otherwise it is computed while the write is in flight.
         let early: UInt32? = recordsMetadata[location.tier] ? CRC32C.checksum(bytes) : nil
@@ -235,7 +246,7 @@ public final class TieredStore: Sendable {
     @discardableResult
     public func get(_ key: PageKey, into buffer: UnsafeMutableRawBufferPointer) throws(SpillwayError) -> Int {
         try checkOpen()
-        guard let snapshot = directory.beginRead(key) else {
+        guard let snapshot = try directory.beginRead(key) else {
             counters.misses.add(1)
             throw .unknownKey(key)
         }
@@ -347,14 +358,16 @@ public final class TieredStore: Sendable {
     @discardableResult
     public func remove(_ key: PageKey) throws(SpillwayError) -> Bool {
         try checkOpen()
-        let (found, release) = try directory.remove(key)
-        if let release {
-            self.release(release)
-            // A removal is a promise: on a persistent tier, make it survive a crash now.
-            if recordsMetadata[release.tier] { tiers[release.tier].persistReleases() }
+        return try keyLocks.withLock(key) { () throws(SpillwayError) -> Bool in
+            let (old, release) = try directory.removeEntry(key)
+            if let old, recordsMetadata[old.tier] { tiers[old.tier].retire(old.extent) }
+            if let release { self.release(release) }
+            // A removal is a promise: no persistent tier may bring the key back after a crash,
+            // including copies the directory no longer points at (promoted or superseded ones).
+            try persistInvalidations(of: key)
+            if old != nil { counters.removes.add(1) }
+            return old != nil
         }
-        if found { counters.removes.add(1) }
-        return found
     }
 
     /// Pins the page where it is: it is not moved, evicted, overwritten or removed until a
@@ -491,17 +504,45 @@ public final class TieredStore: Sendable {
         return nil
     }
 
+    /// Makes a written page visible, retires the copy it replaced on a persistent tier, and
+    /// makes every superseded persistent copy of the key durably invalid before returning (the
+    /// caller holds the key's stripe).
     private func commitPut(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32) throws(SpillwayError) {
-        let vacated: PageLocation?
+        let replaced: (old: PageLocation?, release: PageLocation?)
         do {
-            vacated = try directory.insert(key, location: location, length: length, checksum: checksum)
+            replaced = try directory.replace(key, location: location, length: length, checksum: checksum)
         } catch {
             tiers[location.tier].release(location.extent)
             throw error
         }
-        if let vacated { release(vacated) }
+        if let old = replaced.old, recordsMetadata[old.tier] { tiers[old.tier].retire(old.extent) }
+        if let vacated = replaced.release { release(vacated) }
         counters.puts.add(1)
         tierCounters[location.tier].bytesWritten.add(length)
+        try persistInvalidations(of: key)
+    }
+
+    /// Before a put writes `key` to persistent tier `tier`: retires the current copy if it is on
+    /// that tier too, so its release record goes into the same journal append as the new
+    /// page's record. (Caller holds the key's stripe; a pinned page is left alone: the put will
+    /// fail on it.)
+    private func retireSupersededCopy(of key: PageKey, onTier tier: Int) {
+        guard recordsMetadata[tier], let current = directory.snapshot(of: key), current.location.tier == tier,
+              current.pinCount == 0
+        else { return }
+        tiers[tier].retire(current.location.extent, supersededByNextRecordOf: key)
+    }
+
+    /// Makes every persistent tier's invalidations of `key` durable; a failure fails the
+    /// operation (it cannot promise that a restart will not bring back an older version).
+    private func persistInvalidations(of key: PageKey) throws(SpillwayError) {
+        for index in persistentTiers {
+            let status = tiers[index].persistInvalidations(of: key)
+            if status != 0 {
+                tierCounters[index].ioErrors.add(1)
+                throw .tierIO(tier: tiers[index].descriptor.name, operation: "journal invalidation", errno: status)
+            }
+        }
     }
 
     private func putChunk(_ requests: UnsafeMutableBufferPointer<PageWrite>, queueDepth: Int) -> Int {
@@ -509,6 +550,8 @@ public final class TieredStore: Sendable {
             for index in requests.indices { requests[index].error = .closed }
             return 0
         }
+        let stripes = keyLocks.lock(requests.lazy.map(\.key))
+        defer { keyLocks.unlock(stripes: stripes) }
         return withUnsafeTemporaryAllocation(of: (location: PageLocation, checksum: UInt32)?.self, capacity: requests.count) { plans in
             for index in requests.indices {
                 plans.initializeElement(at: index, to: nil)
@@ -521,6 +564,7 @@ public final class TieredStore: Sendable {
                 do throws(SpillwayError) {
                     let location = try allocateForPut(slots: slotsNeeded(bytes.count), length: bytes.count)
                     plans[index] = (location, CRC32C.checksum(bytes))
+                    retireSupersededCopy(of: requests[index].key, onTier: location.tier)
                 } catch {
                     requests[index].error = error
                 }
@@ -598,6 +642,13 @@ public final class TieredStore: Sendable {
     /// Copies a verified page (already in `buffer`) to the top tier and repoints the directory,
     /// if it is still the same version and unpinned.
     private func promote(_ snapshot: PageSnapshot, from buffer: UnsafeRawBufferPointer) {
+        // A key being put or removed is not promoted (never waited for on the read path).
+        let stripe = KeyLocks.stripe(snapshot.key)
+        guard keyLocks.tryLock(stripe: stripe) else {
+            counters.promotionsSkipped.add(1)
+            return
+        }
+        defer { keyLocks.unlock(stripe: stripe) }
         guard let claim = directory.beginMove(snapshot.key, fromTier: snapshot.location.tier) else { return }
         guard claim.version == snapshot.version, let extent = tiers[0].allocate(slotCount: Int(claim.location.extent.slotCount)) else {
             abortMove(claim)
@@ -617,6 +668,7 @@ public final class TieredStore: Sendable {
             return
         }
         let (committed, vacated) = directory.commitMove(claim, to: destination)
+        if committed && recordsMetadata[claim.location.tier] { tiers[claim.location.tier].retire(claim.location.extent) }
         if let vacated { release(vacated) }
         guard committed else {
             tiers[0].release(extent)
@@ -637,7 +689,14 @@ public final class TieredStore: Sendable {
                 requests[index].error = nil
                 requests[index].length = 0
                 requests[index].latencyNanoseconds = 0
-                let snapshot = directory.beginRead(requests[index].key)
+                let snapshot: PageSnapshot?
+                do throws(SpillwayError) {
+                    snapshot = try directory.beginRead(requests[index].key)
+                } catch {
+                    snapshots.initializeElement(at: index, to: nil)
+                    requests[index].error = error
+                    continue
+                }
                 snapshots.initializeElement(at: index, to: snapshot)
                 guard let snapshot else {
                     counters.misses.add(1)
@@ -716,14 +775,20 @@ public final class TieredStore: Sendable {
     }
 
     /// Drops a page whose bytes failed their checksum: counted, logged, never served.
-    private func quarantine(_ snapshot: PageSnapshot) {
+    /// `keyLocked`: the caller holds the key's stripe (a mover); otherwise it is taken here.
+    private func quarantine(_ snapshot: PageSnapshot, keyLocked: Bool = false) {
         let tier = tiers[snapshot.location.tier].descriptor.name
         tierCounters[snapshot.location.tier].checksumFailures.add(1)
         logger.error("checksum mismatch: page dropped", metadata: [
             "key": "\(snapshot.key)", "tier": "\(tier)", "location": "\(snapshot.location)",
         ])
         // A pinned page is marked corrupt instead (never served, removed at its last unpin).
-        if let vacated = directory.removeIfCurrent(snapshot, quarantine: true).release { release(vacated) }
+        let drop = {
+            let (removed, vacated) = self.directory.removeIfCurrent(snapshot, quarantine: true)
+            if removed && self.recordsMetadata[snapshot.location.tier] { self.tiers[snapshot.location.tier].retire(snapshot.location.extent) }
+            if let vacated { self.release(vacated) }
+        }
+        if keyLocked { drop() } else { keyLocks.withLock(snapshot.key, drop) }
     }
 
     /// Frees slots on `tier` until at most `target` are used: demotes the coldest movable pages
@@ -799,9 +864,14 @@ public final class TieredStore: Sendable {
     private func evict(_ keys: [PageKey], tier index: Int) -> Int {
         var evicted = 0
         for key in keys {
+            // A busy key (being put or removed) is skipped, never waited for.
+            let stripe = KeyLocks.stripe(key)
+            guard keyLocks.tryLock(stripe: stripe) else { continue }
+            defer { keyLocks.unlock(stripe: stripe) }
             guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == index, snapshot.pinCount == 0
             else { continue }
             let (removed, vacated) = directory.removeIfCurrent(snapshot)
+            if removed && recordsMetadata[index] { tiers[index].retire(snapshot.location.extent) }
             if let vacated { release(vacated) }
             guard removed else { continue }
             tierCounters[index].evictions.add(1)
@@ -830,7 +900,12 @@ public final class TieredStore: Sendable {
         }
         var moves: [(claim: PageSnapshot, destination: Extent)] = []
         moves.reserveCapacity(keys.count)
+        // Held from the claim to the commit, so a put or remove of the key cannot interleave
+        // with the move's journal record; busy keys are skipped (the caller may hold stripes).
+        var held = HeldStripes()
+        defer { held.releaseAll(in: keyLocks) }
         for key in keys {
+            guard held.tryAcquire(key, in: keyLocks) else { continue }
             guard let claim = directory.beginMove(key, fromTier: source) else { continue }
             guard let extent = targetTier.allocate(slotCount: Int(claim.location.extent.slotCount)) else {
                 abortMove(claim)
@@ -846,6 +921,7 @@ public final class TieredStore: Sendable {
             switch statuses[index] {
             case .copied:
                 let (committed, vacated) = directory.commitMove(move.claim, to: destination)
+                if committed && recordsMetadata[source] { tiers[source].retire(move.claim.location.extent) }
                 if let vacated { release(vacated) }
                 if committed {
                     if target > source {
@@ -871,7 +947,7 @@ public final class TieredStore: Sendable {
                 logger.error("checksum mismatch during move", metadata: [
                     "expected": "\(move.claim.checksum)", "actual": "\(actual)",
                 ])
-                quarantine(move.claim)
+                quarantine(move.claim, keyLocked: true)
             }
         }
         return moved

@@ -44,14 +44,14 @@ import SpillwayTestSupport
         let directory = try PageDirectory(tierCapacities: [16])
         let key = PageKey(3)
         _ = try directory.insert(key, location: location(0, 4), length: 1, checksum: 0)
-        let readA = try #require(directory.beginRead(key))
-        let readB = try #require(directory.beginRead(key))
+        let readA = try #require(try directory.beginRead(key))
+        let readB = try #require(try directory.beginRead(key))
         // Overwrite while two reads are in flight: the old slot is not released yet.
         #expect(try directory.insert(key, location: location(0, 5), length: 1, checksum: 0) == nil)
         #expect(directory.endRead(readA) == nil)
         #expect(directory.endRead(readB) == location(0, 4), "the last reader gets the slot back")
         // Remove with a reader in flight.
-        let readC = try #require(directory.beginRead(key))
+        let readC = try #require(try directory.beginRead(key))
         #expect(try directory.remove(key) == (true, nil))
         #expect(directory.endRead(readC) == location(0, 5))
     }
@@ -89,7 +89,7 @@ import SpillwayTestSupport
         for value in 0..<40 { _ = try directory.insert(PageKey(UInt64(value)), location: location(0, UInt32(value)), length: 1, checksum: 0) }
         // Touch the first 20 again: the untouched 20…39 are now the coldest.
         for value in 0..<20 {
-            let read = try #require(directory.beginRead(PageKey(UInt64(value))))
+            let read = try #require(try directory.beginRead(PageKey(UInt64(value))))
             _ = directory.endRead(read)
         }
         try directory.pin(PageKey(20))
@@ -119,5 +119,29 @@ import SpillwayTestSupport
         }
         for (key, slot) in model { #expect(directory.snapshot(of: key)?.checksum == slot, "\(key), \(TestSeed.note(seed))") }
         #expect(directory.allPages().count == model.count, "\(TestSeed.note(seed))")
+    }
+
+    /// The reader count is 16 bits: the 65,536th concurrent read of one key is refused with a
+    /// typed error (it used to overflow `+= 1` and trap), a move cannot claim the saturated
+    /// entry either, and once reads end everything works again.
+    @Test func the65536thConcurrentReaderIsRefusedNotATrap() throws {
+        let directory = try PageDirectory(tierCapacities: [16])
+        let key = PageKey(5)
+        _ = try directory.insert(key, location: location(0, 2), length: 10, checksum: 1)
+        var reads: [PageSnapshot] = []
+        for _ in 0..<Int(UInt16.max) { reads.append(try #require(try directory.beginRead(key))) }
+        #expect(throws: SpillwayError.invalidArgument("page \(key) has 65535 reads in flight")) {
+            _ = try directory.beginRead(key)
+        }
+        #expect(directory.beginMove(key) == nil, "a move would be one reader too many")
+        // Replacing the page parks its old location with all 65,535 readers; the last one to
+        // end gets it back to release.
+        #expect(try directory.insert(key, location: location(0, 3), length: 10, checksum: 2) == nil)
+        var released: [PageLocation] = []
+        for read in reads { if let location = directory.endRead(read) { released.append(location) } }
+        #expect(released == [location(0, 2)])
+        let again = try #require(try directory.beginRead(key))
+        #expect(again.location == location(0, 3))
+        #expect(directory.endRead(again) == nil)
     }
 }

@@ -151,8 +151,12 @@ func io(_ tier: NVMeTier, _ operation: TierIO.Operation, _ extent: Extent, _ buf
     }
 
     @Test func refusesBadGeometry() {
-        #expect(throws: SpillwayError.self) { _ = try NVMeTier(NVMeTierConfiguration(path: scratchPath("bad"), slotSize: 1000, capacitySlots: 4)) }
-        #expect(throws: SpillwayError.self) { _ = try NVMeTier(NVMeTierConfiguration(path: "/nonexistent-dir/tier", slotSize: 4096, capacitySlots: 4)) }
+        #expect(throws: SpillwayError.invalidConfiguration("tier 'nvme': slot size 1000 must be a power of two between 4KiB and 2MiB")) {
+            _ = try NVMeTier(NVMeTierConfiguration(path: scratchPath("bad"), slotSize: 1000, capacitySlots: 4))
+        }
+        #expect(throws: SpillwayError.tierIO(tier: "nvme", operation: "open '/nonexistent-dir/tier'", errno: ENOENT)) {
+            _ = try NVMeTier(NVMeTierConfiguration(path: "/nonexistent-dir/tier", slotSize: 4096, capacitySlots: 4))
+        }
     }
 }
 

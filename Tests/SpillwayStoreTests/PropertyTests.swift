@@ -14,16 +14,17 @@ enum ProcessInfo {
 }
 
 /// Random sequences of put/get/pin/unpin/remove/prefetch/demote/maintenance on a tiny
-/// device+DRAM store (so every operation races against demotion, promotion and eviction),
-/// checked against a model: bytes in = bytes out, pinned pages never move or disappear, and
-/// slot accounting never leaks.
+/// device+DRAM store, checked against a model: bytes in = bytes out, pinned pages never move
+/// or disappear, and slot accounting never leaks. Odd seeds run the background worker, so
+/// every operation races against its demotion and eviction (accounting is then checked once
+/// the worker has stopped); even seeds check accounting after every step.
 @Suite struct StorePropertyTests {
     @Test(arguments: 0..<24)
     func bytesInEqualBytesOut(seed: UInt64) throws {
-        let store = try makeStore(device: 6, dram: 14, maxPageSize: 3 * 4096,
+        let store = try makeStore(device: 6, dram: 14, maxPageSize: 3 * 4096, worker: seed % 2 == 1,
                                   watermarks: [Watermarks(high: 0.7, low: 0.4), Watermarks(high: 0.9, low: 0.6)])
         defer { store.close() }
-        try runRandomSequence(on: store, seed: seed)
+        try runRandomSequence(on: store, seed: seed, worker: seed % 2 == 1)
     }
 
     /// The same with an NVMe tier (a temporary file, real O_DIRECT I/O) under device and DRAM.
@@ -37,12 +38,13 @@ enum ProcessInfo {
             try NVMeTier(NVMeTierConfiguration(path: path, slotSize: 4096, capacitySlots: 12)),
         ]
         let store = try TieredStore(tiers: tiers, options: StoreOptions(
-            maxPageSize: 3 * 4096, watermarks: [Watermarks(high: 0.7, low: 0.4), Watermarks(high: 0.8, low: 0.5)], backgroundWorker: false))
+            maxPageSize: 3 * 4096, watermarks: [Watermarks(high: 0.7, low: 0.4), Watermarks(high: 0.8, low: 0.5)],
+            backgroundIntervalMilliseconds: 2, backgroundWorker: seed % 2 == 1))
         defer { store.close() }
-        try runRandomSequence(on: store, seed: seed)
+        try runRandomSequence(on: store, seed: seed, worker: seed % 2 == 1)
     }
 
-    func runRandomSequence(on store: TieredStore, seed: UInt64) throws {
+    func runRandomSequence(on store: TieredStore, seed: UInt64, worker: Bool) throws {
         var random = SplitMix(seed: seed &* 7919 &+ 1)
         var model: [PageKey: [UInt8]] = [:]
         var pins: [PageKey: (count: Int, location: PageLocation)] = [:]
@@ -120,18 +122,30 @@ enum ProcessInfo {
             for (pinnedKey, pinned) in pins {
                 #expect(store.location(of: pinnedKey) == pinned.location, "step \(step): pinned page \(pinnedKey) moved")
             }
-            #expect(accountingHolds(store), "step \(step): slot accounting leaked")
+            if !worker { #expect(accountingHolds(store), "step \(step): slot accounting leaked") }
         }
-        // Everything the model still holds reads back exactly (or was evicted, never altered).
+        // Everything the model still holds reads back exactly or was evicted (unknownKey, and
+        // never while pinned); an I/O or checksum error is a failure, not an eviction.
         for (key, bytes) in model {
-            if let read = try? store.get(key) { #expect(read == bytes) } else { #expect(pins[key] == nil) }
+            switch attempt({ () throws(SpillwayError) in try store.get(key) }) {
+            case .success(let read): #expect(read == bytes, "seed \(seed): wrong bytes for \(key) at the end")
+            case .failure(.unknownKey): #expect(pins[key] == nil, "seed \(seed): pinned \(key) vanished")
+            case .failure(let error): Issue.record("seed \(seed): final get of \(key) failed: \(error)")
+            }
         }
         #expect(store.stats().checksumFailures == 0)
+        if worker {
+            store.close()  // stops the worker: nothing moves any more
+            #expect(accountingHolds(store), "seed \(seed): slot accounting leaked")
+        }
     }
 }
 
 /// Many threads on one store with a live background worker: any successful read must be a
-/// complete page that was written under that key (never torn, never another key's bytes).
+/// complete page that was written under that key (never torn, never another key's bytes),
+/// and a key's version never goes backwards: each key has one writer (thread key % threads)
+/// that puts increasing versions (the page nonce) and removes it; every thread reads every key
+/// and checks the version against what it saw before and what the writer has acknowledged.
 @Suite struct StoreConcurrencyTests {
     @Test func concurrentMixedOperations() throws {
         let store = try makeStore(device: 16, dram: 48, maxPageSize: 2 * 4096, worker: true,
@@ -159,24 +173,46 @@ enum ProcessInfo {
 
     func hammer(_ store: TieredStore, operations: Int = 3000) throws {
         let threads = 6
+        let keys: UInt64 = 96
         let failures = ManagedCounter()
+        // Per key: the lowest version a read may return (the last acknowledged put's, or one
+        // past it after an acknowledged remove).
+        let floors = Locked([UInt64](repeating: 0, count: Int(keys)))
         DispatchQueue.concurrentPerform(iterations: threads) { thread in
             var random = SplitMix(seed: UInt64(thread) &+ 100)
-            for step in 0..<operations {
-                let keyValue = random.next() % 96
+            var versions = [UInt64](repeating: 0, count: Int(keys))
+            var seen = [UInt64](repeating: 0, count: Int(keys))
+            for _ in 0..<operations {
+                var keyValue = random.next() % keys
                 let key = PageKey(keyValue)
+                // Writes and removes go to a key this thread owns.
+                let owned = PageKey(keyValue - keyValue % UInt64(threads) + UInt64(thread) < keys
+                                    ? keyValue - keyValue % UInt64(threads) + UInt64(thread) : UInt64(thread))
                 switch random.next() % 10 {
                 case 0..<3:
+                    keyValue = owned.low
+                    versions[Int(keyValue)] += 1
+                    let version = versions[Int(keyValue)]
                     let length = 16 + Int(random.next() % UInt64(2 * 4096 - 16))
-                    let bytes = pageBytes(key: keyValue, nonce: UInt64(thread) << 32 | UInt64(step), length: length)
-                    switch attempt({ () throws(SpillwayError) in try store.put(key, bytes: bytes) }) {
-                    case .success, .failure(.pagePinned), .failure(.storeFull): break
+                    let bytes = pageBytes(key: keyValue, nonce: version, length: length)
+                    switch attempt({ () throws(SpillwayError) in try store.put(owned, bytes: bytes) }) {
+                    case .success: floors.withLock { $0[Int(keyValue)] = version }
+                    case .failure(.pagePinned), .failure(.storeFull): break
                     case .failure(let error): failures.record("put: \(error)")
                     }
                 case 3..<7:
+                    let floor = floors.withLock { $0[Int(keyValue)] }
                     switch attempt({ () throws(SpillwayError) in try store.get(key) }) {
                     case .success(let bytes):
-                        if !isConsistentPage(bytes, key: keyValue) { failures.record("torn or foreign page for \(key)") }
+                        if !isConsistentPage(bytes, key: keyValue) {
+                            failures.record("torn or foreign page for \(key)")
+                        } else {
+                            let version = bytes[8..<16].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+                            if version < floor || version < seen[Int(keyValue)] {
+                                failures.record("\(key) went back to v\(version) after v\(max(floor, seen[Int(keyValue)]))")
+                            }
+                            seen[Int(keyValue)] = max(seen[Int(keyValue)], version)
+                        }
                     case .failure(.unknownKey): break
                     case .failure(let error): failures.record("get: \(error)")
                     }
@@ -194,8 +230,10 @@ enum ProcessInfo {
                     case .failure(let error): failures.record("pin: \(error)")
                     }
                 case 8:
-                    switch attempt({ () throws(SpillwayError) in try store.remove(key) }) {
-                    case .success, .failure(.pagePinned): break
+                    let version = versions[Int(owned.low)]
+                    switch attempt({ () throws(SpillwayError) in try store.remove(owned) }) {
+                    case .success: floors.withLock { $0[Int(owned.low)] = version + 1 }
+                    case .failure(.pagePinned): break
                     case .failure(let error): failures.record("remove: \(error)")
                     }
                 default:

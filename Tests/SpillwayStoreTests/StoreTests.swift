@@ -120,7 +120,10 @@ import Testing
             try store.pin(PageKey(UInt64(value)))
         }
         #expect(throws: SpillwayError.tierFull(tier: "device")) { try store.put(PageKey(9), bytes: [9], tier: 0) }
-        #expect(throws: SpillwayError.self) { try store.put(PageKey(9), bytes: [9], tier: 5) }
+        #expect { try store.put(PageKey(9), bytes: [9], tier: 5) } throws: { error in
+            guard case SpillwayError.invalidArgument(let reason) = error else { return false }
+            return reason.hasPrefix("tier 5 does not exist")
+        }
         try store.unpin(PageKey(2))
         try store.put(PageKey(9), bytes: [9], tier: 0)
         #expect(store.location(of: PageKey(9))?.tier == 0)
@@ -150,12 +153,19 @@ import Testing
         let a = try DRAMTier(name: "a", slotSize: 4096, capacitySlots: 8, prefault: false)
         let b = try DRAMTier(name: "b", slotSize: 8192, capacitySlots: 8, prefault: false)
         let c = try DRAMTier(name: "a", slotSize: 4096, capacitySlots: 8, prefault: false)
-        #expect(throws: SpillwayError.self) { _ = try TieredStore(tiers: []) }
-        #expect(throws: SpillwayError.self) { _ = try TieredStore(tiers: [a, b], options: StoreOptions(maxPageSize: 4096)) }
-        #expect(throws: SpillwayError.self) { _ = try TieredStore(tiers: [a, c], options: StoreOptions(maxPageSize: 4096)) }
-        #expect(throws: SpillwayError.self) { _ = try TieredStore(tiers: [a], options: StoreOptions(maxPageSize: 1 << 20)) }
-        #expect(throws: SpillwayError.self) {
-            _ = try TieredStore(tiers: [a], options: StoreOptions(maxPageSize: 4096, watermarks: [Watermarks(high: 0.5, low: 0.7)]))
+        /// The store refuses with `invalidConfiguration` naming the problem.
+        func refuses(_ fragment: String, _ open: () throws -> TieredStore) {
+            #expect { _ = try open() } throws: { error in
+                guard case SpillwayError.invalidConfiguration(let reason) = error else { return false }
+                return reason.contains(fragment)
+            }
+        }
+        refuses("1…255 tiers") { try TieredStore(tiers: []) }
+        refuses("has slot size 8192") { try TieredStore(tiers: [a, b], options: StoreOptions(maxPageSize: 4096)) }
+        refuses("duplicate tier name 'a'") { try TieredStore(tiers: [a, c], options: StoreOptions(maxPageSize: 4096)) }
+        refuses("max page size 1048576 exceeds tier 'a'") { try TieredStore(tiers: [a], options: StoreOptions(maxPageSize: 1 << 20)) }
+        refuses("watermark") {
+            try TieredStore(tiers: [a], options: StoreOptions(maxPageSize: 4096, watermarks: [Watermarks(high: 0.5, low: 0.7)]))
         }
     }
 }
@@ -195,7 +205,10 @@ import Testing
         try store.pin(key)
         try corrupt(store, key)
         for _ in 0..<2 {
-            #expect(throws: SpillwayError.self) { _ = try store.get(key) }
+            #expect { _ = try store.get(key) } throws: { error in
+                guard case SpillwayError.checksumMismatch(let failed, _, _, _) = error else { return false }
+                return failed == key
+            }
         }
         #expect(!store.contains(key), "a quarantined page is not offered")
         #expect(throws: SpillwayError.pagePinned(key)) { try store.remove(key) }
@@ -210,7 +223,10 @@ import Testing
         try store.put(PageKey(1), bytes: pageBytes(key: 1, nonce: 0, length: 100))
         #expect(try store.get(PageKey(1)) == pageBytes(key: 1, nonce: 0, length: 100))
         try corrupt(store, PageKey(1))
-        #expect(throws: SpillwayError.self) { _ = try store.get(PageKey(1)) }
+        #expect { _ = try store.get(PageKey(1)) } throws: { error in
+            guard case SpillwayError.checksumMismatch(let failed, let tier, _, _) = error else { return false }
+            return failed == PageKey(1) && tier == "dram"
+        }
         #expect(!store.contains(PageKey(1)))
     }
 

@@ -33,7 +33,7 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
     #expect(object["errors"] as? Int == 0)
 }
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct CommandLineTests {
+@Suite(.serialized, .timeLimit(.minutes(10))) struct CommandLineTests {
     @Test(arguments: ["dram", "device"])
     func benchPrintsExactlyOneJSONObject(tier: String) throws {
         let result = try runSpillway(["bench", tier, "--json", "--duration", "0.2", "--size", "1m", "--pattern", "randwrite", "--queue-depth", "4"])
