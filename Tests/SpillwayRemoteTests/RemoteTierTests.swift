@@ -281,6 +281,8 @@ func remoteStore(_ servers: [Endpoint], credentials: ClientCredentials = ClientC
         var page = pattern(21, 4096)
         #expect(transfer(client, write: true, slab: slab, offset: 0, &page) == 0)
         daemon.kill(SIGSTOP)
+        let halted = eventually(5) { daemon.isStopped }
+        try #require(halted, "SIGSTOP did not stop the daemon")
         var back = [UInt8](repeating: 0, count: 4096)
         let started = monotonicNanoseconds()
         let stopped = transfer(client, write: false, slab: slab, offset: 0, &back)

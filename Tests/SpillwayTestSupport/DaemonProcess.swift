@@ -124,6 +124,21 @@ public final class DaemonProcess: Sendable {
         if let tokenFile { unlink(tokenFile) }
     }
 
+    /// Whether every thread of the daemon is stopped (SIGSTOP takes effect asynchronously:
+    /// `kill` returns before the threads halt).
+    public var isStopped: Bool {
+        guard process.isRunning,
+              let tasks = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(process.processIdentifier)/task")
+        else { return false }
+        return tasks.allSatisfy { task in
+            guard let stat = try? String(contentsOfFile: "/proc/\(process.processIdentifier)/task/\(task)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")")
+            else { return false }
+            let state = stat[stat.index(close, offsetBy: 2)]
+            return state == "T" || state == "t"
+        }
+    }
+
     /// The daemon's threads (`/proc/PID/task`), or nil once it has exited.
     public var threadCount: Int? {
         guard process.isRunning else { return nil }
