@@ -55,7 +55,8 @@ public enum HitRatioPlot {
         return out
     }
 
-    static func percent(_ fraction: Double) -> String {
+    /// "1 %", "12.5 %": how the table and the plot label a capacity fraction.
+    public static func percent(_ fraction: Double) -> String {
         let value = fraction * 100
         return value == value.rounded() ? "\(Int(value)) %" : "\(value) %"
     }

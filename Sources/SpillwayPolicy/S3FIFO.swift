@@ -5,7 +5,13 @@
 /// (a 2-bit frequency, decremented on each pass). A scan of one-time blocks therefore churns
 /// the small queue and never flushes reused blocks out of main.
 ///
-/// With `prefixAware`, the prefix-tree rules of `PrefixLRUPolicy` are added: a block inserted
+/// `smallFraction` and `ghostMultiple` default to the paper's 10 % and 1× main; ghosts are
+/// ids only (bytes, against a KV block's megabytes), so a larger multiple is cheap and helps
+/// when reuse gaps are long. `s3fifo-prefix` uses 30 % and 4× (measured in docs/policies.md).
+///
+/// With `prefixAware`, a new block that follows a hit in the same request (a one-off suffix
+/// on a reused prefix, usually) is only remembered as a ghost and admitted on its second
+/// sighting, and the prefix-tree rules of `PrefixLRUPolicy` are added: a block inserted
 /// right after its parent is linked just behind it (so a chain leaves deepest-first), and main
 /// gives a block with cached children another pass instead of evicting it (a bounded number of
 /// times per eviction).
@@ -24,18 +30,20 @@ public final class S3FIFOPolicy: BlockCachePolicy {
     private var frequency: [UInt8]
     private var ghosts: GhostRing
     private var tree: PrefixTreeState
+    /// Whether the current request (identified by the position of its first reference) hit.
+    private var requestHit: (request: Int, hit: Bool) = (-1, false)
 
-    public init(capacityBlocks: Int, prefixAware: Bool = false) {
+    public init(capacityBlocks: Int, prefixAware: Bool = false, smallFraction: Double = 0.1, ghostMultiple: Double = 1) {
         self.capacityBlocks = max(1, capacityBlocks)
         self.prefixAware = prefixAware
         name = prefixAware ? "s3fifo-prefix" : "s3fifo"
-        smallTarget = max(1, self.capacityBlocks / 10)
+        smallTarget = max(1, Int(Double(self.capacityBlocks) * smallFraction))
         index = BlockIndex(capacity: self.capacityBlocks)
         lists = SlotLists(slots: self.capacityBlocks, lists: 2)
         free = FreeSlots(count: self.capacityBlocks)
         frequency = Array(repeating: 0, count: self.capacityBlocks)
         // The ghost FIFO remembers as many ids as main holds, as in the paper.
-        ghosts = GhostRing(capacity: max(1, self.capacityBlocks - smallTarget))
+        ghosts = GhostRing(capacity: max(1, Int(Double(self.capacityBlocks - smallTarget) * ghostMultiple)))
         tree = PrefixTreeState(slots: self.capacityBlocks)
     }
 
@@ -43,15 +51,25 @@ public final class S3FIFOPolicy: BlockCachePolicy {
     public func contains(_ block: UInt64) -> Bool { index.find(block) != nil }
 
     public func access(block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+        if requestHit.request != now - depth { requestHit = (now - depth, false) }
         if let slot = index.find(block) {
+            requestHit.hit = true
             if frequency[slot] < Self.maxFrequency { frequency[slot] += 1 }
             tree.lastTouch[slot] = now
             return true
         }
+        let remembered = ghosts.contains(block)
+        if prefixAware, !remembered, requestHit.request == now - depth, requestHit.hit {
+            // A new block after a reused prefix is a one-off suffix (a different question on a
+            // shared document) far more often than the start of a reused chain: remember it and
+            // admit it only on its second sighting.
+            ghosts.push(block)
+            return false
+        }
         if free.isEmpty { evict() }
         guard let slot = free.take() else { return false }
         let target: Int
-        if ghosts.contains(block) {
+        if remembered {
             ghosts.remove(block)
             target = Self.main
         } else {

@@ -6,6 +6,7 @@ public enum PolicyKind: String, CaseIterable, Sendable {
     case prefixLRU = "prefix-lru"
     case s3fifo
     case s3fifoPrefix = "s3fifo-prefix"
+    case tinylfu
     case opt
 
     public static var names: String { allCases.map(\.rawValue).joined(separator: ", ") }
@@ -20,7 +21,8 @@ public enum PolicyKind: String, CaseIterable, Sendable {
         case .lru: LRUPolicy(capacityBlocks: capacityBlocks)
         case .prefixLRU: PrefixLRUPolicy(capacityBlocks: capacityBlocks)
         case .s3fifo: S3FIFOPolicy(capacityBlocks: capacityBlocks)
-        case .s3fifoPrefix: S3FIFOPolicy(capacityBlocks: capacityBlocks, prefixAware: true)
+        case .s3fifoPrefix: S3FIFOPolicy(capacityBlocks: capacityBlocks, prefixAware: true, smallFraction: 0.3, ghostMultiple: 4)
+        case .tinylfu: TinyLFUPolicy(capacityBlocks: capacityBlocks)
         case .opt: OptimalPolicy(capacityBlocks: capacityBlocks, stream: trace.references)
         }
     }
