@@ -18,7 +18,7 @@ public protocol BlockCachePolicy: AnyObject {
 }
 
 /// Least recently used: the baseline every other policy is measured against.
-public final class LRUPolicy: BlockCachePolicy {
+public final class LRUBlockPolicy: BlockCachePolicy {
     public let name = "lru"
     public let capacityBlocks: Int
     private var index: BlockIndex
@@ -60,7 +60,7 @@ public final class LRUPolicy: BlockCachePolicy {
 /// the future. It needs the whole reference stream up front; next uses are precomputed once,
 /// and residents sit in an indexed max-heap keyed by next use. It always inserts on a miss
 /// (as the replay rules ask), so a block never used again is the next victim.
-public final class OptimalPolicy: BlockCachePolicy {
+public final class OptimalBlockPolicy: BlockCachePolicy {
     public let name = "opt"
     public let capacityBlocks: Int
     private let stream: [UInt64]
@@ -168,7 +168,7 @@ public final class OptimalPolicy: BlockCachePolicy {
 ///   (towards the eviction end), so within one request's chain the deepest block leaves first;
 /// - victim choice: from the LRU end, the first block with no cached child is evicted (a
 ///   bounded walk; if it finds none, the LRU tail goes).
-public final class PrefixLRUPolicy: BlockCachePolicy {
+public final class PrefixLRUBlockPolicy: BlockCachePolicy {
     public let name = "prefix-lru"
     public let capacityBlocks: Int
     /// How far from the LRU end a victim search looks for a leaf before giving up.

@@ -11,11 +11,11 @@
 ///
 /// With `prefixAware`, a new block that follows a hit in the same request (a one-off suffix
 /// on a reused prefix, usually) is only remembered as a ghost and admitted on its second
-/// sighting, and the prefix-tree rules of `PrefixLRUPolicy` are added: a block inserted
+/// sighting, and the prefix-tree rules of `PrefixLRUBlockPolicy` are added: a block inserted
 /// right after its parent is linked just behind it (so a chain leaves deepest-first), and main
 /// gives a block with cached children another pass instead of evicting it (a bounded number of
 /// times per eviction).
-public final class S3FIFOPolicy: BlockCachePolicy {
+public final class S3FIFOBlockPolicy: BlockCachePolicy {
     public let name: String
     public let capacityBlocks: Int
     private let prefixAware: Bool

@@ -18,12 +18,12 @@ public enum PolicyKind: String, CaseIterable, Sendable {
 
     public func make(capacityBlocks: Int, trace: BlockTrace) -> any BlockCachePolicy {
         switch self {
-        case .lru: LRUPolicy(capacityBlocks: capacityBlocks)
-        case .prefixLRU: PrefixLRUPolicy(capacityBlocks: capacityBlocks)
-        case .s3fifo: S3FIFOPolicy(capacityBlocks: capacityBlocks)
-        case .s3fifoPrefix: S3FIFOPolicy(capacityBlocks: capacityBlocks, prefixAware: true, smallFraction: 0.3, ghostMultiple: 4)
-        case .tinylfu: TinyLFUPolicy(capacityBlocks: capacityBlocks)
-        case .opt: OptimalPolicy(capacityBlocks: capacityBlocks, stream: trace.references)
+        case .lru: LRUBlockPolicy(capacityBlocks: capacityBlocks)
+        case .prefixLRU: PrefixLRUBlockPolicy(capacityBlocks: capacityBlocks)
+        case .s3fifo: S3FIFOBlockPolicy(capacityBlocks: capacityBlocks)
+        case .s3fifoPrefix: S3FIFOBlockPolicy(capacityBlocks: capacityBlocks, prefixAware: true, smallFraction: 0.3, ghostMultiple: 4)
+        case .tinylfu: TinyLFUBlockPolicy(capacityBlocks: capacityBlocks)
+        case .opt: OptimalBlockPolicy(capacityBlocks: capacityBlocks, stream: trace.references)
         }
     }
 }

@@ -9,13 +9,13 @@ struct FrequencySketch {
     private static let depth = 4
     private static let maximum: UInt8 = 15
 
-    init(capacity: Int) {
+    init(capacity: Int, sampleMultiple: Int = 10) {
         var width = 64
         while width < capacity * 4 { width <<= 1 }
         table = Array(repeating: 0, count: width * Self.depth)
         mask = width - 1
         // Halve every 10 × capacity references: old popularity fades, recent counts dominate.
-        sampleSize = max(64, capacity * 10)
+        sampleSize = max(64, capacity * sampleMultiple)
     }
 
     @inline(__always)
@@ -55,7 +55,7 @@ struct FrequencySketch {
 /// (each request's unique suffix) therefore pass through the window and are declined, and
 /// cannot flush blocks that keep being reused. Main is probation (20 %) + protected (80 %): a
 /// hit in probation promotes to protected.
-public final class TinyLFUPolicy: BlockCachePolicy {
+public final class TinyLFUBlockPolicy: BlockCachePolicy {
     public let name = "tinylfu"
     public let capacityBlocks: Int
     private static let window = 0, probation = 1, protected = 2
@@ -67,7 +67,7 @@ public final class TinyLFUPolicy: BlockCachePolicy {
     private var blocks: [UInt64]
     private var sketch: FrequencySketch
 
-    public init(capacityBlocks: Int, windowFraction: Double = 0.01) {
+    public init(capacityBlocks: Int, windowFraction: Double = 0.01, sampleMultiple: Int = 10) {
         self.capacityBlocks = max(1, capacityBlocks)
         windowTarget = max(1, Int(Double(self.capacityBlocks) * windowFraction))
         protectedTarget = max(0, (self.capacityBlocks - windowTarget) * 8 / 10)
@@ -75,7 +75,7 @@ public final class TinyLFUPolicy: BlockCachePolicy {
         lists = SlotLists(slots: self.capacityBlocks, lists: 3)
         free = FreeSlots(count: self.capacityBlocks)
         blocks = Array(repeating: 0, count: self.capacityBlocks)
-        sketch = FrequencySketch(capacity: self.capacityBlocks)
+        sketch = FrequencySketch(capacity: self.capacityBlocks, sampleMultiple: sampleMultiple)
     }
 
     public var residentCount: Int { lists.counts[0] + lists.counts[1] + lists.counts[2] }

@@ -158,7 +158,7 @@ func randomTrace(seed: UInt64, requests: Int) throws -> BlockTrace {
 
 @Suite struct PolicyBehaviourTests {
     @Test func lruEvictsTheLeastRecentlyUsed() {
-        let lru = LRUPolicy(capacityBlocks: 2)
+        let lru = LRUBlockPolicy(capacityBlocks: 2)
         #expect(!lru.access(block: 1, parent: nil, depth: 0, now: 0))
         #expect(!lru.access(block: 2, parent: nil, depth: 0, now: 1))
         #expect(lru.access(block: 1, parent: nil, depth: 0, now: 2))
@@ -168,7 +168,7 @@ func randomTrace(seed: UInt64, requests: Int) throws -> BlockTrace {
 
     @Test func optEvictsTheBlockUsedFarthestInTheFuture() {
         // Stream 1 2 3 2 1: at 3, block 1 is next used at 4 and block 2 at 3, so 1 goes.
-        let opt = OptimalPolicy(capacityBlocks: 2, stream: [1, 2, 3, 2, 1])
+        let opt = OptimalBlockPolicy(capacityBlocks: 2, stream: [1, 2, 3, 2, 1])
         #expect(!opt.access(block: 1, parent: nil, depth: 0, now: 0))
         #expect(!opt.access(block: 2, parent: nil, depth: 0, now: 1))
         #expect(!opt.access(block: 3, parent: nil, depth: 0, now: 2))
@@ -186,7 +186,7 @@ func randomTrace(seed: UInt64, requests: Int) throws -> BlockTrace {
         _ = policy.access(block: 2, parent: 1, depth: 1, now: 1)
         _ = policy.access(block: 3, parent: nil, depth: 0, now: 2)
         #expect(policy.contains(1) && !policy.contains(2), "\(kind.rawValue) keeps the parent")
-        let lru = LRUPolicy(capacityBlocks: 2)
+        let lru = LRUBlockPolicy(capacityBlocks: 2)
         _ = lru.access(block: 1, parent: nil, depth: 0, now: 0)
         _ = lru.access(block: 2, parent: 1, depth: 1, now: 1)
         _ = lru.access(block: 3, parent: nil, depth: 0, now: 2)
@@ -195,7 +195,7 @@ func randomTrace(seed: UInt64, requests: Int) throws -> BlockTrace {
 
     /// The prefix-aware LRU also prefers a leaf when the chain was refreshed by a later request.
     @Test func prefixLRUEvictsLeavesOfAColdChainFirst() {
-        let policy = PrefixLRUPolicy(capacityBlocks: 4)
+        let policy = PrefixLRUBlockPolicy(capacityBlocks: 4)
         var now = 0
         for (block, parent) in [(UInt64(1), UInt64?.none), (2, 1), (3, 2)] {
             _ = policy.access(block: block, parent: parent, depth: now, now: now)
@@ -227,19 +227,19 @@ func randomTrace(seed: UInt64, requests: Int) throws -> BlockTrace {
             return hotHits
         }
         let policy: any BlockCachePolicy = switch name {
-        case "s3fifo": S3FIFOPolicy(capacityBlocks: 10, ghostMultiple: 4)
-        case "s3fifo-prefix": S3FIFOPolicy(capacityBlocks: 10, prefixAware: true, smallFraction: 0.3, ghostMultiple: 4)
-        default: TinyLFUPolicy(capacityBlocks: 10)
+        case "s3fifo": S3FIFOBlockPolicy(capacityBlocks: 10, ghostMultiple: 4)
+        case "s3fifo-prefix": S3FIFOBlockPolicy(capacityBlocks: 10, prefixAware: true, smallFraction: 0.3, ghostMultiple: 4)
+        default: TinyLFUBlockPolicy(capacityBlocks: 10)
         }
         let hits = run(policy)
         #expect(hits.dropFirst(5).allSatisfy { $0 }, "\(name): hot block hits after warm-up: \(hits.map { $0 ? 1 : 0 })")
-        #expect(run(LRUPolicy(capacityBlocks: 10)).allSatisfy { !$0 }, "LRU never keeps it")
+        #expect(run(LRUBlockPolicy(capacityBlocks: 10)).allSatisfy { !$0 }, "LRU never keeps it")
     }
 
     /// The prefix-aware S3-FIFO remembers a new suffix after a hit instead of admitting it,
     /// and admits it when it comes back.
     @Test func s3fifoPrefixAdmitsASuffixAfterAHitOnItsSecondSighting() {
-        let policy = S3FIFOPolicy(capacityBlocks: 8, prefixAware: true)
+        let policy = S3FIFOBlockPolicy(capacityBlocks: 8, prefixAware: true)
         _ = policy.access(block: 1, parent: nil, depth: 0, now: 0)
         #expect(policy.access(block: 1, parent: nil, depth: 0, now: 1))
         #expect(!policy.access(block: 50, parent: 1, depth: 1, now: 2))
