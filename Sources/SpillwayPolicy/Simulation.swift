@@ -63,9 +63,10 @@ public enum PolicySimulator {
         return max(1, Int((fraction * Double(trace.uniqueBlocks)).rounded()))
     }
 
-    /// Upper bound on --capacity-blocks: the structures are allocated at init, so a typo must
-    /// not ask for terabytes.
-    public static let maxCapacityBlocks = 1 << 28
+    /// Upper bound on --capacity-blocks: the structures are allocated at init (about 50 bytes
+    /// per block of capacity, more for TinyLFU's sketch), so a typo must not exhaust memory;
+    /// 16 M blocks is far beyond any trace's unique blocks.
+    public static let maxCapacityBlocks = 1 << 24
 
     public static func run(_ kind: PolicyKind, capacityBlocks: Int, trace: BlockTrace) throws(SpillwayError) -> SimulationResult {
         guard capacityBlocks >= 1, capacityBlocks <= maxCapacityBlocks else {

@@ -61,6 +61,9 @@ let mooncakeTrace = "../shared/traces/mooncake_synthetic_trace.jsonl"
         (["replay", "--simulate", "--policy", "lru"], "exactly one of --capacity-blocks"),
         (["replay", "--simulate", "--policy", "lru", "--capacity-blocks", "0"], "capacity 0 blocks"),
         (["replay", "--simulate", "--policy", "lru", "--capacity-fraction", "1.5"], "must be in (0, 1]"),
+        (["replay", "--simulate", "--policy", "opt", "--capacity-blocks", "100000000000"], "blocks must be in 1..."),
+        (["replay", "--sweep", "--policy", "lru"], "drop --policy"),
+        (["replay", "--simulate", "--sweep"], "exclusive"),
     ])
     func badArgumentsAreOneLineErrors(arguments: [String], expected: String) throws {
         let path = try writeTrace(handmadeTrace, name: "bad")
