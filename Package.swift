@@ -49,6 +49,9 @@ let package = Package(
                 .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
+        // Cache policies over block ids (LRU, OPT, prefix-aware, S3-FIFO) and the trace-driven
+        // simulator behind `spillway replay --simulate`; Mooncake trace parsing.
+        .target(name: "SpillwayPolicy", dependencies: ["SpillwayCore"]),
         // Host DRAM tier and the HBM-like device tier (with its DeviceMemory backend protocol).
         .target(
             name: "SpillwayMemoryTiers",
@@ -184,6 +187,7 @@ let package = Package(
             name: "SpillwayBench",
             dependencies: [
                 "Spillway",
+                "SpillwayPolicy",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
@@ -203,6 +207,7 @@ let package = Package(
             dependencies: [
                 "Spillway",
                 "SpillwayBench",
+                "SpillwayPolicy",
                 "SpillwayCommandSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -232,6 +237,7 @@ let package = Package(
         ),
         // Helpers for tests that run the built executables (spillwayd on loopback).
         .target(name: "SpillwayTestSupport", dependencies: ["SpillwayCore", "SpillwayRemote"], path: "Tests/SpillwayTestSupport"),
+        .testTarget(name: "SpillwayPolicyTests", dependencies: ["SpillwayPolicy", "SpillwayCore", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayCompressionTests", dependencies: ["SpillwayCompression", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayKVTests", dependencies: ["SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers"]),

@@ -1,5 +1,6 @@
 import Foundation
 import Spillway
+import SpillwayPolicy
 
 /// `spillway bench kv-trace`: replays a Mooncake-format KV trace (one JSON object per line:
 /// `timestamp`, `input_length`, `output_length`, `hash_ids` = one id per 512-token prefix
@@ -35,22 +36,11 @@ public enum TraceReplay {
         var hashIDs: [UInt64]
     }
 
+    /// One parser for every trace consumer: `BlockTrace` (SpillwayPolicy) also feeds the policy
+    /// simulator, so both agree on what a malformed line is and which line it was.
     static func load(_ path: String, limit: Int?) throws(SpillwayError) -> [Request] {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw .invalidArgument("cannot read trace \(path)") }
-        var requests: [Request] = []
-        for (number, line) in text.split(separator: "\n", omittingEmptySubsequences: true).enumerated() {
-            if let limit, requests.count >= limit { break }
-            guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
-                  let ids = object["hash_ids"] as? [Any]
-            else { throw .invalidArgument("\(path):\(number + 1): not a trace record (needs hash_ids)") }
-            var hashIDs: [UInt64] = []
-            for id in ids {
-                guard let value = (id as? NSNumber)?.int64Value, value >= 0 else { throw .invalidArgument("\(path):\(number + 1): bad hash id") }
-                hashIDs.append(UInt64(value))
-            }
-            requests.append(Request(hashIDs: hashIDs))
-        }
-        return requests
+        let trace = try BlockTrace.load(path, limit: limit)
+        return trace.requests.map { Request(hashIDs: Array(trace.hashIDs(of: $0))) }
     }
 
     public static func run(_ options: Options, configuration: SpillwayConfiguration) throws(SpillwayError) -> JSONValue {

@@ -1,0 +1,126 @@
+import ArgumentParser
+import Foundation
+import Spillway
+import SpillwayBench
+import SpillwayCommandSupport
+import SpillwayPolicy
+
+/// `spillway replay`: trace-driven cache-policy simulation over block ids.
+struct ReplayCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "replay",
+        abstract: "Replay a Mooncake-format KV trace through a cache policy (simulation).",
+        discussion: """
+        --simulate replays the trace's block ids through one policy of a fixed capacity in blocks:
+        per request, each hash id in order; a hit refreshes it, a miss evicts one block if full and
+        inserts (lru and opt always insert; the others may decline). hit_ratio = references found
+        cached / all references; prefix_hit_ratio counts a request's hits only up to its first miss
+        (what a prefix cache can serve), also over all references.
+
+        --sweep runs every policy at 1, 5, 10, 25 and 50 % of the trace's unique blocks; --plot
+        FILE.svg also writes hit ratio vs capacity per policy as an SVG.
+
+        Policies: \(PolicyKind.names).
+        Replaying against a real store is `spillway bench kv-trace` for now.
+        """)
+
+    @Option(help: "A Mooncake-format trace (.jsonl; default ../shared/traces/mooncake_synthetic_trace.jsonl).")
+    var trace: String?
+
+    @Flag(help: "Simulate a policy over block ids (no store).")
+    var simulate = false
+
+    @Flag(help: "Every policy at 1/5/10/25/50 % of the unique blocks.")
+    var sweep = false
+
+    @Option(help: "With --simulate: \(PolicyKind.names).")
+    var policy: String?
+
+    @Option(name: .customLong("capacity-blocks"), help: "Cache capacity in blocks.")
+    var capacityBlocks: Int?
+
+    @Option(name: .customLong("capacity-fraction"), help: "Cache capacity as a fraction (0, 1] of the trace's unique blocks.")
+    var capacityFraction: Double?
+
+    @Option(help: "With --sweep: write hit ratio vs capacity per policy to this SVG file.")
+    var plot: String?
+
+    @Option(help: "Replay only the first N requests.")
+    var limit: Int?
+
+    @Flag(help: "Print one JSON object.")
+    var json = false
+
+    func run() throws {
+        guard simulate || sweep else {
+            throw SpillwayError.invalidArgument("replay needs --simulate or --sweep: replaying against a real store is `spillway bench kv-trace` until the store's policy integration lands")
+        }
+        guard !(simulate && sweep) else { throw SpillwayError.invalidArgument("--simulate and --sweep are exclusive") }
+        if let limit, limit < 1 { throw SpillwayError.invalidArgument("--limit must be at least 1") }
+        guard let path = trace ?? TraceReplay.defaultTrace() else {
+            throw SpillwayError.invalidArgument("replay needs --trace PATH (a Mooncake-format .jsonl; none found in ../shared/traces/)")
+        }
+        let blockTrace = try BlockTrace.load(path, limit: limit)
+        if sweep {
+            guard policy == nil, capacityBlocks == nil, capacityFraction == nil else {
+                throw SpillwayError.invalidArgument("--sweep runs every policy at every capacity; drop --policy and --capacity-*")
+            }
+            try runSweep(blockTrace, path: path)
+            return
+        }
+        guard plot == nil else { throw SpillwayError.invalidArgument("--plot goes with --sweep") }
+        guard let policyName = policy else { throw SpillwayError.invalidArgument("--simulate needs --policy (\(PolicyKind.names))") }
+        let kind = try PolicyKind(name: policyName)
+        let capacity: Int
+        switch (capacityBlocks, capacityFraction) {
+        case (let blocks?, nil): capacity = blocks
+        case (nil, let fraction?): capacity = try PolicySimulator.capacity(fraction: fraction, of: blockTrace)
+        default: throw SpillwayError.invalidArgument("--simulate needs exactly one of --capacity-blocks N and --capacity-fraction F")
+        }
+        let result = try PolicySimulator.run(kind, capacityBlocks: capacity, trace: blockTrace)
+        if json {
+            printLine(result.json.serialized())
+        } else {
+            printLine(String(format: "%@: %d blocks, %d requests, %d block refs: hit ratio %.4f, prefix hit ratio %.4f",
+                             result.policy, result.capacityBlocks, result.requests, result.blockReferences,
+                             result.hitRatio, result.prefixHitRatio))
+        }
+    }
+
+    private func runSweep(_ blockTrace: BlockTrace, path: String) throws {
+        let fractions = PolicySimulator.sweepFractions
+        let table = try PolicySimulator.sweep(trace: blockTrace)
+        if let plot {
+            let name = URL(fileURLWithPath: path).lastPathComponent
+            let svg = HitRatioPlot.svg(table: table, fractions: fractions, title: "Block hit ratio vs capacity: \(name)")
+            do {
+                try svg.write(toFile: plot, atomically: true, encoding: .utf8)
+            } catch {
+                throw SpillwayError.invalidArgument("cannot write \(plot): \(error.localizedDescription)")
+            }
+        }
+        if json {
+            printLine(JSONValue.object([
+                ("trace", .string(path)), ("requests", .int(blockTrace.requests.count)),
+                ("block_refs", .int(blockTrace.references.count)), ("unique_blocks", .int(blockTrace.uniqueBlocks)),
+                ("capacity_fractions", .array(fractions.map { .double($0) })),
+                ("results", .array(table.flatMap { $0.map(\.json) })),
+            ]).serialized())
+            return
+        }
+        printLine("\(blockTrace.requests.count) requests, \(blockTrace.references.count) block refs, \(blockTrace.uniqueBlocks) unique blocks; hit ratio (prefix hit ratio)")
+        let capacities = table.first?.map(\.capacityBlocks) ?? []
+        var header = "policy".padding(toLength: 14, withPad: " ", startingAt: 0)
+        for (fraction, blocks) in zip(fractions, capacities) {
+            header += "  " + "\(HitRatioPlot.percent(fraction)) (\(blocks))".padding(toLength: 15, withPad: " ", startingAt: 0)
+        }
+        printLine(header)
+        for row in table {
+            var line = (row.first?.policy ?? "?").padding(toLength: 14, withPad: " ", startingAt: 0)
+            for result in row {
+                line += "  " + String(format: "%.3f (%.3f)", result.hitRatio, result.prefixHitRatio).padding(toLength: 15, withPad: " ", startingAt: 0)
+            }
+            printLine(line)
+        }
+    }
+}
