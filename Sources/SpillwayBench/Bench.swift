@@ -116,6 +116,7 @@ public struct BenchResult: Sendable {
             members.append(("direct_io", .bool(nvme.directIO)))
         }
         if let stats {
+            members.append(("policy", .string(stats.policy)))
             members.append(("tiers", .array(stats.tiers.map { tier in
                 .object([
                     ("name", .string(tier.name)), ("kind", .string(tier.kind)), ("hits", .int(tier.hits)),

@@ -253,6 +253,10 @@ enum BenchTable {
                 lines.append("\(result.tier): goodput \(String(format2: stats.goodput * 100))% (stalled on " + stalls.joined(separator: ", ") + ")")
             }
         }
+        // Which placement policy the runs' stores used (a --config file's `policy` key).
+        var policies: [String] = []
+        for policy in results.compactMap(\.stats?.policy) where !policies.contains(policy) { policies.append(policy) }
+        if !policies.isEmpty { lines.append("policy: " + policies.joined(separator: ", ")) }
         lines.append("latency: one batch in \(results.first?.latencySampleEvery ?? 16) timed; every run verified \(results.map(\.verifiedPages).reduce(0, +)) pages after timing")
         return lines.joined(separator: "\n")
     }
