@@ -33,15 +33,15 @@ import Testing
         #expect(store.hints(of: PageKey(2)) == .generic)
         #expect(store.hints(of: PageKey(3)) == nil)
         let bytes: [UInt8] = [9, 9]
-        try bytes.withUnsafeBytes { raw in
+        let stored = bytes.withUnsafeBytes { raw in
             var writes = [
                 PageWrite(key: PageKey(10), bytes: raw, hints: .weights(layerOrder: 4)),
                 PageWrite(key: PageKey(11), bytes: raw),
             ]
-            let stored = writes.withUnsafeMutableBufferPointer { store.put(batch: $0) }
-            #expect(stored == 2)
-            #expect(try store.get(PageKey(10)) == bytes)
+            return writes.withUnsafeMutableBufferPointer { store.put(batch: $0) }
         }
+        #expect(stored == 2)
+        #expect(try store.get(PageKey(10)) == bytes)
         #expect(store.hints(of: PageKey(10)) == .weights(layerOrder: 4))
         #expect(store.hints(of: PageKey(11)) == .generic)
         // Class-aware placement: new weights start below the top tier, everything else on top.
