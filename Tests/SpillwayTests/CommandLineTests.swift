@@ -68,6 +68,31 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
         #expect((tiered.first?["promotions"] as? Int ?? 0) > 0, "the tiered run exercises promotion")
     }
 
+    @Test func benchReportsThePolicyInUse() throws {
+        let path = NSTemporaryDirectory() + "spillway-bench-policy-\(getpid()).toml"
+        try """
+        policy = "lru"
+        size = "1m"
+        [[tier]]
+        kind = "device"
+        capacity = "1m"
+        [[tier]]
+        kind = "dram"
+        capacity = "4m"
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let table = try runSpillway(["bench", "tiered", "--duration", "0.1", "--config", path])
+        #expect(table.status == 0, "\(table.stderr)")
+        #expect(table.stdout.contains("policy: lru\n"), "\(table.stdout)")
+        let json = try runSpillway(["bench", "tiered", "--json", "--duration", "0.1", "--config", path])
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any])
+        #expect(object["policy"] as? String == "lru")
+        // A single-tier run's store uses the default policy.
+        let single = try runSpillway(["bench", "dram", "--json", "--duration", "0.1", "--size", "1m"])
+        let row = try #require(try JSONSerialization.jsonObject(with: Data(single.stdout.utf8)) as? [String: Any])
+        #expect(row["policy"] as? String == "class-aware-lru")
+    }
+
     @Test func configFileSuppliesOptionsAndCommandLineWins() throws {
         let path = NSTemporaryDirectory() + "spillway-bench-\(getpid()).toml"
         try """
