@@ -253,6 +253,20 @@ public final class PageDirectory: @unchecked Sendable {
         }
     }
 
+    /// Replaces the hints of the current version of `key` in place (no new version, no move):
+    /// for pages that came back without them, e.g. recovered from NVMe on a warm restart.
+    /// False if `key` is absent.
+    @discardableResult
+    public func setHints(_ hints: PageHints, of key: PageKey) -> Bool {
+        let hash = key.mixedHash
+        return withShard(hash) { table in
+            guard let index = table.find(key, hash: hash) else { return false }
+            table.entries[index].hintOrder = hints.order
+            table.entries[index].hintClassAndParent = PageEntry.packHints(hints)
+            return true
+        }
+    }
+
     /// Removes `key`. `found` is false if absent; `release` is the location to release now.
     /// Throws `pagePinned` if pinned.
     public func remove(_ key: PageKey) throws(SpillwayError) -> (found: Bool, release: PageLocation?) {

@@ -363,6 +363,13 @@ public final class TieredStore: Sendable {
         directory.snapshot(of: key)?.stats.hints
     }
 
+    /// Sets the hints of the page stored under `key` without rewriting it (a registration that
+    /// finds its pages already stored, e.g. after a warm restart, tags them). False if absent.
+    @discardableResult
+    public func setHints(_ hints: PageHints, of key: PageKey) -> Bool {
+        directory.setHints(hints, of: key)
+    }
+
     public func location(of key: PageKey) -> PageLocation? {
         directory.snapshot(of: key)?.location
     }

@@ -58,7 +58,11 @@ public final class ModelWeights: Sendable {
             let hints = PageHints.weights(layerOrder: layerOrder[tensor.layer ?? Self.sharedLayer] ?? 0)
             for (index, length) in Self.chunks(tensor.byteCount, chunk).enumerated() {
                 let key = Self.key(modelID: modelID, tensor: tensor.name, chunk: index)
-                if store.length(of: key) == length { continue }
+                if store.length(of: key) == length {
+                    // Already stored (e.g. recovered after a restart, which keeps no hints): tag it.
+                    if store.hints(of: key) != hints { store.setHints(hints, of: key) }
+                    continue
+                }
                 let offset = tensor.fileOffset + index * chunk
                 var done = 0
                 while done < length {

@@ -77,6 +77,16 @@ import Testing
                 #expect(store.hints(of: key) == .weights(layerOrder: order), "\(tensor.name)")
             }
         }
+        // Pages that lost their hints (as after a warm restart: recovered pages are generic)
+        // are re-tagged by a registration that finds them stored, without copying them again.
+        let first = ModelWeights.key(modelID: "m", tensor: weights.tensors(layer: 0)[0].name, chunk: 0)
+        #expect(store.setHints(.generic, of: first))
+        #expect(store.hints(of: first) == .generic)
+        let putsBefore = store.stats().puts
+        _ = try ModelWeights(store: store, path: model, modelID: "m", chunkBytes: 64 << 10)
+        #expect(store.stats().puts == putsBefore)
+        #expect(store.hints(of: first) == .weights(layerOrder: 1))
+        #expect(!store.setHints(.generic, of: PageKey(12345)))
     }
 }
 
