@@ -91,6 +91,16 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
         let single = try runSpillway(["bench", "dram", "--json", "--duration", "0.1", "--size", "1m"])
         let row = try #require(try JSONSerialization.jsonObject(with: Data(single.stdout.utf8)) as? [String: Any])
         #expect(row["policy"] as? String == "class-aware-lru")
+        // --policy picks it for any run (and wins over the file).
+        let chosen = try runSpillway(["bench", "dram", "--json", "--duration", "0.1", "--size", "1m", "--policy", "lru"])
+        let chosenRow = try #require(try JSONSerialization.jsonObject(with: Data(chosen.stdout.utf8)) as? [String: Any])
+        #expect(chosenRow["policy"] as? String == "lru")
+        let overridden = try runSpillway(["bench", "tiered", "--json", "--duration", "0.1", "--config", path, "--policy", "class-aware-lru"])
+        let overriddenRow = try #require(try JSONSerialization.jsonObject(with: Data(overridden.stdout.utf8)) as? [String: Any])
+        #expect(overriddenRow["policy"] as? String == "class-aware-lru")
+        let unknown = try runSpillway(["bench", "dram", "--duration", "0.1", "--policy", "arc"])
+        #expect(unknown.status != 0)
+        #expect(unknown.stderr.contains("unknown policy 'arc' (available: class-aware-lru, lru)"), "\(unknown.stderr)")
     }
 
     @Test func configFileSuppliesOptionsAndCommandLineWins() throws {
