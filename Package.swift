@@ -241,7 +241,7 @@ let package = Package(
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayCompressionTests", dependencies: ["SpillwayCompression", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayKVTests", dependencies: ["SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers"]),
-        .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayWeights", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
+        .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayWeights", "SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),

@@ -69,6 +69,25 @@ spillway_status spillway_store_close(spillway_store store);
 
 /* Stores length bytes under key (visible once complete; replaces an older version). */
 spillway_status spillway_store_put(spillway_store store, const uint8_t key[16], const void *bytes, size_t length);
+
+/* Page classes: what a page holds, for the store's placement policy (docs/architecture.md,
+ * "Page classes"). spillway_store_put stores SPILLWAY_PAGE_GENERIC. */
+enum {
+    SPILLWAY_PAGE_GENERIC = 0,
+    SPILLWAY_PAGE_KV_BLOCK = 1, /* order: depth in the prefix chain; parent_key: the parent block's page */
+    SPILLWAY_PAGE_WEIGHTS = 2   /* order: the layer's streaming position; parent_key: NULL */
+};
+/* spillway_store_put with a page class and hints. order saturates at 65535; parent_key may be
+ * NULL (no parent) and is kept as a 24-bit digest. An unknown page_class is
+ * SPILLWAY_E_INVALID_ARGUMENT. */
+spillway_status spillway_store_put_hinted(spillway_store store, const uint8_t key[16], const void *bytes, size_t length,
+                                          uint32_t page_class, uint32_t order, const uint8_t parent_key[16]);
+/* The class and hints a stored page carries; any out pointer may be NULL. *parent_digest is 0
+ * without a parent. SPILLWAY_E_UNKNOWN_KEY if absent. */
+spillway_status spillway_store_page_hints(spillway_store store, const uint8_t key[16], uint32_t *page_class,
+                                          uint32_t *order, uint32_t *parent_digest);
+/* The 24-bit digest spillway_store_page_hints reports for a parent key (never 0). */
+uint32_t spillway_parent_digest(const uint8_t key[16]);
 /* Reads the page into buffer (capacity bytes); *length gets its size. A buffer too small is
  * SPILLWAY_E_BUFFER_TOO_SMALL with *length set to the size needed. */
 spillway_status spillway_store_get(spillway_store store, const uint8_t key[16], void *buffer, size_t capacity, size_t *length);

@@ -75,7 +75,7 @@ public struct TierConfiguration: Sendable, Equatable {
 /// ```toml
 /// slot-size = "4k"          # 4KiB … 2MiB, power of two
 /// max-page-size = "16m"
-/// policy = "lru"
+/// policy = "class-aware-lru" # or "lru" (see PlacementPolicies.names)
 ///
 /// [[tier]]
 /// kind = "device"           # device | dram | nvme | remote | ec
@@ -95,7 +95,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     public var backgroundIntervalMilliseconds: Int
     public var prefetchQueueLimit: Int
 
-    public init(slotSize: Int = 4096, maxPageSize: Int? = nil, policy: String = "lru", tiers: [TierConfiguration],
+    public init(slotSize: Int = 4096, maxPageSize: Int? = nil, policy: String = PlacementPolicies.defaultName, tiers: [TierConfiguration],
                 backgroundIntervalMilliseconds: Int = 20, prefetchQueueLimit: Int = 4096)
     {
         self.slotSize = slotSize
@@ -159,7 +159,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             throw .invalidConfiguration("unknown key '\(key)'")
         }
         let slotSize = try TOMLReader.size(table, "slot-size") ?? 4096
-        let policy = try TOMLReader.string(table, "policy") ?? "lru"
+        let policy = try TOMLReader.string(table, "policy") ?? PlacementPolicies.defaultName
         var tiers: [TierConfiguration] = []
         if let value = table["tier"] {
             guard let array = value.array else { throw .invalidConfiguration("'tier' must be an array of tables ([[tier]])") }
@@ -250,7 +250,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             throw .invalidConfiguration("slot-size \(slotSize) must be a power of two between 4KiB and 2MiB")
         }
         guard !tiers.isEmpty else { throw .invalidConfiguration("no tiers configured") }
-        guard policy == "lru" else { throw .invalidConfiguration("unknown policy '\(policy)' (available: lru)") }
+        _ = try PlacementPolicies.named(policy)
         for tier in tiers {
             guard tier.capacity >= slotSize else {
                 throw .invalidConfiguration("tier '\(tier.name)': capacity \(tier.capacity) is smaller than one slot (\(slotSize))")
@@ -323,7 +323,7 @@ extension TieredStore {
             maxPageSize: configuration.maxPageSize, watermarks: configuration.tiers.map(\.watermarks),
             prefetchQueueLimit: configuration.prefetchQueueLimit,
             backgroundIntervalMilliseconds: configuration.backgroundIntervalMilliseconds)
-        return try TieredStore(tiers: tiers, policy: LRUPolicy(), options: options, logger: logger)
+        return try TieredStore(tiers: tiers, policy: try PlacementPolicies.named(configuration.policy), options: options, logger: logger)
     }
 }
 

@@ -44,6 +44,8 @@ public struct BenchOptions: Sendable, Equatable {
     /// Erasure-coded with in-process daemons: after the prefill, the daemon holding data
     /// split 0 of the first page answers every page request this late — a slow daemon.
     public var slowDaemonMicroseconds = 0
+    /// The placement policy of the store a single-tier run builds (`PlacementPolicies.names`).
+    public var policy = PlacementPolicies.defaultName
 
     public init(target: String, pattern: BenchPattern = .randread, blockSize: Int = 4096, queueDepth: Int = 1,
                 durationSeconds: Double = 5, size: Int = 64 << 20, seed: UInt64 = 42, latencySampleEvery: Int = 16)
@@ -116,6 +118,7 @@ public struct BenchResult: Sendable {
             members.append(("direct_io", .bool(nvme.directIO)))
         }
         if let stats {
+            members.append(("policy", .string(stats.policy)))
             members.append(("tiers", .array(stats.tiers.map { tier in
                 .object([
                     ("name", .string(tier.name)), ("kind", .string(tier.kind)), ("hits", .int(tier.hits)),
@@ -158,7 +161,7 @@ public enum BenchRunner {
             tier.r = options.r
             tier.lateBindingDelta = options.lateBindingDelta
         }
-        return SpillwayConfiguration(slotSize: options.blockSize, maxPageSize: options.blockSize, tiers: [tier])
+        return SpillwayConfiguration(slotSize: options.blockSize, maxPageSize: options.blockSize, policy: options.policy, tiers: [tier])
     }
 
     /// Operations per store call: the queue depth, or for windowed (queueing) tiers 16× it,

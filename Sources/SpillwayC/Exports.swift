@@ -221,6 +221,48 @@ public func spillway_store_put(_ handle: UInt64, _ key: UnsafePointer<UInt8>?, _
     }
 }
 
+@_cdecl("spillway_store_put_hinted")
+public func spillway_store_put_hinted(_ handle: UInt64, _ key: UnsafePointer<UInt8>?, _ bytes: UnsafeRawPointer?, _ length: Int,
+                                      _ pageClass: UInt32, _ order: UInt32, _ parentKey: UnsafePointer<UInt8>?) -> Int32
+{
+    entry { () throws(CError) in
+        let store = try handles.store(handle)
+        guard let key else { throw .spillway(.invalidArgument("key is NULL")) }
+        try argument(length >= 0 && (bytes != nil || length == 0), "bytes is NULL or length is negative")
+        guard let kind = UInt8(exactly: pageClass).flatMap(PageClass.init(rawValue:)) else {
+            throw .spillway(.invalidArgument("unknown page class \(pageClass) (0 generic, 1 kv block, 2 weights)"))
+        }
+        let hints = PageHints(pageClass: kind, order: UInt16(clamping: order),
+                              parent: parentKey.map { PageHints.digest(of: readKey($0)) } ?? 0)
+        try wrap { () throws(SpillwayError) in
+            try store.put(readKey(key), UnsafeRawBufferPointer(start: bytes, count: length), hints: hints)
+        }
+        return CStatus.ok
+    }
+}
+
+@_cdecl("spillway_store_page_hints")
+public func spillway_store_page_hints(_ handle: UInt64, _ key: UnsafePointer<UInt8>?, _ pageClass: UnsafeMutablePointer<UInt32>?,
+                                      _ order: UnsafeMutablePointer<UInt32>?, _ parentDigest: UnsafeMutablePointer<UInt32>?) -> Int32
+{
+    entry { () throws(CError) in
+        let store = try handles.store(handle)
+        guard let key else { throw .spillway(.invalidArgument("key is NULL")) }
+        guard let hints = store.hints(of: readKey(key)) else { throw .spillway(.unknownKey(readKey(key))) }
+        pageClass?.pointee = UInt32(hints.pageClass.rawValue)
+        order?.pointee = UInt32(hints.order)
+        parentDigest?.pointee = hints.parent
+        return CStatus.ok
+    }
+}
+
+@_cdecl("spillway_parent_digest")
+public func spillway_parent_digest(_ key: UnsafePointer<UInt8>?) -> UInt32 {
+    // A NULL key has no digest; 0 is what "no parent" reads as.
+    guard let key else { return 0 }
+    return PageHints.digest(of: readKey(key))
+}
+
 @_cdecl("spillway_store_get")
 public func spillway_store_get(_ handle: UInt64, _ key: UnsafePointer<UInt8>?, _ buffer: UnsafeMutableRawPointer?, _ capacity: Int,
                                _ length: UnsafeMutablePointer<Int>?) -> Int32

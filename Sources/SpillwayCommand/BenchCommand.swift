@@ -91,6 +91,9 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
 
+    @Option(help: "Placement policy of the benchmark's store: class-aware-lru (default) | lru.")
+    var policy: String?
+
     @Option(help: "TOML file with defaults for these options and optional [[tier]] tables.")
     var config: String?
 
@@ -131,8 +134,12 @@ struct BenchCommand: ParsableCommand {
         options.lateBindingDelta = try lateBindingDelta ?? file.int("late-binding-delta") ?? 1
         options.killDaemons = killDaemons ?? 0
         options.slowDaemonMicroseconds = slowDaemonMicroseconds ?? 0
+        // The command line wins over the file's `policy`; an unknown name fails here, listing the names.
+        options.policy = try policy ?? file.string("policy") ?? PlacementPolicies.defaultName
+        _ = try PlacementPolicies.named(options.policy)
 
         var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
+        storeConfiguration.policy = options.policy
         storeConfiguration.slotSize = options.blockSize
         storeConfiguration.maxPageSize = options.blockSize
         // Benchmark files are scratch: never recover a previous run's pages, and never the
@@ -253,6 +260,10 @@ enum BenchTable {
                 lines.append("\(result.tier): goodput \(String(format2: stats.goodput * 100))% (stalled on " + stalls.joined(separator: ", ") + ")")
             }
         }
+        // Which placement policy the runs' stores used (a --config file's `policy` key).
+        var policies: [String] = []
+        for policy in results.compactMap(\.stats?.policy) where !policies.contains(policy) { policies.append(policy) }
+        if !policies.isEmpty { lines.append("policy: " + policies.joined(separator: ", ")) }
         lines.append("latency: one batch in \(results.first?.latencySampleEvery ?? 16) timed; every run verified \(results.map(\.verifiedPages).reduce(0, +)) pages after timing")
         return lines.joined(separator: "\n")
     }

@@ -207,15 +207,15 @@ public final class PageDirectory: @unchecked Sendable {
     /// be released now (no reads in flight; otherwise its last reader gets it). Throws
     /// `pagePinned` (changing nothing) if the key exists and is pinned, `storeFull` if the shard
     /// is out of entries.
-    public func insert(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32)
+    public func insert(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32, hints: PageHints = .generic)
         throws(SpillwayError) -> PageLocation?
     {
-        try replace(key, location: location, length: length, checksum: checksum).release
+        try replace(key, location: location, length: length, checksum: checksum, hints: hints).release
     }
 
     /// `insert`, also returning the location the new entry vacated (`old`, whether or not
     /// reads of it are still in flight): a persistent tier must stop treating it as current.
-    public func replace(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32)
+    public func replace(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32, hints: PageHints = .generic)
         throws(SpillwayError) -> (old: PageLocation?, release: PageLocation?)
     {
         precondition(location.tier < tierCapacities.count, "tier \(location.tier) out of range")
@@ -226,7 +226,8 @@ public final class PageDirectory: @unchecked Sendable {
         let tick = nextTick()
         let fresh = PageEntry(
             key: key, version: version, lastAccessTick: tick, extent: location.extent, length: UInt32(length),
-            checksum: checksum, accessCount: 0, pinCount: 0, readers: 0, tier: UInt8(location.tier), flags: PageEntry.occupied)
+            checksum: checksum, accessCount: 0, pinCount: 0, readers: 0, tier: UInt8(location.tier), flags: PageEntry.occupied,
+            hintOrder: hints.order, hintClassAndParent: PageEntry.packHints(hints))
         while true {
             let outcome: Result<Vacate, SpillwayError> = withShard(hash) { table in
                 if let index = table.find(key, hash: hash) {
@@ -249,6 +250,20 @@ public final class PageDirectory: @unchecked Sendable {
                 if let old { pagesPerTier[old.tier].wrappingDecrement(ordering: .relaxed) }
                 return (old, release)
             }
+        }
+    }
+
+    /// Replaces the hints of the current version of `key` in place (no new version, no move):
+    /// for pages that came back without them, e.g. recovered from NVMe on a warm restart.
+    /// False if `key` is absent.
+    @discardableResult
+    public func setHints(_ hints: PageHints, of key: PageKey) -> Bool {
+        let hash = key.mixedHash
+        return withShard(hash) { table in
+            guard let index = table.find(key, hash: hash) else { return false }
+            table.entries[index].hintOrder = hints.order
+            table.entries[index].hintClassAndParent = PageEntry.packHints(hints)
+            return true
         }
     }
 
@@ -502,12 +517,30 @@ struct PageEntry {
     var readers: UInt16
     var tier: UInt8
     var flags: UInt8
+    // The caller's `PageHints`, in the line's last six bytes (offsets 58 and 60; the stride
+    // stays 64, checked in `ShardTable.init`). Seven bytes of hints would not fit, so the
+    // parent digest is 24 bits and shares a word with the class. Moves keep the hints; a new
+    // `put` replaces them.
+    var hintOrder: UInt16
+    /// `PageClass` raw value in the top 8 bits, the 24-bit parent digest below.
+    var hintClassAndParent: UInt32
+
+    static func packHints(_ hints: PageHints) -> UInt32 {
+        UInt32(hints.pageClass.rawValue) << 24 | hints.parent & PageHints.parentMask
+    }
 
     var isOccupied: Bool { flags & Self.occupied != 0 }
     var isMoving: Bool { flags & Self.moving != 0 }
     var isCorrupt: Bool { flags & Self.corrupt != 0 }
     var location: PageLocation { PageLocation(tier: Int(tier), extent: extent) }
-    var stats: PageAccessStats { PageAccessStats(lastAccessTick: lastAccessTick, accessCount: accessCount, length: Int(length)) }
+    var hints: PageHints {
+        // The class byte always came from a `PageClass`, so the fallback is never taken.
+        PageHints(pageClass: PageClass(rawValue: UInt8(truncatingIfNeeded: hintClassAndParent >> 24)) ?? .generic,
+                  order: hintOrder, parent: hintClassAndParent & PageHints.parentMask)
+    }
+    var stats: PageAccessStats {
+        PageAccessStats(lastAccessTick: lastAccessTick, accessCount: accessCount, length: Int(length), hints: hints)
+    }
 
     var snapshot: PageSnapshot {
         PageSnapshot(key: key, location: location, length: Int(length), checksum: checksum, version: version,

@@ -8,6 +8,21 @@ import SpillwayStore
 import Glibc
 #endif
 
+/// Where the first of a list of block hashes sits in its prefix chain (for the store's
+/// placement hints): `depth` blocks precede it and the last of them is `parent`.
+public struct KVChainStart: Sendable, Equatable {
+    public var depth: Int
+    public var parent: BlockHash?
+
+    public init(depth: Int, parent: BlockHash?) {
+        self.depth = depth
+        self.parent = parent
+    }
+
+    /// The first block of a sequence: depth 0, no parent.
+    public static let root = KVChainStart(depth: 0, parent: nil)
+}
+
 /// How a pool's blocks are cut into store pages.
 public enum KVLayout: String, Sendable, CaseIterable {
     /// One page per (block, layer): a layer can be loaded while the previous one computes
@@ -123,6 +138,7 @@ public final class KVPool: Sendable {
         var hashes: [BlockHash]
         var layer: Int?
         var buffers: [UnsafeRawBufferPointer]
+        var chain: KVChainStart = .root
         var ticket: KVStoreTicket?
     }
 
@@ -206,9 +222,22 @@ public final class KVPool: Sendable {
 
     // MARK: Store
 
+    /// The store hints of a page of `hashes[index]` (`part` of it, a layer or the manifest):
+    /// class `kvBlock`, its depth in the prefix chain, and as parent the same part of the block
+    /// before it (`hashes[index - 1]`, or `chain.parent` for the first one).
+    private func hints(_ hashes: [BlockHash], _ index: Int, chain: KVChainStart, part: (BlockHash) -> PageKey) -> PageHints {
+        let parent: BlockHash? = index > 0 ? hashes[index - 1] : chain.parent
+        return .kvBlock(depth: chain.depth + index, parent: parent.map(part))
+    }
+
     /// Stores one layer of each block (per-layer layout): `buffers[i]` is block i's layer
     /// slice, exactly `layerBytes`. A block becomes visible when its last layer is stored.
-    public func storeLayer(_ hashes: [BlockHash], layer: Int, buffers: [UnsafeRawBufferPointer]) -> KVResult {
+    /// `chain` says where `hashes[0]` sits in its prefix chain (consecutive hashes are taken as
+    /// consecutive blocks, as `blockHashes(tokens:)` returns them); it only informs the store's
+    /// placement policy.
+    public func storeLayer(_ hashes: [BlockHash], layer: Int, buffers: [UnsafeRawBufferPointer],
+                           chain: KVChainStart = .root) -> KVResult
+    {
         do throws(SpillwayError) {
             try checkOpen()
             guard geometry.layout == .perLayer else { throw .invalidArgument("storeLayer needs the per-layer layout; this pool stores whole blocks") }
@@ -217,7 +246,10 @@ public final class KVPool: Sendable {
         } catch {
             return KVResult(errors: Array(repeating: error, count: max(1, hashes.count)))
         }
-        var writes = hashes.indices.map { PageWrite(key: dataKey(hashes[$0], layer: layer), bytes: buffers[$0]) }
+        var writes = hashes.indices.map {
+            PageWrite(key: dataKey(hashes[$0], layer: layer), bytes: buffers[$0],
+                      hints: hints(hashes, $0, chain: chain) { dataKey($0, layer: layer) })
+        }
         _ = writes.withUnsafeMutableBufferPointer { store.put(batch: $0) }
         var errors: [SpillwayError?] = writes.map(\.error)
         var complete: [(Int, BlockHash)] = []
@@ -231,14 +263,14 @@ public final class KVPool: Sendable {
             }
         }
         for (index, block) in complete {
-            if let error = commit(block) { errors[index] = error }
+            if let error = commit(block, hints: hints(hashes, index, chain: chain, part: manifestKey)) { errors[index] = error }
         }
         return KVResult(errors: errors)
     }
 
     /// Stores whole blocks: `buffers[i]` is block i, exactly `blockBytes`, layers back to back.
-    /// Each block is visible once all of it is stored.
-    public func store(_ hashes: [BlockHash], blocks buffers: [UnsafeRawBufferPointer]) -> KVResult {
+    /// Each block is visible once all of it is stored. `chain` as for `storeLayer`.
+    public func store(_ hashes: [BlockHash], blocks buffers: [UnsafeRawBufferPointer], chain: KVChainStart = .root) -> KVResult {
         do throws(SpillwayError) {
             try checkOpen()
             try checkBuffers(hashes.count, buffers.map(\.count), expected: geometry.blockBytes)
@@ -251,11 +283,13 @@ public final class KVPool: Sendable {
             if geometry.layout == .perLayer {
                 for layer in 0..<geometry.layers {
                     let slice = UnsafeRawBufferPointer(rebasing: buffers[index][(layer * geometry.layerBytes)..<((layer + 1) * geometry.layerBytes)])
-                    writes.append(PageWrite(key: dataKey(block, layer: layer), bytes: slice))
+                    writes.append(PageWrite(key: dataKey(block, layer: layer), bytes: slice,
+                                            hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
                     owner.append(index)
                 }
             } else {
-                writes.append(PageWrite(key: dataKey(block, layer: 0), bytes: buffers[index]))
+                writes.append(PageWrite(key: dataKey(block, layer: 0), bytes: buffers[index],
+                                        hints: hints(hashes, index, chain: chain) { dataKey($0, layer: 0) }))
                 owner.append(index)
             }
         }
@@ -266,7 +300,7 @@ public final class KVPool: Sendable {
         }
         for (index, block) in hashes.enumerated() where errors[index] == nil {
             state.withLock { _ = $0.pending.removeValue(forKey: block) }
-            errors[index] = commit(block)
+            errors[index] = commit(block, hints: hints(hashes, index, chain: chain, part: manifestKey))
         }
         return KVResult(errors: errors)
     }
@@ -274,7 +308,9 @@ public final class KVPool: Sendable {
     /// Queues a store of whole blocks (or, with `layer`, of one layer of each block) and
     /// returns at once; the ticket's `wait()` gives the result. The caller keeps the buffers
     /// valid and unchanged until then. Blocks when `asyncQueueLimit` stores are queued.
-    public func storeAsync(_ hashes: [BlockHash], layer: Int? = nil, buffers: [UnsafeRawBufferPointer]) -> KVStoreTicket {
+    public func storeAsync(_ hashes: [BlockHash], layer: Int? = nil, buffers: [UnsafeRawBufferPointer],
+                           chain: KVChainStart = .root) -> KVStoreTicket
+    {
         let ticket = KVStoreTicket()
         if state.withLock({ $0.closing }) {
             ticket.finish(KVResult(errors: Array(repeating: .closed, count: max(1, hashes.count))))
@@ -286,7 +322,7 @@ public final class KVPool: Sendable {
         // (and the worker runs it before exiting) or refuses it here: no ticket waits forever.
         let accepted = state.withLock { state -> Bool in
             guard !state.closing else { return false }
-            queue.withLock { $0.append(StoreJob(hashes: hashes, layer: layer, buffers: buffers, ticket: ticket)) }
+            queue.withLock { $0.append(StoreJob(hashes: hashes, layer: layer, buffers: buffers, chain: chain, ticket: ticket)) }
             return true
         }
         guard accepted else {
@@ -320,8 +356,8 @@ public final class KVPool: Sendable {
                 continue
             }
             space.signal()
-            let result = job.layer.map { storeLayer(job.hashes, layer: $0, buffers: job.buffers) }
-                ?? store(job.hashes, blocks: job.buffers)
+            let result = job.layer.map { storeLayer(job.hashes, layer: $0, buffers: job.buffers, chain: job.chain) }
+                ?? store(job.hashes, blocks: job.buffers, chain: job.chain)
             job.ticket?.finish(result)
             if queue.withLock({ $0.isEmpty }) && state.withLock({ $0.closing }) { return }
         }
@@ -329,7 +365,7 @@ public final class KVPool: Sendable {
 
     /// Makes `block` visible: writes its manifest (per-layer layout; a whole block's single
     /// page needs none).
-    private func commit(_ block: BlockHash) -> SpillwayError? {
+    private func commit(_ block: BlockHash, hints: PageHints) -> SpillwayError? {
         guard geometry.layout == .perLayer else {
             state.withLock { _ = $0.committed.insert(block) }
             return nil
@@ -343,7 +379,7 @@ public final class KVPool: Sendable {
             raw.storeBytes(of: UInt32(geometry.tokensPerBlock).littleEndian, toByteOffset: 20, as: UInt32.self)
         }
         do {
-            try store.put(manifestKey(block), bytes: manifest)
+            try store.put(manifestKey(block), bytes: manifest, hints: hints)
             state.withLock { _ = $0.committed.insert(block) }
             return nil
         } catch {

@@ -53,6 +53,8 @@ public struct TierStats: Sendable, Equatable, Codable {
 
 /// A point-in-time view of the store (`TieredStore.stats()`).
 public struct StoreStats: Sendable, Equatable, Codable {
+    /// Name of the placement policy in use (`PlacementPolicy.name`).
+    public var policy: String
     public var tiers: [TierStats]
     public var puts: Int
     public var gets: Int

@@ -27,13 +27,16 @@ public struct PageRead {
 public struct PageWrite {
     public var key: PageKey
     public var bytes: UnsafeRawBufferPointer
+    /// The page's class and hints, for the store's policy.
+    public var hints: PageHints
     public var error: SpillwayError?
     /// Submission-to-completion time of the write on its tier, when the tier times I/Os (NVMe); 0 otherwise.
     public var latencyNanoseconds: UInt64 = 0
 
-    public init(key: PageKey, bytes: UnsafeRawBufferPointer) {
+    public init(key: PageKey, bytes: UnsafeRawBufferPointer, hints: PageHints = .generic) {
         self.key = key
         self.bytes = bytes
+        self.hints = hints
     }
 }
 
@@ -87,7 +90,7 @@ public final class TieredStore: Sendable {
     /// When the store opened (goodput's denominator).
     private let openedAt = monotonicNanoseconds()
 
-    public init(tiers: [any Tier], policy: any PlacementPolicy = LRUPolicy(), options: StoreOptions = StoreOptions(),
+    public init(tiers: [any Tier], policy: any PlacementPolicy = ClassAwareLRUPolicy(), options: StoreOptions = StoreOptions(),
                 logger: Logger = Logger(label: "spillway.store")) throws(SpillwayError)
     {
         guard !tiers.isEmpty, tiers.count <= 255 else { throw .invalidConfiguration("a store needs 1…255 tiers, got \(tiers.count)") }
@@ -187,13 +190,17 @@ public final class TieredStore: Sendable {
     /// - Parameter tier: place the page on exactly this tier (e.g. the device tier for a layer
     ///   about to be used), making room there if needed; `tierFull` if it cannot. Nil lets the
     ///   policy choose and falls back to lower tiers.
-    public func put(_ key: PageKey, _ bytes: UnsafeRawBufferPointer, tier: Int? = nil) throws(SpillwayError) {
+    /// - Parameter hints: the page's class and hints (kept with it; the policy decides
+    ///   placement, promotion and eviction with them). Default `generic`.
+    public func put(_ key: PageKey, _ bytes: UnsafeRawBufferPointer, tier: Int? = nil, hints: PageHints = .generic)
+        throws(SpillwayError)
+    {
         try checkOpen()
         // One change of a key at a time: its journal records and directory commits stay in order.
-        try keyLocks.withLock(key) { () throws(SpillwayError) in try putLocked(key, bytes, tier: tier) }
+        try keyLocks.withLock(key) { () throws(SpillwayError) in try putLocked(key, bytes, tier: tier, hints: hints) }
     }
 
-    private func putLocked(_ key: PageKey, _ bytes: UnsafeRawBufferPointer, tier: Int?) throws(SpillwayError) {
+    private func putLocked(_ key: PageKey, _ bytes: UnsafeRawBufferPointer, tier: Int?, hints: PageHints) throws(SpillwayError) {
         let length = bytes.count
         guard length <= options.maxPageSize else { throw .pageTooLarge(length: length, limit: options.maxPageSize) }
         let location: PageLocation
@@ -204,14 +211,14 @@ public final class TieredStore: Sendable {
             }
             location = PageLocation(tier: tier, extent: extent)
         } else {
-            location = try allocateForPut(slots: slotsNeeded(length), length: length)
+            location = try allocateForPut(slots: slotsNeeded(length), length: length, hints: hints)
         }
         let stallStart = location.tier > 0 ? monotonicNanoseconds() : 0
         defer { if location.tier > 0 { tierCounters[location.tier].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) } }
         if let base = UnsafeMutableRawPointer(bitPattern: hostBases[location.tier]) {
             // Host-memory tier: copy, then checksum the source while the stores drain.
             if length > 0 { memcpy(base + Int(location.extent.firstSlot) * slotSize, bytes.baseAddress!, length) }
-            try commitPut(key, location: location, length: length, checksum: CRC32C.checksum(bytes))
+            try commitPut(key, location: location, length: length, checksum: CRC32C.checksum(bytes), hints: hints)
             return
         }
         let tier = tiers[location.tier]
@@ -231,13 +238,13 @@ public final class TieredStore: Sendable {
             tierCounters[location.tier].ioErrors.add(1)
             throw .tierIO(tier: tier.descriptor.name, operation: "write", errno: failure.status)
         }
-        try commitPut(key, location: location, length: length, checksum: checksum)
+        try commitPut(key, location: location, length: length, checksum: checksum, hints: hints)
     }
 
     /// Convenience: stores the contents of an array.
-    public func put(_ key: PageKey, bytes: [UInt8], tier: Int? = nil) throws(SpillwayError) {
+    public func put(_ key: PageKey, bytes: [UInt8], tier: Int? = nil, hints: PageHints = .generic) throws(SpillwayError) {
         let result: Result<Void, SpillwayError> = bytes.withUnsafeBytes { raw in
-            do throws(SpillwayError) { try put(key, raw, tier: tier); return .success(()) } catch { return .failure(error) }
+            do throws(SpillwayError) { try put(key, raw, tier: tier, hints: hints); return .success(()) } catch { return .failure(error) }
         }
         try result.get()
     }
@@ -350,6 +357,19 @@ public final class TieredStore: Sendable {
     }
 
     /// Where the page lives now (tier index and slots), if present.
+    /// The class and hints `key` was stored with (nil if absent). Pages a persistent tier
+    /// recovered on a warm restart come back as `generic`: hints are not persisted.
+    public func hints(of key: PageKey) -> PageHints? {
+        directory.snapshot(of: key)?.stats.hints
+    }
+
+    /// Sets the hints of the page stored under `key` without rewriting it (a registration that
+    /// finds its pages already stored, e.g. after a warm restart, tags them). False if absent.
+    @discardableResult
+    public func setHints(_ hints: PageHints, of key: PageKey) -> Bool {
+        directory.setHints(hints, of: key)
+    }
+
     public func location(of key: PageKey) -> PageLocation? {
         directory.snapshot(of: key)?.location
     }
@@ -423,6 +443,7 @@ public final class TieredStore: Sendable {
     public func stats() -> StoreStats {
         let served = directory.readCounters()
         return StoreStats(
+            policy: policy.name,
             tiers: tiers.indices.map { index in
                 let descriptor = tiers[index].descriptor
                 let counter = tierCounters[index]
@@ -470,8 +491,8 @@ public final class TieredStore: Sendable {
     /// An extent for a new page: the policy's tier, making room there if it is full, else the
     /// first lower tier that has or can make room. `storeFull` only when pinned pages leave no
     /// way to free enough contiguous slots.
-    private func allocateForPut(slots: Int, length: Int) throws(SpillwayError) -> PageLocation {
-        let first = min(max(0, policy.initialTier(forLength: length, tierCount: tiers.count)), tiers.count - 1)
+    private func allocateForPut(slots: Int, length: Int, hints: PageHints) throws(SpillwayError) -> PageLocation {
+        let first = min(max(0, policy.initialTier(for: hints, length: length, tierCount: tiers.count)), tiers.count - 1)
         if let extent = tiers[first].allocate(slotCount: slots) {
             if tiers[first].usedSlots > highSlots[first] && first + 1 < tiers.count { wake.signal() }
             return PageLocation(tier: first, extent: extent)
@@ -507,10 +528,12 @@ public final class TieredStore: Sendable {
     /// Makes a written page visible, retires the copy it replaced on a persistent tier, and
     /// makes every superseded persistent copy of the key durably invalid before returning (the
     /// caller holds the key's stripe).
-    private func commitPut(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32) throws(SpillwayError) {
+    private func commitPut(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32, hints: PageHints)
+        throws(SpillwayError)
+    {
         let replaced: (old: PageLocation?, release: PageLocation?)
         do {
-            replaced = try directory.replace(key, location: location, length: length, checksum: checksum)
+            replaced = try directory.replace(key, location: location, length: length, checksum: checksum, hints: hints)
         } catch {
             tiers[location.tier].release(location.extent)
             throw error
@@ -562,7 +585,7 @@ public final class TieredStore: Sendable {
                     continue
                 }
                 do throws(SpillwayError) {
-                    let location = try allocateForPut(slots: slotsNeeded(bytes.count), length: bytes.count)
+                    let location = try allocateForPut(slots: slotsNeeded(bytes.count), length: bytes.count, hints: requests[index].hints)
                     plans[index] = (location, CRC32C.checksum(bytes))
                     retireSupersededCopy(of: requests[index].key, onTier: location.tier)
                 } catch {
@@ -601,7 +624,8 @@ public final class TieredStore: Sendable {
             for index in requests.indices {
                 guard let plan = plans[index] else { continue }
                 do throws(SpillwayError) {
-                    try commitPut(requests[index].key, location: plan.location, length: requests[index].bytes.count, checksum: plan.checksum)
+                    try commitPut(requests[index].key, location: plan.location, length: requests[index].bytes.count, checksum: plan.checksum,
+                                  hints: requests[index].hints)
                     succeeded += 1
                 } catch {
                     requests[index].error = error

@@ -51,10 +51,18 @@ public final class ModelWeights: Sendable {
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
         defer { buffer.deallocate() }
         var copied = 0
+        // Chunks are stored as class `weights` with their layer's streaming position, so the
+        // store's policy does not let a streaming pass push hot KV blocks out of tier 0.
+        let layerOrder = Dictionary(uniqueKeysWithValues: layers.enumerated().map { ($1, $0) })
         for tensor in file.tensors {
+            let hints = PageHints.weights(layerOrder: layerOrder[tensor.layer ?? Self.sharedLayer] ?? 0)
             for (index, length) in Self.chunks(tensor.byteCount, chunk).enumerated() {
                 let key = Self.key(modelID: modelID, tensor: tensor.name, chunk: index)
-                if store.length(of: key) == length { continue }
+                if store.length(of: key) == length {
+                    // Already stored (e.g. recovered after a restart, which keeps no hints): tag it.
+                    if store.hints(of: key) != hints { store.setHints(hints, of: key) }
+                    continue
+                }
                 let offset = tensor.fileOffset + index * chunk
                 var done = 0
                 while done < length {
@@ -62,7 +70,7 @@ public final class ModelWeights: Sendable {
                     guard got > 0 else { throw .invalidArgument("\(path): short read of tensor '\(tensor.name)'") }
                     done += got
                 }
-                try store.put(key, UnsafeRawBufferPointer(start: buffer, count: length), tier: tier)
+                try store.put(key, UnsafeRawBufferPointer(start: buffer, count: length), tier: tier, hints: hints)
                 copied += length
             }
         }

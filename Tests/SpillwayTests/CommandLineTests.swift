@@ -68,6 +68,41 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
         #expect((tiered.first?["promotions"] as? Int ?? 0) > 0, "the tiered run exercises promotion")
     }
 
+    @Test func benchReportsThePolicyInUse() throws {
+        let path = NSTemporaryDirectory() + "spillway-bench-policy-\(getpid()).toml"
+        try """
+        policy = "lru"
+        size = "1m"
+        [[tier]]
+        kind = "device"
+        capacity = "1m"
+        [[tier]]
+        kind = "dram"
+        capacity = "4m"
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let table = try runSpillway(["bench", "tiered", "--duration", "0.1", "--config", path])
+        #expect(table.status == 0, "\(table.stderr)")
+        #expect(table.stdout.contains("policy: lru\n"), "\(table.stdout)")
+        let json = try runSpillway(["bench", "tiered", "--json", "--duration", "0.1", "--config", path])
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any])
+        #expect(object["policy"] as? String == "lru")
+        // A single-tier run's store uses the default policy.
+        let single = try runSpillway(["bench", "dram", "--json", "--duration", "0.1", "--size", "1m"])
+        let row = try #require(try JSONSerialization.jsonObject(with: Data(single.stdout.utf8)) as? [String: Any])
+        #expect(row["policy"] as? String == "class-aware-lru")
+        // --policy picks it for any run (and wins over the file).
+        let chosen = try runSpillway(["bench", "dram", "--json", "--duration", "0.1", "--size", "1m", "--policy", "lru"])
+        let chosenRow = try #require(try JSONSerialization.jsonObject(with: Data(chosen.stdout.utf8)) as? [String: Any])
+        #expect(chosenRow["policy"] as? String == "lru")
+        let overridden = try runSpillway(["bench", "tiered", "--json", "--duration", "0.1", "--config", path, "--policy", "class-aware-lru"])
+        let overriddenRow = try #require(try JSONSerialization.jsonObject(with: Data(overridden.stdout.utf8)) as? [String: Any])
+        #expect(overriddenRow["policy"] as? String == "class-aware-lru")
+        let unknown = try runSpillway(["bench", "dram", "--duration", "0.1", "--policy", "arc"])
+        #expect(unknown.status != 0)
+        #expect(unknown.stderr.contains("unknown policy 'arc' (available: class-aware-lru, lru)"), "\(unknown.stderr)")
+    }
+
     @Test func configFileSuppliesOptionsAndCommandLineWins() throws {
         let path = NSTemporaryDirectory() + "spillway-bench-\(getpid()).toml"
         try """

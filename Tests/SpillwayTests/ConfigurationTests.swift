@@ -70,6 +70,21 @@ import Testing
         #expect(reason.contains(fragment), "reason: \(reason)", sourceLocation: sourceLocation)
     }
 
+    @Test func policyKeySelectsThePolicyInUse() throws {
+        let dram = "[[tier]]\nkind = \"dram\"\ncapacity = \"1m\"\nprefault = false"
+        let byDefault = try SpillwayConfiguration(toml: dram)
+        #expect(byDefault.policy == "class-aware-lru")
+        for name in ["lru", "class-aware-lru"] {
+            let configuration = try SpillwayConfiguration(toml: "policy = \"\(name)\"\n" + dram)
+            let store = try TieredStore.open(configuration)
+            defer { store.close() }
+            #expect(store.policy.name == name)
+            #expect(store.stats().policy == name)
+        }
+        let unknown = try SpillwayConfiguration(toml: "policy = \"arc\"\n" + dram)
+        expectInvalidConfiguration("unknown policy 'arc' (available: class-aware-lru, lru)") { _ = try TieredStore.open(unknown) }
+    }
+
     @Test func validationCatchesInconsistentStores() throws {
         let dram = TierConfiguration(kind: .dram, capacity: 1 << 20)
         let device = TierConfiguration(kind: .device, capacity: 1 << 20)
@@ -77,7 +92,9 @@ import Testing
             try SpillwayConfiguration(slotSize: 3000, tiers: [dram]).validate()
         }
         expectInvalidConfiguration("no tiers configured") { try SpillwayConfiguration(tiers: []).validate() }
-        expectInvalidConfiguration("unknown policy 'mru' (available: lru)") { try SpillwayConfiguration(policy: "mru", tiers: [dram]).validate() }
+        expectInvalidConfiguration("unknown policy 'mru' (available: class-aware-lru, lru)") {
+            try SpillwayConfiguration(policy: "mru", tiers: [dram]).validate()
+        }
         expectInvalidConfiguration("the device tier must be the top (first) tier") { try SpillwayConfiguration(tiers: [dram, device]).validate() }
         var badCode = TierConfiguration(kind: .erasureCoded, capacity: 1 << 20)
         badCode.r = 0

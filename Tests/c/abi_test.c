@@ -66,6 +66,30 @@ int main(int argc, char **argv) {
     /* A single-tier DRAM store never waits on a lower tier. */
     CHECK(spillway_store_stats_json(store, stats, sizeof stats, &length) == SPILLWAY_OK && max_stall(stats) == 0);
     CHECK(tier_hits(stats, 0) >= 1);
+    /* The configuration names no policy: the class-aware default is in use and reported. */
+    CHECK(strstr(stats, "\"policy\":\"class-aware-lru\"") != NULL);
+
+    /* Page classes and hints. A plain put is generic. */
+    uint32_t page_class = 99, order = 99, digest = 99;
+    CHECK(spillway_store_page_hints(store, key, &page_class, &order, &digest) == SPILLWAY_OK);
+    CHECK(page_class == SPILLWAY_PAGE_GENERIC && order == 0 && digest == 0);
+    uint8_t child[16] = {0};
+    child[15] = 43;
+    CHECK(spillway_store_put_hinted(store, child, page, 100, SPILLWAY_PAGE_KV_BLOCK, 7, key) == SPILLWAY_OK);
+    CHECK(spillway_store_page_hints(store, child, &page_class, &order, &digest) == SPILLWAY_OK);
+    CHECK(page_class == SPILLWAY_PAGE_KV_BLOCK && order == 7 && digest == spillway_parent_digest(key) && digest != 0);
+    CHECK(spillway_store_get(store, child, back, sizeof back, &length) == SPILLWAY_OK && length == 100 && memcmp(page, back, 100) == 0);
+    uint8_t chunk[16] = {0};
+    chunk[15] = 44;
+    CHECK(spillway_store_put_hinted(store, chunk, page, 10, SPILLWAY_PAGE_WEIGHTS, 100000, NULL) == SPILLWAY_OK);
+    CHECK(spillway_store_page_hints(store, chunk, &page_class, NULL, NULL) == SPILLWAY_OK && page_class == SPILLWAY_PAGE_WEIGHTS);
+    CHECK(spillway_store_page_hints(store, chunk, NULL, &order, &digest) == SPILLWAY_OK && order == 65535 && digest == 0);
+    CHECK(spillway_store_put_hinted(store, chunk, page, 10, 9, 0, NULL) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(strstr(spillway_last_error(), "page class") != NULL);
+    CHECK(spillway_store_put_hinted(store, NULL, page, 10, SPILLWAY_PAGE_GENERIC, 0, NULL) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_store_page_hints(store, missing, &page_class, &order, &digest) == SPILLWAY_E_UNKNOWN_KEY);
+    CHECK(spillway_store_page_hints(12345, key, &page_class, &order, &digest) == SPILLWAY_E_INVALID_HANDLE);
+    CHECK(spillway_store_remove(store, child) == SPILLWAY_OK && spillway_store_remove(store, chunk) == SPILLWAY_OK);
 
     /* DRAM (64 KiB) over NVMe (a file in the scratch directory): most of 64 pages of 4 KiB land
      * on NVMe, and getting them back stalls on it. */

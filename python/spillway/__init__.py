@@ -16,13 +16,15 @@ from ._binding import (
     AcquiredLayer,
     KVGeometry,
     KVPool,
+    PAGE_CLASSES,
     SpillwayError,
     Store,
     StoreTicket,
     Weights,
     inflight_stores,
     library_path,
+    parent_digest,
     version,
 )
 
-__all__ = ["AcquiredLayer", "KVGeometry", "KVPool", "SpillwayError", "Store", "StoreTicket", "Weights", "inflight_stores", "library_path", "version"]
+__all__ = ["AcquiredLayer", "KVGeometry", "KVPool", "PAGE_CLASSES", "SpillwayError", "Store", "StoreTicket", "Weights", "inflight_stores", "library_path", "parent_digest", "version"]

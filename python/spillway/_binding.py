@@ -73,6 +73,14 @@ _lib.spillway_last_error.argtypes = []
 _store_open = _declare("spillway_store_open", ctypes.c_char_p, ctypes.POINTER(_u64))
 _store_close = _declare("spillway_store_close", _u64)
 _store_put = _declare("spillway_store_put", _u64, ctypes.c_char_p, _p, _size)
+_store_put_hinted = _declare("spillway_store_put_hinted", _u64, ctypes.c_char_p, _p, _size, ctypes.c_uint32, ctypes.c_uint32,
+                             ctypes.c_char_p)
+_store_page_hints = _declare("spillway_store_page_hints", _u64, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint32),
+                             ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32))
+_lib.spillway_parent_digest.restype = ctypes.c_uint32
+_lib.spillway_parent_digest.argtypes = [ctypes.c_char_p]
+# Page classes (SPILLWAY_PAGE_* in spillway.h), by the names Python callers use.
+PAGE_CLASSES = {"generic": 0, "kv_block": 1, "weights": 2}
 _store_get = _declare("spillway_store_get", _u64, ctypes.c_char_p, _p, _size, ctypes.POINTER(_size))
 _store_remove = _declare("spillway_store_remove", _u64, ctypes.c_char_p)
 _store_stats = _declare("spillway_store_stats_json", _u64, ctypes.c_char_p, _size, ctypes.POINTER(_size))
@@ -104,6 +112,11 @@ _weights_acquire = _declare("spillway_weights_acquire", _u64, ctypes.c_int32, ct
 _weights_release = _declare("spillway_weights_release", _u64, ctypes.c_int32)
 _weights_stall = _declare("spillway_weights_stall", _u64, ctypes.POINTER(ctypes.c_uint64))
 _weights_destroy = _declare("spillway_weights_destroy", _u64)
+
+
+def parent_digest(key) -> int:
+    """The 24-bit digest ``Store.page_hints`` reports for a KV block's parent key."""
+    return _lib.spillway_parent_digest(_key(key))
 
 
 def version() -> str:
@@ -211,9 +224,27 @@ class Store:
     def __exit__(self, *exc):
         self.close()
 
-    def put(self, key, data) -> None:
+    def put(self, key, data, page_class="generic", order=0, parent=None) -> None:
+        """Stores ``data`` under ``key``. ``page_class`` ("generic", "kv_block", "weights")
+        and its hints (``order``: a KV block's depth or a weights layer's streaming position;
+        ``parent``: a KV block's parent key) inform the store's placement policy."""
         buffer = _Buffer(data, writable=False)
-        _check(_store_put(self.handle, _key(key), buffer.address, buffer.size))
+        if page_class == "generic" and order == 0 and parent is None:
+            _check(_store_put(self.handle, _key(key), buffer.address, buffer.size))
+            return
+        if page_class not in PAGE_CLASSES:
+            raise ValueError(f"unknown page class {page_class!r} (available: {', '.join(PAGE_CLASSES)})")
+        if not 0 <= order < 1 << 32:
+            raise ValueError("order is a 32-bit unsigned integer (stored saturated at 65535)")
+        _check(_store_put_hinted(self.handle, _key(key), buffer.address, buffer.size, PAGE_CLASSES[page_class], order,
+                                 None if parent is None else _key(parent)))
+
+    def page_hints(self, key) -> dict:
+        """The class and hints a stored page carries: ``{"page_class", "order", "parent_digest"}``."""
+        page_class, order, digest = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32()
+        _check(_store_page_hints(self.handle, _key(key), ctypes.byref(page_class), ctypes.byref(order), ctypes.byref(digest)))
+        name = next(name for name, value in PAGE_CLASSES.items() if value == page_class.value)
+        return {"page_class": name, "order": order.value, "parent_digest": digest.value}
 
     def get(self, key, into=None) -> bytes | int:
         """With ``into`` (a writable buffer): fills it, returns the page length. Without:

@@ -287,3 +287,33 @@ def test_store_stall_counts_only_lower_tier_reads(config, tmp_path):
         assert after["tiers"][1]["hits"] > 0, after
         assert after["tiers"][0]["stall_nanoseconds"] == 0
         assert after["stall_nanoseconds"] > before["stall_nanoseconds"]
+
+
+def test_put_with_page_class_and_hints(config, tmp_path):
+    with Store(config) as store:
+        assert store.stats()["policy"] == "class-aware-lru"
+        store.put(1, b"parent")
+        assert store.page_hints(1) == {"page_class": "generic", "order": 0, "parent_digest": 0}
+        store.put(2, np.arange(100, dtype=np.uint8), page_class="kv_block", order=5, parent=1)
+        assert store.page_hints(2) == {"page_class": "kv_block", "order": 5, "parent_digest": spillway.parent_digest(1)}
+        assert spillway.parent_digest(1) != 0
+        assert store.get(2) == bytes(range(100))
+        store.put(3, b"w", page_class="weights", order=70000)
+        assert store.page_hints(3) == {"page_class": "weights", "order": 65535, "parent_digest": 0}
+        with pytest.raises(ValueError):
+            store.put(4, b"x", page_class="activations")
+        with pytest.raises(ValueError):
+            store.put(4, b"x", page_class="weights", order=-1)
+        with pytest.raises(SpillwayError) as error:
+            store.page_hints(4)
+        assert error.value.name == "unknown key"
+    lru = tmp_path / "lru.toml"
+    lru.write_text('policy = "lru"\n' + open(config).read())
+    with Store(str(lru)) as store:
+        assert store.stats()["policy"] == "lru"
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('policy = "mru"\n' + open(config).read())
+    with pytest.raises(SpillwayError) as error:
+        Store(str(unknown))
+    assert error.value.name == "invalid configuration"
+    assert "class-aware-lru, lru" in str(error.value)
