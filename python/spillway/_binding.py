@@ -254,12 +254,18 @@ class Store:
             buffer = _Buffer(into, writable=True)
             _check(_store_get(self.handle, _key(key), buffer.address, buffer.size, ctypes.byref(length)))
             return length.value
-        status = _store_get(self.handle, _key(key), None, 0, ctypes.byref(length))
-        if status not in (OK, 5):  # 5: buffer too small, length tells the size
-            _check(status)
-        out = ctypes.create_string_buffer(max(1, length.value))
-        _check(_store_get(self.handle, _key(key), out, length.value, ctypes.byref(length)))
-        return out.raw[: length.value]
+        # One get for pages up to 64 KiB (a size query first would count, and promote, every
+        # page twice); a larger page is asked again with the size the library reported, and
+        # again if it grew in between (an overwrite racing this read).
+        capacity = 64 << 10
+        for _ in range(8):
+            out = ctypes.create_string_buffer(capacity)
+            status = _store_get(self.handle, _key(key), out, capacity, ctypes.byref(length))
+            if status != 5:  # 5: buffer too small, length tells the size
+                _check(status)
+                return out.raw[: length.value]
+            capacity = max(1, length.value)
+        _check(status)
 
     def remove(self, key) -> None:
         _check(_store_remove(self.handle, _key(key)))
