@@ -191,15 +191,7 @@ public final class FrameConnection: @unchecked Sendable {
         guard meta.count <= WireProtocol.maxMetaLength else { return .busy }
         return meta.withUnsafeBytes { raw -> NoticeOutcome in
             sendLock.withTryLock { _ -> NoticeOutcome in
-                let crc = ~WireChecksum.update(0xFFFF_FFFF, raw)
-                FrameHeader(opcode: opcode, flags: .notice, requestID: 0, metaLength: raw.count, dataLength: 0,
-                            payloadChecksum: crc).encode(into: headerOut)
-                vectors[0] = iovec(iov_base: headerOut, iov_len: WireProtocol.headerSize)
-                var count = 1
-                if raw.count > 0 {
-                    vectors[1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: raw.baseAddress!), iov_len: raw.count)
-                    count = 2
-                }
+                let count = prepare(.notice, opcode: opcode, requestID: 0, meta: raw, data: UnsafeRawBufferPointer(start: nil, count: 0))
                 let sent = socket.sendWithoutWaiting(UnsafeMutableBufferPointer(rebasing: vectors[0..<count]))
                 if sent == WireProtocol.headerSize + raw.count { return .sent }
                 return sent <= 0 ? .busy : .broken
@@ -207,8 +199,10 @@ public final class FrameConnection: @unchecked Sendable {
         }
     }
 
-    private func sendLocked(_ opcode: Opcode, flags: FrameFlags, requestID: UInt64, meta: UnsafeRawBufferPointer,
-                            data: UnsafeRawBufferPointer) throws(RemoteError)
+    /// Encodes the header and points `vectors` at header, meta and data (under the send
+    /// lock); returns how many vectors are in use.
+    private func prepare(_ flags: FrameFlags, opcode: Opcode, requestID: UInt64, meta: UnsafeRawBufferPointer,
+                         data: UnsafeRawBufferPointer) -> Int
     {
         var crc = WireChecksum.update(0xFFFF_FFFF, meta)
         crc = ~WireChecksum.update(crc, data)
@@ -224,6 +218,13 @@ public final class FrameConnection: @unchecked Sendable {
             vectors[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress!), iov_len: data.count)
             count += 1
         }
+        return count
+    }
+
+    private func sendLocked(_ opcode: Opcode, flags: FrameFlags, requestID: UInt64, meta: UnsafeRawBufferPointer,
+                            data: UnsafeRawBufferPointer) throws(RemoteError)
+    {
+        let count = prepare(flags, opcode: opcode, requestID: requestID, meta: meta, data: data)
         do throws(SystemCallError) {
             try socket.send(UnsafeMutableBufferPointer(rebasing: vectors[0..<count]))
         } catch {
