@@ -69,9 +69,15 @@ import SpillwayTestSupport
             }
             strangers.append(socket)
         }
-        let threads = try #require(daemon.threadCount)
+        // Evicted strangers' threads exit asynchronously after their sockets are shut down:
+        // the count must settle within the bound (quota + slack) while all 1,000 stay open.
+        var threads = try #require(daemon.threadCount)
+        let settled = eventually(10) {
+            threads = daemon.threadCount ?? .max
+            return threads <= baseline + 32 + 16
+        }
         print("spillwayd threads: \(baseline) before, \(threads) with 1000 idle strangers")
-        #expect(threads <= baseline + 32 + 16, "threads grew from \(baseline) to \(threads)")
+        #expect(settled, "threads grew from \(baseline) to \(threads)")
         // A tenant still gets in: status and a short remote benchmark.
         let started = monotonicNanoseconds()
         let status = try runSpillway(["status", "--servers", daemon.endpoint.description, "--json"])
