@@ -150,7 +150,7 @@ public enum BenchRunner {
         var tier = TierConfiguration(kind: kind, capacity: (pages + slack) * options.blockSize)
         if kind == .nvme {
             // A scratch file: overwritten without asking, never recovered.
-            tier.path = options.file ?? ScratchDirectory.file("spillway-bench.nvme")
+            tier.path = if let file = options.file { file } else { try ScratchDirectory.file("spillway-bench.nvme") }
             tier.reformat = true
             tier.durability = options.durability
         }
@@ -367,10 +367,10 @@ extension SpillwayConfiguration {
     /// NVMe tiers without an explicit path get a benchmark scratch file of their own
     /// (`spillway-bench-<tier>.nvme` in the scratch directory), and every NVMe tier is
     /// reformatted at open.
-    public mutating func useBenchmarkScratchFiles() {
+    public mutating func useBenchmarkScratchFiles() throws(SpillwayError) {
         for index in tiers.indices where tiers[index].kind == .nvme {
             tiers[index].reformat = true
-            if tiers[index].path == nil { tiers[index].path = ScratchDirectory.file("spillway-bench-\(tiers[index].name).nvme") }
+            if tiers[index].path == nil { tiers[index].path = try ScratchDirectory.file("spillway-bench-\(tiers[index].name).nvme") }
         }
     }
 }

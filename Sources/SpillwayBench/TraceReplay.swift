@@ -19,18 +19,16 @@ public enum TraceReplay {
         public init(trace: String) { self.trace = trace }
     }
 
-    /// Where the trace is looked for when `--trace` is not given, relative to the working
-    /// directory (the project keeps its data in a `shared/` directory beside the checkout).
-    public static let defaultTraceRelativePath = "../shared/traces/mooncake_synthetic_trace.jsonl"
-
-    /// The default trace: `../shared/traces/mooncake_synthetic_trace.jsonl` relative to
-    /// `workingDirectory` (the process's, by default), if that file exists. Nothing else is
-    /// searched: a library must not depend on where one machine keeps its files, so anywhere
-    /// else needs `--trace PATH`.
-    public static func defaultTrace(workingDirectory: String = FileManager.default.currentDirectoryPath) -> String? {
-        let path = URL(fileURLWithPath: workingDirectory).appendingPathComponent(defaultTraceRelativePath).standardizedFileURL.path
-        return FileManager.default.fileExists(atPath: path) ? path : nil
+    /// The trace configured for commands given no `--trace`: `$SPILLWAY_TRACE`, if set and not
+    /// empty. No path is built in: a library must not depend on where one machine (or one
+    /// checkout layout) keeps its data, so without either the commands ask for `--trace`.
+    public static func configuredTrace(environment: [String: String] = ProcessInfo.processInfo.environment) -> String? {
+        guard let path = environment["SPILLWAY_TRACE"], !path.isEmpty else { return nil }
+        return path
     }
+
+    /// What a command says when it has no trace.
+    public static let missingTraceReason = "needs --trace PATH (a Mooncake-format .jsonl), or SPILLWAY_TRACE set to one"
 
     struct Request {
         var hashIDs: [UInt64]

@@ -23,7 +23,7 @@ public enum WeightsBench {
 
     /// Writes the synthetic model; returns its path.
     public static func synthesize(_ options: Options) throws(SpillwayError) -> String {
-        let path = ScratchDirectory.file("spillway-bench-model.safetensors")
+        let path = try ScratchDirectory.file("spillway-bench-model.safetensors")
         var tensors: [(name: String, dtype: String, shape: [Int])] = [("model.embed_tokens.weight", "F16", [1024, options.hidden])]
         for layer in 0..<options.layers {
             tensors.append(("model.layers.\(layer).self_attn.q_proj.weight", "F16", [options.hidden, options.hidden]))
@@ -50,7 +50,7 @@ public enum WeightsBench {
         let slot = 64 << 10
         let capacitySlots = file.tensors.reduce(0) { $0 + ($1.byteCount + slot - 1) / slot } + 64
         var tier = TierConfiguration(kind: .nvme, capacity: capacitySlots * slot)
-        tier.path = options.nvmeFile ?? ScratchDirectory.file("spillway-bench-weights.nvme")
+        tier.path = if let file = options.nvmeFile { file } else { try ScratchDirectory.file("spillway-bench-weights.nvme") }
         tier.reformat = true
         let store = try TieredStore.open(SpillwayConfiguration(slotSize: slot, maxPageSize: chunk, tiers: [tier]))
         defer { store.close() }

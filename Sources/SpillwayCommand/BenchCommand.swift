@@ -82,7 +82,7 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("compute-us"), help: "weights: simulated compute per layer in µs (default 0).")
     var computeMicroseconds: Int?
 
-    @Option(help: "kv-trace: a Mooncake-format trace (default ../shared/traces/mooncake_synthetic_trace.jsonl).")
+    @Option(help: "kv-trace: a Mooncake-format trace (default $SPILLWAY_TRACE).")
     var trace: String?
 
     @Option(help: "kv-trace: replay only the first N requests.")
@@ -144,7 +144,7 @@ struct BenchCommand: ParsableCommand {
         storeConfiguration.maxPageSize = options.blockSize
         // Benchmark files are scratch: never recover a previous run's pages, and never the
         // default store's file (a library user would otherwise recover the benchmark's pages).
-        storeConfiguration.useBenchmarkScratchFiles()
+        try storeConfiguration.useBenchmarkScratchFiles()
 
         if target == "weights" {
             var weights = WeightsBench.Options()
@@ -158,13 +158,13 @@ struct BenchCommand: ParsableCommand {
             return
         }
         if target == "kv-trace" {
-            guard let path = trace ?? TraceReplay.defaultTrace() else {
-                throw SpillwayError.invalidArgument("kv-trace needs --trace PATH (a Mooncake-format .jsonl; none found in ../shared/traces/)")
+            guard let path = trace ?? TraceReplay.configuredTrace() else {
+                throw SpillwayError.invalidArgument("kv-trace \(TraceReplay.missingTraceReason)")
             }
             var replay = TraceReplay.Options(trace: path)
             replay.limit = limit
             var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
-            storeConfiguration.useBenchmarkScratchFiles()
+            try storeConfiguration.useBenchmarkScratchFiles()
             let object = try TraceReplay.run(replay, configuration: storeConfiguration)
             printLine(json ? object.serialized() : "kv-trace: \(object.serialized())")
             return

@@ -24,7 +24,7 @@ struct ReplayCommand: ParsableCommand {
         Replaying against a real store is `spillway bench kv-trace` for now.
         """)
 
-    @Option(help: "A Mooncake-format trace (.jsonl; default ../shared/traces/mooncake_synthetic_trace.jsonl).")
+    @Option(help: "A Mooncake-format trace (.jsonl; default $SPILLWAY_TRACE).")
     var trace: String?
 
     @Flag(help: "Simulate a policy over block ids (no store).")
@@ -57,8 +57,8 @@ struct ReplayCommand: ParsableCommand {
         }
         guard !(simulate && sweep) else { throw SpillwayError.invalidArgument("--simulate and --sweep are exclusive") }
         if let limit, limit < 1 { throw SpillwayError.invalidArgument("--limit must be at least 1") }
-        guard let path = trace ?? TraceReplay.defaultTrace() else {
-            throw SpillwayError.invalidArgument("replay needs --trace PATH (a Mooncake-format .jsonl; none found in ../shared/traces/)")
+        guard let path = trace ?? TraceReplay.configuredTrace() else {
+            throw SpillwayError.invalidArgument("replay \(TraceReplay.missingTraceReason)")
         }
         let blockTrace = try BlockTrace.load(path, limit: limit)
         if sweep {

@@ -2,18 +2,21 @@
 import Glibc
 #endif
 
-/// Where tests, benchmarks and default NVMe files put scratch files: `$SPILLWAY_TMPDIR`, else
-/// `$TMPDIR`, else `/tmp`.
+/// Where benchmarks and tests put scratch files: `$SPILLWAY_TMPDIR` as configured, else
+/// `spillway-<uid>` under `$TMPDIR` or `/tmp`, a directory private to the user
+/// (`PrivateDirectory`): a fixed name in a shared directory would let two users' runs
+/// overwrite, or lock each other out of, one file.
 public enum ScratchDirectory {
-    public static var path: String {
-        for variable in ["SPILLWAY_TMPDIR", "TMPDIR"] {
-            if let value = getenv(variable), value.pointee != 0 { return String(cString: value) }
-        }
-        return "/tmp"
+    public static func path() throws(SpillwayError) -> String {
+        if let value = getenv("SPILLWAY_TMPDIR"), value.pointee != 0 { return String(cString: value) }
+        let base = getenv("TMPDIR").flatMap { $0.pointee != 0 ? String(cString: $0) : nil } ?? "/tmp"
+        let directory = "\(base)/spillway-\(geteuid())"
+        try PrivateDirectory.ensure(directory)
+        return directory
     }
 
     /// A file name under the scratch directory.
-    public static func file(_ name: String) -> String { "\(path)/\(name)" }
+    public static func file(_ name: String) throws(SpillwayError) -> String { "\(try path())/\(name)" }
 }
 
 /// A directory only this user can enter (mode 0700, owned by the effective user, not a

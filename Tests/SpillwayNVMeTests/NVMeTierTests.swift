@@ -6,10 +6,16 @@ import Testing
 @testable import SpillwayStore
 
 /// Scratch files live under $SPILLWAY_TMPDIR, else the system temporary directory.
-func scratchPath(_ name: String) -> String {
-    let environment = getenv("SPILLWAY_TMPDIR").map { String(cString: $0) } ?? getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
-    return "\(environment)/spillway-test-\(getpid())-\(name)"
-}
+/// The NVMe tests' files, in the scratch directory (`ScratchDirectory`).
+let scratchDirectory: String = {
+    do {
+        return try ScratchDirectory.path()
+    } catch {
+        fatalError("no scratch directory for the NVMe tests: \(error)")
+    }
+}()
+
+func scratchPath(_ name: String) -> String { "\(scratchDirectory)/spillway-test-\(getpid())-\(name)" }
 
 func bytes(_ seed: UInt64, _ length: Int) -> [UInt8] {
     var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1

@@ -7,10 +7,11 @@ import Testing
 @testable import SpillwayBench
 
 /// Runs the built `spillway` binary (tools/test.sh builds it before `swift test`).
-func runSpillway(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+func runSpillway(_ arguments: [String], removingEnvironment removed: Set<String> = []) throws -> (status: Int32, stdout: String, stderr: String) {
     let process = Process()
     process.executableURL = try builtExecutable("spillway")
     process.arguments = arguments
+    if !removed.isEmpty { process.environment = ProcessInfo.processInfo.environment.filter { !removed.contains($0.key) } }
     let out = Pipe()
     let err = Pipe()
     process.standardOutput = out

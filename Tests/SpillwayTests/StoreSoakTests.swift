@@ -50,7 +50,7 @@ import Testing
     /// A clean run: soak exits 0 with JSON, verify finds every key present with --expect-all;
     /// a malformed log is an error on stderr (even with --json) and a non-zero exit.
     @Test func soakThenVerifyOnAnNVMeOnlyStore() throws {
-        let base = "\(ScratchDirectory.path)/spillway-soak-cli-\(getpid())"
+        let base = "\(try ScratchDirectory.path())/spillway-soak-cli-\(getpid())"
         defer { for file in [base + ".toml", base + ".acks", base + ".acks.intents", base + ".nvme", base + ".bad"] { unlink(file) } }
         try """
             slot-size = "4k"
@@ -100,7 +100,7 @@ import Testing
         #expect(NVMeTier.defaultDirectory.hasSuffix("/spillway") || NVMeTier.defaultDirectory.hasSuffix("/spillway-\(getuid())"))
         #expect(!tier.resolvedPath.hasPrefix("/tmp/"))
         var bench = SpillwayConfiguration.embeddedDefault
-        bench.useBenchmarkScratchFiles()
+        try bench.useBenchmarkScratchFiles()
         for nvme in bench.tiers where nvme.kind == .nvme {
             #expect(nvme.reformat)
             #expect(nvme.resolvedPath != tier.resolvedPath)

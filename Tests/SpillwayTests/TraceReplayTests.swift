@@ -26,10 +26,13 @@ import Testing
         #expect(values["load_errors"] == .int(0) && values["corrupt"] == .int(0))
     }
 
-    @Test(.enabled(if: TraceReplay.defaultTrace() != nil,
+    /// The project's data lives in `shared/` beside the checkout (the tests' working directory).
+    static let sharedTrace = "../shared/traces/mooncake_synthetic_trace.jsonl"
+
+    @Test(.enabled(if: FileManager.default.fileExists(atPath: TraceReplayTests.sharedTrace),
                    "the Mooncake trace is not at ../shared/traces/mooncake_synthetic_trace.jsonl from the working directory"))
     func theMooncakeTraceReplaysWithoutErrors() throws {
-        let trace = try #require(TraceReplay.defaultTrace())
+        let trace = Self.sharedTrace
         var options = TraceReplay.Options(trace: trace)
         options.limit = 600
         let result = try TraceReplay.run(options, configuration: dramOnly)
@@ -47,21 +50,16 @@ import Testing
         #expect(loaded > 0)
     }
 
-    /// The default trace is found relative to the working directory and nowhere else (the old
-    /// lookup also tried a hard-coded absolute path).
-    @Test func theDefaultTraceIsLookedForBesideTheWorkingDirectoryOnly() throws {
-        let root = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("spillway-trace-lookup-\(getpid())")
-        defer { try? FileManager.default.removeItem(at: root) }
-        let checkout = root.appendingPathComponent("checkout")
-        let traces = root.appendingPathComponent("shared/traces")
-        try FileManager.default.createDirectory(at: checkout, withIntermediateDirectories: true)
-        #expect(TraceReplay.defaultTrace(workingDirectory: checkout.path) == nil, "no ../shared beside this directory")
-        try FileManager.default.createDirectory(at: traces, withIntermediateDirectories: true)
-        let file = traces.appendingPathComponent("mooncake_synthetic_trace.jsonl")
-        try "{}\n".write(to: file, atomically: true, encoding: .utf8)
-        #expect(TraceReplay.defaultTrace(workingDirectory: checkout.path) == file.standardizedFileURL.path)
-        // One level deeper, ../shared is somewhere else: nothing is searched upwards.
-        #expect(TraceReplay.defaultTrace(workingDirectory: traces.path) == nil)
+    /// No trace path is built into the library: only `$SPILLWAY_TRACE` (configuration) or
+    /// `--trace`. Even with the project's shared trace beside the working directory, commands
+    /// given neither ask for one instead of reading it.
+    @Test func aTraceComesFromConfigurationOnly() throws {
+        #expect(TraceReplay.configuredTrace(environment: [:]) == nil)
+        #expect(TraceReplay.configuredTrace(environment: ["SPILLWAY_TRACE": ""]) == nil)
+        #expect(TraceReplay.configuredTrace(environment: ["SPILLWAY_TRACE": "/data/t.jsonl"]) == "/data/t.jsonl")
+        let result = try runSpillway(["bench", "kv-trace", "--limit", "1"], removingEnvironment: ["SPILLWAY_TRACE"])
+        #expect(result.status != 0)
+        #expect(result.stderr.contains("needs --trace PATH"), "\(result.stderr)")
     }
 
     @Test func aMalformedTraceIsAClearError() throws {
