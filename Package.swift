@@ -51,7 +51,7 @@ let package = Package(
         ),
         // Cache policies over block ids (LRU, OPT, prefix-aware, S3-FIFO) and the trace-driven
         // simulator behind `spillway replay --simulate`; Mooncake trace parsing.
-        .target(name: "SpillwayPolicy", dependencies: ["SpillwayCore"]),
+        .target(name: "SpillwayPolicy", dependencies: ["SpillwayCore", .product(name: "Atomics", package: "swift-atomics")]),
         // Host DRAM tier and the HBM-like device tier (with its DeviceMemory backend protocol).
         .target(
             name: "SpillwayMemoryTiers",
@@ -159,6 +159,7 @@ let package = Package(
             name: "SpillwayStore",
             dependencies: [
                 "SpillwayCore",
+                "SpillwayPolicy",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "Logging", package: "swift-log"),
@@ -170,6 +171,7 @@ let package = Package(
             name: "Spillway",
             dependencies: [
                 "SpillwayCore",
+                "SpillwayPolicy",
                 "SpillwayMemoryTiers",
                 "SpillwayNVMe",
                 "SpillwayStore",
@@ -241,10 +243,10 @@ let package = Package(
         .testTarget(name: "SpillwayCoreTests", dependencies: ["SpillwayCore", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayCompressionTests", dependencies: ["SpillwayCompression", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayKVTests", dependencies: ["SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers"]),
-        .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayWeights", "SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
+        .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayPolicy", "SpillwayWeights", "SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers", .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
+        .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayPolicy", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayTests", dependencies: [
             "Spillway", "SpillwayBench", "SpillwayTestSupport",

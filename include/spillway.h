@@ -78,16 +78,17 @@ enum {
     SPILLWAY_PAGE_WEIGHTS = 2   /* order: the layer's streaming position; parent_key: NULL */
 };
 /* spillway_store_put with a page class and hints. order saturates at 65535; parent_key may be
- * NULL (no parent) and is kept as a 24-bit digest. An unknown page_class is
+ * NULL (no parent) and is kept as the parent's 64-bit policy id (spillway_parent_id), which
+ * links a KV block to its cached parent for prefix-aware policies. An unknown page_class is
  * SPILLWAY_E_INVALID_ARGUMENT. */
 spillway_status spillway_store_put_hinted(spillway_store store, const uint8_t key[16], const void *bytes, size_t length,
                                           uint32_t page_class, uint32_t order, const uint8_t parent_key[16]);
-/* The class and hints a stored page carries; any out pointer may be NULL. *parent_digest is 0
+/* The class and hints a stored page carries; any out pointer may be NULL. *parent_id is 0
  * without a parent. SPILLWAY_E_UNKNOWN_KEY if absent. */
 spillway_status spillway_store_page_hints(spillway_store store, const uint8_t key[16], uint32_t *page_class,
-                                          uint32_t *order, uint32_t *parent_digest);
-/* The 24-bit digest spillway_store_page_hints reports for a parent key (never 0). */
-uint32_t spillway_parent_digest(const uint8_t key[16]);
+                                          uint32_t *order, uint64_t *parent_id);
+/* The id spillway_store_page_hints reports for a parent key (never 0). */
+uint64_t spillway_parent_id(const uint8_t key[16]);
 /* Reads the page into buffer (capacity bytes); *length gets its size. A buffer too small is
  * SPILLWAY_E_BUFFER_TOO_SMALL with *length set to the size needed. */
 spillway_status spillway_store_get(spillway_store store, const uint8_t key[16], void *buffer, size_t capacity, size_t *length);

@@ -75,7 +75,8 @@ public struct TierConfiguration: Sendable, Equatable {
 /// ```toml
 /// slot-size = "4k"          # 4KiB … 2MiB, power of two
 /// max-page-size = "16m"
-/// policy = "class-aware-lru" # or "lru" (see PlacementPolicies.names)
+/// policy = "s3fifo-prefix" # eviction/admission; see StorePolicy.names
+/// demotion = "cost-aware"   # or "next-tier"
 ///
 /// [[tier]]
 /// kind = "device"           # device | dram | nvme | remote | ec
@@ -91,11 +92,13 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     public var slotSize: Int
     public var maxPageSize: Int
     public var policy: String
+    /// Where pages leaving a tier go (`DemotionRule`: "cost-aware" or "next-tier").
+    public var demotion: String = DemotionRule.costAware.rawValue
     public var tiers: [TierConfiguration]
     public var backgroundIntervalMilliseconds: Int
     public var prefetchQueueLimit: Int
 
-    public init(slotSize: Int = 4096, maxPageSize: Int? = nil, policy: String = PlacementPolicies.defaultName, tiers: [TierConfiguration],
+    public init(slotSize: Int = 4096, maxPageSize: Int? = nil, policy: String = StorePolicy.defaultName, tiers: [TierConfiguration],
                 backgroundIntervalMilliseconds: Int = 20, prefetchQueueLimit: Int = 4096)
     {
         self.slotSize = slotSize
@@ -132,7 +135,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
 
     /// Keys this type reads from a TOML document's top level.
     public static let topLevelKeys: Set<String> = [
-        "slot-size", "max-page-size", "policy", "tier", "background-interval-ms", "prefetch-queue-limit",
+        "slot-size", "max-page-size", "policy", "demotion", "tier", "background-interval-ms", "prefetch-queue-limit",
     ]
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
@@ -159,7 +162,8 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             throw .invalidConfiguration("unknown key '\(key)'")
         }
         let slotSize = try TOMLReader.size(table, "slot-size") ?? 4096
-        let policy = try TOMLReader.string(table, "policy") ?? PlacementPolicies.defaultName
+        let policy = try TOMLReader.string(table, "policy") ?? StorePolicy.defaultName
+        let demotion = try TOMLReader.string(table, "demotion") ?? DemotionRule.costAware.rawValue
         var tiers: [TierConfiguration] = []
         if let value = table["tier"] {
             guard let array = value.array else { throw .invalidConfiguration("'tier' must be an array of tables ([[tier]])") }
@@ -172,6 +176,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             slotSize: slotSize, maxPageSize: try TOMLReader.size(table, "max-page-size"), policy: policy, tiers: tiers,
             backgroundIntervalMilliseconds: try TOMLReader.int(table, "background-interval-ms") ?? 20,
             prefetchQueueLimit: try TOMLReader.int(table, "prefetch-queue-limit") ?? 4096)
+        self.demotion = demotion
     }
 
     private static func parseTier(_ table: TOMLTable, index: Int) throws(SpillwayError) -> TierConfiguration {
@@ -245,12 +250,20 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     }
 
     /// Checks everything that does not need the tiers themselves.
+    /// The store policy `policy` and `demotion` name.
+    public func storePolicy() throws(SpillwayError) -> StorePolicy {
+        guard let rule = DemotionRule(rawValue: demotion) else {
+            throw .invalidConfiguration("unknown demotion '\(demotion)' (\(DemotionRule.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
+        return try StorePolicy.named(policy, demotion: rule)
+    }
+
     public func validate() throws(SpillwayError) {
         guard slotSize >= 4096, slotSize <= 2 << 20, slotSize & (slotSize - 1) == 0 else {
             throw .invalidConfiguration("slot-size \(slotSize) must be a power of two between 4KiB and 2MiB")
         }
         guard !tiers.isEmpty else { throw .invalidConfiguration("no tiers configured") }
-        _ = try PlacementPolicies.named(policy)
+        _ = try storePolicy()
         for tier in tiers {
             guard tier.capacity >= slotSize else {
                 throw .invalidConfiguration("tier '\(tier.name)': capacity \(tier.capacity) is smaller than one slot (\(slotSize))")
@@ -323,7 +336,7 @@ extension TieredStore {
             maxPageSize: configuration.maxPageSize, watermarks: configuration.tiers.map(\.watermarks),
             prefetchQueueLimit: configuration.prefetchQueueLimit,
             backgroundIntervalMilliseconds: configuration.backgroundIntervalMilliseconds)
-        return try TieredStore(tiers: tiers, policy: try PlacementPolicies.named(configuration.policy), options: options, logger: logger)
+        return try TieredStore(tiers: tiers, policy: try configuration.storePolicy(), options: options, logger: logger)
     }
 }
 

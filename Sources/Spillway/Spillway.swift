@@ -4,6 +4,7 @@
 @_exported import SpillwayMemoryTiers
 @_exported import SpillwayNVMe
 @_exported import SpillwayStore
+@_exported import SpillwayPolicy
 @_exported import SpillwayRemote
 @_exported import SpillwayErasure
 @_exported import SpillwayKV

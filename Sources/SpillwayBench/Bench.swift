@@ -44,8 +44,8 @@ public struct BenchOptions: Sendable, Equatable {
     /// Erasure-coded with in-process daemons: after the prefill, the daemon holding data
     /// split 0 of the first page answers every page request this late — a slow daemon.
     public var slowDaemonMicroseconds = 0
-    /// The placement policy of the store a single-tier run builds (`PlacementPolicies.names`).
-    public var policy = PlacementPolicies.defaultName
+    /// The placement policy of the store a single-tier run builds (`StorePolicy.names`).
+    public var policy = StorePolicy.defaultName
 
     public init(target: String, pattern: BenchPattern = .randread, blockSize: Int = 4096, queueDepth: Int = 1,
                 durationSeconds: Double = 5, size: Int = 64 << 20, seed: UInt64 = 42, latencySampleEvery: Int = 16)

@@ -233,7 +233,7 @@ public func spillway_store_put_hinted(_ handle: UInt64, _ key: UnsafePointer<UIn
             throw .spillway(.invalidArgument("unknown page class \(pageClass) (0 generic, 1 kv block, 2 weights)"))
         }
         let hints = PageHints(pageClass: kind, order: UInt16(clamping: order),
-                              parent: parentKey.map { PageHints.digest(of: readKey($0)) } ?? 0)
+                              parent: parentKey.map { PageHints.parentID(of: readKey($0)) } ?? 0)
         try wrap { () throws(SpillwayError) in
             try store.put(readKey(key), UnsafeRawBufferPointer(start: bytes, count: length), hints: hints)
         }
@@ -243,7 +243,7 @@ public func spillway_store_put_hinted(_ handle: UInt64, _ key: UnsafePointer<UIn
 
 @_cdecl("spillway_store_page_hints")
 public func spillway_store_page_hints(_ handle: UInt64, _ key: UnsafePointer<UInt8>?, _ pageClass: UnsafeMutablePointer<UInt32>?,
-                                      _ order: UnsafeMutablePointer<UInt32>?, _ parentDigest: UnsafeMutablePointer<UInt32>?) -> Int32
+                                      _ order: UnsafeMutablePointer<UInt32>?, _ parentID: UnsafeMutablePointer<UInt64>?) -> Int32
 {
     entry { () throws(CError) in
         let store = try handles.store(handle)
@@ -251,16 +251,16 @@ public func spillway_store_page_hints(_ handle: UInt64, _ key: UnsafePointer<UIn
         guard let hints = store.hints(of: readKey(key)) else { throw .spillway(.unknownKey(readKey(key))) }
         pageClass?.pointee = UInt32(hints.pageClass.rawValue)
         order?.pointee = UInt32(hints.order)
-        parentDigest?.pointee = hints.parent
+        parentID?.pointee = hints.parent
         return CStatus.ok
     }
 }
 
-@_cdecl("spillway_parent_digest")
-public func spillway_parent_digest(_ key: UnsafePointer<UInt8>?) -> UInt32 {
-    // A NULL key has no digest; 0 is what "no parent" reads as.
+@_cdecl("spillway_parent_id")
+public func spillway_parent_id(_ key: UnsafePointer<UInt8>?) -> UInt64 {
+    // A NULL key has no id; 0 is what "no parent" reads as.
     guard let key else { return 0 }
-    return PageHints.digest(of: readKey(key))
+    return PageHints.parentID(of: readKey(key))
 }
 
 @_cdecl("spillway_store_get")

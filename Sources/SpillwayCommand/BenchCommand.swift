@@ -91,7 +91,7 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
 
-    @Option(help: "Placement policy of the benchmark's store: class-aware-lru (default) | lru.")
+    @Option(help: "Policy of the benchmark's store (StorePolicy.names; default s3fifo-prefix).")
     var policy: String?
 
     @Option(help: "TOML file with defaults for these options and optional [[tier]] tables.")
@@ -135,8 +135,8 @@ struct BenchCommand: ParsableCommand {
         options.killDaemons = killDaemons ?? 0
         options.slowDaemonMicroseconds = slowDaemonMicroseconds ?? 0
         // The command line wins over the file's `policy`; an unknown name fails here, listing the names.
-        options.policy = try policy ?? file.string("policy") ?? PlacementPolicies.defaultName
-        _ = try PlacementPolicies.named(options.policy)
+        options.policy = try policy ?? file.string("policy") ?? StorePolicy.defaultName
+        _ = try StorePolicy.named(options.policy)
 
         var storeConfiguration = file.store ?? SpillwayConfiguration.embeddedDefault
         storeConfiguration.policy = options.policy

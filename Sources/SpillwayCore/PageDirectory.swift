@@ -27,7 +27,8 @@ public struct PageSnapshot: Sendable, Equatable {
     /// snapshot never matches an entry it was not taken from. Moves keep the version.
     public var version: UInt64
     public var pinCount: Int
-    public var stats: PageAccessStats
+    /// The class and hints the page was stored with.
+    public var hints: PageHints
     /// Quarantined (failed its checksum while pinned): never served.
     public var isCorrupt: Bool
 }
@@ -62,9 +63,7 @@ public final class PageDirectory: @unchecked Sendable {
     private let tableRegion: MappedRegion
     private let tierCapacities: [Int]
     private let versionClock = UnsafeAtomic<UInt64>.create(0)
-    private let accessClock = UnsafeAtomic<UInt64>.create(0)
     private let pagesPerTier: [ManagedAtomic<Int>]
-    private let scanCursors: [ManagedAtomic<Int>]
 
     /// - Parameter tierCapacities: slots per tier, in tier order. The directory can hold one
     ///   page per slot, spread over shards with generous slack.
@@ -89,23 +88,9 @@ public final class PageDirectory: @unchecked Sendable {
         }
         self.tierCapacities = tierCapacities
         pagesPerTier = tierCapacities.map { _ in ManagedAtomic(0) }
-        scanCursors = tierCapacities.map { _ in ManagedAtomic(0) }
     }
 
     public var tierCount: Int { tierCapacities.count }
-
-    /// Advances the access clock. A relaxed load and store, not an atomic increment: two
-    /// racing readers may share a tick (LRU cannot tell them apart, which is harmless), and no
-    /// locked instruction or cache-line ping-pong is paid per page.
-    @inline(__always)
-    func nextTick() -> UInt64 {
-        let tick = accessClock.load(ordering: .relaxed) &+ 1
-        accessClock.store(tick, ordering: .relaxed)
-        return tick
-    }
-
-    /// The access clock's current value.
-    public var now: UInt64 { accessClock.load(ordering: .relaxed) }
 
     public func pageCount(tier: Int) -> Int { pagesPerTier[tier].load(ordering: .relaxed) }
 
@@ -120,7 +105,6 @@ public final class PageDirectory: @unchecked Sendable {
         shardTables.deallocate()
         shardMutexes.deallocate()
         versionClock.destroy()
-        accessClock.destroy()
     }
 
     /// Runs `body` on shard `index`'s table under its mutex (a pthread mutex, like `Locked`,
@@ -155,7 +139,7 @@ public final class PageDirectory: @unchecked Sendable {
         }
     }
 
-    /// Looks `key` up for reading: records the access and counts a reader on the entry so its
+    /// Looks `key` up for reading: counts a reader on the entry so its
     /// extent is not reused until `endRead`. Nil for unknown keys. The count is 16 bits (the
     /// entry is one cache line): a read beyond 65,535 in flight on one key is refused with
     /// `invalidArgument` rather than wrapping the count (which would free the slots under
@@ -163,14 +147,11 @@ public final class PageDirectory: @unchecked Sendable {
     @inline(__always)
     public func beginRead(_ key: PageKey) throws(SpillwayError) -> PageSnapshot? {
         let hash = key.mixedHash
-        let tick = nextTick()
         let result: Result<PageSnapshot?, SpillwayError> = withShard(hash) { table in
             guard let index = table.find(key, hash: hash) else { return .success(nil) }
             guard table.entries[index].readers < .max else {
                 return .failure(.invalidArgument("page \(key) has \(UInt16.max) reads in flight"))
             }
-            table.entries[index].lastAccessTick = tick
-            if table.entries[index].accessCount != .max { table.entries[index].accessCount += 1 }
             table.entries[index].readers += 1
             table.countRead(tier: Int(table.entries[index].tier), bytes: Int(table.entries[index].length))
             return .success(table.entries[index].snapshot)
@@ -223,11 +204,10 @@ public final class PageDirectory: @unchecked Sendable {
         precondition(length >= 0 && length <= Int(UInt32.max), "page length out of range")
         let hash = key.mixedHash
         let version = versionClock.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
-        let tick = nextTick()
         let fresh = PageEntry(
-            key: key, version: version, lastAccessTick: tick, extent: location.extent, length: UInt32(length),
-            checksum: checksum, accessCount: 0, pinCount: 0, readers: 0, tier: UInt8(location.tier), flags: PageEntry.occupied,
-            hintOrder: hints.order, hintClassAndParent: PageEntry.packHints(hints))
+            key: key, version: version, hintParent: hints.parent, extent: location.extent, length: UInt32(length),
+            checksum: checksum, pinCount: 0, readers: 0, tier: UInt8(location.tier), flags: PageEntry.occupied,
+            hintOrder: hints.order, hintClass: hints.pageClass.rawValue)
         while true {
             let outcome: Result<Vacate, SpillwayError> = withShard(hash) { table in
                 if let index = table.find(key, hash: hash) {
@@ -262,7 +242,8 @@ public final class PageDirectory: @unchecked Sendable {
         return withShard(hash) { table in
             guard let index = table.find(key, hash: hash) else { return false }
             table.entries[index].hintOrder = hints.order
-            table.entries[index].hintClassAndParent = PageEntry.packHints(hints)
+            table.entries[index].hintParent = hints.parent
+            table.entries[index].hintClass = hints.pageClass.rawValue
             return true
         }
     }
@@ -433,46 +414,6 @@ public final class PageDirectory: @unchecked Sendable {
         }
     }
 
-    // MARK: Reclaim candidates
-
-    /// The `count` coldest movable pages on `tier` by `policy`, looking at no more than
-    /// `window` of the tier's movable pages: whole shards are scanned in turn (sequentially,
-    /// a chunk per lock acquisition) from a rotating cursor, so with `window` ≥ the tier's page
-    /// count the choice is exact, and a smaller window bounds the cost of on-demand eviction
-    /// (the coldest of a window of 1024 is, in expectation, within the coldest 0.1%).
-    public func coldestPages(tier: Int, count: Int, window: Int, policy: some PlacementPolicy) -> [PageKey] {
-        guard count > 0 else { return [] }
-        let now = self.now
-        var heap = BoundedMaxHeap(capacity: count)
-        let start = scanCursors[tier].load(ordering: .relaxed)
-        var examined = 0
-        var shard = start
-        for step in 0..<Self.shardCount {
-            shard = (start + step) % Self.shardCount
-            // 256 entries (16 KiB) per lock hold, so a reader of this shard waits at most for one
-            // chunk. Entries shifted by a deletion between chunks may be seen twice or missed:
-            // harmless for choosing victims, which are re-validated when claimed.
-            var chunkStart = 0
-            while true {
-                let more = withShard(index: shard) { table -> Bool in
-                    let chunkEnd = min(table.entryCount, chunkStart + 256)
-                    for index in chunkStart..<chunkEnd {
-                        let entry = table.entries[index]
-                        guard entry.isOccupied, Int(entry.tier) == tier, entry.pinCount == 0, !entry.isMoving else { continue }
-                        heap.offer(score: policy.retentionScore(entry.stats, now: now), key: entry.key)
-                        examined += 1
-                    }
-                    chunkStart = chunkEnd
-                    return chunkEnd < table.entryCount
-                }
-                if !more { break }
-            }
-            if examined >= window { break }
-        }
-        scanCursors[tier].store((shard + 1) % Self.shardCount, ordering: .relaxed)
-        return heap.keysColdestFirst()
-    }
-
     /// Every visible page (tests, tools). Takes each shard lock in turn.
     public func allPages() -> [PageSnapshot] {
         var pages: [PageSnapshot] = []
@@ -507,27 +448,20 @@ struct PageEntry {
 
     var key: PageKey
     var version: UInt64
-    var lastAccessTick: UInt64
+    /// The caller's `PageHints` (`hintParent`, `hintOrder`, `hintClass`): moves keep them, a
+    /// new `put` replaces them. Recency and frequency are not kept here: the store's policy
+    /// owns them (`PolicyEngine`), so a read writes nothing but the reader count.
+    var hintParent: UInt64
     var extent: Extent
     var length: UInt32
     var checksum: UInt32
-    var accessCount: UInt32
     var pinCount: UInt16
     /// Reads in flight of the current location.
     var readers: UInt16
     var tier: UInt8
     var flags: UInt8
-    // The caller's `PageHints`, in the line's last six bytes (offsets 58 and 60; the stride
-    // stays 64, checked in `ShardTable.init`). Seven bytes of hints would not fit, so the
-    // parent digest is 24 bits and shares a word with the class. Moves keep the hints; a new
-    // `put` replaces them.
     var hintOrder: UInt16
-    /// `PageClass` raw value in the top 8 bits, the 24-bit parent digest below.
-    var hintClassAndParent: UInt32
-
-    static func packHints(_ hints: PageHints) -> UInt32 {
-        UInt32(hints.pageClass.rawValue) << 24 | hints.parent & PageHints.parentMask
-    }
+    var hintClass: UInt8
 
     var isOccupied: Bool { flags & Self.occupied != 0 }
     var isMoving: Bool { flags & Self.moving != 0 }
@@ -535,16 +469,12 @@ struct PageEntry {
     var location: PageLocation { PageLocation(tier: Int(tier), extent: extent) }
     var hints: PageHints {
         // The class byte always came from a `PageClass`, so the fallback is never taken.
-        PageHints(pageClass: PageClass(rawValue: UInt8(truncatingIfNeeded: hintClassAndParent >> 24)) ?? .generic,
-                  order: hintOrder, parent: hintClassAndParent & PageHints.parentMask)
-    }
-    var stats: PageAccessStats {
-        PageAccessStats(lastAccessTick: lastAccessTick, accessCount: accessCount, length: Int(length), hints: hints)
+        PageHints(pageClass: PageClass(rawValue: hintClass) ?? .generic, order: hintOrder, parent: hintParent)
     }
 
     var snapshot: PageSnapshot {
         PageSnapshot(key: key, location: location, length: Int(length), checksum: checksum, version: version,
-                     pinCount: Int(pinCount), stats: stats, isCorrupt: isCorrupt)
+                     pinCount: Int(pinCount), hints: hints, isCorrupt: isCorrupt)
     }
 }
 
@@ -662,54 +592,5 @@ struct ShardTable: ~Copyable {
             return location
         }
         preconditionFailure("endRead of \(snapshot.key) v\(snapshot.version) matches no reader")
-    }
-}
-
-/// Keeps the `capacity` lowest-scored keys seen (a max-heap on score; the root is evicted).
-struct BoundedMaxHeap {
-    private var items: [(score: UInt64, key: PageKey)] = []
-    let capacity: Int
-
-    init(capacity: Int) {
-        self.capacity = capacity
-        items.reserveCapacity(min(capacity, 1 << 16))
-    }
-
-    mutating func offer(score: UInt64, key: PageKey) {
-        if items.count < capacity {
-            items.append((score, key))
-            siftUp(items.count - 1)
-        } else if let root = items.first, score < root.score {
-            items[0] = (score, key)
-            siftDown(0)
-        }
-    }
-
-    func keysColdestFirst() -> [PageKey] {
-        items.sorted { $0.score < $1.score }.map(\.key)
-    }
-
-    private mutating func siftUp(_ index: Int) {
-        var child = index
-        while child > 0 {
-            let parent = (child - 1) / 2
-            guard items[child].score > items[parent].score else { return }
-            items.swapAt(child, parent)
-            child = parent
-        }
-    }
-
-    private mutating func siftDown(_ index: Int) {
-        var parent = index
-        while true {
-            let left = 2 * parent + 1
-            let right = left + 1
-            var largest = parent
-            if left < items.count, items[left].score > items[largest].score { largest = left }
-            if right < items.count, items[right].score > items[largest].score { largest = right }
-            if largest == parent { return }
-            items.swapAt(parent, largest)
-            parent = largest
-        }
     }
 }

@@ -41,6 +41,15 @@ public struct PageKey: Hashable, Comparable, Sendable, CustomStringConvertible {
         (lhs.high, lhs.low) < (rhs.high, rhs.low)
     }
 
+    /// The id a store policy tracks this key by: its mixed hash with bit 63 cleared (the
+    /// policy's event rings use it as a flag), never 0 (0 marks an empty ring entry and "no
+    /// parent" in `PageHints`).
+    @inline(__always)
+    public var policyID: UInt64 {
+        let value = mixedHash & 0x7FFF_FFFF_FFFF_FFFF
+        return value == 0 ? 1 : value
+    }
+
     /// A well-mixed 64-bit hash used for shard and bucket selection. Keys are often already
     /// hashes, but tests and benchmarks use small integers, so both halves go through a
     /// finalizer (murmur3 fmix64) to spread sequential keys evenly.

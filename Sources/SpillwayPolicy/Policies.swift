@@ -1,10 +1,18 @@
 import SpillwayCore
 
-/// A cache policy over block ids for a fixed capacity in blocks, driven one reference at a
-/// time. `access` reports a hit or a miss and does the bookkeeping: on a hit it refreshes the
-/// block; on a miss it may evict one block and insert the new one, or decline to admit it
-/// (the reference is then a miss and nothing changes). Policies are single-threaded objects:
-/// a simulation owns its policy.
+/// A cache policy over block ids for a fixed capacity in blocks. It is built from five
+/// primitives so the same code serves two drivers:
+///
+/// - the simulator (`spillway replay --simulate`) calls `access`, which composes them exactly
+///   as the replay rules say: a hit refreshes; a miss asks admission, evicts one block if the
+///   cache is full, then inserts;
+/// - the store (`PolicyEngine`, one instance per tier) calls them separately: `touch` for a
+///   recorded hit, `admits` + `insert` when a page enters the tier, `evict` when the tier needs
+///   room (the store moves or drops the page it names), `remove` when a page leaves for
+///   another reason (removed, promoted, overwritten elsewhere).
+///
+/// Policies are single-threaded objects: a simulation owns its policy; the store calls one
+/// under its tier's policy lock. Every structure is allocated at init; no call allocates.
 public protocol BlockCachePolicy: AnyObject {
     /// The name used on the command line and in output (`lru`, `opt`, …).
     var name: String { get }
@@ -12,9 +20,36 @@ public protocol BlockCachePolicy: AnyObject {
     /// Blocks currently cached (never above `capacityBlocks`).
     var residentCount: Int { get }
     func contains(_ block: UInt64) -> Bool
-    /// `parent` is the block before this one in the request's prefix chain (nil for the first),
-    /// `depth` its index in the chain, `now` the reference's position in the whole stream.
-    func access(block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool
+    /// A reference to `block`: refreshes it and returns true if it is cached; false (and no
+    /// change) otherwise. `parent` is the block before this one in the request's prefix chain
+    /// (nil for the first), `depth` its index in the chain, `now` the reference's position in
+    /// the whole stream (a logical clock; OPT looks the future up by it).
+    func touch(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool
+    /// Whether a block that missed should be cached. A policy may remember the refusal (a
+    /// ghost) to admit the block on a later sighting. Always true for `lru` and `opt`.
+    func admits(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool
+    /// Removes the block that should leave next and returns it (nil when empty).
+    func evict() -> UInt64?
+    /// Caches `block`, which is not cached; the caller made room (`residentCount < capacityBlocks`).
+    func insert(_ block: UInt64, parent: UInt64?, depth: Int, now: Int)
+    /// Forgets a cached block without counting it as evicted (no ghost). False if not cached.
+    @discardableResult
+    func remove(_ block: UInt64) -> Bool
+}
+
+extension BlockCachePolicy {
+    /// One reference under the replay rules; returns whether it hit.
+    @inline(__always)
+    public func access(block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+        if touch(block, parent: parent, depth: depth, now: now) { return true }
+        guard admits(block, parent: parent, depth: depth, now: now) else { return false }
+        if residentCount >= capacityBlocks { _ = evict() }
+        guard residentCount < capacityBlocks else { return false }
+        insert(block, parent: parent, depth: depth, now: now)
+        return false
+    }
+
+    public func admits(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool { true }
 }
 
 /// Least recently used: the baseline every other policy is measured against.
@@ -37,22 +72,37 @@ public final class LRUBlockPolicy: BlockCachePolicy {
     public var residentCount: Int { lists.counts[0] }
     public func contains(_ block: UInt64) -> Bool { index.find(block) != nil }
 
-    public func access(block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
-        if let slot = index.find(block) {
-            lists.remove(slot)
-            lists.pushHead(slot, list: 0)
-            return true
-        }
-        if free.isEmpty, let victim = lists.tail(0) {
-            lists.remove(victim)
-            index.remove(blocks[victim])
-            free.give(victim)
-        }
-        guard let slot = free.take() else { return false }
+    public func touch(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+        guard let slot = index.find(block) else { return false }
+        lists.remove(slot)
+        lists.pushHead(slot, list: 0)
+        return true
+    }
+
+    public func evict() -> UInt64? {
+        guard let victim = lists.tail(0) else { return nil }
+        let block = blocks[victim]
+        drop(victim)
+        return block
+    }
+
+    public func insert(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) {
+        guard let slot = free.take() else { return }
         blocks[slot] = block
         index.set(block, slot)
         lists.pushHead(slot, list: 0)
-        return false
+    }
+
+    public func remove(_ block: UInt64) -> Bool {
+        guard let slot = index.find(block) else { return false }
+        drop(slot)
+        return true
+    }
+
+    private func drop(_ slot: Int) {
+        lists.remove(slot)
+        index.remove(blocks[slot])
+        free.give(slot)
     }
 }
 
@@ -95,29 +145,53 @@ public final class OptimalBlockPolicy: BlockCachePolicy {
     public var residentCount: Int { heap.count }
     public func contains(_ block: UInt64) -> Bool { index.find(block) != nil }
 
-    public func access(block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
-        // A reference that does not match the stream it was built from has no known future:
-        // treat it as never used again rather than trusting a wrong position.
-        let next = now >= 0 && now < stream.count && stream[now] == block ? nextUse[now] : Int.max
-        if let slot = index.find(block) {
-            key[slot] = next
-            siftUp(Int(position[slot]))
-            siftDown(Int(position[slot]))
-            return true
-        }
-        if free.isEmpty, let victim = heap.first.map({ Int($0) }) {
-            removeTop()
-            index.remove(blocks[victim])
-            free.give(victim)
-        }
-        guard let slot = free.take() else { return false }
+    /// The next use of the reference at `now`. A reference that does not match the stream the
+    /// policy was built from has no known future: treated as never used again rather than
+    /// trusting a wrong position.
+    @inline(__always)
+    private func nextUse(of block: UInt64, at now: Int) -> Int {
+        now >= 0 && now < stream.count && stream[now] == block ? nextUse[now] : Int.max
+    }
+
+    public func touch(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+        guard let slot = index.find(block) else { return false }
+        key[slot] = nextUse(of: block, at: now)
+        siftUp(Int(position[slot]))
+        siftDown(Int(position[slot]))
+        return true
+    }
+
+    public func evict() -> UInt64? {
+        guard let victim = heap.first.map({ Int($0) }) else { return nil }
+        removeTop()
+        index.remove(blocks[victim])
+        free.give(victim)
+        return blocks[victim]
+    }
+
+    public func insert(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) {
+        guard let slot = free.take() else { return }
         blocks[slot] = block
-        key[slot] = next
+        key[slot] = nextUse(of: block, at: now)
         index.set(block, slot)
         position[slot] = Int32(heap.count)
         heap.append(Int32(slot))
         siftUp(heap.count - 1)
-        return false
+    }
+
+    public func remove(_ block: UInt64) -> Bool {
+        guard let slot = index.find(block) else { return false }
+        // Raise it to the top, then remove the top.
+        key[slot] = Int.max
+        siftUp(Int(position[slot]))
+        while heap.first.map({ Int($0) }) != slot, Int(position[slot]) > 0 {
+            let parent = (Int(position[slot]) - 1) / 2
+            swapAt(Int(position[slot]), parent)
+        }
+        removeTop()
+        index.remove(block)
+        free.give(slot)
+        return true
     }
 
     private func removeTop() {
@@ -189,19 +263,25 @@ public final class PrefixLRUBlockPolicy: BlockCachePolicy {
     public var residentCount: Int { lists.counts[0] }
     public func contains(_ block: UInt64) -> Bool { index.find(block) != nil }
 
-    public func access(block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
-        if let slot = index.find(block) {
-            lists.remove(slot)
-            place(slot, parent: parent, now: now)
-            tree.lastTouch[slot] = now
-            return true
-        }
-        if free.isEmpty { evict() }
-        guard let slot = free.take() else { return false }
+    public func touch(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+        guard let slot = index.find(block) else { return false }
+        lists.remove(slot)
+        place(slot, parent: parent, now: now)
+        tree.lastTouch[slot] = now
+        return true
+    }
+
+    public func insert(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) {
+        guard let slot = free.take() else { return }
         tree.attach(slot, block: block, parent: parent, now: now, index: index)
         index.set(block, slot)
         place(slot, parent: parent, now: now)
-        return false
+    }
+
+    public func remove(_ block: UInt64) -> Bool {
+        guard let slot = index.find(block) else { return false }
+        drop(slot)
+        return true
     }
 
     private func place(_ slot: Int, parent: UInt64?, now: Int) {
@@ -212,18 +292,24 @@ public final class PrefixLRUBlockPolicy: BlockCachePolicy {
         }
     }
 
-    private func evict() {
-        guard var candidate = lists.tail(0) else { return }
+    public func evict() -> UInt64? {
+        guard var candidate = lists.tail(0) else { return nil }
         var victim = candidate
         for _ in 0..<Self.leafSearchLimit {
             if tree.children[candidate] == 0 { victim = candidate; break }
             guard let newer = lists.newer(candidate) else { break }
             candidate = newer
         }
-        lists.remove(victim)
-        tree.detach(victim, index: index)
-        index.remove(tree.blocks[victim])
-        free.give(victim)
+        let block = tree.blocks[victim]
+        drop(victim)
+        return block
+    }
+
+    private func drop(_ slot: Int) {
+        lists.remove(slot)
+        tree.detach(slot, index: index)
+        index.remove(tree.blocks[slot])
+        free.give(slot)
     }
 }
 

@@ -32,6 +32,10 @@ public final class S3FIFOBlockPolicy: BlockCachePolicy {
     private var tree: PrefixTreeState
     /// Whether the current request (identified by the position of its first reference) hit.
     private var requestHit: (request: Int, hit: Bool) = (-1, false)
+    /// The block `admits` found among the ghosts (it goes to main on insert), if any.
+    private var admittedGhost: UInt64?
+    /// The block the current `evict` dropped.
+    private var evicted: UInt64?
 
     public init(capacityBlocks: Int, prefixAware: Bool = false, smallFraction: Double = 0.1, ghostMultiple: Double = 1) {
         self.capacityBlocks = max(1, capacityBlocks)
@@ -50,31 +54,47 @@ public final class S3FIFOBlockPolicy: BlockCachePolicy {
     public var residentCount: Int { lists.counts[Self.small] + lists.counts[Self.main] }
     public func contains(_ block: UInt64) -> Bool { index.find(block) != nil }
 
-    public func access(block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+    /// Tracks whether the current request (identified by the position of its first
+    /// reference, `now - depth`) has hit so far.
+    @inline(__always)
+    private func noteRequest(depth: Int, now: Int) {
         if requestHit.request != now - depth { requestHit = (now - depth, false) }
-        if let slot = index.find(block) {
-            requestHit.hit = true
-            if frequency[slot] < Self.maxFrequency { frequency[slot] += 1 }
-            tree.lastTouch[slot] = now
-            return true
-        }
+    }
+
+    public func touch(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+        noteRequest(depth: depth, now: now)
+        guard let slot = index.find(block) else { return false }
+        requestHit.hit = true
+        if frequency[slot] < Self.maxFrequency { frequency[slot] += 1 }
+        tree.lastTouch[slot] = now
+        return true
+    }
+
+    public func admits(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+        noteRequest(depth: depth, now: now)
         let remembered = ghosts.contains(block)
-        if prefixAware, !remembered, requestHit.request == now - depth, requestHit.hit {
+        if prefixAware, !remembered, requestHit.hit {
             // A new block after a reused prefix is a one-off suffix (a different question on a
             // shared document) far more often than the start of a reused chain: remember it and
             // admit it only on its second sighting.
             ghosts.push(block)
             return false
         }
-        if free.isEmpty { evict() }
-        guard let slot = free.take() else { return false }
+        // Whether it was a ghost is decided now: making room may push ghosts out of the ring.
+        admittedGhost = remembered ? block : nil
+        return true
+    }
+
+    public func insert(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) {
+        guard let slot = free.take() else { return }
         let target: Int
-        if remembered {
+        if admittedGhost == block || (admittedGhost == nil && ghosts.contains(block)) {
             ghosts.remove(block)
             target = Self.main
         } else {
             target = Self.small
         }
+        admittedGhost = nil
         frequency[slot] = 0
         tree.attach(slot, block: block, parent: parent, now: now, index: index)
         index.set(block, slot)
@@ -83,15 +103,24 @@ public final class S3FIFOBlockPolicy: BlockCachePolicy {
         } else {
             lists.pushHead(slot, list: target)
         }
-        return false
     }
 
-    private func evict() {
+    public func remove(_ block: UInt64) -> Bool {
+        guard let slot = index.find(block) else { return false }
+        lists.remove(slot)
+        drop(slot)
+        return true
+    }
+
+    public func evict() -> UInt64? {
+        guard residentCount > 0 else { return nil }
+        evicted = nil
         if lists.counts[Self.small] >= smallTarget || lists.counts[Self.main] == 0 {
             evictSmall()
         } else {
             evictMain()
         }
+        return evicted
     }
 
     private func evictSmall() {
@@ -134,6 +163,7 @@ public final class S3FIFOBlockPolicy: BlockCachePolicy {
     }
 
     private func drop(_ slot: Int) {
+        evicted = tree.blocks[slot]
         tree.detach(slot, index: index)
         index.remove(tree.blocks[slot])
         free.give(slot)

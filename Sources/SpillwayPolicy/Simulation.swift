@@ -11,6 +11,9 @@ public enum PolicyKind: String, CaseIterable, Sendable {
 
     public static var names: String { allCases.map(\.rawValue).joined(separator: ", ") }
 
+    /// Whether the store can run it: everything but `opt`, which needs the future.
+    public var runsInStore: Bool { self != .opt }
+
     public init(name: String) throws(SpillwayError) {
         guard let kind = PolicyKind(rawValue: name) else { throw .invalidArgument("unknown policy '\(name)' (one of \(Self.names))") }
         self = kind

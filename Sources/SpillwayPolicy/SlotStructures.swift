@@ -139,6 +139,7 @@ struct FreeSlots {
     private var stack: [Int32]
     init(count: Int) { stack = (0..<count).reversed().map { Int32($0) } }
     @inline(__always) var isEmpty: Bool { stack.isEmpty }
+    @inline(__always) var count: Int { stack.count }
     @inline(__always) mutating func take() -> Int? { stack.popLast().map { Int($0) } }
     @inline(__always) mutating func give(_ slot: Int) { stack.append(Int32(slot)) }
 }

@@ -81,24 +81,31 @@ public final class TinyLFUBlockPolicy: BlockCachePolicy {
     public var residentCount: Int { lists.counts[0] + lists.counts[1] + lists.counts[2] }
     public func contains(_ block: UInt64) -> Bool { index.find(block) != nil }
 
-    public func access(block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+    public func touch(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+        guard let slot = index.find(block) else { return false }
         sketch.increment(block)
-        if let slot = index.find(block) {
-            let list = lists.list(of: slot)
-            lists.remove(slot)
-            if list == Self.probation {
-                lists.pushHead(slot, list: Self.protected)
-                if lists.counts[Self.protected] > protectedTarget, let demoted = lists.tail(Self.protected) {
-                    lists.remove(demoted)
-                    lists.pushHead(demoted, list: Self.probation)
-                }
-            } else {
-                lists.pushHead(slot, list: list ?? Self.window)
+        let list = lists.list(of: slot)
+        lists.remove(slot)
+        if list == Self.probation {
+            lists.pushHead(slot, list: Self.protected)
+            if lists.counts[Self.protected] > protectedTarget, let demoted = lists.tail(Self.protected) {
+                lists.remove(demoted)
+                lists.pushHead(demoted, list: Self.probation)
             }
-            return true
+        } else {
+            lists.pushHead(slot, list: list ?? Self.window)
         }
-        if free.isEmpty { makeRoom() }
-        guard let slot = free.take() else { return false }
+        return true
+    }
+
+    /// Counts the sighting; the admission test itself happens between the window and main.
+    public func admits(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool {
+        sketch.increment(block)
+        return true
+    }
+
+    public func insert(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) {
+        guard let slot = free.take() else { return }
         blocks[slot] = block
         index.set(block, slot)
         lists.pushHead(slot, list: Self.window)
@@ -107,33 +114,38 @@ public final class TinyLFUBlockPolicy: BlockCachePolicy {
             lists.remove(oldest)
             lists.pushHead(oldest, list: Self.probation)
         }
-        return false
+    }
+
+    public func remove(_ block: UInt64) -> Bool {
+        guard let slot = index.find(block) else { return false }
+        drop(slot)
+        return true
     }
 
     /// Frees one slot: the window's oldest block either moves into main (evicting main's
     /// victim, if it is referenced more often) or is itself evicted.
-    private func makeRoom() {
+    public func evict() -> UInt64? {
         guard lists.counts[Self.window] >= windowTarget, let candidate = lists.tail(Self.window) else {
             // The window is below its share: main gives up its victim.
-            if let victim = lists.tail(Self.probation) ?? lists.tail(Self.protected) { evict(victim) }
-            return
+            guard let victim = lists.tail(Self.probation) ?? lists.tail(Self.protected) ?? lists.tail(Self.window) else { return nil }
+            return drop(victim)
         }
         guard let victim = lists.tail(Self.probation) ?? lists.tail(Self.protected) else {
-            evict(candidate)
-            return
+            return drop(candidate)
         }
         if sketch.estimate(blocks[candidate]) > sketch.estimate(blocks[victim]) {
-            evict(victim)
             lists.remove(candidate)
             lists.pushHead(candidate, list: Self.probation)
-        } else {
-            evict(candidate)
+            return drop(victim)
         }
+        return drop(candidate)
     }
 
-    private func evict(_ slot: Int) {
+    @discardableResult
+    private func drop(_ slot: Int) -> UInt64 {
         lists.remove(slot)
         index.remove(blocks[slot])
         free.give(slot)
+        return blocks[slot]
     }
 }

@@ -28,8 +28,11 @@ public struct StoreOptions: Sendable {
     public var watermarks: [Watermarks]
     /// Prefetch requests queued beyond this are dropped (and counted), never blocking.
     public var prefetchQueueLimit: Int
-    /// How many resident pages an on-demand eviction looks at to find the coldest.
-    public var evictionWindow: Int
+    /// What a put that no tier's policy admits does: false (the default) stores it on the last
+    /// tier anyway, so a put is always kept; true drops it (a cache that may decline, as
+    /// `spillway replay` models: counted in `StoreStats.declinedPuts`, and an older version of
+    /// the key is removed, never left visible).
+    public var declinedPutsAreDropped: Bool
     /// How often the background worker checks watermarks and publishes metrics.
     public var backgroundIntervalMilliseconds: Int
     /// Run the background worker (tests turn it off to make moves deterministic).
@@ -38,13 +41,13 @@ public struct StoreOptions: Sendable {
     public var metricsPrefix: String
 
     public init(maxPageSize: Int = 16 << 20, watermarks: [Watermarks] = [], prefetchQueueLimit: Int = 4096,
-                evictionWindow: Int = 1024, backgroundIntervalMilliseconds: Int = 20, backgroundWorker: Bool = true,
+                declinedPutsAreDropped: Bool = false, backgroundIntervalMilliseconds: Int = 20, backgroundWorker: Bool = true,
                 metricsPrefix: String = "spillway")
     {
         self.maxPageSize = maxPageSize
         self.watermarks = watermarks
         self.prefetchQueueLimit = prefetchQueueLimit
-        self.evictionWindow = evictionWindow
+        self.declinedPutsAreDropped = declinedPutsAreDropped
         self.backgroundIntervalMilliseconds = backgroundIntervalMilliseconds
         self.backgroundWorker = backgroundWorker
         self.metricsPrefix = metricsPrefix

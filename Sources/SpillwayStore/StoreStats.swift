@@ -22,6 +22,7 @@ final class StoreCounters: Sendable {
     let prefetchRequests = ManagedAtomic<Int>(0)
     let prefetchDropped = ManagedAtomic<Int>(0)
     let promotionsSkipped = ManagedAtomic<Int>(0)
+    let declinedPuts = ManagedAtomic<Int>(0)
 }
 
 extension ManagedAtomic where Value == Int {
@@ -53,7 +54,7 @@ public struct TierStats: Sendable, Equatable, Codable {
 
 /// A point-in-time view of the store (`TieredStore.stats()`).
 public struct StoreStats: Sendable, Equatable, Codable {
-    /// Name of the placement policy in use (`PlacementPolicy.name`).
+    /// Name of the policy in use (`StorePolicy.name`).
     public var policy: String
     public var tiers: [TierStats]
     public var puts: Int
@@ -63,6 +64,10 @@ public struct StoreStats: Sendable, Equatable, Codable {
     public var prefetchRequests: Int
     public var prefetchDropped: Int
     public var promotionsSkipped: Int
+    /// Puts no tier's policy admitted, dropped (`StoreOptions.declinedPutsAreDropped`).
+    public var declinedPuts: Int = 0
+    /// Recorded reads the policy never saw (a ring full while its tier's policy was busy).
+    public var policyReadsDropped: Int = 0
     /// Nanoseconds since the store opened.
     public var uptimeNanoseconds: Int = 0
 
@@ -91,7 +96,7 @@ final class MetricsPublisher: @unchecked Sendable {
     }
 
     private let tiers: [TierHandles]
-    private let puts, gets, misses, prefetchDropped: Counter
+    private let puts, gets, misses, prefetchDropped, declinedPuts, policyReadsDropped: Counter
     private let goodput: Gauge
     private var published: [String: Int] = [:]
 
@@ -116,6 +121,8 @@ final class MetricsPublisher: @unchecked Sendable {
         gets = Counter(label: "\(prefix)_gets_total")
         misses = Counter(label: "\(prefix)_misses_total")
         prefetchDropped = Counter(label: "\(prefix)_prefetch_dropped_total")
+        declinedPuts = Counter(label: "\(prefix)_declined_puts_total")
+        policyReadsDropped = Counter(label: "\(prefix)_policy_reads_dropped_total")
         goodput = Gauge(label: "\(prefix)_goodput_ratio")
     }
 
@@ -149,6 +156,8 @@ final class MetricsPublisher: @unchecked Sendable {
         delta(gets, "gets", stats.gets)
         delta(misses, "misses", stats.misses)
         delta(prefetchDropped, "prefetchDropped", stats.prefetchDropped)
+        delta(declinedPuts, "declinedPuts", stats.declinedPuts)
+        delta(policyReadsDropped, "policyReadsDropped", stats.policyReadsDropped)
         goodput.record(stats.goodput)
     }
 }

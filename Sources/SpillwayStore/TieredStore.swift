@@ -3,6 +3,7 @@ import DequeModule
 import Dispatch
 import Logging
 import SpillwayCore
+import SpillwayPolicy
 
 #if canImport(Glibc)
 import Glibc
@@ -30,6 +31,9 @@ public struct PageWrite {
     /// The page's class and hints, for the store's policy.
     public var hints: PageHints
     public var error: SpillwayError?
+    /// No tier's policy admitted the page and the store drops such puts
+    /// (`StoreOptions.declinedPutsAreDropped`): it succeeded without storing anything.
+    public var declined = false
     /// Submission-to-completion time of the write on its tier, when the tier times I/Os (NVMe); 0 otherwise.
     public var latencyNanoseconds: UInt64 = 0
 
@@ -56,7 +60,10 @@ public struct PageWrite {
 public final class TieredStore: Sendable {
     public let tiers: [any Tier]
     public let directory: PageDirectory
-    public let policy: any PlacementPolicy
+    /// The decisions: placement, admission, promotion, eviction order, demotion target.
+    public let policy: StorePolicy
+    /// The policy's run-time state (candidate index per tier, recorded reads, tier costs).
+    public let policyEngine: PolicyEngine
     public let options: StoreOptions
     public let slotSize: Int
     let logger: Logger
@@ -90,7 +97,7 @@ public final class TieredStore: Sendable {
     /// When the store opened (goodput's denominator).
     private let openedAt = monotonicNanoseconds()
 
-    public init(tiers: [any Tier], policy: any PlacementPolicy = ClassAwareLRUPolicy(), options: StoreOptions = StoreOptions(),
+    public init(tiers: [any Tier], policy: StorePolicy = .default, options: StoreOptions = StoreOptions(),
                 logger: Logger = Logger(label: "spillway.store")) throws(SpillwayError)
     {
         guard !tiers.isEmpty, tiers.count <= 255 else { throw .invalidConfiguration("a store needs 1…255 tiers, got \(tiers.count)") }
@@ -113,11 +120,12 @@ public final class TieredStore: Sendable {
         guard options.maxPageSize > 0, options.maxPageSize <= Int(UInt32.max) else {
             throw .invalidConfiguration("max page size must be between 1 byte and 4GiB - 1")
         }
-        guard options.prefetchQueueLimit > 0, options.evictionWindow > 0, options.backgroundIntervalMilliseconds > 0 else {
-            throw .invalidConfiguration("prefetch queue limit, eviction window and background interval must be positive")
+        guard options.prefetchQueueLimit > 0, options.backgroundIntervalMilliseconds > 0 else {
+            throw .invalidConfiguration("prefetch queue limit and background interval must be positive")
         }
         self.tiers = tiers
         self.policy = policy
+        policyEngine = PolicyEngine(policy: policy, tiers: tiers.map { ($0.descriptor.capacitySlots, $0.descriptor.performance.nominalLatencyNanoseconds) })
         self.options = options
         self.slotSize = slotSize
         self.logger = logger
@@ -146,6 +154,7 @@ public final class TieredStore: Sendable {
                                                           length: page.length, checksum: page.checksum) {
                         release(vacated)
                     }
+                    policyEngine.inserted(page.key, hints: .generic, tier: index)
                 } catch {
                     logger.warning("recovered page not restored", metadata: ["key": "\(page.key)", "error": "\(error)"])
                     tier.release(page.extent)
@@ -211,7 +220,11 @@ public final class TieredStore: Sendable {
             }
             location = PageLocation(tier: tier, extent: extent)
         } else {
-            location = try allocateForPut(slots: slotsNeeded(length), length: length, hints: hints)
+            guard let placed = try allocateForPut(key, slots: slotsNeeded(length), hints: hints) else {
+                try dropDeclined(key)
+                return
+            }
+            location = placed
         }
         let stallStart = location.tier > 0 ? monotonicNanoseconds() : 0
         defer { if location.tier > 0 { tierCounters[location.tier].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) } }
@@ -266,10 +279,18 @@ public final class TieredStore: Sendable {
             throw .bufferTooSmall(required: snapshot.length, available: buffer.count)
         }
         let tierIndex = snapshot.location.tier
+        policyEngine.recordRead(key, tier: tierIndex, hints: snapshot.hints)
         let status: Int32
         // A read below the top tier is a stall on memory (goodput accounting).
         let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
-        defer { if tierIndex > 0 { tierCounters[tierIndex].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) } }
+        defer {
+            if tierIndex > 0 {
+                let elapsed = monotonicNanoseconds() &- stallStart
+                tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
+                policyEngine.observe(tier: tierIndex, write: false, nanoseconds: elapsed, pages: 1)
+                policyEngine.noteLowerTierHit(below: tierIndex - 1)
+            }
+        }
         if let base = UnsafeMutableRawPointer(bitPattern: hostBases[tierIndex]) {
             if snapshot.length > 0 {
                 memcpy(buffer.baseAddress!, base + Int(snapshot.location.extent.firstSlot) * slotSize, snapshot.length)
@@ -360,7 +381,7 @@ public final class TieredStore: Sendable {
     /// The class and hints `key` was stored with (nil if absent). Pages a persistent tier
     /// recovered on a warm restart come back as `generic`: hints are not persisted.
     public func hints(of key: PageKey) -> PageHints? {
-        directory.snapshot(of: key)?.stats.hints
+        directory.snapshot(of: key)?.hints
     }
 
     /// Sets the hints of the page stored under `key` without rewriting it (a registration that
@@ -380,6 +401,7 @@ public final class TieredStore: Sendable {
         try checkOpen()
         return try keyLocks.withLock(key) { () throws(SpillwayError) -> Bool in
             let (old, release) = try directory.removeEntry(key)
+            if let old { policyEngine.removed(key, tier: old.tier) }
             if let old, recordsMetadata[old.tier] { tiers[old.tier].retire(old.extent) }
             if let release { self.release(release) }
             // A removal is a promise: no persistent tier may bring the key back after a crash,
@@ -399,7 +421,11 @@ public final class TieredStore: Sendable {
 
     public func unpin(_ key: PageKey) throws(SpillwayError) {
         try checkOpen()
-        if let vacated = try directory.unpin(key) { release(vacated) }
+        if let vacated = try directory.unpin(key) {
+            // The last unpin of a quarantined page removed it.
+            policyEngine.removed(key, tier: vacated.tier)
+            release(vacated)
+        }
     }
 
     /// Asks the background worker to bring these pages to the top tier. Never blocks; requests
@@ -460,7 +486,8 @@ public final class TieredStore: Sendable {
             puts: counters.puts.value, gets: served.reduce(counters.misses.value) { $0 + $1.reads },
             misses: counters.misses.value, removes: counters.removes.value,
             prefetchRequests: counters.prefetchRequests.value, prefetchDropped: counters.prefetchDropped.value,
-            promotionsSkipped: counters.promotionsSkipped.value,
+            promotionsSkipped: counters.promotionsSkipped.value, declinedPuts: counters.declinedPuts.value,
+            policyReadsDropped: tiers.indices.reduce(0) { $0 + policyEngine.droppedReads(tier: $1) },
             uptimeNanoseconds: Int(monotonicNanoseconds() &- openedAt))
     }
 
@@ -488,11 +515,22 @@ public final class TieredStore: Sendable {
         if closedFlag.load(ordering: .relaxed) { throw .closed }
     }
 
-    /// An extent for a new page: the policy's tier, making room there if it is full, else the
-    /// first lower tier that has or can make room. `storeFull` only when pinned pages leave no
-    /// way to free enough contiguous slots.
-    private func allocateForPut(slots: Int, length: Int, hints: PageHints) throws(SpillwayError) -> PageLocation {
-        let first = min(max(0, policy.initialTier(for: hints, length: length, tierCount: tiers.count)), tiers.count - 1)
+    /// An extent for a new page: the policy's placement tier, or the first tier below it whose
+    /// policy admits the page (the last tier takes it regardless, unless
+    /// `declinedPutsAreDropped`: then nil), making room there if it is full, else the first
+    /// lower tier that has or can make room. `storeFull` only when pinned pages leave no way to
+    /// free enough contiguous slots.
+    func allocateForPut(_ key: PageKey, slots: Int, hints: PageHints) throws(SpillwayError) -> PageLocation? {
+        var first = min(policy.initialTier(for: hints, tierCount: tiers.count), tiers.count - 1)
+        while !policyEngine.admits(key, hints: hints, tier: first) {
+            if first + 1 < tiers.count {
+                first += 1
+            } else if options.declinedPutsAreDropped {
+                return nil
+            } else {
+                break
+            }
+        }
         if let extent = tiers[first].allocate(slotCount: slots) {
             if tiers[first].usedSlots > highSlots[first] && first + 1 < tiers.count { wake.signal() }
             return PageLocation(tier: first, extent: extent)
@@ -503,6 +541,18 @@ public final class TieredStore: Sendable {
             }
         }
         throw .storeFull(requiredSlots: slots)
+    }
+
+    /// A put no tier admitted (`declinedPutsAreDropped`): counted, and an older version of the
+    /// key is removed, so the put never leaves stale bytes visible. (Caller holds the key's stripe.)
+    func dropDeclined(_ key: PageKey) throws(SpillwayError) {
+        counters.declinedPuts.add(1)
+        guard directory.contains(key) else { return }
+        let (old, release) = try directory.removeEntry(key)
+        if let old { policyEngine.removed(key, tier: old.tier) }
+        if let old, recordsMetadata[old.tier] { tiers[old.tier].retire(old.extent) }
+        if let release { self.release(release) }
+        try persistInvalidations(of: key)
     }
 
     /// Reclaims `tier` until `slots` contiguous slots can be allocated, and allocates them.
@@ -540,6 +590,8 @@ public final class TieredStore: Sendable {
         }
         if let old = replaced.old, recordsMetadata[old.tier] { tiers[old.tier].retire(old.extent) }
         if let vacated = replaced.release { release(vacated) }
+        if let old = replaced.old, old.tier != location.tier { policyEngine.removed(key, tier: old.tier) }
+        policyEngine.inserted(key, hints: hints, tier: location.tier)
         counters.puts.add(1)
         tierCounters[location.tier].bytesWritten.add(length)
         try persistInvalidations(of: key)
@@ -579,13 +631,19 @@ public final class TieredStore: Sendable {
             for index in requests.indices {
                 plans.initializeElement(at: index, to: nil)
                 requests[index].error = nil
+                requests[index].declined = false
                 let bytes = requests[index].bytes
                 guard bytes.count <= options.maxPageSize else {
                     requests[index].error = .pageTooLarge(length: bytes.count, limit: options.maxPageSize)
                     continue
                 }
                 do throws(SpillwayError) {
-                    let location = try allocateForPut(slots: slotsNeeded(bytes.count), length: bytes.count, hints: requests[index].hints)
+                    guard let location = try allocateForPut(requests[index].key, slots: slotsNeeded(bytes.count), hints: requests[index].hints)
+                    else {
+                        try dropDeclined(requests[index].key)
+                        requests[index].declined = true
+                        continue
+                    }
                     plans[index] = (location, CRC32C.checksum(bytes))
                     retireSupersededCopy(of: requests[index].key, onTier: location.tier)
                 } catch {
@@ -605,7 +663,11 @@ public final class TieredStore: Sendable {
                 batch.maxInFlight = queueDepth
                 let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
                 batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
-                if tierIndex > 0 { tierCounters[tierIndex].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) }
+                if tierIndex > 0 {
+                    let elapsed = monotonicNanoseconds() &- stallStart
+                    tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
+                    policyEngine.observe(tier: tierIndex, write: true, nanoseconds: elapsed, pages: batch.count)
+                }
                 var entry = 0
                 for index in requests.indices {
                     guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
@@ -622,7 +684,10 @@ public final class TieredStore: Sendable {
             }
             var succeeded = 0
             for index in requests.indices {
-                guard let plan = plans[index] else { continue }
+                guard let plan = plans[index] else {
+                    if requests[index].declined { succeeded += 1 }
+                    continue
+                }
                 do throws(SpillwayError) {
                     try commitPut(requests[index].key, location: plan.location, length: requests[index].bytes.count, checksum: plan.checksum,
                                   hints: requests[index].hints)
@@ -648,7 +713,7 @@ public final class TieredStore: Sendable {
             tierCounters[tierIndex].ioErrors.add(1)
             throw .tierIO(tier: tier.descriptor.name, operation: "read", errno: status)
         }
-        let promoting = tierIndex > 0 && policy.shouldPromote(snapshot.stats, fromTier: tierIndex)
+        let promoting = tierIndex > 0 && policy.shouldPromote(snapshot.hints, fromTier: tierIndex)
         if tier.descriptor.verifiesReads || promoting {
             let actual = CRC32C.checksum(buffer)
             if actual != snapshot.checksum {
@@ -698,6 +763,8 @@ public final class TieredStore: Sendable {
             tiers[0].release(extent)
             return
         }
+        policyEngine.removed(snapshot.key, tier: claim.location.tier)
+        policyEngine.inserted(snapshot.key, hints: claim.hints, tier: 0)
         tierCounters[0].promotionsIn.add(1)
         tierCounters[0].bytesWritten.add(snapshot.length)
         if tiers[0].usedSlots > highSlots[0] { wake.signal() }
@@ -727,6 +794,7 @@ public final class TieredStore: Sendable {
                     requests[index].error = .unknownKey(requests[index].key)
                     continue
                 }
+                policyEngine.recordRead(snapshot.key, tier: snapshot.location.tier, hints: snapshot.hints)
                 if snapshot.isCorrupt {
                     endRead(snapshot)
                     snapshots[index] = nil
@@ -751,7 +819,12 @@ public final class TieredStore: Sendable {
                 batch.maxInFlight = queueDepth
                 let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
                 batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
-                if tierIndex > 0 { tierCounters[tierIndex].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) }
+                if tierIndex > 0 {
+                    let elapsed = monotonicNanoseconds() &- stallStart
+                    tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
+                    policyEngine.observe(tier: tierIndex, write: false, nanoseconds: elapsed, pages: batch.count)
+                    for _ in 0..<batch.count { policyEngine.noteLowerTierHit(below: tierIndex - 1) }
+                }
                 // Copy statuses out before finishRead reuses the thread's batch for promotions.
                 withUnsafeTemporaryAllocation(of: Int32.self, capacity: batch.count) { statuses in
                     for entry in 0..<batch.count { statuses.initializeElement(at: entry, to: batch[entry].status) }
@@ -809,6 +882,7 @@ public final class TieredStore: Sendable {
         // A pinned page is marked corrupt instead (never served, removed at its last unpin).
         let drop = {
             let (removed, vacated) = self.directory.removeIfCurrent(snapshot, quarantine: true)
+            self.policyEngine.removed(snapshot.key, tier: snapshot.location.tier)
             if removed && self.recordsMetadata[snapshot.location.tier] { self.tiers[snapshot.location.tier].retire(snapshot.location.extent) }
             if let vacated { self.release(vacated) }
         }
@@ -824,31 +898,49 @@ public final class TieredStore: Sendable {
         let started = DispatchTime.now().uptimeNanoseconds
         defer { metrics.recordReclaim(tier: index, nanoseconds: Int64(DispatchTime.now().uptimeNanoseconds - started)) }
         reclaimLocks[index].withLock { _ in
-            var fruitless = 0
+            var offeredInVain = 0
+            var resynchronized = false
             while tiers[index].usedSlots > target, !closedFlag.load(ordering: .relaxed) {
                 let excess = tiers[index].usedSlots - target
                 let count = min(excess, 4096)
-                let window = max(options.evictionWindow, count * 32)
-                let victims = directory.coldestPages(tier: index, count: count, window: window, policy: policy)
-                if victims.isEmpty { break }
+                var victims = policyEngine.victims(tier: index, count: count)
+                if victims.isEmpty {
+                    // The tier holds pages its policy does not track (it never loses one, but a
+                    // bug must cost a scan, not a full tier): hand them to it and try again.
+                    guard !resynchronized else { break }
+                    resynchronized = true
+                    resynchronizePolicy(tier: index)
+                    victims = policyEngine.victims(tier: index, count: count)
+                    if victims.isEmpty { break }
+                }
                 var progressed = 0
                 var start = 0
-                while start < victims.count, tiers[index].usedSlots > target {
+                while start < victims.count {
                     let end = min(victims.count, start + ThreadBatch.moveChunk)
                     let chunk = Array(victims[start..<end])
-                    if index == tiers.count - 1 {
-                        progressed += evict(chunk, tier: index)
-                    } else {
-                        let moved = movePages(chunk, from: index, to: index + 1)
+                    start = end
+                    guard tiers[index].usedSlots > target else {
+                        // Taken but not needed after all: back to the policy.
+                        retrack(chunk, tier: index)
+                        continue
+                    }
+                    if let destination = policyEngine.demotionTarget(from: index, isFull: { self.tiers[$0].usedSlots >= self.highSlots[$0] }) {
+                        let moved = movePages(chunk, from: index, to: destination)
                         // Nothing below could take them (full of pinned pages): a cache drops
                         // its coldest pages rather than refuse new ones.
                         progressed += moved > 0 ? moved : evict(chunk, tier: index)
+                    } else {
+                        progressed += evict(chunk, tier: index)
                     }
-                    start = end
                 }
+                // Victims that could not leave (pinned, busy) went back to the policy's
+                // protected end, so asking again offers others; give up once every page the
+                // policy tracks was offered without any leaving.
                 if progressed == 0 {
-                    fruitless += 1
-                    if fruitless >= 3 { break }
+                    offeredInVain += victims.count
+                    if offeredInVain > policyEngine.trackedCount(tier: index) { break }
+                } else {
+                    offeredInVain = 0
                 }
             }
         }
@@ -885,19 +977,49 @@ public final class TieredStore: Sendable {
         return left
     }
 
+    /// Hands back to `tier`'s policy the pages among `keys` still there that it does not track
+    /// (victims that could not leave: busy, pinned, a failed move).
+    func retrack(_ keys: some Sequence<PageKey>, tier: Int) {
+        for key in keys {
+            guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == tier else { continue }
+            policyEngine.track(key, hints: snapshot.hints, tier: tier)
+        }
+    }
+
+    /// Hands every page on `tier` its policy does not track to the policy (a full scan of the
+    /// directory; logged, since it means some path lost track of a page).
+    func resynchronizePolicy(tier: Int) {
+        let pages = directory.allPages().filter { $0.location.tier == tier && !$0.isCorrupt }
+        var added = 0
+        for page in pages where policyEngine.track(page.key, hints: page.hints, tier: tier) { added += 1 }
+        if added > 0 {
+            logger.warning("policy resynchronized with the directory", metadata: ["tier": "\(tiers[tier].descriptor.name)", "pages": "\(added)"])
+        }
+    }
+
     private func evict(_ keys: [PageKey], tier index: Int) -> Int {
         var evicted = 0
         for key in keys {
             // A busy key (being put or removed) is skipped, never waited for.
             let stripe = KeyLocks.stripe(key)
-            guard keyLocks.tryLock(stripe: stripe) else { continue }
+            guard keyLocks.tryLock(stripe: stripe) else {
+                retrack([key], tier: index)
+                continue
+            }
             defer { keyLocks.unlock(stripe: stripe) }
-            guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == index, snapshot.pinCount == 0
-            else { continue }
+            guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == index else { continue }
+            guard snapshot.pinCount == 0 else {
+                policyEngine.track(key, hints: snapshot.hints, tier: index)
+                continue
+            }
             let (removed, vacated) = directory.removeIfCurrent(snapshot)
             if removed && recordsMetadata[index] { tiers[index].retire(snapshot.location.extent) }
             if let vacated { release(vacated) }
-            guard removed else { continue }
+            guard removed else {
+                retrack([key], tier: index)
+                continue
+            }
+            policyEngine.removed(key, tier: index)
             tierCounters[index].evictions.add(1)
             evicted += 1
         }
@@ -929,16 +1051,21 @@ public final class TieredStore: Sendable {
         var held = HeldStripes()
         defer { held.releaseAll(in: keyLocks) }
         for key in keys {
-            guard held.tryAcquire(key, in: keyLocks) else { continue }
-            guard let claim = directory.beginMove(key, fromTier: source) else { continue }
+            guard held.tryAcquire(key, in: keyLocks), let claim = directory.beginMove(key, fromTier: source) else {
+                retrack([key], tier: source)
+                continue
+            }
             guard let extent = targetTier.allocate(slotCount: Int(claim.location.extent.slotCount)) else {
                 abortMove(claim)
+                retrack([key], tier: source)
                 continue
             }
             moves.append((claim, extent))
         }
         guard !moves.isEmpty else { return 0 }
+        let copyStart = monotonicNanoseconds()
         let statuses = copy(moves, from: source, to: target)
+        policyEngine.observe(tier: target, write: true, nanoseconds: monotonicNanoseconds() &- copyStart, pages: moves.count)
         var moved = 0
         for (index, move) in moves.enumerated() {
             let destination = PageLocation(tier: target, extent: move.destination)
@@ -948,6 +1075,8 @@ public final class TieredStore: Sendable {
                 if committed && recordsMetadata[source] { tiers[source].retire(move.claim.location.extent) }
                 if let vacated { release(vacated) }
                 if committed {
+                    policyEngine.removed(move.claim.key, tier: source)
+                    policyEngine.inserted(move.claim.key, hints: move.claim.hints, tier: target)
                     if target > source {
                         tierCounters[source].demotionsOut.add(1)
                     } else {
@@ -957,6 +1086,7 @@ public final class TieredStore: Sendable {
                     moved += 1
                 } else {
                     targetTier.release(move.destination)
+                    retrack([move.claim.key], tier: source)
                 }
             case .failed(let errno, let tierIndex):
                 tierCounters[tierIndex].ioErrors.add(1)
@@ -965,6 +1095,7 @@ public final class TieredStore: Sendable {
                 ])
                 targetTier.release(move.destination)
                 abortMove(move.claim)
+                retrack([move.claim.key], tier: source)
             case .corrupt(let actual):
                 targetTier.release(move.destination)
                 abortMove(move.claim)

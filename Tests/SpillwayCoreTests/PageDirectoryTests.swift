@@ -84,19 +84,6 @@ import SpillwayTestSupport
         #expect(directory.beginMove(key) != nil, "abort clears the moving flag")
     }
 
-    @Test func coldestPagesFollowLRU() throws {
-        let directory = try PageDirectory(tierCapacities: [64])
-        for value in 0..<40 { _ = try directory.insert(PageKey(UInt64(value)), location: location(0, UInt32(value)), length: 1, checksum: 0) }
-        // Touch the first 20 again: the untouched 20…39 are now the coldest.
-        for value in 0..<20 {
-            let read = try #require(try directory.beginRead(PageKey(UInt64(value))))
-            _ = directory.endRead(read)
-        }
-        try directory.pin(PageKey(20))
-        let victims = directory.coldestPages(tier: 0, count: 5, window: 1000, policy: LRUPolicy())
-        #expect(victims == (21..<26).map { PageKey(UInt64($0)) })
-    }
-
     /// Property: the directory agrees with a dictionary model across random inserts/removes,
     /// which exercises probing and backward-shift deletion in crowded shards.
     @Test func matchesModelUnderChurn() throws {

@@ -20,9 +20,9 @@ import Testing
             }
             #expect(store.hints(of: pool.manifestKey(block)) == .kvBlock(depth: depth, parent: parent.map(pool.manifestKey)))
         }
-        // A child names its parent: the digest a policy can match against the parent's key.
+        // A child names its parent: the id the policy tracks the parent's page by.
         let child = try #require(store.hints(of: pool.dataKey(hashes[2], layer: 1)))
-        #expect(child.parent == PageHints.digest(of: pool.dataKey(hashes[1], layer: 1)))
+        #expect(child.parent == pool.dataKey(hashes[1], layer: 1).policyID)
     }
 
     @Test func chainStartOffsetsDepthAndNamesTheParent() throws {

@@ -2,9 +2,10 @@ import Testing
 @testable import SpillwayCore
 @testable import SpillwayMemoryTiers
 @testable import SpillwayStore
+import SpillwayPolicy
 
 @Suite struct PageClassStoreTests {
-    func twoTierStore(policy: any PlacementPolicy, device: Int = 8, dram: Int = 32) throws -> TieredStore {
+    func twoTierStore(policy: StorePolicy, device: Int = 8, dram: Int = 32) throws -> TieredStore {
         let tiers: [any Tier] = [
             try DeviceTier(slotSize: 4096, capacitySlots: device, memory: HostDeviceMemory(prefault: false)),
             try DRAMTier(slotSize: 4096, capacitySlots: dram, prefault: false),
@@ -13,18 +14,18 @@ import Testing
                                options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
     }
 
-    @Test func defaultPolicyIsClassAwareAndReported() throws {
+    @Test func defaultPolicyIsReported() throws {
         let store = try makeStore(device: 4, dram: 8)
         defer { store.close() }
-        #expect(store.policy.name == "class-aware-lru")
-        #expect(store.stats().policy == "class-aware-lru")
-        let lru = try twoTierStore(policy: LRUPolicy())
+        #expect(store.policy.name == StorePolicy.defaultName)
+        #expect(store.stats().policy == StorePolicy.defaultName)
+        let lru = try twoTierStore(policy: try StorePolicy.named("lru"))
         defer { lru.close() }
         #expect(lru.stats().policy == "lru")
     }
 
     @Test func putKeepsHintsSingleAndBatched() throws {
-        let store = try twoTierStore(policy: ClassAwareLRUPolicy())
+        let store = try twoTierStore(policy: try StorePolicy.named("class-aware-lru"))
         defer { store.close() }
         let parent = PageKey(100)
         try store.put(PageKey(1), bytes: [1, 2, 3], hints: .kvBlock(depth: 3, parent: parent))
@@ -51,7 +52,7 @@ import Testing
     }
 
     @Test func classAwareStoreDoesNotPromoteWeightsButPromotesKV() throws {
-        let store = try twoTierStore(policy: ClassAwareLRUPolicy())
+        let store = try twoTierStore(policy: try StorePolicy.named("class-aware-lru"))
         defer { store.close() }
         try store.put(PageKey(1), bytes: [1], tier: 1, hints: .weights(layerOrder: 0))
         try store.put(PageKey(2), bytes: [2], tier: 1, hints: .kvBlock(depth: 0, parent: nil))
@@ -63,7 +64,7 @@ import Testing
     }
 
     @Test func lruPolicyStillPromotesWeights() throws {
-        let store = try twoTierStore(policy: LRUPolicy())
+        let store = try twoTierStore(policy: try StorePolicy.named("lru"))
         defer { store.close() }
         try store.put(PageKey(1), bytes: [1], tier: 1, hints: .weights(layerOrder: 0))
         #expect(try store.get(PageKey(1)) == [1])
@@ -73,7 +74,7 @@ import Testing
     @Test func reclaimDemotesUsedWeightsBeforeOlderKVBlocks() throws {
         // Tier 0 holds 8 pages: 6 KV blocks stored first, then 2 weights pages placed there
         // explicitly and read (the most recent use). Filling it demotes the weights first.
-        let store = try twoTierStore(policy: ClassAwareLRUPolicy())
+        let store = try twoTierStore(policy: try StorePolicy.named("class-aware-lru"))
         defer { store.close() }
         for index in 0..<6 { try store.put(PageKey(UInt64(index)), bytes: [UInt8(index)], hints: .kvBlock(depth: index, parent: nil)) }
         try store.put(PageKey(20), bytes: [20], tier: 0, hints: .weights(layerOrder: 0))
@@ -88,7 +89,7 @@ import Testing
     }
 
     @Test func pinnedWeightsAreNotDemoted() throws {
-        let store = try twoTierStore(policy: ClassAwareLRUPolicy(), device: 4)
+        let store = try twoTierStore(policy: try StorePolicy.named("class-aware-lru"), device: 4)
         defer { store.close() }
         try store.put(PageKey(20), bytes: [20], tier: 0, hints: .weights(layerOrder: 0))
         try store.pin(PageKey(20))

@@ -4,6 +4,7 @@ import Testing
 @testable import SpillwayKV
 @testable import SpillwayMemoryTiers
 @testable import SpillwayStore
+import SpillwayPolicy
 @testable import SpillwayWeights
 
 /// Streaming a model through `WeightStreamer` must not flush hot KV blocks out of tier 0.
@@ -12,7 +13,7 @@ import Testing
     /// of tier 0's slots with 16 KV blocks (3 pages each), streams every layer twice, running the
     /// store's maintenance (what its background worker does) after each layer so demotions are
     /// deterministic. Returns how many of the KV pages are still in tier 0, and their count.
-    func kvPagesLeftInTierZero(policy: any PlacementPolicy, name: String) throws -> (left: Int, total: Int) {
+    func kvPagesLeftInTierZero(policy: StorePolicy, name: String) throws -> (left: Int, total: Int) {
         let model = scratch("policy-\(name).safetensors")
         defer { unlink(model) }
         try writeModel(model, layers: 6)
@@ -51,14 +52,14 @@ import Testing
     }
 
     @Test func streamingWeightsKeepsKVBlocksInTierZero() throws {
-        let outcome = try kvPagesLeftInTierZero(policy: ClassAwareLRUPolicy(), name: "class-aware")
+        let outcome = try kvPagesLeftInTierZero(policy: try StorePolicy.named("class-aware-lru"), name: "class-aware")
         #expect(outcome.left == outcome.total, "\(outcome.total - outcome.left) KV pages were pushed out of tier 0")
     }
 
     /// The behaviour before page classes (LRU promoted every streamed chunk): the same run
     /// pushes KV blocks out, so the test above does measure the fix.
     @Test func underPlainLRUStreamingDisplacesKVBlocks() throws {
-        let outcome = try kvPagesLeftInTierZero(policy: LRUPolicy(), name: "lru")
+        let outcome = try kvPagesLeftInTierZero(policy: try StorePolicy.named("lru"), name: "lru")
         #expect(outcome.left < outcome.total)
     }
 

@@ -70,14 +70,15 @@ int main(int argc, char **argv) {
     CHECK(strstr(stats, "\"policy\":\"class-aware-lru\"") != NULL);
 
     /* Page classes and hints. A plain put is generic. */
-    uint32_t page_class = 99, order = 99, digest = 99;
+    uint32_t page_class = 99, order = 99;
+    uint64_t digest = 99;
     CHECK(spillway_store_page_hints(store, key, &page_class, &order, &digest) == SPILLWAY_OK);
     CHECK(page_class == SPILLWAY_PAGE_GENERIC && order == 0 && digest == 0);
     uint8_t child[16] = {0};
     child[15] = 43;
     CHECK(spillway_store_put_hinted(store, child, page, 100, SPILLWAY_PAGE_KV_BLOCK, 7, key) == SPILLWAY_OK);
     CHECK(spillway_store_page_hints(store, child, &page_class, &order, &digest) == SPILLWAY_OK);
-    CHECK(page_class == SPILLWAY_PAGE_KV_BLOCK && order == 7 && digest == spillway_parent_digest(key) && digest != 0);
+    CHECK(page_class == SPILLWAY_PAGE_KV_BLOCK && order == 7 && digest == spillway_parent_id(key) && digest != 0);
     CHECK(spillway_store_get(store, child, back, sizeof back, &length) == SPILLWAY_OK && length == 100 && memcmp(page, back, 100) == 0);
     uint8_t chunk[16] = {0};
     chunk[15] = 44;

@@ -23,8 +23,8 @@ from ._binding import (
     Weights,
     inflight_stores,
     library_path,
-    parent_digest,
+    parent_id,
     version,
 )
 
-__all__ = ["AcquiredLayer", "KVGeometry", "KVPool", "PAGE_CLASSES", "SpillwayError", "Store", "StoreTicket", "Weights", "inflight_stores", "library_path", "parent_digest", "version"]
+__all__ = ["AcquiredLayer", "KVGeometry", "KVPool", "PAGE_CLASSES", "SpillwayError", "Store", "StoreTicket", "Weights", "inflight_stores", "library_path", "parent_id", "version"]

@@ -76,9 +76,9 @@ _store_put = _declare("spillway_store_put", _u64, ctypes.c_char_p, _p, _size)
 _store_put_hinted = _declare("spillway_store_put_hinted", _u64, ctypes.c_char_p, _p, _size, ctypes.c_uint32, ctypes.c_uint32,
                              ctypes.c_char_p)
 _store_page_hints = _declare("spillway_store_page_hints", _u64, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint32),
-                             ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32))
-_lib.spillway_parent_digest.restype = ctypes.c_uint32
-_lib.spillway_parent_digest.argtypes = [ctypes.c_char_p]
+                             ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64))
+_lib.spillway_parent_id.restype = ctypes.c_uint64
+_lib.spillway_parent_id.argtypes = [ctypes.c_char_p]
 # Page classes (SPILLWAY_PAGE_* in spillway.h), by the names Python callers use.
 PAGE_CLASSES = {"generic": 0, "kv_block": 1, "weights": 2}
 _store_get = _declare("spillway_store_get", _u64, ctypes.c_char_p, _p, _size, ctypes.POINTER(_size))
@@ -114,9 +114,9 @@ _weights_stall = _declare("spillway_weights_stall", _u64, ctypes.POINTER(ctypes.
 _weights_destroy = _declare("spillway_weights_destroy", _u64)
 
 
-def parent_digest(key) -> int:
-    """The 24-bit digest ``Store.page_hints`` reports for a KV block's parent key."""
-    return _lib.spillway_parent_digest(_key(key))
+def parent_id(key) -> int:
+    """The 64-bit id ``Store.page_hints`` reports for a KV block's parent key."""
+    return _lib.spillway_parent_id(_key(key))
 
 
 def version() -> str:
@@ -240,11 +240,11 @@ class Store:
                                  None if parent is None else _key(parent)))
 
     def page_hints(self, key) -> dict:
-        """The class and hints a stored page carries: ``{"page_class", "order", "parent_digest"}``."""
-        page_class, order, digest = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32()
+        """The class and hints a stored page carries: ``{"page_class", "order", "parent_id"}``."""
+        page_class, order, digest = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint64()
         _check(_store_page_hints(self.handle, _key(key), ctypes.byref(page_class), ctypes.byref(order), ctypes.byref(digest)))
         name = next(name for name, value in PAGE_CLASSES.items() if value == page_class.value)
-        return {"page_class": name, "order": order.value, "parent_digest": digest.value}
+        return {"page_class": name, "order": order.value, "parent_id": digest.value}
 
     def get(self, key, into=None) -> bytes | int:
         """With ``into`` (a writable buffer): fills it, returns the page length. Without:

@@ -301,13 +301,13 @@ def test_put_with_page_class_and_hints(config, tmp_path):
     with Store(config) as store:
         assert store.stats()["policy"] == "class-aware-lru"
         store.put(1, b"parent")
-        assert store.page_hints(1) == {"page_class": "generic", "order": 0, "parent_digest": 0}
+        assert store.page_hints(1) == {"page_class": "generic", "order": 0, "parent_id": 0}
         store.put(2, np.arange(100, dtype=np.uint8), page_class="kv_block", order=5, parent=1)
-        assert store.page_hints(2) == {"page_class": "kv_block", "order": 5, "parent_digest": spillway.parent_digest(1)}
-        assert spillway.parent_digest(1) != 0
+        assert store.page_hints(2) == {"page_class": "kv_block", "order": 5, "parent_id": spillway.parent_id(1)}
+        assert spillway.parent_id(1) != 0
         assert store.get(2) == bytes(range(100))
         store.put(3, b"w", page_class="weights", order=70000)
-        assert store.page_hints(3) == {"page_class": "weights", "order": 65535, "parent_digest": 0}
+        assert store.page_hints(3) == {"page_class": "weights", "order": 65535, "parent_id": 0}
         with pytest.raises(ValueError):
             store.put(4, b"x", page_class="activations")
         with pytest.raises(ValueError):
