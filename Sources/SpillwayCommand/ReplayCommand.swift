@@ -5,11 +5,11 @@ import SpillwayBench
 import SpillwayCommandSupport
 import SpillwayPolicy
 
-/// `spillway replay`: trace-driven cache-policy simulation over block ids.
+/// `spillway replay`: a KV trace through a cache policy, simulated over block ids or on a real store.
 struct ReplayCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "replay",
-        abstract: "Replay a Mooncake-format KV trace through a cache policy (simulation).",
+        abstract: "Replay a Mooncake-format KV trace through a cache policy (simulated, or on a real store).",
         discussion: """
         --simulate replays the trace's block ids through one policy of a fixed capacity in blocks:
         per request, each hash id in order; a hit refreshes it, a miss evicts one block if full and
@@ -20,8 +20,13 @@ struct ReplayCommand: ParsableCommand {
         --sweep runs every policy at 1, 5, 10, 25 and 50 % of the trace's unique blocks; --plot
         FILE.svg also writes hit ratio vs capacity per policy as an SVG.
 
-        Policies: \(PolicyKind.names).
-        Replaying against a real store is `spillway bench kv-trace` for now.
+        Without --simulate or --sweep, the trace runs on a real TieredStore under the same rules and
+        the same policy code: by default one DRAM tier of --capacity-blocks slots of --block-bytes
+        (declined puts dropped), whose hits equal --simulate's; with --config FILE, the store that
+        file describes (its [[tier]] capacities), reporting hits per tier. Every hit's bytes are
+        checked. Reports hit ratios, bytes written per tier, demotions, stall time and goodput.
+
+        Policies: \(PolicyKind.names) (opt only with --simulate).
         """)
 
     @Option(help: "A Mooncake-format trace (.jsonl; default $SPILLWAY_TRACE).")
@@ -30,10 +35,16 @@ struct ReplayCommand: ParsableCommand {
     @Flag(help: "Simulate a policy over block ids (no store).")
     var simulate = false
 
+    @Option(name: .customLong("block-bytes"), help: "Store mode: bytes per block (default 4k).")
+    var blockBytes: SizeArgument?
+
+    @Option(help: "Store mode: a TOML store configuration ([[tier]] tables) to replay on.")
+    var config: String?
+
     @Flag(help: "Every policy at 1/5/10/25/50 % of the unique blocks.")
     var sweep = false
 
-    @Option(help: "With --simulate: \(PolicyKind.names).")
+    @Option(help: "\(PolicyKind.names) (store mode: default \(StorePolicy.defaultName)).")
     var policy: String?
 
     @Option(name: .customLong("capacity-blocks"), help: "Cache capacity in blocks.")
@@ -52,9 +63,6 @@ struct ReplayCommand: ParsableCommand {
     var json = false
 
     func run() throws {
-        guard simulate || sweep else {
-            throw SpillwayError.invalidArgument("replay needs --simulate or --sweep: replaying against a real store is `spillway bench kv-trace` until the store's policy integration lands")
-        }
         guard !(simulate && sweep) else { throw SpillwayError.invalidArgument("--simulate and --sweep are exclusive") }
         if let limit, limit < 1 { throw SpillwayError.invalidArgument("--limit must be at least 1") }
         guard let path = trace ?? TraceReplay.configuredTrace() else {
@@ -69,14 +77,19 @@ struct ReplayCommand: ParsableCommand {
             return
         }
         guard plot == nil else { throw SpillwayError.invalidArgument("--plot goes with --sweep") }
-        guard let policyName = policy else { throw SpillwayError.invalidArgument("--simulate needs --policy (\(PolicyKind.names))") }
-        let kind = try PolicyKind(name: policyName)
         let capacity: Int
         switch (capacityBlocks, capacityFraction) {
         case (let blocks?, nil): capacity = blocks
         case (nil, let fraction?): capacity = try PolicySimulator.capacity(fraction: fraction, of: blockTrace)
-        default: throw SpillwayError.invalidArgument("--simulate needs exactly one of --capacity-blocks N and --capacity-fraction F")
+        default: throw SpillwayError.invalidArgument("replay needs exactly one of --capacity-blocks N and --capacity-fraction F")
         }
+        guard simulate else {
+            try runOnStore(blockTrace, capacity: capacity)
+            return
+        }
+        guard blockBytes == nil, config == nil else { throw SpillwayError.invalidArgument("--block-bytes and --config are for store mode (no --simulate)") }
+        guard let policyName = policy else { throw SpillwayError.invalidArgument("--simulate needs --policy (\(PolicyKind.names))") }
+        let kind = try PolicyKind(name: policyName)
         let result = try PolicySimulator.run(kind, capacityBlocks: capacity, trace: blockTrace)
         if json {
             printLine(result.json.serialized())
@@ -84,6 +97,40 @@ struct ReplayCommand: ParsableCommand {
             printLine(String(format: "%@: %d blocks, %d requests, %d block refs: hit ratio %.4f, prefix hit ratio %.4f",
                              result.policy, result.capacityBlocks, result.requests, result.blockReferences,
                              result.hitRatio, result.prefixHitRatio))
+        }
+    }
+
+    private func runOnStore(_ blockTrace: BlockTrace, capacity: Int) throws {
+        let storePolicy = try StorePolicy.named(policy ?? StorePolicy.defaultName)
+        var options = StoreReplay.Options(policy: storePolicy, capacityBlocks: capacity, blockBytes: blockBytes?.bytes ?? 4096)
+        if let config {
+            guard let store = try CommandConfigFile(path: config, optionKeys: []).store else {
+                throw SpillwayError.invalidConfiguration("\(config): no [[tier]] tables")
+            }
+            options.configuration = store
+        }
+        let result = try StoreReplay.run(blockTrace, options: options)
+        if json {
+            printLine(result.json.serialized())
+        } else {
+            printLine(String(format: "%@ on a real store: %d blocks of %d bytes, %d requests, %d block refs: hit ratio %.4f, prefix hit ratio %.4f",
+                             result.policy, result.capacityBlocks, result.blockBytes, result.requests, result.blockReferences,
+                             result.hitRatio, result.prefixHitRatio))
+            if let simulated = result.simulated {
+                printLine(String(format: "simulated: hit ratio %.4f, prefix hit ratio %.4f (difference %+.4f)",
+                                 simulated.hitRatio, simulated.prefixHitRatio, result.hitRatio - simulated.hitRatio))
+            }
+            for tier in result.tiers {
+                printLine(String(format: "  %@: hits %d (%.4f), written %@, demoted %d, promoted in %d, evicted %d, stall %.3f s",
+                                 tier.name, tier.hits, Double(tier.hits) / Double(max(1, result.blockReferences)),
+                                 ByteCount.format(tier.bytesWritten), tier.demotionsOut, tier.promotionsIn, tier.evictions,
+                                 Double(tier.stallNanoseconds) / 1e9))
+            }
+            printLine(String(format: "corrupt hits %d, put errors %d, declined puts %d, goodput %.4f, %.2f s",
+                             result.corrupt, result.putErrors, result.declinedPuts, result.goodput, result.seconds))
+        }
+        guard result.corrupt == 0, result.putErrors == 0 else {
+            throw SpillwayError.invalidArgument("replay on the store saw \(result.corrupt) wrong or failed reads and \(result.putErrors) failed puts")
         }
     }
 

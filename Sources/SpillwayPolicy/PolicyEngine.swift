@@ -97,6 +97,9 @@ public final class PolicyEngine: Sendable {
         }
     }
 
+    /// The policy clock of `tier` after applying pending reads (tests: one tick per reference).
+    func clock(tier: Int) -> Int { states[tier].withLock { state in drain(&state, tier: tier); return state.clock } }
+
     /// Pages `tier`'s policy tracks (tests, diagnostics).
     public func trackedCount(tier: Int) -> Int { states[tier].withLock { $0.tracked } }
 
@@ -184,7 +187,7 @@ struct TierPolicyState {
     private var free: FreeSlots
     /// The policy's logical clock: one tick per reference (a touch, or an admission question
     /// and the insert that follows it), as in the simulator.
-    private var clock = 0
+    private(set) var clock = 0
     private var lastAdmission: (id: UInt64, now: Int) = (0, 0)
     /// Pages read with an expire hint (weights): offered as victims before the policy's own.
     private var expired: [UInt64]

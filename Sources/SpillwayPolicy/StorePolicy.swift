@@ -52,7 +52,7 @@ public struct StorePolicy: Sendable, Equatable, CustomStringConvertible {
     /// listing the available names otherwise.
     public static func named(_ name: String, demotion: DemotionRule = .costAware) throws(SpillwayError) -> StorePolicy {
         if name == "class-aware-lru" { return try StorePolicy(eviction: .lru, classAware: true, demotion: demotion) }
-        guard let kind = PolicyKind(rawValue: name), kind.runsInStore else {
+        guard let kind = PolicyKind(rawValue: name) else {
             throw .invalidConfiguration("unknown policy '\(name)' (available: \(names.joined(separator: ", ")))")
         }
         return try StorePolicy(eviction: kind, classAware: kind != .lru, demotion: demotion)

@@ -1,3 +1,4 @@
+import Atomics
 import SpillwayCore
 
 #if canImport(Glibc)
@@ -14,13 +15,22 @@ import Glibc
 /// Why not finer: a stripe is a pthread mutex (TSan sees it); 4096 of them make two busy
 /// keys collide rarely, and a holder that only tries other stripes can never deadlock.
 ///
-/// `@unchecked Sendable`: the mutexes live in memory allocated in init and freed in deinit.
+/// A stripe also records its holder's thread, so a put that must evict to make room can
+/// evict a page whose key shares its own stripe (it already excludes everyone else from that
+/// stripe) instead of skipping it: skipping would let one key in 4,096 change which page the
+/// policy evicts.
+///
+/// `@unchecked Sendable`: the mutexes and owner words live in memory allocated in init and
+/// freed in deinit; an owner word is written only by the thread holding its stripe.
 final class KeyLocks: @unchecked Sendable {
     static let stripeCount = 4096
     private let mutexes: UnsafeMutablePointer<pthread_mutex_t>
+    private let owners: UnsafeMutablePointer<UnsafeAtomic<UInt>.Storage>
 
     init() {
         mutexes = .allocate(capacity: Self.stripeCount)
+        owners = .allocate(capacity: Self.stripeCount)
+        owners.initialize(repeating: .init(0), count: Self.stripeCount)
         for index in 0..<Self.stripeCount {
             (mutexes + index).initialize(to: pthread_mutex_t())
             pthread_mutex_init(mutexes + index, nil)
@@ -30,16 +40,47 @@ final class KeyLocks: @unchecked Sendable {
     deinit {
         for index in 0..<Self.stripeCount { pthread_mutex_destroy(mutexes + index) }
         mutexes.deallocate()
+        owners.deallocate()
     }
+
+    @inline(__always)
+    private static var currentThread: UInt { UInt(bitPattern: Int(bitPattern: UInt(pthread_self()))) }
+
+    @inline(__always)
+    private func owner(_ stripe: Int) -> UnsafeAtomic<UInt> { UnsafeAtomic(at: owners + stripe) }
+
+    /// Whether the calling thread holds `stripe` (a racy read by others can never show their
+    /// own thread: only the holder writes its id, and clears it before unlocking).
+    @inline(__always)
+    func isHeldByCurrentThread(stripe: Int) -> Bool { owner(stripe).load(ordering: .relaxed) == Self.currentThread }
 
     @inline(__always)
     static func stripe(_ key: PageKey) -> Int { Int(truncatingIfNeeded: key.mixedHash) & (stripeCount - 1) }
 
-    func lock(stripe: Int) { pthread_mutex_lock(mutexes + stripe) }
+    func lock(stripe: Int) {
+        pthread_mutex_lock(mutexes + stripe)
+        owner(stripe).store(Self.currentThread, ordering: .relaxed)
+    }
 
-    func tryLock(stripe: Int) -> Bool { pthread_mutex_trylock(mutexes + stripe) == 0 }
+    func tryLock(stripe: Int) -> Bool {
+        guard pthread_mutex_trylock(mutexes + stripe) == 0 else { return false }
+        owner(stripe).store(Self.currentThread, ordering: .relaxed)
+        return true
+    }
 
-    func unlock(stripe: Int) { pthread_mutex_unlock(mutexes + stripe) }
+    func unlock(stripe: Int) {
+        owner(stripe).store(0, ordering: .relaxed)
+        pthread_mutex_unlock(mutexes + stripe)
+    }
+
+    /// For a mover that never waits: locks `stripe` if it is free (true: the caller unlocks),
+    /// or reports that the calling thread already holds it (`owned`: proceed, do not unlock);
+    /// nil if another thread holds it.
+    @inline(__always)
+    func tryLockUnlessOwned(stripe: Int) -> (locked: Bool, owned: Bool)? {
+        if isHeldByCurrentThread(stripe: stripe) { return (false, true) }
+        return tryLock(stripe: stripe) ? (true, false) : nil
+    }
 
     @inline(__always)
     func withLock<R, Failure: Error>(_ key: PageKey, _ body: () throws(Failure) -> R) throws(Failure) -> R {
@@ -70,6 +111,8 @@ struct HeldStripes {
     mutating func tryAcquire(_ key: PageKey, in locks: KeyLocks) -> Bool {
         let stripe = KeyLocks.stripe(key)
         if stripes.contains(stripe) { return true }
+        // A stripe this thread holds outside the mover (a put making room) is not taken:
+        // the put may have retired the key's persistent copy already.
         guard locks.tryLock(stripe: stripe) else { return false }
         stripes.append(stripe)
         return true

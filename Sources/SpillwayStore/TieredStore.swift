@@ -1001,12 +1001,14 @@ public final class TieredStore: Sendable {
         var evicted = 0
         for key in keys {
             // A busy key (being put or removed) is skipped, never waited for.
+            // A put making room may hold the victim's stripe itself: then it may evict it, but
+            // not from a persistent tier (a batch put may already have retired that copy).
             let stripe = KeyLocks.stripe(key)
-            guard keyLocks.tryLock(stripe: stripe) else {
+            guard let lock = keyLocks.tryLockUnlessOwned(stripe: stripe), lock.locked || !recordsMetadata[index] else {
                 retrack([key], tier: index)
                 continue
             }
-            defer { keyLocks.unlock(stripe: stripe) }
+            defer { if lock.locked { keyLocks.unlock(stripe: stripe) } }
             guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == index else { continue }
             guard snapshot.pinCount == 0 else {
                 policyEngine.track(key, hints: snapshot.hints, tier: index)

@@ -56,7 +56,9 @@ let mooncakeTrace = "../shared/traces/mooncake_synthetic_trace.jsonl"
     }
 
     @Test(arguments: [
-        (["replay", "--simulate", "--policy", "lru", "--capacity-blocks", "2"], "bench kv-trace"),
+        (["replay", "--policy", "opt", "--capacity-blocks", "2"], "needs the future"),
+        (["replay", "--simulate", "--policy", "lru", "--capacity-blocks", "2", "--block-bytes", "8k"], "store mode"),
+        (["replay", "--policy", "lru"], "exactly one of --capacity-blocks"),
         (["replay", "--simulate", "--policy", "mru", "--capacity-blocks", "2"], "unknown policy 'mru'"),
         (["replay", "--simulate", "--policy", "lru"], "exactly one of --capacity-blocks"),
         (["replay", "--simulate", "--policy", "lru", "--capacity-blocks", "0"], "capacity 0 blocks"),
@@ -68,12 +70,27 @@ let mooncakeTrace = "../shared/traces/mooncake_synthetic_trace.jsonl"
     func badArgumentsAreOneLineErrors(arguments: [String], expected: String) throws {
         let path = try writeTrace(handmadeTrace, name: "bad")
         defer { unlink(path) }
-        // The first case drops --simulate to get the "not yet" message for real-store replay.
-        let args = expected == "bench kv-trace" ? ["replay", "--trace", path] : arguments + ["--trace", path]
-        let result = try runSpillway(args)
+        let result = try runSpillway(arguments + ["--trace", path])
         #expect(result.status != 0)
         #expect(result.stderr.contains(expected), "\(result.stderr)")
         #expect(result.stdout.isEmpty)
+    }
+
+    /// Without --simulate the trace runs on a real store: same hand-computed LRU result, every
+    /// hit's bytes checked, per-tier counts in the JSON.
+    @Test func storeModeMatchesTheHandComputedLRU() throws {
+        let path = try writeTrace(handmadeTrace, name: "store")
+        defer { unlink(path) }
+        let result = try runSpillway(["replay", "--trace", path, "--policy", "lru", "--capacity-blocks", "2", "--json"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        #expect(object["mode"] as? String == "store" && object["policy"] as? String == "lru")
+        #expect(object["hits"] as? Int == 1 && object["prefix_hits"] as? Int == 0 && object["block_refs"] as? Int == 7)
+        #expect(object["simulated_hit_ratio"] as? Double == 1.0 / 7)
+        #expect(object["corrupt"] as? Int == 0 && object["put_errors"] as? Int == 0)
+        let tiers = try #require(object["tiers"] as? [[String: Any]])
+        #expect(tiers.count == 1 && tiers[0]["hits"] as? Int == 1 && tiers[0]["evictions"] as? Int == 4)
+        for key in ["stall_ns", "goodput", "duration_s", "hit_ratio", "prefix_hit_ratio"] { #expect(object[key] != nil, "\(key)") }
     }
 
     @Test func aMalformedTraceNamesTheLine() throws {
