@@ -1,0 +1,355 @@
+import Atomics
+import DequeModule
+import Dispatch
+import Logging
+import SpillwayCore
+import SpillwayPolicy
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The data path: single and batched puts and gets, commit and visibility, verification and
+/// promotion on a lower-tier hit.
+extension TieredStore {
+    func putLocked(_ key: PageKey, _ bytes: UnsafeRawBufferPointer, tier: Int?, hints: PageHints) throws(SpillwayError) {
+        let length = bytes.count
+        guard length <= options.maxPageSize else { throw .pageTooLarge(length: length, limit: options.maxPageSize) }
+        let location: PageLocation
+        if let tier {
+            guard tiers.indices.contains(tier) else { throw .invalidArgument("tier \(tier) does not exist (\(tiers.count) tiers)") }
+            guard let extent = makeRoom(onTier: tier, slots: slotsNeeded(length)) else {
+                throw .tierFull(tier: tiers[tier].descriptor.name)
+            }
+            location = PageLocation(tier: tier, extent: extent)
+        } else {
+            guard let placed = try allocateForPut(key, slots: slotsNeeded(length), hints: hints) else {
+                try dropDeclined(key)
+                return
+            }
+            location = placed
+        }
+        let stallStart = location.tier > 0 ? monotonicNanoseconds() : 0
+        defer { if location.tier > 0 { tierCounters[location.tier].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) } }
+        if let base = UnsafeMutableRawPointer(bitPattern: hostBases[location.tier]) {
+            // Host-memory tier: copy, then checksum the source while the stores drain.
+            if length > 0 { memcpy(base + Int(location.extent.firstSlot) * slotSize, bytes.baseAddress!, length) }
+            try commitPut(key, location: location, length: length, checksum: CRC32C.checksum(bytes), hints: hints)
+            return
+        }
+        let tier = tiers[location.tier]
+        let batch = ThreadBatch.current()
+        retireSupersededCopy(of: key, onTier: location.tier)
+        // A persistent tier records the checksum with the page, so it is needed up front;
+        // otherwise it is computed while the write is in flight.
+        let early: UInt32? = recordsMetadata[location.tier] ? CRC32C.checksum(bytes) : nil
+        batch.append(TierIO(operation: .write, extent: location.extent, buffer: bytes.baseAddress, length: length,
+                            key: key, checksum: early ?? 0))
+        batch.beginSubmission(inline: inlineTiers[location.tier])
+        tier.submit(batch)
+        let checksum = early ?? CRC32C.checksum(bytes)
+        batch.wait()
+        if let failure = batch.firstFailure {
+            tier.release(location.extent)
+            tierCounters[location.tier].ioErrors.add(1)
+            throw .tierIO(tier: tier.descriptor.name, operation: "write", errno: failure.status)
+        }
+        try commitPut(key, location: location, length: length, checksum: checksum, hints: hints)
+    }
+
+    func slotsNeeded(_ length: Int) -> Int { max(1, (length + slotSize - 1) / slotSize) }
+
+    @inline(__always)
+    func checkOpen() throws(SpillwayError) {
+        if closedFlag.load(ordering: .relaxed) { throw .closed }
+    }
+
+    /// A put no tier admitted (`declinedPutsAreDropped`): counted, and an older version of the
+    /// key is removed, so the put never leaves stale bytes visible. (Caller holds the key's stripe.)
+    func dropDeclined(_ key: PageKey) throws(SpillwayError) {
+        counters.declinedPuts.add(1)
+        guard directory.contains(key) else { return }
+        let (old, release) = try directory.removeEntry(key)
+        if let old { policyEngine.removed(key, tier: old.tier) }
+        if let old, recordsMetadata[old.tier] { tiers[old.tier].retire(old.extent) }
+        if let release { self.release(release) }
+        try persistInvalidations(of: key)
+    }
+
+    /// Makes a written page visible, retires the copy it replaced on a persistent tier, and
+    /// makes every superseded persistent copy of the key durably invalid before returning (the
+    /// caller holds the key's stripe).
+    func commitPut(_ key: PageKey, location: PageLocation, length: Int, checksum: UInt32, hints: PageHints)
+        throws(SpillwayError)
+    {
+        let replaced: (old: PageLocation?, release: PageLocation?)
+        do {
+            replaced = try directory.replace(key, location: location, length: length, checksum: checksum, hints: hints)
+        } catch {
+            tiers[location.tier].release(location.extent)
+            throw error
+        }
+        if let old = replaced.old, recordsMetadata[old.tier] { tiers[old.tier].retire(old.extent) }
+        if let vacated = replaced.release { release(vacated) }
+        if let old = replaced.old, old.tier != location.tier { policyEngine.removed(key, tier: old.tier) }
+        policyEngine.inserted(key, hints: hints, tier: location.tier)
+        counters.puts.add(1)
+        tierCounters[location.tier].bytesWritten.add(length)
+        try persistInvalidations(of: key)
+    }
+
+    /// Before a put writes `key` to persistent tier `tier`: retires the current copy if it is on
+    /// that tier too, so its release record goes into the same journal append as the new
+    /// page's record. (Caller holds the key's stripe; a pinned page is left alone: the put will
+    /// fail on it.)
+    func retireSupersededCopy(of key: PageKey, onTier tier: Int) {
+        guard recordsMetadata[tier], let current = directory.snapshot(of: key), current.location.tier == tier,
+              current.pinCount == 0
+        else { return }
+        tiers[tier].retire(current.location.extent, supersededByNextRecordOf: key)
+    }
+
+    /// Makes every persistent tier's invalidations of `key` durable; a failure fails the
+    /// operation (it cannot promise that a restart will not bring back an older version).
+    func persistInvalidations(of key: PageKey) throws(SpillwayError) {
+        for index in persistentTiers {
+            let status = tiers[index].persistInvalidations(of: key)
+            if status != 0 {
+                tierCounters[index].ioErrors.add(1)
+                throw .tierIO(tier: tiers[index].descriptor.name, operation: "journal invalidation", errno: status)
+            }
+        }
+    }
+
+    func putChunk(_ requests: UnsafeMutableBufferPointer<PageWrite>, queueDepth: Int) -> Int {
+        guard !closedFlag.load(ordering: .relaxed) else {
+            for index in requests.indices { requests[index].error = .closed }
+            return 0
+        }
+        let stripes = keyLocks.lock(requests.lazy.map(\.key))
+        defer { keyLocks.unlock(stripes: stripes) }
+        return withUnsafeTemporaryAllocation(of: (location: PageLocation, checksum: UInt32)?.self, capacity: requests.count) { plans in
+            for index in requests.indices {
+                plans.initializeElement(at: index, to: nil)
+                requests[index].error = nil
+                requests[index].declined = false
+                let bytes = requests[index].bytes
+                guard bytes.count <= options.maxPageSize else {
+                    requests[index].error = .pageTooLarge(length: bytes.count, limit: options.maxPageSize)
+                    continue
+                }
+                do throws(SpillwayError) {
+                    guard let location = try allocateForPut(requests[index].key, slots: slotsNeeded(bytes.count), hints: requests[index].hints)
+                    else {
+                        try dropDeclined(requests[index].key)
+                        requests[index].declined = true
+                        continue
+                    }
+                    plans[index] = (location, CRC32C.checksum(bytes))
+                    retireSupersededCopy(of: requests[index].key, onTier: location.tier)
+                } catch {
+                    requests[index].error = error
+                }
+            }
+            let batch = ThreadBatch.current()
+            for tierIndex in tiers.indices {
+                batch.reset()
+                for index in requests.indices {
+                    guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
+                    batch.append(TierIO(operation: .write, extent: plan.location.extent,
+                                        buffer: requests[index].bytes.baseAddress, length: requests[index].bytes.count,
+                                        key: requests[index].key, checksum: plan.checksum))
+                }
+                guard batch.count > 0 else { continue }
+                batch.maxInFlight = queueDepth
+                let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
+                batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
+                if tierIndex > 0 {
+                    let elapsed = monotonicNanoseconds() &- stallStart
+                    tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
+                    policyEngine.observe(tier: tierIndex, write: true, nanoseconds: elapsed, pages: batch.count)
+                }
+                var entry = 0
+                for index in requests.indices {
+                    guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
+                    let status = batch[entry].status
+                    requests[index].latencyNanoseconds = batch[entry].latencyNanoseconds
+                    entry += 1
+                    if status != 0 {
+                        tiers[tierIndex].release(plan.location.extent)
+                        tierCounters[tierIndex].ioErrors.add(1)
+                        requests[index].error = .tierIO(tier: tiers[tierIndex].descriptor.name, operation: "write", errno: status)
+                        plans[index] = nil
+                    }
+                }
+            }
+            var succeeded = 0
+            for index in requests.indices {
+                guard let plan = plans[index] else {
+                    if requests[index].declined { succeeded += 1 }
+                    continue
+                }
+                do throws(SpillwayError) {
+                    try commitPut(requests[index].key, location: plan.location, length: requests[index].bytes.count, checksum: plan.checksum,
+                                  hints: requests[index].hints)
+                    succeeded += 1
+                } catch {
+                    requests[index].error = error
+                }
+            }
+            plans.deinitialize()
+            return succeeded
+        }
+    }
+
+    /// Everything after the read of a page that is not a plain top-tier hit: status, checksum,
+    /// counters, promotion, and ending the read.
+    func finishRead(_ snapshot: PageSnapshot, buffer: UnsafeRawBufferPointer, status: Int32) throws(SpillwayError) {
+        let tierIndex = snapshot.location.tier
+        let tier = tiers[tierIndex]
+        guard status == 0 else {
+            endRead(snapshot)
+            tierCounters[tierIndex].ioErrors.add(1)
+            throw .tierIO(tier: tier.descriptor.name, operation: "read", errno: status)
+        }
+        let promoting = tierIndex > 0 && policy.shouldPromote(snapshot.hints, fromTier: tierIndex)
+        if tier.descriptor.verifiesReads || promoting {
+            let actual = CRC32C.checksum(buffer)
+            if actual != snapshot.checksum {
+                endRead(snapshot)
+                quarantine(snapshot)
+                throw .checksumMismatch(key: snapshot.key, tier: tier.descriptor.name, expected: snapshot.checksum, actual: actual)
+            }
+        }
+        // End our read first: the verified bytes are in `buffer`, and a promotion that finds no
+        // other readers of the old location releases it at once.
+        endRead(snapshot)
+        if promoting { promote(snapshot, from: buffer) }
+    }
+
+    /// Copies a verified page (already in `buffer`) to the top tier and repoints the directory,
+    /// if it is still the same version and unpinned.
+    func promote(_ snapshot: PageSnapshot, from buffer: UnsafeRawBufferPointer) {
+        // A key being put or removed is not promoted (never waited for on the read path).
+        let stripe = KeyLocks.stripe(snapshot.key)
+        guard keyLocks.tryLock(stripe: stripe) else {
+            counters.promotionsSkipped.add(1)
+            return
+        }
+        defer { keyLocks.unlock(stripe: stripe) }
+        guard let claim = directory.beginMove(snapshot.key, fromTier: snapshot.location.tier) else { return }
+        guard claim.version == snapshot.version, let extent = tiers[0].allocate(slotCount: Int(claim.location.extent.slotCount)) else {
+            abortMove(claim)
+            counters.promotionsSkipped.add(1)
+            wake.signal()
+            return
+        }
+        let batch = ThreadBatch.current()
+        batch.append(TierIO(operation: .write, extent: extent, buffer: buffer.baseAddress, length: snapshot.length,
+                            key: snapshot.key, checksum: snapshot.checksum))
+        batch.run(on: tiers[0], inline: inlineTiers[0])
+        let destination = PageLocation(tier: 0, extent: extent)
+        guard batch[0].status == 0 else {
+            tierCounters[0].ioErrors.add(1)
+            tiers[0].release(extent)
+            abortMove(claim)
+            return
+        }
+        let (committed, vacated) = directory.commitMove(claim, to: destination)
+        if committed && recordsMetadata[claim.location.tier] { tiers[claim.location.tier].retire(claim.location.extent) }
+        if let vacated { release(vacated) }
+        guard committed else {
+            tiers[0].release(extent)
+            return
+        }
+        policyEngine.removed(snapshot.key, tier: claim.location.tier)
+        policyEngine.inserted(snapshot.key, hints: claim.hints, tier: 0)
+        tierCounters[0].promotionsIn.add(1)
+        tierCounters[0].bytesWritten.add(snapshot.length)
+        if tiers[0].usedSlots > highSlots[0] { wake.signal() }
+    }
+
+    func getChunk(_ requests: UnsafeMutableBufferPointer<PageRead>, queueDepth: Int) -> Int {
+        guard !closedFlag.load(ordering: .relaxed) else {
+            for index in requests.indices { requests[index].error = .closed }
+            return 0
+        }
+        return withUnsafeTemporaryAllocation(of: PageSnapshot?.self, capacity: requests.count) { snapshots in
+            for index in requests.indices {
+                requests[index].error = nil
+                requests[index].length = 0
+                requests[index].latencyNanoseconds = 0
+                let snapshot: PageSnapshot?
+                do throws(SpillwayError) {
+                    snapshot = try directory.beginRead(requests[index].key)
+                } catch {
+                    snapshots.initializeElement(at: index, to: nil)
+                    requests[index].error = error
+                    continue
+                }
+                snapshots.initializeElement(at: index, to: snapshot)
+                guard let snapshot else {
+                    counters.misses.add(1)
+                    requests[index].error = .unknownKey(requests[index].key)
+                    continue
+                }
+                policyEngine.recordRead(snapshot.key, tier: snapshot.location.tier, hints: snapshot.hints)
+                if snapshot.isCorrupt {
+                    endRead(snapshot)
+                    snapshots[index] = nil
+                    requests[index].error = .checksumMismatch(key: snapshot.key, tier: tiers[snapshot.location.tier].descriptor.name,
+                                                              expected: snapshot.checksum, actual: 0)
+                } else if requests[index].buffer.count < snapshot.length {
+                    endRead(snapshot)
+                    snapshots[index] = nil
+                    requests[index].error = .bufferTooSmall(required: snapshot.length, available: requests[index].buffer.count)
+                }
+            }
+            let batch = ThreadBatch.current()
+            var succeeded = 0
+            for tierIndex in tiers.indices {
+                batch.reset()
+                for index in requests.indices {
+                    guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
+                    batch.append(TierIO(operation: .read, extent: snapshot.location.extent,
+                                        buffer: requests[index].buffer.baseAddress, length: snapshot.length))
+                }
+                guard batch.count > 0 else { continue }
+                batch.maxInFlight = queueDepth
+                let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
+                batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
+                if tierIndex > 0 {
+                    let elapsed = monotonicNanoseconds() &- stallStart
+                    tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
+                    policyEngine.observe(tier: tierIndex, write: false, nanoseconds: elapsed, pages: batch.count)
+                    for _ in 0..<batch.count { policyEngine.noteLowerTierHit(below: tierIndex - 1) }
+                }
+                // Copy statuses out before finishRead reuses the thread's batch for promotions.
+                withUnsafeTemporaryAllocation(of: Int32.self, capacity: batch.count) { statuses in
+                    for entry in 0..<batch.count { statuses.initializeElement(at: entry, to: batch[entry].status) }
+                    var timed = 0
+                    for index in requests.indices {
+                        guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
+                        requests[index].latencyNanoseconds = batch[timed].latencyNanoseconds
+                        timed += 1
+                    }
+                    var entry = 0
+                    for index in requests.indices {
+                        guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
+                        let status = statuses[entry]
+                        entry += 1
+                        do throws(SpillwayError) {
+                            try finishRead(snapshot, buffer: UnsafeRawBufferPointer(start: requests[index].buffer.baseAddress, count: snapshot.length), status: status)
+                            requests[index].length = snapshot.length
+                            succeeded += 1
+                        } catch {
+                            requests[index].error = error
+                        }
+                    }
+                }
+            }
+            snapshots.deinitialize()
+            return succeeded
+        }
+    }
+}
