@@ -133,6 +133,7 @@ let package = Package(
             name: "SpillwayWeights",
             dependencies: [
                 "SpillwayCore",
+                "SpillwayPolicy",
                 "SpillwayStore",
                 "SpillwayMemoryTiers",
                 "CSpillwayXXHash",

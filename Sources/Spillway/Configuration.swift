@@ -75,7 +75,7 @@ public struct TierConfiguration: Sendable, Equatable {
 /// ```toml
 /// slot-size = "4k"          # 4KiB … 2MiB, power of two
 /// max-page-size = "16m"
-/// policy = "s3fifo-prefix" # eviction/admission; see StorePolicy.names
+/// policy = "prefix-lru"    # eviction/admission; see StorePolicy.names
 /// demotion = "cost-aware"   # or "next-tier"
 ///
 /// [[tier]]

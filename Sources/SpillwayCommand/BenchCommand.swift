@@ -91,7 +91,7 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
 
-    @Option(help: "Policy of the benchmark's store (StorePolicy.names; default s3fifo-prefix).")
+    @Option(help: "Policy of the benchmark's store (StorePolicy.names; default prefix-lru).")
     var policy: String?
 
     @Option(help: "TOML file with defaults for these options and optional [[tier]] tables.")

@@ -37,9 +37,10 @@ public struct StorePolicy: Sendable, Equatable, CustomStringConvertible {
 
     public var description: String { "\(name) (demotion \(demotion.rawValue))" }
 
-    /// The policy used when none is named: the best one measured on the Mooncake trace
-    /// (docs/policies.md).
-    public static let defaultName = PolicyKind.s3fifoPrefix.rawValue
+    /// The policy used when none is named: the one measured never below LRU, in hit ratio or
+    /// prefix hit ratio, on both Mooncake traces tried (docs/policies.md); the others that
+    /// beat it on one trace lose badly on the other.
+    public static let defaultName = PolicyKind.prefixLRU.rawValue
 
     /// Every configurable name, default first.
     public static var names: [String] {
@@ -73,6 +74,16 @@ public struct StorePolicy: Sendable, Equatable, CustomStringConvertible {
     @inline(__always)
     public func shouldPromote(_ hints: PageHints, fromTier tier: Int) -> Bool {
         !(classAware && hints.pageClass == .weights)
+    }
+
+    /// The prefetcher for a stream of `pageClass` pages read in order, keeping at most `depth`
+    /// positions ahead. With the class rules, a `weights` stream is known to go forward in
+    /// layer order (its hints say so), so it gets layer-ahead readahead at once (next-N);
+    /// any other stream (per-layer KV, generic pages, or weights without class rules) must show
+    /// its trend first: Leap's majority vote, its window adapting to how many prefetches are used.
+    public func makePrefetcher(for pageClass: PageClass, depth: Int) -> any PrefetchPolicy {
+        if classAware && pageClass == .weights { return NextNPrefetcher(depth: max(1, depth), streamSlots: 4) }
+        return LeapPrefetcher(streamSlots: 16, maxWindow: max(1, depth))
     }
 
     /// Whether a page becomes its tier's first eviction candidate once read.

@@ -3,6 +3,7 @@ import Dispatch
 import Logging
 import SpillwayCore
 import SpillwayMemoryTiers
+import SpillwayPolicy
 import SpillwayStore
 
 #if canImport(Glibc)
@@ -120,8 +121,13 @@ public struct LayerWeights: @unchecked Sendable {
 /// layers. Loads are one batched `get` per layer, so a queueing tier (NVMe) sees many reads
 /// in flight.
 ///
-/// Thread-safe. Layers are acquired in any order; prefetch follows the model's layer order
-/// from the layer just acquired.
+/// What to load ahead is the store policy's decision (`StorePolicy.makePrefetcher`): each
+/// acquire reports the layer's position in the model's streaming order, and whether it had
+/// been prefetched, to the policy's prefetcher, which answers the positions to load next
+/// (layer-ahead for weights under the class rules; Leap's trend detection otherwise), at most
+/// `prefetchDepth` ahead (what the budget holds).
+///
+/// Thread-safe. Layers are acquired in any order.
 public final class WeightStreamer: Sendable {
     public let weights: ModelWeights
     public let prefetchDepth: Int
@@ -137,6 +143,9 @@ public final class WeightStreamer: Sendable {
     private let logger: Logger
     /// Nanoseconds callers waited in `acquire` for layers not loaded yet.
     private let stall = Locked(StallRecord())
+    /// The store policy's prefetcher for this model's layer stream, and its reusable plan.
+    private let prefetch: Locked<(policy: any PrefetchPolicy, plan: PrefetchPlan)>
+    private let streamID: UInt64
 
     struct StallRecord {
         var total: UInt64 = 0
@@ -165,6 +174,8 @@ public final class WeightStreamer: Sendable {
         self.weights = weights
         self.prefetchDepth = prefetchDepth
         self.logger = logger
+        prefetch = Locked((weights.store.policy.makePrefetcher(for: .weights, depth: prefetchDepth), PrefetchPlan(capacity: max(1, prefetchDepth))))
+        streamID = PageKey(high: 0x5745_4947, low: UInt64(truncatingIfNeeded: weights.modelID.hashValue)).policyID
         arena = try HostArena(byteCount: deviceBudget, prefault: true, lock: false, label: "weights", logger: logger)
         allocator = SlotAllocator(capacity: deviceBudget / Self.unit)
         loader.withLock {
@@ -173,6 +184,13 @@ public final class WeightStreamer: Sendable {
     }
 
     deinit { close() }
+
+    /// The prefetcher's counters: layers asked for ahead, how many were then used, accuracy
+    /// and coverage.
+    public var prefetchCounters: PrefetchCounters { prefetch.withLock { $0.policy.counters } }
+
+    /// The policy's prefetcher in use (`next-N` for weights under class rules, else `leap`).
+    public var prefetcherName: String { prefetch.withLock { $0.policy.name } }
 
     public func close() {
         let first = stopped.withLock { stopped -> Bool in
@@ -185,20 +203,28 @@ public final class WeightStreamer: Sendable {
         loader.withLock { $0?.join() }
     }
 
-    /// The layer's tensors in device memory; waits while they load. Starts loading the next
-    /// `prefetchDepth` layers.
+    /// The layer's tensors in device memory; waits while they load. Starts loading the layers
+    /// the policy's prefetcher names (at most `prefetchDepth` ahead).
     public func acquire(layer: Int) throws(SpillwayError) -> LayerWeights {
         guard weights.layers.contains(layer) else { throw .invalidArgument("model '\(weights.modelID)' has no layer \(layer)") }
         guard !stopped.withLock({ $0 }) else { throw .closed }
-        let slot = slots.withLock { slots -> LayerSlot in
-            let slot = slots[layer] ?? LayerSlot()
+        // Queued, loading or loaded before anyone asked: the prefetcher asked for it.
+        let queued = queue.withLock { $0.contains(layer) }
+        let (slot, prefetched) = slots.withLock { slots -> (LayerSlot, Bool) in
+            let existing = slots[layer]
+            let slot = existing ?? LayerSlot()
             slots[layer] = slot
             slot.users += 1
-            return slot
+            return (slot, (existing != nil || queued) && slot.users == 1)
         }
         enqueue(layer, front: true)
-        if let position = weights.layers.firstIndex(of: layer) {
-            for ahead in weights.layers.dropFirst(position + 1).prefix(prefetchDepth) { enqueue(ahead, front: false) }
+        if prefetchDepth > 0, let position = weights.layers.firstIndex(of: layer) {
+            let ahead = prefetch.withLock { state -> [Int] in
+                state.policy.recordAccess(stream: streamID, position: Int64(position), outcome: prefetched ? .prefetchHit : .miss,
+                                          into: &state.plan)
+                return state.plan.compactMap { $0 > Int64(position) && $0 <= Int64(position + prefetchDepth) && $0 < Int64(weights.layers.count) ? Int($0) : nil }
+            }
+            for index in ahead { enqueue(weights.layers[index], front: false) }
         }
         let started = monotonicNanoseconds()
         let isReady = slots.withLock { _ in slot.ready || slot.error != nil }

@@ -63,6 +63,37 @@ import SpillwayPolicy
         #expect(outcome.left < outcome.total)
     }
 
+    /// Layer-ahead loading is the store policy's prefetcher: next-N for weights under the class
+    /// rules (their hints say they stream in layer order), Leap's trend detection under plain LRU.
+    @Test(arguments: [("class-aware-lru", "next-2"), ("lru", "leap")])
+    func layerAheadPrefetchIsThePolicysDecision(policy: String, prefetcher: String) throws {
+        let model = scratch("prefetch-\(policy).safetensors")
+        defer { unlink(model) }
+        try writeModel(model, layers: 8)
+        let store = try TieredStore(tiers: [try DRAMTier(slotSize: 4096, capacitySlots: 4096, prefault: false)],
+                                    policy: try StorePolicy.named(policy), options: StoreOptions(maxPageSize: 1 << 20, backgroundWorker: false))
+        defer { store.close() }
+        let weights = try ModelWeights(store: store, path: model, modelID: "m", chunkBytes: 64 << 10)
+        let largest = weights.layers.map { weights.bytes(layer: $0) }.max()!
+        let unit = 64 << 10
+        let streamer = try WeightStreamer(weights: weights, deviceBudget: 3 * ((largest + unit) / unit) * unit, prefetchDepth: 2)
+        defer { streamer.close() }
+        #expect(streamer.prefetcherName == prefetcher)
+        for _ in 0..<3 {
+            for layer in weights.layers {
+                _ = try streamer.acquire(layer: layer)
+                streamer.release(layer: layer)
+            }
+        }
+        let counters = streamer.prefetchCounters
+        let acquires = 3 * weights.layers.count
+        #expect(counters.accesses == acquires)
+        #expect(counters.issued > 0 && counters.useful > 0, "\(counters)")
+        #expect(counters.accuracy > 0.7, "prefetched layers are used: \(counters)")
+        // Layer-ahead knows the trend at once; Leap needs a few layers per pass to see it.
+        #expect(counters.coverage > (prefetcher == "next-2" ? 0.8 : 0.4), "\(counters)")
+    }
+
     @Test func registrationStoresChunksAsWeightsInLayerOrder() throws {
         let model = scratch("hints.safetensors")
         defer { unlink(model) }
