@@ -26,6 +26,11 @@ struct ReplayCommand: ParsableCommand {
         file describes (its [[tier]] capacities), reporting hits per tier. Every hit's bytes are
         checked. Reports hit ratios, bytes written per tier, demotions, stall time and goodput.
 
+        --prefetch-eval (no trace) evaluates the stream prefetchers (none, next-n, last-delta, leap)
+        on synthetic page streams (sequential, strided, reverse, interleaved, weights passes,
+        per-layer KV, random, 20 %-noisy) over a 256-page LRU cache: accuracy (used / issued)
+        and coverage (prefetch hits / (prefetch hits + demand misses)).
+
         Policies: \(PolicyKind.names) (opt only with --simulate).
         """)
 
@@ -43,6 +48,9 @@ struct ReplayCommand: ParsableCommand {
 
     @Flag(help: "Every policy at 1/5/10/25/50 % of the unique blocks.")
     var sweep = false
+
+    @Flag(name: .customLong("prefetch-eval"), help: "Evaluate the stream prefetchers on synthetic streams (no trace).")
+    var prefetchEval = false
 
     @Option(help: "\(PolicyKind.names) (store mode: default \(StorePolicy.defaultName)).")
     var policy: String?
@@ -63,6 +71,18 @@ struct ReplayCommand: ParsableCommand {
     var json = false
 
     func run() throws {
+        if prefetchEval {
+            guard !simulate, !sweep, trace == nil, policy == nil, capacityBlocks == nil, capacityFraction == nil else {
+                throw SpillwayError.invalidArgument("--prefetch-eval takes no trace, policy or capacity")
+            }
+            let results = PrefetchEvaluation.report()
+            if json {
+                printLine(JSONValue.array(results.map(\.json)).serialized())
+            } else {
+                printLine(PrefetchEvaluation.table(results))
+            }
+            return
+        }
         guard !(simulate && sweep) else { throw SpillwayError.invalidArgument("--simulate and --sweep are exclusive") }
         if let limit, limit < 1 { throw SpillwayError.invalidArgument("--limit must be at least 1") }
         guard let path = trace ?? TraceReplay.configuredTrace() else {

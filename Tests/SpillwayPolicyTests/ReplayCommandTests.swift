@@ -1,6 +1,7 @@
 import Foundation
 import SpillwayCore
 import SpillwayTestSupport
+import SpillwayPolicy
 import Testing
 
 /// Runs the built `spillway` binary (as Tests/SpillwayTests/CommandLineTests.swift does).
@@ -91,6 +92,17 @@ let mooncakeTrace = "../shared/traces/mooncake_synthetic_trace.jsonl"
         let tiers = try #require(object["tiers"] as? [[String: Any]])
         #expect(tiers.count == 1 && tiers[0]["hits"] as? Int == 1 && tiers[0]["evictions"] as? Int == 4)
         for key in ["stall_ns", "goodput", "duration_s", "hit_ratio", "prefix_hit_ratio"] { #expect(object[key] != nil, "\(key)") }
+    }
+
+    @Test func prefetchEvalReportsEveryStreamAndPrefetcher() throws {
+        let result = try runSpillway(["replay", "--prefetch-eval", "--json"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let rows = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [[String: Any]])
+        #expect(rows.count == SyntheticStream.allCases.count * PrefetcherKind.allCases.count)
+        let leapOnNoise = try #require(rows.first { $0["stream"] as? String == "noisy-sequential" && $0["prefetcher"] as? String == "leap" })
+        #expect((leapOnNoise["accuracy"] as? Double ?? 0) > 0.9)
+        let bad = try runSpillway(["replay", "--prefetch-eval", "--policy", "lru"])
+        #expect(bad.status != 0 && bad.stderr.contains("takes no trace"))
     }
 
     @Test func aMalformedTraceNamesTheLine() throws {
