@@ -119,6 +119,7 @@ public struct BenchResult: Sendable {
         }
         if let stats {
             members.append(("policy", .string(stats.policy)))
+            members.append(("policy_reads_dropped", .int(stats.policyReadsDropped)))
             members.append(("tiers", .array(stats.tiers.map { tier in
                 .object([
                     ("name", .string(tier.name)), ("kind", .string(tier.kind)), ("hits", .int(tier.hits)),

@@ -11,16 +11,18 @@ import Glibc
 ///
 /// Why: a hit must not take a lock or allocate, yet the policy is a single-threaded structure.
 /// A reader claims a ring position with one compare-and-swap on its ring's tail and stores the
-/// page id there; the policy applies the ids later, in order per thread. When a ring is full
-/// the reader tries to drain it itself (a try-lock, never a wait); if the policy lock is busy
-/// the event is dropped and counted — recency is a hint, and a lost touch costs a little hit
-/// ratio, never correctness.
+/// page id there; the policy applies the ids later, in order per thread. Applying is the
+/// expensive part (a few cache misses per event in the policy's structures), so it is kept off
+/// the reader: a ring half full asks its owner's background worker to drain it; only a ring that
+/// fills anyway is drained by the reader that finds it full (a try-lock, never a wait); if the
+/// policy lock is busy then, the event is dropped and counted — recency is a hint, and a lost
+/// touch costs a little hit ratio, never correctness.
 ///
 /// `@unchecked Sendable`: `slots`, `tails` and `heads` are atomics in memory allocated at
 /// init and freed at deinit; heads only move under the owner's policy lock (single consumer).
 final class AccessBuffer: @unchecked Sendable {
     static let ringCount = 16
-    static let ringCapacity = 256
+    static let ringCapacity = 4096
     private static let mask = ringCapacity - 1
 
     /// `ringCount × ringCapacity` entries; 0 = empty (ids are never 0).
@@ -65,20 +67,23 @@ final class AccessBuffer: @unchecked Sendable {
     }()
     private static let nextThreadRing = ManagedAtomic<Int>(0)
 
-    /// Appends `event` (nonzero) to `ring`; false if the ring is full.
+    /// Appends `event` (nonzero) to `ring`: `.full` if the ring is full, `.halfFull` when this
+    /// event is the one that filled it to half (once per half-ring of events: time to drain).
+    enum AppendOutcome { case appended, halfFull, full }
+
     @inline(__always)
-    func tryAppend(_ event: UInt64, ring: Int) -> Bool {
+    func tryAppend(_ event: UInt64, ring: Int) -> AppendOutcome {
         let tail = UnsafeAtomic<Int>(at: tails + ring * Self.lineStride)
         let head = UnsafeAtomic<Int>(at: heads + ring * Self.lineStride)
         var position = tail.load(ordering: .relaxed)
         while true {
-            guard position - head.load(ordering: .acquiring) < Self.ringCapacity else { return false }
+            guard position - head.load(ordering: .acquiring) < Self.ringCapacity else { return .full }
             let (exchanged, original) = tail.weakCompareExchange(expected: position, desired: position + 1, ordering: .relaxed)
             if exchanged { break }
             position = original
         }
         UnsafeAtomic<UInt64>(at: slots + ring * Self.ringCapacity + (position & Self.mask)).store(event, ordering: .releasing)
-        return true
+        return position - head.load(ordering: .relaxed) == Self.ringCapacity / 2 ? .halfFull : .appended
     }
 
     /// Hands every published event to `apply`, ring by ring, in order within a ring. Only one

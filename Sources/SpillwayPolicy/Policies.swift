@@ -35,6 +35,9 @@ public protocol BlockCachePolicy: AnyObject {
     /// Forgets a cached block without counting it as evicted (no ghost). False if not cached.
     @discardableResult
     func remove(_ block: UInt64) -> Bool
+    /// True when `admits` is always true and has no side effects, so a caller need not ask
+    /// (the store then skips a lock per put).
+    var admitsEverything: Bool { get }
 }
 
 extension BlockCachePolicy {
@@ -50,11 +53,13 @@ extension BlockCachePolicy {
     }
 
     public func admits(_ block: UInt64, parent: UInt64?, depth: Int, now: Int) -> Bool { true }
+    public var admitsEverything: Bool { false }
 }
 
 /// Least recently used: the baseline every other policy is measured against.
 public final class LRUBlockPolicy: BlockCachePolicy {
     public let name = "lru"
+    public var admitsEverything: Bool { true }
     public let capacityBlocks: Int
     private var index: BlockIndex
     private var lists: SlotLists
@@ -112,6 +117,7 @@ public final class LRUBlockPolicy: BlockCachePolicy {
 /// (as the replay rules ask), so a block never used again is the next victim.
 public final class OptimalBlockPolicy: BlockCachePolicy {
     public let name = "opt"
+    public var admitsEverything: Bool { true }
     public let capacityBlocks: Int
     private let stream: [UInt64]
     private let nextUse: [Int]
@@ -244,6 +250,7 @@ public final class OptimalBlockPolicy: BlockCachePolicy {
 ///   bounded walk; if it finds none, the LRU tail goes).
 public final class PrefixLRUBlockPolicy: BlockCachePolicy {
     public let name = "prefix-lru"
+    public var admitsEverything: Bool { true }
     public let capacityBlocks: Int
     /// How far from the LRU end a victim search looks for a leaf before giving up.
     static let leafSearchLimit = 64

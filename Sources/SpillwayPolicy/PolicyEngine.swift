@@ -17,13 +17,21 @@ public final class PolicyEngine: Sendable {
     private let states: [Locked<TierPolicyState>]
     private let buffers: [AccessBuffer]
     private let costs: [TierCostCell]
+    /// Called (from a reader) when a read ring is half full: the owner's worker should
+    /// `drainReads()` soon, so readers never pay for applying events.
+    private let onBacklog: (@Sendable () -> Void)?
+    /// Per tier: whether its policy admits every page (no admission question to lock for).
+    private let admitsEverything: [Bool]
     private static let expireFlag: UInt64 = 1 << 63
 
     /// - Parameter tiers: per tier, its capacity in pages (its slots) and its nominal per-page
     ///   latency (the cost model's starting point).
-    public init(policy: StorePolicy, tiers: [(capacity: Int, nominalNanoseconds: Int)]) {
+    public init(policy: StorePolicy, tiers: [(capacity: Int, nominalNanoseconds: Int)], onBacklog: (@Sendable () -> Void)? = nil) {
         self.policy = policy
-        states = tiers.map { Locked(TierPolicyState(policy: policy.makeEviction(capacity: max(1, $0.capacity)), capacity: max(1, $0.capacity))) }
+        self.onBacklog = onBacklog
+        let policies = tiers.map { policy.makeEviction(capacity: max(1, $0.capacity)) }
+        admitsEverything = policies.map(\.admitsEverything)
+        states = zip(policies, tiers).map { Locked(TierPolicyState(policy: $0, capacity: max(1, $1.capacity))) }
         buffers = tiers.map { _ in AccessBuffer() }
         costs = tiers.map { TierCostCell(nominal: Double(max(1, $0.nominalNanoseconds))) }
     }
@@ -37,16 +45,35 @@ public final class PolicyEngine: Sendable {
     /// lock is free; otherwise the event is dropped and counted).
     @inline(__always)
     public func recordRead(_ key: PageKey, tier: Int, hints: PageHints) {
-        let event = key.policyID | (policy.expiresAfterRead(hints) ? Self.expireFlag : 0)
+        record(key.policyID | (policy.expiresAfterRead(hints) ? Self.expireFlag : 0), tier: tier)
+    }
+
+    /// A page stored again on the tier that holds it: a reference, recorded like a read.
+    @inline(__always)
+    public func recordRewrite(_ key: PageKey, tier: Int) {
+        record(key.policyID, tier: tier)
+    }
+
+    @inline(__always)
+    private func record(_ event: UInt64, tier: Int) {
         let ring = AccessBuffer.ringForCurrentThread()
-        if buffers[tier].tryAppend(event, ring: ring) { return }
-        recordReadSlow(event, ring: ring, tier: tier)
+        switch buffers[tier].tryAppend(event, ring: ring) {
+        case .appended: return
+        case .halfFull: onBacklog?()
+        case .full: recordReadSlow(event, ring: ring, tier: tier)
+        }
     }
 
     @inline(never)
     private func recordReadSlow(_ event: UInt64, ring: Int, tier: Int) {
-        if states[tier].withTryLock({ drain(&$0, tier: tier) }) != nil, buffers[tier].tryAppend(event, ring: ring) { return }
+        if states[tier].withTryLock({ drain(&$0, tier: tier) }) != nil, buffers[tier].tryAppend(event, ring: ring) != .full { return }
         buffers[tier].dropped.wrappingIncrement(ordering: .relaxed)
+    }
+
+    /// Applies every tier's pending read events now (the store's background worker, when a
+    /// ring reports a backlog, and every maintenance round).
+    public func drainReads() {
+        for tier in states.indices { states[tier].withLock { drain(&$0, tier: tier) } }
     }
 
     private func drain(_ state: inout TierPolicyState, tier: Int) {
@@ -56,8 +83,10 @@ public final class PolicyEngine: Sendable {
     // MARK: Decisions and bookkeeping (under the tier's policy lock)
 
     /// Whether `tier`'s policy admits a new page (a page already on the tier is admitted).
+    /// No lock for policies that admit everything (the insert then takes the reference's tick).
     public func admits(_ key: PageKey, hints: PageHints, tier: Int) -> Bool {
-        states[tier].withLock { state in
+        if admitsEverything[tier] { return true }
+        return states[tier].withLock { state in
             drain(&state, tier: tier)
             return state.admits(key.policyID, hints: hints)
         }

@@ -91,8 +91,13 @@ extension TieredStore {
         }
         if let old = replaced.old, recordsMetadata[old.tier] { tiers[old.tier].retire(old.extent) }
         if let vacated = replaced.release { release(vacated) }
-        if let old = replaced.old, old.tier != location.tier { policyEngine.removed(key, tier: old.tier) }
-        policyEngine.inserted(key, hints: hints, tier: location.tier)
+        if let old = replaced.old, old.tier == location.tier {
+            // Stored again where it was: a reference, recorded without the policy lock.
+            policyEngine.recordRewrite(key, tier: location.tier)
+        } else {
+            if let old = replaced.old { policyEngine.removed(key, tier: old.tier) }
+            policyEngine.inserted(key, hints: hints, tier: location.tier)
+        }
         counters.puts.add(1)
         tierCounters[location.tier].bytesWritten.add(length)
         try persistInvalidations(of: key)

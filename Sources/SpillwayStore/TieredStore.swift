@@ -125,7 +125,17 @@ public final class TieredStore: Sendable {
         }
         self.tiers = tiers
         self.policy = policy
-        policyEngine = PolicyEngine(policy: policy, tiers: tiers.map { ($0.descriptor.capacitySlots, $0.descriptor.performance.nominalLatencyNanoseconds) })
+        // Read events are applied by the background worker (woken when a ring is half full),
+        // never by the reader unless a ring fills; without a worker, decisions apply them.
+        let wakeWorker = wake
+        var onBacklog: (@Sendable () -> Void)? = nil
+        if options.backgroundWorker {
+            onBacklog = { @Sendable in _ = wakeWorker.signal() }
+        }
+        let tierShapes: [(capacity: Int, nominalNanoseconds: Int)] = tiers.map {
+            (capacity: $0.descriptor.capacitySlots, nominalNanoseconds: $0.descriptor.performance.nominalLatencyNanoseconds)
+        }
+        policyEngine = PolicyEngine(policy: policy, tiers: tierShapes, onBacklog: onBacklog)
         self.options = options
         self.slotSize = slotSize
         self.logger = logger
@@ -167,12 +177,19 @@ public final class TieredStore: Sendable {
             let wake = self.wake
             let closed = self.closedFlag
             let interval = DispatchTimeInterval.milliseconds(options.backgroundIntervalMilliseconds)
+            let intervalNanoseconds = UInt64(options.backgroundIntervalMilliseconds) * 1_000_000
             let thread = BackgroundThread { [weak self] in
+                var published: UInt64 = 0
                 while true {
                     _ = wake.wait(timeout: .now() + interval)
                     guard !closed.load(ordering: .relaxed), let store = self else { return }
                     store.runMaintenance()
-                    store.publishMetrics()
+                    // Woken often (read backlogs, full tiers): metrics once per interval only.
+                    let now = monotonicNanoseconds()
+                    if now &- published >= intervalNanoseconds {
+                        store.publishMetrics()
+                        published = now
+                    }
                 }
             }
             worker.withLock { $0 = thread }
@@ -406,6 +423,7 @@ public final class TieredStore: Sendable {
     /// tools; the background worker does the same periodically).
     public func runMaintenance() {
         guard !closedFlag.load(ordering: .relaxed) else { return }
+        policyEngine.drainReads()
         drainPrefetchQueue()
         for index in 0..<(tiers.count - 1) where tiers[index].usedSlots > highSlots[index] {
             reclaim(tier: index, toUsedSlots: lowSlots[index])
