@@ -144,9 +144,11 @@ public final class PolicyEngine: Sendable {
         costs[tier].observe(write: write, perPage: Double(nanoseconds) / Double(pages))
     }
 
-    /// A page demoted out of `tier` was read again below it (the reuse estimate's numerator).
+    /// `count` pages demoted out of `tier` were read again below it (the reuse estimate's numerator).
     @inline(__always)
-    public func noteLowerTierHit(below tier: Int) { costs[tier].reusedAfterDemotion.wrappingIncrement(ordering: .relaxed) }
+    public func noteLowerTierHit(below tier: Int, count: Int = 1) {
+        costs[tier].reusedAfterDemotion.wrappingIncrement(by: count, ordering: .relaxed)
+    }
 
     /// Where pages leaving `tier` go: by the configured rule; nil = the last tier (drop).
     /// `isFull(t)`: tier `t` is at or above its high watermark.

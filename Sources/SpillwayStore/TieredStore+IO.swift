@@ -166,14 +166,7 @@ extension TieredStore {
                                         key: requests[index].key, checksum: plan.checksum))
                 }
                 guard batch.count > 0 else { continue }
-                batch.maxInFlight = queueDepth
-                let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
-                batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
-                if tierIndex > 0 {
-                    let elapsed = monotonicNanoseconds() &- stallStart
-                    tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
-                    policyEngine.observe(tier: tierIndex, write: true, nanoseconds: elapsed, pages: batch.count)
-                }
+                runAccounted(batch, tier: tierIndex, write: true, queueDepth: queueDepth)
                 var entry = 0
                 for index in requests.indices {
                     guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
@@ -320,15 +313,7 @@ extension TieredStore {
                                         buffer: requests[index].buffer.baseAddress, length: snapshot.length))
                 }
                 guard batch.count > 0 else { continue }
-                batch.maxInFlight = queueDepth
-                let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
-                batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
-                if tierIndex > 0 {
-                    let elapsed = monotonicNanoseconds() &- stallStart
-                    tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
-                    policyEngine.observe(tier: tierIndex, write: false, nanoseconds: elapsed, pages: batch.count)
-                    for _ in 0..<batch.count { policyEngine.noteLowerTierHit(below: tierIndex - 1) }
-                }
+                runAccounted(batch, tier: tierIndex, write: false, queueDepth: queueDepth)
                 // Copy statuses out before finishRead reuses the thread's batch for promotions.
                 withUnsafeTemporaryAllocation(of: Int32.self, capacity: batch.count) { statuses in
                     for entry in 0..<batch.count { statuses.initializeElement(at: entry, to: batch[entry].status) }
@@ -356,5 +341,18 @@ extension TieredStore {
             snapshots.deinitialize()
             return succeeded
         }
+    }
+
+    /// Runs `batch` on tier `tierIndex`. Below the top tier its time is stall (goodput) and a
+    /// cost sample for the policy's demotion planner, and a read is a lower-tier hit.
+    func runAccounted(_ batch: TierBatch, tier tierIndex: Int, write: Bool, queueDepth: Int) {
+        batch.maxInFlight = queueDepth
+        let start = tierIndex > 0 ? monotonicNanoseconds() : 0
+        batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
+        guard tierIndex > 0 else { return }
+        let elapsed = monotonicNanoseconds() &- start
+        tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
+        policyEngine.observe(tier: tierIndex, write: write, nanoseconds: elapsed, pages: batch.count)
+        if !write { policyEngine.noteLowerTierHit(below: tierIndex - 1, count: batch.count) }
     }
 }

@@ -69,10 +69,14 @@ extension TieredStore {
         var evicted = 0
         for key in keys {
             // A busy key (being put or removed) is skipped, never waited for.
-            // A put making room may hold the victim's stripe itself: then it may evict it, but
-            // not from a persistent tier (a batch put may already have retired that copy).
+            // A put making room on the last tier may hold the victim's stripe itself: then it
+            // evicts it anyway (skipping it would change which page the policy evicts, once in
+            // 4,096). Not on a tier above (the page could still be demoted: skipping keeps it),
+            // nor on a persistent one (a batch put may already have retired that copy).
             let stripe = KeyLocks.stripe(key)
-            guard let lock = keyLocks.tryLockUnlessOwned(stripe: stripe), lock.locked || !recordsMetadata[index] else {
+            guard let lock = keyLocks.tryLockUnlessOwned(stripe: stripe),
+                  lock.locked || (!recordsMetadata[index] && index == tiers.count - 1)
+            else {
                 retrack([key], tier: index)
                 continue
             }

@@ -91,7 +91,7 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
         // A single-tier run's store uses the default policy.
         let single = try runSpillway(["bench", "dram", "--json", "--duration", "0.1", "--size", "1m"])
         let row = try #require(try JSONSerialization.jsonObject(with: Data(single.stdout.utf8)) as? [String: Any])
-        #expect(row["policy"] as? String == "class-aware-lru")
+        #expect(row["policy"] as? String == "prefix-lru")
         // --policy picks it for any run (and wins over the file).
         let chosen = try runSpillway(["bench", "dram", "--json", "--duration", "0.1", "--size", "1m", "--policy", "lru"])
         let chosenRow = try #require(try JSONSerialization.jsonObject(with: Data(chosen.stdout.utf8)) as? [String: Any])
@@ -101,7 +101,7 @@ func checkBenchSchema(_ object: [String: Any], tier: String) {
         #expect(overriddenRow["policy"] as? String == "class-aware-lru")
         let unknown = try runSpillway(["bench", "dram", "--duration", "0.1", "--policy", "arc"])
         #expect(unknown.status != 0)
-        #expect(unknown.stderr.contains("unknown policy 'arc' (available: class-aware-lru, lru)"), "\(unknown.stderr)")
+        #expect(unknown.stderr.contains("unknown policy 'arc' (available: prefix-lru, class-aware-lru, lru, s3fifo, s3fifo-prefix, tinylfu)"), "\(unknown.stderr)")
     }
 
     @Test func configFileSuppliesOptionsAndCommandLineWins() throws {

@@ -73,8 +73,8 @@ import Testing
     @Test func policyKeySelectsThePolicyInUse() throws {
         let dram = "[[tier]]\nkind = \"dram\"\ncapacity = \"1m\"\nprefault = false"
         let byDefault = try SpillwayConfiguration(toml: dram)
-        #expect(byDefault.policy == "class-aware-lru")
-        for name in ["lru", "class-aware-lru"] {
+        #expect(byDefault.policy == "prefix-lru")
+        for name in ["lru", "class-aware-lru", "prefix-lru", "s3fifo", "s3fifo-prefix", "tinylfu"] {
             let configuration = try SpillwayConfiguration(toml: "policy = \"\(name)\"\n" + dram)
             let store = try TieredStore.open(configuration)
             defer { store.close() }
@@ -82,7 +82,7 @@ import Testing
             #expect(store.stats().policy == name)
         }
         let unknown = try SpillwayConfiguration(toml: "policy = \"arc\"\n" + dram)
-        expectInvalidConfiguration("unknown policy 'arc' (available: class-aware-lru, lru)") { _ = try TieredStore.open(unknown) }
+        expectInvalidConfiguration("unknown policy 'arc' (available: prefix-lru, class-aware-lru, lru, s3fifo, s3fifo-prefix, tinylfu)") { _ = try TieredStore.open(unknown) }
     }
 
     @Test func validationCatchesInconsistentStores() throws {
@@ -92,7 +92,7 @@ import Testing
             try SpillwayConfiguration(slotSize: 3000, tiers: [dram]).validate()
         }
         expectInvalidConfiguration("no tiers configured") { try SpillwayConfiguration(tiers: []).validate() }
-        expectInvalidConfiguration("unknown policy 'mru' (available: class-aware-lru, lru)") {
+        expectInvalidConfiguration("unknown policy 'mru' (available: prefix-lru, class-aware-lru, lru, s3fifo, s3fifo-prefix, tinylfu)") {
             try SpillwayConfiguration(policy: "mru", tiers: [dram]).validate()
         }
         expectInvalidConfiguration("the device tier must be the top (first) tier") { try SpillwayConfiguration(tiers: [dram, device]).validate() }

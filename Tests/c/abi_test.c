@@ -66,8 +66,8 @@ int main(int argc, char **argv) {
     /* A single-tier DRAM store never waits on a lower tier. */
     CHECK(spillway_store_stats_json(store, stats, sizeof stats, &length) == SPILLWAY_OK && max_stall(stats) == 0);
     CHECK(tier_hits(stats, 0) >= 1);
-    /* The configuration names no policy: the class-aware default is in use and reported. */
-    CHECK(strstr(stats, "\"policy\":\"class-aware-lru\"") != NULL);
+    /* The configuration names no policy: the default (prefix-lru, with the class rules) is in use and reported. */
+    CHECK(strstr(stats, "\"policy\":\"prefix-lru\"") != NULL);
 
     /* Page classes and hints. A plain put is generic. */
     uint32_t page_class = 99, order = 99;

@@ -299,7 +299,7 @@ def test_store_stall_counts_only_lower_tier_reads(config, tmp_path):
 
 def test_put_with_page_class_and_hints(config, tmp_path):
     with Store(config) as store:
-        assert store.stats()["policy"] == "class-aware-lru"
+        assert store.stats()["policy"] == "prefix-lru"
         store.put(1, b"parent")
         assert store.page_hints(1) == {"page_class": "generic", "order": 0, "parent_id": 0}
         store.put(2, np.arange(100, dtype=np.uint8), page_class="kv_block", order=5, parent=1)
