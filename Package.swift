@@ -254,6 +254,7 @@ let package = Package(
             .product(name: "Atomics", package: "swift-atomics"), .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "SpillwayRemoteTests", dependencies: [
+            "SpillwayPolicy",
             "SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe", "SpillwayTestSupport",
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import SpillwayPolicy
 @testable import SpillwayCore
 @testable import SpillwayMemoryTiers
 @testable import SpillwayNVMe
@@ -192,7 +193,10 @@ func remoteStore(_ servers: [Endpoint], credentials: ClientCredentials = ClientC
                                                             capacity: 4 << 20, slotSize: 4096, ioTimeout: 2, heartbeatInterval: 0.2))
         let tiers: [any Tier] = [try DRAMTier(slotSize: 4096, capacitySlots: 16, prefault: false), remote,
                                  try NVMeTier(NVMeTierConfiguration(path: nvmePath, slotSize: 4096, capacitySlots: 2048))]
-        let store = try TieredStore(tiers: tiers, options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
+        // Next-tier demotion: DRAM's overflow must land on the remote tier (cost-aware demotion
+        // may send pages never read again straight to NVMe, which is cheaper to write).
+        let store = try TieredStore(tiers: tiers, policy: try StorePolicy.named(StorePolicy.defaultName, demotion: .nextTier),
+                                    options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
         defer { store.close() }
         for value in 0..<400 { try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value) &+ 11, 4096)) }
         let onRemote = store.directory.pageCount(tier: 1)
