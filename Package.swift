@@ -95,6 +95,19 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
             ]
         ),
+        // The daemon engine (what spillwayd runs, and the CLI's in-process demonstration
+        // daemons): slab table, sessions, janitor. Only the CLI, spillwayd and tests depend on
+        // it — never the tiers or the C library.
+        .target(
+            name: "SpillwayServer",
+            dependencies: [
+                "SpillwayCore",
+                "SpillwayProtocol",
+                "SpillwayRemote",
+                .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Erasure-coded remote memory: ISA-L Reed-Solomon, the erasure-coded tier over
         // spillwayd daemons (late-binding reads, CodingSets placement, repair).
         .target(
@@ -190,6 +203,7 @@ let package = Package(
             name: "SpillwayBench",
             dependencies: [
                 "Spillway",
+                "SpillwayServer",
                 "SpillwayPolicy",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
@@ -228,6 +242,7 @@ let package = Package(
             name: "SpillwayDaemon",
             dependencies: [
                 "Spillway",
+                "SpillwayServer",
                 "SpillwayRemote",
                 "SpillwayCommandSupport",
                 .product(name: "Atomics", package: "swift-atomics"),
@@ -245,15 +260,17 @@ let package = Package(
         .testTarget(name: "SpillwayCompressionTests", dependencies: ["SpillwayCompression", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayKVTests", dependencies: ["SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers"]),
         .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayPolicy", "SpillwayWeights", "SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
-        .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
+        .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayServer", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayPolicy", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayTests", dependencies: [
+            "SpillwayServer",
             "Spillway", "SpillwayBench", "SpillwayTestSupport",
             .product(name: "Atomics", package: "swift-atomics"), .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "SpillwayRemoteTests", dependencies: [
+            "SpillwayServer",
             "SpillwayPolicy",
             "SpillwayRemote", "SpillwayProtocol", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe", "SpillwayTestSupport",
             .product(name: "Logging", package: "swift-log"),

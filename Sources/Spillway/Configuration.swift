@@ -23,8 +23,9 @@ public struct TierConfiguration: Sendable, Equatable {
     public var reformat: Bool
     /// NVMe: what an acknowledged put or remove survives (TOML `durability = "process" | "power"`).
     public var durability: NVMeDurability = .process
-    /// Remote: daemons as HOST:PORT; empty = start in-process daemons on loopback (the
-    /// embedded default: `embeddedDaemons` of them, each lending the tier's capacity).
+    /// Remote: daemons as HOST:PORT; empty = in-process daemons on loopback, which only a
+    /// caller passing an `InProcessDaemonLauncher` gets (the CLI's embedded default:
+    /// `embeddedDaemons` of them, each lending the tier's capacity); otherwise an error.
     public var servers: [String] = []
     /// Remote: the client's token file (its first line is used).
     public var tokenFile: String?
@@ -300,7 +301,11 @@ public struct SpillwayConfiguration: Sendable, Equatable {
 
 extension TieredStore {
     /// Builds the tiers a configuration names and opens a store over them.
-    public static func open(_ configuration: SpillwayConfiguration,
+    ///
+    /// - Parameter daemons: starts in-process daemons for remote and erasure-coded tiers that
+    ///   name no `servers` (the CLI passes `SpillwayServer.InProcessDaemons`); without one such
+    ///   a tier is an `invalidConfiguration` error: the library ships no server.
+    public static func open(_ configuration: SpillwayConfiguration, daemons: (any InProcessDaemonLauncher)? = nil,
                             logger: Logger = Logger(label: "spillway")) throws(SpillwayError) -> TieredStore
     {
         try configuration.validate()
@@ -324,9 +329,9 @@ extension TieredStore {
                                           reformat: tier.reformat, durability: tier.durability),
                     logger: logger))
             case .remote:
-                tiers.append(try RemoteTier.open(tier, slotSize: configuration.slotSize, logger: logger))
+                tiers.append(try RemoteTier.open(tier, slotSize: configuration.slotSize, daemons: daemons, logger: logger))
             case .erasureCoded:
-                tiers.append(try ErasureCodedTier.open(tier, slotSize: configuration.slotSize, logger: logger))
+                tiers.append(try ErasureCodedTier.open(tier, slotSize: configuration.slotSize, daemons: daemons, logger: logger))
             }
             if tier.compression != nil, let plain = tiers.popLast() {
                 tiers.append(try CompressedTier(wrapping: plain, expectedRatio: tier.compressionRatio))
@@ -400,13 +405,25 @@ public func readTextFile(_ path: String) throws(SpillwayError) -> String {
 import Glibc
 #endif
 
+/// In-process daemons for a tier that names no servers, or the error saying why there are none.
+private func launchInProcessDaemons(for tier: TierConfiguration, count: Int, capacity: Int, slabSize: Int, tokens: TokenFile,
+                                    daemons: (any InProcessDaemonLauncher)?, logger: Logger) throws(SpillwayError) -> InProcessDaemonGroup
+{
+    guard let daemons else {
+        throw .invalidConfiguration("tier '\(tier.name)' (\(tier.kind.rawValue)) names no servers: start spillwayd and list it in `servers` (in-process daemons are the spillway CLI's demonstration default, not the library's)")
+    }
+    return try daemons.launch(tier: tier.name, count: count, capacity: capacity, slabSize: slabSize, tokens: tokens, logger: logger)
+}
+
 extension RemoteTier {
     /// Opens a configured remote tier: against `servers`, or, when none are given, against
-    /// in-process daemons on loopback ports (the embedded default), which the tier keeps alive
-    /// and shuts down when it closes.
-    static func open(_ tier: TierConfiguration, slotSize: Int, logger: Logger) throws(SpillwayError) -> RemoteTier {
+    /// daemons `daemons` starts in this process (the CLI's embedded default), stopped when the
+    /// tier closes.
+    static func open(_ tier: TierConfiguration, slotSize: Int, daemons: (any InProcessDaemonLauncher)?, logger: Logger)
+        throws(SpillwayError) -> RemoteTier
+    {
         var endpoints: [Endpoint] = []
-        var embedded: [RemoteMemoryServer] = []
+        var group: InProcessDaemonGroup?
         var credentials = ClientCredentials(tenant: "spillway", token: nil)
         if let path = tier.tokenFile { credentials = ClientCredentials(tokenFile: try TokenFile.load(path, logger: logger)) }
         if tier.servers.isEmpty {
@@ -417,15 +434,10 @@ extension RemoteTier {
             // Slabs of 16 MiB unless the capacity is tiny; each daemon can hold the whole tier.
             let slab = min(16 << 20, max(1 << 20, 1 << (Int.bitWidth - (tier.capacity / 4).leadingZeroBitCount - 1)))
             let capacity = (tier.capacity + slab - 1) / slab * slab + slab
-            for _ in 0..<max(1, tier.embeddedDaemons) {
-                let server = try RemoteMemoryServer(
-                    DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: capacity, slabSize: slab,
-                                        tokens: tokens),
-                    logger: logger)
-                try server.start()
-                embedded.append(server)
-                endpoints.append(Endpoint(host: "127.0.0.1", port: server.port))
-            }
+            let started = try launchInProcessDaemons(for: tier, count: max(1, tier.embeddedDaemons), capacity: capacity, slabSize: slab,
+                                                     tokens: tokens, daemons: daemons, logger: logger)
+            group = started
+            endpoints = started.endpoints
         } else {
             for server in tier.servers { endpoints.append(try Endpoint(parsing: server.trimmingCharacters(in: " "))) }
         }
@@ -434,10 +446,10 @@ extension RemoteTier {
                                                         capacity: tier.capacity, slotSize: slotSize)
             configuration.pollMicroseconds = tier.pollMicroseconds
             let remote = try RemoteTier(configuration, logger: logger)
-            remote.embeddedServers = embedded
+            remote.inProcessDaemons = group
             return remote
         } catch {
-            for server in embedded { server.shutdown(drain: 0) }
+            group?.stop()
             throw error
         }
     }
@@ -445,34 +457,26 @@ extension RemoteTier {
 
 extension ErasureCodedTier {
     /// Opens a configured erasure-coded tier: against `servers`, or, when none are given,
-    /// against k+r in-process daemons on loopback ports, which the tier shuts down on close.
-    static func open(_ tier: TierConfiguration, slotSize: Int, logger: Logger) throws(SpillwayError) -> ErasureCodedTier {
+    /// against k+r daemons `daemons` starts in this process, stopped when the tier closes.
+    static func open(_ tier: TierConfiguration, slotSize: Int, daemons: (any InProcessDaemonLauncher)?, logger: Logger)
+        throws(SpillwayError) -> ErasureCodedTier
+    {
         var endpoints: [Endpoint] = []
-        var embedded: [RemoteMemoryServer] = []
+        var group: InProcessDaemonGroup?
         var credentials = ClientCredentials(tenant: "spillway", token: nil)
         if let path = tier.tokenFile { credentials = ClientCredentials(tokenFile: try TokenFile.load(path, logger: logger)) }
         if tier.servers.isEmpty {
-            // In-process daemons authenticate like any other: a fresh random token, in memory
-            // only (see RemoteTier.open).
+            // In-process daemons authenticate like any other (see RemoteTier.open).
             let tokens = TokenFile.random()
             credentials = ClientCredentials(tokenFile: tokens)
             // Each daemon holds one split of every stripe: capacity/k of splits, plus a slab of slack.
             let perDaemon = tier.capacity / max(1, tier.k) + (tier.capacity / max(1, tier.k)) / 8
             let slab = min(16 << 20, max(1 << 20, 1 << (Int.bitWidth - (max(1, perDaemon) / 4).leadingZeroBitCount - 1)))
             let capacity = (perDaemon + slab - 1) / slab * slab + 2 * slab
-            for _ in 0..<(tier.k + tier.r) {
-                do {
-                    let server = try RemoteMemoryServer(
-                        DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: capacity, slabSize: slab, tokens: tokens),
-                        logger: logger)
-                    try server.start()
-                    embedded.append(server)
-                    endpoints.append(Endpoint(host: "127.0.0.1", port: server.port))
-                } catch {
-                    for server in embedded { server.shutdown(drain: 0) }
-                    throw error
-                }
-            }
+            let started = try launchInProcessDaemons(for: tier, count: tier.k + tier.r, capacity: capacity, slabSize: slab,
+                                                     tokens: tokens, daemons: daemons, logger: logger)
+            group = started
+            endpoints = started.endpoints
         } else {
             for server in tier.servers { endpoints.append(try Endpoint(parsing: server.trimmingCharacters(in: " "))) }
         }
@@ -488,10 +492,10 @@ extension ErasureCodedTier {
             configuration.writeDeadline = Double(tier.writeDeadlineMilliseconds) / 1000
             configuration.pollMicroseconds = tier.pollMicroseconds
             let coded = try ErasureCodedTier(configuration, logger: logger)
-            coded.embeddedServers = embedded
+            coded.inProcessDaemons = group
             return coded
         } catch {
-            for server in embedded { server.shutdown(drain: 0) }
+            group?.stop()
             throw error
         }
     }

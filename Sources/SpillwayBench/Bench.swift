@@ -1,5 +1,6 @@
 import Histogram
 import Spillway
+import SpillwayServer
 
 #if canImport(Glibc)
 import Glibc
@@ -181,7 +182,8 @@ public enum BenchRunner {
         guard configuration.slotSize == options.blockSize else {
             throw .invalidArgument("--block-size \(options.blockSize) must equal the configuration's slot-size \(configuration.slotSize)")
         }
-        let store = try TieredStore.open(configuration)
+        let daemons = InProcessDaemons()
+        let store = try TieredStore.open(configuration, daemons: daemons)
         defer { store.close() }
         let pages = options.size / options.blockSize
         let blockSize = options.blockSize
@@ -228,18 +230,19 @@ public enum BenchRunner {
             if page & 1023 == 0 { progress?.update(fraction: 0, detail: "prefill \(page)/\(pages)") }
         }
         if options.killDaemons > 0 || options.slowDaemonMicroseconds > 0 {
-            guard let coded = store.tiers.first as? ErasureCodedTier, coded.embeddedServers.count == coded.clients.count,
+            let embedded = (store.tiers.first as? ErasureCodedTier).map { daemons.servers(ofTier: $0.descriptor.name) } ?? []
+            guard let coded = store.tiers.first as? ErasureCodedTier, embedded.count == coded.clients.count,
                   options.killDaemons <= coded.configuration.r
             else {
                 throw .invalidArgument("--kill-daemons (≤ r) and --slow-daemon-us need the ec tier on in-process daemons (no --servers)")
             }
             guard let first = coded.daemonOf(slot: 0, split: 0) else { throw .invalidArgument("the ec tier has no mapped stripe to fault") }
             if options.slowDaemonMicroseconds > 0 {
-                coded.embeddedServers[first].testDelayMicroseconds.store(options.slowDaemonMicroseconds, ordering: .relaxed)
+                embedded[first].testDelayMicroseconds.store(options.slowDaemonMicroseconds, ordering: .relaxed)
             }
             if options.killDaemons > 0 {
-                let victims = [first] + coded.embeddedServers.indices.filter { $0 != first }.prefix(options.killDaemons - 1)
-                for victim in victims { coded.embeddedServers[victim].shutdown(drain: 0) }
+                let victims = [first] + embedded.indices.filter { $0 != first }.prefix(options.killDaemons - 1)
+                for victim in victims { embedded[victim].shutdown(drain: 0) }
             }
         }
         // Written blocks carry one recognizable pattern (checked after the run).

@@ -1,5 +1,6 @@
 import Histogram
 import Spillway
+import SpillwayServer
 
 #if canImport(Glibc)
 import Glibc
@@ -90,7 +91,7 @@ public enum PoolSoak {
         tier.lateBindingDelta = options.lateBindingDelta
         var configuration = SpillwayConfiguration(slotSize: options.blockSize, maxPageSize: options.blockSize, tiers: [tier])
         configuration.backgroundIntervalMilliseconds = 100
-        let store = try TieredStore.open(configuration)
+        let store = try TieredStore.open(configuration, daemons: InProcessDaemons())
         defer { store.close() }
         guard let coded = store.tiers.first as? ErasureCodedTier else { throw .invalidConfiguration("soak needs an erasure-coded tier") }
         let blockSize = options.blockSize

@@ -1,5 +1,6 @@
 import Foundation
 import Spillway
+import SpillwayServer
 import SpillwayPolicy
 
 /// `spillway replay` without `--simulate`: the trace through a real `TieredStore`, under the
@@ -104,7 +105,7 @@ public enum StoreReplay {
             configuration.policy = options.policy.name
             configuration.demotion = options.policy.demotion.rawValue
             configuration.maxPageSize = max(configuration.maxPageSize, options.blockBytes)
-            store = try TieredStore.open(configuration)
+            store = try TieredStore.open(configuration, daemons: InProcessDaemons())
         } else {
             var slot = 4096
             while slot < options.blockBytes { slot <<= 1 }

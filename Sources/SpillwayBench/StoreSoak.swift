@@ -1,5 +1,6 @@
 import Dispatch
 import Spillway
+import SpillwayServer
 
 #if canImport(Glibc)
 import Glibc
@@ -137,7 +138,7 @@ public enum StoreSoak {
         let intents = open(intentLogPath(options.ackLog), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o644)
         guard intents >= 0 else { throw .tierIO(tier: "ack log", operation: "open '\(intentLogPath(options.ackLog))'", errno: errno) }
         defer { close(intents) }
-        let store = try TieredStore.open(configuration)
+        let store = try TieredStore.open(configuration, daemons: InProcessDaemons())
         defer { store.close() }
         let deadline = monotonicNanoseconds() + UInt64(options.durationSeconds * 1e9)
         let results = Locked(SoakResult())
@@ -340,7 +341,7 @@ public enum StoreSoak {
         var configuration = configuration
         for index in configuration.tiers.indices { configuration.tiers[index].reformat = false }
         let limit = pageLimit(configuration)
-        let store = try TieredStore.open(configuration)
+        let store = try TieredStore.open(configuration, daemons: InProcessDaemons())
         defer { store.close() }
         var result = VerifyResult()
         for (index, operation) in operations.sorted(by: { $0.key < $1.key }) {

@@ -1,5 +1,6 @@
 import Foundation
 import Spillway
+import SpillwayServer
 import SpillwayPolicy
 
 /// `spillway bench kv-trace`: replays a Mooncake-format KV trace (one JSON object per line:
@@ -46,7 +47,7 @@ public enum TraceReplay {
         var configuration = configuration
         configuration.slotSize = max(4096, configuration.slotSize)
         configuration.maxPageSize = max(configuration.maxPageSize, options.blockBytes)
-        let store = try TieredStore.open(configuration)
+        let store = try TieredStore.open(configuration, daemons: InProcessDaemons())
         defer { store.close() }
         // tokens 512 × 1 layer × 1 head × head dim (blockBytes / 2048) × fp16 = blockBytes.
         let geometry = KVBlockGeometry(tokensPerBlock: 512, layers: 1, kvHeads: 1, headDim: max(1, options.blockBytes / 2048),

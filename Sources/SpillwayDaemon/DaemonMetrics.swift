@@ -2,6 +2,7 @@ import Atomics
 import Prometheus
 import Spillway
 import SpillwayRemote
+import SpillwayServer
 
 /// Exposes a daemon's state to Prometheus (swift-prometheus registry). The daemon counts in
 /// plain atomics on its request path; at each scrape this sets the gauges and advances each

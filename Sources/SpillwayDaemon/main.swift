@@ -7,6 +7,7 @@ import ServiceLifecycle
 import Spillway
 import SpillwayCommandSupport
 import SpillwayRemote
+import SpillwayServer
 
 #if canImport(Glibc)
 import Glibc

@@ -116,8 +116,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// Per slot: bit i set = split i does not hold the current bytes (a write did not reach
     /// it, or it failed its check). Cleared by repair.
     private let staleMasks: UnsafeMutablePointer<UnsafeAtomic<UInt32>.Storage>
-    /// In-process daemons this tier started (no `servers` given); shut down on close.
-    public var embeddedServers: [RemoteMemoryServer] = []
+    /// In-process daemons started for this tier (the CLI's demonstration default), stopped
+    /// when the tier closes.
+    public var inProcessDaemons: InProcessDaemonGroup?
     public let counters = ErasureCounters()
     /// Where the next stale-split scan starts: each repair round resumes after the last slot
     /// the previous one looked at, so slots that cannot be repaired yet never starve the rest.
@@ -1048,7 +1049,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
         for (daemon, slab) in mapped { try? clients[daemon]?.unmapSlab(slab) }
         for client in clients { client?.close() }
-        for server in embeddedServers { server.shutdown(drain: 0) }
+        inProcessDaemons?.stop()
     }
 }
 

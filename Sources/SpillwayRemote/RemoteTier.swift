@@ -65,8 +65,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     private let logger: Logger
     private let closed = ManagedAtomic<Bool>(false)
     private var heartbeatThread: BackgroundThread?
-    /// In-process daemons this tier started (the embedded default); shut down on close.
-    public var embeddedServers: [RemoteMemoryServer] = []
+    /// In-process daemons started for this tier (the CLI's demonstration default), stopped
+    /// when the tier closes.
+    public var inProcessDaemons: InProcessDaemonGroup?
     /// Pages' I/Os refused because their daemon is gone.
     public let unavailableIOs = ManagedAtomic<Int>(0)
     /// Batches hold it shared; moving a slab to another daemon holds it exclusive, so no I/O
@@ -465,6 +466,6 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         }
         for (daemon, slab) in mapped { try? clients[daemon]?.unmapSlab(slab) }
         for client in clients { client?.close() }
-        for server in embeddedServers { server.shutdown(drain: 0) }
+        inProcessDaemons?.stop()
     }
 }

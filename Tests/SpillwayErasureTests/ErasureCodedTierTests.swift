@@ -5,6 +5,7 @@ import Testing
 @testable import SpillwayErasure
 @testable import SpillwayMemoryTiers
 @testable import SpillwayRemote
+@testable import SpillwayServer
 @testable import SpillwayStore
 import SpillwayTestSupport
 

@@ -4,6 +4,7 @@ import Testing
 @testable import SpillwayMemoryTiers
 @testable import SpillwayProtocol
 @testable import SpillwayRemote
+@testable import SpillwayServer
 @testable import SpillwayStore
 import SpillwayTestSupport
 

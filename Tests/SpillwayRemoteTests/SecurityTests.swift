@@ -4,6 +4,7 @@ import Testing
 @testable import SpillwayCore
 @testable import SpillwayProtocol
 @testable import SpillwayRemote
+@testable import SpillwayServer
 import SpillwayTestSupport
 
 // The daemon as an attacker or a crash would meet it: strangers, floods, oversized replies,

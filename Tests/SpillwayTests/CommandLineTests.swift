@@ -4,6 +4,7 @@ import SpillwayTestSupport
 import Logging
 import Testing
 @testable import Spillway
+@testable import SpillwayServer
 @testable import SpillwayBench
 
 /// Runs the built `spillway` binary (tools/test.sh builds it before `swift test`).

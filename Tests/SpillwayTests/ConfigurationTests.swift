@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Spillway
+@testable import SpillwayServer
 
 @Suite struct ConfigurationTests {
     @Test func parsesAFullDocument() throws {
@@ -30,7 +31,7 @@ import Testing
             TierConfiguration(name: "hbm0", kind: .device, capacity: 16 << 20, watermarks: Watermarks(high: 0.85, low: 0.5)),
             TierConfiguration(kind: .dram, capacity: 32 << 20, verifyReads: true, prefault: false),
         ])
-        let store = try TieredStore.open(configuration)
+        let store = try TieredStore.open(configuration, daemons: InProcessDaemons())
         defer { store.close() }
         #expect(store.tiers.map(\.descriptor.name) == ["hbm0", "dram"])
         #expect(store.tiers[1].descriptor.verifiesReads)
@@ -76,7 +77,7 @@ import Testing
         #expect(byDefault.policy == "prefix-lru")
         for name in ["lru", "class-aware-lru", "prefix-lru", "s3fifo", "s3fifo-prefix", "tinylfu"] {
             let configuration = try SpillwayConfiguration(toml: "policy = \"\(name)\"\n" + dram)
-            let store = try TieredStore.open(configuration)
+            let store = try TieredStore.open(configuration, daemons: InProcessDaemons())
             defer { store.close() }
             #expect(store.policy.name == name)
             #expect(store.stats().policy == name)
@@ -126,7 +127,7 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let configuration = try SpillwayConfiguration(toml: "slot-size = \"4k\"\nmax-page-size = \"64k\"\n[[tier]]\n"
             + tier.replacingOccurrences(of: "@DIR@", with: directory))
-        let store = try TieredStore.open(configuration)
+        let store = try TieredStore.open(configuration, daemons: InProcessDaemons())
         defer { store.close() }
         #expect(store.tiers.count == 1)
         switch kind {
@@ -167,7 +168,7 @@ import Testing
             }
         }
         // The settings reach the tier (k+r in-process daemons).
-        let store = try TieredStore.open(try ec("write-quorum = 6\nwrite-deadline-ms = 250"))
+        let store = try TieredStore.open(try ec("write-quorum = 6\nwrite-deadline-ms = 250"), daemons: InProcessDaemons())
         defer { store.close() }
         let coded = try #require(store.tiers.first as? ErasureCodedTier)
         #expect(coded.configuration.writeQuorum == .splits(6) && coded.configuration.writeDeadline == 0.25)

@@ -5,6 +5,7 @@ import Testing
 @testable import SpillwayErasure
 @testable import SpillwayProtocol
 @testable import SpillwayRemote
+@testable import SpillwayServer
 import SpillwayTestSupport
 
 // The hardening issue's security items seen from the outside: the embedded daemons, a real
@@ -15,12 +16,14 @@ import SpillwayTestSupport
         let configuration = SpillwayConfiguration(slotSize: 4096, tiers: [
             { var tier = TierConfiguration(kind: .erasureCoded, capacity: 4 << 20); tier.k = 2; tier.r = 1; return tier }(),
         ])
-        let store = try TieredStore.open(configuration)
+        let daemons = InProcessDaemons()
+        let store = try TieredStore.open(configuration, daemons: daemons)
         defer { store.close() }
         let coded = try #require(store.tiers.first as? ErasureCodedTier)
-        #expect(coded.embeddedServers.count == 3)
+        let servers = daemons.servers(ofTier: coded.descriptor.name)
+        #expect(servers.count == 3)
         try store.put(PageKey(high: 0, low: 1), bytes: [UInt8](repeating: 7, count: 4096))
-        for server in coded.embeddedServers {
+        for server in servers {
             let address = Endpoint(host: "127.0.0.1", port: server.port)
             // The tenant the tier uses, with no token and with a wrong one.
             let missing = #expect(throws: RemoteError.self) {
@@ -41,6 +44,20 @@ import SpillwayTestSupport
     @Test func theLibraryDefaultHasNoRemoteTierAndTheCLIDefaultHasOne() throws {
         #expect(SpillwayConfiguration.libraryDefault.tiers.map(\.kind) == [.device, .dram, .nvme])
         #expect(SpillwayConfiguration.embeddedDefault.tiers.contains { $0.kind == .erasureCoded })
+    }
+
+    /// The library ships no daemon: a remote or erasure-coded tier naming no servers opens only
+    /// with a launcher (the CLI's), else a clear error, and nothing is left running.
+    @Test func withoutALauncherATierWithNoServersIsAnError() throws {
+        for kind in [TierKind.remote, .erasureCoded] {
+            let configuration = SpillwayConfiguration(slotSize: 4096, tiers: [TierConfiguration(kind: kind, capacity: 4 << 20)])
+            let error = #expect(throws: SpillwayError.self) { _ = try TieredStore.open(configuration) }
+            guard case .invalidConfiguration(let reason)? = error else {
+                Issue.record("\(kind): \(String(describing: error))")
+                continue
+            }
+            #expect(reason.contains("names no servers") && reason.contains("spillwayd"), "\(reason)")
+        }
     }
 
     @Test func aThousandIdleStrangersLockNobodyOut() throws {

@@ -2,6 +2,7 @@ import Atomics
 import Logging
 import SpillwayCore
 import SpillwayProtocol
+import SpillwayRemote
 
 #if canImport(Glibc)
 import Glibc
