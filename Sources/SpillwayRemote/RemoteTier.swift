@@ -429,7 +429,12 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             }
         }
         let window = batch.maxInFlight > 0 ? batch.maxInFlight : 32
-        for daemon in 0..<clients.count where !perDaemon[daemon].isEmpty {
+        let involved = (0..<clients.count).filter { !perDaemon[$0].isEmpty && clients[$0] != nil }
+        if involved.count > 1 {
+            exchangeInParallel(batch, involved: involved, perDaemon: &perDaemon, owners: owners, window: window)
+            return
+        }
+        for daemon in involved {
             guard let client = clients[daemon] else { continue }
             let started = monotonicNanoseconds()
             let failure = perDaemon[daemon].withUnsafeMutableBufferPointer { operations in
@@ -445,6 +450,41 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             }
             if let failure, case .system = failure { markDead(daemon, reason: "\(failure)") }
             if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
+        }
+    }
+
+    /// A batch that spans several daemons goes to all of them at once (`MultiDaemonExchange`:
+    /// every daemon's requests pipelined on its own connection, replies taken as they come), so
+    /// it costs the slowest daemon's time, not the sum; each page's latency is its own
+    /// (submission to its reply).
+    private func exchangeInParallel(_ batch: TierBatch, involved: [Int], perDaemon: inout [[RemoteOperation]],
+                                    owners: [[(index: Int, virtual: Int)]], window: Int)
+    {
+        let started = monotonicNanoseconds()
+        withUnsafeTemporaryAllocation(of: ExchangeLeg.self, capacity: involved.count) { legs in
+            // The operation arrays stay put while their pointers are lent to the exchange.
+            let buffers = involved.map { daemon in
+                UnsafeMutableBufferPointer<RemoteOperation>.allocate(capacity: perDaemon[daemon].count)
+            }
+            defer { for buffer in buffers { buffer.deallocate() } }
+            for (leg, daemon) in involved.enumerated() {
+                _ = buffers[leg].initialize(from: perDaemon[daemon])
+                legs.initializeElement(at: leg, to: ExchangeLeg(client: clients[daemon]!, operations: buffers[leg]))
+            }
+            MultiDaemonExchange.run(legs, window: window, onReply: { leg, position in
+                let index = owners[involved[leg]][position].index
+                batch.setLatency(index, nanoseconds: monotonicNanoseconds() &- started)
+            }, stop: { _ in false })
+            for (leg, daemon) in involved.enumerated() {
+                for position in 0..<buffers[leg].count {
+                    let status = buffers[leg][position].status
+                    let (index, virtual) = owners[daemon][position]
+                    if status != 0 && batch[index].status == 0 { batch.setStatus(index, status == MultiDaemonExchange.pending ? EIO : status) }
+                    if status == ENXIO { markSlabLost(virtual) }
+                }
+                if clients[daemon]!.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
+            }
+            legs.deinitialize()
         }
     }
 

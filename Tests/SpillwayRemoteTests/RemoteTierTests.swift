@@ -92,6 +92,50 @@ func remoteStore(_ servers: [Endpoint], credentials: ClientCredentials = ClientC
         }
     }
 
+    /// A batch spanning both daemons goes to both at once; each page gets its own latency;
+    /// with one daemon killed, the same batch serves the survivor's pages and fails the dead
+    /// one's, typed, never with wrong bytes.
+    @Test func aBatchSpanningDaemonsFansOutAndSurvivesALostDaemon() throws {
+        let daemons = try (0..<2).map { _ in try DaemonProcess() }
+        let (store, _) = try remoteStore(daemons.map(\.endpoint))
+        defer { store.close() }
+        // Slabs are 1 MiB (256 pages): 1,000 pages take four, spread over both daemons.
+        let count = 1000
+        let pages = (0..<count).map { pattern(UInt64($0) &+ 99, 4096) }
+        let sources = pages.map { page -> UnsafeMutableRawBufferPointer in
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 64)
+            buffer.copyBytes(from: page)
+            return buffer
+        }
+        let sinks = (0..<count).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 64) }
+        defer { for buffer in sources + sinks { buffer.deallocate() } }
+        var writes = (0..<count).map { PageWrite(key: PageKey(UInt64($0)), bytes: UnsafeRawBufferPointer(sources[$0])) }
+        #expect(writes.withUnsafeMutableBufferPointer { store.put(batch: $0, queueDepth: 32) } == count)
+        var reads = (0..<count).map { PageRead(key: PageKey(UInt64($0)), buffer: sinks[$0]) }
+        #expect(reads.withUnsafeMutableBufferPointer { store.get(batch: $0, queueDepth: 32) } == count)
+        for index in 0..<count {
+            #expect(Array(sinks[index]) == pages[index], "page \(index)")
+            #expect(reads[index].latencyNanoseconds > 0, "page \(index) has its own latency")
+        }
+        daemons[0].kill(SIGKILL)
+        _ = daemons[0].wait(seconds: 5)
+        for sink in sinks { sink.initializeMemory(as: UInt8.self, repeating: 0) }
+        let served = reads.withUnsafeMutableBufferPointer { store.get(batch: $0, queueDepth: 32) }
+        var failed = 0
+        for index in 0..<count {
+            if let error = reads[index].error {
+                guard case .tierIO = error else {
+                    Issue.record("page \(index): unexpected \(error)")
+                    continue
+                }
+                failed += 1
+            } else {
+                #expect(Array(sinks[index]) == pages[index], "page \(index): bytes other than those written")
+            }
+        }
+        #expect(served > 0 && failed > 0 && served + failed == count, "served \(served), failed \(failed)")
+    }
+
     @Test func reclaimMovesPagesToAnotherDaemonWithNoLoss() throws {
         // The pressured daemon reads MemAvailable from a file the test controls.
         let path = "/tmp/spillway-test-\(getpid())-reclaim-meminfo"
