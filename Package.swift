@@ -114,7 +114,6 @@ let package = Package(
             name: "SpillwayErasure",
             dependencies: [
                 "SpillwayCore",
-                "SpillwayProtocol",
                 "SpillwayRemote",
                 "CSpillwayISAL",
                 .product(name: "Atomics", package: "swift-atomics"),

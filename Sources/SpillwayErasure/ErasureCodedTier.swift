@@ -3,7 +3,6 @@ import CSpillwayISAL
 import Logging
 import Metrics
 import SpillwayCore
-import SpillwayProtocol
 import SpillwayRemote
 
 #if canImport(Glibc)
