@@ -44,6 +44,7 @@ enum {
     SPILLWAY_E_CLOSED = 10,
     SPILLWAY_E_INVALID_CONFIGURATION = 11,
     SPILLWAY_E_INVALID_ARGUMENT = 12,
+    SPILLWAY_E_TRANSPORT = 13, /* a network transport (libfabric RMA) failed */
     SPILLWAY_E_INVALID_HANDLE = 100,
     SPILLWAY_E_PARTIAL = 101, /* some blocks of a batch failed; see the count returned */
     SPILLWAY_E_NOT_ACQUIRED = 102 /* spillway_weights_release of a layer not held through that handle */

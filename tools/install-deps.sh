@@ -6,6 +6,7 @@ packages=(
   pkg-config gcc
   liburing-dev          # NVMe tier (io_uring)
   libibverbs-dev librdmacm-dev   # RDMA transport (builds without a device; falls back to TCP)
+  libfabric-dev         # one-sided RMA through libfabric (tcp provider here, verbs on RDMA NICs)
   libisal-dev           # CRC32C and Reed-Solomon erasure coding
   libxxhash-dev         # stable 128-bit KV prefix hashes
   liblz4-dev            # opt-in compression of spilled pages

@@ -32,6 +32,10 @@ public enum SpillwayError: Error, Sendable, Equatable, CustomStringConvertible {
     case invalidConfiguration(String)
     /// A caller-supplied argument is malformed.
     case invalidArgument(String)
+    /// A network transport (libfabric RMA) failed: `operation` is the call or the work item
+    /// (`fi_read`, `fi_mr_reg`, ...), `errno` the positive error number the provider reported and
+    /// `reason` its text (`fi_strerror`, plus a hint where one helps, e.g. raising `ulimit -l`).
+    case transport(provider: String, operation: String, errno: Int32, reason: String)
 
     /// Stable numeric codes (the C ABI's `spillway_status`).
     public var code: Int32 {
@@ -48,6 +52,7 @@ public enum SpillwayError: Error, Sendable, Equatable, CustomStringConvertible {
         case .closed: 10
         case .invalidConfiguration: 11
         case .invalidArgument: 12
+        case .transport: 13
         }
     }
 
@@ -67,6 +72,8 @@ public enum SpillwayError: Error, Sendable, Equatable, CustomStringConvertible {
         case .closed: "the store is closed"
         case .invalidConfiguration(let reason): "invalid configuration: \(reason)"
         case .invalidArgument(let reason): "invalid argument: \(reason)"
+        case .transport(let provider, let operation, let errno, let reason):
+            "\(operation) over provider '\(provider)' failed: \(reason) (errno \(errno))"
         }
     }
 }

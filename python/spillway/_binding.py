@@ -15,8 +15,8 @@ E_PARTIAL = 101
 ERROR_NAMES = {
     1: "tier full", 2: "store full", 3: "page too large", 4: "unknown key", 5: "buffer too small",
     6: "checksum mismatch", 7: "tier I/O", 8: "page pinned", 9: "not pinned", 10: "closed",
-    11: "invalid configuration", 12: "invalid argument", 100: "invalid handle", 101: "partial",
-    102: "not acquired",
+    11: "invalid configuration", 12: "invalid argument", 13: "transport", 100: "invalid handle",
+    101: "partial", 102: "not acquired",
 }
 
 
