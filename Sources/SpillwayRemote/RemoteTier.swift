@@ -56,6 +56,9 @@ public struct RemoteTierConfiguration: Sendable {
 /// allocator and clients are thread-safe.
 public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     public let descriptor: TierDescriptor
+    /// The daemons this tier lends from (membership, liveness, slab mapping, heartbeats).
+    public let fleet: DaemonFleet
+    /// `fleet.clients`, kept here for the I/O path.
     public let clients: [DaemonClient?]
     public let slabSize: Int
     private let slabSlots: Int
@@ -91,37 +94,34 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
 
     struct SlabMap {
         var slabs: [VirtualSlab]
-        var alive: [Bool]
-        var freeSlabs: [Int]
     }
 
     public init(_ configuration: RemoteTierConfiguration, logger: Logger = Logger(label: "spillway.remote")) throws(SpillwayError) {
         let name = configuration.name
         guard !configuration.servers.isEmpty else { throw .invalidConfiguration("tier '\(name)': no servers") }
         self.logger = logger
-        let (clients, welcomes, lentSlabSize) = try DaemonClient.connectAll(
+        fleet = try DaemonFleet(
             tier: name, servers: configuration.servers, credentials: configuration.credentials, minimumLive: 1,
             connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
             pollMicroseconds: configuration.pollMicroseconds, logger: logger)
-        let live = welcomes.compactMap { $0 }
-        slabSize = lentSlabSize
+        slabSize = fleet.slabSize
+        clients = fleet.clients
         guard configuration.slotSize <= slabSize, slabSize % configuration.slotSize == 0 else {
             throw .invalidConfiguration("tier '\(name)': slot size \(configuration.slotSize) does not divide the slab size \(slabSize)")
         }
         slabSlots = slabSize / configuration.slotSize
         let capacitySlots = configuration.capacity / configuration.slotSize
         guard capacitySlots > 0 else { throw .invalidConfiguration("tier '\(name)': capacity below one slot") }
-        self.clients = clients
         allocator = SlotAllocator(capacity: capacitySlots)
-        map = Locked(SlabMap(slabs: Array(repeating: VirtualSlab(), count: (capacitySlots + slabSlots - 1) / slabSlots),
-                             alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) }))
+        map = Locked(SlabMap(slabs: Array(repeating: VirtualSlab(), count: (capacitySlots + slabSlots - 1) / slabSlots)))
         descriptor = TierDescriptor(name: name, kind: .remote, slotSize: configuration.slotSize, capacitySlots: capacitySlots,
                                     performance: .remote, verifiesReads: true, completesInline: true)
         let transport = TransportSelection.choose(for: "tier \(name)", logger: logger)
         logger.info("remote tier open", metadata: [
-            "tier": "\(name)", "daemons": "\(live.count)/\(clients.count)", "transport": "\(transport)",
+            "tier": "\(name)", "daemons": "\(fleet.liveCount)/\(fleet.count)", "transport": "\(transport)",
         ])
         Gauge(label: "spillway_remote_transport", dimensions: [("tier", name), ("transport", "tcp")]).record(1)
+        fleet.setDeathHandler { [weak self] daemon in self?.writeOff(daemon) }
         if configuration.heartbeatInterval > 0 {
             let interval = configuration.heartbeatInterval
             heartbeatThread = BackgroundThread { [weak self] in
@@ -166,34 +166,10 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         }
     }
 
-    /// Maps a fresh slab on a live daemon other than `excluded`, picked by power of two choices
-    /// on free slabs. Called under `mappingLock`.
+    /// Maps a fresh slab on a live daemon other than `excluded` (power of two choices on free
+    /// slabs, `DaemonFleet`). Called under `mappingLock`.
     private func mapNewSlab(excluding excluded: Int?) -> (daemon: Int, slab: UInt32)? {
-        var refused = Set<Int>()
-        if let excluded { refused.insert(excluded) }
-        while true {
-            let candidate: Int? = map.withLock { map in
-                let live = (0..<clients.count).filter { map.alive[$0] && !refused.contains($0) && map.freeSlabs[$0] > 0 }
-                guard !live.isEmpty else { return nil }
-                // Two distinct random candidates; the freer wins.
-                let a = live.randomElement()!
-                let b = live.filter { $0 != a }.randomElement() ?? a
-                return map.freeSlabs[a] >= map.freeSlabs[b] ? a : b
-            }
-            guard let daemon = candidate, let client = clients[daemon] else { return nil }
-            do throws(RemoteError) {
-                let slab = try client.mapSlab()
-                map.withLock { $0.freeSlabs[daemon] -= 1 }
-                return (daemon, slab)
-            } catch {
-                refused.insert(daemon)
-                if case .refused(let reply) = error, reply.code == .noCapacity {
-                    map.withLock { $0.freeSlabs[daemon] = 0 }
-                } else {
-                    markDead(daemon, reason: "\(error)")
-                }
-            }
-        }
+        fleet.mapSlabByTwoChoices(excluding: excluded.map { [$0] } ?? [])
     }
 
     // MARK: Reclaim
@@ -202,11 +178,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     /// another live daemon, then the slab is given back before its deadline. Runs on the
     /// heartbeat thread (or a caller's).
     public func serviceReclaims() {
-        for (daemon, client) in clients.enumerated() {
-            guard let client else { continue }
-            client.pollNotices()
-            for notice in client.takeReclaims() { migrate(fromDaemon: daemon, slab: notice.slab) }
-        }
+        for notice in fleet.takeReclaims() { migrate(fromDaemon: notice.daemon, slab: notice.slab) }
     }
 
     /// Moves the pages of `slab` on `daemon` to another daemon. False if they could not move.
@@ -234,16 +206,13 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         let copied: Result<Int, RemoteError> = migrationGate.withWriteLock {
             let result = copySlab(index, from: (daemon, slab), to: (target, replacement))
             if case .success = result {
-                map.withLock { map in
-                    map.slabs[index] = VirtualSlab(daemon: target, slab: replacement, lost: false)
-                    map.freeSlabs[daemon] += 1
-                }
+                map.withLock { $0.slabs[index] = VirtualSlab(daemon: target, slab: replacement, lost: false) }
             }
             return result
         }
         switch copied {
         case .success(let bytes):
-            try? clients[daemon]?.unmapSlab(slab)
+            fleet.unmapSlab(slab, on: daemon)
             migratedSlabs.wrappingIncrement(ordering: .relaxed)
             Counter(label: "spillway_remote_slabs_migrated", dimensions: [("tier", descriptor.name)]).increment()
             logger.notice("reclaim: slab moved to another daemon", metadata: metadata.merging([
@@ -252,8 +221,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             ]) { $1 })
             return true
         case .failure(let error):
-            try? clients[target]?.unmapSlab(replacement)
-            map.withLock { $0.freeSlabs[target] += 1 }
+            fleet.unmapSlab(replacement, on: target)
             failedMigrations.wrappingIncrement(ordering: .relaxed)
             Counter(label: "spillway_remote_reclaim_failures", dimensions: [("tier", descriptor.name)]).increment()
             logger.error("reclaim: moving the slab failed", metadata: metadata.merging(["error": "\(error)"]) { $1 })
@@ -287,12 +255,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             return false
         }
         migrationGate.withWriteLock {
-            map.withLock { map in
-                map.slabs[index] = VirtualSlab()
-                map.freeSlabs[daemon] += 1
-            }
+            map.withLock { $0.slabs[index] = VirtualSlab() }
         }
-        try? clients[daemon]?.unmapSlab(slab)
+        fleet.unmapSlab(slab, on: daemon)
         for slot in withheld { allocator.release(Extent(firstSlot: UInt32(slot), slotCount: 1)) }
         evacuatedSlabs.wrappingIncrement(ordering: .relaxed)
         Counter(label: "spillway_remote_slabs_evacuated", dimensions: [("tier", descriptor.name)]).increment()
@@ -354,36 +319,34 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         Counter(label: "spillway_remote_slabs_revoked", dimensions: [("tier", descriptor.name)]).increment()
     }
 
-    /// A daemon is gone: its slabs are lost; their free slots are withheld from allocation.
-    func markDead(_ daemon: Int, reason: String) {
-        let found: [Int]? = map.withLock { map in
-            guard map.alive[daemon] else { return nil }
-            map.alive[daemon] = false
+    /// A daemon is gone (`DaemonFleet.markDead`).
+    func markDead(_ daemon: Int, reason: String) { fleet.markDead(daemon, reason: reason) }
+
+    /// The fleet marked `daemon` dead: its slabs are lost; their free slots are withheld from
+    /// allocation.
+    private func writeOff(_ daemon: Int) {
+        let lostSlabs: [Int] = map.withLock { map in
             var lost: [Int] = []
-            for index in map.slabs.indices where map.slabs[index].daemon == daemon {
+            for index in map.slabs.indices where map.slabs[index].daemon == daemon && !map.slabs[index].lost {
                 map.slabs[index].lost = true
                 lost.append(index)
             }
             return lost
         }
-        guard let lostSlabs = found else { return }
         for index in lostSlabs {
             let start = index * slabSlots
             for slot in start..<min(start + slabSlots, descriptor.capacitySlots) {
                 _ = allocator.reserve(Extent(firstSlot: UInt32(slot), slotCount: 1))
             }
         }
-        do {
-            logger.error("daemon lost; its pages are unavailable", metadata: [
-                "tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")",
-                "slabs": "\(lostSlabs.count)", "reason": "\(reason)",
-            ])
-            Counter(label: "spillway_remote_daemons_lost", dimensions: [("tier", descriptor.name)]).increment()
-        }
+        logger.error("daemon lost; its pages are unavailable", metadata: [
+            "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))", "slabs": "\(lostSlabs.count)",
+        ])
+        Counter(label: "spillway_remote_daemons_lost", dimensions: [("tier", descriptor.name)]).increment()
     }
 
     /// Live daemons.
-    public var liveDaemons: Int { map.withLock { $0.alive.filter { $0 }.count } }
+    public var liveDaemons: Int { fleet.liveCount }
 
     // MARK: I/O
 
@@ -401,6 +364,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         var perDaemon = [[RemoteOperation]](repeating: [], count: clients.count)
         var owners = [[(index: Int, virtual: Int)]](repeating: [], count: clients.count)
         let snapshot = map.withLock { $0 }
+        let alive = fleet.withState { $0.alive }
         for index in 0..<batch.count {
             let io = batch[index]
             guard io.operation != .discard, io.length > 0 else { continue }
@@ -416,7 +380,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
                 let virtual = snapshot.slabs[slot / slabSlots]
                 let offsetInSlab = (slot % slabSlots) * descriptor.slotSize
                 let piece = min(io.length - done, slabSize - offsetInSlab)
-                guard virtual.daemon >= 0, !virtual.lost, snapshot.alive[virtual.daemon] else {
+                guard virtual.daemon >= 0, !virtual.lost, alive[virtual.daemon] else {
                     batch.setStatus(index, virtual.daemon < 0 ? EINVAL : EHOSTDOWN)
                     unavailableIOs.wrappingIncrement(ordering: .relaxed)
                     break
@@ -490,10 +454,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
 
     /// Pings every live daemon; one that does not answer is dead.
     public func heartbeat() {
-        for (daemon, client) in clients.enumerated() {
-            guard let client, map.withLock({ $0.alive[daemon] }) else { continue }
-            if let reason = client.ping() { markDead(daemon, reason: reason) }
-        }
+        fleet.heartbeat()
         serviceReclaims()
     }
 
@@ -501,11 +462,10 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         heartbeatThread?.join()
         // Give the slabs back so a daemon does not hold them for the lease.
-        let mapped: [(Int, UInt32)] = map.withLock { map in
-            map.slabs.filter { $0.daemon >= 0 && !$0.lost && map.alive[$0.daemon] }.map { ($0.daemon, $0.slab) }
+        let mapped: [(daemon: Int, slab: UInt32)] = map.withLock { map in
+            map.slabs.filter { $0.daemon >= 0 && !$0.lost }.map { ($0.daemon, $0.slab) }
         }
-        for (daemon, slab) in mapped { try? clients[daemon]?.unmapSlab(slab) }
-        for client in clients { client?.close() }
+        fleet.close(unmapping: mapped)
         inProcessDaemons?.stop()
     }
 }
