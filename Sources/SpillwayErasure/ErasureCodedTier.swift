@@ -97,6 +97,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public let descriptor: TierDescriptor
     public let configuration: ErasureCodedTierConfiguration
     public let code: ReedSolomonCode
+    /// The daemons this tier lends from (membership, liveness, suspicion, slab mapping).
+    public let fleet: DaemonFleet
+    /// `fleet.clients`, kept here for the I/O path.
     public let clients: [DaemonClient?]
     public let splitSize: Int
     public let slotsPerStripe: Int
@@ -156,13 +159,21 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
     struct StripeMap {
         var stripes: [Stripe]
-        var alive: [Bool]
-        var freeSlabs: [Int]
-        /// Per daemon: monotonic nanoseconds until which it is suspect (missed a write
-        /// deadline); 0 = never was.
-        var suspectUntil: [UInt64]
+    }
 
-        func suspect(_ daemon: Int, at now: UInt64) -> Bool { now < suspectUntil[daemon] }
+    /// The stripes and what the fleet knew of the daemons, taken one after the other (a daemon
+    /// dying in between only makes a plan use a split that then fails, handled as missing).
+    struct StripeSnapshot {
+        var stripes: [Stripe]
+        var daemons: DaemonFleet.State
+
+        var alive: [Bool] { daemons.alive }
+        func suspect(_ daemon: Int, at now: UInt64) -> Bool { daemons.isSuspect(daemon, at: now) }
+    }
+
+    private func snapshot() -> StripeSnapshot {
+        let stripes = map.withLock { $0.stripes }
+        return StripeSnapshot(stripes: stripes, daemons: fleet.snapshot())
     }
 
     public init(_ configuration: ErasureCodedTierConfiguration, logger: Logger = Logger(label: "spillway.ec")) throws(SpillwayError) {
@@ -184,11 +195,12 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
         self.configuration = configuration
         self.logger = logger
-        let (clients, welcomes, lentSlabSize) = try DaemonClient.connectAll(
+        fleet = try DaemonFleet(
             tier: name, servers: configuration.servers, credentials: configuration.credentials, minimumLive: k + 1,
             connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
             pollMicroseconds: configuration.pollMicroseconds, logger: logger)
-        let live = welcomes.compactMap { $0 }
+        let lentSlabSize = fleet.slabSize
+        let clients = fleet.clients
         // Splits are whole 64-byte lines (ISA-L's vector width); the last data split is padded.
         splitSize = ((configuration.slotSize + k - 1) / k + 63) / 64 * 64
         slotsPerStripe = lentSlabSize / splitSize
@@ -197,9 +209,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         self.clients = clients
         groups = configuration.placement.groups(daemons: clients.count, k: k, r: configuration.r)
         allocator = SlotAllocator(capacity: capacitySlots)
-        map = Locked(StripeMap(stripes: Array(repeating: Stripe(), count: (capacitySlots + slotsPerStripe - 1) / slotsPerStripe),
-                               alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) },
-                               suspectUntil: clients.map { _ in 0 }))
+        map = Locked(StripeMap(stripes: Array(repeating: Stripe(), count: (capacitySlots + slotsPerStripe - 1) / slotsPerStripe)))
         splitChecksums = .allocate(capacity: capacitySlots * n)
         splitChecksums.initialize(repeating: 0, count: capacitySlots * n)
         staleMasks = .allocate(capacity: capacitySlots)
@@ -207,7 +217,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         descriptor = TierDescriptor(name: name, kind: .erasureCoded, slotSize: configuration.slotSize, capacitySlots: capacitySlots,
                                     performance: .remote, verifiesReads: true, completesInline: true)
         logger.info("erasure-coded tier open", metadata: [
-            "tier": "\(name)", "code": "RS(\(k),\(configuration.r))", "daemons": "\(live.count)/\(clients.count)",
+            "tier": "\(name)", "code": "RS(\(k),\(configuration.r))", "daemons": "\(fleet.liveCount)/\(fleet.count)",
             "placement": "\(configuration.placement)", "coding_sets": "\(groups.count)", "split": "\(splitSize)",
             "late_binding_delta": "\(configuration.lateBindingDelta)", "write_quorum": "\(configuration.writeQuorum)",
             "transport": "\(TransportSelection.choose(for: "tier \(name)", logger: logger))",
@@ -216,6 +226,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         decodedReadsMetric = Counter(label: "spillway_ec_decoded_reads", dimensions: [("tier", name)])
         degradedReadsMetric = Counter(label: "spillway_ec_degraded_reads", dimensions: [("tier", name)])
         suspectMetric = Counter(label: "spillway_ec_suspect_members", dimensions: [("tier", name)])
+        fleet.setDeathHandler { [weak self] daemon in self?.lost(daemon) }
         if configuration.heartbeatInterval > 0 {
             let interval = configuration.heartbeatInterval
             background = BackgroundThread { [weak self] in
@@ -257,7 +268,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public var recoveredPages: [RecoveredPage] { [] }
     public func persistReleases() {}
 
-    public var liveDaemons: Int { map.withLock { $0.alive.filter { $0 }.count } }
+    public var liveDaemons: Int { fleet.liveCount }
 
     private func ensureMapped(_ index: Int) -> Bool {
         if map.withLock({ !$0.stripes[index].members.isEmpty }) { return true }
@@ -268,27 +279,18 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 guard let (group, chosen) = choosePlacement(excluding: excluded) else { return false }
                 var members: [Member] = []
                 for daemon in chosen {
-                    guard let client = clients[daemon] else { break }
-                    do throws(RemoteError) {
-                        members.append(Member(daemon: daemon, slab: try client.mapSlab(), rebuiltUpTo: nil))
-                    } catch {
+                    // A refusal counts the daemon full; any other failure marks it dead (the fleet).
+                    guard let slab = fleet.mapSlab(on: daemon) else {
                         excluded.insert(daemon)
-                        if case .refused(let reply) = error, reply.code == .noCapacity {
-                            map.withLock { $0.freeSlabs[daemon] = 0 }
-                        } else {
-                            markDead(daemon, reason: "\(error)")
-                        }
                         break
                     }
+                    members.append(Member(daemon: daemon, slab: slab, rebuiltUpTo: nil))
                 }
                 if members.count == n {
-                    map.withLock { map in
-                        map.stripes[index] = Stripe(members: members, group: group)
-                        for member in members { map.freeSlabs[member.daemon] -= 1 }
-                    }
+                    map.withLock { $0.stripes[index] = Stripe(members: members, group: group) }
                     return true
                 }
-                for member in members { try? clients[member.daemon]?.unmapSlab(member.slab) }
+                for member in members { fleet.unmapSlab(member.slab, on: member.daemon) }
             }
             return false
         }
@@ -297,7 +299,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// A coding set and k+r live members of it with free slabs (power of two choices among
     /// eligible sets by free slabs; within the set, the emptiest daemons).
     private func choosePlacement(excluding excluded: Set<Int>) -> (group: Int, daemons: [Int])? {
-        map.withLock { map in
+        fleet.withState { map in
             func candidates(_ group: Int) -> [Int] {
                 groups[group].filter { map.alive[$0] && map.freeSlabs[$0] > 0 && !excluded.contains($0) }
             }
@@ -316,37 +318,27 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     }
 
     /// Whether `daemon` is suspect now (missed a write deadline less than `suspectSeconds` ago).
-    public func isSuspect(_ daemon: Int) -> Bool {
-        let now = monotonicNanoseconds()
-        return map.withLock { $0.suspect(daemon, at: now) }
-    }
+    public func isSuspect(_ daemon: Int) -> Bool { fleet.isSuspect(daemon) }
 
     /// Marks a daemon that missed a write deadline suspect for `suspectSeconds`.
     func markSuspect(_ daemon: Int) {
-        let now = monotonicNanoseconds()
-        let newly = map.withLock { map -> Bool in
-            defer { map.suspectUntil[daemon] = now &+ UInt64(configuration.suspectSeconds * 1e9) }
-            return !map.suspect(daemon, at: now)
-        }
-        guard newly else { return }
+        guard fleet.markSuspect(daemon, for: configuration.suspectSeconds) else { return }
         counters.suspectMembers.wrappingIncrement(ordering: .relaxed)
         suspectMetric.increment()
         logger.warning("daemon missed the write deadline; suspect: writes count its splits missing for a while", metadata: [
-            "tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")",
+            "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))",
             "deadline_ms": "\(Int(configuration.writeDeadline * 1000))", "suspect_s": "\(configuration.suspectSeconds)",
         ])
     }
 
-    func markDead(_ daemon: Int, reason: String) {
-        let newly = map.withLock { map -> Bool in
-            guard map.alive[daemon] else { return false }
-            map.alive[daemon] = false
-            return true
-        }
-        guard newly else { return }
+    /// A daemon is gone (`DaemonFleet.markDead`; the tier hears of it in `lost(_:)`).
+    func markDead(_ daemon: Int, reason: String) { fleet.markDead(daemon, reason: reason) }
+
+    /// The fleet marked `daemon` dead: reads of its splits go degraded until repair.
+    private func lost(_ daemon: Int) {
         counters.daemonsLost.wrappingIncrement(ordering: .relaxed)
         logger.error("daemon lost; reads of its splits go degraded until repair", metadata: [
-            "tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")", "reason": "\(reason)",
+            "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))",
         ])
         Counter(label: "spillway_ec_daemons_lost", dimensions: [("tier", descriptor.name)]).increment()
     }
@@ -418,7 +410,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         guard !units.isEmpty else { return }
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: units.count * n * splitSize, alignment: 64)
         defer { scratch.deallocate() }
-        let snapshot = map.withLock { $0 }
+        let snapshot = snapshot()
         // Writes: encode into scratch, record split checksums.
         let pointers = UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>.allocate(capacity: n)
         defer { pointers.deallocate() }
@@ -550,7 +542,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
     /// The splits of `slot` worth reading: member alive, rebuilt past this slot, not stale;
     /// data splits first.
-    private func validSplits(_ slot: Int, _ snapshot: StripeMap) -> [Int] {
+    private func validSplits(_ slot: Int, _ snapshot: StripeSnapshot) -> [Int] {
         let stripe = snapshot.stripes[slot / slotsPerStripe]
         guard stripe.members.count == n else { return [] }
         let local = slot % slotsPerStripe
@@ -567,7 +559,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     }
 
     /// The splits of `slot` whose member is rebuilt from a retired slab not yet past `slot`.
-    private func retiredPastWatermark(_ slot: Int, _ snapshot: StripeMap) -> UInt32 {
+    private func retiredPastWatermark(_ slot: Int, _ snapshot: StripeSnapshot) -> UInt32 {
         let stripe = snapshot.stripes[slot / slotsPerStripe]
         guard stripe.members.count == n else { return 0 }
         let local = slot % slotsPerStripe
@@ -579,7 +571,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     }
 
     /// Runs one round: for each unit, transfers the splits in `choices[u]`.
-    private func exchange(_ units: inout [Unit], _ choices: [[Int]], scratch: UnsafeMutableRawPointer, snapshot: StripeMap) {
+    private func exchange(_ units: inout [Unit], _ choices: [[Int]], scratch: UnsafeMutableRawPointer, snapshot: StripeSnapshot) {
         var perDaemon = [[RemoteOperation]](repeating: [], count: clients.count)
         var owners = [[(unit: Int, split: Int)]](repeating: [], count: clients.count)
         for u in units.indices where !choices[u].isEmpty && units[u].status == 0 {
@@ -698,16 +690,11 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     // MARK: Heartbeat and repair
 
     public func heartbeat() {
-        for (daemon, client) in clients.enumerated() {
-            guard let client, map.withLock({ $0.alive[daemon] }) else { continue }
-            if let reason = client.ping() {
-                markDead(daemon, reason: reason)
-                continue
-            }
-            // Reclaim: the slab's split moves elsewhere by regeneration (repair), then the slab
-            // goes back. No page loses more than that one split meanwhile.
-            client.pollNotices()
-            for notice in client.takeReclaims() { retire(daemon: daemon, slab: notice.slab, reason: "reclaim notice") }
+        fleet.heartbeat()
+        // Reclaim: the slab's split moves elsewhere by regeneration (repair), then the slab
+        // goes back. No page loses more than that one split meanwhile.
+        for notice in fleet.takeReclaims() where fleet.isAlive(notice.daemon) {
+            retire(daemon: notice.daemon, slab: notice.slab, reason: "reclaim notice")
         }
     }
 
@@ -791,7 +778,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         // last round stopped and wraps around, so slots that cannot be repaired now never hold
         // back the ones behind them round after round.
         if budget > 0 {
-            let snapshot = map.withLock { $0 }
+            let snapshot = snapshot()
             let now = monotonicNanoseconds()
             let capacity = descriptor.capacitySlots
             let start = staleCursor.load(ordering: .relaxed) % capacity
@@ -837,23 +824,24 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// Maps a replacement slab for every member on a dead daemon (in the stripe's coding set
     /// if it has a live daemon not in the stripe, else anywhere, logged).
     private func assignReplacements() {
+        let alive = fleet.withState { $0.alive }
         let needing: [(stripe: Int, member: Int, group: Int, used: Set<Int>)] = map.withLock { map in
             var list: [(Int, Int, Int, Set<Int>)] = []
             for (index, stripe) in map.stripes.enumerated() {
                 let used = Set(stripe.members.map(\.daemon))
-                for (position, member) in stripe.members.enumerated() where !map.alive[member.daemon] || member.retiring {
+                for (position, member) in stripe.members.enumerated() where !alive[member.daemon] || member.retiring {
                     list.append((index, position, stripe.group, used))
                 }
             }
             return list
         }
         for (stripe, member, group, used) in needing {
-            let candidate: Int? = map.withLock { map in
+            let candidate: Int? = fleet.withState { map in
                 let inGroup = groups[group].filter { map.alive[$0] && !used.contains($0) && map.freeSlabs[$0] > 0 }
                 let anywhere = clients.indices.filter { map.alive[$0] && !used.contains($0) && map.freeSlabs[$0] > 0 }
                 return (inGroup.isEmpty ? anywhere : inGroup).max { map.freeSlabs[$0] < map.freeSlabs[$1] }
             }
-            guard let daemon = candidate, let client = clients[daemon] else {
+            guard let daemon = candidate, clients[daemon] != nil else {
                 let first = map.withLock { map -> Bool in
                     defer { map.stripes[stripe].repairBlocked = true }
                     return !map.stripes[stripe].repairBlocked
@@ -870,8 +858,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     "tier": "\(descriptor.name)", "stripe": "\(stripe)",
                 ])
             }
-            do throws(RemoteError) {
-                let slab = try client.mapSlab()
+            // A refusal counts the daemon full; any other failure marks it dead (the fleet).
+            if let slab = fleet.mapSlab(on: daemon) {
                 let superseded = gate.withWriteLock {
                     map.withLock { map -> SlabReference? in
                         let old = map.stripes[stripe].members[member]
@@ -888,29 +876,22 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                         }
                         map.stripes[stripe].members[member] = replacement
                         map.stripes[stripe].repairBlocked = false
-                        map.freeSlabs[daemon] -= 1
                         return superseded
                     }
                 }
                 // A slab retired twice over (its replacement was retired mid-rebuild): the
                 // newer retiring slab holds the same splits, so the older one can go.
                 if let superseded { giveBack(superseded) }
-            } catch {
-                if case .refused(let reply) = error, reply.code == .noCapacity {
-                    map.withLock { $0.freeSlabs[daemon] = 0 }
-                } else {
-                    markDead(daemon, reason: "\(error)")
-                }
             }
         }
     }
 
     /// Unmaps a retired slab on its (live) daemon.
     private func giveBack(_ reference: SlabReference) {
-        guard let owner = clients[reference.daemon], map.withLock({ $0.alive[reference.daemon] }) else { return }
+        guard let owner = clients[reference.daemon], fleet.isAlive(reference.daemon) else { return }
         do throws(RemoteError) {
             try owner.unmapSlab(reference.slab)
-            map.withLock { $0.freeSlabs[reference.daemon] += 1 }
+            fleet.withState { $0.freeSlabs[reference.daemon] += 1 }
             counters.slabsReturned.wrappingIncrement(ordering: .relaxed)
         } catch {
             // The daemon reclaims it at its deadline anyway (revoking it).
@@ -925,7 +906,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// splits (those pages are lost) or a transfer failed.
     private func regenerate(_ work: [(slot: Int, targets: [Int])]) -> Bool {
         guard !work.isEmpty else { return true }
-        let snapshot = map.withLock { $0 }
+        let snapshot = snapshot()
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: work.count * n * splitSize, alignment: 64)
         defer { scratch.deallocate() }
         var units = work.map { Unit(io: 0, slot: $0.slot, offset: 0, bytes: 0, write: false) }
@@ -991,7 +972,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
     /// Allocated slots by redundancy: all k+r splits valid, k…k+r-1 valid, fewer than k.
     public func health() -> (healthy: Int, degraded: Int, lost: Int) {
-        let snapshot = map.withLock { $0 }
+        let snapshot = snapshot()
         var healthy = 0
         var degraded = 0
         var lost = 0
@@ -1040,14 +1021,13 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         background?.join()
-        let mapped: [(Int, UInt32)] = map.withLock { map in
+        let mapped: [(daemon: Int, slab: UInt32)] = map.withLock { map in
             let members = map.stripes.flatMap { $0.members }
-            let current = members.map { ($0.daemon, $0.slab) }
-            let retired = members.compactMap { $0.retired.map { ($0.daemon, $0.slab) } }
-            return (current + retired).filter { map.alive[$0.0] }
+            let current = members.map { (daemon: $0.daemon, slab: $0.slab) }
+            let retired = members.compactMap { $0.retired.map { (daemon: $0.daemon, slab: $0.slab) } }
+            return current + retired
         }
-        for (daemon, slab) in mapped { try? clients[daemon]?.unmapSlab(slab) }
-        for client in clients { client?.close() }
+        fleet.close(unmapping: mapped)
         inProcessDaemons?.stop()
     }
 }

@@ -179,11 +179,11 @@ public final class DaemonFleet: Sendable {
         }
     }
 
-    /// The reclaim notices the daemons sent since the last call (reads idle connections first).
+    /// The reclaim notices the live daemons sent since the last call (reads idle connections first).
     public func takeReclaims() -> [Reclaim] {
         var reclaims: [Reclaim] = []
         for (daemon, client) in clients.enumerated() {
-            guard let client else { continue }
+            guard let client, isAlive(daemon) else { continue }
             client.pollNotices()
             for notice in client.takeReclaims() { reclaims.append(Reclaim(daemon: daemon, slab: notice.slab)) }
         }
