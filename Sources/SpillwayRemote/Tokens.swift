@@ -6,9 +6,11 @@ import SpillwayCore
 import Glibc
 #endif
 
-/// Tenant tokens (`--token-file`): lines `NAME TOKEN [admin]`, split on spaces or tabs; `#`
-/// comments and blank lines ignored; CR/LF trimmed; TOKEN is 16–1024 printable ASCII
-/// characters; `admin` lets that tenant see every tenant in `stats` (others see their own).
+/// Tenant tokens (`--token-file`): lines `NAME TOKEN [admin] [SIZE]`, split on spaces or tabs;
+/// `#` comments and blank lines ignored; CR/LF trimmed; TOKEN is 16–1024 printable ASCII
+/// characters; `admin` lets that tenant see every tenant in `stats` (others see their own);
+/// SIZE (e.g. `64g`, parsed like the CLI's sizes) caps the bytes of slabs that tenant may hold
+/// on one daemon. The two optional fields may come in either order.
 /// A file readable by group or others is used, with a warning.
 public struct TokenFile: Sendable, Equatable {
     public var tokens: [String: [UInt8]]
@@ -16,11 +18,15 @@ public struct TokenFile: Sendable, Equatable {
     public var names: [String]
     /// Tenants marked `admin`.
     public var admins: Set<String>
+    /// Per-tenant capacity limits in bytes (the optional SIZE field); absent = no limit but
+    /// the daemon's capacity.
+    public var limits: [String: Int]
 
-    public init(tokens: [(String, String)], admins: Set<String> = []) {
+    public init(tokens: [(String, String)], admins: Set<String> = [], limits: [String: Int] = [:]) {
         self.tokens = Dictionary(tokens.map { ($0.0, Array($0.1.utf8)) }, uniquingKeysWith: { _, last in last })
         names = tokens.map(\.0)
         self.admins = admins
+        self.limits = limits
     }
 
     /// One tenant with a fresh random token (64 hex digits from the system's CSPRNG), never
@@ -36,13 +42,14 @@ public struct TokenFile: Sendable, Equatable {
     /// The file's text (what `parse` reads back).
     public var text: String {
         names.map { name in
-            "\(name) \(String(decoding: tokens[name]!, as: UTF8.self))\(admins.contains(name) ? " admin" : "")\n"
+            "\(name) \(String(decoding: tokens[name]!, as: UTF8.self))\(admins.contains(name) ? " admin" : "")\(limits[name].map { " \($0)" } ?? "")\n"
         }.joined()
     }
 
     public static func parse(_ text: String, source: String = "token file") throws(SpillwayError) -> TokenFile {
         var entries: [(String, String)] = []
         var admins: Set<String> = []
+        var limits: [String: Int] = [:]
         var lineNumber = 0
         // "\r\n" is one Character in Swift, so split on every newline form.
         for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" || $0 == "\r" }) {
@@ -52,13 +59,26 @@ public struct TokenFile: Sendable, Equatable {
             if let hash = line.firstIndex(of: "#") { line = line[..<hash] }
             let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
             if fields.isEmpty { continue }
-            guard fields.count == 2 || (fields.count == 3 && fields[2] == "admin") else {
-                throw .invalidConfiguration("\(source):\(lineNumber): expected 'NAME TOKEN [admin]', found \(fields.count) field(s)")
+            guard fields.count >= 2, fields.count <= 4 else {
+                throw .invalidConfiguration("\(source):\(lineNumber): expected 'NAME TOKEN [admin] [SIZE]', found \(fields.count) field(s)")
+            }
+            var isAdmin = false
+            var limit: Int?
+            for field in fields.dropFirst(2) {
+                if field == "admin", !isAdmin {
+                    isAdmin = true
+                } else if limit == nil, let size = ByteCount.parse(field), size > 0 {
+                    limit = size
+                } else {
+                    throw .invalidConfiguration(
+                        "\(source):\(lineNumber): '\(field)' is neither 'admin' nor a size such as 64g (expected 'NAME TOKEN [admin] [SIZE]')")
+                }
             }
             guard fields[0].utf8.count <= 256, fields[0].unicodeScalars.allSatisfy({ $0.value > 0x20 && $0.value != 0x7F }) else {
                 throw .invalidConfiguration("\(source):\(lineNumber): a tenant name is at most 256 bytes without control characters")
             }
-            if fields.count == 3 { admins.insert(String(fields[0])) }
+            if isAdmin { admins.insert(String(fields[0])) }
+            if let limit { limits[String(fields[0])] = limit }
             let token = fields[1]
             guard token.utf8.count >= 16, token.utf8.count <= 1024, token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
                 throw .invalidConfiguration("\(source):\(lineNumber): the token must be 16–1024 printable ASCII characters")
@@ -66,7 +86,7 @@ public struct TokenFile: Sendable, Equatable {
             entries.append((String(fields[0]), String(token)))
         }
         guard !entries.isEmpty else { throw .invalidConfiguration("\(source): no 'NAME TOKEN' line") }
-        return TokenFile(tokens: entries, admins: admins)
+        return TokenFile(tokens: entries, admins: admins, limits: limits)
     }
 
     /// Reads and parses `path`; warns (does not refuse) when group or others can read it.
