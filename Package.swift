@@ -91,6 +91,8 @@ let package = Package(
         // `swift run -c release SpillwayFabricBench`: 4 KiB fi_read latency and throughput over
         // a provider (tcp on loopback by default); measured by hand, not part of the tests.
         .executableTarget(name: "SpillwayFabricBench", dependencies: ["SpillwayFabric", "SpillwayCore"]),
+        // epoll and eventfd for the daemon's event loop (glibc; not in Swift's Glibc module).
+        .systemLibrary(name: "CSpillwayEpoll", path: "Sources/CSpillwayEpoll"),
         // The remote-memory wire protocol: frame header, opcodes, fields, bounds-checked decoding.
         // Depends on ISA-L alone (CRC32C) so tools/fuzz-protocol.sh can build it with swiftc.
         .target(name: "SpillwayProtocol", dependencies: ["CSpillwayISAL"]),
@@ -109,12 +111,13 @@ let package = Package(
             ]
         ),
         // The daemon engine (what spillwayd runs, and the CLI's in-process demonstration
-        // daemons): slab table, sessions, janitor. Only the CLI, spillwayd and tests depend on
-        // it — never the tiers or the C library.
+        // daemons): slab table, epoll workers, sessions, janitor. Only the CLI, spillwayd and
+        // tests depend on it — never the tiers or the C library.
         .target(
             name: "SpillwayServer",
             dependencies: [
                 "SpillwayCore",
+                "CSpillwayEpoll",
                 "SpillwayProtocol",
                 "SpillwayRemote",
                 .product(name: "Atomics", package: "swift-atomics"),

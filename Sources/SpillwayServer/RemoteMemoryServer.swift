@@ -8,204 +8,103 @@ import SpillwayRemote
 import Glibc
 #endif
 
-/// How a daemon lends memory.
-public struct DaemonConfiguration: Sendable {
-    public var listen: Endpoint
-    public var capacity: Int
-    public var slabSize: Int
-    /// The tenants and their tokens. Always present: a daemon never serves unauthenticated
-    /// clients. In-process daemons get `TokenFile.random()` (in memory only); `spillwayd`
-    /// without `--token-file` generates one (`LocalTokens`).
-    public var tokens: TokenFile
-    /// Seconds a tenant with no connection keeps its slabs.
-    public var lease: Double
-    /// Free host memory (MemAvailable) to keep; below it, slabs are reclaimed. 0 = off.
-    public var headroom: Int
-    /// Seconds a client gets to give a reclaimed slab back.
-    public var reclaimDeadline: Double
-    /// Connections in all, authenticated or not.
-    public var maxConnections: Int
-    /// Connections still in the handshake: when this many are waiting, a new connection
-    /// evicts the oldest of them, so strangers can never crowd out tenants.
-    public var maxUnauthenticated: Int = 64
-    /// Seconds a connection gets for the whole handshake (not per receive: a peer sending a
-    /// byte now and then is cut off all the same).
-    public var handshakeTimeout: Double = 5
-    /// Seconds a reply may wait for a peer that stopped reading before the connection is
-    /// dropped (the daemon's threads never block on a stuck tenant for longer).
-    public var sendTimeout: Double = 10
-    /// Where MemAvailable is read (tests point it at a file they control).
-    public var memoryInfoPath: String
-    /// Seconds between lease, deadline and headroom checks.
-    public var checkInterval: Double
-    /// Microseconds each connection's thread polls for the next request before sleeping
-    /// (0 = sleep at once). Saves a thread wake-up per request at low queue depth, at the
-    /// cost of a busy core per active connection for that long.
-    public var pollMicroseconds: Int = 0
-    /// Test faults (`spillwayd --enable-test-faults`): accept `corruptForTest` and delay every
-    /// page reply by `testDelayMicroseconds` (a slow daemon). Never on in production.
-    public var enableTestFaults = false
-    public var testDelayMicroseconds = 0
-
-    public init(listen: Endpoint = Endpoint(host: "127.0.0.1", port: 7450), capacity: Int, slabSize: Int = 64 << 20,
-                tokens: TokenFile = .random(), lease: Double = 30, headroom: Int = 0, reclaimDeadline: Double = 5,
-                maxConnections: Int = 256, memoryInfoPath: String = "/proc/meminfo", checkInterval: Double = 0.5)
-    {
-        self.listen = listen
-        self.capacity = capacity
-        self.slabSize = slabSize
-        self.tokens = tokens
-        self.lease = lease
-        self.headroom = headroom
-        self.reclaimDeadline = reclaimDeadline
-        self.maxConnections = maxConnections
-        self.memoryInfoPath = memoryInfoPath
-        self.checkInterval = checkInterval
-    }
-
-    public func validate() throws(SpillwayError) {
-        guard slabSize >= 1 << 20, slabSize <= 1 << 30, slabSize & (slabSize - 1) == 0 else {
-            throw .invalidConfiguration("slab size must be a power of two between 1m and 1g")
-        }
-        guard capacity >= slabSize else { throw .invalidConfiguration("capacity must hold at least one slab") }
-        guard lease >= 0, reclaimDeadline > 0, maxConnections > 0, maxUnauthenticated > 0, handshakeTimeout > 0, sendTimeout > 0 else {
-            throw .invalidConfiguration("lease, reclaim deadline, connection limits and timeouts must be positive")
-        }
-        guard !tokens.names.isEmpty else { throw .invalidConfiguration("a daemon needs at least one tenant token") }
-    }
-}
-
-/// One tenant's operation counters. A connection looks its tenant's up once, after the
-/// handshake, so the request path increments atomics and takes no lock.
-public final class TenantCounters: Sendable {
-    public let reads = ManagedAtomic<Int>(0)
-    public let writes = ManagedAtomic<Int>(0)
-    public let bytesRead = ManagedAtomic<Int>(0)
-    public let bytesWritten = ManagedAtomic<Int>(0)
-    public let refused = ManagedAtomic<Int>(0)
-
-    public init() {}
-}
-
-/// Counters a daemon keeps (all atomics, read by `stats` and the metrics endpoint).
-public final class DaemonCounters: Sendable {
-    public let reads = ManagedAtomic<Int>(0)
-    public let writes = ManagedAtomic<Int>(0)
-    public let bytesRead = ManagedAtomic<Int>(0)
-    public let bytesWritten = ManagedAtomic<Int>(0)
-    public let authFailures = ManagedAtomic<Int>(0)
-    public let refusedAccesses = ManagedAtomic<Int>(0)
-    public let malformedFrames = ManagedAtomic<Int>(0)
-    public let checksumFailures = ManagedAtomic<Int>(0)
-    public let reclaimNotices = ManagedAtomic<Int>(0)
-    public let revokedSlabs = ManagedAtomic<Int>(0)
-    public let expiredLeases = ManagedAtomic<Int>(0)
-    /// Reclaims called off because memory came back above the headroom before their deadline.
-    public let cancelledReclaims = ManagedAtomic<Int>(0)
-    public let connections = ManagedAtomic<Int>(0)
-    /// Handshakes cut off: past the deadline, or evicted by a newer connection.
-    public let handshakeTimeouts = ManagedAtomic<Int>(0)
-    public let handshakeEvictions = ManagedAtomic<Int>(0)
-    /// Connections dropped because the peer stopped reading (a send timed out or a notice
-    /// could not be queued).
-    public let stuckPeers = ManagedAtomic<Int>(0)
-    /// Token file reloads (SIGHUP) and connections closed because their tenant was removed.
-    public let tokenReloads = ManagedAtomic<Int>(0)
-    public let removedTenantConnections = ManagedAtomic<Int>(0)
-}
-
 /// `spillwayd`'s engine: lends DRAM in slabs to authenticated tenants over TCP.
 ///
-/// - One thread per connection (bounded by `maxConnections`) reads a request, checks it, and
-///   answers; page data is received straight into the slab and sent straight from it.
+/// - **Slab table** (`SlabTable`): one reservation of `capacity` bytes cut into fixed slots at
+///   start; owner (an integer tenant id) and slab id (slot + generation) in one atomic word
+///   per slot. The page path checks that word and the range's bounds and copies — no lock.
+///   Mapping, unmapping, reclaim and leases take the server's lock (`state`).
+/// - **Event-driven connections** (`Worker`): a fixed pool of `min(cores, 8)` threads, each
+///   with its own epoll set; connections are assigned round robin by the accept thread.
+///   Sockets are non-blocking; input is bounded (a frame's header and meta, at most the
+///   protocol's limits; a write's data lands straight in the slab); replies queue, page data
+///   straight from pinned slabs, and a peer that stops reading is not read from and, after
+///   `sendTimeout`, cut off. Notices (reclaim, goodbye) are posted to the worker and never wait.
 /// - Every client authenticates (HMAC challenge–response; with the mutual capability the daemon
 ///   proves the token too). A handshake has a total deadline, and unauthenticated connections
-///   have their own small quota whose oldest member a newcomer evicts. Sends are bounded by
-///   `sendTimeout`; notices never wait.
-/// - A slab belongs to one tenant. Every access is checked against the owner and the slab's
-///   bounds under the slab table's lock; the slab's user count keeps it mapped while a copy
-///   runs, so an unmap or revoke never pulls memory from under a transfer.
-/// - Slabs are fresh anonymous mappings (zero-filled by the kernel) mapped when lent and
-///   unmapped when returned, so no tenant can read another's old bytes, and memory is only
-///   used while lent.
+///   have their own small quota whose oldest member a newcomer evicts.
+/// - Slab memory is zero-filled by the kernel when lent (a returned slab's pages are dropped
+///   with `MADV_DONTNEED`), so no tenant can read another's old bytes, and memory is only used
+///   while lent. A tenant's token-file SIZE caps the slabs it may hold.
 /// - A tenant without connections keeps its slabs for `lease` seconds.
 /// - Below `headroom` of MemAvailable the daemon sends reclaim notices and revokes the slabs
-///   of clients that miss the deadline.
+///   of clients that miss the deadline (the janitor thread).
 ///
-/// `@unchecked Sendable`: mutable state lives in `state` (its lock) and atomics.
+/// `@unchecked Sendable`: mutable state lives in `state` (its lock), atomics, and the workers.
 public final class RemoteMemoryServer: @unchecked Sendable {
     public let configuration: DaemonConfiguration
     public let counters = DaemonCounters()
     /// Test faults only: delay before each page request is served (a slow daemon); starts at
     /// `configuration.testDelayMicroseconds` (which `spillwayd` accepts only with
     /// `--enable-test-faults`); in-process tests and benchmarks may change it while running.
+    /// The connection waits; its worker serves others meanwhile.
     public let testDelayMicroseconds = ManagedAtomic<Int>(0)
     public let instance = UInt64.random(in: 1 ... .max)
-    private let logger: Logger
+    let logger: Logger
+    let slabs: SlabTable
     private var listener: TCPSocket?
     private let stopping = ManagedAtomic<Bool>(false)
     private let state: Locked<ServerState>
     private var acceptThread: BackgroundThread?
     private var janitorThread: BackgroundThread?
+    private var workers: [Worker] = []
 
-    struct Slab {
-        var base: UnsafeMutableRawPointer
-        var owner: String
-        var users = 0
-        /// Unmapped or revoked: freed when the last user leaves; refused to new accesses.
-        var retired = false
-        var revoked = false
+    /// What the lock keeps about a slot (the page path reads only the slot's atomic word).
+    struct SlotInfo {
+        var lent = false
+        var tenant: UInt32 = 0
+        var slab: UInt32 = 0
+        var generation: UInt32 = 0
         var reclaimDeadline: Double?
-        var mappedAt: Double
+        var mappedAt: Double = 0
     }
 
     struct Tenant {
+        let id: UInt32
         var slabs: Set<UInt32> = []
-        /// Slabs revoked while their tenant is connected keep a pending notice.
-        var connections: [ObjectIdentifier: FrameConnection] = [:]
+        var connections: [ObjectIdentifier: Connection] = [:]
         var disconnectedAt: Double?
         let counters = TenantCounters()
     }
 
-    /// A connection still in its handshake.
-    struct Pending {
-        let connection: FrameConnection
-        let acceptedAt: Double
-    }
-
     struct ServerState {
-        var slabs: [UInt32: Slab] = [:]
-        var nextSlab: UInt32 = 1
+        var slots: [SlotInfo]
+        /// Free slots (a stack), and retired ones a reply or write still pins.
+        var free: [Int]
+        var draining: [Int] = []
         /// Slabs lent to tenants (what `stats` reports as lent).
         var lentSlabs = 0
-        /// Slabs whose memory is mapped: lent ones plus retired ones a transfer still pins.
-        /// Capacity is checked against this, so a stuck transfer can never make the daemon
-        /// map more than `capacity`.
-        var mappedSlabs = 0
-        var pending: [ObjectIdentifier: Pending] = [:]
+        var pending: [ObjectIdentifier: Connection] = [:]
         var tokens: TokenFile
         var tenants: [String: Tenant] = [:]
-        var connections: [ObjectIdentifier: FrameConnection] = [:]
+        /// Integer ids of tenant names (stable for the daemon's life; 0 is nobody).
+        var tenantIDs: [String: UInt32] = [:]
+        var tenantNames: [String] = []
+        var connections: [ObjectIdentifier: Connection] = [:]
         var revokedFor: [String: Set<UInt32>] = [:]
+
+        mutating func id(of tenant: String) -> UInt32 {
+            if let id = tenantIDs[tenant] { return id }
+            tenantNames.append(tenant)
+            let id = UInt32(tenantNames.count)
+            tenantIDs[tenant] = id
+            return id
+        }
+
+        func name(of id: UInt32) -> String { tenantNames[Int(id) - 1] }
     }
 
     public init(_ configuration: DaemonConfiguration, logger: Logger = Logger(label: "spillwayd")) throws(SpillwayError) {
         try configuration.validate()
         self.configuration = configuration
         self.logger = logger
-        state = Locked(ServerState(tokens: configuration.tokens))
+        slabs = try SlabTable(capacity: configuration.capacity, slabSize: configuration.slabSize)
+        state = Locked(ServerState(slots: Array(repeating: SlotInfo(), count: slabs.count), free: Array((0..<slabs.count).reversed()),
+                                   tokens: configuration.tokens))
         testDelayMicroseconds.store(configuration.testDelayMicroseconds, ordering: .relaxed)
     }
 
-    deinit {
-        state.withLock { state in
-            for slab in state.slabs.values { munmap(slab.base, configuration.slabSize) }
-            state.mappedSlabs = 0
-            state.slabs.removeAll()
-        }
-    }
-
-    public var totalSlabs: Int { configuration.capacity / configuration.slabSize }
+    public var totalSlabs: Int { slabs.count }
 
     /// Credentials of the token file's first tenant: what an in-process client of this daemon
     /// (the CLI's embedded daemons, tests) connects with.
@@ -216,20 +115,22 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     /// Returns how many connections were closed.
     @discardableResult
     public func reloadTokens(_ tokens: TokenFile, counted: Bool = true) -> Int {
-        let closing = state.withLock { state -> [FrameConnection] in
+        let closed = state.withLock { state -> Int in
             state.tokens = tokens
-            var closing: [FrameConnection] = []
+            var closed = 0
             for (name, tenant) in state.tenants where tokens.tokens[name] == nil {
-                closing += tenant.connections.values
+                for connection in tenant.connections.values where connection.open {
+                    connection.socket.shutdown()
+                    closed += 1
+                }
             }
-            return closing
+            return closed
         }
-        for connection in closing { connection.socket.shutdown() }
-        guard counted else { return closing.count }
+        guard counted else { return closed }
         counters.tokenReloads.wrappingIncrement(ordering: .relaxed)
-        counters.removedTenantConnections.wrappingIncrement(by: closing.count, ordering: .relaxed)
-        logger.notice("token file reloaded", metadata: ["tenants": "\(tokens.names.count)", "closed_connections": "\(closing.count)"])
-        return closing.count
+        counters.removedTenantConnections.wrappingIncrement(by: closed, ordering: .relaxed)
+        logger.notice("token file reloaded", metadata: ["tenants": "\(tokens.names.count)", "closed_connections": "\(closed)"])
+        return closed
     }
 
     /// The port actually bound (after `start` on port 0).
@@ -237,48 +138,59 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     /// Binds and starts serving on background threads.
     public func start() throws(SpillwayError) {
+        raiseDescriptorLimit()
         let socket: TCPSocket
         do {
-            socket = try TCPSocket.listen(on: configuration.listen)
+            socket = try TCPSocket.listen(on: configuration.listen, backlog: 1024)
         } catch {
             throw .invalidConfiguration("cannot listen on \(configuration.listen): \(error)")
         }
         listener = socket
         port = socket.localPort
+        for index in 0..<configuration.workerCount { workers.append(try Worker(index: index, server: self)) }
+        for worker in workers { worker.start() }
         let transport = TransportSelection.choose(for: "spillwayd", logger: logger)
         logger.info("spillwayd serving", metadata: [
             "listen": "\(configuration.listen.host):\(port)", "capacity": "\(ByteCount.format(configuration.capacity))",
-            "slab": "\(ByteCount.format(configuration.slabSize))", "transport": "\(transport)",
+            "slab": "\(ByteCount.format(configuration.slabSize))", "transport": "\(transport)", "workers": "\(workers.count)",
+            "max_connections": "\(configuration.maxConnections)",
         ])
         acceptThread = BackgroundThread { [self] in acceptLoop(socket) }
         janitorThread = BackgroundThread { [self] in janitorLoop() }
     }
 
-    /// Stops accepting, tells every client (`goodbye`), lets in-flight requests finish for up
-    /// to `drain` seconds, then closes every connection.
+    /// Room for `maxConnections` sockets: the soft RLIMIT_NOFILE is raised (up to the hard
+    /// limit) if it is lower, with a log line if even the hard limit is too low.
+    private func raiseDescriptorLimit() {
+        let needed = rlim_t(configuration.maxConnections + 128)
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < needed else { return }
+        let wanted = min(needed, limit.rlim_max)
+        limit.rlim_cur = wanted
+        if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) != 0 || wanted < needed {
+            logger.warning("cannot raise the open-file limit to fit --max-connections; raise `ulimit -n` (or LimitNOFILE=)", metadata: [
+                "needed": "\(needed)", "soft": "\(limit.rlim_cur)", "hard": "\(limit.rlim_max)",
+                "max_connections": "\(configuration.maxConnections)",
+            ])
+        }
+    }
+
+    /// Stops accepting, tells every client (`goodbye`), lets queued replies go out for up to
+    /// `drain` seconds, then closes every connection. Never waits on a peer beyond `drain`.
     public func shutdown(drain: Double = 5) {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
         acceptThread?.join()
         janitorThread?.join()
         listener?.close()
-        let connections = state.withLock { Array($0.connections.values) }
         var goodbye = WireWriter()
         goodbye.write(string: "daemon shutting down")
-        for connection in connections {
-            // Never waits: a tenant that stopped reading just misses its goodbye (and is cut
-            // off below with everyone else once the drain time is over).
-            if connection.trySendNotice(.goodbye, meta: goodbye.bytes) == .broken { connection.socket.shutdown() }
+        for connection in state.withLock({ Array($0.connections.values) }) {
+            workers[connection.worker].post(.notice(connection, .goodbye, goodbye.bytes))
         }
         let deadline = Self.now() + drain
-        while Self.now() < deadline && state.withLock({ !$0.connections.isEmpty }) {
-            // Handlers stop after the request they are in; a peer idle in receive is woken by
-            // the shutdown below once the drain time is over.
-            usleep(10_000)
-            for connection in state.withLock({ Array($0.connections.values) }) {
-                _ = Glibc.shutdown(connection.socket.descriptor, Int32(SHUT_RD))
-            }
-        }
-        for connection in state.withLock({ Array($0.connections.values) }) { connection.socket.shutdown() }
+        for worker in workers { worker.post(.stop(deadline: deadline)) }
+        for worker in workers { worker.join() }
+        workers.removeAll()
         logger.info("spillwayd stopped")
     }
 
@@ -288,6 +200,9 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     // MARK: Accepting
 
     private func acceptLoop(_ listener: TCPSocket) {
+        var next = 0
+        let vectors = UnsafeMutableBufferPointer<iovec>.allocate(capacity: 4)
+        defer { vectors.deallocate() }
         while !stopping.load(ordering: .relaxed) {
             let accepted: (TCPSocket, Endpoint)?
             do {
@@ -298,500 +213,576 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 continue
             }
             guard let (socket, peer) = accepted else { continue }
-            let connection = FrameConnection(socket: socket)
-            connection.pollNanoseconds = UInt64(configuration.pollMicroseconds * 1000)
-            // Bounded from the first byte: the whole handshake must fit in the deadline (the
-            // janitor enforces it in total; this bounds each receive and send).
-            socket.setTimeout(configuration.handshakeTimeout)
-            let (admitted, evicted) = admit(connection)
-            if let evicted {
-                counters.handshakeEvictions.wrappingIncrement(ordering: .relaxed)
-                evicted.socket.shutdown()
-            }
-            guard admitted else {
+            let flags = fcntl(socket.descriptor, F_GETFL)
+            _ = fcntl(socket.descriptor, F_SETFL, flags | O_NONBLOCK)
+            let connection = Connection(socket: socket, peer: peer, acceptedAt: Self.now(), worker: next)
+            guard admit(connection) else {
                 logger.warning("connection limit reached; refusing", metadata: ["peer": "\(peer)"])
-                _ = connection.trySendNotice(.error, meta: Wire.ErrorReply(.noCapacity, "connection limit reached").encode())
+                connection.queue(.error, flags: .notice, requestID: 0,
+                                 meta: Wire.ErrorReply(.noCapacity, "connection limit reached").encode())
+                _ = connection.flush(vectors: vectors, slabs: slabs)  // best effort, never waits
+                socket.close()
                 continue
             }
             counters.connections.wrappingIncrement(ordering: .relaxed)
-            BackgroundThread { [self] in serve(connection, peer: peer) }.detach()
+            workers[next].post(.add(connection))
+            next = (next + 1) % workers.count
         }
     }
 
     /// Admits a new connection as unauthenticated. If the unauthenticated quota is full, or
-    /// all connections are in use, the oldest unauthenticated connection makes room (returned,
-    /// for the caller to shut down): a flood of strangers that never finish a handshake only
-    /// ever evicts each other, never a tenant. Refused only when every slot is a tenant's.
-    private func admit(_ connection: FrameConnection) -> (admitted: Bool, evicted: FrameConnection?) {
+    /// all connections are in use, the oldest unauthenticated connection makes room (shut
+    /// down here; its worker closes it): a flood of strangers that never finish a handshake
+    /// only ever evicts each other, never a tenant. Refused only when every slot is a tenant's.
+    private func admit(_ connection: Connection) -> Bool {
         state.withLock { state in
-            var evicted: FrameConnection?
             if state.pending.count >= configuration.maxUnauthenticated || state.connections.count >= configuration.maxConnections,
                let oldest = state.pending.min(by: { $0.value.acceptedAt < $1.value.acceptedAt })
             {
                 state.pending[oldest.key] = nil
                 state.connections[oldest.key] = nil
-                evicted = oldest.value.connection
+                counters.handshakeEvictions.wrappingIncrement(ordering: .relaxed)
+                if oldest.value.open { oldest.value.socket.shutdown() }
             }
-            guard state.connections.count < configuration.maxConnections else { return (false, evicted) }
+            guard state.connections.count < configuration.maxConnections else { return false }
             let id = ObjectIdentifier(connection)
             state.connections[id] = connection
-            state.pending[id] = Pending(connection: connection, acceptedAt: Self.now())
-            return (true, evicted)
+            state.pending[id] = connection
+            return true
         }
     }
 
     /// Cuts off handshakes older than the deadline (a peer trickling bytes resets no timer).
     private func expireHandshakes() {
         let cutoff = Self.now() - configuration.handshakeTimeout
-        let expired = state.withLock { state -> [FrameConnection] in
-            let old = state.pending.filter { $0.value.acceptedAt <= cutoff }
-            for key in old.keys { state.pending[key] = nil }
-            return old.values.map(\.connection)
-        }
-        for connection in expired {
-            counters.handshakeTimeouts.wrappingIncrement(ordering: .relaxed)
-            connection.socket.shutdown()
-        }
-    }
-
-    // MARK: One connection
-
-    private func serve(_ connection: FrameConnection, peer: Endpoint) {
-        let id = ObjectIdentifier(connection)
-        var tenantName: String?
-        defer {
-            state.withLock { state in
-                state.connections[id] = nil
-                state.pending[id] = nil
-                if let tenantName, var tenant = state.tenants[tenantName] {
-                    tenant.connections[id] = nil
-                    if tenant.connections.isEmpty { tenant.disconnectedAt = Self.now() }
-                    state.tenants[tenantName] = tenant
-                }
-            }
-            connection.socket.close()
-        }
-        do {
-            tenantName = try handshake(connection, peer: peer)
-        } catch {
-            logger.notice("handshake failed", metadata: ["peer": "\(peer)", "error": "\(error)"])
-            return
-        }
-        guard let tenantName, let tenantCounters = state.withLock({ $0.tenants[tenantName]?.counters }) else { return }
-        // An authenticated connection may idle between requests, but a reply never waits
-        // longer than `sendTimeout` for a peer that stopped reading.
-        connection.socket.setReceiveTimeout(0)
-        connection.socket.setSendTimeout(configuration.sendTimeout)
-        while !stopping.load(ordering: .relaxed) {
-            let header: FrameHeader
-            do {
-                header = try connection.receiveHeader()
-            } catch {
-                if case .frame(let frameError) = error {
-                    counters.malformedFrames.wrappingIncrement(ordering: .relaxed)
-                    logger.warning("malformed frame; closing", metadata: ["peer": "\(peer)", "error": "\(frameError)"])
-                    try? connection.sendError(Wire.ErrorReply(.malformedFrame, "\(frameError)"), requestID: 0)
-                }
-                return
-            }
-            do {
-                try handle(header, on: connection, tenant: tenantName, counters: tenantCounters)
-            } catch {
-                if case .frame = error { counters.malformedFrames.wrappingIncrement(ordering: .relaxed) }
-                if case .system(let failure) = error, failure.errno == EAGAIN || failure.errno == EWOULDBLOCK {
-                    counters.stuckPeers.wrappingIncrement(ordering: .relaxed)
-                    logger.warning("tenant stopped reading replies; disconnecting it", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)"])
-                }
-                logger.notice("connection closed", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)", "reason": "\(error)"])
-                return
+        state.withLock { state in
+            for (key, connection) in state.pending where connection.acceptedAt <= cutoff {
+                state.pending[key] = nil
+                counters.handshakeTimeouts.wrappingIncrement(ordering: .relaxed)
+                if connection.open { connection.socket.shutdown() }
             }
         }
     }
 
-    /// hello → challenge → (authenticate) → welcome. Returns the tenant's name.
-    private func handshake(_ connection: FrameConnection, peer: Endpoint) throws(RemoteError) -> String {
-        let header = try connection.receiveHeader()
+    /// The worker closes a connection: it leaves every table (its descriptor is closed next).
+    func deregister(_ connection: Connection) {
+        state.withLock { state in
+            connection.open = false
+            let id = ObjectIdentifier(connection)
+            state.connections[id] = nil
+            state.pending[id] = nil
+            if !connection.tenantName.isEmpty, var tenant = state.tenants[connection.tenantName], tenant.connections[id] != nil {
+                tenant.connections[id] = nil
+                if tenant.connections.isEmpty { tenant.disconnectedAt = Self.now() }
+                state.tenants[connection.tenantName] = tenant
+            }
+        }
+    }
+
+    // MARK: Frames
+
+    enum Served { case progress, needMore, paused, closed }
+
+    /// Serves the complete frames buffered on `connection` (one per call). A write's data is
+    /// then received by `continueWrite`.
+    func serveBuffered(_ connection: Connection) -> Served {
+        guard connection.buffered >= WireProtocol.headerSize else { return .needMore }
+        let header: FrameHeader
+        switch FrameHeader.decode(UnsafeRawBufferPointer(start: connection.input + connection.inputStart, count: WireProtocol.headerSize)) {
+        case .success(let decoded): header = decoded
+        case .failure(let error):
+            counters.malformedFrames.wrappingIncrement(ordering: .relaxed)
+            logger.warning("malformed frame; closing", metadata: ["peer": "\(connection.peer)", "error": "\(error)"])
+            connection.queue(.error, flags: .response, requestID: 0, meta: Wire.ErrorReply(.malformedFrame, "\(error)").encode())
+            connection.closeAfterFlush = true
+            return .progress
+        }
+        let serving: Bool
+        if case .serving = connection.phase { serving = true } else { serving = false }
+        let isWrite = serving && (header.opcode == .write || header.opcode == .writeBatch)
+        // A frame's data goes to a slab only for writes; anything else must fit the input buffer.
+        guard isWrite || header.dataLength <= 64 << 10 else {
+            refuse(connection, header.requestID, .tooLarge, "unexpected \(header.dataLength) data bytes in a \(header.opcode) frame")
+            connection.closeAfterFlush = true
+            return .progress
+        }
+        let needed = WireProtocol.headerSize + header.metaLength + (isWrite ? 0 : header.dataLength)
+        if connection.inputCapacity < needed { connection.reserveInput(needed) }
+        guard connection.buffered >= needed else { return .needMore }
+        if serving, header.opcode == .read || header.opcode == .readBatch || isWrite,
+           case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0
+        {
+            if !connection.delayTaken {
+                connection.delayTaken = true
+                connection.pausedUntil = monotonicNanoseconds() + UInt64(delay) * 1000
+                return .paused
+            }
+            connection.delayTaken = false
+        }
+        let base = connection.input + connection.inputStart + WireProtocol.headerSize
+        let meta = UnsafeRawBufferPointer(start: base, count: header.metaLength)
+        let register = WireChecksum.update(0xFFFF_FFFF, meta)
+        if isWrite {
+            beginWrite(connection, header, meta: meta, register: register)
+            connection.consume(needed)
+            return .progress
+        }
+        let data = UnsafeRawBufferPointer(start: base + header.metaLength, count: header.dataLength)
+        let checksumOK = ~WireChecksum.update(register, data) == header.payloadChecksum
+        let keep: Bool
+        switch connection.phase {
+        case .hello: keep = checksumOK && hello(connection, header, meta)
+        case .authenticate(let tenant, let nonce, let agreed, let helloID):
+            keep = checksumOK && authenticate(connection, header, meta, tenant: tenant, nonce: nonce, agreed: agreed, helloID: helloID)
+        case .serving: keep = request(connection, header, meta, checksumOK: checksumOK)
+        }
+        connection.consume(needed)
+        return keep ? .progress : .closed
+    }
+
+    /// hello → challenge. False closes the connection.
+    private func hello(_ connection: Connection, _ header: FrameHeader, _ meta: UnsafeRawBufferPointer) -> Bool {
         guard header.opcode == .hello else {
-            try? connection.sendError(Wire.ErrorReply(.authenticationRequired, "say hello first"), requestID: header.requestID)
-            throw .protocolViolation("first frame was \(header.opcode)")
+            connection.queue(.error, flags: .response, requestID: header.requestID,
+                             meta: Wire.ErrorReply(.authenticationRequired, "say hello first").encode())
+            connection.closeAfterFlush = true
+            logger.notice("handshake failed", metadata: ["peer": "\(connection.peer)", "error": "first frame was \(header.opcode)"])
+            return true
         }
-        let bytes = try connection.receiveSmall(header)
-        let hello = WireReader.decode(bytes, with: Wire.Hello.decode)
-        guard let hello else {
-            try? connection.sendError(Wire.ErrorReply(.malformedFrame, "bad hello"), requestID: header.requestID)
-            throw .protocolViolation("bad hello")
+        var reader = WireReader(meta)
+        guard let hello = Wire.Hello.decode(&reader) else {
+            connection.queue(.error, flags: .response, requestID: header.requestID, meta: Wire.ErrorReply(.malformedFrame, "bad hello").encode())
+            connection.closeAfterFlush = true
+            return true
         }
         // Version: the highest both speak; none in common is a clear refusal naming ours.
         let version = min(hello.maximumVersion, WireProtocol.maximumVersion)
         guard version >= max(hello.minimumVersion, WireProtocol.minimumVersion) else {
-            try? connection.sendError(Wire.ErrorReply(.unsupportedVersion,
-                "daemon speaks versions \(WireProtocol.minimumVersion)...\(WireProtocol.maximumVersion), client \(hello.minimumVersion)...\(hello.maximumVersion)"),
-                requestID: header.requestID)
-            throw .protocolViolation("no common version")
+            connection.queue(.error, flags: .response, requestID: header.requestID, meta: Wire.ErrorReply(.unsupportedVersion,
+                "daemon speaks versions \(WireProtocol.minimumVersion)...\(WireProtocol.maximumVersion), client \(hello.minimumVersion)...\(hello.maximumVersion)").encode())
+            connection.closeAfterFlush = true
+            return true
         }
         let nonce = Authenticator.nonce()
         // Mutual authentication when the client asks for it; version 1's one-way handshake
         // otherwise (docs/protocol.md). Authentication itself is never optional.
         let agreed = Wire.Capabilities(rawValue: hello.capabilities).intersection(.supported)
-        try connection.send(.challenge, flags: .response, requestID: header.requestID,
-                            meta: Wire.Challenge(version: version, authenticationRequired: true, capabilities: agreed.rawValue,
-                                                 nonce: nonce).encode())
-        let proofHeader = try connection.receiveHeader()
-        let proofBytes = try connection.receiveSmall(proofHeader)
-        let proof = WireReader.decode(proofBytes, with: Wire.Authenticate.decode)
+        connection.queue(.challenge, flags: .response, requestID: header.requestID,
+                         meta: Wire.Challenge(version: version, authenticationRequired: true, capabilities: agreed.rawValue,
+                                              nonce: nonce).encode())
+        connection.phase = .authenticate(tenant: hello.tenant, nonce: nonce, agreed: agreed, helloID: header.requestID)
+        return true
+    }
+
+    /// authenticate → welcome (the connection now serves its tenant). False closes it.
+    private func authenticate(_ connection: Connection, _ header: FrameHeader, _ meta: UnsafeRawBufferPointer, tenant tenantName: String,
+                              nonce: [UInt8], agreed: Wire.Capabilities, helloID: UInt64) -> Bool
+    {
+        var reader = WireReader(meta)
+        let proof = header.opcode == .authenticate ? Wire.Authenticate.decode(&reader) : nil
         let tokens = state.withLock { $0.tokens }
         // An unknown tenant is checked against a dummy token, so timing does not say which
         // names exist.
-        let token = tokens.tokens[hello.tenant] ?? Array(repeating: 0, count: 32)
-        let expected = Authenticator.proof(token: token, nonce: nonce, tenant: hello.tenant)
-        guard proofHeader.opcode == .authenticate, let proof, tokens.tokens[hello.tenant] != nil,
-              Authenticator.constantTimeEqual(proof.mac, expected),
+        let token = tokens.tokens[tenantName] ?? Array(repeating: 0, count: 32)
+        let expected = Authenticator.proof(token: token, nonce: nonce, tenant: tenantName)
+        guard let proof, tokens.tokens[tenantName] != nil, Authenticator.constantTimeEqual(proof.mac, expected),
               agreed.contains(.mutualAuthentication) == (proof.clientNonce != nil)
         else {
             counters.authFailures.wrappingIncrement(ordering: .relaxed)
-            logger.warning("authentication failed", metadata: ["peer": "\(peer)", "tenant": "\(hello.tenant)"])
-            try? connection.sendError(Wire.ErrorReply(.authenticationFailed, "authentication failed"), requestID: proofHeader.requestID)
-            throw .refused(Wire.ErrorReply(.authenticationFailed, "authentication failed"))
+            logger.warning("authentication failed", metadata: ["peer": "\(connection.peer)", "tenant": "\(tenantName)"])
+            connection.queue(.error, flags: .response, requestID: header.requestID,
+                             meta: Wire.ErrorReply(.authenticationFailed, "authentication failed").encode())
+            connection.closeAfterFlush = true
+            return true
         }
         let daemonProof = proof.clientNonce.map {
-            Authenticator.daemonProof(token: token, clientNonce: $0, daemonNonce: nonce, tenant: hello.tenant, instance: instance)
+            Authenticator.daemonProof(token: token, clientNonce: $0, daemonNonce: nonce, tenant: tenantName, instance: instance)
         }
-        let tenantName = hello.tenant
-        let welcome = state.withLock { state -> Wire.Welcome? in
-            // The tenant may have been removed (SIGHUP) while this handshake ran.
-            guard state.tokens.tokens[tenantName] != nil else { return nil }
+        let admitted = state.withLock { state -> (Wire.Welcome, UInt32, TenantCounters)? in
+            // The tenant may have been removed (SIGHUP) while this handshake ran, or the
+            // connection cut off meanwhile.
+            guard state.tokens.tokens[tenantName] != nil, connection.open else { return nil }
             state.pending[ObjectIdentifier(connection)] = nil
-            var tenant = state.tenants[tenantName] ?? Tenant()
+            let id = state.id(of: tenantName)
+            var tenant = state.tenants[tenantName] ?? Tenant(id: id)
             tenant.connections[ObjectIdentifier(connection)] = connection
             tenant.disconnectedAt = nil
             state.tenants[tenantName] = tenant
-            return Wire.Welcome(slabSize: UInt64(configuration.slabSize), capacity: UInt64(configuration.capacity),
-                                freeSlabs: UInt32(max(0, totalSlabs - state.mappedSlabs)), heldSlabs: tenant.slabs.sorted(),
-                                daemonInstance: instance, daemonProof: daemonProof)
+            connection.tenantName = tenantName
+            return (Wire.Welcome(slabSize: UInt64(configuration.slabSize), capacity: UInt64(configuration.capacity),
+                                 freeSlabs: UInt32(state.free.count), heldSlabs: tenant.slabs.sorted(),
+                                 daemonInstance: instance, daemonProof: daemonProof), id, tenant.counters)
         }
-        guard let welcome else {
-            try? connection.sendError(Wire.ErrorReply(.authenticationFailed, "authentication failed"), requestID: proofHeader.requestID)
-            throw .refused(Wire.ErrorReply(.authenticationFailed, "tenant removed"))
+        guard let (welcome, id, tenantCounters) = admitted else {
+            connection.queue(.error, flags: .response, requestID: header.requestID,
+                             meta: Wire.ErrorReply(.authenticationFailed, "authentication failed").encode())
+            connection.closeAfterFlush = true
+            return true
         }
-        try connection.send(.welcome, flags: .response, requestID: header.requestID, meta: welcome.encode())
-        logger.debug("client authenticated", metadata: ["peer": "\(peer)", "tenant": "\(tenantName)",
+        connection.tenantID = id
+        connection.tenantCounters = tenantCounters
+        connection.phase = .serving
+        connection.queue(.welcome, flags: .response, requestID: helloID, meta: welcome.encode())
+        logger.debug("client authenticated", metadata: ["peer": "\(connection.peer)", "tenant": "\(tenantName)",
                                                         "mutual": "\(daemonProof != nil)"])
-        return tenantName
+        return true
     }
 
-    private func handle(_ header: FrameHeader, on connection: FrameConnection, tenant: String, counters tenantCounters: TenantCounters)
-        throws(RemoteError)
-    {
+    /// One request of an authenticated tenant (all but writes). False closes the connection.
+    private func request(_ connection: Connection, _ header: FrameHeader, _ meta: UnsafeRawBufferPointer, checksumOK: Bool) -> Bool {
         let id = header.requestID
+        let tenant = connection.tenantID
         switch header.opcode {
         case .read, .readBatch:
-            if case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
-            let (meta, register) = try connection.receiveMeta(header)
-            guard header.dataLength == 0, ~register == header.payloadChecksum else {
-                try refuse(connection, id, .checksumMismatch, "bad payload checksum", tenant: tenant)
-                return
+            guard header.dataLength == 0, checksumOK else {
+                refuse(connection, id, .checksumMismatch, "bad payload checksum")
+                return true
             }
             var reader = WireReader(meta)
             if header.opcode == .read {
-                // The page path: one range, served from a stack value (no arrays).
+                // The page path: one range, no arrays.
                 guard var range = Wire.SlabRange.decode(&reader), reader.remaining == 0 else {
-                    try refuse(connection, id, .malformedFrame, "bad read fields", tenant: tenant)
-                    return
+                    refuse(connection, id, .malformedFrame, "bad read fields")
+                    return true
                 }
-                try withUnsafeMutablePointer(to: &range) { pointer throws(RemoteError) in
-                    try serveRead(UnsafeBufferPointer(start: pointer, count: 1), opcode: .read, id: id, on: connection, tenant: tenant,
-                                  counters: tenantCounters)
+                withUnsafeMutablePointer(to: &range) { pointer in
+                    serveRead(connection, UnsafeBufferPointer(start: pointer, count: 1), opcode: .read, id: id)
                 }
-                return
+                return true
             }
             guard let ranges = Wire.decodeBatch(&reader), reader.remaining == 0 else {
-                try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
-                return
+                refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields")
+                return true
             }
-            try ranges.withUnsafeBufferPointer { buffer throws(RemoteError) in
-                try serveRead(buffer, opcode: header.opcode, id: id, on: connection, tenant: tenant, counters: tenantCounters)
-            }
-
-        case .write, .writeBatch:
-            if case let delay = testDelayMicroseconds.load(ordering: .relaxed), delay > 0 { usleep(UInt32(delay)) }
-            let (meta, register) = try connection.receiveMeta(header)
-            var reader = WireReader(meta)
-            if header.opcode == .write {
-                guard var range = Wire.SlabRange.decode(&reader), reader.remaining == 0, Int(range.length) == header.dataLength else {
-                    _ = try connection.discardData(count: header.dataLength, register: register)
-                    try refuse(connection, id, .malformedFrame, "bad write fields", tenant: tenant)
-                    return
-                }
-                try withUnsafeMutablePointer(to: &range) { pointer throws(RemoteError) in
-                    try serveWrite(UnsafeBufferPointer(start: pointer, count: 1), header: header, register: register, on: connection,
-                                   tenant: tenant, counters: tenantCounters)
-                }
-                return
-            }
-            let ranges = Wire.decodeBatch(&reader)
-            guard let ranges, reader.remaining == 0, ranges.reduce(0, { $0 + Int($1.length) }) == header.dataLength else {
-                _ = try connection.discardData(count: header.dataLength, register: register)
-                try refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields", tenant: tenant)
-                return
-            }
-            try ranges.withUnsafeBufferPointer { buffer throws(RemoteError) in
-                try serveWrite(buffer, header: header, register: register, on: connection, tenant: tenant, counters: tenantCounters)
-            }
-
+            ranges.withUnsafeBufferPointer { serveRead(connection, $0, opcode: header.opcode, id: id) }
+            return true
+        default: break
+        }
+        // Control frames: a bad payload checksum breaks the connection (as before the event loop).
+        guard checksumOK else {
+            counters.malformedFrames.wrappingIncrement(ordering: .relaxed)
+            return false
+        }
+        switch header.opcode {
         case .mapSlab:
-            _ = try connection.receiveSmall(header)
-            switch mapSlab(for: tenant) {
-            case .success(let slab): try connection.send(.mapSlab, flags: .response, requestID: id, meta: Wire.encodeSlab(slab))
-            case .failure(let reply): try refuse(connection, id, reply.code, reply.message, tenant: tenant)
+            switch mapSlab(for: connection.tenantName, id: tenant) {
+            case .success(let slab): connection.queue(.mapSlab, flags: .response, requestID: id, meta: Wire.encodeSlab(slab))
+            case .failure(let reply): refuse(connection, id, reply.code, reply.message)
             }
 
         case .unmapSlab:
-            let bytes = try connection.receiveSmall(header)
-            guard bytes.count == 4 else {
-                try refuse(connection, id, .malformedFrame, "unmap takes a slab id", tenant: tenant)
-                return
+            guard meta.count == 4 else {
+                refuse(connection, id, .malformedFrame, "unmap takes a slab id")
+                return true
             }
-            let slab = bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) }
-            if let reply = unmapSlab(slab, for: tenant) {
-                try refuse(connection, id, reply.code, reply.message, tenant: tenant)
+            let slab = UInt32(littleEndian: meta.loadUnaligned(as: UInt32.self))
+            if let reply = unmapSlab(slab, tenant: tenant) {
+                refuse(connection, id, reply.code, reply.message)
             } else {
-                try connection.send(.unmapSlab, flags: .response, requestID: id, meta: [])
+                connection.queue(.unmapSlab, flags: .response, requestID: id, meta: [])
             }
 
         case .heartbeat:
-            _ = try connection.receiveSmall(header)
-            try connection.send(.heartbeat, flags: .response, requestID: id, meta: [])
+            connection.queue(.heartbeat, flags: .response, requestID: id, meta: [])
 
         case .stats:
-            _ = try connection.receiveSmall(header)
-            try connection.send(.stats, flags: .response, requestID: id, meta: Array(statsJSON(for: tenant).utf8))
+            connection.queue(.stats, flags: .response, requestID: id, meta: Array(statsJSON(for: connection.tenantName).utf8))
 
         case .corruptForTest:
-            let bytes = try connection.receiveSmall(header)
             guard configuration.enableTestFaults else {
-                try refuse(connection, id, .unknownOpcode, "test faults are off (spillwayd --enable-test-faults)", tenant: tenant)
-                return
+                refuse(connection, id, .unknownOpcode, "test faults are off (spillwayd --enable-test-faults)")
+                return true
             }
-            guard let range = WireReader.decode(bytes, with: Wire.SlabRange.decode) else {
-                try refuse(connection, id, .malformedFrame, "corruptForTest takes a slab range", tenant: tenant)
-                return
+            var reader = WireReader(meta)
+            guard let range = Wire.SlabRange.decode(&reader) else {
+                refuse(connection, id, .malformedFrame, "corruptForTest takes a slab range")
+                return true
             }
-            var target = range
-            let refusal = withUnsafePointer(to: &target) { pointer in
-                withUnsafeTemporaryAllocation(of: UnsafeMutableRawPointer.self, capacity: 1) { bases -> Wire.ErrorReply? in
-                    let ranges = UnsafeBufferPointer(start: pointer, count: 1)
-                    if let reply = acquire(ranges, into: bases, tenant: tenant) { return reply }
-                    // Pinned while the bytes are flipped: a concurrent unmap cannot free the slab.
-                    let base = bases[0].assumingMemoryBound(to: UInt8.self)
-                    for index in 0..<Int(range.length) { base[index] ^= 0xFF }
-                    releaseSlabs(ranges)
-                    return nil
-                }
+            guard let slot = slabs.pin(range.slab, tenant: tenant) else {
+                let reply = refusal(for: range.slab, tenant: tenant, name: connection.tenantName)
+                refuse(connection, id, reply.code, reply.message)
+                return true
             }
-            if let refusal {
-                try refuse(connection, id, refusal.code, refusal.message, tenant: tenant)
-            } else {
-                logger.warning("test fault: corrupted slab bytes", metadata: ["tenant": "\(tenant)", "slab": "\(range.slab)",
-                                                                           "offset": "\(range.offset)", "length": "\(range.length)"])
-                try connection.send(.corruptForTest, flags: .response, requestID: id, meta: [])
+            defer { slabs.unpin(slot) }
+            guard slabs.inBounds(offset: range.offset, length: range.length) else {
+                refuse(connection, id, .outOfBounds, outOfBoundsMessage(range))
+                return true
             }
+            let base = slabs.address(slot, Int(range.offset)).assumingMemoryBound(to: UInt8.self)
+            for index in 0..<Int(range.length) { base[index] ^= 0xFF }
+            logger.warning("test fault: corrupted slab bytes", metadata: ["tenant": "\(connection.tenantName)", "slab": "\(range.slab)",
+                                                                       "offset": "\(range.offset)", "length": "\(range.length)"])
+            connection.queue(.corruptForTest, flags: .response, requestID: id, meta: [])
 
-        case .hello, .challenge, .authenticate, .welcome, .reclaim, .error, .goodbye:
-            _ = try connection.receiveSmall(header)
-            try refuse(connection, id, .malformedFrame, "\(header.opcode) is not a request here", tenant: tenant)
+        case .hello, .challenge, .authenticate, .welcome, .reclaim, .error, .goodbye, .read, .readBatch, .write, .writeBatch:
+            refuse(connection, id, .malformedFrame, "\(header.opcode) is not a request here")
         }
+        return true
     }
 
-    private func refuse(_ connection: FrameConnection, _ id: UInt64, _ code: WireErrorCode, _ message: String,
-                        tenant: String) throws(RemoteError)
-    {
+    /// Queues an error reply and counts it.
+    func refuse(_ connection: Connection, _ id: UInt64, _ code: WireErrorCode, _ message: String) {
         switch code {
         case .notOwner, .outOfBounds, .unknownSlab, .slabRevoked:
             counters.refusedAccesses.wrappingIncrement(ordering: .relaxed)
-            state.withLock { $0.tenants[tenant]?.counters.refused.wrappingIncrement(ordering: .relaxed) }
+            connection.tenantCounters?.refused.wrappingIncrement(ordering: .relaxed)
         case .checksumMismatch: counters.checksumFailures.wrappingIncrement(ordering: .relaxed)
         case .malformedFrame: counters.malformedFrames.wrappingIncrement(ordering: .relaxed)
         default: break
         }
-        try connection.sendError(Wire.ErrorReply(code, message), requestID: id)
+        connection.queue(.error, flags: .response, requestID: id, meta: Wire.ErrorReply(code, message).encode())
     }
 
-    /// Checks owner and bounds of every range and pins their slabs (users += 1). Returns the
-    /// base addresses, or the refusal.
-    /// Checks owner and bounds of every range and pins their slabs (users += 1), writing each
-    /// range's address into `bases`. Returns the refusal, if any (then nothing is pinned).
-    private func acquire(_ ranges: UnsafeBufferPointer<Wire.SlabRange>, into bases: UnsafeMutableBufferPointer<UnsafeMutableRawPointer>,
-                         tenant: String) -> Wire.ErrorReply?
-    {
+    private func outOfBoundsMessage(_ range: Wire.SlabRange) -> String {
+        "range \(range.offset)+\(range.length) is outside slab \(range.slab) (\(configuration.slabSize) bytes)"
+    }
+
+    /// Why `tenant` may not touch `slab` (the slow path, after the atomic check failed).
+    private func refusal(for slab: UInt32, tenant: UInt32, name: String) -> Wire.ErrorReply {
         state.withLock { state in
-            for (index, range) in ranges.enumerated() {
-                switch check(range, tenant: tenant, in: &state) {
-                case .success(let base): bases[index] = base
-                case .failure(let reply): return reply
-                }
+            if let index = slabs.index(of: slab), state.slots[index].lent, state.slots[index].slab == slab, state.slots[index].tenant != tenant {
+                return Wire.ErrorReply(.notOwner, "slab \(slab) belongs to another tenant")
             }
-            for range in ranges { state.slabs[range.slab]!.users += 1 }
-            return nil
-        }
-    }
-
-    /// Owner and bounds of one range (under the state lock): its address, or the refusal.
-    private func check(_ range: Wire.SlabRange, tenant: String, in state: inout ServerState) -> Result<UnsafeMutableRawPointer, Wire.ErrorReply> {
-        guard let slab = state.slabs[range.slab], !slab.retired else {
-            if state.revokedFor[tenant]?.contains(range.slab) == true {
-                return .failure(Wire.ErrorReply(.slabRevoked, "slab \(range.slab) was reclaimed"))
+            if state.revokedFor[name]?.contains(slab) == true {
+                return Wire.ErrorReply(.slabRevoked, "slab \(slab) was reclaimed")
             }
-            return .failure(Wire.ErrorReply(.unknownSlab, "no slab \(range.slab)"))
-        }
-        guard slab.owner == tenant else {
-            return .failure(Wire.ErrorReply(.notOwner, "slab \(range.slab) belongs to another tenant"))
-        }
-        guard range.offset <= UInt64(configuration.slabSize), UInt64(range.length) <= UInt64(configuration.slabSize) - range.offset else {
-            return .failure(Wire.ErrorReply(.outOfBounds,
-                "range \(range.offset)+\(range.length) is outside slab \(range.slab) (\(configuration.slabSize) bytes)"))
-        }
-        return .success(slab.base + Int(range.offset))
-    }
-
-    /// `acquire` for one range, without arrays (the per-page path).
-    private func releaseSlabs(_ ranges: UnsafeBufferPointer<Wire.SlabRange>) {
-        state.withLock { state in
-            for range in ranges { unpin(range.slab, in: &state) }
+            return Wire.ErrorReply(.unknownSlab, "no slab \(slab)")
         }
     }
 
-    /// Drops one user of a slab; a retired slab is freed by its last user.
-    private func unpin(_ id: UInt32, in state: inout ServerState) {
-        guard var slab = state.slabs[id] else { return }
-        slab.users -= 1
-        if slab.retired && slab.users == 0 {
-            munmap(slab.base, configuration.slabSize)
-            state.mappedSlabs -= 1
-            state.slabs[id] = nil
-        } else {
-            state.slabs[id] = slab
+    /// Pins every range's slot into `connection.targets` after the owner and bounds checks;
+    /// the refusal if any fails (then nothing stays pinned).
+    private func pinRanges(_ connection: Connection, _ ranges: UnsafeBufferPointer<Wire.SlabRange>) -> Wire.ErrorReply? {
+        connection.targets.removeAll(keepingCapacity: true)
+        for range in ranges {
+            guard let slot = slabs.pin(range.slab, tenant: connection.tenantID) else {
+                for target in connection.targets { slabs.unpin(target.slot) }
+                connection.targets.removeAll(keepingCapacity: true)
+                return refusal(for: range.slab, tenant: connection.tenantID, name: connection.tenantName)
+            }
+            guard slabs.inBounds(offset: range.offset, length: range.length) else {
+                slabs.unpin(slot)
+                for target in connection.targets { slabs.unpin(target.slot) }
+                connection.targets.removeAll(keepingCapacity: true)
+                return Wire.ErrorReply(.outOfBounds, outOfBoundsMessage(range))
+            }
+            connection.targets.append(Connection.Target(slot: slot, pointer: slabs.address(slot, Int(range.offset)), length: Int(range.length)))
         }
+        return nil
     }
 
-    private func serveRead(_ ranges: UnsafeBufferPointer<Wire.SlabRange>, opcode: Opcode, id: UInt64, on connection: FrameConnection,
-                           tenant: String, counters tenantCounters: TenantCounters) throws(RemoteError)
-    {
-        let total = ranges.reduce(0) { $0 + Int($1.length) }
+    private func serveRead(_ connection: Connection, _ ranges: UnsafeBufferPointer<Wire.SlabRange>, opcode: Opcode, id: UInt64) {
+        var total = 0
+        for range in ranges { total += Int(range.length) }
         guard total <= WireProtocol.maxDataLength else {
-            try refuse(connection, id, .tooLarge, "read of \(total) bytes exceeds \(WireProtocol.maxDataLength)", tenant: tenant)
+            refuse(connection, id, .tooLarge, "read of \(total) bytes exceeds \(WireProtocol.maxDataLength)")
             return
         }
-        // Bases on the stack for a page (and small batches), so the page path allocates nothing.
-        try withUnsafeTemporaryAllocation(of: UnsafeMutableRawPointer.self, capacity: ranges.count) { bases throws(RemoteError) in
-            if let reply = acquire(ranges, into: bases, tenant: tenant) {
-                try refuse(connection, id, reply.code, reply.message, tenant: tenant)
-                return
-            }
-            defer { releaseSlabs(ranges) }
-            // Counted before the reply, so whoever saw it also sees the count.
-            counters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-            counters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
-            tenantCounters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-            tenantCounters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
-            if ranges.count == 1 {
-                try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
-                                    data: UnsafeRawBufferPointer(start: bases[0], count: Int(ranges[0].length)))
+        if let reply = pinRanges(connection, ranges) {
+            refuse(connection, id, reply.code, reply.message)
+            return
+        }
+        var register: UInt32 = 0xFFFF_FFFF
+        for target in connection.targets {
+            register = WireChecksum.update(register, UnsafeRawBufferPointer(start: target.pointer, count: target.length))
+        }
+        // Counted before the reply, so whoever saw it also sees the count.
+        counters.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+        counters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
+        connection.tenantCounters?.reads.wrappingIncrement(by: ranges.count, ordering: .relaxed)
+        connection.tenantCounters?.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
+        connection.queueDataHeader(opcode, requestID: id, dataLength: total, checksum: ~register)
+        // Page data goes out straight from the slabs; each stays pinned until it is sent.
+        for target in connection.targets {
+            if target.length > 0 {
+                connection.queueData(slot: target.slot, pointer: target.pointer, length: target.length)
             } else {
-                // Batched: the ranges are sent back to back (copied into one buffer: the frame's
-                // CRC32C covers them all; a scatter send would need one pass anyway).
-                let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(1, total), alignment: 64)
-                defer { buffer.deallocate() }
-                var offset = 0
-                for (index, range) in ranges.enumerated() {
-                    memcpy(buffer + offset, bases[index], Int(range.length))
-                    offset += Int(range.length)
-                }
-                try connection.send(opcode, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0),
-                                    data: UnsafeRawBufferPointer(start: buffer, count: total))
+                slabs.unpin(target.slot)
             }
         }
+        connection.targets.removeAll(keepingCapacity: true)
     }
 
-    private func serveWrite(_ ranges: UnsafeBufferPointer<Wire.SlabRange>, header: FrameHeader, register: UInt32,
-                            on connection: FrameConnection, tenant: String, counters tenantCounters: TenantCounters) throws(RemoteError)
-    {
-        try withUnsafeTemporaryAllocation(of: UnsafeMutableRawPointer.self, capacity: ranges.count) { bases throws(RemoteError) in
-            if let reply = acquire(ranges, into: bases, tenant: tenant) {
-                _ = try connection.discardData(count: header.dataLength, register: register)
-                try refuse(connection, header.requestID, reply.code, reply.message, tenant: tenant)
-                return
+    // MARK: Writes
+
+    /// A write's header and meta are in: checks and pins its ranges; its data follows.
+    private func beginWrite(_ connection: Connection, _ header: FrameHeader, meta: UnsafeRawBufferPointer, register: UInt32) {
+        var reader = WireReader(meta)
+        var refusal: Wire.ErrorReply?
+        var count = 1
+        if header.opcode == .write {
+            if var range = Wire.SlabRange.decode(&reader), reader.remaining == 0, Int(range.length) == header.dataLength {
+                refusal = withUnsafeMutablePointer(to: &range) { pinRanges(connection, UnsafeBufferPointer(start: $0, count: 1)) }
+            } else {
+                refusal = Wire.ErrorReply(.malformedFrame, "bad write fields")
             }
-            defer { releaseSlabs(ranges) }
-            // Straight into the slab. The bytes land before their CRC32C is checked; a mismatch is
-            // refused, and the client never makes that location visible (it writes fresh
-            // locations and publishes only acknowledged ones).
-            var running = register
-            for (index, range) in ranges.enumerated() {
-                running = try connection.receiveData(into: bases[index], count: Int(range.length), register: running)
+        } else if let ranges = Wire.decodeBatch(&reader), reader.remaining == 0,
+                  ranges.reduce(0, { $0 + Int($1.length) }) == header.dataLength
+        {
+            count = ranges.count
+            refusal = ranges.withUnsafeBufferPointer { pinRanges(connection, $0) }
+        } else {
+            refusal = Wire.ErrorReply(.malformedFrame, "bad \(header.opcode) fields")
+        }
+        connection.lastInput = Self.now()
+        connection.write = Connection.WriteInProgress(opcode: header.opcode, requestID: header.requestID, dataLength: header.dataLength,
+                                                      payloadChecksum: header.payloadChecksum, register: register, refusal: refusal,
+                                                      ranges: count)
+    }
+
+    enum WriteProgress { case done, needMore, closed }
+
+    /// Receives a write's data: buffered bytes first, then straight into the slab (or dropped,
+    /// for a refused write); answers once all of it is in.
+    func continueWrite(_ connection: Connection) -> WriteProgress {
+        guard var write = connection.write else { return .done }
+        while write.received < write.dataLength {
+            let remaining = write.dataLength - write.received
+            if connection.buffered > 0 {
+                let count = min(remaining, connection.buffered)
+                if write.refusal == nil { land(connection, &write, from: connection.input + connection.inputStart, count: count) }
+                connection.consume(count)
+                write.received += count
+                continue
             }
-            guard ~running == header.payloadChecksum else {
-                try refuse(connection, header.requestID, .checksumMismatch, "payload CRC32C mismatch", tenant: tenant)
-                return
+            // Nothing buffered: receive straight into the slab (or into the buffer, to drop).
+            let destination: UnsafeMutableRawPointer
+            let room: Int
+            if write.refusal == nil {
+                while connection.targets[write.target].length == write.targetOffset {
+                    write.target += 1
+                    write.targetOffset = 0
+                }
+                let target = connection.targets[write.target]
+                destination = target.pointer + write.targetOffset
+                room = target.length - write.targetOffset
+            } else {
+                destination = connection.input
+                room = min(remaining, connection.inputCapacity)
             }
-            // Counted before the acknowledgement, so whoever saw it also sees the count.
-            counters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-            counters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
-            tenantCounters.writes.wrappingIncrement(by: ranges.count, ordering: .relaxed)
-            tenantCounters.bytesWritten.wrappingIncrement(by: header.dataLength, ordering: .relaxed)
-            try connection.send(header.opcode, flags: .response, requestID: header.requestID, meta: UnsafeRawBufferPointer(start: nil, count: 0))
+            let got = recv(connection.descriptor, destination, room, Int32(MSG_DONTWAIT))
+            if got < 0 {
+                if errno == EINTR { continue }
+                connection.write = write
+                return errno == EAGAIN || errno == EWOULDBLOCK ? .needMore : .closed
+            }
+            if got == 0 {
+                connection.write = write
+                return .closed
+            }
+            connection.lastInput = Self.now()
+            if write.refusal == nil { write.targetOffset += got }
+            write.received += got
+        }
+        let finished = write
+        connection.write = nil
+        if let refusal = finished.refusal {
+            refuse(connection, finished.requestID, refusal.code, refusal.message)
+            return .done
+        }
+        // The bytes landed before their CRC32C is checked; a mismatch is refused, and the client
+        // never makes that location visible (it writes fresh locations and publishes only
+        // acknowledged ones).
+        var register = finished.register
+        for target in connection.targets {
+            register = WireChecksum.update(register, UnsafeRawBufferPointer(start: target.pointer, count: target.length))
+            slabs.unpin(target.slot)
+        }
+        connection.targets.removeAll(keepingCapacity: true)
+        guard ~register == finished.payloadChecksum else {
+            refuse(connection, finished.requestID, .checksumMismatch, "payload CRC32C mismatch")
+            return .done
+        }
+        // Counted before the acknowledgement, so whoever saw it also sees the count.
+        counters.writes.wrappingIncrement(by: finished.ranges, ordering: .relaxed)
+        counters.bytesWritten.wrappingIncrement(by: finished.dataLength, ordering: .relaxed)
+        connection.tenantCounters?.writes.wrappingIncrement(by: finished.ranges, ordering: .relaxed)
+        connection.tenantCounters?.bytesWritten.wrappingIncrement(by: finished.dataLength, ordering: .relaxed)
+        connection.queue(finished.opcode, flags: .response, requestID: finished.requestID, meta: UnsafeRawBufferPointer(start: nil, count: 0))
+        return .done
+    }
+
+    /// Copies `count` received bytes to the write's targets, in order.
+    private func land(_ connection: Connection, _ write: inout Connection.WriteInProgress, from source: UnsafeMutableRawPointer, count: Int) {
+        var source = source
+        var left = count
+        while left > 0 {
+            while connection.targets[write.target].length == write.targetOffset {
+                write.target += 1
+                write.targetOffset = 0
+            }
+            let target = connection.targets[write.target]
+            let piece = min(left, target.length - write.targetOffset)
+            memcpy(target.pointer + write.targetOffset, source, piece)
+            write.targetOffset += piece
+            source += piece
+            left -= piece
         }
     }
 
     // MARK: Slabs
 
-    private func mapSlab(for tenant: String) -> Result<UInt32, Wire.ErrorReply> {
+    private func mapSlab(for tenant: String, id: UInt32) -> Result<UInt32, Wire.ErrorReply> {
         state.withLock { state in
-            // Mapped, not lent: a retired slab that a stuck transfer still pins holds memory too.
-            guard state.mappedSlabs < totalSlabs else {
+            sweepDraining(&state)
+            // Free, not merely unlent: a retired slab that a reply still pins holds memory too.
+            guard let index = state.free.last else {
                 return .failure(Wire.ErrorReply(.noCapacity, "all \(totalSlabs) slabs are lent"))
             }
+            let held = state.tenants[tenant]?.slabs.count ?? 0
             // Every slab a tenant holds is listed in its welcome, which must fit in one frame.
-            guard (state.tenants[tenant]?.slabs.count ?? 0) < Wire.Welcome.maxHeldSlabs else {
+            guard held < Wire.Welcome.maxHeldSlabs else {
                 return .failure(Wire.ErrorReply(.noCapacity, "a tenant may hold at most \(Wire.Welcome.maxHeldSlabs) slabs of one daemon"))
             }
-            // A fresh anonymous mapping: zero-filled, and memory is committed only as written.
-            let base = mmap(nil, configuration.slabSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-            guard let base, base != MAP_FAILED else {
-                return .failure(Wire.ErrorReply(.noCapacity, "mmap of a slab failed: \(String(cString: strerror(errno)))"))
+            if let limit = state.tokens.limits[tenant], (held + 1) * configuration.slabSize > limit {
+                return .failure(Wire.ErrorReply(.noCapacity,
+                    "tenant '\(tenant)' is at its limit of \(ByteCount.format(limit)) on this daemon (token file): it holds \(held) slabs of \(ByteCount.format(configuration.slabSize))"))
             }
-            let id = state.nextSlab
-            state.nextSlab &+= 1
-            if state.nextSlab == 0 { state.nextSlab = 1 }
-            state.slabs[id] = Slab(base: base, owner: tenant, mappedAt: Self.now())
+            state.free.removeLast()
+            var generation = state.slots[index].generation &+ 1
+            if generation == 0 || generation > slabs.maxGeneration { generation = 1 }
+            let slab = slabs.slabID(index: index, generation: generation)
+            state.slots[index] = SlotInfo(lent: true, tenant: id, slab: slab, generation: generation, mappedAt: Self.now())
+            slabs.lend(index, slab: slab, tenant: id)
             state.lentSlabs += 1
-            state.mappedSlabs += 1
-            state.tenants[tenant, default: Tenant()].slabs.insert(id)
-            return .success(id)
+            state.tenants[tenant, default: Tenant(id: id)].slabs.insert(slab)
+            return .success(slab)
         }
     }
 
-    private func unmapSlab(_ id: UInt32, for tenant: String) -> Wire.ErrorReply? {
+    private func unmapSlab(_ slab: UInt32, tenant: UInt32) -> Wire.ErrorReply? {
         state.withLock { state in
-            guard let slab = state.slabs[id], !slab.retired else { return Wire.ErrorReply(.unknownSlab, "no slab \(id)") }
-            guard slab.owner == tenant else { return Wire.ErrorReply(.notOwner, "slab \(id) belongs to another tenant") }
-            retire(id, in: &state)
+            guard let index = slabs.index(of: slab), state.slots[index].lent, state.slots[index].slab == slab else {
+                return Wire.ErrorReply(.unknownSlab, "no slab \(slab)")
+            }
+            guard state.slots[index].tenant == tenant else { return Wire.ErrorReply(.notOwner, "slab \(slab) belongs to another tenant") }
+            retire(index, in: &state)
             return nil
         }
     }
 
-    /// Takes a slab out of service: freed now, or by its last user.
-    private func retire(_ id: UInt32, in state: inout ServerState) {
-        guard var slab = state.slabs[id], !slab.retired else { return }
-        slab.retired = true
+    /// Takes a slot out of service: free now, or once the replies and writes pinning it end.
+    private func retire(_ index: Int, in state: inout ServerState) {
+        guard state.slots[index].lent else { return }
+        let info = state.slots[index]
+        state.slots[index].lent = false
+        state.slots[index].reclaimDeadline = nil
         state.lentSlabs -= 1
-        state.tenants[slab.owner]?.slabs.remove(id)
-        if slab.users == 0 {
-            munmap(slab.base, configuration.slabSize)
-            state.mappedSlabs -= 1
-            state.slabs[id] = nil
+        state.tenants[state.name(of: info.tenant)]?.slabs.remove(info.slab)
+        if slabs.retire(index) {
+            state.free.append(index)
         } else {
-            state.slabs[id] = slab
+            state.draining.append(index)
         }
+    }
+
+    private func sweepDraining(_ state: inout ServerState) {
+        guard !state.draining.isEmpty else { return }
+        var still: [Int] = []
+        for index in state.draining {
+            if slabs.drained(index) { state.free.append(index) } else { still.append(index) }
+        }
+        state.draining = still
     }
 
     // MARK: Leases, reclaim
@@ -800,6 +791,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         while !stopping.load(ordering: .relaxed) {
             usleep(UInt32(configuration.checkInterval * 1_000_000))
             expireHandshakes()
+            state.withLock { sweepDraining(&$0) }
             expireLeases()
             enforceDeadlines()
             if configuration.headroom > 0 { checkHeadroom() }
@@ -815,7 +807,9 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                     logger.info("lease expired; freeing the tenant's slabs", metadata: ["tenant": "\(name)", "slabs": "\(tenant.slabs.count)"])
                     counters.expiredLeases.wrappingIncrement(ordering: .relaxed)
                 }
-                for id in tenant.slabs { retire(id, in: &state) }
+                for slab in tenant.slabs {
+                    if let index = slabs.index(of: slab) { retire(index, in: &state) }
+                }
                 state.tenants[name] = nil
             }
         }
@@ -828,8 +822,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         if configuration.headroom > 0, let available = availableMemory(), available >= configuration.headroom {
             let cancelled = state.withLock { state -> Int in
                 var cancelled = 0
-                for (id, slab) in state.slabs where slab.reclaimDeadline != nil && !slab.retired {
-                    state.slabs[id]!.reclaimDeadline = nil
+                for index in state.slots.indices where state.slots[index].lent && state.slots[index].reclaimDeadline != nil {
+                    state.slots[index].reclaimDeadline = nil
                     cancelled += 1
                 }
                 return cancelled
@@ -841,46 +835,37 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             return
         }
         state.withLock { state in
-            for (id, slab) in state.slabs where !slab.retired {
-                guard let deadline = slab.reclaimDeadline, now >= deadline else { continue }
-                logger.warning("reclaim deadline missed; revoking slab", metadata: ["tenant": "\(slab.owner)", "slab": "\(id)"])
+            for index in state.slots.indices where state.slots[index].lent {
+                guard let deadline = state.slots[index].reclaimDeadline, now >= deadline else { continue }
+                let info = state.slots[index]
+                let owner = state.name(of: info.tenant)
+                logger.warning("reclaim deadline missed; revoking slab", metadata: ["tenant": "\(owner)", "slab": "\(info.slab)"])
                 counters.revokedSlabs.wrappingIncrement(ordering: .relaxed)
-                state.revokedFor[slab.owner, default: []].insert(id)
-                retire(id, in: &state)
+                state.revokedFor[owner, default: []].insert(info.slab)
+                retire(index, in: &state)
             }
         }
     }
 
     /// MemAvailable from `memoryInfoPath`, in bytes.
-    func availableMemory() -> Int? {
-        guard let file = fopen(configuration.memoryInfoPath, "r") else { return nil }
-        defer { fclose(file) }
-        var line = [CChar](repeating: 0, count: 256)
-        while fgets(&line, Int32(line.count), file) != nil {
-            let text = String(cString: line)
-            guard text.hasPrefix("MemAvailable:") else { continue }
-            let fields = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
-            guard fields.count >= 2, let kilobytes = Int(fields[1]) else { return nil }
-            return kilobytes * 1024
-        }
-        return nil
-    }
+    func availableMemory() -> Int? { MemoryInfo.read("MemAvailable:", from: configuration.memoryInfoPath) }
 
     /// Below headroom: ask owners to give back enough slabs (newest first), each with a deadline.
     private func checkHeadroom() {
         guard let available = availableMemory(), available < configuration.headroom else { return }
         let shortfall = configuration.headroom - available
         let now = Self.now()
-        let notices: [(FrameConnection?, UInt32)] = state.withLock { state in
-            let pending = state.slabs.values.filter { $0.reclaimDeadline != nil && !$0.retired }.count * configuration.slabSize
+        let notices: [(Connection?, UInt32)] = state.withLock { state in
+            let pending = state.slots.filter { $0.lent && $0.reclaimDeadline != nil }.count * configuration.slabSize
             guard pending < shortfall else { return [] }
             var needed = shortfall - pending
-            var chosen: [(FrameConnection?, UInt32)] = []
-            for (id, slab) in state.slabs.sorted(by: { $0.value.mappedAt > $1.value.mappedAt })
-                where !slab.retired && slab.reclaimDeadline == nil && needed > 0
-            {
-                state.slabs[id]!.reclaimDeadline = now + configuration.reclaimDeadline
-                chosen.append((state.tenants[slab.owner]?.connections.values.first, id))
+            var chosen: [(Connection?, UInt32)] = []
+            let candidates = state.slots.indices.filter { state.slots[$0].lent && state.slots[$0].reclaimDeadline == nil }
+                .sorted { state.slots[$0].mappedAt > state.slots[$1].mappedAt }
+            for index in candidates where needed > 0 {
+                state.slots[index].reclaimDeadline = now + configuration.reclaimDeadline
+                let info = state.slots[index]
+                chosen.append((state.tenants[state.name(of: info.tenant)]?.connections.values.first, info.slab))
                 needed -= configuration.slabSize
             }
             return chosen
@@ -891,16 +876,10 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 "slab": "\(slab)", "available": "\(ByteCount.format(available))", "headroom": "\(ByteCount.format(configuration.headroom))",
             ])
             let notice = Wire.Reclaim(slab: slab, deadlineMilliseconds: UInt32(configuration.reclaimDeadline * 1000))
-            // Never waits on the tenant: unsent, the notice is simply missed and the deadline
-            // revokes the slab; a half-sent frame breaks the stream, so that peer is cut off.
-            switch connection?.trySendNotice(.reclaim, meta: notice.encode()) {
-            case .broken?:
-                counters.stuckPeers.wrappingIncrement(ordering: .relaxed)
-                connection?.socket.shutdown()
-            case .busy?:
-                logger.notice("reclaim notice not delivered (the tenant is not reading); the deadline still applies",
-                              metadata: ["slab": "\(slab)"])
-            case .sent?, nil: break
+            // Never waits on the tenant: its worker queues the notice unless the tenant's queue
+            // is full (then it is missed and the deadline revokes the slab).
+            if let connection, !stopping.load(ordering: .relaxed) {
+                workers[connection.worker].post(.notice(connection, .reclaim, notice.encode()))
             }
         }
     }
@@ -931,9 +910,9 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     public func snapshot() -> Snapshot {
         state.withLock { state in
-            Snapshot(slabsLent: state.lentSlabs, slabsFree: max(0, totalSlabs - state.mappedSlabs),
+            Snapshot(slabsLent: state.lentSlabs, slabsFree: state.free.count,
                      bytesLent: state.lentSlabs * configuration.slabSize, connections: state.connections.count,
-                     pendingReclaims: state.slabs.values.filter { $0.reclaimDeadline != nil && !$0.retired }.count,
+                     pendingReclaims: state.slots.filter { $0.lent && $0.reclaimDeadline != nil }.count,
                      tenants: state.tenants.keys.sorted().map { name in
                          let tenant = state.tenants[name]!
                          let c = tenant.counters
