@@ -44,7 +44,7 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(help: "PORT or HOST:PORT for Prometheus /metrics (off unless given; a bare port binds 127.0.0.1).")
     var metrics: String?
 
-    @Option(name: .customLong("max-connections"), help: "Connections in all (default 256).")
+    @Option(name: .customLong("max-connections"), help: "Connections in all (default 4096; the open-file limit is raised to fit).")
     var maxConnections: Int?
 
     @Option(name: .customLong("max-unauthenticated"), help: "Connections still in the handshake; a newcomer evicts the oldest (default 64).")
@@ -56,7 +56,7 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(name: .customLong("send-timeout"), help: "Seconds a reply may wait on a client that stopped reading before it is disconnected (default 10).")
     var sendTimeout: Double?
 
-    @Option(help: "Free host memory to keep for the host itself (default 0 = reclaim off).")
+    @Option(help: "Free host memory to keep for the host itself; below it slabs are reclaimed (default 10% of RAM, at most 8g; 0 = reclaim off).")
     var headroom: SizeArgument?
 
     @Option(help: "Seconds a disconnected client keeps its slabs (default 30).")
@@ -68,8 +68,11 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(name: .customLong("memory-info"), help: "Where to read MemAvailable (default /proc/meminfo; a container may point elsewhere).")
     var memoryInfo: String?
 
-    @Option(name: .customLong("poll-us"), help: "Microseconds a connection polls for the next request before sleeping (default 0).")
+    @Option(name: .customLong("poll-us"), help: "Microseconds a worker polls for events before sleeping (default 0).")
     var pollMicroseconds: Int?
+
+    @Option(help: "Event-loop threads serving connections (default min(cores, 8)).")
+    var workers: Int?
 
     @Flag(name: .customLong("enable-test-faults"), help: .hidden)
     var enableTestFaults = false
@@ -83,7 +86,7 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(help: "TOML file with these options as keys.")
     var config: String?
 
-    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "poll-us", "log-level", "max-connections", "max-unauthenticated", "handshake-timeout", "send-timeout"]
+    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "poll-us", "log-level", "max-connections", "max-unauthenticated", "handshake-timeout", "send-timeout", "workers"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -96,12 +99,14 @@ struct SpillwayDaemon: ParsableCommand {
         let endpoint = try Endpoint(parsing: listen ?? file.string("listen") ?? "127.0.0.1:7450")
         var daemon = DaemonConfiguration(listen: endpoint, capacity: try capacity?.bytes ?? file.size("capacity") ?? 1 << 30)
         daemon.slabSize = try slabSize?.bytes ?? file.size("slab-size") ?? 64 << 20
-        daemon.headroom = try headroom?.bytes ?? file.size("headroom") ?? 0
         daemon.lease = try lease ?? file.double("lease") ?? 30
         daemon.reclaimDeadline = try reclaimDeadline ?? file.double("reclaim-deadline") ?? 5
         daemon.memoryInfoPath = try memoryInfo ?? file.string("memory-info") ?? "/proc/meminfo"
+        // Protects the host by default: 10 % of RAM (at most 8 GiB) stays free, or slabs are reclaimed.
+        daemon.headroom = try headroom?.bytes ?? file.size("headroom") ?? DaemonConfiguration.defaultHeadroom(memoryInfoPath: daemon.memoryInfoPath)
         daemon.pollMicroseconds = try pollMicroseconds ?? file.int("poll-us") ?? 0
-        daemon.maxConnections = try maxConnections ?? file.int("max-connections") ?? 256
+        daemon.maxConnections = try maxConnections ?? file.int("max-connections") ?? 4096
+        daemon.workers = try workers ?? file.int("workers") ?? 0
         daemon.maxUnauthenticated = try maxUnauthenticated ?? file.int("max-unauthenticated") ?? 64
         daemon.handshakeTimeout = try handshakeTimeout ?? file.double("handshake-timeout") ?? 5
         daemon.sendTimeout = try sendTimeout ?? file.double("send-timeout") ?? 10
