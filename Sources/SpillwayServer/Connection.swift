@@ -84,6 +84,8 @@ final class Connection: @unchecked Sendable {
     var closeAfterFlush = false
     /// epoll events registered.
     var interest: UInt32 = 0
+    /// Registered with its worker's epoll set and not closed yet.
+    var live = false
     /// Tenant name for the stuck-peer log, once known.
     var label: String { tenantName.isEmpty ? "-" : tenantName }
 

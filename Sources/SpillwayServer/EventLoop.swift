@@ -101,7 +101,7 @@ final class Worker: @unchecked Sendable {
                     continue
                 }
                 let connection = Unmanaged<Connection>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(event.data.u64))!).takeUnretainedValue()
-                guard connection.interest != 0 else { continue }  // closed earlier in this batch
+                guard connection.live else { continue }  // closed earlier in this batch
                 handle(connection, events: event.events)
             }
             if !paused.isEmpty { resumePaused() }
@@ -130,6 +130,7 @@ final class Worker: @unchecked Sendable {
             switch message {
             case .add(let connection):
                 connections[ObjectIdentifier(connection)] = connection
+                connection.live = true
                 connection.interest = EPOLLIN.rawValue
                 var event = epoll_event()
                 event.events = connection.interest
@@ -189,6 +190,9 @@ final class Worker: @unchecked Sendable {
     /// Reads what the socket holds (once, or again while it fills the buffer) and serves
     /// every complete frame. False: the peer is gone or broke the protocol beyond a reply.
     private func receive(_ connection: Connection) -> Bool {
+        // A receive that did not fill the buffer emptied the socket: once the frames it brought
+        // are served, wait for the next event instead of a receive that would say EAGAIN.
+        var drained = false
         while true {
             if connection.closeAfterFlush || connection.pausedUntil != 0 { return true }
             if connection.pending >= Self.outputLimit {
@@ -208,7 +212,7 @@ final class Worker: @unchecked Sendable {
             case .paused:
                 paused.append(connection)
                 return true
-            case .needMore: break
+            case .needMore: if drained { return true }
             case .progress: continue
             }
             // Room for what the next frame needs, then one receive.
@@ -223,6 +227,7 @@ final class Worker: @unchecked Sendable {
                 return errno == EAGAIN || errno == EWOULDBLOCK
             }
             if got == 0 { return false }
+            drained = got < space
             connection.inputEnd += got
             connection.lastInput = RemoteMemoryServer.now()
         }
@@ -264,7 +269,7 @@ final class Worker: @unchecked Sendable {
         let due = paused
         paused.removeAll()
         for connection in due {
-            guard connection.interest != 0 else { continue }
+            guard connection.live else { continue }
             if connection.pausedUntil > now {
                 still.append(connection)
                 continue
@@ -294,7 +299,8 @@ final class Worker: @unchecked Sendable {
     }
 
     func close(_ connection: Connection) {
-        guard connection.interest != 0 || connections[ObjectIdentifier(connection)] != nil else { return }
+        guard connection.live else { return }
+        connection.live = false
         server.deregister(connection)
         epoll_ctl(epoll, EPOLL_CTL_DEL, connection.descriptor, nil)
         connection.interest = 0
