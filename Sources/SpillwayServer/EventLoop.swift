@@ -19,7 +19,9 @@ final class Worker: @unchecked Sendable {
     let index: Int
     let epoll: Int32
     let wake: Int32
-    unowned let server: RemoteMemoryServer
+    /// Strong while running (the server lives as long as its workers, as it did with its
+    /// connection threads); `shutdown` drops the workers after joining them.
+    let server: RemoteMemoryServer
     private var connections: [ObjectIdentifier: Connection] = [:]
     private var paused: [Connection] = []
     /// Closed during this batch of events: kept alive until the batch is done (events refer

@@ -201,6 +201,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     private func acceptLoop(_ listener: TCPSocket) {
         var next = 0
+        var lastAcceptError = -Double.infinity
         let vectors = UnsafeMutableBufferPointer<iovec>.allocate(capacity: 4)
         defer { vectors.deallocate() }
         while !stopping.load(ordering: .relaxed) {
@@ -208,8 +209,14 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             do {
                 accepted = try listener.accept(timeout: 0.1)
             } catch {
-                logger.error("accept failed", metadata: ["error": "\(error)"])
-                usleep(10_000)
+                // Out of descriptors (EMFILE/ENFILE) repeats until a connection closes: logged
+                // at most once a second, not once per retry.
+                let now = Self.now()
+                if now - lastAcceptError >= 1 {
+                    lastAcceptError = now
+                    logger.error("accept failed", metadata: ["error": "\(error)", "hint": "raise the open-file limit or lower --max-connections"])
+                }
+                usleep(50_000)
                 continue
             }
             guard let (socket, peer) = accepted else { continue }

@@ -146,6 +146,17 @@ private func receiveRead(_ connection: FrameConnection, count: Int) throws -> Re
         #expect(server.counters.refusedAccesses.load(ordering: .relaxed) >= 6)
     }
 
+    @Test func theDefaultHeadroomIsATenthOfRAMAtMostEightGiB() throws {
+        let path = NSTemporaryDirectory() + "spillway-meminfo-\(getpid())"
+        defer { unlink(path) }
+        try "MemTotal:       16777216 kB\nMemAvailable:    8388608 kB\n".write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(DaemonConfiguration.defaultHeadroom(memoryInfoPath: path) == (16 << 30) / 10)
+        try "MemTotal:       268435456 kB\n".write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(DaemonConfiguration.defaultHeadroom(memoryInfoPath: path) == 8 << 30)
+        #expect(DaemonConfiguration.defaultHeadroom(memoryInfoPath: path + ".missing") == 0)
+        #expect(DaemonConfiguration(capacity: 1 << 30).maxConnections >= 4096)
+    }
+
     @Test func tokenFileSizesParseInEitherOrderWithAdmin() throws {
         let file = try TokenFile.parse("""
             a token-aaaaaaaaaaaaaaaa 64g
@@ -185,5 +196,27 @@ private func receiveRead(_ connection: FrameConnection, count: Int) throws -> Re
         // SIGHUP semantics: a reload that lifts the limit applies to the next mapping.
         server.reloadTokens(TokenFile(tokens: [("alice", aliceToken), ("bob", bobToken)]), counted: false)
         _ = try client.mapSlab()
+    }
+}
+
+/// Measurement aid (skipped unless SPILLWAY_HOLD_CLIENTS=HOST:PORT,TENANT,TOKEN[,COUNT[,SECONDS]]
+/// is set): holds COUNT (256) authenticated connections to a running daemon for SECONDS (5),
+/// so its thread count can be read from /proc while they are connected.
+@Suite struct HoldClients {
+    @Test(.enabled(if: ProcessInfo.processInfo.environment["SPILLWAY_HOLD_CLIENTS"] != nil))
+    func holdAuthenticatedClients() throws {
+        let fields = ProcessInfo.processInfo.environment["SPILLWAY_HOLD_CLIENTS"]!.split(separator: ",").map(String.init)
+        let endpoint = try Endpoint(parsing: fields[0])
+        let count = fields.count > 3 ? Int(fields[3]) ?? 256 : 256
+        let seconds = fields.count > 4 ? Double(fields[4]) ?? 5 : 5
+        var connections: [FrameConnection] = []
+        for _ in 0..<count {
+            let connection = try rawConnection(endpoint, ioTimeout: 20)
+            _ = try rawAuthenticate(connection, tenant: fields[1], token: Array(fields[2].utf8))
+            connections.append(connection)
+        }
+        print("holding \(count) authenticated connections for \(seconds) s")
+        usleep(UInt32(seconds * 1e6))
+        for connection in connections { connection.socket.close() }
     }
 }
