@@ -146,6 +146,83 @@ private func receiveRead(_ connection: FrameConnection, count: Int) throws -> Re
         #expect(server.counters.refusedAccesses.load(ordering: .relaxed) >= 6)
     }
 
+    /// The lock-free page path under churn: one tenant reads its slab while it is unmapped and
+    /// the slot lent to another tenant who writes it at once. Every read returns the reader's
+    /// own bytes or a refusal, never the other tenant's bytes (a retired slot pinned by a
+    /// reply is not lent again until the reply is out; a stale id never reaches the new
+    /// mapping).
+    @Test func readsRacingUnmapAndRemapNeverSeeAnotherTenantsBytes() throws {
+        let server = try startDaemon(capacity: 2 << 20, slabSize: 1 << 20)
+        defer { server.shutdown(drain: 0) }
+        let reader = try DaemonClient(endpoint: endpoint(server), credentials: alice)
+        let owner = try DaemonClient(endpoint: endpoint(server), credentials: alice)
+        let other = try DaemonClient(endpoint: endpoint(server), credentials: bob)
+        let current = Locked<UInt32?>(nil)
+        let stop = ManagedAtomicFlag()
+        let wrong = Locked(0)
+        let served = Locked(0)
+        let refused = Locked(0)
+        let readers = (0..<3).map { _ in
+            BackgroundThread {
+                while !stop.isSet {
+                    guard let slab = current.withLock({ $0 }) else { continue }
+                    var page = [UInt8](repeating: 0x11, count: 4096)
+                    if transfer(reader, write: false, slab: slab, offset: 0, &page) == 0 {
+                        if page.allSatisfy({ $0 == 0xAA }) { served.withLock { $0 += 1 } } else { wrong.withLock { $0 += 1 } }
+                    } else {
+                        refused.withLock { $0 += 1 }
+                    }
+                }
+            }
+        }
+        let intruder = BackgroundThread {
+            while !stop.isSet {
+                guard let slab = try? other.mapSlab() else { continue }
+                var page = [UInt8](repeating: 0xBB, count: 4096)
+                _ = transfer(other, write: true, slab: slab, offset: 0, &page)
+                try? other.unmapSlab(slab)
+            }
+        }
+        let deadline = monotonicNanoseconds() + 2_000_000_000
+        while monotonicNanoseconds() < deadline {
+            guard let slab = try? owner.mapSlab() else { continue }
+            var page = [UInt8](repeating: 0xAA, count: 4096)
+            guard transfer(owner, write: true, slab: slab, offset: 0, &page) == 0 else { continue }
+            current.withLock { $0 = slab }
+            usleep(2000)
+            try owner.unmapSlab(slab)  // readers now race the retire and bob's remap
+            usleep(500)
+        }
+        stop.set()
+        for thread in readers { thread.join() }
+        intruder.join()
+        print("racing reads: \(served.withLock { $0 }) served, \(refused.withLock { $0 }) refused, \(wrong.withLock { $0 }) wrong")
+        #expect(wrong.withLock { $0 } == 0)
+        #expect(served.withLock { $0 } > 0 && refused.withLock { $0 } > 0)
+    }
+
+    @Test func aStrangerSendingMoreThanAHandshakeMayIsCutOff() throws {
+        let server = try startDaemon()
+        defer { server.shutdown(drain: 0) }
+        let socket = try TCPSocket.connect(to: endpoint(server), ioTimeout: 5)
+        // A hello that announces 1 MiB of data: no handshake frame carries data, and the
+        // daemon never buffers it; it answers tooLarge and closes.
+        var header = [UInt8](repeating: 0, count: WireProtocol.headerSize)
+        header.withUnsafeMutableBytes {
+            FrameHeader(opcode: .hello, requestID: 1, metaLength: 0, dataLength: 1 << 20, payloadChecksum: 0).encode(into: $0.baseAddress!)
+        }
+        try header.withUnsafeMutableBytes { raw in
+            var vector = iovec(iov_base: raw.baseAddress, iov_len: raw.count)
+            try withUnsafeMutablePointer(to: &vector) { try socket.send(UnsafeMutableBufferPointer(start: $0, count: 1)) }
+        }
+        let connection = FrameConnection(socket: socket)
+        let (opcode, bytes) = try rawReceive(connection)
+        #expect(opcode == .error)
+        #expect(WireReader.decode(bytes, with: Wire.ErrorReply.decode)?.code == .tooLarge)
+        #expect(throws: RemoteError.self) { _ = try connection.receiveHeader() }
+        #expect(server.snapshot().connections == 0 || eventually { server.snapshot().connections == 0 })
+    }
+
     @Test func theDefaultHeadroomIsATenthOfRAMAtMostEightGiB() throws {
         let path = NSTemporaryDirectory() + "spillway-meminfo-\(getpid())"
         defer { unlink(path) }
