@@ -103,6 +103,7 @@ let package = Package(
             dependencies: [
                 "SpillwayCore",
                 "SpillwayProtocol",
+                "SpillwayFabric",
                 "CSpillwayVerbs",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -120,6 +121,7 @@ let package = Package(
                 "CSpillwayEpoll",
                 "SpillwayProtocol",
                 "SpillwayRemote",
+                "SpillwayFabric",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "Logging", package: "swift-log"),
             ]

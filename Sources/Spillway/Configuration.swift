@@ -32,6 +32,10 @@ public struct TierConfiguration: Sendable, Equatable {
     public var embeddedDaemons: Int = 2
     /// Remote: microseconds a connection polls for a reply before sleeping (TOML `poll-us`).
     public var pollMicroseconds: Int = 20
+    /// Remote: page transport (TOML `transport` = "auto" | "rma" | "tcp") and libfabric
+    /// provider (TOML `fabric-provider`, e.g. "verbs", "efa", "tcp").
+    public var transport: TransportMode = .auto
+    public var fabricProvider: String?
     /// Erasure-coded (`kind = "ec"`): RS(k, r), late binding Δ, placement (TOML `k`, `r`,
     /// `late-binding-delta`, `placement` = "coding-sets" | "random"). With no `servers`,
     /// k+r in-process daemons on loopback.
@@ -140,7 +144,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     ]
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
-        "path", "buffered-io", "poll-mode", "reformat", "poll-us", "k", "r", "late-binding-delta", "placement", "compression", "compression-ratio",
+        "path", "buffered-io", "poll-mode", "reformat", "poll-us", "transport", "fabric-provider", "k", "r", "late-binding-delta", "placement", "compression", "compression-ratio",
         "write-quorum", "write-deadline-ms", "durability",
     ]
 
@@ -238,6 +242,8 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             }
         }
         if let deadline = try TOMLReader.int(table, "write-deadline-ms") { tier.writeDeadlineMilliseconds = deadline }
+        if let transport = try TOMLReader.string(table, "transport") { tier.transport = try TransportMode.parse(transport) }
+        if let provider = try TOMLReader.string(table, "fabric-provider") { tier.fabricProvider = provider }
         if let poll = try TOMLReader.int(table, "poll-us") {
             guard (0...10_000).contains(poll) else { throw .invalidConfiguration("tier '\(tier.name)': poll-us must be 0…10000") }
             tier.pollMicroseconds = poll
@@ -445,6 +451,8 @@ extension RemoteTier {
             var configuration = RemoteTierConfiguration(name: tier.name, servers: endpoints, credentials: credentials,
                                                         capacity: tier.capacity, slotSize: slotSize)
             configuration.pollMicroseconds = tier.pollMicroseconds
+            configuration.transport = tier.transport
+            configuration.fabricProvider = tier.fabricProvider
             let remote = try RemoteTier(configuration, logger: logger)
             remote.inProcessDaemons = group
             return remote

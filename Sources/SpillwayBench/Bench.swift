@@ -35,6 +35,9 @@ public struct BenchOptions: Sendable, Equatable {
     public var servers: [String] = []
     /// Remote: the client's token file.
     public var tokenFile: String?
+    /// Remote: page transport and libfabric provider (`--transport`, `--fabric-provider`).
+    public var transport: TransportMode = .auto
+    public var fabricProvider: String?
     /// Erasure-coded: RS(k, r) and the late-binding Δ (0 = off).
     public var k = 4
     public var r = 2
@@ -96,6 +99,8 @@ public struct BenchResult: Sendable {
     public var stats: StoreStats?
     /// NVMe runs: the file, where its data region starts, and how the ring drives it.
     public var nvme: (file: String, dataOffset: Int, mode: String, directIO: Bool)?
+    /// Remote runs: the page transport in use ("rma" | "tcp") and why it was chosen.
+    public var transport: (name: String, reason: String)?
 
     public var iops: Double { seconds > 0 ? Double(ops) / seconds : 0 }
     public var bytesPerSecond: Double { iops * Double(blockSize) }
@@ -117,6 +122,10 @@ public struct BenchResult: Sendable {
             members.append(("data_offset", .int(nvme.dataOffset)))
             members.append(("io_mode", .string(nvme.mode)))
             members.append(("direct_io", .bool(nvme.directIO)))
+        }
+        if let transport {
+            members.append(("transport", .string(transport.name)))
+            members.append(("transport_reason", .string(transport.reason)))
         }
         if let stats {
             members.append(("policy", .string(stats.policy)))
@@ -159,6 +168,10 @@ public enum BenchRunner {
         if kind == .remote || kind == .erasureCoded {
             tier.servers = options.servers
             tier.tokenFile = options.tokenFile
+            if kind == .remote {
+                tier.transport = options.transport
+                tier.fabricProvider = options.fabricProvider
+            }
             tier.k = options.k
             tier.r = options.r
             tier.lateBindingDelta = options.lateBindingDelta
@@ -328,7 +341,8 @@ public enum BenchRunner {
             seconds: seconds, p50: empty ? 0 : histogram.valueAtPercentile(50), p99: empty ? 0 : histogram.valueAtPercentile(99),
             p999: empty ? 0 : histogram.valueAtPercentile(99.9), max: empty ? 0 : histogram.max,
             workingSetBytes: pages * blockSize, seed: options.seed, latencySampleEvery: sampleEvery, errors: errors,
-            verifiedPages: verified, batchSize: batchSize, stats: store.stats(), nvme: nvme)
+            verifiedPages: verified, batchSize: batchSize, stats: store.stats(), nvme: nvme,
+            transport: (store.tiers.first as? RemoteTier).map { ($0.transport, $0.transportReason) })
     }
 
     /// Deterministic page content from (key, seed): any process can regenerate and check it.

@@ -58,6 +58,12 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("token-file"), help: "Remote: the client's token file (line 'NAME TOKEN').")
     var tokenFile: String?
 
+    @Option(help: "Remote: page transport auto | rma | tcp (default auto: RMA on an RDMA/EFA provider or a named one, else TCP).")
+    var transport: String?
+
+    @Option(name: .customLong("fabric-provider"), help: "Remote: libfabric provider for RMA, e.g. verbs, efa, tcp.")
+    var fabricProvider: String?
+
     @Option(help: "Erasure-coded: data splits per page (default 4).")
     var k: Int?
 
@@ -101,7 +107,7 @@ struct BenchCommand: ParsableCommand {
     var logLevel: LogLevelArgument?
 
     /// Keys a --config file may set for this command (`tier` is the store's [[tier]] array).
-    static let optionKeys: Set<String> = ["file", "durability", "servers", "token-file", "k", "r", "late-binding-delta", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
+    static let optionKeys: Set<String> = ["file", "durability", "servers", "token-file", "transport", "fabric-provider", "k", "r", "late-binding-delta", "pattern", "block-size", "queue-depth", "duration", "size", "seed", "json", "log-level"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -129,6 +135,8 @@ struct BenchCommand: ParsableCommand {
         }
         options.servers = try (servers ?? file.string("servers")).map { $0.split(separator: ",").map(String.init) } ?? []
         options.tokenFile = try tokenFile ?? file.string("token-file")
+        options.transport = try TransportMode.parse(transport ?? file.string("transport") ?? "auto")
+        options.fabricProvider = try fabricProvider ?? file.string("fabric-provider")
         options.k = try k ?? file.int("k") ?? 4
         options.r = try r ?? file.int("r") ?? 2
         options.lateBindingDelta = try lateBindingDelta ?? file.int("late-binding-delta") ?? 1

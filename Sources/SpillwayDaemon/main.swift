@@ -74,6 +74,12 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(help: "Event-loop threads serving connections (default min(cores, 8)).")
     var workers: Int?
 
+    @Option(help: "Page transports: auto (RMA through libfabric when a provider is usable, plus TCP), rma (fail without one) or tcp (default auto).")
+    var transport: String?
+
+    @Option(name: .customLong("fabric-provider"), help: "libfabric provider for RMA, e.g. verbs, efa, tcp (default: verbs or efa when present).")
+    var fabricProvider: String?
+
     @Flag(name: .customLong("enable-test-faults"), help: .hidden)
     var enableTestFaults = false
 
@@ -86,7 +92,7 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(help: "TOML file with these options as keys.")
     var config: String?
 
-    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "poll-us", "log-level", "max-connections", "max-unauthenticated", "handshake-timeout", "send-timeout", "workers"]
+    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "poll-us", "log-level", "max-connections", "max-unauthenticated", "handshake-timeout", "send-timeout", "workers", "transport", "fabric-provider"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -110,6 +116,8 @@ struct SpillwayDaemon: ParsableCommand {
         daemon.maxUnauthenticated = try maxUnauthenticated ?? file.int("max-unauthenticated") ?? 64
         daemon.handshakeTimeout = try handshakeTimeout ?? file.double("handshake-timeout") ?? 5
         daemon.sendTimeout = try sendTimeout ?? file.double("send-timeout") ?? 10
+        daemon.transport = try TransportMode.parse(transport ?? file.string("transport") ?? "auto")
+        daemon.fabricProvider = try fabricProvider ?? file.string("fabric-provider")
         // Test faults: a corruption opcode and a per-reply delay, for fault tests and Bench only.
         daemon.enableTestFaults = enableTestFaults
         daemon.testDelayMicroseconds = testDelayMicroseconds ?? 0

@@ -43,8 +43,14 @@ public enum Wire {
         /// (`Authenticator.daemonProof`), so a client never hands pages to a daemon that does
         /// not hold the tenant's token. Without the bit, version 1's one-way handshake.
         public static let mutualAuthentication = Capabilities(rawValue: 1 << 0)
+        /// One-sided RMA through libfabric: a client sets it when it can move pages by
+        /// `fi_read`/`fi_write`; a daemon echoes it when it serves RMA. With the bit agreed the
+        /// `welcome` ends with the daemon's fabric provider and address (`Welcome.fabric`) and
+        /// each `mapSlab` reply carries the slab's memory-region grant (`MapReply.grant`).
+        /// Page data may still travel as `read`/`write` frames on the same connection.
+        public static let rma = Capabilities(rawValue: 1 << 1)
         /// What this build understands.
-        public static let supported: Capabilities = [.mutualAuthentication]
+        public static let supported: Capabilities = [.mutualAuthentication, .rma]
     }
 
     public struct Hello: Equatable, Sendable {
@@ -143,13 +149,17 @@ public enum Wire {
         /// With mutual authentication: the daemon's proof (`Authenticator.daemonProof`) that it
         /// holds the tenant's token, binding both nonces and `daemonInstance`.
         public var daemonProof: [UInt8]?
+        /// With `Capabilities.rma` agreed: the daemon's libfabric provider name and endpoint
+        /// address (`fi_getname`), appended after the proof.
+        public var fabric: FabricAdvert?
         /// Most slab ids one welcome lists: the daemon refuses to map more to one tenant, so a
         /// welcome always fits in a frame's meta section.
         public static let maxHeldSlabs = (WireProtocol.maxMetaLength - 64) / 4
 
         public init(slabSize: UInt64, capacity: UInt64, freeSlabs: UInt32, heldSlabs: [UInt32], daemonInstance: UInt64,
-                    daemonProof: [UInt8]? = nil)
+                    daemonProof: [UInt8]? = nil, fabric: FabricAdvert? = nil)
         {
+            self.fabric = fabric
             self.slabSize = slabSize
             self.capacity = capacity
             self.freeSlabs = freeSlabs
@@ -167,7 +177,39 @@ public enum Wire {
             writer.write(UInt32(heldSlabs.count))
             for slab in heldSlabs { writer.write(slab) }
             if let daemonProof { writer.write(bytes: daemonProof) }
+            if let fabric {
+                writer.write(string: fabric.provider)
+                writer.write(UInt16(fabric.address.count))
+                writer.write(bytes: fabric.address)
+            }
             return writer.bytes
+        }
+
+        /// Decodes a welcome given the capabilities agreed in the challenge: with `.rma` the
+        /// proof is present exactly when mutual authentication was agreed, and the fabric
+        /// advert follows it.
+        public static func decode(_ reader: inout WireReader, agreed: Capabilities) -> Welcome? {
+            guard agreed.contains(.rma) else { return decode(&reader) }
+            guard let slabSize = reader.read(UInt64.self), let capacity = reader.read(UInt64.self),
+                  let free = reader.read(UInt32.self), let instance = reader.read(UInt64.self),
+                  let count = reader.read(UInt32.self), Int(count) * 4 <= reader.remaining
+            else { return nil }
+            var held: [UInt32] = []
+            for _ in 0..<count {
+                guard let slab = reader.read(UInt32.self) else { return nil }
+                held.append(slab)
+            }
+            var proof: [UInt8]?
+            if agreed.contains(.mutualAuthentication) {
+                guard let bytes = reader.readBytes(Authenticate.macSize) else { return nil }
+                proof = bytes
+            }
+            guard let provider = reader.readString(), provider.utf8.count <= 64,
+                  let length = reader.read(UInt16.self), length <= 1024, let address = reader.readBytes(Int(length)),
+                  reader.remaining == 0
+            else { return nil }
+            return Welcome(slabSize: slabSize, capacity: capacity, freeSlabs: free, heldSlabs: held, daemonInstance: instance,
+                           daemonProof: proof, fabric: FabricAdvert(provider: provider, address: address))
         }
 
         public static func decode(_ reader: inout WireReader) -> Welcome? {
@@ -187,6 +229,56 @@ public enum Wire {
             }
             return Welcome(slabSize: slabSize, capacity: capacity, freeSlabs: free, heldSlabs: held, daemonInstance: instance,
                            daemonProof: proof)
+        }
+    }
+
+    /// A daemon's libfabric endpoint as a welcome advertises it.
+    public struct FabricAdvert: Equatable, Sendable {
+        public var provider: String
+        public var address: [UInt8]
+
+        public init(provider: String, address: [UInt8]) {
+            self.provider = provider
+            self.address = address
+        }
+    }
+
+    /// The `mapSlab` reply: the slab id, and with `Capabilities.rma` agreed the memory-region
+    /// grant the daemon registered for this tenant and slab (base, length, key; 24 bytes
+    /// appended). A reply without a grant is the 4-byte form of every earlier version.
+    public struct MapReply: Equatable, Sendable {
+        public var slab: UInt32
+        public var grantBase: UInt64
+        public var grantLength: UInt64
+        public var grantKey: UInt64
+        public var hasGrant: Bool
+
+        public init(slab: UInt32, grant: (base: UInt64, length: UInt64, key: UInt64)? = nil) {
+            self.slab = slab
+            grantBase = grant?.base ?? 0
+            grantLength = grant?.length ?? 0
+            grantKey = grant?.key ?? 0
+            hasGrant = grant != nil
+        }
+
+        public func encode() -> [UInt8] {
+            var writer = WireWriter()
+            writer.write(slab)
+            if hasGrant {
+                writer.write(grantBase)
+                writer.write(grantLength)
+                writer.write(grantKey)
+            }
+            return writer.bytes
+        }
+
+        public static func decode(_ reader: inout WireReader) -> MapReply? {
+            guard let slab = reader.read(UInt32.self) else { return nil }
+            if reader.remaining == 0 { return MapReply(slab: slab) }
+            guard let base = reader.read(UInt64.self), let length = reader.read(UInt64.self), let key = reader.read(UInt64.self),
+                  reader.remaining == 0
+            else { return nil }
+            return MapReply(slab: slab, grant: (base, length, key))
         }
     }
 
@@ -287,12 +379,16 @@ extension WireProtocol {
             case .hello: _ = Wire.Hello.decode(&reader)
             case .challenge: _ = Wire.Challenge.decode(&reader)
             case .authenticate: _ = Wire.Authenticate.decode(&reader)
-            case .welcome: _ = Wire.Welcome.decode(&reader)
+            case .welcome:
+                var copy = reader
+                _ = Wire.Welcome.decode(&reader)
+                _ = Wire.Welcome.decode(&copy, agreed: [.mutualAuthentication, .rma])
             case .read, .write, .corruptForTest: _ = Wire.SlabRange.decode(&reader)
             case .readBatch, .writeBatch: _ = Wire.decodeBatch(&reader)
             case .reclaim: _ = Wire.Reclaim.decode(&reader)
             case .error: _ = Wire.ErrorReply.decode(&reader)
-            case .mapSlab, .unmapSlab: _ = reader.read(UInt32.self)
+            case .mapSlab: _ = Wire.MapReply.decode(&reader)
+            case .unmapSlab: _ = reader.read(UInt32.self)
             case .goodbye: _ = reader.readString()
             case .heartbeat, .stats: _ = reader.readBytes(reader.remaining)
             }

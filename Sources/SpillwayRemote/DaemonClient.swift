@@ -1,6 +1,8 @@
 import Atomics
 import Logging
+import Metrics
 import SpillwayCore
+import SpillwayFabric
 import SpillwayProtocol
 
 #if canImport(Glibc)
@@ -72,10 +74,18 @@ public final class DaemonClient: @unchecked Sendable {
     public let reclaims = Locked<[Wire.Reclaim]>([])
     /// Set when the daemon said goodbye or a connection failed.
     public let failed = ManagedAtomic<Bool>(false)
+    /// The page transport negotiated with this daemon ("rma" or "tcp") and why.
+    public private(set) var transport = "tcp"
+    public private(set) var transportReason = ""
+    /// The capabilities this client asks for in every hello.
+    private let requested: Wire.Capabilities
+    /// The one-sided path, when RMA was negotiated.
+    let rma: RMAChannel?
 
     /// Connects and authenticates one connection (more are opened on demand).
     public init(endpoint: Endpoint, credentials: ClientCredentials, maxConnections: Int = 4, ioTimeout: Double = 5,
-                pollMicroseconds: Int = 20, logger: Logger = Logger(label: "spillway.remote")) throws(RemoteError)
+                pollMicroseconds: Int = 20, transport mode: TransportMode = .auto, fabricProvider: String? = nil,
+                rmaArenaBytes: Int = 4 << 20, logger: Logger = Logger(label: "spillway.remote")) throws(RemoteError)
     {
         self.pollMicroseconds = pollMicroseconds
         self.endpoint = endpoint
@@ -85,8 +95,60 @@ public final class DaemonClient: @unchecked Sendable {
         self.maxConnections = maxConnections
         self.ioTimeout = ioTimeout
         self.logger = logger
-        let (connection, welcome) = try Self.open(endpoint, credentials: credentials, ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds)
+        // Ask for RMA only when this side could use it: a provider named, or (auto/rma) a local
+        // RDMA/EFA provider to match the daemon's.
+        var reason = ""
+        var wantRMA = false
+        switch mode {
+        case .tcp: reason = "--transport tcp"
+        case .auto, .rma:
+            if fabricProvider != nil {
+                wantRMA = true
+            } else if TransportSelection.localRDMAProvider != nil {
+                wantRMA = true
+            } else {
+                reason = TransportSelection.noRDMAReason
+                if mode == .rma {
+                    throw .transportUnavailable("--transport rma to \(endpoint): \(reason)")
+                }
+            }
+        }
+        requested = wantRMA ? Wire.Capabilities.supported : Wire.Capabilities.supported.subtracting(.rma)
+        let (connection, welcome) = try Self.open(endpoint, credentials: credentials, ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds,
+                                                  capabilities: requested)
         self.welcome = welcome
+        var channel: RMAChannel?
+        if wantRMA {
+            if var advert = welcome.fabric {
+                advert.provider = String(advert.provider.split(separator: ";").first ?? "")
+                if let named = fabricProvider.map({ String($0.split(separator: ";").first ?? "") }), named != advert.provider {
+                    reason = "provider mismatch: the daemon serves RMA on '\(advert.provider)', this client was told '\(named)'"
+                } else if fabricProvider == nil, mode == .auto, !TransportMode.rdmaProviders.contains(advert.provider) {
+                    reason = "the daemon's provider '\(advert.provider)' is not an RDMA/EFA one; name it (--fabric-provider \(advert.provider)) to use it"
+                } else {
+                    do {
+                        channel = try RMAChannel(provider: advert.provider, daemonAddress: advert.address,
+                                                 node: endpoint.isLoopback ? "127.0.0.1" : nil, arenaBytes: rmaArenaBytes,
+                                                 timeout: ioTimeout, logger: logger)
+                        reason = fabricProvider != nil ? "provider '\(advert.provider)' named and served by the daemon"
+                            : "RDMA provider '\(advert.provider)' on both sides"
+                    } catch {
+                        reason = "libfabric provider '\(advert.provider)' refused or registration failed: \(error)"
+                    }
+                }
+            } else {
+                reason = "peer TCP-only: the daemon at \(endpoint) does not serve RMA (spillwayd --transport auto|rma with a usable --fabric-provider)"
+            }
+            if channel == nil && mode == .rma {
+                connection.socket.close()
+                throw .transportUnavailable("--transport rma to \(endpoint): \(reason)")
+            }
+        }
+        rma = channel
+        transport = channel == nil ? "tcp" : "rma"
+        transportReason = reason
+        logger.notice("remote transport chosen", metadata: ["daemon": "\(endpoint)", "transport": "\(transport)", "reason": "\(reason)"])
+        Counter(label: "spillway_transport_connections", dimensions: [("transport", transport)]).increment()
         pool.withLock {
             $0.idle.append(connection)
             $0.open = 1
@@ -99,7 +161,8 @@ public final class DaemonClient: @unchecked Sendable {
         }
     }
 
-    static func open(_ endpoint: Endpoint, credentials: ClientCredentials, ioTimeout: Double, pollMicroseconds: Int) throws(RemoteError)
+    static func open(_ endpoint: Endpoint, credentials: ClientCredentials, ioTimeout: Double, pollMicroseconds: Int,
+                     capabilities: Wire.Capabilities = Wire.Capabilities.supported.subtracting(.rma)) throws(RemoteError)
         -> (FrameConnection, Wire.Welcome)
     {
         let socket: TCPSocket
@@ -110,7 +173,7 @@ public final class DaemonClient: @unchecked Sendable {
         }
         let connection = FrameConnection(socket: socket)
         connection.pollNanoseconds = UInt64(max(0, pollMicroseconds)) * 1000
-        try connection.send(.hello, requestID: 1, meta: Wire.Hello(capabilities: Wire.Capabilities.supported.rawValue,
+        try connection.send(.hello, requestID: 1, meta: Wire.Hello(capabilities: capabilities.rawValue,
                                                                    tenant: credentials.tenant).encode())
         let challengeHeader = try connection.receiveHeader()
         let challengeBytes = try connection.receiveSmall(challengeHeader)
@@ -138,7 +201,7 @@ public final class DaemonClient: @unchecked Sendable {
         let bytes = try connection.receiveSmall(header)
         if header.opcode == .error { throw .refused(Self.decodeError(bytes)) }
         guard header.opcode == .welcome,
-              let welcome = WireReader.decode(bytes, with: Wire.Welcome.decode)
+              let welcome = WireReader.decode(bytes, with: { Wire.Welcome.decode(&$0, agreed: Wire.Capabilities(rawValue: challenge.capabilities)) })
         else { throw .protocolViolation("expected welcome, got \(header.opcode)") }
         if let clientNonce {
             let expected = Authenticator.daemonProof(token: token, clientNonce: clientNonce, daemonNonce: challenge.nonce,
@@ -232,7 +295,7 @@ public final class DaemonClient: @unchecked Sendable {
             if mayOpen {
                 do throws(RemoteError) {
                     let (connection, reached) = try Self.open(endpoint, credentials: credentials, ioTimeout: ioTimeout,
-                                                              pollMicroseconds: pollMicroseconds)
+                                                              pollMicroseconds: pollMicroseconds, capabilities: requested)
                     // A restarted daemon numbers its slabs from 1 again: a write through an old
                     // slab id could land in memory that now holds other pages. Never use it.
                     guard reached.daemonInstance == welcome.daemonInstance else {
@@ -350,7 +413,8 @@ public final class DaemonClient: @unchecked Sendable {
     /// configuration error; fewer than `minimumLive` reachable daemons is a tier I/O error;
     /// daemons lending different slab sizes cannot be mixed. Used by the remote tiers.
     public static func connectAll(tier name: String, servers: [Endpoint], credentials: ClientCredentials, minimumLive: Int,
-                                  connectionsPerDaemon: Int, ioTimeout: Double, pollMicroseconds: Int, logger: Logger)
+                                  connectionsPerDaemon: Int, ioTimeout: Double, pollMicroseconds: Int,
+                                  transport: TransportMode = .auto, fabricProvider: String? = nil, logger: Logger)
         throws(SpillwayError) -> (clients: [DaemonClient?], welcomes: [Wire.Welcome?], slabSize: Int)
     {
         var clients: [DaemonClient?] = []
@@ -358,10 +422,14 @@ public final class DaemonClient: @unchecked Sendable {
         for endpoint in servers {
             do {
                 let client = try DaemonClient(endpoint: endpoint, credentials: credentials, maxConnections: connectionsPerDaemon,
-                                              ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds, logger: logger)
+                                              ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds, transport: transport,
+                                              fabricProvider: fabricProvider, logger: logger)
                 clients.append(client)
                 welcomes.append(client.welcome)
             } catch {
+                if case .transportUnavailable(let reason) = error {
+                    throw .invalidConfiguration("tier '\(name)': \(reason)")
+                }
                 if case .refused(let reply) = error, reply.code == .authenticationFailed || reply.code == .authenticationRequired {
                     throw .invalidConfiguration("tier '\(name)': daemon \(endpoint) refused the credentials: \(reply.message)")
                 }
@@ -400,13 +468,22 @@ public final class DaemonClient: @unchecked Sendable {
 
     public func mapSlab() throws(RemoteError) -> UInt32 {
         let bytes = try call(.mapSlab, meta: [])
-        guard bytes.count == 4 else { throw .protocolViolation("map reply of \(bytes.count) bytes") }
-        return bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) }
+        guard let reply = WireReader.decode(bytes, with: Wire.MapReply.decode) else {
+            throw .protocolViolation("map reply of \(bytes.count) bytes")
+        }
+        if reply.hasGrant, let rma {
+            rma.setGrant(FabricRegionGrant(base: reply.grantBase, length: Int(reply.grantLength), key: reply.grantKey), for: reply.slab)
+        }
+        return reply.slab
     }
 
     public func unmapSlab(_ slab: UInt32) throws(RemoteError) {
+        rma?.setGrant(nil, for: slab)
         _ = try call(.unmapSlab, meta: Wire.encodeSlab(slab))
     }
+
+    /// The grant the daemon handed out for `slab` (RMA negotiated and the slab registered).
+    public func rmaGrant(for slab: UInt32) -> FabricRegionGrant? { rma?.grant(for: slab) }
 
     public func heartbeat() throws(RemoteError) {
         _ = try call(.heartbeat, meta: [])
@@ -441,8 +518,31 @@ public final class DaemonClient: @unchecked Sendable {
     /// buffer and is checked against the frame's CRC32C. Each operation gets a status: 0, the
     /// errno of a refusal, or, if the connection fails, the connection's errno (for those not
     /// completed). Returns the connection error, if any.
+    ///
+    /// With RMA negotiated, pages move by `fi_read`/`fi_write` (`RMAChannel`); what the fabric
+    /// cannot do (no grant, or a fabric failure such as a revoked key) goes over TCP, whose
+    /// answer gives the operation its typed status.
     @discardableResult
     public func execute(_ operations: UnsafeMutableBufferPointer<RemoteOperation>, window: Int = 32) -> RemoteError? {
+        guard !operations.isEmpty else { return nil }
+        guard let rma else { return executeTCP(operations, window: window) }
+        var retry: [Int] = []
+        rma.execute(operations, retry: &retry)
+        guard !retry.isEmpty else { return nil }
+        let again = UnsafeMutableBufferPointer<RemoteOperation>.allocate(capacity: retry.count)
+        defer { again.deallocate() }
+        for (position, index) in retry.enumerated() { again.initializeElement(at: position, to: operations[index]) }
+        let failure = executeTCP(again, window: window)
+        for (position, index) in retry.enumerated() { operations[index].status = again[position].status }
+        return failure
+    }
+
+    /// Whether page I/O to this daemon goes over RMA (the multi-daemon exchange, which
+    /// pipelines TCP frames, leaves such daemons to `execute`).
+    public var usesRMA: Bool { rma != nil }
+
+    /// `execute` over Spillway's TCP protocol.
+    func executeTCP(_ operations: UnsafeMutableBufferPointer<RemoteOperation>, window: Int = 32) -> RemoteError? {
         guard !operations.isEmpty else { return nil }
         let window = max(1, min(window, 256))
         // Not yet answered: an operation the connection fails under must be told apart from

@@ -51,11 +51,15 @@ public final class DaemonFleet: Sendable {
     /// Connects to every server (unreachable ones are kept as nil and logged); at least
     /// `minimumLive` must answer. Wrong credentials anywhere are an error.
     public init(tier: String, servers: [Endpoint], credentials: ClientCredentials, minimumLive: Int, connectionsPerDaemon: Int,
-                ioTimeout: Double, pollMicroseconds: Int, logger: Logger) throws(SpillwayError)
+                ioTimeout: Double, pollMicroseconds: Int, transport: TransportMode = .tcp, fabricProvider: String? = nil,
+                logger: Logger) throws(SpillwayError)
     {
+        // `transport` defaults to TCP: the erasure-coded tier's exchange pipelines TCP frames
+        // across daemons; the remote tier passes its configured transport.
         let (clients, welcomes, slabSize) = try DaemonClient.connectAll(
             tier: tier, servers: servers, credentials: credentials, minimumLive: minimumLive,
-            connectionsPerDaemon: connectionsPerDaemon, ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds, logger: logger)
+            connectionsPerDaemon: connectionsPerDaemon, ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds,
+            transport: transport, fabricProvider: fabricProvider, logger: logger)
         self.tier = tier
         self.clients = clients
         self.slabSize = slabSize

@@ -23,6 +23,8 @@ public enum RemoteError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A reconnect reached a different daemon instance (it restarted): the slab ids held
     /// before mean nothing there, so nothing may be read or written through them.
     case daemonRestarted(previous: UInt64, now: UInt64)
+    /// `--transport rma` could not be honoured (a TCP-only daemon, no usable provider): why.
+    case transportUnavailable(String)
 
     public var description: String {
         switch self {
@@ -32,6 +34,7 @@ public enum RemoteError: Error, Equatable, Sendable, CustomStringConvertible {
         case .protocolViolation(let reason): "protocol violation: \(reason)"
         case .oversized(let what): "not sent: \(what)"
         case .daemonNotAuthenticated(let reason): "daemon not authenticated: \(reason)"
+        case .transportUnavailable(let reason): "RMA transport unavailable: \(reason)"
         case .daemonRestarted(let previous, let now):
             "daemon restarted (instance \(String(previous, radix: 16)) is now \(String(now, radix: 16))): its old slabs are gone"
         }
@@ -45,6 +48,7 @@ public enum RemoteError: Error, Equatable, Sendable, CustomStringConvertible {
         case .oversized: EMSGSIZE
         case .daemonNotAuthenticated: EACCES
         case .daemonRestarted: ESTALE
+        case .transportUnavailable: EPROTONOSUPPORT
         case .refused(let reply):
             switch reply.code {
             case .noCapacity: ENOSPC

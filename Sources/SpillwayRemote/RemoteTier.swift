@@ -23,6 +23,10 @@ public struct RemoteTierConfiguration: Sendable {
     public var heartbeatInterval: Double
     /// Microseconds a connection polls for a reply before sleeping (0 = sleep at once).
     public var pollMicroseconds: Int = 20
+    /// Page transport (TOML `transport`, `--transport`): auto, rma or tcp (`TransportMode`).
+    public var transport: TransportMode = .auto
+    /// libfabric provider for RMA (TOML `fabric-provider`); nil: verbs or efa when present.
+    public var fabricProvider: String?
 
     public init(name: String = "remote", servers: [Endpoint], credentials: ClientCredentials, capacity: Int, slotSize: Int,
                 connectionsPerDaemon: Int = 4, ioTimeout: Double = 5, heartbeatInterval: Double = 1)
@@ -73,6 +77,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     public var inProcessDaemons: InProcessDaemonGroup?
     /// Pages' I/Os refused because their daemon is gone.
     public let unavailableIOs = ManagedAtomic<Int>(0)
+    /// The page transport in use ("rma", "tcp", or "mixed" across daemons) and why.
+    public let transport: String
+    public let transportReason: String
     /// Batches hold it shared; moving a slab to another daemon holds it exclusive, so no I/O
     /// sees the slab half moved.
     private let migrationGate = ReadWriteLock()
@@ -103,7 +110,8 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         fleet = try DaemonFleet(
             tier: name, servers: configuration.servers, credentials: configuration.credentials, minimumLive: 1,
             connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
-            pollMicroseconds: configuration.pollMicroseconds, logger: logger)
+            pollMicroseconds: configuration.pollMicroseconds, transport: configuration.transport,
+            fabricProvider: configuration.fabricProvider, logger: logger)
         slabSize = fleet.slabSize
         clients = fleet.clients
         guard configuration.slotSize <= slabSize, slabSize % configuration.slotSize == 0 else {
@@ -116,11 +124,17 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         map = Locked(SlabMap(slabs: Array(repeating: VirtualSlab(), count: (capacitySlots + slabSlots - 1) / slabSlots)))
         descriptor = TierDescriptor(name: name, kind: .remote, slotSize: configuration.slotSize, capacitySlots: capacitySlots,
                                     performance: .remote, verifiesReads: true, completesInline: true)
-        let transport = TransportSelection.choose(for: "tier \(name)", logger: logger)
+        let live = clients.compactMap { $0 }
+        transport = live.allSatisfy { $0.usesRMA } ? "rma" : (live.contains { $0.usesRMA } ? "mixed" : "tcp")
+        transportReason = Array(Set(live.map(\.transportReason))).sorted().joined(separator: "; ")
+        if transport == "tcp" && configuration.transport == .auto && configuration.fabricProvider == nil {
+            TransportSelection.choose(for: "tier \(name)", logger: logger)
+        }
         logger.info("remote tier open", metadata: [
             "tier": "\(name)", "daemons": "\(fleet.liveCount)/\(fleet.count)", "transport": "\(transport)",
+            "reason": "\(transportReason)",
         ])
-        Gauge(label: "spillway_remote_transport", dimensions: [("tier", name), ("transport", "tcp")]).record(1)
+        Gauge(label: "spillway_remote_transport", dimensions: [("tier", name), ("transport", transport)]).record(1)
         fleet.setDeathHandler { [weak self] daemon in self?.writeOff(daemon) }
         if configuration.heartbeatInterval > 0 {
             let interval = configuration.heartbeatInterval
@@ -394,7 +408,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         }
         let window = batch.maxInFlight > 0 ? batch.maxInFlight : 32
         let involved = (0..<clients.count).filter { !perDaemon[$0].isEmpty && clients[$0] != nil }
-        if involved.count > 1 {
+        // The parallel exchange pipelines TCP frames; daemons reached over RMA go through
+        // `execute` one after another (a parallel RMA fan-out is still to do).
+        if involved.count > 1, !involved.contains(where: { clients[$0]!.usesRMA }) {
             exchangeInParallel(batch, involved: involved, perDaemon: &perDaemon, owners: owners, window: window)
             return
         }

@@ -1,4 +1,6 @@
 import CSpillwayVerbs
+import SpillwayCore
+import SpillwayFabric
 import Logging
 import Metrics
 
@@ -33,6 +35,17 @@ public enum TransportSelection {
         devices.isEmpty ? "no-rdma-device" : "verbs-transport-not-built"
     }
 
+    /// A local libfabric provider `auto` may use without being named (`verbs`, then `efa`),
+    /// probed once (`fi_getinfo`).
+    public static let localRDMAProvider: String? = ["verbs", "efa"].first { FabricProvider.isAvailable($0) }
+
+    /// Why `auto` without a named provider stays on TCP on this host.
+    public static var noRDMAReason: String {
+        probe.devices.isEmpty
+            ? "no RDMA device (libibverbs found none) and no libfabric verbs/efa provider; name one with --fabric-provider (e.g. tcp)"
+            : "RDMA devices \(probe.devices.joined(separator: ",")) present but libfabric's verbs/efa providers refused them (fi_info)"
+    }
+
     /// Chooses the transport for `component` and logs and counts the fallback to TCP.
     /// Returns "tcp" (the only transport this build carries).
     @discardableResult
@@ -48,4 +61,28 @@ public enum TransportSelection {
         Counter(label: "spillway_transport_fallbacks_total", dimensions: [("component", component), ("reason", reason)]).increment()
         return "tcp"
     }
+}
+
+/// Which data path a remote tier or a daemon uses for pages (`--transport`, TOML `transport`).
+///
+/// - `auto`: one-sided RMA through libfabric when both sides support it and the provider is
+///   an RDMA/EFA one (`verbs`, `efa`) or was named explicitly (`--fabric-provider`); else
+///   Spillway's TCP protocol, with the reason logged.
+/// - `rma`: RMA or a clear error (no usable provider, a TCP-only daemon).
+/// - `tcp`: Spillway's TCP protocol only.
+public enum TransportMode: String, Sendable, CaseIterable, CustomStringConvertible {
+    case auto, rma, tcp
+
+    public var description: String { rawValue }
+
+    /// Parses a `--transport` / TOML value.
+    public static func parse(_ text: String) throws(SpillwayError) -> TransportMode {
+        guard let mode = TransportMode(rawValue: text.lowercased()) else {
+            throw .invalidConfiguration("transport must be auto, rma or tcp, not '\(text)'")
+        }
+        return mode
+    }
+
+    /// libfabric providers `auto` uses without being told: the ones that drive RDMA NICs and EFA.
+    public static let rdmaProviders: Set<String> = ["verbs", "efa"]
 }

@@ -38,6 +38,9 @@ final class Connection: @unchecked Sendable {
     var phase = Phase.hello
     var tenantID: UInt32 = 0
     var tenantName = ""
+    /// `Wire.Capabilities.rma` agreed: slabs mapped on this connection are registered with
+    /// the daemon's fabric endpoint and their grants sent in the map reply.
+    var rma = false
     var tenantCounters: TenantCounters?
 
     /// Received bytes not consumed yet: `input[inputStart..<inputEnd]`.

@@ -49,6 +49,12 @@ public struct DaemonConfiguration: Sendable {
     /// Test faults (`spillwayd --enable-test-faults`): accept `corruptForTest` and delay every
     /// page reply by `testDelayMicroseconds` (a slow daemon). Never on in production.
     public var enableTestFaults = false
+    /// Page transports served (`--transport`): `auto` opens a libfabric endpoint when a
+    /// provider is usable (the one named by `fabricProvider`, else `verbs` or `efa`) and
+    /// serves RMA and TCP clients at once; `rma` fails to start without one; `tcp` never opens one.
+    public var transport: TransportMode = .auto
+    /// The libfabric provider to serve RMA on (`--fabric-provider`, e.g. `tcp`, `verbs`).
+    public var fabricProvider: String?
     public var testDelayMicroseconds = 0
 
     public init(listen: Endpoint = Endpoint(host: "127.0.0.1", port: 7450), capacity: Int, slabSize: Int = 64 << 20,

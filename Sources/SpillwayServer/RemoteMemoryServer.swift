@@ -1,6 +1,7 @@
 import Atomics
 import Logging
 import SpillwayCore
+import SpillwayFabric
 import SpillwayProtocol
 import SpillwayRemote
 
@@ -48,6 +49,14 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     private var acceptThread: BackgroundThread?
     private var janitorThread: BackgroundThread?
     private var workers: [Worker] = []
+    /// The libfabric endpoint RMA clients read and write slabs through (nil: TCP only), and
+    /// the thread that keeps it progressing.
+    public private(set) var fabric: FabricEndpoint?
+    private var fabricProgress: FabricProgressThread?
+    /// The provider's core name as asked for (`tcp`, `verbs`; libfabric reports `tcp;ofi_rxm`).
+    private var fabricProviderName = ""
+    /// Why RMA is or is not served (logged at start, in `stats`).
+    public private(set) var transportReason = "not started"
 
     /// What the lock keeps about a slot (the page path reads only the slot's atomic word).
     struct SlotInfo {
@@ -57,6 +66,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         var generation: UInt32 = 0
         var reclaimDeadline: Double?
         var mappedAt: Double = 0
+        /// The slab's memory region for its tenant (RMA), closed when the slab is retired.
+        var region: FabricMemoryRegion?
     }
 
     struct Tenant {
@@ -149,7 +160,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         port = socket.localPort
         for index in 0..<configuration.workerCount { workers.append(try Worker(index: index, server: self)) }
         for worker in workers { worker.start() }
-        let transport = TransportSelection.choose(for: "spillwayd", logger: logger)
+        try openFabric()
+        let transport = fabric == nil ? "tcp" : "tcp+rma(\(fabric!.provider.name))"
         logger.info("spillwayd serving", metadata: [
             "listen": "\(configuration.listen.host):\(port)", "capacity": "\(ByteCount.format(configuration.capacity))",
             "slab": "\(ByteCount.format(configuration.slabSize))", "transport": "\(transport)", "workers": "\(workers.count)",
@@ -157,6 +169,43 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         ])
         acceptThread = BackgroundThread { [self] in acceptLoop(socket) }
         janitorThread = BackgroundThread { [self] in janitorLoop() }
+    }
+
+    /// Opens the RMA endpoint per `configuration.transport` / `fabricProvider`, or says why not.
+    private func openFabric() throws(SpillwayError) {
+        let mode = configuration.transport
+        guard mode != .tcp else {
+            transportReason = "--transport tcp"
+            return
+        }
+        let named = configuration.fabricProvider
+        let candidate = named ?? ["verbs", "efa"].first { FabricProvider.isAvailable($0) }
+        guard let candidate else {
+            let devices = TransportSelection.rdmaDevices()
+            transportReason = devices.isEmpty
+                ? "no RDMA device (libibverbs found none) and no libfabric verbs/efa provider; name one with --fabric-provider (e.g. tcp)"
+                : "RDMA devices \(devices.joined(separator: ",")) present but libfabric's verbs/efa providers refused them (fi_info)"
+            if mode == .rma { throw .invalidConfiguration("--transport rma: \(transportReason)") }
+            logger.notice("serving TCP only", metadata: ["reason": "\(transportReason)"])
+            return
+        }
+        do {
+            // Bound to the listen address unless that is a wildcard (then the provider picks).
+            let host = configuration.listen.host
+            let node: String? = host == "0.0.0.0" || host == "::" || host.isEmpty ? nil : host
+            let provider = try FabricProvider.discover(provider: candidate, node: node)
+            let endpoint = try FabricEndpoint(provider: provider, options: .init(maxInFlight: 64, waitableCompletions: true))
+            fabric = endpoint
+            fabricProviderName = candidate
+            fabricProgress = FabricProgressThread(endpoint: endpoint)
+            transportReason = named != nil ? "provider \(candidate) named (--fabric-provider)" : "RDMA provider \(candidate) found"
+            logger.notice("serving RMA and TCP", metadata: ["provider": "\(provider.name)", "domain": "\(provider.domainName)",
+                                                           "reason": "\(transportReason)"])
+        } catch {
+            transportReason = "libfabric provider \(candidate) refused: \(error)"
+            if mode == .rma { throw .invalidConfiguration("--transport rma: \(transportReason)") }
+            logger.warning("serving TCP only", metadata: ["reason": "\(transportReason)"])
+        }
     }
 
     /// Room for `maxConnections` sockets: the soft RLIMIT_NOFILE is raised (up to the hard
@@ -191,6 +240,13 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         for worker in workers { worker.post(.stop(deadline: deadline)) }
         for worker in workers { worker.join() }
         workers.removeAll()
+        fabricProgress?.stop()
+        state.withLock { state in
+            for index in state.slots.indices {
+                state.slots[index].region?.close()
+                state.slots[index].region = nil
+            }
+        }
         logger.info("spillwayd stopped")
     }
 
@@ -373,7 +429,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         let nonce = Authenticator.nonce()
         // Mutual authentication when the client asks for it; version 1's one-way handshake
         // otherwise (docs/protocol.md). Authentication itself is never optional.
-        let agreed = Wire.Capabilities(rawValue: hello.capabilities).intersection(.supported)
+        let served: Wire.Capabilities = fabric == nil ? Wire.Capabilities.supported.subtracting(.rma) : .supported
+        let agreed = Wire.Capabilities(rawValue: hello.capabilities).intersection(served)
         connection.queue(.challenge, flags: .response, requestID: header.requestID,
                          meta: Wire.Challenge(version: version, authenticationRequired: true, capabilities: agreed.rawValue,
                                               nonce: nonce).encode())
@@ -418,7 +475,9 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             connection.tenantName = tenantName
             return (Wire.Welcome(slabSize: UInt64(configuration.slabSize), capacity: UInt64(configuration.capacity),
                                  freeSlabs: UInt32(state.free.count), heldSlabs: tenant.slabs.sorted(),
-                                 daemonInstance: instance, daemonProof: daemonProof), id, tenant.counters)
+                                 daemonInstance: instance, daemonProof: daemonProof,
+                                 fabric: agreed.contains(.rma) ? fabric.map { Wire.FabricAdvert(provider: fabricProviderName, address: $0.address) } : nil),
+                    id, tenant.counters)
         }
         guard let (welcome, id, tenantCounters) = admitted else {
             connection.queue(.error, flags: .response, requestID: header.requestID,
@@ -429,6 +488,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         connection.tenantID = id
         connection.tenantCounters = tenantCounters
         connection.phase = .serving
+        connection.rma = agreed.contains(.rma) && fabric != nil
         connection.queue(.welcome, flags: .response, requestID: helloID, meta: welcome.encode())
         logger.debug("client authenticated", metadata: ["peer": "\(connection.peer)", "tenant": "\(tenantName)",
                                                         "mutual": "\(daemonProof != nil)"])
@@ -472,8 +532,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         }
         switch header.opcode {
         case .mapSlab:
-            switch mapSlab(for: connection.tenantName, id: tenant) {
-            case .success(let slab): connection.queue(.mapSlab, flags: .response, requestID: id, meta: Wire.encodeSlab(slab))
+            switch mapSlab(for: connection.tenantName, id: tenant, rma: connection.rma) {
+            case .success(let reply): connection.queue(.mapSlab, flags: .response, requestID: id, meta: reply.encode())
             case .failure(let reply): refuse(connection, id, reply.code, reply.message)
             }
 
@@ -729,7 +789,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     // MARK: Slabs
 
-    private func mapSlab(for tenant: String, id: UInt32) -> Result<UInt32, Wire.ErrorReply> {
+    private func mapSlab(for tenant: String, id: UInt32, rma: Bool) -> Result<Wire.MapReply, Wire.ErrorReply> {
         state.withLock { state in
             sweepDraining(&state)
             // Free, not merely unlent: a retired slab that a reply still pins holds memory too.
@@ -753,7 +813,21 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             slabs.lend(index, slab: slab, tenant: id)
             state.lentSlabs += 1
             state.tenants[tenant, default: Tenant(id: id)].slabs.insert(slab)
-            return .success(slab)
+            // RMA: a region of this slab for this tenant, registered only now (after
+            // authentication) and closed when the slab is retired, so its key dies with the
+            // mapping. Registration failing leaves the slab on the TCP path.
+            guard rma, let fabric else { return .success(Wire.MapReply(slab: slab)) }
+            do {
+                let region = try fabric.register(UnsafeMutableRawBufferPointer(start: slabs.address(index, 0), count: configuration.slabSize),
+                                                 access: .remote)
+                state.slots[index].region = region
+                let grant = region.grant
+                return .success(Wire.MapReply(slab: slab, grant: (grant.base, UInt64(grant.length), grant.key)))
+            } catch {
+                logger.warning("slab registration failed; this slab is served over TCP only", metadata: [
+                    "tenant": "\(tenant)", "slab": "\(slab)", "error": "\(error)"])
+                return .success(Wire.MapReply(slab: slab))
+            }
         }
     }
 
@@ -774,6 +848,9 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         let info = state.slots[index]
         state.slots[index].lent = false
         state.slots[index].reclaimDeadline = nil
+        // Revoke the tenant's key before the pages can go to anyone else.
+        state.slots[index].region?.close()
+        state.slots[index].region = nil
         state.lentSlabs -= 1
         state.tenants[state.name(of: info.tenant)]?.slabs.remove(info.slab)
         if slabs.retire(index) {
