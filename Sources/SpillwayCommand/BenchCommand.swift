@@ -55,7 +55,7 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Remote: daemons as HOST:PORT[,HOST:PORT…] (default: in-process daemons on loopback).")
     var servers: String?
 
-    @Option(name: .customLong("token-file"), help: "Remote: the client's token file (line 'NAME TOKEN').")
+    @Option(name: .customLong("token-file"), help: "Remote: the client's token file (line 'NAME TOKEN'; with --tenants, the first T lines).")
     var tokenFile: String?
 
     @Option(help: "Remote: page transport auto | rma | tcp (default auto: RMA on an RDMA/EFA provider or a named one, else TCP).")
@@ -63,6 +63,12 @@ struct BenchCommand: ParsableCommand {
 
     @Option(name: .customLong("fabric-provider"), help: "Remote: libfabric provider for RMA, e.g. verbs, efa, tcp.")
     var fabricProvider: String?
+
+    @Option(help: "Remote with --servers: this many connections in all, each with one 4 KiB random read outstanding, driven by at most one thread per core (iops is the total).")
+    var clients: Int?
+
+    @Option(help: "Remote with --clients: the connections belong to the first T tenants of --token-file, which share --size (default 1).")
+    var tenants: Int?
 
     @Option(help: "Erasure-coded: data splits per page (default 4).")
     var k: Int?
@@ -187,6 +193,18 @@ struct BenchCommand: ParsableCommand {
             let object = try CodecBench.run(k: options.k, r: options.r, blockSize: options.blockSize,
                                             durationSeconds: durationGiven ?? 2)
             printLine(json ? object.serialized() : "ec-encode RS(\(options.k),\(options.r)) \(options.blockSize) B: \(object.serialized())")
+            return
+        }
+        if target == "remote", clients != nil || tenants != nil {
+            guard let tokenFile = options.tokenFile else { throw SpillwayError.invalidArgument("--clients needs --servers and --token-file") }
+            var many = RemoteClientsBench.Options(servers: options.servers, tokenFile: tokenFile, clients: clients ?? 1, tenants: tenants ?? 1,
+                                                  size: sizeGiven ?? 64 << 20, durationSeconds: durationGiven ?? 5)
+            many.seed = options.seed
+            guard options.blockSize == 4096, options.pattern == .randread, options.queueDepth == 1 else {
+                throw SpillwayError.invalidArgument("--clients measures 4 KiB random reads, one outstanding per connection (no --block-size, --pattern or --queue-depth)")
+            }
+            let object = try RemoteClientsBench.run(many)
+            printLine(json ? object.serialized() : "remote clients: \(object.serialized())")
             return
         }
         var results: [BenchResult] = []

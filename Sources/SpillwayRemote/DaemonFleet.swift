@@ -26,6 +26,11 @@ public final class DaemonFleet: Sendable {
     private let lostCounter: Counter
     /// Daemons marked dead since open.
     public let daemonsLost = ManagedAtomic<Int>(0)
+    /// Per daemon, the message of its last capacity refusal of a slab (`noCapacity`: the
+    /// daemon is full, or this tenant reached its token-file limit there); nil once a slab
+    /// maps again. Each daemon's first refusal is logged as a warning.
+    private let refusals: Locked<[String?]>
+    private let refusalsLogged: Locked<Set<Int>>
 
     /// What the fleet knows of each daemon; read together under one lock (`withState`).
     public struct State: Sendable {
@@ -67,6 +72,29 @@ public final class DaemonFleet: Sendable {
         state = Locked(State(alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) },
                              suspectUntil: clients.map { _ in 0 }))
         lostCounter = Counter(label: "spillway_fleet_daemons_lost", dimensions: [("tier", tier)])
+        refusals = Locked(clients.map { _ in nil })
+        refusalsLogged = Locked([])
+    }
+
+    /// Why `daemon` last refused to map a slab (its own words), if it did since its last
+    /// successful mapping.
+    public func capacityRefusal(_ daemon: Int) -> String? { refusals.withLock { $0[daemon] } }
+
+    /// Every daemon's standing capacity refusal, as "ADDRESS: MESSAGE" (empty if none).
+    public var capacityRefusals: [String] {
+        let current = refusals.withLock { $0 }
+        return current.indices.compactMap { daemon in current[daemon].map { "\(name(daemon)): \($0)" } }
+    }
+
+    /// Records a daemon's refusal and logs it the first time that daemon refuses.
+    private func noteRefusal(_ daemon: Int, _ message: String) {
+        refusals.withLock { $0[daemon] = message }
+        let first = refusalsLogged.withLock { $0.insert(daemon).inserted }
+        guard first else { return }
+        let tenant = clients[daemon]?.credentials.tenant ?? "?"
+        logger.warning("daemon refused a slab (no capacity for this tenant)", metadata: [
+            "tier": "\(tier)", "daemon": "\(name(daemon))", "tenant": "\(tenant)", "reason": "\(message)",
+        ])
     }
 
     /// Called once per daemon, right after it is marked dead (on the thread that noticed).
@@ -126,10 +154,12 @@ public final class DaemonFleet: Sendable {
         do throws(RemoteError) {
             let slab = try client.mapSlab()
             state.withLock { $0.freeSlabs[daemon] -= 1 }
+            refusals.withLock { $0[daemon] = nil }
             return slab
         } catch {
             if case .refused(let reply) = error, reply.code == .noCapacity {
                 state.withLock { $0.freeSlabs[daemon] = 0 }
+                noteRefusal(daemon, reply.message)
             } else {
                 markDead(daemon, reason: "\(error)")
             }

@@ -174,10 +174,34 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         if map.withLock({ $0.slabs[index].daemon >= 0 }) { return true }
         return mappingLock.withLock { _ -> Bool in
             if map.withLock({ $0.slabs[index].daemon >= 0 }) { return true }
-            guard let (daemon, slab) = mapNewSlab(excluding: nil) else { return false }
+            guard let (daemon, slab) = mapNewSlab(excluding: nil) else {
+                noteMappingFailure()
+                return false
+            }
             map.withLock { $0.slabs[index] = VirtualSlab(daemon: daemon, slab: slab, lost: false) }
             return true
         }
+    }
+
+    /// Why the last allocation found no daemon to map a slab on (each refusing daemon's own
+    /// words, e.g. a tenant's token-file limit), or nil if none failed yet. The store's `put`
+    /// then fails with `tierFull`/`storeFull`; this, and the error logged with it, says why.
+    public var mappingFailure: String? { lastMappingFailure.withLock { $0 } }
+    private let lastMappingFailure = Locked<String?>(nil)
+
+    /// Records (and logs, once per distinct reason) that no live daemon could map a slab.
+    private func noteMappingFailure() {
+        let refusals = fleet.capacityRefusals
+        let reason = refusals.isEmpty ? "no live daemon has a free slab" : refusals.joined(separator: "; ")
+        let changed = lastMappingFailure.withLock { last -> Bool in
+            defer { last = reason }
+            return last != reason
+        }
+        guard changed else { return }
+        logger.error("no daemon can map a slab: allocations on this tier fail", metadata: [
+            "tier": "\(descriptor.name)", "tenant": "\(clients.compactMap { $0 }.first?.credentials.tenant ?? "?")",
+            "live_daemons": "\(fleet.liveCount)/\(fleet.count)", "reason": "\(reason)",
+        ])
     }
 
     /// Maps a fresh slab on a live daemon other than `excluded` (power of two choices on free
