@@ -26,11 +26,16 @@ final class KeyLocks: @unchecked Sendable {
     static let stripeCount = 4096
     private let mutexes: UnsafeMutablePointer<pthread_mutex_t>
     private let owners: UnsafeMutablePointer<UnsafeAtomic<UInt>.Storage>
+    /// Per stripe: the key a single put holds it for (`withLock`), valid only while the stripe's
+    /// owner is the reading thread (only the owner writes it, so only the owner may read it).
+    private let heldKeys: UnsafeMutablePointer<(key: PageKey, valid: Bool)>
 
     init() {
         mutexes = .allocate(capacity: Self.stripeCount)
         owners = .allocate(capacity: Self.stripeCount)
         owners.initialize(repeating: .init(0), count: Self.stripeCount)
+        heldKeys = .allocate(capacity: Self.stripeCount)
+        heldKeys.initialize(repeating: (PageKey(0), false), count: Self.stripeCount)
         for index in 0..<Self.stripeCount {
             (mutexes + index).initialize(to: pthread_mutex_t())
             pthread_mutex_init(mutexes + index, nil)
@@ -41,6 +46,7 @@ final class KeyLocks: @unchecked Sendable {
         for index in 0..<Self.stripeCount { pthread_mutex_destroy(mutexes + index) }
         mutexes.deallocate()
         owners.deallocate()
+        heldKeys.deallocate()
     }
 
     @inline(__always)
@@ -86,8 +92,21 @@ final class KeyLocks: @unchecked Sendable {
     func withLock<R, Failure: Error>(_ key: PageKey, _ body: () throws(Failure) -> R) throws(Failure) -> R {
         let stripe = Self.stripe(key)
         lock(stripe: stripe)
-        defer { unlock(stripe: stripe) }
+        heldKeys[stripe] = (key, true)
+        defer {
+            heldKeys[stripe].valid = false
+            unlock(stripe: stripe)
+        }
         return try body()
+    }
+
+    /// Whether the calling thread holds `key`'s stripe for a change of `key` itself (a single
+    /// put or remove): then it may move that key's current copy out of the way (a put making
+    /// room can demote its own old version instead of failing for want of space).
+    @inline(__always)
+    func isHeldByCurrentThread(for key: PageKey) -> Bool {
+        let stripe = Self.stripe(key)
+        return isHeldByCurrentThread(stripe: stripe) && heldKeys[stripe].valid && heldKeys[stripe].key == key
     }
 
     /// Locks the stripes of `keys` in ascending order (no deadlock between batches); returns
@@ -111,8 +130,10 @@ struct HeldStripes {
     mutating func tryAcquire(_ key: PageKey, in locks: KeyLocks) -> Bool {
         let stripe = KeyLocks.stripe(key)
         if stripes.contains(stripe) { return true }
-        // A stripe this thread holds outside the mover (a put making room) is not taken:
-        // the put may have retired the key's persistent copy already.
+        // A single put making room may move its own key's current copy (it holds the stripe for
+        // exactly that key, and commits after the move). Any other stripe this thread holds is
+        // not taken: a batch put may have retired the key's persistent copy already.
+        if locks.isHeldByCurrentThread(for: key) { return true }
         guard locks.tryLock(stripe: stripe) else { return false }
         stripes.append(stripe)
         return true
