@@ -50,13 +50,23 @@ extension TieredStore {
         let capacity = tier.descriptor.capacitySlots
         guard slots <= capacity else { return nil }
         var target = index + 1 < tiers.count ? min(lowSlots[index], capacity - slots) : capacity - slots
+        var stalled = 0
         for round in 0..<64 {
             if let extent = tier.allocate(slotCount: slots) { return extent }
             let before = tier.usedSlots
             target = max(0, round == 0 ? min(target, before - slots) : min(target, before - max(slots, 8)))
             reclaim(tier: index, toUsedSlots: target)
             if let extent = tier.allocate(slotCount: slots) { return extent }
-            if tier.usedSlots >= before { return nil }
+            if tier.usedSlots >= before {
+                // Nothing left: every candidate was pinned, or busy — being put, or moved by
+                // another mover that is freeing space right now. Busy passes, so give the
+                // others a moment a few times before saying there is no room.
+                stalled += 1
+                if stalled >= 8 { return nil }
+                sched_yield()
+            } else {
+                stalled = 0
+            }
         }
         return nil
     }
@@ -98,9 +108,17 @@ extension TieredStore {
                     }
                     if let destination = policyEngine.demotionTarget(from: index, isFull: { self.tiers[$0].usedSlots >= self.highSlots[$0] }) {
                         let moved = movePages(chunk, from: index, to: destination)
-                        // Nothing below could take them (full of pinned pages): a cache drops
-                        // its coldest pages rather than refuse new ones.
-                        progressed += moved > 0 ? moved : evict(chunk, tier: index)
+                        if moved > 0 {
+                            progressed += moved
+                        } else if tiers[destination].freeSlots < chunkSlots(chunk, tier: index) {
+                            // Nothing below could take them (full of pinned pages): a cache drops
+                            // its coldest pages rather than refuse new ones.
+                            progressed += evict(chunk, tier: index)
+                        } else {
+                            // There was room below: they could not move because they were busy
+                            // (a put or another mover holds them). Never drop a page for that.
+                            retrack(chunk, tier: index)
+                        }
                     } else {
                         progressed += evict(chunk, tier: index)
                     }
@@ -115,6 +133,14 @@ extension TieredStore {
                     offeredInVain = 0
                 }
             }
+        }
+    }
+
+    /// Slots the pages among `keys` still on `tier` take there.
+    private func chunkSlots(_ keys: [PageKey], tier: Int) -> Int {
+        keys.reduce(0) { total, key in
+            guard let snapshot = directory.snapshot(of: key), snapshot.location.tier == tier else { return total }
+            return total + Int(snapshot.location.extent.slotCount)
         }
     }
 
