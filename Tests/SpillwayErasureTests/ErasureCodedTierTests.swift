@@ -388,7 +388,14 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
             if index == 100 { for victim in victims { daemons[victim].kill9() } }
             #expect(try store.get(key) == page)
         }
-        // More writes while degraded (k+1 = 5 of the stripe's members are alive).
+        // More writes while degraded. They land in slot 0's stripe, which has lost two of its
+        // six members: a write needs k+1 = 5 stored splits, so it needs the repairer (on the
+        // heartbeat thread) to have mapped replacements (still being rebuilt) first. Wait for
+        // that, bounded; it used to be assumed, and under load the writes could come first.
+        let replaced = eventually(20) {
+            tier.daemonOf(slot: slot, split: 0) != victims[0] && tier.daemonOf(slot: slot, split: 5) != victims[1]
+        }
+        #expect(replaced, "both lost members were replaced")
         for value in 300..<350 {
             let page = pattern(UInt64(value) &* 3, 4096)
             try store.put(PageKey(UInt64(value)), bytes: page)
