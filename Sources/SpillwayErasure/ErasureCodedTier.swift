@@ -888,17 +888,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
     /// Unmaps a retired slab on its (live) daemon.
     private func giveBack(_ reference: SlabReference) {
-        guard let owner = clients[reference.daemon], fleet.isAlive(reference.daemon) else { return }
-        do throws(RemoteError) {
-            try owner.unmapSlab(reference.slab)
-            fleet.withState { $0.freeSlabs[reference.daemon] += 1 }
-            counters.slabsReturned.wrappingIncrement(ordering: .relaxed)
-        } catch {
-            // The daemon reclaims it at its deadline anyway (revoking it).
-            logger.warning("could not give a retired slab back", metadata: [
-                "tier": "\(descriptor.name)", "daemon": "\(owner.endpoint.description)", "slab": "\(reference.slab)", "error": "\(error)",
-            ])
-        }
+        if fleet.unmapSlab(reference.slab, on: reference.daemon) { counters.slabsReturned.wrappingIncrement(ordering: .relaxed) }
     }
 
     /// Regenerates the listed splits of each slot from k valid others (data first) and writes

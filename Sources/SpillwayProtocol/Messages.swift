@@ -190,29 +190,31 @@ public enum Wire {
         /// advert follows it.
         public static func decode(_ reader: inout WireReader, agreed: Capabilities) -> Welcome? {
             guard agreed.contains(.rma) else { return decode(&reader) }
-            guard let slabSize = reader.read(UInt64.self), let capacity = reader.read(UInt64.self),
-                  let free = reader.read(UInt32.self), let instance = reader.read(UInt64.self),
-                  let count = reader.read(UInt32.self), Int(count) * 4 <= reader.remaining
-            else { return nil }
-            var held: [UInt32] = []
-            for _ in 0..<count {
-                guard let slab = reader.read(UInt32.self) else { return nil }
-                held.append(slab)
-            }
-            var proof: [UInt8]?
+            guard var welcome = decodeFixedPart(&reader) else { return nil }
             if agreed.contains(.mutualAuthentication) {
                 guard let bytes = reader.readBytes(Authenticate.macSize) else { return nil }
-                proof = bytes
+                welcome.daemonProof = bytes
             }
             guard let provider = reader.readString(), provider.utf8.count <= 64,
                   let length = reader.read(UInt16.self), length <= 1024, let address = reader.readBytes(Int(length)),
                   reader.remaining == 0
             else { return nil }
-            return Welcome(slabSize: slabSize, capacity: capacity, freeSlabs: free, heldSlabs: held, daemonInstance: instance,
-                           daemonProof: proof, fabric: FabricAdvert(provider: provider, address: address))
+            welcome.fabric = FabricAdvert(provider: provider, address: address)
+            return welcome
         }
 
         public static func decode(_ reader: inout WireReader) -> Welcome? {
+            guard var welcome = decodeFixedPart(&reader) else { return nil }
+            if reader.remaining > 0 {
+                guard let bytes = reader.readBytes(Authenticate.macSize), reader.remaining == 0 else { return nil }
+                welcome.daemonProof = bytes
+            }
+            return welcome
+        }
+
+        /// The part every welcome starts with: sizes, instance and the held slabs (bounded by
+        /// what the frame holds before anything is allocated).
+        private static func decodeFixedPart(_ reader: inout WireReader) -> Welcome? {
             guard let slabSize = reader.read(UInt64.self), let capacity = reader.read(UInt64.self),
                   let free = reader.read(UInt32.self), let instance = reader.read(UInt64.self),
                   let count = reader.read(UInt32.self), Int(count) * 4 <= reader.remaining
@@ -222,13 +224,7 @@ public enum Wire {
                 guard let slab = reader.read(UInt32.self) else { return nil }
                 held.append(slab)
             }
-            var proof: [UInt8]?
-            if reader.remaining > 0 {
-                guard let bytes = reader.readBytes(Authenticate.macSize), reader.remaining == 0 else { return nil }
-                proof = bytes
-            }
-            return Welcome(slabSize: slabSize, capacity: capacity, freeSlabs: free, heldSlabs: held, daemonInstance: instance,
-                           daemonProof: proof)
+            return Welcome(slabSize: slabSize, capacity: capacity, freeSlabs: free, heldSlabs: held, daemonInstance: instance)
         }
     }
 

@@ -185,7 +185,7 @@ public final class DaemonFleet: Sendable {
     }
 
     /// Gives a slab back to a live daemon (its free count grows). False if the daemon is dead
-    /// or the unmap failed.
+    /// or the unmap failed (logged: the daemon takes the slab back at its deadline anyway).
     @discardableResult
     public func unmapSlab(_ slab: UInt32, on daemon: Int) -> Bool {
         guard let client = clients[daemon], isAlive(daemon) else { return false }
@@ -194,6 +194,9 @@ public final class DaemonFleet: Sendable {
             state.withLock { $0.freeSlabs[daemon] += 1 }
             return true
         } catch {
+            logger.warning("could not give a slab back; the daemon takes it back at its deadline", metadata: [
+                "tier": "\(tier)", "daemon": "\(name(daemon))", "slab": "\(slab)", "error": "\(error)",
+            ])
             return false
         }
     }

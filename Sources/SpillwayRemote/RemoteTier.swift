@@ -435,7 +435,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         // The parallel exchange pipelines TCP frames; daemons reached over RMA go through
         // `execute` one after another (a parallel RMA fan-out is still to do).
         if involved.count > 1, !involved.contains(where: { clients[$0]!.usesRMA }) {
-            exchangeInParallel(batch, involved: involved, perDaemon: &perDaemon, owners: owners, window: window)
+            exchangeInParallel(batch, involved: involved, perDaemon: perDaemon, owners: owners, window: window)
             return
         }
         for daemon in involved {
@@ -461,7 +461,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     /// every daemon's requests pipelined on its own connection, replies taken as they come), so
     /// it costs the slowest daemon's time, not the sum; each page's latency is its own
     /// (submission to its reply).
-    private func exchangeInParallel(_ batch: TierBatch, involved: [Int], perDaemon: inout [[RemoteOperation]],
+    private func exchangeInParallel(_ batch: TierBatch, involved: [Int], perDaemon: [[RemoteOperation]],
                                     owners: [[(index: Int, virtual: Int)]], window: Int)
     {
         let started = monotonicNanoseconds()

@@ -350,9 +350,15 @@ extension TieredStore {
         let start = tierIndex > 0 ? monotonicNanoseconds() : 0
         batch.run(on: tiers[tierIndex], inline: inlineTiers[tierIndex])
         guard tierIndex > 0 else { return }
-        let elapsed = monotonicNanoseconds() &- start
-        tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
-        policyEngine.observe(tier: tierIndex, write: write, nanoseconds: elapsed, pages: batch.count)
-        if !write { policyEngine.noteLowerTierHit(below: tierIndex - 1, count: batch.count) }
+        accountLowerTier(tierIndex, write: write, nanoseconds: monotonicNanoseconds() &- start, pages: batch.count)
+    }
+
+    /// `pages` pages moved to or from tier `tierIndex` (> 0) in `nanoseconds`: stall for
+    /// goodput, a cost sample for the demotion planner, and for reads, lower-tier hits.
+    @inline(__always)
+    func accountLowerTier(_ tierIndex: Int, write: Bool, nanoseconds: UInt64, pages: Int) {
+        tierCounters[tierIndex].stallNanoseconds.add(Int(nanoseconds))
+        policyEngine.observe(tier: tierIndex, write: write, nanoseconds: nanoseconds, pages: pages)
+        if !write { policyEngine.noteLowerTierHit(below: tierIndex - 1, count: pages) }
     }
 }

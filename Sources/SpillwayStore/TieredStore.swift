@@ -253,14 +253,7 @@ public final class TieredStore: Sendable {
         let status: Int32
         // A read below the top tier is a stall on memory (goodput accounting).
         let stallStart = tierIndex > 0 ? monotonicNanoseconds() : 0
-        defer {
-            if tierIndex > 0 {
-                let elapsed = monotonicNanoseconds() &- stallStart
-                tierCounters[tierIndex].stallNanoseconds.add(Int(elapsed))
-                policyEngine.observe(tier: tierIndex, write: false, nanoseconds: elapsed, pages: 1)
-                policyEngine.noteLowerTierHit(below: tierIndex - 1)
-            }
-        }
+        defer { if tierIndex > 0 { accountLowerTier(tierIndex, write: false, nanoseconds: monotonicNanoseconds() &- stallStart, pages: 1) } }
         if let base = UnsafeMutableRawPointer(bitPattern: hostBases[tierIndex]) {
             if snapshot.length > 0 {
                 memcpy(buffer.baseAddress!, base + Int(snapshot.location.extent.firstSlot) * slotSize, snapshot.length)

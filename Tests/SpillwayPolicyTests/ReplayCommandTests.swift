@@ -4,22 +4,6 @@ import SpillwayTestSupport
 import SpillwayPolicy
 import Testing
 
-/// Runs the built `spillway` binary (as Tests/SpillwayTests/CommandLineTests.swift does).
-func runSpillway(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
-    let process = Process()
-    process.executableURL = try builtExecutable("spillway")
-    process.arguments = arguments
-    let out = Pipe()
-    let err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
-}
-
 let mooncakeTrace = "../shared/traces/mooncake_synthetic_trace.jsonl"
 
 @Suite(.serialized) struct ReplayCommandTests {

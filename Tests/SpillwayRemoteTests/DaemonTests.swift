@@ -187,19 +187,16 @@ func transfer(_ client: DaemonClient, write: Bool, slab: UInt32, offset: UInt64,
 
     @Test func reclaimNoticeReachesTheClientAndAMissedDeadlineRevokes() throws {
         // MemAvailable is read from a file the test controls.
-        let path = "/tmp/spillway-test-\(getpid())-meminfo"
-        defer { unlink(path) }
-        func setAvailable(_ kilobytes: Int) {
-            let file = fopen(path, "w")!
-            fputs("MemTotal: 100000 kB\nMemAvailable: \(kilobytes) kB\n", file)
-            fclose(file)
-        }
-        setAvailable(1 << 30)
+        let memoryInfo = try MemoryInfoFile("spillway-test")
+        defer { memoryInfo.remove() }
+        let path = memoryInfo.path
+        func setAvailable(_ kilobytes: Int) throws { try memoryInfo.set(availableKilobytes: kilobytes) }
+        try setAvailable(1 << 30)
         let server = try startDaemon(headroom: 512 << 20, memoryInfoPath: path, reclaimDeadline: 0.3)
         defer { server.shutdown(drain: 0) }
         let a = try DaemonClient(endpoint: endpoint(server), credentials: alice)
         let slab = try a.mapSlab()
-        setAvailable(100 << 10)  // 100 MiB available, headroom 512 MiB
+        try setAvailable(100 << 10)  // 100 MiB available, headroom 512 MiB
         // Notices arrive between replies: heartbeat until one has come.
         let noticed = eventually(10) {
             try? a.heartbeat()

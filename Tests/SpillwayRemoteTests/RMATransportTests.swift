@@ -85,14 +85,11 @@ func startRMADaemon(transport: TransportMode = .auto, provider: String? = "tcp",
     }
 
     @Test(.enabled(if: fabricAvailable)) func reclaimRevocationClosesTheRegionAndTheTierSeesENXIO() throws {
-        let path = "/tmp/spillway-rma-test-\(getpid())-meminfo"
-        defer { unlink(path) }
-        func setAvailable(_ kilobytes: Int) {
-            let file = fopen(path, "w")!
-            fputs("MemTotal: 100000 kB\nMemAvailable: \(kilobytes) kB\n", file)
-            fclose(file)
-        }
-        setAvailable(1 << 30)
+        let memoryInfo = try MemoryInfoFile("spillway-rma-test")
+        defer { memoryInfo.remove() }
+        let path = memoryInfo.path
+        func setAvailable(_ kilobytes: Int) throws { try memoryInfo.set(availableKilobytes: kilobytes) }
+        try setAvailable(1 << 30)
         var configuration = DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 8 << 20, slabSize: 1 << 20,
                                                 tokens: tokens, headroom: 512 << 20, reclaimDeadline: 0.3,
                                                 memoryInfoPath: path, checkInterval: 0.05)
@@ -104,7 +101,7 @@ func startRMADaemon(transport: TransportMode = .auto, provider: String? = "tcp",
         let slab = try a.mapSlab()
         var page = pattern(3, 4096)
         #expect(transfer(a, write: true, slab: slab, offset: 0, &page) == 0)
-        setAvailable(100 << 10)
+        try setAvailable(100 << 10)
         let revoked = eventually(10) { server.counters.revokedSlabs.load(ordering: .relaxed) == 1 }
         #expect(revoked)
         var back = [UInt8](repeating: 0, count: 4096)

@@ -138,11 +138,10 @@ func remoteStore(_ servers: [Endpoint], credentials: ClientCredentials = ClientC
 
     @Test func reclaimMovesPagesToAnotherDaemonWithNoLoss() throws {
         // The pressured daemon reads MemAvailable from a file the test controls.
-        let path = "/tmp/spillway-test-\(getpid())-reclaim-meminfo"
-        defer { unlink(path) }
-        func setAvailable(_ kilobytes: Int) throws {
-            try "MemTotal: 100000000 kB\nMemAvailable: \(kilobytes) kB\n".write(toFile: path, atomically: true, encoding: .utf8)
-        }
+        let memoryInfo = try MemoryInfoFile("spillway-test-reclaim")
+        defer { memoryInfo.remove() }
+        let path = memoryInfo.path
+        func setAvailable(_ kilobytes: Int) throws { try memoryInfo.set(availableKilobytes: kilobytes, totalKilobytes: 100_000_000) }
         try setAvailable(8 << 20)  // 8 GiB free
         let pressured = try DaemonProcess(arguments: ["--headroom", "1g", "--memory-info", path, "--reclaim-deadline", "5"])
         let spare = try DaemonProcess()

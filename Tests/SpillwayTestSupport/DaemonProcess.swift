@@ -17,6 +17,44 @@ public func builtExecutable(_ name: String) throws -> URL {
     throw SpillwayError.invalidConfiguration("\(name) not found next to \(directory.path): run `swift build` first")
 }
 
+/// Runs the built `spillway` binary (tools/test.sh builds it before `swift test`), optionally
+/// without some environment variables; its exit status and both outputs.
+public func runSpillway(_ arguments: [String], removingEnvironment removed: Set<String> = []) throws
+    -> (status: Int32, stdout: String, stderr: String)
+{
+    let process = Process()
+    process.executableURL = try builtExecutable("spillway")
+    process.arguments = arguments
+    if !removed.isEmpty { process.environment = ProcessInfo.processInfo.environment.filter { !removed.contains($0.key) } }
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    let errData = err.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+}
+
+/// A `/proc/meminfo` stand-in a test controls, for a daemon started with `memoryInfoPath` /
+/// `--memory-info`: a private scratch file, rewritten atomically (the daemon may read it at
+/// any moment), removed with `remove()`.
+public struct MemoryInfoFile {
+    public let path: String
+
+    public init(_ name: String) throws {
+        path = try ScratchDirectory.file("\(name)-\(getpid())-meminfo")
+    }
+
+    /// Says the host has `availableKilobytes` available of `totalKilobytes`.
+    public func set(availableKilobytes: Int, totalKilobytes: Int = 100_000) throws {
+        try "MemTotal: \(totalKilobytes) kB\nMemAvailable: \(availableKilobytes) kB\n".write(toFile: path, atomically: true, encoding: .utf8)
+    }
+
+    public func remove() { unlink(path) }
+}
+
 /// Tokens shared by a test process's in-process daemons and their clients (tenant `t`, admin,
 /// and `carol`): in-process daemons otherwise each get their own random token.
 public let testTokens = TokenFile(tokens: [("t", "test-token-0123456789abcdef"), ("carol", "carol-token-0123456789abcdef")],

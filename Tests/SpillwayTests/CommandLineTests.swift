@@ -7,23 +7,6 @@ import Testing
 @testable import SpillwayServer
 @testable import SpillwayBench
 
-/// Runs the built `spillway` binary (tools/test.sh builds it before `swift test`).
-func runSpillway(_ arguments: [String], removingEnvironment removed: Set<String> = []) throws -> (status: Int32, stdout: String, stderr: String) {
-    let process = Process()
-    process.executableURL = try builtExecutable("spillway")
-    process.arguments = arguments
-    if !removed.isEmpty { process.environment = ProcessInfo.processInfo.environment.filter { !removed.contains($0.key) } }
-    let out = Pipe()
-    let err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
-}
-
 func checkBenchSchema(_ object: [String: Any], tier: String) {
     #expect(object["tier"] as? String == tier)
     #expect(object["pattern"] is String)

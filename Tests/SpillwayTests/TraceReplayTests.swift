@@ -1,4 +1,5 @@
 import Foundation
+import SpillwayTestSupport
 import Testing
 @testable import Spillway
 @testable import SpillwayBench
