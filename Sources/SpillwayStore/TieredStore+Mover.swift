@@ -123,7 +123,12 @@ extension TieredStore {
         // Held from the claim to the commit, so a put or remove of the key cannot interleave
         // with the move's journal record; busy keys are skipped (the caller may hold stripes).
         var held = HeldStripes()
-        defer { held.releaseAll(in: keyLocks) }
+        // From here the keys this mover takes are busy for everyone else (see `makeRoom`).
+        activeMovers.wrappingIncrement(ordering: .relaxed)
+        defer {
+            held.releaseAll(in: keyLocks)
+            activeMovers.wrappingDecrement(ordering: .relaxed)
+        }
         for key in keys {
             guard held.tryAcquire(key, in: keyLocks), let claim = directory.beginMove(key, fromTier: source) else {
                 retrack([key], tier: source)

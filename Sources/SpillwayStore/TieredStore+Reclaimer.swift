@@ -51,7 +51,11 @@ extension TieredStore {
         guard slots <= capacity else { return nil }
         var target = index + 1 < tiers.count ? min(lowSlots[index], capacity - slots) : capacity - slots
         var stalled = 0
-        for round in 0..<64 {
+        var stalledSince: UInt64 = 0
+        // 64 rounds that free something (fragmentation can hide a contiguous run); rounds that
+        // free nothing are bounded separately below.
+        var round = 0
+        while round < 64 {
             if let extent = tier.allocate(slotCount: slots) { return extent }
             let before = tier.usedSlots
             target = max(0, round == 0 ? min(target, before - slots) : min(target, before - max(slots, 8)))
@@ -60,12 +64,18 @@ extension TieredStore {
             if tier.usedSlots >= before {
                 // Nothing left: every candidate was pinned, or busy — being put, or moved by
                 // another mover that is freeing space right now. Busy passes, so give the
-                // others a moment a few times before saying there is no room.
+                // others a moment a few times before saying there is no room, and while a
+                // mover holds keys, wait for it (at most 200 ms: a loaded machine may not run
+                // it for a while).
+                if stalled == 0 { stalledSince = monotonicNanoseconds() }
                 stalled += 1
-                if stalled >= 8 { return nil }
+                if stalled >= 8, activeMovers.load(ordering: .relaxed) == 0 || monotonicNanoseconds() &- stalledSince > 200_000_000 {
+                    return nil
+                }
                 sched_yield()
             } else {
                 stalled = 0
+                round += 1
             }
         }
         return nil

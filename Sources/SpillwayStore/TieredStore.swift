@@ -72,6 +72,8 @@ public final class TieredStore: Sendable {
     let counters = StoreCounters()
     let closedFlag = ManagedAtomic<Bool>(false)
     let reclaimLocks: [Locked<Void>]
+    /// Movers (demotion, promotion, prefetch, evacuation) holding keys right now.
+    let activeMovers = ManagedAtomic<Int>(0)
     /// Orders the changes of one key that a persistent tier must see in order (see `KeyLocks`).
     let keyLocks = KeyLocks()
     /// Indices of tiers that record pages persistently (`recordsPageMetadata`).
