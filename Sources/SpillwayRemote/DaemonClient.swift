@@ -541,7 +541,8 @@ public final class DaemonClient: @unchecked Sendable {
     /// pipelines TCP frames, leaves such daemons to `execute`).
     public var usesRMA: Bool { rma != nil }
 
-    /// `execute` over Spillway's TCP protocol.
+    /// `execute` over Spillway's TCP protocol: the operations go out as `PageFrames` (runs of
+    /// one kind batched into one frame), at most `window` frames in flight.
     func executeTCP(_ operations: UnsafeMutableBufferPointer<RemoteOperation>, window: Int = 32) -> RemoteError? {
         guard !operations.isEmpty else { return nil }
         let window = max(1, min(window, 256))
@@ -550,28 +551,17 @@ public final class DaemonClient: @unchecked Sendable {
         for index in 0..<operations.count { operations[index].status = Self.unanswered }
         do {
             try withConnection { connection throws(RemoteError) in
-                let slots = UnsafeMutableBufferPointer<(id: UInt64, index: Int)>.allocate(capacity: window)
-                slots.initialize(repeating: (0, -1))
-                defer { slots.deallocate() }
-                do {
+                try ExchangeScratch.withCurrent(legs: 1, window: window) { scratch throws(RemoteError) in
+                    let slots = scratch.slots
                     var next = 0
                     var inFlight = 0
-                    let meta = UnsafeMutableRawPointer.allocate(byteCount: Wire.SlabRange.encodedSize, alignment: 8)
-                    defer { meta.deallocate() }
                     func start(_ slot: Int) throws(RemoteError) {
-                        let index = next
-                        next += 1
-                        let operation = operations[index]
+                        let end = PageFrames.frameEnd(operations, from: next)
                         // The low byte names the slot, so a reply finds its slot without a scan.
                         let id = nextRequest.loadThenWrappingIncrement(ordering: .relaxed) << 8 | UInt64(slot)
-                        slots[slot] = (id, index)
-                        Wire.SlabRange(slab: operation.slab, offset: operation.offset, length: UInt32(operation.length))
-                            .encode(into: meta)
-                        try connection.send(operation.write ? .write : .read, requestID: id,
-                                            meta: UnsafeRawBufferPointer(start: meta, count: Wire.SlabRange.encodedSize),
-                                            data: operation.write
-                                                ? UnsafeRawBufferPointer(start: operation.buffer, count: operation.length)
-                                                : UnsafeRawBufferPointer(start: nil, count: 0))
+                        slots[slot] = ExchangeScratch.Slot(id: id, start: next, end: end)
+                        try PageFrames.send(operations, next..<end, id: id, on: connection, meta: scratch.meta)
+                        next = end
                     }
                     while inFlight < window && next < operations.count {
                         try start(inFlight)
@@ -580,12 +570,10 @@ public final class DaemonClient: @unchecked Sendable {
                     while inFlight > 0 {
                         let header = try receiveReply(connection)
                         let slot = Int(header.requestID & 0xFF)
-                        guard slot < window, slots[slot].id == header.requestID, slots[slot].index >= 0
+                        guard slot < window, slots[slot].id == header.requestID, slots[slot].start >= 0
                         else { throw .protocolViolation("reply to unknown request \(header.requestID)") }
-                        let index = slots[slot].index
-                        let operation = operations[index]
-                        operations[index].status = try Self.completeReply(header, on: connection, for: operation)
-                        slots[slot].index = -1
+                        try PageFrames.complete(header, on: connection, operations, slots[slot].start..<slots[slot].end)
+                        slots[slot].start = -1
                         inFlight -= 1
                         if next < operations.count {
                             try start(slot)

@@ -32,16 +32,9 @@ public enum MultiDaemonExchange {
     /// Status of an operation no reply has answered (yet).
     public static let pending: Int32 = -1
 
-    struct LegState {
-        var connection: FrameConnection?
-        var next = 0
-        var inFlight = 0
-        var slotBase = 0
-        var busyPollUntil: UInt64 = 0
-    }
-
     /// - Parameters:
-    ///   - window: requests outstanding per connection (≤ 256).
+    ///   - window: frames outstanding per connection (≤ 256); each frame carries up to
+    ///     `PageFrames.maxOperations` operations of the leg.
     ///   - onReply: called with (leg, operation) after each answered operation.
     ///   - stop: called with the monotonic time after each reply and at least every
     ///     millisecond; true ends the exchange.
@@ -50,21 +43,19 @@ public enum MultiDaemonExchange {
     {
         let window = max(1, min(window, 256))
         guard !legs.isEmpty else { return }
-        let states = UnsafeMutableBufferPointer<LegState>.allocate(capacity: legs.count)
-        states.initialize(repeating: LegState())
-        // Per leg, `window` reply slots: (request id, operation index or -1).
-        let slots = UnsafeMutableBufferPointer<(id: UInt64, index: Int)>.allocate(capacity: legs.count * window)
-        slots.initialize(repeating: (0, -1))
-        let pollSet = UnsafeMutableBufferPointer<pollfd>.allocate(capacity: legs.count)
-        let pollLegs = UnsafeMutableBufferPointer<Int>.allocate(capacity: legs.count)
-        let meta = UnsafeMutableRawPointer.allocate(byteCount: Wire.SlabRange.encodedSize, alignment: 8)
-        defer {
-            states.deallocate()
-            slots.deallocate()
-            pollSet.deallocate()
-            pollLegs.deallocate()
-            meta.deallocate()
+        ExchangeScratch.withCurrent(legs: legs.count, window: window) { scratch in
+            run(legs, window: window, scratch: scratch, onReply: onReply, stop: stop)
         }
+    }
+
+    private static func run(_ legs: UnsafeMutableBufferPointer<ExchangeLeg>, window: Int, scratch: ExchangeScratch,
+                            onReply: (Int, Int) -> Void, stop: (UInt64) -> Bool)
+    {
+        let states = scratch.legs
+        let slots = scratch.slots
+        let pollSet = scratch.pollSet
+        let pollLegs = scratch.pollLegs
+        for leg in 0..<legs.count { states[leg] = ExchangeScratch.LegState() }
 
         func fail(_ leg: Int, _ error: RemoteError) {
             let operations = legs[leg].operations
@@ -82,16 +73,12 @@ public enum MultiDaemonExchange {
 
         func start(_ leg: Int, slot: Int) throws(RemoteError) {
             let operations = legs[leg].operations
-            let index = states[leg].next
-            states[leg].next += 1
-            let operation = operations[index]
+            let first = states[leg].next
+            let end = PageFrames.frameEnd(operations, from: first)
+            states[leg].next = end
             let id = legs[leg].client.nextRequestID() << 8 | UInt64(slot)
-            slots[states[leg].slotBase + slot] = (id, index)
-            Wire.SlabRange(slab: operation.slab, offset: operation.offset, length: UInt32(operation.length)).encode(into: meta)
-            try states[leg].connection!.send(operation.write ? .write : .read, requestID: id,
-                                             meta: UnsafeRawBufferPointer(start: meta, count: Wire.SlabRange.encodedSize),
-                                             data: operation.write ? UnsafeRawBufferPointer(start: operation.buffer, count: operation.length)
-                                                 : UnsafeRawBufferPointer(start: nil, count: 0))
+            slots[states[leg].slotBase + slot] = ExchangeScratch.Slot(id: id, start: first, end: end)
+            try PageFrames.send(operations, first..<end, id: id, on: states[leg].connection!, meta: scratch.meta)
             states[leg].inFlight += 1
         }
 
@@ -113,20 +100,21 @@ public enum MultiDaemonExchange {
             }
         }
 
-        /// Receives one reply on `leg`'s connection and starts its next request.
+        /// Receives one reply on `leg`'s connection and starts its next frame.
         func receiveOne(_ leg: Int) throws(RemoteError) {
             let connection = states[leg].connection!
             let client = legs[leg].client
             let header = try client.receiveReply(connection)
             let slot = Int(header.requestID & 0xFF)
-            guard slot < window, slots[states[leg].slotBase + slot].id == header.requestID, slots[states[leg].slotBase + slot].index >= 0
+            let entry = states[leg].slotBase + slot
+            guard slot < window, slots[entry].id == header.requestID, slots[entry].start >= 0
             else { throw .protocolViolation("reply to unknown request \(header.requestID)") }
-            let index = slots[states[leg].slotBase + slot].index
+            let range = slots[entry].start..<slots[entry].end
             let operations = legs[leg].operations
-            operations[index].status = try DaemonClient.completeReply(header, on: connection, for: operations[index])
-            slots[states[leg].slotBase + slot].index = -1
+            try PageFrames.complete(header, on: connection, operations, range)
+            slots[entry].start = -1
             states[leg].inFlight -= 1
-            onReply(leg, index)
+            for index in range { onReply(leg, index) }
             if states[leg].next < operations.count { try start(leg, slot: slot) }
         }
 
@@ -152,7 +140,7 @@ public enum MultiDaemonExchange {
             if ready < 0 {
                 let now = monotonicNanoseconds()
                 if busyPollUntil == 0 { busyPollUntil = now &+ UInt64(legs[0].client.pollMicroseconds) * 1000 }
-                let result = poll(pollSet.baseAddress, nfds_t(watched), now < busyPollUntil ? 0 : 1)
+                let result = poll(pollSet, nfds_t(watched), now < busyPollUntil ? 0 : 1)
                 if result <= 0 { continue }
                 for entry in 0..<watched where pollSet[entry].revents != 0 {
                     let leg = pollLegs[entry]
@@ -168,6 +156,89 @@ public enum MultiDaemonExchange {
             guard let connection = states[leg].connection else { continue }
             connection.owedReplies += states[leg].inFlight
             legs[leg].client.giveBack(connection)
+            states[leg].connection = nil
         }
+    }
+}
+
+/// A thread's scratch for page exchanges (slot tables, poll set, meta encoding), grown to the
+/// largest exchange the thread ran and reused, so an exchange allocates nothing.
+///
+/// Each thread has its own (`PerThread`); an exchange nested inside another on one thread (a
+/// callback that starts one) gets a fresh instance for its duration instead.
+public final class ExchangeScratch {
+    struct Slot {
+        var id: UInt64 = 0
+        /// First operation of the frame; -1 once answered.
+        var start = -1
+        var end = 0
+    }
+
+    struct LegState {
+        var connection: FrameConnection?
+        var next = 0
+        var inFlight = 0
+        var slotBase = 0
+    }
+
+    private(set) var legs: UnsafeMutablePointer<LegState>
+    private(set) var slots: UnsafeMutablePointer<Slot>
+    private(set) var pollSet: UnsafeMutablePointer<pollfd>
+    private(set) var pollLegs: UnsafeMutablePointer<Int>
+    let meta: UnsafeMutableRawPointer
+    private var legCapacity = 0
+    private var slotCapacity = 0
+    private var inUse = false
+
+    private static let perThread = PerThread { ExchangeScratch() }
+
+    init() {
+        legs = .allocate(capacity: 1)
+        legs.initialize(to: LegState())
+        slots = .allocate(capacity: 1)
+        pollSet = .allocate(capacity: 1)
+        pollLegs = .allocate(capacity: 1)
+        meta = .allocate(byteCount: PageFrames.metaCapacity, alignment: 8)
+        legCapacity = 1
+        slotCapacity = 1
+    }
+
+    deinit {
+        legs.deinitialize(count: legCapacity)
+        legs.deallocate()
+        slots.deallocate()
+        pollSet.deallocate()
+        pollLegs.deallocate()
+        meta.deallocate()
+    }
+
+    private func reserve(legs count: Int, window: Int) {
+        if count > legCapacity {
+            legs.deinitialize(count: legCapacity)
+            legs.deallocate()
+            pollSet.deallocate()
+            pollLegs.deallocate()
+            legCapacity = max(count, legCapacity * 2)
+            legs = .allocate(capacity: legCapacity)
+            legs.initialize(repeating: LegState(), count: legCapacity)
+            pollSet = .allocate(capacity: legCapacity)
+            pollLegs = .allocate(capacity: legCapacity)
+        }
+        if count * window > slotCapacity {
+            slots.deallocate()
+            slotCapacity = max(count * window, slotCapacity * 2)
+            slots = .allocate(capacity: slotCapacity)
+        }
+        slots.initialize(repeating: Slot(), count: count * window)
+    }
+
+    /// Runs `body` with the calling thread's scratch, sized for `legs` × `window` slots.
+    static func withCurrent<R, E: Error>(legs: Int, window: Int, _ body: (ExchangeScratch) throws(E) -> R) throws(E) -> R {
+        var scratch = perThread.value
+        if scratch.inUse { scratch = ExchangeScratch() }
+        scratch.reserve(legs: legs, window: window)
+        scratch.inUse = true
+        defer { scratch.inUse = false }
+        return try body(scratch)
     }
 }

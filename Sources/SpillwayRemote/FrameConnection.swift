@@ -104,7 +104,7 @@ public final class FrameConnection: @unchecked Sendable {
         headerIn = .allocate(byteCount: WireProtocol.headerSize, alignment: 8)
         metaIn = .allocate(byteCount: WireProtocol.maxMetaLength, alignment: 8)
         scratch = .allocate(byteCount: Self.scratchSize, alignment: 8)
-        vectors = .allocate(capacity: 3)
+        vectors = .allocate(capacity: 2 + PageFrames.maxOperations)
         input = .allocate(byteCount: Self.inputSize, alignment: 64)
     }
 
@@ -175,6 +175,42 @@ public final class FrameConnection: @unchecked Sendable {
         }
         try sendLock.withLock { _ throws(RemoteError) in
             try sendLocked(opcode, flags: flags, requestID: requestID, meta: meta, data: data)
+        }
+    }
+
+    /// Sends one frame whose data is the buffers of `operations` (a batched write), gathered
+    /// straight from where they lie; a read batch passes `data: false` (no data).
+    func send(_ opcode: Opcode, requestID: UInt64, meta: UnsafeRawBufferPointer,
+              pagesOf operations: UnsafeMutableBufferPointer<RemoteOperation>, range: Range<Int>, data: Bool) throws(RemoteError)
+    {
+        var total = 0
+        if data { for index in range { total += operations[index].length } }
+        guard meta.count <= WireProtocol.maxMetaLength, total <= WireProtocol.maxDataLength, range.count <= PageFrames.maxOperations else {
+            throw .oversized("\(opcode) frame with \(meta.count) meta and \(total) data bytes in \(range.count) pieces")
+        }
+        try sendLock.withLock { _ throws(RemoteError) in
+            var crc = WireChecksum.update(0xFFFF_FFFF, meta)
+            var count = 1
+            if meta.count > 0 {
+                vectors[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: meta.baseAddress!), iov_len: meta.count)
+                count += 1
+            }
+            if data {
+                for index in range where operations[index].length > 0 {
+                    let piece = UnsafeRawBufferPointer(start: operations[index].buffer, count: operations[index].length)
+                    crc = WireChecksum.update(crc, piece)
+                    vectors[count] = iovec(iov_base: operations[index].buffer, iov_len: piece.count)
+                    count += 1
+                }
+            }
+            FrameHeader(opcode: opcode, flags: [], requestID: requestID, metaLength: meta.count, dataLength: total,
+                        payloadChecksum: ~crc).encode(into: headerOut)
+            vectors[0] = iovec(iov_base: headerOut, iov_len: WireProtocol.headerSize)
+            do throws(SystemCallError) {
+                try socket.send(UnsafeMutableBufferPointer(rebasing: vectors[0..<count]))
+            } catch {
+                throw .system(error)
+            }
         }
     }
 

@@ -104,7 +104,7 @@ final class Connection: @unchecked Sendable {
         var requestID: UInt64
         var dataLength: Int
         var payloadChecksum: UInt32
-        /// CRC register after the meta.
+        /// CRC register after the meta and the data received so far.
         var register: UInt32
         /// Refused before the data arrived: the data is read and dropped, then this is the reply.
         var refusal: Wire.ErrorReply?
@@ -112,10 +112,22 @@ final class Connection: @unchecked Sendable {
         var target = 0
         var targetOffset = 0
         var ranges: Int
+        /// Ranges not refused (all of a single write that was not refused).
+        var served: Int
     }
 
-    /// Destinations of the current write (slots pinned), reused between frames.
+    /// Destinations of the current write (slots pinned), reused between frames. In a batched
+    /// write, a refused range's target has slot -1: its bytes are received and dropped.
     var targets: [Target] = []
+    /// Per-range statuses of the current batched request (`WireErrorCode` raw values, 0 =
+    /// served): the reply's meta. Allocated on the first batch (most connections never send one).
+    var rangeStatuses: UnsafeMutablePointer<UInt8>?
+    var statusBuffer: UnsafeMutablePointer<UInt8> {
+        if let rangeStatuses { return rangeStatuses }
+        let buffer = UnsafeMutablePointer<UInt8>.allocate(capacity: WireProtocol.maxBatchItems)
+        rangeStatuses = buffer
+        return buffer
+    }
 
     init(socket: TCPSocket, peer: Endpoint, acceptedAt: Double, worker: Int) {
         self.socket = socket
@@ -131,6 +143,7 @@ final class Connection: @unchecked Sendable {
     deinit {
         input.deallocate()
         small.deallocate()
+        rangeStatuses?.deallocate()
     }
 
     var descriptor: Int32 { socket.descriptor }
@@ -205,12 +218,16 @@ final class Connection: @unchecked Sendable {
         meta.withUnsafeBytes { queue(opcode, flags: flags, requestID: requestID, meta: $0) }
     }
 
-    /// Queues a reply header for `dataLength` bytes of page data that follow as `queueData`.
-    func queueDataHeader(_ opcode: Opcode, requestID: UInt64, dataLength: Int, checksum: UInt32) {
-        let offset = reserveSmall(WireProtocol.headerSize)
-        FrameHeader(opcode: opcode, flags: .response, requestID: requestID, metaLength: 0, dataLength: dataLength,
+    /// Queues a reply header (and `meta`) for `dataLength` bytes of page data that follow as
+    /// `queueData`; `checksum` covers meta and data.
+    func queueDataHeader(_ opcode: Opcode, requestID: UInt64, meta: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
+                         dataLength: Int, checksum: UInt32)
+    {
+        let offset = reserveSmall(WireProtocol.headerSize + meta.count)
+        if meta.count > 0 { memcpy(small + offset + WireProtocol.headerSize, meta.baseAddress!, meta.count) }
+        FrameHeader(opcode: opcode, flags: .response, requestID: requestID, metaLength: meta.count, dataLength: dataLength,
                     payloadChecksum: checksum).encode(into: small + offset)
-        appendSmallSegment(offset: offset, length: WireProtocol.headerSize)
+        appendSmallSegment(offset: offset, length: WireProtocol.headerSize + meta.count)
     }
 
     /// Queues page data from a pinned slot (the pin passes to the queue).
@@ -283,7 +300,7 @@ final class Connection: @unchecked Sendable {
         pending = 0
         smallEnd = 0
         if write != nil {
-            for target in targets { slabs.unpin(target.slot) }
+            for target in targets where target.slot >= 0 { slabs.unpin(target.slot) }
             targets.removeAll()
             write = nil
         }

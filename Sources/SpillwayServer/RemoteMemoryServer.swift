@@ -521,7 +521,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields")
                 return true
             }
-            ranges.withUnsafeBufferPointer { serveRead(connection, $0, opcode: header.opcode, id: id) }
+            ranges.withUnsafeBufferPointer { serveReadBatch(connection, $0, id: id) }
             return true
         default: break
         }
@@ -589,6 +589,12 @@ public final class RemoteMemoryServer: @unchecked Sendable {
 
     /// Queues an error reply and counts it.
     func refuse(_ connection: Connection, _ id: UInt64, _ code: WireErrorCode, _ message: String) {
+        count(refusal: code, connection)
+        connection.queue(.error, flags: .response, requestID: id, meta: Wire.ErrorReply(code, message).encode())
+    }
+
+    /// Counts a refusal (of a whole request, or of one range of a batch).
+    private func count(refusal code: WireErrorCode, _ connection: Connection) {
         switch code {
         case .notOwner, .outOfBounds, .unknownSlab, .slabRevoked:
             counters.refusedAccesses.wrappingIncrement(ordering: .relaxed)
@@ -597,7 +603,6 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         case .malformedFrame: counters.malformedFrames.wrappingIncrement(ordering: .relaxed)
         default: break
         }
-        connection.queue(.error, flags: .response, requestID: id, meta: Wire.ErrorReply(code, message).encode())
     }
 
     private func outOfBoundsMessage(_ range: Wire.SlabRange) -> String {
@@ -615,6 +620,47 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             }
             return Wire.ErrorReply(.unknownSlab, "no slab \(slab)")
         }
+    }
+
+    enum PinnedRange {
+        case pinned(Connection.Target)
+        case refused(WireErrorCode)
+    }
+
+    /// Pins one range's slot after the owner and bounds checks, or says which refused it
+    /// (then nothing stays pinned).
+    private func pinRange(_ connection: Connection, _ range: Wire.SlabRange) -> PinnedRange {
+        guard let slot = slabs.pin(range.slab, tenant: connection.tenantID) else {
+            return .refused(refusal(for: range.slab, tenant: connection.tenantID, name: connection.tenantName).code)
+        }
+        guard slabs.inBounds(offset: range.offset, length: range.length) else {
+            slabs.unpin(slot)
+            return .refused(.outOfBounds)
+        }
+        return .pinned(Connection.Target(slot: slot, pointer: slabs.address(slot, Int(range.offset)), length: Int(range.length)))
+    }
+
+    /// A batch's ranges, each on its own: a served range's slot is pinned into
+    /// `connection.targets`, a refused one gets a target with slot -1 (its bytes, for a write,
+    /// are dropped) and its code in `connection.statusBuffer` (0 = served). Returns how many
+    /// were served. One bad range never fails the others (a reclaimed slab among several).
+    private func pinBatch(_ connection: Connection, _ ranges: UnsafeBufferPointer<Wire.SlabRange>) -> Int {
+        connection.targets.removeAll(keepingCapacity: true)
+        let statuses = connection.statusBuffer
+        var served = 0
+        for (index, range) in ranges.enumerated() {
+            switch pinRange(connection, range) {
+            case .pinned(let target):
+                connection.targets.append(target)
+                statuses[index] = 0
+                served += 1
+            case .refused(let code):
+                count(refusal: code, connection)
+                connection.targets.append(Connection.Target(slot: -1, pointer: connection.input, length: Int(range.length)))
+                statuses[index] = UInt8(truncatingIfNeeded: code.rawValue)
+            }
+        }
+        return served
     }
 
     /// Pins every range's slot into `connection.targets` after the owner and bounds checks;
@@ -636,6 +682,33 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             connection.targets.append(Connection.Target(slot: slot, pointer: slabs.address(slot, Int(range.offset)), length: Int(range.length)))
         }
         return nil
+    }
+
+    /// A batched read: the reply's meta holds one status byte per range (0 = served, else the
+    /// `WireErrorCode` that refused it) and its data the served ranges' bytes, in order.
+    private func serveReadBatch(_ connection: Connection, _ ranges: UnsafeBufferPointer<Wire.SlabRange>, id: UInt64) {
+        // `decodeBatch` bounds the count and the total length.
+        let served = pinBatch(connection, ranges)
+        let statuses = UnsafeRawBufferPointer(start: connection.statusBuffer, count: ranges.count)
+        var register = WireChecksum.update(0xFFFF_FFFF, statuses)
+        var total = 0
+        for target in connection.targets where target.slot >= 0 {
+            register = WireChecksum.update(register, UnsafeRawBufferPointer(start: target.pointer, count: target.length))
+            total += target.length
+        }
+        counters.reads.wrappingIncrement(by: served, ordering: .relaxed)
+        counters.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
+        connection.tenantCounters?.reads.wrappingIncrement(by: served, ordering: .relaxed)
+        connection.tenantCounters?.bytesRead.wrappingIncrement(by: total, ordering: .relaxed)
+        connection.queueDataHeader(.readBatch, requestID: id, meta: statuses, dataLength: total, checksum: ~register)
+        for target in connection.targets where target.slot >= 0 {
+            if target.length > 0 {
+                connection.queueData(slot: target.slot, pointer: target.pointer, length: target.length)
+            } else {
+                slabs.unpin(target.slot)
+            }
+        }
+        connection.targets.removeAll(keepingCapacity: true)
     }
 
     private func serveRead(_ connection: Connection, _ ranges: UnsafeBufferPointer<Wire.SlabRange>, opcode: Opcode, id: UInt64) {
@@ -677,6 +750,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         var reader = WireReader(meta)
         var refusal: Wire.ErrorReply?
         var count = 1
+        var served = 1
         if header.opcode == .write {
             if var range = Wire.SlabRange.decode(&reader), reader.remaining == 0, Int(range.length) == header.dataLength {
                 refusal = withUnsafeMutablePointer(to: &range) { pinRanges(connection, UnsafeBufferPointer(start: $0, count: 1)) }
@@ -687,14 +761,14 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                   ranges.reduce(0, { $0 + Int($1.length) }) == header.dataLength
         {
             count = ranges.count
-            refusal = ranges.withUnsafeBufferPointer { pinRanges(connection, $0) }
+            served = ranges.withUnsafeBufferPointer { pinBatch(connection, $0) }
         } else {
             refusal = Wire.ErrorReply(.malformedFrame, "bad \(header.opcode) fields")
         }
         connection.lastInput = Self.now()
         connection.write = Connection.WriteInProgress(opcode: header.opcode, requestID: header.requestID, dataLength: header.dataLength,
                                                       payloadChecksum: header.payloadChecksum, register: register, refusal: refusal,
-                                                      ranges: count)
+                                                      ranges: count, served: served)
     }
 
     enum WriteProgress { case done, needMore, closed }
@@ -721,8 +795,14 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                     write.targetOffset = 0
                 }
                 let target = connection.targets[write.target]
-                destination = target.pointer + write.targetOffset
-                room = target.length - write.targetOffset
+                if target.slot >= 0 {
+                    destination = target.pointer + write.targetOffset
+                    room = target.length - write.targetOffset
+                } else {
+                    // A refused range of a batch: its bytes go to the input buffer, dropped.
+                    destination = connection.input
+                    room = min(target.length - write.targetOffset, connection.inputCapacity)
+                }
             } else {
                 destination = connection.input
                 room = min(remaining, connection.inputCapacity)
@@ -738,7 +818,11 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 return .closed
             }
             connection.lastInput = Self.now()
-            if write.refusal == nil { write.targetOffset += got }
+            if write.refusal == nil {
+                // The CRC runs as bytes land (dropped ones included), so it covers the frame.
+                write.register = WireChecksum.update(write.register, UnsafeRawBufferPointer(start: destination, count: got))
+                write.targetOffset += got
+            }
             write.received += got
         }
         let finished = write
@@ -750,22 +834,25 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         // The bytes landed before their CRC32C is checked; a mismatch is refused, and the client
         // never makes that location visible (it writes fresh locations and publishes only
         // acknowledged ones).
-        var register = finished.register
-        for target in connection.targets {
-            register = WireChecksum.update(register, UnsafeRawBufferPointer(start: target.pointer, count: target.length))
+        var written = 0
+        for target in connection.targets where target.slot >= 0 {
+            written += target.length
             slabs.unpin(target.slot)
         }
         connection.targets.removeAll(keepingCapacity: true)
-        guard ~register == finished.payloadChecksum else {
+        guard ~finished.register == finished.payloadChecksum else {
             refuse(connection, finished.requestID, .checksumMismatch, "payload CRC32C mismatch")
             return .done
         }
         // Counted before the acknowledgement, so whoever saw it also sees the count.
-        counters.writes.wrappingIncrement(by: finished.ranges, ordering: .relaxed)
-        counters.bytesWritten.wrappingIncrement(by: finished.dataLength, ordering: .relaxed)
-        connection.tenantCounters?.writes.wrappingIncrement(by: finished.ranges, ordering: .relaxed)
-        connection.tenantCounters?.bytesWritten.wrappingIncrement(by: finished.dataLength, ordering: .relaxed)
-        connection.queue(finished.opcode, flags: .response, requestID: finished.requestID, meta: UnsafeRawBufferPointer(start: nil, count: 0))
+        counters.writes.wrappingIncrement(by: finished.served, ordering: .relaxed)
+        counters.bytesWritten.wrappingIncrement(by: written, ordering: .relaxed)
+        connection.tenantCounters?.writes.wrappingIncrement(by: finished.served, ordering: .relaxed)
+        connection.tenantCounters?.bytesWritten.wrappingIncrement(by: written, ordering: .relaxed)
+        // A batched write answers with one status byte per range (0 = written).
+        let statuses = finished.opcode == .writeBatch ? UnsafeRawBufferPointer(start: connection.statusBuffer, count: finished.ranges)
+            : UnsafeRawBufferPointer(start: nil, count: 0)
+        connection.queue(finished.opcode, flags: .response, requestID: finished.requestID, meta: statuses)
         return .done
     }
 
@@ -780,7 +867,8 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             }
             let target = connection.targets[write.target]
             let piece = min(left, target.length - write.targetOffset)
-            memcpy(target.pointer + write.targetOffset, source, piece)
+            write.register = WireChecksum.update(write.register, UnsafeRawBufferPointer(start: source, count: piece))
+            if target.slot >= 0 { memcpy(target.pointer + write.targetOffset, source, piece) }
             write.targetOffset += piece
             source += piece
             left -= piece

@@ -12,27 +12,14 @@ enum ThreadBatch {
     /// Pages per move round (demotion, promotion, prefetch).
     static let moveChunk = 64
 
-    private static let key: pthread_key_t = {
-        var key = pthread_key_t()
-        let status = pthread_key_create(&key) { pointer in
-            guard let pointer else { return }
-            Unmanaged<TierBatch>.fromOpaque(pointer).release()
-        }
-        precondition(status == 0, "pthread_key_create failed: \(status)")
-        return key
-    }()
+    private static let batches = PerThread { TierBatch(capacity: capacity) }
 
     /// The calling thread's batch, emptied. Callers must finish with it before calling anything
     /// else that uses it (store operations are sequential per thread).
     @inline(__always)
     static func current() -> TierBatch {
-        if let pointer = pthread_getspecific(key) {
-            let batch = Unmanaged<TierBatch>.fromOpaque(pointer).takeUnretainedValue()
-            batch.reset()
-            return batch
-        }
-        let batch = TierBatch(capacity: capacity)
-        pthread_setspecific(key, Unmanaged.passRetained(batch).toOpaque())
+        let batch = batches.value
+        batch.reset()
         return batch
     }
 }

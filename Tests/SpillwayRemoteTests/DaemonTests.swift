@@ -141,29 +141,48 @@ func transfer(_ client: DaemonClient, write: Bool, slab: UInt32, offset: UInt64,
     }
 
     @Test func pipelinedRepliesAreMatchedByIdInAnyOrder() throws {
-        // A fake daemon that answers a batch of reads in reverse order.
+        // A fake daemon that answers pipelined reads in reverse order: 80 pages go out as three
+        // batched frames (32 + 32 + 16 ranges, `PageFrames.maxOperations`); the fake refuses the
+        // range at offset 256 × 40 alone (a per-range status), which must fail only that page.
         let listener = try TCPSocket.listen(on: Endpoint(host: "127.0.0.1", port: 0))
         let port = listener.localPort
-        let count = 16
+        let count = 80
+        let refusedIndex = 40
+        let frames = Locked<[Int]>([])
         let fake = BackgroundThread {
             guard let (socket, _) = try? listener.accept(timeout: 5) else { return }
             let connection = FrameConnection(socket: socket)
             do {
                 try fakeDaemonHandshake(connection, token: Array(aliceToken.utf8))
-                var requests: [(UInt64, UInt64)] = []
-                for _ in 0..<count {
+                var requests: [(UInt64, [Wire.SlabRange])] = []
+                var received = 0
+                while received < count {
                     let header = try connection.receiveHeader()
                     let meta = try connection.receiveSmall(header)
-                    let range = meta.withUnsafeBytes { raw -> Wire.SlabRange in
+                    let ranges = meta.withUnsafeBytes { raw -> [Wire.SlabRange] in
                         var reader = WireReader(raw)
-                        return Wire.SlabRange.decode(&reader)!
+                        return header.opcode == .readBatch ? Wire.decodeBatch(&reader)! : [Wire.SlabRange.decode(&reader)!]
                     }
-                    requests.append((header.requestID, range.offset))
+                    received += ranges.count
+                    frames.withLock { $0.append(ranges.count) }
+                    requests.append((header.requestID, ranges))
                 }
-                for (id, offset) in requests.reversed() {
-                    let page = pattern(offset, 256)
-                    try page.withUnsafeBytes { data in
-                        try connection.send(.read, flags: .response, requestID: id, meta: UnsafeRawBufferPointer(start: nil, count: 0), data: data)
+                for (id, ranges) in requests.reversed() {
+                    var statuses: [UInt8] = []
+                    var data: [UInt8] = []
+                    for range in ranges {
+                        if range.offset == UInt64(refusedIndex * 256) {
+                            statuses.append(UInt8(WireErrorCode.outOfBounds.rawValue))
+                        } else {
+                            statuses.append(0)
+                            data += pattern(range.offset, 256)
+                        }
+                    }
+                    try statuses.withUnsafeBytes { meta in
+                        try data.withUnsafeBytes { data in
+                            try connection.send(ranges.count == 1 ? .read : .readBatch, flags: .response, requestID: id,
+                                                meta: ranges.count == 1 ? UnsafeRawBufferPointer(start: nil, count: 0) : meta, data: data)
+                        }
                     }
                 }
                 _ = try? connection.receiveHeader()  // until the client hangs up
@@ -177,12 +196,14 @@ func transfer(_ client: DaemonClient, write: Bool, slab: UInt32, offset: UInt64,
         }
         let failure = operations.withUnsafeMutableBufferPointer { client.execute($0, window: count) }
         #expect(failure == nil)
-        for index in 0..<count {
+        for index in 0..<count where index != refusedIndex {
             #expect(operations[index].status == 0)
             #expect(Array(UnsafeRawBufferPointer(start: buffers + index * 256, count: 256)) == pattern(UInt64(index * 256), 256))
         }
+        #expect(operations[refusedIndex].status == EINVAL)
         client.close()
         fake.join()
+        #expect(frames.withLock { $0 } == [32, 32, 16])
     }
 
     @Test func reclaimNoticeReachesTheClientAndAMissedDeadlineRevokes() throws {

@@ -146,6 +146,56 @@ private func receiveRead(_ connection: FrameConnection, count: Int) throws -> Re
         #expect(server.counters.refusedAccesses.load(ordering: .relaxed) >= 6)
     }
 
+    /// Batched frames: a batch mixing the tenant's slab, another tenant's, an unmapped one and
+    /// an out-of-range offset is served range by range. Refused ranges get their own typed
+    /// status (their write bytes dropped, never landing anywhere), served ones their bytes,
+    /// and the counters count only what was served.
+    @Test func batchedFramesAreServedRangeByRange() throws {
+        let server = try startDaemon(capacity: 4 << 20, slabSize: 1 << 20)
+        defer { server.shutdown(drain: 0) }
+        let other = try DaemonClient(endpoint: endpoint(server), credentials: bob)
+        let bobs = try other.mapSlab()
+        let client = try DaemonClient(endpoint: endpoint(server), credentials: alice)
+        let mine = try client.mapSlab()
+        let gone = try client.mapSlab()
+        try client.unmapSlab(gone)
+        // 24 pages of 1 KiB: one batched frame each way (PageFrames.maxOperations = 32).
+        let count = 24
+        func target(_ index: Int) -> (slab: UInt32, offset: UInt64, expected: Int32) {
+            switch index % 4 {
+            case 1: (bobs, UInt64(index) * 1024, EACCES)
+            case 2 where index % 8 == 2: (gone, UInt64(index) * 1024, ENXIO)
+            case 2: (mine, (1 << 20) - 512, EINVAL)
+            default: (mine, UInt64(index) * 1024, 0)
+            }
+        }
+        let buffers = UnsafeMutableRawPointer.allocate(byteCount: count * 1024, alignment: 64)
+        defer { buffers.deallocate() }
+        for index in 0..<count { memset(buffers + index * 1024, Int32(index + 1), 1024) }
+        var writes = (0..<count).map { index in
+            RemoteOperation(write: true, slab: target(index).slab, offset: target(index).offset, length: 1024, buffer: buffers + index * 1024)
+        }
+        let writesBefore = server.counters.writes.load(ordering: .relaxed)
+        #expect(writes.withUnsafeMutableBufferPointer { client.execute($0) } == nil)
+        for index in 0..<count { #expect(writes[index].status == target(index).expected, "write \(index)") }
+        let servedCount = (0..<count).filter { target($0).expected == 0 }.count
+        #expect(server.counters.writes.load(ordering: .relaxed) - writesBefore == servedCount)
+        memset(buffers, 0, count * 1024)
+        var reads = writes
+        for index in 0..<count { reads[index].write = false }
+        #expect(reads.withUnsafeMutableBufferPointer { client.execute($0) } == nil)
+        for index in 0..<count {
+            #expect(reads[index].status == target(index).expected, "read \(index)")
+            if target(index).expected == 0 {
+                #expect(UnsafeRawBufferPointer(start: buffers + index * 1024, count: 1024).allSatisfy { $0 == UInt8(index + 1) })
+            }
+        }
+        // Bob's slab never received Alice's dropped bytes.
+        var page = [UInt8](repeating: 0xEE, count: 1024)
+        #expect(transfer(other, write: false, slab: bobs, offset: 1024, &page) == 0)
+        #expect(page.allSatisfy { $0 == 0 })
+    }
+
     /// The lock-free page path under churn: one tenant reads its slab while it is unmapped and
     /// the slot lent to another tenant who writes it at once. Every read returns the reader's
     /// own bytes or a refusal, never the other tenant's bytes (a retired slot pinned by a
