@@ -360,6 +360,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         var status: Int32 = 0
         /// This round: the unit needs no more replies (k valid splits, or all answered).
         var done = false
+        /// This round's splits to transfer (bit i = split i).
+        var choice: UInt32 = 0
         /// Reads: a split was unavailable (member dead, retired or being rebuilt, split stale)
         /// or failed (an error or its CRC32C). Distinct from decoding, which late binding also
         /// does on a healthy pool when a parity split merely answers first.
@@ -386,36 +388,61 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         for index in 0..<batch.count { batch.setLatency(index, nanoseconds: elapsed / UInt64(max(1, batch.count))) }
     }
 
+    /// Pages of `io` (slots it spans), or nil if the I/O is malformed.
+    @inline(__always)
+    private func unitCount(_ io: TierIO) -> Int? {
+        guard io.buffer != nil, io.length <= Int(io.extent.slotCount) * descriptor.slotSize,
+              Int(io.extent.endSlot) <= descriptor.capacitySlots
+        else { return nil }
+        return (io.length + descriptor.slotSize - 1) / descriptor.slotSize
+    }
+
     private func run(_ batch: TierBatch) {
-        var units: [Unit] = []
-        units.reserveCapacity(batch.count)
+        var unitTotal = 0
         for index in 0..<batch.count {
             let io = batch[index]
             guard io.operation != .discard, io.length > 0 else { continue }
-            guard io.buffer != nil, io.length <= Int(io.extent.slotCount) * descriptor.slotSize,
-                  Int(io.extent.endSlot) <= descriptor.capacitySlots
-            else {
+            guard let count = unitCount(io) else {
                 batch.setStatus(index, EINVAL)
                 continue
             }
+            unitTotal += count
+        }
+        guard unitTotal > 0 else { return }
+        ErasureScratch.withCurrent(units: unitTotal, n: n, splitSize: splitSize, daemons: clients.count) { scratch in
+            run(batch, scratch)
+        }
+    }
+
+    /// One batch, planned and exchanged in the thread's scratch (no allocation once it has
+    /// grown to the batch: a degraded read's first decode of a pattern builds its plan).
+    private func run(_ batch: TierBatch, _ scratch: ErasureScratch) {
+        let units = scratch.units
+        var unitCount = 0
+        for index in 0..<batch.count {
+            let io = batch[index]
+            guard io.operation != .discard, io.length > 0, self.unitCount(io) != nil else { continue }
             var offset = 0
             var slot = Int(io.extent.firstSlot)
             while offset < io.length {
                 let bytes = min(descriptor.slotSize, io.length - offset)
-                units.append(Unit(io: index, slot: slot, offset: offset, bytes: bytes, write: io.operation == .write))
+                units[unitCount] = Unit(io: index, slot: slot, offset: offset, bytes: bytes, write: io.operation == .write)
+                unitCount += 1
                 offset += bytes
                 slot += 1
             }
         }
-        guard !units.isEmpty else { return }
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: units.count * n * splitSize, alignment: 64)
-        defer { scratch.deallocate() }
+        let splits = scratch.splits
         let snapshot = snapshot()
         // Writes: encode into scratch, record split checksums.
-        let pointers = UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>.allocate(capacity: n)
-        defer { pointers.deallocate() }
-        for u in units.indices where units[u].write {
-            let base = scratch + u * n * splitSize
+        let pointers = scratch.pointers
+        var anyRead = false
+        for u in 0..<unitCount {
+            guard units[u].write else {
+                anyRead = true
+                continue
+            }
+            let base = splits + u * n * splitSize
             let source = batch[units[u].io].buffer! + units[u].offset
             memcpy(base, source, units[u].bytes)
             memset(base + units[u].bytes, 0, k * splitSize - units[u].bytes)
@@ -427,52 +454,67 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
         // Round 1: every write's splits, every read's first k+Δ valid splits. With late
         // binding, daemons still owing replies from earlier reads (stragglers) go last.
-        var owed = [Int](repeating: 0, count: clients.count)
-        if configuration.lateBindingDelta > 0 && units.contains(where: { !$0.write }) {
-            for (daemon, client) in clients.enumerated() where client != nil && snapshot.alive[daemon] {
-                owed[daemon] = client!.laggingReplies()
+        let owed = scratch.owed
+        var anyLagging = false
+        for daemon in 0..<clients.count {
+            owed[daemon] = 0
+            if configuration.lateBindingDelta > 0 && anyRead, let client = clients[daemon], snapshot.alive[daemon] {
+                owed[daemon] = client.laggingReplies()
+                anyLagging = anyLagging || owed[daemon] > 0
             }
         }
-        let anyLagging = owed.contains { $0 > 0 }
-        var choices: [[Int]] = Array(repeating: [], count: units.count)
         let now = monotonicNanoseconds()
-        for u in units.indices {
+        let all: UInt32 = n >= 32 ? .max : (1 << n) - 1
+        let wanted = k + configuration.lateBindingDelta
+        for u in 0..<unitCount {
+            let members = snapshot.stripes[units[u].slot / slotsPerStripe].members
             if units[u].write {
                 // Suspect members are counted missing at once: a daemon known to be slow must
                 // not cost every write the deadline (nor pile up requests it owes).
-                let members = snapshot.stripes[units[u].slot / slotsPerStripe].members
-                choices[u] = members.count == n ? (0..<n).filter { !snapshot.suspect(members[$0].daemon, at: now) } : Array(0..<n)
-            } else {
-                var valid = validSplits(units[u].slot, snapshot)
-                if valid.count < n { units[u].degraded = true }
-                if anyLagging {
-                    // Fewest owed replies first (a straggler keeps owing), data splits first
-                    // among equals: the sort is stable.
-                    let members = snapshot.stripes[units[u].slot / slotsPerStripe].members
-                    valid = valid.enumerated().sorted { a, b in
-                        let (x, y) = (owed[members[a.element].daemon], owed[members[b.element].daemon])
-                        return x != y ? x < y : a.offset < b.offset
-                    }.map(\.element)
+                var mask = all
+                if members.count == n {
+                    for i in 0..<n where snapshot.suspect(members[i].daemon, at: now) { mask &= ~(1 << i) }
                 }
-                guard valid.count >= k else {
-                    units[u].status = valid.isEmpty || snapshot.alive.contains(false) ? EHOSTDOWN : EIO
-                    continue
-                }
-                choices[u] = Array(valid.prefix(k + configuration.lateBindingDelta))
+                units[u].choice = mask
+                continue
             }
+            let valid = validMask(units[u].slot, snapshot)
+            if valid != all { units[u].degraded = true }
+            guard valid.nonzeroBitCount >= k else {
+                units[u].status = valid == 0 || snapshot.alive.contains(false) ? EHOSTDOWN : EIO
+                continue
+            }
+            var chosen: UInt32 = 0
+            if !anyLagging {
+                // The first k+Δ valid splits: data splits first.
+                var rest = valid
+                while chosen.nonzeroBitCount < wanted && rest != 0 {
+                    chosen |= rest & (~rest &+ 1)
+                    rest &= rest &- 1
+                }
+            } else {
+                // Fewest owed replies first (a straggler keeps owing), data splits first
+                // among equals.
+                while chosen.nonzeroBitCount < wanted && valid & ~chosen != 0 {
+                    var best = -1
+                    for i in 0..<n where valid & ~chosen & (1 << i) != 0 {
+                        if best < 0 || owed[members[i].daemon] < owed[members[best].daemon] { best = i }
+                    }
+                    chosen |= 1 << best
+                }
+            }
+            units[u].choice = chosen
         }
-        exchange(&units, choices, scratch: scratch, snapshot: snapshot)
+        exchange(scratch, unitCount: unitCount, snapshot: snapshot)
         // Round 2: reads still short of k valid splits ask for the rest.
         var retry = false
-        for u in units.indices where !units[u].write && units[u].status == 0 && units[u].good.nonzeroBitCount < k {
-            let more = validSplits(units[u].slot, snapshot).filter { units[u].requested & (1 << $0) == 0 }
-            choices[u] = more
-            retry = retry || !more.isEmpty
+        for u in 0..<unitCount {
+            units[u].choice = 0
+            guard !units[u].write, units[u].status == 0, units[u].good.nonzeroBitCount < k else { continue }
+            units[u].choice = validMask(units[u].slot, snapshot) & ~units[u].requested
+            retry = retry || units[u].choice != 0
         }
-        if retry {
-            for u in units.indices where units[u].write || units[u].good.nonzeroBitCount >= k { choices[u] = [] }
-            exchange(&units, choices, scratch: scratch, snapshot: snapshot)
-        }
+        if retry { exchange(scratch, unitCount: unitCount, snapshot: snapshot) }
         // Finish each unit.
         var decodedCount = 0
         var degradedCount = 0
@@ -486,9 +528,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 degradedReadsMetric.increment(by: degradedCount)
             }
         }
-        for u in units.indices {
+        for u in 0..<unitCount {
             let unit = units[u]
-            let base = scratch + u * n * splitSize
+            let base = splits + u * n * splitSize
             if unit.status != 0 {
                 if batch[unit.io].status == 0 { batch.setStatus(unit.io, unit.status) }
                 if !unit.write { counters.lostReads.wrappingIncrement(ordering: .relaxed) }
@@ -503,7 +545,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 if stored == n && pastWatermark == 0 {
                     stale(unit.slot).store(0, ordering: .relaxed)
                 } else if stored >= acknowledgeFloor {
-                    stale(unit.slot).store((~unit.good & ((1 << n) - 1)) | pastWatermark, ordering: .relaxed)
+                    stale(unit.slot).store((~unit.good & all) | pastWatermark, ordering: .relaxed)
                     if stored < n { counters.degradedWrites.wrappingIncrement(ordering: .relaxed) }
                 } else {
                     counters.failedWrites.wrappingIncrement(ordering: .relaxed)
@@ -518,14 +560,18 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     if batch[unit.io].status == 0 { batch.setStatus(unit.io, snapshot.alive.contains(false) ? EHOSTDOWN : EIO) }
                     continue
                 }
-                let sources = Array((0..<n).filter { unit.good & (1 << $0) != 0 }.prefix(k))
-                let targets = (0..<k).filter { unit.good & (1 << $0) == 0 }
-                guard let plan = code.plan(sources: sources, targets: targets) else {
+                // The first k good splits rebuild the missing data splits.
+                var sources: UInt32 = 0
+                var rest = unit.good
+                while sources.nonzeroBitCount < k {
+                    sources |= rest & (~rest &+ 1)
+                    rest &= rest &- 1
+                }
+                guard let plan = code.plan(sourceMask: sources, targetMask: dataMask & ~unit.good) else {
                     if batch[unit.io].status == 0 { batch.setStatus(unit.io, EIO) }
                     continue
                 }
-                let targetPointers = UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>.allocate(capacity: targets.count)
-                defer { targetPointers.deallocate() }
+                let targetPointers = scratch.targetPointers
                 for (position, source) in plan.sources.enumerated() {
                     pointers[position] = (base + source * splitSize).assumingMemoryBound(to: UInt8.self)
                 }
@@ -540,22 +586,32 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
     }
 
-    /// The splits of `slot` worth reading: member alive, rebuilt past this slot, not stale;
-    /// data splits first.
-    private func validSplits(_ slot: Int, _ snapshot: StripeSnapshot) -> [Int] {
+    /// The splits of `slot` worth reading, as a mask (bit i = split i): member alive, rebuilt
+    /// past this slot, not stale.
+    private func validMask(_ slot: Int, _ snapshot: StripeSnapshot) -> UInt32 {
         let stripe = snapshot.stripes[slot / slotsPerStripe]
-        guard stripe.members.count == n else { return [] }
+        guard stripe.members.count == n else { return 0 }
         let local = slot % slotsPerStripe
         let staleBits = stale(slot).load(ordering: .relaxed)
-        return (0..<n).filter { i in
-            guard staleBits & (1 << i) == 0 else { return false }
+        var mask: UInt32 = 0
+        for i in 0..<n where staleBits & (1 << i) == 0 {
             let member = stripe.members[i]
+            let valid: Bool
             if member.rebuiltUpTo.map({ local < $0 }) ?? true {
-                return snapshot.alive[member.daemon] && !member.retiring
+                valid = snapshot.alive[member.daemon] && !member.retiring
+            } else {
+                // Past the rebuild watermark: only a retired slab still holding the split counts.
+                valid = member.retired.map { snapshot.alive[$0.daemon] } ?? false
             }
-            // Past the rebuild watermark: only a retired slab still holding the split counts.
-            return member.retired.map { snapshot.alive[$0.daemon] } ?? false
+            if valid { mask |= 1 << i }
         }
+        return mask
+    }
+
+    /// `validMask` as split indices, data splits first (the repairer's view).
+    private func validSplits(_ slot: Int, _ snapshot: StripeSnapshot) -> [Int] {
+        let mask = validMask(slot, snapshot)
+        return (0..<n).filter { mask & (1 << $0) != 0 }
     }
 
     /// The splits of `slot` whose member is rebuilt from a retired slab not yet past `slot`.
@@ -570,46 +626,77 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         return bits
     }
 
-    /// Runs one round: for each unit, transfers the splits in `choices[u]`.
-    private func exchange(_ units: inout [Unit], _ choices: [[Int]], scratch: UnsafeMutableRawPointer, snapshot: StripeSnapshot) {
-        var perDaemon = [[RemoteOperation]](repeating: [], count: clients.count)
-        var owners = [[(unit: Int, split: Int)]](repeating: [], count: clients.count)
-        for u in units.indices where !choices[u].isEmpty && units[u].status == 0 {
+    /// Where split `split` of unit `unit` goes this round: its member's slab, or (a read past a
+    /// rebuild watermark) the retired slab it replaces; nil when there is none or its daemon
+    /// is down.
+    @inline(__always)
+    private func destination(_ unit: Unit, split: Int, _ stripe: Stripe, local: Int, _ snapshot: StripeSnapshot) -> SlabReference? {
+        let member = stripe.members[split]
+        var target = SlabReference(daemon: member.daemon, slab: member.slab)
+        if let rebuilt = member.rebuiltUpTo, !unit.write, local >= rebuilt {
+            // Not rebuilt this far: read the retired slab it replaces, if any.
+            guard let retired = member.retired else { return nil }
+            target = retired
+        }
+        guard snapshot.alive[target.daemon], clients[target.daemon] != nil else { return nil }
+        return target
+    }
+
+    /// Runs one round: for each unit, transfers the splits in its `choice` mask, all daemons'
+    /// frames in flight at once (`MultiDaemonExchange`).
+    private func exchange(_ scratch: ErasureScratch, unitCount: Int, snapshot: StripeSnapshot) {
+        let units = scratch.units
+        let daemons = clients.count
+        let counts = scratch.counts
+        let starts = scratch.starts
+        for daemon in 0..<daemons { counts[daemon] = 0 }
+        // Count each daemon's operations, then lay them out daemon by daemon.
+        for u in 0..<unitCount where units[u].choice != 0 && units[u].status == 0 {
             let stripe = snapshot.stripes[units[u].slot / slotsPerStripe]
             guard stripe.members.count == n else {
                 units[u].status = EINVAL
                 continue
             }
             let local = units[u].slot % slotsPerStripe
-            for split in choices[u] {
-                var target = SlabReference(daemon: stripe.members[split].daemon, slab: stripe.members[split].slab)
-                if let rebuilt = stripe.members[split].rebuiltUpTo, !units[u].write, local >= rebuilt {
-                    // Not rebuilt this far: read the retired slab it replaces, if any.
-                    guard let retired = stripe.members[split].retired else { continue }
-                    target = retired
-                }
-                guard snapshot.alive[target.daemon] else { continue }
-                let buffer = scratch + (u * n + split) * splitSize
-                perDaemon[target.daemon].append(RemoteOperation(write: units[u].write, slab: target.slab,
-                                                                offset: UInt64(local * splitSize), length: splitSize, buffer: buffer))
-                owners[target.daemon].append((u, split))
+            var bits = units[u].choice
+            while bits != 0 {
+                let split = bits.trailingZeroBitCount
+                bits &= bits &- 1
+                if let target = destination(units[u], split: split, stripe, local: local, snapshot) { counts[target.daemon] += 1 }
+            }
+        }
+        var total = 0
+        var legCount = 0
+        for daemon in 0..<daemons {
+            starts[daemon] = total
+            total += counts[daemon]
+            if counts[daemon] > 0 { legCount += 1 }
+        }
+        guard total > 0 else { return }
+        let operations = scratch.operations
+        let owners = scratch.owners
+        let cursor = scratch.cursor
+        for daemon in 0..<daemons { cursor[daemon] = starts[daemon] }
+        for u in 0..<unitCount where units[u].choice != 0 && units[u].status == 0 {
+            let stripe = snapshot.stripes[units[u].slot / slotsPerStripe]
+            let local = units[u].slot % slotsPerStripe
+            var bits = units[u].choice
+            while bits != 0 {
+                let split = bits.trailingZeroBitCount
+                bits &= bits &- 1
+                guard let target = destination(units[u], split: split, stripe, local: local, snapshot) else { continue }
+                let position = cursor[target.daemon]
+                cursor[target.daemon] += 1
+                operations[position] = RemoteOperation(write: units[u].write, slab: target.slab, offset: UInt64(local * splitSize),
+                                                       length: splitSize, buffer: scratch.splits + (u * n + split) * splitSize)
+                owners[position] = ErasureScratch.Owner(unit: Int32(u), split: Int32(split))
                 units[u].requested |= 1 << split
                 units[u].issued += 1
             }
         }
-        let involved = (0..<clients.count).filter { !perDaemon[$0].isEmpty && clients[$0] != nil }
-        guard !involved.isEmpty else { return }
-        // Stable storage for the operations while the exchange runs.
-        var flat: [RemoteOperation] = involved.flatMap { perDaemon[$0] }
-        var starts: [Int] = []
-        var position = 0
-        for daemon in involved {
-            starts.append(position)
-            position += perDaemon[daemon].count
-        }
         var readsPending = 0
         var writesPending = 0
-        for u in units.indices {
+        for u in 0..<unitCount {
             units[u].done = units[u].answered == units[u].issued || (!units[u].write && units[u].good.nonzeroBitCount >= k)
             guard !units[u].done else { continue }
             if units[u].write { writesPending += 1 } else { readsPending += 1 }
@@ -618,71 +705,79 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         let writeDeadline = started &+ UInt64(configuration.writeDeadline * 1e9)
         let hardDeadline = started &+ UInt64(configuration.ioTimeout * 1e9)
         let floor = acknowledgeFloor
-        flat.withUnsafeMutableBufferPointer { operations in
-            var legs = involved.enumerated().map { position, daemon in
-                ExchangeLeg(client: clients[daemon]!, operations: UnsafeMutableBufferPointer(rebasing: operations[starts[position]..<(starts[position] + perDaemon[daemon].count)]))
-            }
-            legs.withUnsafeMutableBufferPointer { legBuffer in
-                MultiDaemonExchange.run(legBuffer, window: 128, onReply: { leg, index in
-                    let daemon = involved[leg]
-                    let (u, split) = owners[daemon][index]
-                    let status = legBuffer[leg].operations[index].status
-                    units[u].answered += 1
-                    defer {
-                        // A unit is finished for this round once it has what it needs or
-                        // every request it made is answered.
-                        if !units[u].done && (units[u].answered == units[u].issued || (!units[u].write && units[u].good.nonzeroBitCount >= k)) {
-                            units[u].done = true
-                            if units[u].write { writesPending -= 1 } else { readsPending -= 1 }
-                        }
-                    }
-                    if units[u].write {
-                        if status == 0 { units[u].good |= 1 << split }
-                        return
-                    }
-                    guard status == 0 else {
-                        units[u].degraded = true
-                        return
-                    }
-                    let slot = units[u].slot
-                    let bytes = UnsafeRawBufferPointer(start: scratch + (u * n + split) * splitSize, count: splitSize)
-                    if CRC32C.checksum(bytes) == splitChecksums[slot * n + split] {
-                        units[u].good |= 1 << split
-                    } else {
-                        units[u].degraded = true
-                        counters.corruptSplits.wrappingIncrement(ordering: .relaxed)
-                        _ = stale(slot).loadThenBitwiseOr(with: 1 << split, ordering: .relaxed)
-                        logger.error("split failed its CRC32C; treated as an erasure and rebuilt from the others", metadata: [
-                            "tier": "\(descriptor.name)", "slot": "\(slot)", "split": "\(split)",
-                            "daemon": "\(clients[daemon]?.endpoint.description ?? "?")",
-                        ])
-                    }
-                }, stop: { now in
-                    if now >= hardDeadline { return true }
-                    guard readsPending <= 0 else { return false }
-                    if writesPending <= 0 { return true }
-                    // Every write waits for all its members until the deadline; then the
-                    // members still silent are suspect, and a write with its acknowledgement
-                    // floor stored need not wait for them.
-                    guard now >= writeDeadline else { return false }
-                    return units.indices.allSatisfy { u in !units[u].write || units[u].done || units[u].good.nonzeroBitCount >= floor }
-                })
-            }
+        let legs = scratch.legs
+        let legDaemons = scratch.legDaemons
+        var leg = 0
+        for daemon in 0..<daemons where counts[daemon] > 0 {
+            (legs + leg).initialize(to: ExchangeLeg(client: clients[daemon]!, operations: UnsafeMutableBufferPointer(
+                start: operations + starts[daemon], count: counts[daemon])))
+            legDaemons[leg] = daemon
+            leg += 1
         }
-        // A write split still unanswered here outlived the write deadline: its member is slow.
-        for (position, daemon) in involved.enumerated() where !clients[daemon]!.failed.load(ordering: .relaxed) {
-            let operations = flat[starts[position]..<(starts[position] + perDaemon[daemon].count)]
-            if operations.contains(where: { $0.write && $0.status == MultiDaemonExchange.pending }) {
+        defer { legs.deinitialize(count: legCount) }
+        let splits = scratch.splits
+        MultiDaemonExchange.run(UnsafeMutableBufferPointer(start: legs, count: legCount), window: 128, onReply: { leg, index in
+            let daemon = legDaemons[leg]
+            let position = starts[daemon] + index
+            let u = Int(owners[position].unit)
+            let split = Int(owners[position].split)
+            let status = operations[position].status
+            units[u].answered += 1
+            defer {
+                // A unit is finished for this round once it has what it needs or
+                // every request it made is answered.
+                if !units[u].done && (units[u].answered == units[u].issued || (!units[u].write && units[u].good.nonzeroBitCount >= k)) {
+                    units[u].done = true
+                    if units[u].write { writesPending -= 1 } else { readsPending -= 1 }
+                }
+            }
+            if units[u].write {
+                if status == 0 { units[u].good |= 1 << split }
+                return
+            }
+            guard status == 0 else {
+                units[u].degraded = true
+                return
+            }
+            let slot = units[u].slot
+            let bytes = UnsafeRawBufferPointer(start: splits + (u * n + split) * splitSize, count: splitSize)
+            if CRC32C.checksum(bytes) == splitChecksums[slot * n + split] {
+                units[u].good |= 1 << split
+            } else {
+                units[u].degraded = true
+                counters.corruptSplits.wrappingIncrement(ordering: .relaxed)
+                _ = stale(slot).loadThenBitwiseOr(with: 1 << split, ordering: .relaxed)
+                logger.error("split failed its CRC32C; treated as an erasure and rebuilt from the others", metadata: [
+                    "tier": "\(descriptor.name)", "slot": "\(slot)", "split": "\(split)",
+                    "daemon": "\(clients[daemon]?.endpoint.description ?? "?")",
+                ])
+            }
+        }, stop: { now in
+            if now >= hardDeadline { return true }
+            guard readsPending <= 0 else { return false }
+            if writesPending <= 0 { return true }
+            // Every write waits for all its members until the deadline; then the
+            // members still silent are suspect, and a write with its acknowledgement
+            // floor stored need not wait for them.
+            guard now >= writeDeadline else { return false }
+            for u in 0..<unitCount where units[u].write && !units[u].done && units[u].good.nonzeroBitCount < floor { return false }
+            return true
+        })
+        for daemon in 0..<daemons where counts[daemon] > 0 {
+            let range = starts[daemon]..<(starts[daemon] + counts[daemon])
+            if clients[daemon]!.failed.load(ordering: .relaxed) {
+                markDead(daemon, reason: "connection failed")
+                continue
+            }
+            // A write split still unanswered here outlived the write deadline: its member is slow.
+            if range.contains(where: { operations[$0].write && operations[$0].status == MultiDaemonExchange.pending }) {
                 markSuspect(daemon)
             }
         }
-        for daemon in involved where clients[daemon]!.failed.load(ordering: .relaxed) {
-            markDead(daemon, reason: "connection failed")
-        }
         // ENXIO: the daemon no longer has that slab (revoked after a missed reclaim deadline).
-        for (position, daemon) in involved.enumerated() {
-            for index in 0..<perDaemon[daemon].count where flat[starts[position] + index].status == ENXIO {
-                retire(daemon: daemon, slab: flat[starts[position] + index].slab, reason: "slab revoked", revoked: true)
+        for daemon in 0..<daemons where counts[daemon] > 0 {
+            for position in starts[daemon]..<(starts[daemon] + counts[daemon]) where operations[position].status == ENXIO {
+                retire(daemon: daemon, slab: operations[position].slab, reason: "slab revoked", revoked: true)
             }
         }
     }
@@ -897,65 +992,78 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     private func regenerate(_ work: [(slot: Int, targets: [Int])]) -> Bool {
         guard !work.isEmpty else { return true }
         let snapshot = snapshot()
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: work.count * n * splitSize, alignment: 64)
-        defer { scratch.deallocate() }
-        var units = work.map { Unit(io: 0, slot: $0.slot, offset: 0, bytes: 0, write: false) }
-        var choices: [[Int]] = work.map { item in
-            Array(validSplits(item.slot, snapshot).filter { !item.targets.contains($0) }.prefix(k))
-        }
-        exchange(&units, choices, scratch: scratch, snapshot: snapshot)
-        var ok = true
-        var writes = units
-        for u in units.indices {
-            writes[u].write = true
-            writes[u].good = 0
-            writes[u].answered = 0
-            writes[u].issued = 0
-            writes[u].requested = 0
-            choices[u] = []
-            guard units[u].good.nonzeroBitCount >= k else {
-                ok = false
-                logger.error("page lost: fewer than k valid splits left", metadata: ["tier": "\(descriptor.name)", "slot": "\(units[u].slot)"])
-                counters.lostPagesSeen.wrappingIncrement(ordering: .relaxed)
-                continue
+        return ErasureScratch.withCurrent(units: work.count, n: n, splitSize: splitSize, daemons: clients.count) { scratch in
+            let units = scratch.units
+            var targetMasks = [UInt32](repeating: 0, count: work.count)
+            for (u, item) in work.enumerated() {
+                for target in item.targets { targetMasks[u] |= 1 << target }
+                units[u] = Unit(io: 0, slot: item.slot, offset: 0, bytes: 0, write: false)
+                // k valid splits that are not targets, data splits first.
+                var rest = validMask(item.slot, snapshot) & ~targetMasks[u]
+                var chosen: UInt32 = 0
+                while chosen.nonzeroBitCount < k && rest != 0 {
+                    chosen |= rest & (~rest &+ 1)
+                    rest &= rest &- 1
+                }
+                units[u].choice = chosen
             }
-            let base = scratch + u * n * splitSize
-            let sources = Array((0..<n).filter { units[u].good & (1 << $0) != 0 }.prefix(k))
-            let targets = work[u].targets
-            guard let plan = code.plan(sources: sources, targets: targets) else {
-                ok = false
-                continue
-            }
-            let sourcePointers = UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>.allocate(capacity: k)
-            let targetPointers = UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>.allocate(capacity: plan.targets.count)
-            defer {
-                sourcePointers.deallocate()
-                targetPointers.deallocate()
-            }
-            for (position, source) in plan.sources.enumerated() { sourcePointers[position] = (base + source * splitSize).assumingMemoryBound(to: UInt8.self) }
-            for (position, target) in plan.targets.enumerated() { targetPointers[position] = (base + target * splitSize).assumingMemoryBound(to: UInt8.self) }
-            code.decode(plan, sources: sourcePointers, targets: targetPointers, length: splitSize)
-            for target in plan.targets {
-                let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: base + target * splitSize, count: splitSize))
-                if crc != splitChecksums[units[u].slot * n + target] {
-                    // The sources decoded to other bytes than were written: never store them.
+            exchange(scratch, unitCount: work.count, snapshot: snapshot)
+            var ok = true
+            let pointers = scratch.pointers
+            let targetPointers = scratch.targetPointers
+            for u in 0..<work.count {
+                let good = units[u].good
+                // The same unit, now writing the regenerated splits.
+                units[u].write = true
+                units[u].good = 0
+                units[u].answered = 0
+                units[u].issued = 0
+                units[u].requested = 0
+                units[u].choice = 0
+                guard good.nonzeroBitCount >= k else {
                     ok = false
-                    logger.error("regenerated split does not match its recorded CRC32C; not written", metadata: [
-                        "tier": "\(descriptor.name)", "slot": "\(units[u].slot)", "split": "\(target)",
-                    ])
+                    logger.error("page lost: fewer than k valid splits left", metadata: ["tier": "\(descriptor.name)", "slot": "\(units[u].slot)"])
+                    counters.lostPagesSeen.wrappingIncrement(ordering: .relaxed)
                     continue
                 }
-                choices[u].append(target)
+                let base = scratch.splits + u * n * splitSize
+                var sources: UInt32 = 0
+                var rest = good
+                while sources.nonzeroBitCount < k {
+                    sources |= rest & (~rest &+ 1)
+                    rest &= rest &- 1
+                }
+                guard let plan = code.plan(sourceMask: sources, targetMask: targetMasks[u]) else {
+                    ok = false
+                    continue
+                }
+                for (position, source) in plan.sources.enumerated() { pointers[position] = (base + source * splitSize).assumingMemoryBound(to: UInt8.self) }
+                for (position, target) in plan.targets.enumerated() { targetPointers[position] = (base + target * splitSize).assumingMemoryBound(to: UInt8.self) }
+                code.decode(plan, sources: pointers, targets: targetPointers, length: splitSize)
+                for target in plan.targets {
+                    let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: base + target * splitSize, count: splitSize))
+                    if crc != splitChecksums[units[u].slot * n + target] {
+                        // The sources decoded to other bytes than were written: never store them.
+                        ok = false
+                        logger.error("regenerated split does not match its recorded CRC32C; not written", metadata: [
+                            "tier": "\(descriptor.name)", "slot": "\(units[u].slot)", "split": "\(target)",
+                        ])
+                        continue
+                    }
+                    units[u].choice |= 1 << target
+                }
             }
+            // Writes go to the targets' current members, including a replacement being rebuilt.
+            var chosen = [UInt32](repeating: 0, count: work.count)
+            for u in 0..<work.count { chosen[u] = units[u].choice }
+            exchange(scratch, unitCount: work.count, snapshot: snapshot)
+            for u in 0..<work.count where chosen[u] != 0 {
+                let written = units[u].good
+                _ = stale(units[u].slot).loadThenBitwiseAnd(with: ~written, ordering: .relaxed)
+                if written.nonzeroBitCount != chosen[u].nonzeroBitCount { ok = false }
+            }
+            return ok
         }
-        // Writes go to the targets' current members, including a replacement being rebuilt.
-        exchange(&writes, choices, scratch: scratch, snapshot: snapshot)
-        for u in writes.indices where !choices[u].isEmpty {
-            let written = writes[u].good
-            _ = stale(units[u].slot).loadThenBitwiseAnd(with: ~written, ordering: .relaxed)
-            if written.nonzeroBitCount != choices[u].count { ok = false }
-        }
-        return ok
     }
 
     // MARK: Health

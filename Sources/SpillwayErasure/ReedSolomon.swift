@@ -82,6 +82,16 @@ public final class ReedSolomonCode: Sendable {
             guard index >= 0, index < n, sourceMask & (1 << index) == 0, targetMask & (1 << index) == 0 else { return nil }
             targetMask |= 1 << index
         }
+        return plan(sourceMask: sourceMask, targetMask: targetMask)
+    }
+
+    /// `plan(sources:targets:)` with the splits as masks (bit i = split i): k sources, at
+    /// least one target, disjoint. A cached pattern costs one lookup and no allocation.
+    public func plan(sourceMask: UInt32, targetMask: UInt32) -> DecodePlan? {
+        let valid: UInt32 = n >= 32 ? .max : (1 << n) - 1
+        guard sourceMask.nonzeroBitCount == k, targetMask != 0, sourceMask & targetMask == 0,
+              (sourceMask | targetMask) & ~valid == 0
+        else { return nil }
         let key = UInt64(sourceMask) << 32 | UInt64(targetMask)
         if let cached = plans.withLock({ $0[key] }) { return cached }
         let orderedSources = (0..<n).filter { sourceMask & (1 << $0) != 0 }
