@@ -281,19 +281,27 @@ public enum Wire {
     /// A batched read or write: up to `maxBatchItems` ranges; the data section is their bytes
     /// back to back.
     public static func decodeBatch(_ reader: inout WireReader) -> [SlabRange]? {
-        guard let count = reader.read(UInt16.self), Int(count) <= WireProtocol.maxBatchItems,
+        var ranges = [SlabRange](repeating: SlabRange(slab: 0, offset: 0, length: 0), count: WireProtocol.maxBatchItems)
+        guard let count = ranges.withUnsafeMutableBufferPointer({ decodeBatch(&reader, into: $0) }) else { return nil }
+        ranges.removeLast(ranges.count - count)
+        return ranges
+    }
+
+    /// A batch's ranges decoded into `ranges` (room for `WireProtocol.maxBatchItems`), without
+    /// allocating; their count, or nil if the batch is malformed, too long, or over
+    /// `WireProtocol.maxDataLength` in total.
+    public static func decodeBatch(_ reader: inout WireReader, into ranges: UnsafeMutableBufferPointer<SlabRange>) -> Int? {
+        guard let count = reader.read(UInt16.self), Int(count) <= min(WireProtocol.maxBatchItems, ranges.count),
               Int(count) * SlabRange.encodedSize <= reader.remaining
         else { return nil }
-        var ranges: [SlabRange] = []
-        ranges.reserveCapacity(Int(count))
         var total = 0
-        for _ in 0..<count {
+        for index in 0..<Int(count) {
             guard let range = SlabRange.decode(&reader) else { return nil }
             total += Int(range.length)
             guard total <= WireProtocol.maxDataLength else { return nil }
-            ranges.append(range)
+            ranges[index] = range
         }
-        return ranges
+        return Int(count)
     }
 
     public static func encodeBatch(_ ranges: [SlabRange]) -> [UInt8] {

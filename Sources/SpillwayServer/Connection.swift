@@ -121,12 +121,20 @@ final class Connection: @unchecked Sendable {
     var targets: [Target] = []
     /// Per-range statuses of the current batched request (`WireErrorCode` raw values, 0 =
     /// served): the reply's meta. Allocated on the first batch (most connections never send one).
-    var rangeStatuses: UnsafeMutablePointer<UInt8>?
+    private var rangeStatuses: UnsafeMutablePointer<UInt8>?
     var statusBuffer: UnsafeMutablePointer<UInt8> {
         if let rangeStatuses { return rangeStatuses }
         let buffer = UnsafeMutablePointer<UInt8>.allocate(capacity: WireProtocol.maxBatchItems)
         rangeStatuses = buffer
         return buffer
+    }
+    /// The current batch's ranges, decoded (allocated with the statuses).
+    private var batchRanges: UnsafeMutablePointer<Wire.SlabRange>?
+    var rangeBuffer: UnsafeMutableBufferPointer<Wire.SlabRange> {
+        if let batchRanges { return UnsafeMutableBufferPointer(start: batchRanges, count: WireProtocol.maxBatchItems) }
+        let buffer = UnsafeMutablePointer<Wire.SlabRange>.allocate(capacity: WireProtocol.maxBatchItems)
+        batchRanges = buffer
+        return UnsafeMutableBufferPointer(start: buffer, count: WireProtocol.maxBatchItems)
     }
 
     init(socket: TCPSocket, peer: Endpoint, acceptedAt: Double, worker: Int) {
@@ -144,6 +152,7 @@ final class Connection: @unchecked Sendable {
         input.deallocate()
         small.deallocate()
         rangeStatuses?.deallocate()
+        batchRanges?.deallocate()
     }
 
     var descriptor: Int32 { socket.descriptor }

@@ -517,11 +517,12 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                 }
                 return true
             }
-            guard let ranges = Wire.decodeBatch(&reader), reader.remaining == 0 else {
+            let buffer = connection.rangeBuffer
+            guard let count = Wire.decodeBatch(&reader, into: buffer), reader.remaining == 0 else {
                 refuse(connection, id, .malformedFrame, "bad \(header.opcode) fields")
                 return true
             }
-            ranges.withUnsafeBufferPointer { serveReadBatch(connection, $0, id: id) }
+            serveReadBatch(connection, UnsafeBufferPointer(start: buffer.baseAddress, count: count), id: id)
             return true
         default: break
         }
@@ -757,11 +758,12 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             } else {
                 refusal = Wire.ErrorReply(.malformedFrame, "bad write fields")
             }
-        } else if let ranges = Wire.decodeBatch(&reader), reader.remaining == 0,
+        } else if case let buffer = connection.rangeBuffer, let decoded = Wire.decodeBatch(&reader, into: buffer), reader.remaining == 0,
+                  case let ranges = UnsafeBufferPointer(start: buffer.baseAddress, count: decoded),
                   ranges.reduce(0, { $0 + Int($1.length) }) == header.dataLength
         {
-            count = ranges.count
-            served = ranges.withUnsafeBufferPointer { pinBatch(connection, $0) }
+            count = decoded
+            served = pinBatch(connection, ranges)
         } else {
             refusal = Wire.ErrorReply(.malformedFrame, "bad \(header.opcode) fields")
         }
