@@ -15,6 +15,9 @@ let package = Package(
         // The C ABI (include/spillway.h) as libSpillwayC.so; tools/install-c-library.sh
         // installs it as libspillway.so.
         .library(name: "SpillwayC", type: .dynamic, targets: ["SpillwayC"]),
+        // The daemon engine, for in-process daemons in Bench/'s allocation benchmarks (the
+        // library and the C ABI never link it).
+        .library(name: "SpillwayServer", targets: ["SpillwayServer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),

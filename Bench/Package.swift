@@ -6,9 +6,11 @@
 //   cd Bench && swift package benchmark        # run and print (≈1.5 min first build)
 //
 // Throughput comparisons against references live in Bench/run (same-run memcpy); this package
-// shows what must never regress silently: allocations per operation. Every get/put row must
-// read "Malloc (total) 0" per 1000 operations, the same as the pure-computation CRC32C row
-// (the harness's own per-sample allocations round to zero at this scale).
+// shows what must never regress silently: allocations per operation. Every DRAM get/put row
+// must read "Malloc (total) 0" per 1000 operations, the same as the pure-computation CRC32C
+// row (the harness's own per-sample allocations round to zero at this scale). The remote and
+// erasure-coded rows run batches of 32 pages against in-process daemons on loopback and count
+// the whole process (client and daemons): they must read 0 per batch once warm.
 import PackageDescription
 
 let package = Package(
@@ -23,6 +25,7 @@ let package = Package(
             name: "StoreBenchmarks",
             dependencies: [
                 .product(name: "Spillway", package: "main"),
+                .product(name: "SpillwayServer", package: "main"),
                 .product(name: "Benchmark", package: "benchmark"),
             ],
             path: "Benchmarks/StoreBenchmarks",

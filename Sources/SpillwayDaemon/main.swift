@@ -68,7 +68,7 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(name: .customLong("memory-info"), help: "Where to read MemAvailable (default /proc/meminfo; a container may point elsewhere).")
     var memoryInfo: String?
 
-    @Option(name: .customLong("poll-us"), help: "Microseconds a worker polls for events before sleeping (default 0).")
+    @Option(name: .customLong("poll-us"), help: "Microseconds a worker polls for events after the last one before sleeping (default \(DaemonConfiguration.defaultPollMicroseconds); 0 = never poll).")
     var pollMicroseconds: Int?
 
     @Option(help: "Event-loop threads serving connections (default min(cores, 8)).")
@@ -110,7 +110,7 @@ struct SpillwayDaemon: ParsableCommand {
         daemon.memoryInfoPath = try memoryInfo ?? file.string("memory-info") ?? "/proc/meminfo"
         // Protects the host by default: 10 % of RAM (at most 8 GiB) stays free, or slabs are reclaimed.
         daemon.headroom = try headroom?.bytes ?? file.size("headroom") ?? DaemonConfiguration.defaultHeadroom(memoryInfoPath: daemon.memoryInfoPath)
-        daemon.pollMicroseconds = try pollMicroseconds ?? file.int("poll-us") ?? 0
+        daemon.pollMicroseconds = try pollMicroseconds ?? file.int("poll-us") ?? DaemonConfiguration.defaultPollMicroseconds
         daemon.maxConnections = try maxConnections ?? file.int("max-connections") ?? 4096
         daemon.workers = try workers ?? file.int("workers") ?? 0
         daemon.maxUnauthenticated = try maxUnauthenticated ?? file.int("max-unauthenticated") ?? 64

@@ -646,10 +646,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// frames in flight at once (`MultiDaemonExchange`).
     private func exchange(_ scratch: ErasureScratch, unitCount: Int, snapshot: StripeSnapshot) {
         let units = scratch.units
-        let daemons = clients.count
-        let counts = scratch.counts
-        let starts = scratch.starts
-        for daemon in 0..<daemons { counts[daemon] = 0 }
+        let plan = scratch.fanOut
+        plan.reset(daemons: clients.count, capacity: unitCount * n)
         // Count each daemon's operations, then lay them out daemon by daemon.
         for u in 0..<unitCount where units[u].choice != 0 && units[u].status == 0 {
             let stripe = snapshot.stripes[units[u].slot / slotsPerStripe]
@@ -662,21 +660,10 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             while bits != 0 {
                 let split = bits.trailingZeroBitCount
                 bits &= bits &- 1
-                if let target = destination(units[u], split: split, stripe, local: local, snapshot) { counts[target.daemon] += 1 }
+                if let target = destination(units[u], split: split, stripe, local: local, snapshot) { plan.count(target.daemon) }
             }
         }
-        var total = 0
-        var legCount = 0
-        for daemon in 0..<daemons {
-            starts[daemon] = total
-            total += counts[daemon]
-            if counts[daemon] > 0 { legCount += 1 }
-        }
-        guard total > 0 else { return }
-        let operations = scratch.operations
-        let owners = scratch.owners
-        let cursor = scratch.cursor
-        for daemon in 0..<daemons { cursor[daemon] = starts[daemon] }
+        guard plan.layOut() > 0 else { return }
         for u in 0..<unitCount where units[u].choice != 0 && units[u].status == 0 {
             let stripe = snapshot.stripes[units[u].slot / slotsPerStripe]
             let local = units[u].slot % slotsPerStripe
@@ -685,11 +672,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 let split = bits.trailingZeroBitCount
                 bits &= bits &- 1
                 guard let target = destination(units[u], split: split, stripe, local: local, snapshot) else { continue }
-                let position = cursor[target.daemon]
-                cursor[target.daemon] += 1
-                operations[position] = RemoteOperation(write: units[u].write, slab: target.slab, offset: UInt64(local * splitSize),
-                                                       length: splitSize, buffer: scratch.splits + (u * n + split) * splitSize)
-                owners[position] = ErasureScratch.Owner(unit: Int32(u), split: Int32(split))
+                plan.place(target.daemon, RemoteOperation(write: units[u].write, slab: target.slab, offset: UInt64(local * splitSize),
+                                                          length: splitSize, buffer: scratch.splits + (u * n + split) * splitSize),
+                           owner: FanOut.Owner(u, split))
                 units[u].requested |= 1 << split
                 units[u].issued += 1
             }
@@ -705,78 +690,70 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         let writeDeadline = started &+ UInt64(configuration.writeDeadline * 1e9)
         let hardDeadline = started &+ UInt64(configuration.ioTimeout * 1e9)
         let floor = acknowledgeFloor
-        let legs = scratch.legs
-        let legDaemons = scratch.legDaemons
-        var leg = 0
-        for daemon in 0..<daemons where counts[daemon] > 0 {
-            (legs + leg).initialize(to: ExchangeLeg(client: clients[daemon]!, operations: UnsafeMutableBufferPointer(
-                start: operations + starts[daemon], count: counts[daemon])))
-            legDaemons[leg] = daemon
-            leg += 1
-        }
-        defer { legs.deinitialize(count: legCount) }
         let splits = scratch.splits
-        MultiDaemonExchange.run(UnsafeMutableBufferPointer(start: legs, count: legCount), window: 128, onReply: { leg, index in
-            let daemon = legDaemons[leg]
-            let position = starts[daemon] + index
-            let u = Int(owners[position].unit)
-            let split = Int(owners[position].split)
-            let status = operations[position].status
-            units[u].answered += 1
-            defer {
-                // A unit is finished for this round once it has what it needs or
-                // every request it made is answered.
-                if !units[u].done && (units[u].answered == units[u].issued || (!units[u].write && units[u].good.nonzeroBitCount >= k)) {
-                    units[u].done = true
-                    if units[u].write { writesPending -= 1 } else { readsPending -= 1 }
+        let operations = plan.operations
+        plan.withLegs(clients: clients) { legs in
+            MultiDaemonExchange.run(legs, window: 128, onReply: { leg, index in
+                let position = plan.position(leg: leg, index: index)
+                let u = Int(plan.owners[position].first)
+                let split = Int(plan.owners[position].second)
+                let status = operations[position].status
+                units[u].answered += 1
+                defer {
+                    // A unit is finished for this round once it has what it needs or
+                    // every request it made is answered.
+                    if !units[u].done && (units[u].answered == units[u].issued || (!units[u].write && units[u].good.nonzeroBitCount >= k)) {
+                        units[u].done = true
+                        if units[u].write { writesPending -= 1 } else { readsPending -= 1 }
+                    }
                 }
-            }
-            if units[u].write {
-                if status == 0 { units[u].good |= 1 << split }
-                return
-            }
-            guard status == 0 else {
-                units[u].degraded = true
-                return
-            }
-            let slot = units[u].slot
-            let bytes = UnsafeRawBufferPointer(start: splits + (u * n + split) * splitSize, count: splitSize)
-            if CRC32C.checksum(bytes) == splitChecksums[slot * n + split] {
-                units[u].good |= 1 << split
-            } else {
-                units[u].degraded = true
-                counters.corruptSplits.wrappingIncrement(ordering: .relaxed)
-                _ = stale(slot).loadThenBitwiseOr(with: 1 << split, ordering: .relaxed)
-                logger.error("split failed its CRC32C; treated as an erasure and rebuilt from the others", metadata: [
-                    "tier": "\(descriptor.name)", "slot": "\(slot)", "split": "\(split)",
-                    "daemon": "\(clients[daemon]?.endpoint.description ?? "?")",
-                ])
-            }
-        }, stop: { now in
-            if now >= hardDeadline { return true }
-            guard readsPending <= 0 else { return false }
-            if writesPending <= 0 { return true }
-            // Every write waits for all its members until the deadline; then the
-            // members still silent are suspect, and a write with its acknowledgement
-            // floor stored need not wait for them.
-            guard now >= writeDeadline else { return false }
-            for u in 0..<unitCount where units[u].write && !units[u].done && units[u].good.nonzeroBitCount < floor { return false }
-            return true
-        })
-        for daemon in 0..<daemons where counts[daemon] > 0 {
-            let range = starts[daemon]..<(starts[daemon] + counts[daemon])
+                if units[u].write {
+                    if status == 0 { units[u].good |= 1 << split }
+                    return
+                }
+                guard status == 0 else {
+                    units[u].degraded = true
+                    return
+                }
+                let slot = units[u].slot
+                let bytes = UnsafeRawBufferPointer(start: splits + (u * n + split) * splitSize, count: splitSize)
+                if CRC32C.checksum(bytes) == splitChecksums[slot * n + split] {
+                    units[u].good |= 1 << split
+                } else {
+                    units[u].degraded = true
+                    counters.corruptSplits.wrappingIncrement(ordering: .relaxed)
+                    _ = stale(slot).loadThenBitwiseOr(with: 1 << split, ordering: .relaxed)
+                    logger.error("split failed its CRC32C; treated as an erasure and rebuilt from the others", metadata: [
+                        "tier": "\(descriptor.name)", "slot": "\(slot)", "split": "\(split)",
+                        "daemon": "\(clients[plan.legDaemons[leg]]?.endpoint.description ?? "?")",
+                    ])
+                }
+            }, stop: { now in
+                if now >= hardDeadline { return true }
+                guard readsPending <= 0 else { return false }
+                if writesPending <= 0 { return true }
+                // Every write waits for all its members until the deadline; then the
+                // members still silent are suspect, and a write with its acknowledgement
+                // floor stored need not wait for them.
+                guard now >= writeDeadline else { return false }
+                for u in 0..<unitCount where units[u].write && !units[u].done && units[u].good.nonzeroBitCount < floor { return false }
+                return true
+            })
+        }
+        for daemon in 0..<clients.count where plan.counts[daemon] > 0 {
+            let run = plan.run(of: daemon)
             if clients[daemon]!.failed.load(ordering: .relaxed) {
                 markDead(daemon, reason: "connection failed")
                 continue
             }
             // A write split still unanswered here outlived the write deadline: its member is slow.
-            if range.contains(where: { operations[$0].write && operations[$0].status == MultiDaemonExchange.pending }) {
+            if run.contains(where: { operations[$0].write && operations[$0].status == MultiDaemonExchange.pending }) {
                 markSuspect(daemon)
             }
         }
         // ENXIO: the daemon no longer has that slab (revoked after a missed reclaim deadline).
-        for daemon in 0..<daemons where counts[daemon] > 0 {
-            for position in starts[daemon]..<(starts[daemon] + counts[daemon]) where operations[position].status == ENXIO {
+        for daemon in 0..<clients.count where plan.counts[daemon] > 0 {
+            for position in plan.run(of: daemon) where operations[position].status == ENXIO {
                 retire(daemon: daemon, slab: operations[position].slab, reason: "slab revoked", revoked: true)
             }
         }

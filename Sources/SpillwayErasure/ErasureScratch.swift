@@ -2,29 +2,17 @@ import SpillwayCore
 import SpillwayRemote
 
 /// A thread's scratch for erasure-coded batches: the units (one per page), their splits'
-/// bytes, the operations laid out daemon by daemon with each one's owner, the exchange legs,
-/// and per-daemon counters. Grown to the largest batch the thread ran and reused, so a batch
+/// bytes, the late-binding counters per daemon, and a `FanOut` (the operations laid out
+/// daemon by daemon with each one's unit and split, and the exchange legs). Grown to the largest batch the thread ran and reused, so a batch
 /// allocates nothing once the thread has warmed up.
 ///
 /// Each thread has its own (`PerThread`); a batch nested inside another on one thread gets a
 /// fresh instance for its duration instead.
 final class ErasureScratch {
-    struct Owner {
-        var unit: Int32
-        var split: Int32
-    }
-
     private(set) var units: UnsafeMutablePointer<ErasureCodedTier.Unit>
     private(set) var splits: UnsafeMutableRawPointer
-    private(set) var operations: UnsafeMutablePointer<RemoteOperation>
-    private(set) var owners: UnsafeMutablePointer<Owner>
     private(set) var owed: UnsafeMutablePointer<Int>
-    private(set) var counts: UnsafeMutablePointer<Int>
-    private(set) var starts: UnsafeMutablePointer<Int>
-    private(set) var cursor: UnsafeMutablePointer<Int>
-    /// Uninitialized between exchanges (an exchange initializes and deinitializes its legs).
-    private(set) var legs: UnsafeMutablePointer<ExchangeLeg>
-    private(set) var legDaemons: UnsafeMutablePointer<Int>
+    let fanOut = FanOut()
     /// One pointer per split (encode and decode sources), and decode targets.
     let pointers: UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>
     let targetPointers: UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>
@@ -32,7 +20,6 @@ final class ErasureScratch {
 
     private var unitCapacity = 0
     private var splitBytes = 0
-    private var operationCapacity = 0
     private var daemonCapacity = 0
     private var inUse = false
 
@@ -41,33 +28,18 @@ final class ErasureScratch {
     init() {
         units = .allocate(capacity: 1)
         splits = .allocate(byteCount: 64, alignment: 64)
-        operations = .allocate(capacity: 1)
-        owners = .allocate(capacity: 1)
         owed = .allocate(capacity: 1)
-        counts = .allocate(capacity: 1)
-        starts = .allocate(capacity: 1)
-        cursor = .allocate(capacity: 1)
-        legs = .allocate(capacity: 1)
-        legDaemons = .allocate(capacity: 1)
         pointers = .allocate(capacity: Self.maxSplits)
         targetPointers = .allocate(capacity: Self.maxSplits)
         unitCapacity = 1
         splitBytes = 64
-        operationCapacity = 1
         daemonCapacity = 1
     }
 
     deinit {
         units.deallocate()
         splits.deallocate()
-        operations.deallocate()
-        owners.deallocate()
         owed.deallocate()
-        counts.deallocate()
-        starts.deallocate()
-        cursor.deallocate()
-        legs.deallocate()
-        legDaemons.deallocate()
         pointers.deallocate()
         targetPointers.deallocate()
     }
@@ -84,23 +56,10 @@ final class ErasureScratch {
             splits.deallocate()
             splits = .allocate(byteCount: splitBytes, alignment: 64)
         }
-        if count * n > operationCapacity {
-            operationCapacity = max(count * n, operationCapacity * 2)
-            operations.deallocate()
-            owners.deallocate()
-            operations = .allocate(capacity: operationCapacity)
-            owners = .allocate(capacity: operationCapacity)
-        }
         if daemons > daemonCapacity {
             daemonCapacity = max(daemons, daemonCapacity * 2)
-            for pointer in [owed, counts, starts, cursor, legDaemons] { pointer.deallocate() }
+            owed.deallocate()
             owed = .allocate(capacity: daemonCapacity)
-            counts = .allocate(capacity: daemonCapacity)
-            starts = .allocate(capacity: daemonCapacity)
-            cursor = .allocate(capacity: daemonCapacity)
-            legDaemons = .allocate(capacity: daemonCapacity)
-            legs.deallocate()
-            legs = .allocate(capacity: daemonCapacity)
         }
     }
 

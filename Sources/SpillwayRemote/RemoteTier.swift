@@ -398,19 +398,27 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     }
 
     private func submitLocked(_ batch: TierBatch) {
-        // Split into per-daemon transfers (an extent crossing a slab boundary becomes several).
-        var perDaemon = [[RemoteOperation]](repeating: [], count: clients.count)
-        var owners = [[(index: Int, virtual: Int)]](repeating: [], count: clients.count)
+        FanOut.withCurrent { plan in submitLocked(batch, plan) }
+    }
+
+    /// Plans the batch in `plan` (the thread's, reused: no allocation) and runs it: the
+    /// daemons reached over TCP all at once (`MultiDaemonExchange`: the batch costs the
+    /// slowest daemon's time, not the sum, and each page's latency is its own, submission to
+    /// its reply), then those reached over RMA through `execute` (a parallel RMA fan-out is
+    /// still to do).
+    private func submitLocked(_ batch: TierBatch, _ plan: FanOut) {
         let snapshot = map.withLock { $0 }
         let alive = fleet.withState { $0.alive }
-        for index in 0..<batch.count {
+        /// Calls `body(daemon, slab, offset in slab, length, offset in the I/O, virtual slab)`
+        /// for each piece of I/O `index` (an extent crossing a slab boundary has several);
+        /// false (and the I/O's status set) if it cannot go.
+        func forEachPiece(_ index: Int, _ body: (Int, UInt32, Int, Int, Int, Int) -> Void) -> Bool {
             let io = batch[index]
-            guard io.operation != .discard, io.length > 0 else { continue }
-            guard let buffer = io.buffer, io.length <= Int(io.extent.slotCount) * descriptor.slotSize,
+            guard io.buffer != nil, io.length <= Int(io.extent.slotCount) * descriptor.slotSize,
                   Int(io.extent.endSlot) <= descriptor.capacitySlots
             else {
                 batch.setStatus(index, EINVAL)
-                continue
+                return false
             }
             var done = 0
             var slot = Int(io.extent.firstSlot)
@@ -418,77 +426,69 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
                 let virtual = snapshot.slabs[slot / slabSlots]
                 let offsetInSlab = (slot % slabSlots) * descriptor.slotSize
                 let piece = min(io.length - done, slabSize - offsetInSlab)
-                guard virtual.daemon >= 0, !virtual.lost, alive[virtual.daemon] else {
+                guard virtual.daemon >= 0, !virtual.lost, alive[virtual.daemon], clients[virtual.daemon] != nil else {
                     batch.setStatus(index, virtual.daemon < 0 ? EINVAL : EHOSTDOWN)
                     unavailableIOs.wrappingIncrement(ordering: .relaxed)
-                    break
+                    return false
                 }
-                perDaemon[virtual.daemon].append(RemoteOperation(write: io.operation == .write, slab: virtual.slab,
-                                                                 offset: UInt64(offsetInSlab), length: piece, buffer: buffer + done))
-                owners[virtual.daemon].append((index, slot / slabSlots))
+                body(virtual.daemon, virtual.slab, offsetInSlab, piece, done, slot / slabSlots)
                 done += piece
                 slot += (piece + descriptor.slotSize - 1) / descriptor.slotSize
             }
+            return true
+        }
+        // A piece covers at least one slot: the extents' slots bound the pieces.
+        var capacity = 0
+        for index in 0..<batch.count where batch[index].operation != .discard && batch[index].length > 0 {
+            capacity += Int(batch[index].extent.slotCount)
+        }
+        plan.reset(daemons: clients.count, capacity: capacity)
+        // Count, lay out, place: an I/O any of whose pieces cannot go sends none.
+        var sendable = 0
+        for index in 0..<batch.count where batch[index].operation != .discard && batch[index].length > 0 {
+            var pieces = 0
+            if forEachPiece(index, { _, _, _, _, _, _ in pieces += 1 }) {
+                _ = forEachPiece(index) { daemon, _, _, _, _, _ in plan.count(daemon) }
+                sendable += pieces
+            }
+        }
+        guard sendable > 0, plan.layOut() > 0 else { return }
+        for index in 0..<batch.count where batch[index].operation != .discard && batch[index].length > 0 && batch[index].status == 0 {
+            let io = batch[index]
+            _ = forEachPiece(index) { daemon, slab, offset, length, done, virtual in
+                plan.place(daemon, RemoteOperation(write: io.operation == .write, slab: slab, offset: UInt64(offset), length: length,
+                                                   buffer: io.buffer! + done), owner: FanOut.Owner(index, virtual))
+            }
         }
         let window = batch.maxInFlight > 0 ? batch.maxInFlight : 32
-        let involved = (0..<clients.count).filter { !perDaemon[$0].isEmpty && clients[$0] != nil }
-        // The parallel exchange pipelines TCP frames; daemons reached over RMA go through
-        // `execute` one after another (a parallel RMA fan-out is still to do).
-        if involved.count > 1, !involved.contains(where: { clients[$0]!.usesRMA }) {
-            exchangeInParallel(batch, involved: involved, perDaemon: perDaemon, owners: owners, window: window)
-            return
-        }
-        for daemon in involved {
-            guard let client = clients[daemon] else { continue }
-            let started = monotonicNanoseconds()
-            let failure = perDaemon[daemon].withUnsafeMutableBufferPointer { operations in
-                client.execute(operations, window: window)
-            }
-            let elapsed = monotonicNanoseconds() &- started
-            for (position, operation) in perDaemon[daemon].enumerated() {
-                let (index, virtual) = owners[daemon][position]
-                batch.setLatency(index, nanoseconds: elapsed / UInt64(max(1, perDaemon[daemon].count)))
-                if operation.status != 0 && batch[index].status == 0 { batch.setStatus(index, operation.status) }
-                // ENXIO: the daemon no longer has the slab (revoked after a missed reclaim deadline).
-                if operation.status == ENXIO { markSlabLost(virtual) }
-            }
-            if let failure, case .system = failure { markDead(daemon, reason: "\(failure)") }
-            if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
-        }
-    }
-
-    /// A batch that spans several daemons goes to all of them at once (`MultiDaemonExchange`:
-    /// every daemon's requests pipelined on its own connection, replies taken as they come), so
-    /// it costs the slowest daemon's time, not the sum; each page's latency is its own
-    /// (submission to its reply).
-    private func exchangeInParallel(_ batch: TierBatch, involved: [Int], perDaemon: [[RemoteOperation]],
-                                    owners: [[(index: Int, virtual: Int)]], window: Int)
-    {
         let started = monotonicNanoseconds()
-        withUnsafeTemporaryAllocation(of: ExchangeLeg.self, capacity: involved.count) { legs in
-            // The operation arrays stay put while their pointers are lent to the exchange.
-            let buffers = involved.map { daemon in
-                UnsafeMutableBufferPointer<RemoteOperation>.allocate(capacity: perDaemon[daemon].count)
-            }
-            defer { for buffer in buffers { buffer.deallocate() } }
-            for (leg, daemon) in involved.enumerated() {
-                _ = buffers[leg].initialize(from: perDaemon[daemon])
-                legs.initializeElement(at: leg, to: ExchangeLeg(client: clients[daemon]!, operations: buffers[leg]))
-            }
+        plan.withLegs(clients: clients, include: { !clients[$0]!.usesRMA }) { legs in
+            guard !legs.isEmpty else { return }
             MultiDaemonExchange.run(legs, window: window, onReply: { leg, position in
-                let index = owners[involved[leg]][position].index
+                let index = Int(plan.owners[plan.position(leg: leg, index: position)].first)
                 batch.setLatency(index, nanoseconds: monotonicNanoseconds() &- started)
             }, stop: { _ in false })
-            for (leg, daemon) in involved.enumerated() {
-                for position in 0..<buffers[leg].count {
-                    let status = buffers[leg][position].status
-                    let (index, virtual) = owners[daemon][position]
-                    if status != 0 && batch[index].status == 0 { batch.setStatus(index, status == MultiDaemonExchange.pending ? EIO : status) }
-                    if status == ENXIO { markSlabLost(virtual) }
-                }
-                if clients[daemon]!.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
+        }
+        for daemon in 0..<clients.count where plan.counts[daemon] > 0 {
+            guard let client = clients[daemon] else { continue }
+            let run = plan.run(of: daemon)
+            if client.usesRMA {
+                let begun = monotonicNanoseconds()
+                let failure = client.execute(UnsafeMutableBufferPointer(start: plan.operations + run.lowerBound, count: run.count),
+                                             window: window)
+                // The channel completes the batch as a whole: that is what each page waited.
+                let elapsed = monotonicNanoseconds() &- begun
+                for position in run { batch.setLatency(Int(plan.owners[position].first), nanoseconds: elapsed) }
+                if let failure, case .system = failure { markDead(daemon, reason: "\(failure)") }
             }
-            legs.deinitialize()
+            for position in run {
+                let status = plan.operations[position].status
+                let index = Int(plan.owners[position].first)
+                if status != 0 && batch[index].status == 0 { batch.setStatus(index, status == MultiDaemonExchange.pending ? EIO : status) }
+                // ENXIO: the daemon no longer has the slab (revoked after a missed reclaim deadline).
+                if status == ENXIO { markSlabLost(Int(plan.owners[position].second)) }
+            }
+            if client.failed.load(ordering: .relaxed) { markDead(daemon, reason: "daemon said goodbye or its connection failed") }
         }
     }
 

@@ -90,10 +90,23 @@ final class Worker: @unchecked Sendable {
             if let earliest = paused.map(\.pausedUntil).min() {
                 timeout = earliest <= now ? 0 : min(timeout, Int32((earliest - now) / 1_000_000) + 1)
             }
-            // Busy polling (`pollMicroseconds`) right after activity: no sleep, no wake-up.
-            if pollNanoseconds > 0 && now &- lastEvent < pollNanoseconds { timeout = 0 }
+            // Busy polling (`pollMicroseconds`) right after activity: no sleep, no wake-up. One
+            // worker of the daemon polls at a time (the poller token), and it yields the core
+            // between empty polls, so on a crowded host (clients, other daemons) polling costs
+            // its neighbours a scheduler turn, not a core each.
+            var polling = false
+            if pollNanoseconds > 0 && now &- lastEvent < pollNanoseconds && timeout > 0 {
+                polling = server.poller.compareExchange(expected: -1, desired: index, ordering: .acquiring).original == -1
+                    || server.poller.load(ordering: .relaxed) == index
+                if polling { timeout = 0 }
+            }
+            if !polling && server.poller.load(ordering: .relaxed) == index { server.poller.store(-1, ordering: .releasing) }
             let count = epoll_wait(epoll, events, Int32(Self.eventCapacity), timeout)
-            if count > 0 { lastEvent = monotonicNanoseconds() }
+            if count > 0 {
+                lastEvent = monotonicNanoseconds()
+            } else if polling {
+                sched_yield()
+            }
             for slot in 0..<max(0, Int(count)) {
                 let event = events[slot]
                 if event.data.u64 == 0 {

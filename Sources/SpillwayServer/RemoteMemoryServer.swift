@@ -35,6 +35,8 @@ import Glibc
 public final class RemoteMemoryServer: @unchecked Sendable {
     public let configuration: DaemonConfiguration
     public let counters = DaemonCounters()
+    /// The worker busy-polling right now (-1: none); see `Worker.run`.
+    let poller = ManagedAtomic<Int>(-1)
     /// Test faults only: delay before each page request is served (a slow daemon); starts at
     /// `configuration.testDelayMicroseconds` (which `spillwayd` accepts only with
     /// `--enable-test-faults`); in-process tests and benchmarks may change it while running.

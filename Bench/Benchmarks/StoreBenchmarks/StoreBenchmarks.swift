@@ -72,6 +72,8 @@ let benchmarks: @Sendable () -> Void = {
         }
     }
 
+    remoteBenchmarks()
+
     Benchmark("CRC32C 4KiB (ISA-L)") { benchmark in
         let bytes = UnsafeRawBufferPointer(fixture4K.source)
         benchmark.startMeasurement()
