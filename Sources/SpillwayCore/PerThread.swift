@@ -31,3 +31,42 @@ public final class PerThread<Value: AnyObject>: Sendable {
         return made
     }
 }
+
+/// Scratch buffers of trivial types for one call, without allocating: like
+/// `withUnsafeTemporaryAllocation`, whose stack space ends at 1 KiB (32 page snapshots already
+/// go to the heap), but taken from the calling thread's own regions, grown once and reused.
+/// Nested uses on one thread get the next region (up to `depth`); deeper ones, or types
+/// that are not trivial, fall back to `withUnsafeTemporaryAllocation`.
+public enum TemporaryBuffer {
+    final class Regions {
+        var bytes: [UnsafeMutableRawPointer?] = Array(repeating: nil, count: TemporaryBuffer.depth)
+        var capacity: [Int] = Array(repeating: 0, count: TemporaryBuffer.depth)
+        var inUse = 0
+
+        deinit { for region in bytes { region?.deallocate() } }
+    }
+
+    static let depth = 4
+    private static let regions = PerThread { Regions() }
+
+    /// Runs `body` with `count` uninitialized elements of `type` (trivial types: no
+    /// deinitialization is needed, and none is done).
+    @inline(__always)
+    public static func with<T, R>(_ type: T.Type, count: Int, _ body: (UnsafeMutableBufferPointer<T>) -> R) -> R {
+        let bytes = MemoryLayout<T>.stride * max(count, 1)
+        guard _isPOD(T.self), bytes > 1024 else { return withUnsafeTemporaryAllocation(of: T.self, capacity: count, body) }
+        let regions = regions.value
+        let level = regions.inUse
+        guard level < depth else { return withUnsafeTemporaryAllocation(of: T.self, capacity: count, body) }
+        if regions.capacity[level] < bytes {
+            regions.bytes[level]?.deallocate()
+            let capacity = max(bytes, regions.capacity[level] * 2)
+            regions.bytes[level] = .allocate(byteCount: capacity, alignment: 64)
+            regions.capacity[level] = capacity
+        }
+        regions.inUse += 1
+        defer { regions.inUse -= 1 }
+        let typed = regions.bytes[level]!.bindMemory(to: T.self, capacity: count)
+        return body(UnsafeMutableBufferPointer(start: typed, count: count))
+    }
+}

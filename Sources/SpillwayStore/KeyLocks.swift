@@ -111,14 +111,29 @@ final class KeyLocks: @unchecked Sendable {
 
     /// Locks the stripes of `keys` in ascending order (no deadlock between batches); returns
     /// them for `unlock(stripes:)`.
-    func lock(_ keys: some Sequence<PageKey>) -> [Int] {
-        let stripes = Array(Set(keys.map(Self.stripe))).sorted()
-        for stripe in stripes { lock(stripe: stripe) }
-        return stripes
-    }
-
-    func unlock(stripes: [Int]) {
-        for stripe in stripes { unlock(stripe: stripe) }
+    /// Runs `body` holding the stripes of `count` keys, each once, taken in ascending order
+    /// (so two batches never deadlock), without allocating: the stripes are marked in a
+    /// bitmap on the stack (4096 bits) and walked in order.
+    func withLocked<R>(count: Int, key: (Int) -> PageKey, _ body: () -> R) -> R {
+        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: Self.stripeCount / 64) { words in
+            words.initialize(repeating: 0)
+            for index in 0..<count {
+                let stripe = Self.stripe(key(index))
+                words[stripe >> 6] |= 1 << UInt64(stripe & 63)
+            }
+            func each(_ action: (Int) -> Void) {
+                for word in 0..<words.count {
+                    var bits = words[word]
+                    while bits != 0 {
+                        action(word << 6 | bits.trailingZeroBitCount)
+                        bits &= bits &- 1
+                    }
+                }
+            }
+            each { lock(stripe: $0) }
+            defer { each { unlock(stripe: $0) } }
+            return body()
+        }
     }
 }
 
@@ -140,7 +155,7 @@ struct HeldStripes {
     }
 
     mutating func releaseAll(in locks: KeyLocks) {
-        locks.unlock(stripes: stripes)
-        stripes.removeAll()
+        for stripe in stripes { locks.unlock(stripe: stripe) }
+        stripes.removeAll(keepingCapacity: true)
     }
 }

@@ -131,9 +131,14 @@ extension TieredStore {
             for index in requests.indices { requests[index].error = .closed }
             return 0
         }
-        let stripes = keyLocks.lock(requests.lazy.map(\.key))
-        defer { keyLocks.unlock(stripes: stripes) }
-        return withUnsafeTemporaryAllocation(of: (location: PageLocation, checksum: UInt32)?.self, capacity: requests.count) { plans in
+        return keyLocks.withLocked(count: requests.count, key: { requests[$0].key }) {
+            putLocked(requests, queueDepth: queueDepth)
+        }
+    }
+
+    /// `putChunk` with the keys' stripes held.
+    private func putLocked(_ requests: UnsafeMutableBufferPointer<PageWrite>, queueDepth: Int) -> Int {
+        return TemporaryBuffer.with((location: PageLocation, checksum: UInt32)?.self, count: requests.count) { plans in
             for index in requests.indices {
                 plans.initializeElement(at: index, to: nil)
                 requests[index].error = nil
@@ -272,7 +277,7 @@ extension TieredStore {
             for index in requests.indices { requests[index].error = .closed }
             return 0
         }
-        return withUnsafeTemporaryAllocation(of: PageSnapshot?.self, capacity: requests.count) { snapshots in
+        return TemporaryBuffer.with(PageSnapshot?.self, count: requests.count) { snapshots in
             for index in requests.indices {
                 requests[index].error = nil
                 requests[index].length = 0
