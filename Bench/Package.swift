@@ -4,6 +4,8 @@
 // Benchmarks/). Separate from the main package so its build stays out of CI's test run.
 //
 //   cd Bench && swift package benchmark        # run and print (≈1.5 min first build)
+//   cd Bench && swift package benchmark thresholds check   # fail if a row allocates more than
+//                                                          # Bench/Thresholds (in git) allows
 //
 // Throughput comparisons against references live in Bench/run (same-run memcpy); this package
 // shows what must never regress silently: allocations per operation. Every DRAM get/put row

@@ -68,6 +68,8 @@ public final class DaemonClient: @unchecked Sendable {
     public let pollMicroseconds: Int
     private let ioTimeout: Double
     private let pool = Locked<(idle: [FrameConnection], open: Int)>(([], 0))
+    /// The owing connections `laggingReplies` is reaping (kept for its capacity).
+    private let reaping = Locked<[FrameConnection]>([])
     private let nextRequest = ManagedAtomic<UInt64>(1)
     private let logger: Logger
     /// Reclaim notices received and not yet handled.
@@ -233,26 +235,43 @@ public final class DaemonClient: @unchecked Sendable {
 
     /// Replies idle connections still owe (a straggling daemon): late-binding readers steer
     /// around a daemon while it lags. Reaps, without waiting, the owed replies that arrived.
+    /// Allocates nothing: the owing connections move through a reused list (`reaping`); if
+    /// another thread is reaping, this one counts what the idle connections owe.
     public func laggingReplies() -> Int {
-        // The common case, no connection owing anything, without building arrays.
+        // The common case, no connection owing anything, without touching the list.
         guard pool.withLock({ pool in pool.idle.contains { $0.owedReplies > 0 } }) else { return 0 }
-        let idle = pool.withLock { pool -> [FrameConnection] in
-            defer { pool.idle.removeAll { $0.owedReplies > 0 } }
-            return pool.idle.filter { $0.owedReplies > 0 }
-        }
-        var owed = 0
-        var kept: [FrameConnection] = []
-        for connection in idle {
-            do {
-                try drainArrivedReplies(connection)
-                owed += connection.owedReplies
-                kept.append(connection)
-            } catch {
-                giveBack(connection, failedWith: error)
+        let reaped = reaping.withTryLock { taken -> Int in
+            pool.withLock { pool in
+                var index = 0
+                while index < pool.idle.count {
+                    if pool.idle[index].owedReplies > 0 {
+                        pool.idle.swapAt(index, pool.idle.count - 1)
+                        taken.append(pool.idle.removeLast())
+                    } else {
+                        index += 1
+                    }
+                }
             }
+            var owed = 0
+            var kept = 0
+            for position in 0..<taken.count {
+                let connection = taken[position]
+                do throws(RemoteError) {
+                    try drainArrivedReplies(connection)
+                    owed += connection.owedReplies
+                    taken[kept] = connection
+                    kept += 1
+                } catch {
+                    giveBack(connection, failedWith: error)
+                }
+            }
+            taken.removeLast(taken.count - kept)
+            pool.withLock { $0.idle.append(contentsOf: taken) }
+            taken.removeAll(keepingCapacity: true)
+            return owed
         }
-        pool.withLock { $0.idle.append(contentsOf: kept) }
-        return owed
+        if let reaped { return reaped }
+        return pool.withLock { pool in pool.idle.reduce(0) { $0 + $1.owedReplies } }
     }
 
     /// Drains the owed replies that have already arrived, without waiting for the rest.

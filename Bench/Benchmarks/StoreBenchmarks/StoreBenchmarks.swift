@@ -44,18 +44,22 @@ let benchmarks: @Sendable () -> Void = {
         metrics: [.wallClock, .throughput, .mallocCountTotal, .instructions],
         scalingFactor: .kilo,
         maxDuration: .seconds(2),
-        maxIterations: 10_000)
+        maxIterations: 10_000,
+        // Bench/Thresholds holds each row's p90 malloc count per 1000 operations (the harness
+        // itself makes ~16–22 per sample, as the pure-computation CRC32C row shows); a check
+        // tolerates 50 more, far below the 1000 that one allocation per operation would add.
+        thresholds: [.mallocCountTotal: BenchmarkThresholds(absolute: [.p90: 50])])
 
     for fixture in [fixture4K, fixture64K] {
         let size = fixture.blockSize == 4096 ? "4KiB" : "64KiB"
-        Benchmark("DRAM get \(size) random") { benchmark in
+        Benchmark("DRAM_get_\(size)_random") { benchmark in
             var keys = KeySequence()
             benchmark.startMeasurement()
             for _ in benchmark.scaledIterations {
                 blackHole(try! fixture.store.get(keys.next(below: fixture.pages), into: fixture.buffer))
             }
         }
-        Benchmark("DRAM put \(size) random") { benchmark in
+        Benchmark("DRAM_put_\(size)_random") { benchmark in
             var keys = KeySequence()
             benchmark.startMeasurement()
             for _ in benchmark.scaledIterations {
@@ -64,7 +68,7 @@ let benchmarks: @Sendable () -> Void = {
         }
     }
 
-    Benchmark("directory contains (16k pages)") { benchmark in
+    Benchmark("directory_contains_(16k_pages)") { benchmark in
         var keys = KeySequence()
         benchmark.startMeasurement()
         for _ in benchmark.scaledIterations {
@@ -74,7 +78,7 @@ let benchmarks: @Sendable () -> Void = {
 
     remoteBenchmarks()
 
-    Benchmark("CRC32C 4KiB (ISA-L)") { benchmark in
+    Benchmark("CRC32C_4KiB_(ISA-L)") { benchmark in
         let bytes = UnsafeRawBufferPointer(fixture4K.source)
         benchmark.startMeasurement()
         for _ in benchmark.scaledIterations {
