@@ -120,7 +120,8 @@ public enum RemoteClientsBench {
                 let started = monotonicNanoseconds()
                 for leg in 0..<pairs.count { lastReply[leg] = started }
                 let measuring = phase == 1
-                MultiDaemonExchange.run(legs, window: 1, onReply: { leg, _ in
+                // One request outstanding per connection: no batching into frames.
+                MultiDaemonExchange.run(legs, window: 1, frameOperations: 1, onReply: { leg, _ in
                     let now = monotonicNanoseconds()
                     if measuring && latencies.count < (8 << 20) { latencies.append(now &- lastReply[leg]) }
                     lastReply[leg] = now

@@ -35,21 +35,25 @@ public enum MultiDaemonExchange {
     /// - Parameters:
     ///   - window: frames outstanding per connection (≤ 256); each frame carries up to
     ///     `PageFrames.maxOperations` operations of the leg.
+    ///   - frameOperations: operations per frame at most (1: every operation its own
+    ///     request, as a benchmark of one outstanding request per connection needs).
     ///   - onReply: called with (leg, operation) after each answered operation.
     ///   - stop: called with the monotonic time after each reply and at least every
     ///     millisecond; true ends the exchange.
     public static func run(_ legs: UnsafeMutableBufferPointer<ExchangeLeg>, window: Int = 64,
+                           frameOperations: Int = PageFrames.maxOperations,
                            onReply: (Int, Int) -> Void, stop: (UInt64) -> Bool)
     {
         let window = max(1, min(window, 256))
+        let frameOperations = max(1, min(frameOperations, PageFrames.maxOperations))
         guard !legs.isEmpty else { return }
         ExchangeScratch.withCurrent(legs: legs.count, window: window) { scratch in
-            run(legs, window: window, scratch: scratch, onReply: onReply, stop: stop)
+            run(legs, window: window, frameOperations: frameOperations, scratch: scratch, onReply: onReply, stop: stop)
         }
     }
 
-    private static func run(_ legs: UnsafeMutableBufferPointer<ExchangeLeg>, window: Int, scratch: ExchangeScratch,
-                            onReply: (Int, Int) -> Void, stop: (UInt64) -> Bool)
+    private static func run(_ legs: UnsafeMutableBufferPointer<ExchangeLeg>, window: Int, frameOperations: Int,
+                            scratch: ExchangeScratch, onReply: (Int, Int) -> Void, stop: (UInt64) -> Bool)
     {
         let states = scratch.legs
         let slots = scratch.slots
@@ -74,7 +78,7 @@ public enum MultiDaemonExchange {
         func start(_ leg: Int, slot: Int) throws(RemoteError) {
             let operations = legs[leg].operations
             let first = states[leg].next
-            let end = PageFrames.frameEnd(operations, from: first)
+            let end = PageFrames.frameEnd(operations, from: first, limit: frameOperations)
             states[leg].next = end
             let id = legs[leg].client.nextRequestID() << 8 | UInt64(slot)
             slots[states[leg].slotBase + slot] = ExchangeScratch.Slot(id: id, start: first, end: end)

@@ -24,11 +24,11 @@ public enum PageFrames {
     /// The end of the frame that starts at `start`: the run of operations of the same kind
     /// after it, within the limits.
     @inline(__always)
-    static func frameEnd(_ operations: UnsafeMutableBufferPointer<RemoteOperation>, from start: Int) -> Int {
+    static func frameEnd(_ operations: UnsafeMutableBufferPointer<RemoteOperation>, from start: Int, limit: Int = maxOperations) -> Int {
         let write = operations[start].write
         var bytes = operations[start].length
         var end = start + 1
-        while end < operations.count, end - start < maxOperations, operations[end].write == write,
+        while end < operations.count, end - start < limit, operations[end].write == write,
               bytes + operations[end].length <= maxBytes
         {
             bytes += operations[end].length
