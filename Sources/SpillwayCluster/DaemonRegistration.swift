@@ -76,10 +76,15 @@ public final class DaemonRegistration: Sendable {
         }
         guard !alreadyStarted else { throw EtcdError.invalidConfiguration("registration already started") }
         let current = record()
-        let key = try keys.daemonKey(instance: current.instance)
-        state.withLock { $0.key = key }
-        try await register(current, key: key, replacing: 0)
-        logger.info("registered in etcd", metadata: ["key": "\(key)", "lease": "\(lease)", "ttl": "\(ttl)"])
+        do {
+            let key = try keys.daemonKey(instance: current.instance)
+            state.withLock { $0.key = key }
+            try await register(current, key: key, replacing: 0)
+        } catch {
+            state.withLock { $0.started = false }  // a later start() may try again
+            throw error
+        }
+        logger.info("registered in etcd", metadata: ["key": "\(self.key)", "lease": "\(lease)", "ttl": "\(ttl)"])
         let task = Task.detached { [self] in await self.run() }
         state.withLock { $0.loop = task }
     }

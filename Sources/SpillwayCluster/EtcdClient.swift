@@ -237,8 +237,6 @@ public final class EtcdClient: Sendable {
         let bytes: ByteBuffer
         do {
             bytes = try await withTimeout(requestTimeout) { try await response.body.collect(upTo: Self.maxBodyBytes) }
-        } catch let error as EtcdError {
-            throw error
         } catch {
             throw .unreachable(endpoints: [endpoint], reason: "reading the reply to \(path): \(error)")
         }
@@ -288,7 +286,12 @@ extension Duration {
     }
 }
 
-/// Runs `operation`, cancelling it and throwing `.unreachable` if it takes longer than `limit`.
+struct TimeoutError: Error, CustomStringConvertible {
+    let limit: Duration
+    var description: String { "no reply within \(limit)" }
+}
+
+/// Runs `operation`, cancelling it and throwing `TimeoutError` if it takes longer than `limit`.
 func withTimeout<T: Sendable>(_ limit: Duration, _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
     try await withThrowingTaskGroup(of: T?.self) { group in
         group.addTask { try await operation() }
@@ -298,7 +301,7 @@ func withTimeout<T: Sendable>(_ limit: Duration, _ operation: @escaping @Sendabl
         }
         defer { group.cancelAll() }
         guard let first = try await group.next(), let value = first else {
-            throw EtcdError.unreachable(endpoints: [], reason: "no reply within \(limit)")
+            throw TimeoutError(limit: limit)
         }
         return value
     }

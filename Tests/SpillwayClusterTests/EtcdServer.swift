@@ -53,7 +53,16 @@ final class EtcdServer {
         process = child
         // Ready when a range answers; bounded at 10 s.
         let probe = try EtcdClient(endpoints: [endpoint], requestTimeout: .milliseconds(500))
-        defer { Task { await probe.shutdown() } }
+        do {
+            try await waitUntilReady(child, probe)
+            await probe.shutdown()
+        } catch {
+            await probe.shutdown()
+            throw error
+        }
+    }
+
+    private func waitUntilReady(_ child: ChildProcess, _ probe: EtcdClient) async throws {
         let deadline = ContinuousClock.now + .seconds(10)
         var last = "not tried"
         while ContinuousClock.now < deadline {
@@ -110,13 +119,19 @@ func freePort() throws -> UInt16 {
 
 /// Collects what a stream delivers, for polling with a deadline from the test.
 final class Collected<Element: Sendable>: Sendable {
-    private let state = Mutex<(items: [Element], failure: String?, ended: Bool)>(([], nil, false))
+    private let state = Mutex<(items: [Element], arrivals: [ContinuousClock.Instant], failure: String?, ended: Bool)>(([], [], nil, false))
     private let task = Mutex<Task<Void, Never>?>(nil)
 
     init(_ stream: AsyncThrowingStream<Element, Error>) {
         let started = Task { [self] in
             do {
-                for try await item in stream { self.state.withLock { $0.items.append(item) } }
+                for try await item in stream {
+                    let now = ContinuousClock.now
+                    self.state.withLock {
+                        $0.items.append(item)
+                        $0.arrivals.append(now)
+                    }
+                }
                 self.state.withLock { $0.ended = true }
             } catch {
                 self.state.withLock {
@@ -129,6 +144,8 @@ final class Collected<Element: Sendable>: Sendable {
     }
 
     var items: [Element] { state.withLock { $0.items } }
+    /// When each item arrived (same order as `items`), for latency figures.
+    var arrivals: [ContinuousClock.Instant] { state.withLock { $0.arrivals } }
     var failure: String? { state.withLock { $0.failure } }
     var ended: Bool { state.withLock { $0.ended } }
 

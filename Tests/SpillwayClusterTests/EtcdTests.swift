@@ -74,7 +74,7 @@ struct EtcdClientTests {
             let putAt = ContinuousClock.now
             try await client.put(key: "/t/w/d1", value: [7, 0, 7], lease: lease)
             let joined = await eventually(within: .seconds(2)) { events.items.contains { $0.kind == .put && $0.key == "/t/w/d1" } }
-            let joinLatency = ContinuousClock.now - putAt
+            let joinLatency = events.arrivals[0] - putAt
             #expect(joined)
             #expect(events.items.first?.value == [7, 0, 7])
             try await client.put(key: "/t/w/d2", value: [1])
@@ -82,12 +82,12 @@ struct EtcdClientTests {
             let revokeAt = ContinuousClock.now
             try await client.revoke(lease: lease)
             let left = await eventually(within: .seconds(2)) { events.items.contains { $0.kind == .delete && $0.key == "/t/w/d1" } }
-            let leaveLatency = ContinuousClock.now - revokeAt
+            let leaveLatency = (events.arrivals.last ?? revokeAt) - revokeAt
             #expect(left)
             #expect(events.items.map(\.kind) == [.put, .put, .delete, .delete])
             #expect(events.items.map(\.key) == ["/t/w/d1", "/t/w/d2", "/t/w/d2", "/t/w/d1"])
             #expect(events.failure == nil)
-            print("etcd watch: put → event seen in \(joinLatency), revoke → delete seen in \(leaveLatency) (20 ms polling)")
+            print("etcd watch: put → event seen in \(joinLatency), revoke → delete seen in \(leaveLatency) (arrival times)")
             // Killing etcd ends the stream with a typed error instead of hanging.
             etcd.kill()
             #expect(await eventually(within: .seconds(5)) { events.ended })
@@ -171,6 +171,27 @@ struct ClusterRegistrationTests {
         }
     }
 
+    @Test func stopWhileEtcdIsDownReturnsTheErrorAndTheRecordExpires() async throws {
+        let etcd = try await EtcdServer("stopdown")
+        defer { etcd.stop() }
+        try await withClient([etcd.endpoint], timeout: .seconds(1)) { client in
+            let keys = try ClusterKeys(cluster: "stopdown")
+            let registration = try DaemonRegistration(client: client, keys: keys, ttl: 2) { try! record("5") }
+            try await registration.start()
+            etcd.kill()
+            let error = await registration.stop()
+            guard case .unreachable? = error else {
+                Issue.record("expected .unreachable from stop() with etcd down, got \(String(describing: error))")
+                return
+            }
+            // Back up, the lease runs out on its own (etcd restarts leases at their full TTL).
+            try await etcd.restart()
+            let membership = ClusterMembership(client: client, keys: keys)
+            let expired = try await eventually(within: .seconds(8)) { try await membership.snapshot().daemons.isEmpty }
+            #expect(expired)
+        }
+    }
+
     @Test func startAgainstADeadPortThrowsUnreachable() async throws {
         let dead = "http://127.0.0.1:\(try freePort())"
         try await withClient([dead], timeout: .seconds(1)) { client in
@@ -204,10 +225,14 @@ struct ClusterRegistrationTests {
             // The registration notices at its next keep-alive (every TTL/3 = 1 s).
             #expect(await eventually(within: .seconds(5)) { registration.outages == 1 })
             try await etcd.restart()
+            let restartedAt = ContinuousClock.now
             #expect(await eventually(within: .seconds(8)) { registration.reRegistrations == 1 })
             #expect(registration.outages == 1)
             // The watch reconnected from its last revision and saw the re-registration.
             #expect(await eventually(within: .seconds(5)) { events.items.contains(.updated(try! record("ab12"))) })
+            if let index = events.items.firstIndex(of: .updated(try record("ab12"))) {
+                print("etcd restart: etcd answering → re-registration seen by the watch in \(events.arrivals[index] - restartedAt)")
+            }
             #expect(membership.reconnects >= 1)
             #expect(!events.items.contains(.left(instance: "ab12")))
             #expect(events.failure == nil)
