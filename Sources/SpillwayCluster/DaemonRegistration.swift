@@ -121,7 +121,8 @@ public final class DaemonRegistration: Sendable {
         var retryDelay = Duration.milliseconds(200)
         while !Task.isCancelled {
             let (lease, outage) = state.withLock { ($0.lease, $0.inOutage) }
-            let wake = outage ? ContinuousClock.now + retryDelay : min(nextKeepAlive, nextRefresh)
+            // In an outage retry with backoff; with the lease lost (expired) re-register at once.
+            let wake = outage ? ContinuousClock.now + retryDelay : lease == 0 ? ContinuousClock.now : min(nextKeepAlive, nextRefresh)
             do {
                 try await Task.sleep(until: wake, clock: .continuous)
             } catch {
@@ -138,7 +139,8 @@ public final class DaemonRegistration: Sendable {
                         state.reRegistrations += 1
                         return state.lease
                     }
-                    logger.notice("etcd answers again: re-registered under a new lease", metadata: ["key": "\(key)", "lease": "\(newLease)"])
+                    logger.notice(outage ? "etcd answers again: re-registered under a new lease" : "re-registered under a new lease",
+                                  metadata: ["key": "\(key)", "lease": "\(newLease)"])
                     retryDelay = .milliseconds(200)
                     nextKeepAlive = ContinuousClock.now + keepAliveInterval
                     nextRefresh = ContinuousClock.now + refreshInterval

@@ -201,6 +201,10 @@ public final class EtcdClient: Sendable {
 
     private func runWatch(_ request: JSONValue, continuation: AsyncThrowingStream<EtcdEvent, Error>.Continuation) async throws(EtcdError) {
         let (response, endpoint) = try await open("/v3/watch", request)
+        guard response.status == .ok else {
+            let body = try? await withTimeout(requestTimeout) { try await response.body.collect(upTo: 64 << 10) }
+            throw .httpStatus(Int(response.status.code), EtcdWire.errorMessage(body.map { Array($0.readableBytesView) } ?? []))
+        }
         var line: [UInt8] = []
         var created = false
         do {

@@ -32,6 +32,8 @@ struct EtcdClientTests {
             #expect(try await client.delete(key: "/t/kv/a") == 0)
             #expect(try await client.range(prefix: "/t/kv/").entries.map(\.key) == ["/t/kv/b", "/t/kv/é"])
             #expect(try await client.range(prefix: "/nothing/").entries.isEmpty)
+            // etcd refuses an empty key with HTTP 400 and its message.
+            await #expect(throws: EtcdError.httpStatus(400, "etcdserver: key is not provided")) { try await client.put(key: "", value: [1]) }
         }
     }
 
@@ -189,6 +191,26 @@ struct ClusterRegistrationTests {
             let membership = ClusterMembership(client: client, keys: keys)
             let expired = try await eventually(within: .seconds(8)) { try await membership.snapshot().daemons.isEmpty }
             #expect(expired)
+        }
+    }
+
+    @Test func aLostLeaseIsReplacedWithoutAnOutage() async throws {
+        let etcd = try await EtcdServer("lost")
+        defer { etcd.stop() }
+        try await withClient([etcd.endpoint]) { client in
+            let keys = try ClusterKeys(cluster: "lost")
+            let registration = try DaemonRegistration(client: client, keys: keys, ttl: 3) { try! record("77") }
+            try await registration.start()
+            let first = registration.lease
+            // Someone revokes the daemon's lease (an operator, or etcd lost it): the record goes,
+            // and the next keep-alive notices and registers again under a new lease.
+            try await client.revoke(lease: first)
+            #expect(await eventually(within: .seconds(4)) { registration.reRegistrations == 1 })
+            #expect(registration.outages == 0)
+            #expect(registration.lease != first)
+            #expect(try await client.get(key: registration.key) != nil)
+            #expect(await registration.stop() == nil)
+            #expect(try await client.get(key: registration.key) == nil)
         }
     }
 
