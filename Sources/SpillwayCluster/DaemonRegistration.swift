@@ -72,9 +72,9 @@ public final class DaemonRegistration: Sendable {
     public func start() async throws {
         let alreadyStarted = state.withLock { state in
             defer { state.started = true }
-            return state.started
+            return state.started || state.stopped
         }
-        guard !alreadyStarted else { throw EtcdError.invalidConfiguration("registration already started") }
+        guard !alreadyStarted else { throw EtcdError.invalidConfiguration("registration already started (or stopped)") }
         let current = record()
         do {
             let key = try keys.daemonKey(instance: current.instance)
@@ -86,7 +86,20 @@ public final class DaemonRegistration: Sendable {
         }
         logger.info("registered in etcd", metadata: ["key": "\(self.key)", "lease": "\(lease)", "ttl": "\(ttl)"])
         let task = Task.detached { [self] in await self.run() }
-        state.withLock { $0.loop = task }
+        // A stop() that ran while we registered found no loop and no lease: undo it here.
+        let stoppedMeanwhile = state.withLock { state in
+            if !state.stopped { state.loop = task }
+            return state.stopped
+        }
+        if stoppedMeanwhile {
+            task.cancel()
+            await task.value
+            let lease = state.withLock { state in
+                defer { state.lease = 0 }
+                return state.lease
+            }
+            if lease != 0 { try? await client.revoke(lease: lease) }
+        }
     }
 
     /// Grants a lease, writes the record under it, and (after an outage) revokes the old one.
@@ -182,24 +195,24 @@ public final class DaemonRegistration: Sendable {
     }
 
     /// Stops the loop and revokes the lease so the daemon disappears from the cluster at once.
-    /// Bounded: the loop's in-flight request is cancelled, and the revoke is one request
+    /// Final: a stopped registration does not start again. Bounded: the loop's in-flight request is cancelled, and the revoke is one request
     /// (`requestTimeout` per endpoint). If etcd is unreachable the record stays until the
     /// lease expires (at most `ttl` seconds); that error is returned, not thrown, for logging.
     @discardableResult
     public func stop() async -> EtcdError? {
-        let task = state.withLock { state in
-            defer { state.loop = nil }
-            return state.loop
+        let (task, alreadyStopped) = state.withLock { state in
+            defer {
+                state.loop = nil
+                state.stopped = true
+            }
+            return (state.loop, state.stopped)
         }
         task?.cancel()
         await task?.value
         // The loop has ended, so the lease read now is the last one it took.
         let lease = state.withLock { state in
-            defer {
-                state.stopped = true
-                state.lease = 0
-            }
-            return state.stopped ? 0 : state.lease
+            defer { state.lease = 0 }
+            return alreadyStopped ? 0 : state.lease
         }
         guard lease != 0 else { return nil }
         do {

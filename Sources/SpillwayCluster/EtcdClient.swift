@@ -61,8 +61,9 @@ public struct EtcdEvent: Sendable, Equatable {
 /// prefix range, delete, prefix watch — and nothing more (no txn, no auth).
 ///
 /// Endpoints are tried in order starting from the last one that answered, so a dead member
-/// costs one failed connect, then the client sticks to a live one. Every request is bounded by
-/// `requestTimeout` per endpoint. Only `http://` is spoken (see docs/operations.md for TLS).
+/// costs one failed attempt, then the client sticks to a live one. Every attempt is bounded:
+/// `requestTimeout` for the connection and reply head, and again for the reply body, per
+/// endpoint tried. Only `http://` is spoken (see docs/operations.md for TLS).
 ///
 /// Call `shutdown()` when done: the underlying HTTP client must be shut down before release.
 public final class EtcdClient: Sendable {
