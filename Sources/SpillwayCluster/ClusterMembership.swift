@@ -106,14 +106,7 @@ public final class ClusterMembership: Sendable {
             do {
                 if needsResync {
                     let (fresh, freshRevision) = try await read()
-                    for (instance, record) in fresh.sorted(by: { $0.key < $1.key }) {
-                        if let old = members[instance] {
-                            if old != record { continuation.yield(.updated(record)) }
-                        } else {
-                            continuation.yield(.joined(record))
-                        }
-                    }
-                    for instance in members.keys.sorted() where fresh[instance] == nil { continuation.yield(.left(instance: instance)) }
+                    for event in Self.difference(from: members, to: fresh) { continuation.yield(event) }
                     members = fresh
                     revision = freshRevision
                     needsResync = false
@@ -147,6 +140,21 @@ public final class ClusterMembership: Sendable {
             }
             backoff = min(backoff * 2, maxBackoff)
         }
+    }
+
+    /// The events that turn membership `old` into `new` (after a compacted watch history):
+    /// joins and changed records in instance order, then leaves.
+    static func difference(from old: [String: DaemonRecord], to new: [String: DaemonRecord]) -> [MembershipEvent] {
+        var events: [MembershipEvent] = []
+        for (instance, record) in new.sorted(by: { $0.key < $1.key }) {
+            if let previous = old[instance] {
+                if previous != record { events.append(.updated(record)) }
+            } else {
+                events.append(.joined(record))
+            }
+        }
+        for instance in old.keys.sorted() where new[instance] == nil { events.append(.left(instance: instance)) }
+        return events
     }
 
     // MARK: Health state

@@ -126,4 +126,11 @@ import SpillwayCore
         #expect(HealthState(rawValue: "draining") == .draining)
         #expect(HealthState.allCases.map(\.rawValue) == ["live", "suspect", "draining", "dead"])
     }
+
+    @Test func aResyncReportsTheDifference() throws {
+        let a = try record("a"), b = try record("b"), c = try record("c"), bFuller = try record("b", freeSlabs: 1)
+        let events = ClusterMembership.difference(from: ["a": a, "b": b], to: ["b": bFuller, "c": c])
+        #expect(events == [.updated(bFuller), .joined(c), .left(instance: "a")])
+        #expect(ClusterMembership.difference(from: ["a": a], to: ["a": a]).isEmpty)
+    }
 }
