@@ -30,6 +30,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        // etcd's v3 JSON gateway for cluster mode (SpillwayCluster).
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         // ISA-L (Debian libisal-dev): CRC32C, and Reed-Solomon for the erasure-coded tier.
@@ -273,6 +275,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Cluster mode: an etcd v3 client over its JSON gateway, daemon registration under a
+        // lease, and client-side membership (snapshot + watch). Nothing else depends on it yet.
+        .target(
+            name: "SpillwayCluster",
+            dependencies: [
+                "SpillwayCore",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Helpers for tests that run the built executables (spillwayd on loopback).
         .target(name: "SpillwayTestSupport", dependencies: ["SpillwayCore", "SpillwayRemote"], path: "Tests/SpillwayTestSupport"),
         .testTarget(name: "SpillwayPolicyTests", dependencies: ["SpillwayPolicy", "SpillwayCore", "SpillwayTestSupport"]),
@@ -288,6 +300,10 @@ let package = Package(
             "SpillwayServer",
             "Spillway", "SpillwayBench", "SpillwayTestSupport",
             .product(name: "Atomics", package: "swift-atomics"), .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "SpillwayClusterTests", dependencies: [
+            "SpillwayCluster", "SpillwayCore", "SpillwayTestSupport",
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "SpillwayFabricTests", dependencies: ["SpillwayFabric", "SpillwayCore"]),
         .testTarget(name: "SpillwayRemoteTests", dependencies: [

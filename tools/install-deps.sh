@@ -14,6 +14,7 @@ packages=(
   redis-server          # TCP round-trip reference in Bench/ (redis-benchmark)
   iperf3                # TCP bandwidth reference in Bench/
   iproute2              # network-namespace fault tests
+  etcd-server           # cluster mode (SpillwayCluster): its tests start a real etcd 3.4 on loopback
   python3 python3-pytest python3-numpy   # the Python binding (python/) and its tests
   e2fsprogs util-linux mount   # NVMe tests: a small ext4 image on a loop device (ENOSPC, block device)
 )
