@@ -235,6 +235,7 @@ let package = Package(
             name: "SpillwayCommandSupport",
             dependencies: [
                 "Spillway",
+                "SpillwayCluster",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -245,6 +246,7 @@ let package = Package(
             name: "SpillwayCommand",
             dependencies: [
                 "Spillway",
+                "SpillwayCluster",
                 "SpillwayBench",
                 "SpillwayPolicy",
                 "SpillwayCommandSupport",
@@ -264,6 +266,7 @@ let package = Package(
             name: "SpillwayDaemon",
             dependencies: [
                 "Spillway",
+                "SpillwayCluster",
                 "SpillwayServer",
                 "SpillwayRemote",
                 "SpillwayCommandSupport",

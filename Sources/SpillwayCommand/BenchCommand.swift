@@ -58,6 +58,8 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("token-file"), help: "Remote: the client's token file (line 'NAME TOKEN'; with --tenants, the first T lines).")
     var tokenFile: String?
 
+    @OptionGroup var registry: ClusterOptions
+
     @Option(help: "Remote: page transport auto | rma | tcp (default auto: RMA on an RDMA/EFA provider or a named one, else TCP).")
     var transport: String?
 
@@ -139,7 +141,7 @@ struct BenchCommand: ParsableCommand {
             }
             options.durability = mode
         }
-        options.servers = try (servers ?? file.string("servers")).map { $0.split(separator: ",").map(String.init) } ?? []
+        options.servers = try registry.servers(or: servers ?? file.string("servers"), logger: Logger(label: "spillway.bench")) ?? []
         options.tokenFile = try tokenFile ?? file.string("token-file")
         options.transport = try TransportMode.parse(transport ?? file.string("transport") ?? "auto")
         options.fabricProvider = try fabricProvider ?? file.string("fabric-provider")

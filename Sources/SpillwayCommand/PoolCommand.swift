@@ -34,6 +34,8 @@ struct SoakCommand: ParsableCommand {
     @Option(name: .customLong("token-file"), help: "The client's token file (line 'NAME TOKEN').")
     var tokenFile: String?
 
+    @OptionGroup var registry: ClusterOptions
+
     @Option(help: "Data splits per page (default 4).")
     var k: Int = 4
 
@@ -64,7 +66,7 @@ struct SoakCommand: ParsableCommand {
     func run() throws {
         bootstrapLogging(logLevel?.level ?? .error)
         var options = SoakOptions()
-        options.servers = servers.map { $0.split(separator: ",").map(String.init) } ?? []
+        options.servers = try registry.servers(or: servers, logger: Logger(label: "spillway.pool")) ?? []
         options.tokenFile = tokenFile
         options.k = k
         options.r = r

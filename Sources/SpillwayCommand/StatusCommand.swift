@@ -25,6 +25,8 @@ struct StatusCommand: ParsableCommand {
     @Option(help: "Tenant name when no token file is given (default status).")
     var tenant: String?
 
+    @OptionGroup var registry: ClusterOptions
+
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
 
@@ -36,7 +38,7 @@ struct StatusCommand: ParsableCommand {
         let logger = Logger(label: "spillway.status")
         let credentials = try tokenFile.map { ClientCredentials(tokenFile: try TokenFile.load($0, logger: logger)) }
             ?? ClientCredentials(tenant: tenant ?? "status", token: nil)
-        let endpoints = try (servers ?? "127.0.0.1:7450").split(separator: ",").map {
+        let endpoints = try (registry.servers(or: servers, logger: logger) ?? ["127.0.0.1:7450"]).map {
             try Endpoint(parsing: $0.trimmingCharacters(in: .whitespaces))
         }
         var entries: [String] = []

@@ -7,7 +7,7 @@ struct SpillwayTool: ParsableCommand {
         commandName: "spillway",
         abstract: "Spillway tiered page store: benchmarks and tools.",
         version: "0.1.0",
-        subcommands: [BenchCommand.self, StatusCommand.self, PoolCommand.self, StoreCommand.self, ReplayCommand.self])
+        subcommands: [BenchCommand.self, StatusCommand.self, PoolCommand.self, StoreCommand.self, ReplayCommand.self, ClusterCommand.self])
 }
 
 runMain(SpillwayTool.self, name: "spillway")

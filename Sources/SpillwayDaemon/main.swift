@@ -5,6 +5,7 @@ import Metrics
 import Prometheus
 import ServiceLifecycle
 import Spillway
+import SpillwayCluster
 import SpillwayCommandSupport
 import SpillwayRemote
 import SpillwayServer
@@ -80,6 +81,21 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(name: .customLong("fabric-provider"), help: "libfabric provider for RMA, e.g. verbs, efa, tcp (default: verbs or efa when present).")
     var fabricProvider: String?
 
+    @Option(help: "etcd endpoints (http://HOST:2379[,…]): register this daemon in a cluster's registry under a lease (with --cluster).")
+    var etcd: String?
+
+    @Option(help: "Cluster name in the registry (with --etcd).")
+    var cluster: String?
+
+    @Option(name: .customLong("failure-domain"), help: "Failure domain (rack, host, zone) clients keep a stripe's splits apart by (default: this host's name).")
+    var failureDomain: String?
+
+    @Option(name: .customLong("etcd-lease-ttl"), help: "Seconds the registration outlives a daemon that stopped renewing it (default 10).")
+    var etcdLeaseTTL: Int?
+
+    @Option(help: "HOST:PORT clients should use, when --listen is a wildcard address (default: the --listen host and bound port).")
+    var advertise: String?
+
     @Flag(name: .customLong("enable-test-faults"), help: .hidden)
     var enableTestFaults = false
 
@@ -92,7 +108,7 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(help: "TOML file with these options as keys.")
     var config: String?
 
-    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "poll-us", "log-level", "max-connections", "max-unauthenticated", "handshake-timeout", "send-timeout", "workers", "transport", "fabric-provider"]
+    static let optionKeys: Set<String> = ["listen", "capacity", "slab-size", "token-file", "metrics", "headroom", "lease", "reclaim-deadline", "memory-info", "poll-us", "log-level", "max-connections", "max-unauthenticated", "handshake-timeout", "send-timeout", "workers", "transport", "fabric-provider", "etcd", "cluster", "failure-domain", "etcd-lease-ttl", "advertise"]
 
     func run() throws {
         let file = try CommandConfigFile(path: config, optionKeys: Self.optionKeys)
@@ -170,6 +186,24 @@ struct SpillwayDaemon: ParsableCommand {
             metricsPort = endpoint.port
             services.append(MetricsService(endpoint: endpoint))
         }
+        // Cluster mode: registered once serving (etcd unreachable now is an error); the
+        // registration is the last service, so a shutdown withdraws it before draining.
+        if let registry = try ClusterTarget.from(etcd: etcd ?? file.string("etcd"), cluster: cluster ?? file.string("cluster")) {
+            let listenHost = endpoint.host
+            let advertised = try advertise ?? file.string("advertise") ?? {
+                guard listenHost != "0.0.0.0", listenHost != "::" else {
+                    throw SpillwayError.invalidConfiguration("--listen \(endpoint) is a wildcard: say which address clients use (--advertise HOST:PORT)")
+                }
+                return "\(listenHost):\(server.port)"
+            }()
+            var hostName = [CChar](repeating: 0, count: 256)
+            gethostname(&hostName, hostName.count)
+            let domain = try failureDomain ?? file.string("failure-domain") ?? String(cString: hostName)
+            let ttl = try etcdLeaseTTL ?? file.int("etcd-lease-ttl") ?? 10
+            services.append(try ClusterRegistrationService.start(
+                etcd: registry.etcd, cluster: registry.cluster, ttl: ttl, server: server, address: advertised,
+                failureDomain: domain, logger: logger))
+        }
         // Scripts and tests that ask for port 0 read the bound addresses from stdout.
         let metricsField = metricsPort.map { ", \"metrics\": \"\(metricsEndpoint!.host):\($0)\"" } ?? ""
         let tokenField = generatedTokenFile.map { ", \"token_file\": \(JSONValue.string($0).serialized())" } ?? ""
@@ -224,6 +258,58 @@ struct RemoteMemoryService: Service {
                 continuation.resume()
             }.detach()
         }
+    }
+}
+
+/// The daemon's entry in its cluster's etcd registry, as a service: registered (under a lease,
+/// kept alive, its free slabs refreshed) before the daemon announces itself, withdrawn first
+/// at shutdown so clients stop choosing it before it drains. etcd lost later: the daemon keeps
+/// serving the tenants it has and re-registers when etcd answers again (logged, counted).
+struct ClusterRegistrationService: Service {
+    let registration: DaemonRegistration
+    let client: EtcdClient
+    let logger: Logger
+
+    static func start(etcd: String, cluster: String, ttl: Int, server: RemoteMemoryServer, address: String, failureDomain: String,
+                      logger: Logger) throws -> ClusterRegistrationService
+    {
+        let keys = try ClusterKeys(cluster: cluster)
+        let endpoints = etcd.split(separator: ",").map(String.init)
+        let capacity = UInt64(server.configuration.capacity)
+        let slabSize = UInt64(server.configuration.slabSize)
+        let transports = server.fabric == nil ? ["tcp"] : ["tcp", "rma"]
+        let instance = String(server.instance, radix: 16)
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let registeredAt = Int64(now.tv_sec)
+        // Validated once here, so the refresh closure below cannot fail.
+        _ = try DaemonRecord(address: address, transports: transports, capacity: capacity, freeSlabs: 0, slabSize: slabSize,
+                             failureDomain: failureDomain, instance: instance, registeredAt: registeredAt)
+        let client = try EtcdClient(endpoints: endpoints, logger: logger)
+        let registration = try DaemonRegistration(client: client, keys: keys, ttl: Int64(ttl), logger: logger) {
+            // Cannot fail: the same fields were validated above; only the free count changes.
+            try! DaemonRecord(address: address, transports: transports, capacity: capacity,
+                              freeSlabs: UInt64(server.snapshot().slabsFree), slabSize: slabSize, failureDomain: failureDomain,
+                              instance: instance, registeredAt: registeredAt)
+        }
+        do {
+            try runBlocking(timeout: Double(ttl) + 10, "registering in cluster '\(cluster)' at \(etcd)") { try await registration.start() }
+        } catch {
+            _ = try? runBlocking(timeout: 5, "closing the etcd client") { await client.shutdown() }
+            throw SpillwayError.invalidConfiguration("cannot register in cluster '\(cluster)' at \(etcd): \(error)")
+        }
+        logger.notice("registered in the cluster", metadata: ["cluster": "\(cluster)", "address": "\(address)",
+                                                             "failure_domain": "\(failureDomain)", "instance": "\(instance)",
+                                                             "lease_ttl_s": "\(ttl)"])
+        return ClusterRegistrationService(registration: registration, client: client, logger: logger)
+    }
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        if let error = await registration.stop() {
+            logger.warning("could not withdraw the cluster registration; it expires with its lease", metadata: ["error": "\(error)"])
+        }
+        await client.shutdown()
     }
 }
 

@@ -1,0 +1,113 @@
+// Cluster mode for the commands: `--etcd URL --cluster NAME` in place of `--servers`, and a way
+// for the synchronous commands to wait for the asynchronous etcd client.
+import ArgumentParser
+import Dispatch
+import Logging
+import Spillway
+import SpillwayCluster
+
+/// Runs `body` on the concurrency pool and waits for it (at most `timeout` seconds, then a
+/// typed error): the commands and `spillwayd` are synchronous, the etcd client is async.
+public func runBlocking<T: Sendable>(timeout: Double, _ what: String,
+                                     _ body: @escaping @Sendable () async throws -> T) throws -> T
+{
+    let done = DispatchSemaphore(value: 0)
+    let result = Locked<Result<T, any Error>?>(nil)
+    let task = Task {
+        do {
+            let value = try await body()
+            result.withLock { $0 = .success(value) }
+        } catch {
+            result.withLock { $0 = .failure(error) }
+        }
+        done.signal()
+    }
+    guard done.wait(timeout: .now() + timeout) == .success else {
+        task.cancel()
+        throw SpillwayError.invalidConfiguration("\(what): no answer within \(Int(timeout)) s")
+    }
+    return try result.withLock { $0! }.get()
+}
+
+/// A cluster's registry: etcd endpoints and the cluster's name.
+public struct ClusterTarget: Sendable {
+    public let etcd: String
+    public let cluster: String
+
+    /// Cluster mode if both are given, nil if neither; one without the other is an error
+    /// naming the missing one.
+    public static func from(etcd: String?, cluster: String?) throws(SpillwayError) -> ClusterTarget? {
+        switch (etcd, cluster) {
+        case (nil, nil): return nil
+        case (.some(let etcd), .some(let cluster)): return ClusterTarget(etcd: etcd, cluster: cluster)
+        case (.some, nil): throw .invalidArgument("--etcd needs --cluster NAME")
+        case (nil, .some): throw .invalidArgument("--cluster needs --etcd URL")
+        }
+    }
+
+    public var endpoints: [String] { etcd.split(separator: ",").map { String($0).trimmingCharacters(in: " ") } }
+
+    /// The registered daemons' records and the states clients recorded for them (nil: none
+    /// recorded, which means live), sorted by address.
+    public func members(logger: Logger) throws -> [(record: DaemonRecord, state: HealthState?)] {
+        let keys = try ClusterKeys(cluster: cluster)
+        let endpoints = endpoints
+        return try runBlocking(timeout: 15, "etcd at \(etcd)") {
+            let client = try EtcdClient(endpoints: endpoints, logger: logger)
+            do {
+                let membership = ClusterMembership(client: client, keys: keys, logger: logger)
+                let daemons = try await membership.snapshot().daemons
+                var members: [(record: DaemonRecord, state: HealthState?)] = []
+                for record in daemons.sorted(by: { $0.address < $1.address }) {
+                    members.append((record, try await membership.healthState(instance: record.instance)))
+                }
+                await client.shutdown()
+                return members
+            } catch {
+                await client.shutdown()
+                throw error
+            }
+        }
+    }
+
+    /// The addresses of the daemons to use (registered, not draining or dead); none is an
+    /// error naming the cluster.
+    public func servers(logger: Logger) throws -> [String] {
+        let usable = try members(logger: logger).filter { $0.state != .draining && $0.state != .dead }.map(\.record.address)
+        guard !usable.isEmpty else {
+            throw SpillwayError.invalidConfiguration("cluster '\(cluster)' at \(etcd): no live daemon registered")
+        }
+        logger.info("daemons found in the cluster registry", metadata: ["cluster": "\(cluster)", "daemons": "\(usable.joined(separator: ","))"])
+        return usable
+    }
+}
+
+/// `--etcd URL[,URL…] --cluster NAME`: find the daemons in a cluster's registry instead of a
+/// `--servers` list.
+public struct ClusterOptions: ParsableArguments, Sendable {
+    @Option(help: "etcd endpoints (http://HOST:2379[,…]) of a cluster's registry, instead of --servers (with --cluster).")
+    public var etcd: String?
+
+    @Option(help: "Cluster name in the registry (with --etcd).")
+    public var cluster: String?
+
+    public init() {}
+
+    public var target: ClusterTarget? { get throws { try ClusterTarget.from(etcd: etcd, cluster: cluster) } }
+
+    /// `--servers` or the cluster's daemons (not both), or nil when neither was given.
+    public func servers(or list: String?, logger: Logger) throws -> [String]? {
+        guard let target = try target else { return list.map { $0.split(separator: ",").map(String.init) } }
+        guard list == nil else { throw SpillwayError.invalidArgument("give --servers or --etcd/--cluster, not both") }
+        return try target.servers(logger: logger)
+    }
+}
+
+private extension String {
+    func trimmingCharacters(in set: Character) -> String {
+        var text = Substring(self)
+        while text.first == set { text = text.dropFirst() }
+        while text.last == set { text = text.dropLast() }
+        return String(text)
+    }
+}
