@@ -99,8 +99,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public let code: ReedSolomonCode
     /// The daemons this tier lends from (membership, liveness, suspicion, slab mapping).
     public let fleet: DaemonFleet
-    /// `fleet.clients`, kept here for the I/O path.
-    public let clients: [DaemonClient?]
+    /// The fleet's current client per daemon (a rejoined daemon has a new one): a snapshot;
+    /// a batch takes one and uses it throughout.
+    public var clients: [DaemonClient?] { fleet.clients }
     public let splitSize: Int
     public let slotsPerStripe: Int
     public let groups: [[Int]]
@@ -130,14 +131,14 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     private let degradedReadsMetric: Counter
     private let suspectMetric: Counter
 
-    struct SlabReference: Equatable {
-        var daemon: Int
-        var slab: UInt32
-    }
+    /// A slab with the epoch of its daemon when it was mapped: a daemon that rejoined since
+    /// (restarted) has other slabs under the same ids, so an older epoch's slab is gone.
+    typealias SlabReference = DaemonFleet.MappedSlab
 
     struct Member {
         var daemon: Int
         var slab: UInt32
+        var epoch: UInt32
         /// Non-nil while being rebuilt on a replacement slab: local slots below it are valid.
         var rebuiltUpTo: Int?
         /// Its slab is going away though its daemon lives (a reclaim notice, or the daemon
@@ -148,6 +149,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         /// there and no page loses a split during the move; it goes back to its daemon only
         /// once the rebuild is complete (or the daemon revokes it first).
         var retired: SlabReference?
+
+        var reference: SlabReference { SlabReference(daemon: daemon, slab: slab, epoch: epoch) }
     }
 
     struct Stripe {
@@ -169,6 +172,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
         var alive: [Bool] { daemons.alive }
         func suspect(_ daemon: Int, at now: UInt64) -> Bool { daemons.isSuspect(daemon, at: now) }
+        /// A slab mapped on `daemon` under `epoch` is usable: alive, and not rejoined since.
+        func live(_ daemon: Int, _ epoch: UInt32) -> Bool { daemons.isCurrent(daemon, epoch: epoch) }
     }
 
     private func snapshot() -> StripeSnapshot {
@@ -200,14 +205,12 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
             pollMicroseconds: configuration.pollMicroseconds, logger: logger)
         let lentSlabSize = fleet.slabSize
-        let clients = fleet.clients
         // Splits are whole 64-byte lines (ISA-L's vector width); the last data split is padded.
         splitSize = ((configuration.slotSize + k - 1) / k + 63) / 64 * 64
         slotsPerStripe = lentSlabSize / splitSize
         let capacitySlots = configuration.capacity / configuration.slotSize
         guard capacitySlots > 0, slotsPerStripe > 0 else { throw .invalidConfiguration("tier '\(name)': capacity below one slot") }
-        self.clients = clients
-        groups = configuration.placement.groups(daemons: clients.count, k: k, r: configuration.r)
+        groups = configuration.placement.groups(daemons: fleet.count, k: k, r: configuration.r)
         allocator = SlotAllocator(capacity: capacitySlots)
         map = Locked(StripeMap(stripes: Array(repeating: Stripe(), count: (capacitySlots + slotsPerStripe - 1) / slotsPerStripe)))
         splitChecksums = .allocate(capacity: capacitySlots * n)
@@ -280,17 +283,17 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 var members: [Member] = []
                 for daemon in chosen {
                     // A refusal counts the daemon full; any other failure marks it dead (the fleet).
-                    guard let slab = fleet.mapSlab(on: daemon) else {
+                    guard let mapped = fleet.mapSlab(on: daemon) else {
                         excluded.insert(daemon)
                         break
                     }
-                    members.append(Member(daemon: daemon, slab: slab, rebuiltUpTo: nil))
+                    members.append(Member(daemon: daemon, slab: mapped.slab, epoch: mapped.epoch, rebuiltUpTo: nil))
                 }
                 if members.count == n {
                     map.withLock { $0.stripes[index] = Stripe(members: members, group: group) }
                     return true
                 }
-                for member in members { fleet.unmapSlab(member.slab, on: member.daemon) }
+                for member in members { fleet.unmapSlab(member.reference) }
             }
             return false
         }
@@ -409,7 +412,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             unitTotal += count
         }
         guard unitTotal > 0 else { return }
-        ErasureScratch.withCurrent(units: unitTotal, n: n, splitSize: splitSize, daemons: clients.count) { scratch in
+        ErasureScratch.withCurrent(units: unitTotal, n: n, splitSize: splitSize, daemons: fleet.count) { scratch in
             run(batch, scratch)
         }
     }
@@ -417,6 +420,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// One batch, planned and exchanged in the thread's scratch (no allocation once it has
     /// grown to the batch: a degraded read's first decode of a pattern builds its plan).
     private func run(_ batch: TierBatch, _ scratch: ErasureScratch) {
+        let clients = self.clients
         let units = scratch.units
         var unitCount = 0
         for index in 0..<batch.count {
@@ -505,7 +509,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             }
             units[u].choice = chosen
         }
-        exchange(scratch, unitCount: unitCount, snapshot: snapshot)
+        exchange(scratch, unitCount: unitCount, snapshot: snapshot, clients: clients)
         // Round 2: reads still short of k valid splits ask for the rest.
         var retry = false
         for u in 0..<unitCount {
@@ -514,7 +518,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             units[u].choice = validMask(units[u].slot, snapshot) & ~units[u].requested
             retry = retry || units[u].choice != 0
         }
-        if retry { exchange(scratch, unitCount: unitCount, snapshot: snapshot) }
+        if retry { exchange(scratch, unitCount: unitCount, snapshot: snapshot, clients: clients) }
         // Finish each unit.
         var decodedCount = 0
         var degradedCount = 0
@@ -598,10 +602,10 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             let member = stripe.members[i]
             let valid: Bool
             if member.rebuiltUpTo.map({ local < $0 }) ?? true {
-                valid = snapshot.alive[member.daemon] && !member.retiring
+                valid = snapshot.live(member.daemon, member.epoch) && !member.retiring
             } else {
                 // Past the rebuild watermark: only a retired slab still holding the split counts.
-                valid = member.retired.map { snapshot.alive[$0.daemon] } ?? false
+                valid = member.retired.map { snapshot.live($0.daemon, $0.epoch) } ?? false
             }
             if valid { mask |= 1 << i }
         }
@@ -630,21 +634,23 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// rebuild watermark) the retired slab it replaces; nil when there is none or its daemon
     /// is down.
     @inline(__always)
-    private func destination(_ unit: Unit, split: Int, _ stripe: Stripe, local: Int, _ snapshot: StripeSnapshot) -> SlabReference? {
+    private func destination(_ unit: Unit, split: Int, _ stripe: Stripe, local: Int, _ snapshot: StripeSnapshot,
+                             _ clients: [DaemonClient?]) -> SlabReference?
+    {
         let member = stripe.members[split]
-        var target = SlabReference(daemon: member.daemon, slab: member.slab)
+        var target = member.reference
         if let rebuilt = member.rebuiltUpTo, !unit.write, local >= rebuilt {
             // Not rebuilt this far: read the retired slab it replaces, if any.
             guard let retired = member.retired else { return nil }
             target = retired
         }
-        guard snapshot.alive[target.daemon], clients[target.daemon] != nil else { return nil }
+        guard snapshot.live(target.daemon, target.epoch), clients[target.daemon] != nil else { return nil }
         return target
     }
 
     /// Runs one round: for each unit, transfers the splits in its `choice` mask, all daemons'
     /// frames in flight at once (`MultiDaemonExchange`).
-    private func exchange(_ scratch: ErasureScratch, unitCount: Int, snapshot: StripeSnapshot) {
+    private func exchange(_ scratch: ErasureScratch, unitCount: Int, snapshot: StripeSnapshot, clients: [DaemonClient?]) {
         let units = scratch.units
         let plan = scratch.fanOut
         plan.reset(daemons: clients.count, capacity: unitCount * n)
@@ -660,7 +666,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             while bits != 0 {
                 let split = bits.trailingZeroBitCount
                 bits &= bits &- 1
-                if let target = destination(units[u], split: split, stripe, local: local, snapshot) { plan.count(target.daemon) }
+                if let target = destination(units[u], split: split, stripe, local: local, snapshot, clients) { plan.count(target.daemon) }
             }
         }
         guard plan.layOut() > 0 else { return }
@@ -671,7 +677,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             while bits != 0 {
                 let split = bits.trailingZeroBitCount
                 bits &= bits &- 1
-                guard let target = destination(units[u], split: split, stripe, local: local, snapshot) else { continue }
+                guard let target = destination(units[u], split: split, stripe, local: local, snapshot, clients) else { continue }
                 plan.place(target.daemon, RemoteOperation(write: units[u].write, slab: target.slab, offset: UInt64(local * splitSize),
                                                           length: splitSize, buffer: scratch.splits + (u * n + split) * splitSize),
                            owner: FanOut.Owner(u, split))
@@ -773,7 +779,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// Marks the member on (`daemon`, `slab`) for replacement. `revoked`: the daemon no longer
     /// has the slab, so a retired slab it matches stops serving reads at once.
     func retire(daemon: Int, slab: UInt32, reason: String, revoked: Bool = false) {
-        let reference = SlabReference(daemon: daemon, slab: slab)
+        // Only the daemon's current epoch: an older epoch's slab with the same id is gone already.
+        let epoch = fleet.snapshot().epoch[daemon]
+        let reference = SlabReference(daemon: daemon, slab: slab, epoch: epoch)
         let found = map.withLock { map -> Bool in
             for stripe in map.stripes.indices {
                 for member in map.stripes[stripe].members.indices where map.stripes[stripe].members[member].retired == reference {
@@ -783,8 +791,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     return false
                 }
                 for member in map.stripes[stripe].members.indices
-                    where map.stripes[stripe].members[member].daemon == daemon && map.stripes[stripe].members[member].slab == slab
-                    && !map.stripes[stripe].members[member].retiring
+                    where map.stripes[stripe].members[member].reference == reference && !map.stripes[stripe].members[member].retiring
                 {
                     map.stripes[stripe].members[member].retiring = true
                     return true
@@ -871,7 +878,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                         // Fewer than k valid splits: the page is lost (health() counts it);
                         // retrying it every round would only spend the budget.
                         guard validSplits(slot, snapshot).count >= k else { continue }
-                        let targets = (0..<n).filter { bits & (1 << $0) != 0 && snapshot.alive[stripe.members[$0].daemon]
+                        let targets = (0..<n).filter { bits & (1 << $0) != 0 && snapshot.live(stripe.members[$0].daemon, stripe.members[$0].epoch)
                             && stripe.members[$0].rebuiltUpTo == nil && !stripe.members[$0].retiring
                             && !snapshot.suspect(stripe.members[$0].daemon, at: now) }
                         if !targets.isEmpty { work.append((slot, targets)) }
@@ -896,12 +903,15 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// Maps a replacement slab for every member on a dead daemon (in the stripe's coding set
     /// if it has a live daemon not in the stripe, else anywhere, logged).
     private func assignReplacements() {
-        let alive = fleet.withState { $0.alive }
+        let fleetState = fleet.snapshot()
         let needing: [(stripe: Int, member: Int, group: Int, used: Set<Int>)] = map.withLock { map in
             var list: [(Int, Int, Int, Set<Int>)] = []
             for (index, stripe) in map.stripes.enumerated() {
-                let used = Set(stripe.members.map(\.daemon))
-                for (position, member) in stripe.members.enumerated() where !alive[member.daemon] || member.retiring {
+                // A member whose daemon is dead or rejoined since (new epoch: its slab is gone).
+                let used = Set(stripe.members.filter { fleetState.isCurrent($0.daemon, epoch: $0.epoch) }.map(\.daemon))
+                for (position, member) in stripe.members.enumerated()
+                    where !fleetState.isCurrent(member.daemon, epoch: member.epoch) || member.retiring
+                {
                     list.append((index, position, stripe.group, used))
                 }
             }
@@ -931,16 +941,16 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 ])
             }
             // A refusal counts the daemon full; any other failure marks it dead (the fleet).
-            if let slab = fleet.mapSlab(on: daemon) {
+            if let mapped = fleet.mapSlab(on: daemon) {
                 let superseded = gate.withWriteLock {
                     map.withLock { map -> SlabReference? in
                         let old = map.stripes[stripe].members[member]
-                        var replacement = Member(daemon: daemon, slab: slab, rebuiltUpTo: 0)
+                        var replacement = Member(daemon: daemon, slab: mapped.slab, epoch: mapped.epoch, rebuiltUpTo: 0)
                         var superseded: SlabReference?
                         if old.retiring {
                             // The retiring slab still holds its splits: it serves reads past the
                             // rebuild watermark and goes back only once the rebuild completes.
-                            replacement.retired = SlabReference(daemon: old.daemon, slab: old.slab)
+                            replacement.retired = old.reference
                             superseded = old.retired
                         } else {
                             // A dead replacement: keep the retired slab it was rebuilt from.
@@ -960,7 +970,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
     /// Unmaps a retired slab on its (live) daemon.
     private func giveBack(_ reference: SlabReference) {
-        if fleet.unmapSlab(reference.slab, on: reference.daemon) { counters.slabsReturned.wrappingIncrement(ordering: .relaxed) }
+        if fleet.unmapSlab(reference) { counters.slabsReturned.wrappingIncrement(ordering: .relaxed) }
     }
 
     /// Regenerates the listed splits of each slot from k valid others (data first) and writes
@@ -969,6 +979,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     private func regenerate(_ work: [(slot: Int, targets: [Int])]) -> Bool {
         guard !work.isEmpty else { return true }
         let snapshot = snapshot()
+        let clients = self.clients
         return ErasureScratch.withCurrent(units: work.count, n: n, splitSize: splitSize, daemons: clients.count) { scratch in
             let units = scratch.units
             var targetMasks = [UInt32](repeating: 0, count: work.count)
@@ -984,7 +995,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 }
                 units[u].choice = chosen
             }
-            exchange(scratch, unitCount: work.count, snapshot: snapshot)
+            exchange(scratch, unitCount: work.count, snapshot: snapshot, clients: clients)
             var ok = true
             let pointers = scratch.pointers
             let targetPointers = scratch.targetPointers
@@ -1033,7 +1044,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             // Writes go to the targets' current members, including a replacement being rebuilt.
             var chosen = [UInt32](repeating: 0, count: work.count)
             for u in 0..<work.count { chosen[u] = units[u].choice }
-            exchange(scratch, unitCount: work.count, snapshot: snapshot)
+            exchange(scratch, unitCount: work.count, snapshot: snapshot, clients: clients)
             for u in 0..<work.count where chosen[u] != 0 {
                 let written = units[u].good
                 _ = stale(units[u].slot).loadThenBitwiseAnd(with: ~written, ordering: .relaxed)
@@ -1096,11 +1107,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         background?.join()
-        let mapped: [(daemon: Int, slab: UInt32)] = map.withLock { map in
+        let mapped: [SlabReference] = map.withLock { map in
             let members = map.stripes.flatMap { $0.members }
-            let current = members.map { (daemon: $0.daemon, slab: $0.slab) }
-            let retired = members.compactMap { $0.retired.map { (daemon: $0.daemon, slab: $0.slab) } }
-            return current + retired
+            return members.map(\.reference) + members.compactMap(\.retired)
         }
         fleet.close(unmapping: mapped)
         inProcessDaemons?.stop()

@@ -14,10 +14,24 @@ import Glibc
 ///
 /// A tier keeps its own map from its address space to slabs; the fleet tells it when a
 /// daemon dies (`setDeathHandler`), after marking it dead, so the tier can write off that
-/// daemon's slabs. Daemons are indices into `clients` (nil: unreachable at open, never used).
+/// daemon's slabs. Daemons are indices into `clients`.
+///
+/// **Rejoining.** A dead daemon (or one unreachable at open) is retried by `heartbeat()` with
+/// backoff (1 s doubling to 30 s). When it answers again — typically restarted, with a new
+/// instance id — it rejoins as a fresh, empty member under a new *epoch*: every slab is
+/// mapped under the epoch of its daemon at the time (`MappedSlab.epoch`), and a slab of an
+/// older epoch is never read, written or unmapped again (`State.isCurrent`), since a
+/// restarted daemon numbers its slabs from 1 again and the same id may now be someone
+/// else's — or another of this tier's slabs.
 public final class DaemonFleet: Sendable {
     public let tier: String
-    public let clients: [DaemonClient?]
+    /// The current client of each daemon (a rejoined daemon gets a new one); a snapshot.
+    public var clients: [DaemonClient?] { members.withLock { $0 } }
+    private let members: Locked<[DaemonClient?]>
+    private let servers: [Endpoint]
+    private let connect: @Sendable (Endpoint) throws(RemoteError) -> DaemonClient
+    /// Daemons that rejoined since open.
+    public let daemonsRejoined = ManagedAtomic<Int>(0)
     /// Bytes per slab the daemons lend (all of them agree, checked at open).
     public let slabSize: Int
     private let state: Locked<State>
@@ -38,8 +52,16 @@ public final class DaemonFleet: Sendable {
         public var freeSlabs: [Int]
         /// Monotonic nanoseconds until which a daemon is suspect; 0 = never was.
         public var suspectUntil: [UInt64]
+        /// Bumped each time the daemon rejoins: slabs of an older epoch are gone.
+        public var epoch: [UInt32]
+        /// Dead daemons: when to try again, and the backoff after that.
+        var retryAt: [UInt64]
+        var retryDelay: [Double]
 
         public func isSuspect(_ daemon: Int, at now: UInt64) -> Bool { now < suspectUntil[daemon] }
+        /// Whether a slab mapped on `daemon` under `epoch` can be used: the daemon is alive
+        /// and has not rejoined since.
+        public func isCurrent(_ daemon: Int, epoch: UInt32) -> Bool { alive[daemon] && self.epoch[daemon] == epoch }
         /// Alive daemons with a free slab, not in `excluded`.
         public func available(excluding excluded: Set<Int> = []) -> [Int] {
             alive.indices.filter { alive[$0] && freeSlabs[$0] > 0 && !excluded.contains($0) }
@@ -51,6 +73,19 @@ public final class DaemonFleet: Sendable {
     public struct Reclaim: Sendable, Equatable {
         public var daemon: Int
         public var slab: UInt32
+    }
+
+    /// A slab a daemon lent: valid while the daemon is alive in the same epoch.
+    public struct MappedSlab: Sendable, Equatable {
+        public var daemon: Int
+        public var slab: UInt32
+        public var epoch: UInt32
+
+        public init(daemon: Int, slab: UInt32, epoch: UInt32) {
+            self.daemon = daemon
+            self.slab = slab
+            self.epoch = epoch
+        }
     }
 
     /// Connects to every server (unreachable ones are kept as nil and logged); at least
@@ -66,11 +101,18 @@ public final class DaemonFleet: Sendable {
             connectionsPerDaemon: connectionsPerDaemon, ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds,
             transport: transport, fabricProvider: fabricProvider, logger: logger)
         self.tier = tier
-        self.clients = clients
+        members = Locked(clients)
+        self.servers = servers
+        connect = { endpoint throws(RemoteError) in
+            try DaemonClient(endpoint: endpoint, credentials: credentials, maxConnections: connectionsPerDaemon, ioTimeout: ioTimeout,
+                             pollMicroseconds: pollMicroseconds, transport: transport, fabricProvider: fabricProvider, logger: logger)
+        }
         self.slabSize = slabSize
         self.logger = logger
+        let now = monotonicNanoseconds()
         state = Locked(State(alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) },
-                             suspectUntil: clients.map { _ in 0 }))
+                             suspectUntil: clients.map { _ in 0 }, epoch: clients.map { _ in 0 },
+                             retryAt: clients.map { _ in now &+ 1_000_000_000 }, retryDelay: clients.map { _ in 1 }))
         lostCounter = Counter(label: "spillway_fleet_daemons_lost", dimensions: [("tier", tier)])
         refusals = Locked(clients.map { _ in nil })
         refusalsLogged = Locked([])
@@ -102,7 +144,7 @@ public final class DaemonFleet: Sendable {
         deathHandler.withLock { $0 = handler }
     }
 
-    public var count: Int { clients.count }
+    public var count: Int { servers.count }
 
     /// Reads (or updates) the fleet's state under its lock.
     public func withState<R>(_ body: (inout State) -> R) -> R { state.withLock(body) }
@@ -114,14 +156,17 @@ public final class DaemonFleet: Sendable {
     public var liveCount: Int { state.withLock { $0.alive.filter { $0 }.count } }
 
     /// The daemon's address, for logs.
-    public func name(_ daemon: Int) -> String { clients[daemon]?.endpoint.description ?? "?" }
+    public func name(_ daemon: Int) -> String { servers[daemon].description }
 
     /// Marks `daemon` dead (logged and counted once) and tells the tier. False if it already was.
     @discardableResult
     public func markDead(_ daemon: Int, reason: String) -> Bool {
+        let now = monotonicNanoseconds()
         let newly = state.withLock { state -> Bool in
             guard state.alive[daemon] else { return false }
             state.alive[daemon] = false
+            state.retryAt[daemon] = now &+ 1_000_000_000
+            state.retryDelay[daemon] = 1
             return true
         }
         guard newly else { return false }
@@ -149,27 +194,32 @@ public final class DaemonFleet: Sendable {
 
     /// Maps a fresh slab on `daemon`. A daemon out of capacity counts as having no free slab;
     /// any other failure marks it dead. Nil on failure.
-    public func mapSlab(on daemon: Int) -> UInt32? {
-        guard let client = clients[daemon] else { return nil }
+    public func mapSlab(on daemon: Int) -> MappedSlab? {
+        // The client and epoch together: a slab mapped through a client replaced meanwhile
+        // carries the old epoch, so it is never used.
+        let (client, epoch) = state.withLock { state in (members.withLock { $0[daemon] }, state.epoch[daemon]) }
+        guard let client else { return nil }
         do throws(RemoteError) {
             let slab = try client.mapSlab()
-            state.withLock { $0.freeSlabs[daemon] -= 1 }
+            state.withLock { if $0.epoch[daemon] == epoch { $0.freeSlabs[daemon] -= 1 } }
             refusals.withLock { $0[daemon] = nil }
-            return slab
+            return MappedSlab(daemon: daemon, slab: slab, epoch: epoch)
         } catch {
             if case .refused(let reply) = error, reply.code == .noCapacity {
                 state.withLock { $0.freeSlabs[daemon] = 0 }
                 noteRefusal(daemon, reply.message)
-            } else {
+            } else if isCurrent(daemon, epoch: epoch) {
                 markDead(daemon, reason: "\(error)")
             }
             return nil
         }
     }
 
+    public func isCurrent(_ daemon: Int, epoch: UInt32) -> Bool { state.withLock { $0.isCurrent(daemon, epoch: epoch) } }
+
     /// Maps a fresh slab on a live daemon not in `excluded`, chosen by power of two choices on
     /// free slabs (two random candidates, the freer wins); tries others when one refuses.
-    public func mapSlabByTwoChoices(excluding excluded: Set<Int> = []) -> (daemon: Int, slab: UInt32)? {
+    public func mapSlabByTwoChoices(excluding excluded: Set<Int> = []) -> MappedSlab? {
         var refused = excluded
         while true {
             let candidate: Int? = state.withLock { state in
@@ -179,33 +229,85 @@ public final class DaemonFleet: Sendable {
                 return state.freeSlabs[a] >= state.freeSlabs[b] ? a : b
             }
             guard let daemon = candidate else { return nil }
-            if let slab = mapSlab(on: daemon) { return (daemon, slab) }
+            if let mapped = mapSlab(on: daemon) { return mapped }
             refused.insert(daemon)
         }
     }
 
-    /// Gives a slab back to a live daemon (its free count grows). False if the daemon is dead
-    /// or the unmap failed (logged: the daemon takes the slab back at its deadline anyway).
+    /// Gives a slab back to its daemon (its free count grows), if the daemon is alive in the
+    /// slab's epoch: a rejoined daemon's same slab id may be another slab now. False if not,
+    /// or if the unmap failed (logged: the daemon takes the slab back at its deadline anyway).
     @discardableResult
-    public func unmapSlab(_ slab: UInt32, on daemon: Int) -> Bool {
-        guard let client = clients[daemon], isAlive(daemon) else { return false }
+    public func unmapSlab(_ mapped: MappedSlab) -> Bool {
+        let client: DaemonClient? = state.withLock { state in
+            state.isCurrent(mapped.daemon, epoch: mapped.epoch) ? members.withLock { $0[mapped.daemon] } : nil
+        }
+        guard let client else { return false }
         do throws(RemoteError) {
-            try client.unmapSlab(slab)
-            state.withLock { $0.freeSlabs[daemon] += 1 }
+            try client.unmapSlab(mapped.slab)
+            state.withLock { if $0.epoch[mapped.daemon] == mapped.epoch { $0.freeSlabs[mapped.daemon] += 1 } }
             return true
         } catch {
             logger.warning("could not give a slab back; the daemon takes it back at its deadline", metadata: [
-                "tier": "\(tier)", "daemon": "\(name(daemon))", "slab": "\(slab)", "error": "\(error)",
+                "tier": "\(tier)", "daemon": "\(name(mapped.daemon))", "slab": "\(mapped.slab)", "error": "\(error)",
             ])
             return false
         }
     }
 
-    /// Pings every live daemon; one that does not answer is dead.
+    /// Pings every live daemon (one that does not answer is dead) and retries the dead ones
+    /// whose backoff has passed (`rejoin`).
     public func heartbeat() {
         for (daemon, client) in clients.enumerated() {
             guard let client, isAlive(daemon) else { continue }
             if let reason = client.ping() { markDead(daemon, reason: reason) }
+        }
+        rejoin()
+    }
+
+    /// Tries to reconnect the dead daemons whose retry time has come; one that answers (and
+    /// lends slabs of the fleet's size) rejoins as a fresh member under a new epoch.
+    public func rejoin(now: UInt64 = monotonicNanoseconds()) {
+        let due = state.withLock { state in state.alive.indices.filter { !state.alive[$0] && state.retryAt[$0] <= now } }
+        for daemon in due {
+            let endpoint = servers[daemon]
+            do throws(RemoteError) {
+                let client = try connect(endpoint)
+                guard Int(client.welcome.slabSize) == slabSize else {
+                    client.close()
+                    throw .protocolViolation("it lends slabs of \(client.welcome.slabSize) bytes, the fleet's are \(slabSize)")
+                }
+                // Client and epoch change together (under the state lock, as `mapSlab` reads them).
+                let (epoch, old) = state.withLock { state -> (UInt32, DaemonClient?) in
+                    let old = members.withLock { members -> DaemonClient? in
+                        defer { members[daemon] = client }
+                        return members[daemon]
+                    }
+                    state.epoch[daemon] &+= 1
+                    state.alive[daemon] = true
+                    state.freeSlabs[daemon] = Int(client.welcome.freeSlabs)
+                    state.suspectUntil[daemon] = 0
+                    state.retryDelay[daemon] = 1
+                    return (state.epoch[daemon], old)
+                }
+                old?.close()
+                refusals.withLock { $0[daemon] = nil }
+                daemonsRejoined.wrappingIncrement(ordering: .relaxed)
+                Counter(label: "spillway_fleet_daemons_rejoined", dimensions: [("tier", tier)]).increment()
+                logger.notice("daemon rejoined as a fresh member; slabs it lent before are never used", metadata: [
+                    "tier": "\(tier)", "daemon": "\(endpoint)", "instance": "\(String(client.welcome.daemonInstance, radix: 16))",
+                    "epoch": "\(epoch)", "free_slabs": "\(client.welcome.freeSlabs)",
+                ])
+            } catch {
+                let delay = state.withLock { state -> Double in
+                    let delay = state.retryDelay[daemon]
+                    state.retryAt[daemon] = now &+ UInt64(delay * 1e9)
+                    state.retryDelay[daemon] = min(30, delay * 2)
+                    return delay
+                }
+                logger.debug("dead daemon still unreachable", metadata: ["tier": "\(tier)", "daemon": "\(endpoint)",
+                                                                       "error": "\(error)", "next_try_s": "\(delay)"])
+            }
         }
     }
 
@@ -228,9 +330,26 @@ public final class DaemonFleet: Sendable {
     }
 
     /// Gives `mapped` slabs back (so the daemons need not hold them for the lease) and closes
-    /// every connection.
-    public func close(unmapping mapped: [(daemon: Int, slab: UInt32)]) {
-        for (daemon, slab) in mapped where isAlive(daemon) { try? clients[daemon]?.unmapSlab(slab) }
+    /// every connection, in bounded time: each daemon's unmaps run on their own thread, and
+    /// whatever a hung daemon has not answered after `within` seconds is left to its lease.
+    public func close(unmapping mapped: [MappedSlab], within seconds: Double = 1) {
+        var byDaemon: [Int: [MappedSlab]] = [:]
+        for slab in mapped where isCurrent(slab.daemon, epoch: slab.epoch) { byDaemon[slab.daemon, default: []].append(slab) }
+        let finished = Locked(0)
+        let workers = byDaemon.values.map { slabs in
+            BackgroundThread { [self] in
+                for slab in slabs { unmapSlab(slab) }
+                finished.withLock { $0 += 1 }
+            }
+        }
+        let deadline = monotonicNanoseconds() &+ UInt64(seconds * 1e9)
+        while finished.withLock({ $0 }) < workers.count && monotonicNanoseconds() < deadline { usleep(1000) }
+        let late = workers.count - finished.withLock { $0 }
+        for worker in workers { worker.detach() }
+        if late > 0 {
+            logger.warning("daemons did not take their slabs back in time; their leases will", metadata: [
+                "tier": "\(tier)", "daemons": "\(late)", "waited_s": "\(seconds)"])
+        }
         for client in clients { client?.close() }
     }
 }

@@ -62,8 +62,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     public let descriptor: TierDescriptor
     /// The daemons this tier lends from (membership, liveness, slab mapping, heartbeats).
     public let fleet: DaemonFleet
-    /// `fleet.clients`, kept here for the I/O path.
-    public let clients: [DaemonClient?]
+    /// The fleet's current client per daemon (a rejoined daemon has a new one): a snapshot,
+    /// taken once per batch by the I/O path.
+    public var clients: [DaemonClient?] { fleet.clients }
     public let slabSize: Int
     private let slabSlots: Int
     private let allocator: SlotAllocator
@@ -97,6 +98,18 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         var daemon = -1
         var slab: UInt32 = 0
         var lost = false
+        /// The daemon's epoch when the slab was mapped (`DaemonFleet.MappedSlab`).
+        var epoch: UInt32 = 0
+
+        init() {}
+
+        init(_ mapped: DaemonFleet.MappedSlab) {
+            daemon = mapped.daemon
+            slab = mapped.slab
+            epoch = mapped.epoch
+        }
+
+        var mapped: DaemonFleet.MappedSlab { DaemonFleet.MappedSlab(daemon: daemon, slab: slab, epoch: epoch) }
     }
 
     struct SlabMap {
@@ -113,7 +126,6 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             pollMicroseconds: configuration.pollMicroseconds, transport: configuration.transport,
             fabricProvider: configuration.fabricProvider, logger: logger)
         slabSize = fleet.slabSize
-        clients = fleet.clients
         guard configuration.slotSize <= slabSize, slabSize % configuration.slotSize == 0 else {
             throw .invalidConfiguration("tier '\(name)': slot size \(configuration.slotSize) does not divide the slab size \(slabSize)")
         }
@@ -124,7 +136,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         map = Locked(SlabMap(slabs: Array(repeating: VirtualSlab(), count: (capacitySlots + slabSlots - 1) / slabSlots)))
         descriptor = TierDescriptor(name: name, kind: .remote, slotSize: configuration.slotSize, capacitySlots: capacitySlots,
                                     performance: .remote, verifiesReads: true, completesInline: true)
-        let live = clients.compactMap { $0 }
+        let live = fleet.clients.compactMap { $0 }
         transport = live.allSatisfy { $0.usesRMA } ? "rma" : (live.contains { $0.usesRMA } ? "mixed" : "tcp")
         transportReason = Array(Set(live.map(\.transportReason))).sorted().joined(separator: "; ")
         if transport == "tcp" && configuration.transport == .auto && configuration.fabricProvider == nil {
@@ -174,11 +186,11 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         if map.withLock({ $0.slabs[index].daemon >= 0 }) { return true }
         return mappingLock.withLock { _ -> Bool in
             if map.withLock({ $0.slabs[index].daemon >= 0 }) { return true }
-            guard let (daemon, slab) = mapNewSlab(excluding: nil) else {
+            guard let mapped = mapNewSlab(excluding: nil) else {
                 noteMappingFailure()
                 return false
             }
-            map.withLock { $0.slabs[index] = VirtualSlab(daemon: daemon, slab: slab, lost: false) }
+            map.withLock { $0.slabs[index] = VirtualSlab(mapped) }
             return true
         }
     }
@@ -206,7 +218,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
 
     /// Maps a fresh slab on a live daemon other than `excluded` (power of two choices on free
     /// slabs, `DaemonFleet`). Called under `mappingLock`.
-    private func mapNewSlab(excluding excluded: Int?) -> (daemon: Int, slab: UInt32)? {
+    private func mapNewSlab(excluding excluded: Int?) -> DaemonFleet.MappedSlab? {
         fleet.mapSlabByTwoChoices(excluding: excluded.map { [$0] } ?? [])
     }
 
@@ -222,16 +234,16 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     /// Moves the pages of `slab` on `daemon` to another daemon. False if they could not move.
     @discardableResult
     func migrate(fromDaemon daemon: Int, slab: UInt32) -> Bool {
-        guard let index = map.withLock({ map in
-            map.slabs.firstIndex { $0.daemon == daemon && $0.slab == slab && !$0.lost }
-        }) else {
+        guard let (index, source) = map.withLock({ map -> (Int, DaemonFleet.MappedSlab)? in
+            map.slabs.firstIndex { $0.daemon == daemon && $0.slab == slab && !$0.lost }.map { ($0, map.slabs[$0].mapped) }
+        }), fleet.isCurrent(daemon, epoch: source.epoch) else {
             return true  // not (or no longer) one of ours
         }
         let metadata: Logger.Metadata = [
             "tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")", "slab": "\(slab)",
         ]
-        guard let (target, replacement) = mappingLock.withLock({ _ in mapNewSlab(excluding: daemon) }) else {
-            if let handler = evacuationHandler.withLock({ $0 }), evacuate(index, daemon: daemon, slab: slab, handler) {
+        guard let replacement = mappingLock.withLock({ _ in mapNewSlab(excluding: daemon) }) else {
+            if let handler = evacuationHandler.withLock({ $0 }), evacuate(index, source, handler) {
                 return true
             }
             failedMigrations.wrappingIncrement(ordering: .relaxed)
@@ -242,24 +254,24 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         }
         let started = monotonicNanoseconds()
         let copied: Result<Int, RemoteError> = migrationGate.withWriteLock {
-            let result = copySlab(index, from: (daemon, slab), to: (target, replacement))
+            let result = copySlab(index, from: source, to: replacement)
             if case .success = result {
-                map.withLock { $0.slabs[index] = VirtualSlab(daemon: target, slab: replacement, lost: false) }
+                map.withLock { $0.slabs[index] = VirtualSlab(replacement) }
             }
             return result
         }
         switch copied {
         case .success(let bytes):
-            fleet.unmapSlab(slab, on: daemon)
+            fleet.unmapSlab(source)
             migratedSlabs.wrappingIncrement(ordering: .relaxed)
             Counter(label: "spillway_remote_slabs_migrated", dimensions: [("tier", descriptor.name)]).increment()
             logger.notice("reclaim: slab moved to another daemon", metadata: metadata.merging([
-                "to": "\(clients[target]?.endpoint.description ?? "?")", "bytes": "\(bytes)",
+                "to": "\(fleet.name(replacement.daemon))", "bytes": "\(bytes)",
                 "ms": "\((monotonicNanoseconds() &- started) / 1_000_000)",
             ]) { $1 })
             return true
         case .failure(let error):
-            fleet.unmapSlab(replacement, on: target)
+            fleet.unmapSlab(replacement)
             failedMigrations.wrappingIncrement(ordering: .relaxed)
             Counter(label: "spillway_remote_reclaim_failures", dimensions: [("tier", descriptor.name)]).increment()
             logger.error("reclaim: moving the slab failed", metadata: metadata.merging(["error": "\(error)"]) { $1 })
@@ -275,7 +287,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     /// free slots are withheld first (so nothing new lands there), the store moves the pages,
     /// then the slab is unmapped and the virtual slab is left unmapped (mapped afresh when an
     /// allocation needs it). False, with the slots handed back, if pages remain.
-    private func evacuate(_ index: Int, daemon: Int, slab: UInt32, _ handler: (Range<Int>) -> Int) -> Bool {
+    private func evacuate(_ index: Int, _ source: DaemonFleet.MappedSlab, _ handler: (Range<Int>) -> Int) -> Bool {
         let first = index * slabSlots
         let range = first..<min(first + slabSlots, descriptor.capacitySlots)
         var withheld: [Int] = []
@@ -295,20 +307,19 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         migrationGate.withWriteLock {
             map.withLock { $0.slabs[index] = VirtualSlab() }
         }
-        fleet.unmapSlab(slab, on: daemon)
+        fleet.unmapSlab(source)
         for slot in withheld { allocator.release(Extent(firstSlot: UInt32(slot), slotCount: 1)) }
         evacuatedSlabs.wrappingIncrement(ordering: .relaxed)
         Counter(label: "spillway_remote_slabs_evacuated", dimensions: [("tier", descriptor.name)]).increment()
         logger.notice("reclaim: no other daemon had room; the store moved the slab's pages to another tier and the slab was given back",
-                      metadata: ["tier": "\(descriptor.name)", "daemon": "\(clients[daemon]?.endpoint.description ?? "?")", "slab": "\(slab)"])
+                      metadata: ["tier": "\(descriptor.name)", "daemon": "\(fleet.name(source.daemon))", "slab": "\(source.slab)"])
         return true
     }
 
     /// Copies the allocated slots of virtual slab `index` from one real slab to another.
     /// Called with the migration gate held exclusively. Returns the bytes copied.
-    private func copySlab(_ index: Int, from source: (daemon: Int, slab: UInt32), to target: (daemon: Int, slab: UInt32))
-        -> Result<Int, RemoteError>
-    {
+    private func copySlab(_ index: Int, from source: DaemonFleet.MappedSlab, to target: DaemonFleet.MappedSlab) -> Result<Int, RemoteError> {
+        let clients = self.clients
         guard let reader = clients[source.daemon], let writer = clients[target.daemon] else {
             return .failure(.protocolViolation("daemon has no client"))
         }
@@ -408,7 +419,8 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     /// still to do).
     private func submitLocked(_ batch: TierBatch, _ plan: FanOut) {
         let snapshot = map.withLock { $0 }
-        let alive = fleet.withState { $0.alive }
+        let fleetState = fleet.snapshot()
+        let clients = self.clients
         /// Calls `body(daemon, slab, offset in slab, length, offset in the I/O, virtual slab)`
         /// for each piece of I/O `index` (an extent crossing a slab boundary has several);
         /// false (and the I/O's status set) if it cannot go.
@@ -426,7 +438,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
                 let virtual = snapshot.slabs[slot / slabSlots]
                 let offsetInSlab = (slot % slabSlots) * descriptor.slotSize
                 let piece = min(io.length - done, slabSize - offsetInSlab)
-                guard virtual.daemon >= 0, !virtual.lost, alive[virtual.daemon], clients[virtual.daemon] != nil else {
+                guard virtual.daemon >= 0, !virtual.lost, fleetState.isCurrent(virtual.daemon, epoch: virtual.epoch),
+                      clients[virtual.daemon] != nil
+                else {
                     batch.setStatus(index, virtual.daemon < 0 ? EINVAL : EHOSTDOWN)
                     unavailableIOs.wrappingIncrement(ordering: .relaxed)
                     return false
@@ -502,8 +516,8 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         heartbeatThread?.join()
         // Give the slabs back so a daemon does not hold them for the lease.
-        let mapped: [(daemon: Int, slab: UInt32)] = map.withLock { map in
-            map.slabs.filter { $0.daemon >= 0 && !$0.lost }.map { ($0.daemon, $0.slab) }
+        let mapped: [DaemonFleet.MappedSlab] = map.withLock { map in
+            map.slabs.filter { $0.daemon >= 0 && !$0.lost }.map(\.mapped)
         }
         fleet.close(unmapping: mapped)
         inProcessDaemons?.stop()

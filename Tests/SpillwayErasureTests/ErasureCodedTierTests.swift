@@ -114,6 +114,42 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
         #expect(throws: SpillwayError.self) { _ = try store.get(PageKey(1)) }
     }
 
+    /// A member's daemon restarted on the same port (a new instance numbering its slabs from 1
+    /// again) rejoins under a new epoch: its old members count as lost (reads go degraded and
+    /// return the right bytes), repair replaces them, and no old slab id ever reaches the new
+    /// instance.
+    @Test func aRestartedDaemonRejoinsAndItsOldSplitsAreNeverUsed() throws {
+        var servers = try startDaemons(6)
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        let (store, tier) = try ecStore(servers.map { Endpoint(host: "127.0.0.1", port: $0.port) })
+        defer { store.close() }
+        let pages = (0..<120).map { pattern(TestSeed.derive(UInt64($0)), 4096) }
+        for (value, page) in pages.enumerated() { try store.put(PageKey(UInt64(value)), bytes: page) }
+        let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
+        let victim = try #require(tier.daemonOf(slot: slot, split: 0))
+        let port = servers[victim].port
+        servers[victim].shutdown(drain: 0)
+        tier.heartbeat()
+        #expect(tier.liveDaemons == 5)
+        var configuration = DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: port), capacity: 32 << 20, slabSize: 1 << 20,
+                                                tokens: testTokens)
+        configuration.checkInterval = 0.05
+        let again = try RemoteMemoryServer(configuration)
+        try again.start()
+        servers[victim] = again
+        tier.fleet.rejoin(now: monotonicNanoseconds() + 2_000_000_000)
+        #expect(tier.liveDaemons == 6)
+        #expect(tier.fleet.daemonsRejoined.load(ordering: .relaxed) == 1)
+        // Before repair: the old members are gone, reads decode around them.
+        for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page, "seed \(TestSeed.base)") }
+        #expect(tier.health().degraded > 0)
+        // Repair replaces them (perhaps on the rejoined daemon, under its new epoch).
+        for _ in 0..<20 where tier.health().degraded > 0 { tier.repair(budgetBytes: 64 << 20) }
+        #expect(tier.health().degraded == 0 && tier.health().lost == 0, "\(tier.health())")
+        for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page, "seed \(TestSeed.base)") }
+        #expect(again.counters.refusedAccesses.load(ordering: .relaxed) == 0, "an old slab id reached the new instance")
+    }
+
     @Test func lateBindingReadsAroundASlowDaemon() throws {
         let servers = try startDaemons(6, testFaults: true)
         defer { for server in servers { server.shutdown(drain: 0) } }

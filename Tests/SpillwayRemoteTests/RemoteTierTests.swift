@@ -7,6 +7,7 @@ import SpillwayPolicy
 @testable import SpillwayNVMe
 @testable import SpillwayProtocol
 @testable import SpillwayRemote
+@testable import SpillwayServer
 @testable import SpillwayStore
 import SpillwayTestSupport
 
@@ -90,6 +91,66 @@ func remoteStore(_ servers: [Endpoint], credentials: ClientCredentials = ClientC
             try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value), 4096))
             #expect(try store.get(PageKey(UInt64(value))) == pattern(UInt64(value), 4096))
         }
+    }
+
+    /// A daemon restarted on the same port (a new instance, numbering its slabs from 1 again)
+    /// rejoins as a fresh member once its backoff passes: new pages go to it again, while the
+    /// pages it held before stay unavailable (typed) and its old slab ids are never sent to the
+    /// new instance — not for reads, writes or unmaps.
+    @Test func aRestartedDaemonRejoinsFreshAndItsOldSlabsAreNeverUsed() throws {
+        let survivor = try startDaemon(tokens: testTokens)
+        defer { survivor.shutdown(drain: 0) }
+        let first = try startDaemon(tokens: testTokens)
+        let port = first.port
+        let remote = try RemoteTier(RemoteTierConfiguration(servers: [endpoint(survivor), endpoint(first)], credentials: testCredentials,
+                                                            capacity: 8 << 20, slotSize: 4096, ioTimeout: 2, heartbeatInterval: 0))
+        let store = try TieredStore(tiers: [remote], options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
+        defer { store.close() }
+        var expected: [PageKey: [UInt8]] = [:]
+        for value in 0..<600 {
+            try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value), 4096))
+            expected[PageKey(UInt64(value))] = pattern(UInt64(value), 4096)
+        }
+        #expect(first.snapshot().slabsLent > 0)
+        first.shutdown(drain: 0)
+        remote.heartbeat()
+        #expect(remote.liveDaemons == 1)
+        // Restarted on the same port: a new instance.
+        let again = try RemoteMemoryServer(DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: port), capacity: 8 << 20,
+                                                               slabSize: 1 << 20, tokens: testTokens, checkInterval: 0.05))
+        try again.start()
+        defer { again.shutdown(drain: 0) }
+        #expect(again.instance != first.instance)
+        // Not before its backoff (1 s) has passed; then it rejoins (the test moves the clock).
+        remote.fleet.rejoin()
+        #expect(remote.liveDaemons == 1)
+        remote.fleet.rejoin(now: monotonicNanoseconds() + 2_000_000_000)
+        #expect(remote.liveDaemons == 2)
+        #expect(remote.fleet.daemonsRejoined.load(ordering: .relaxed) == 1)
+        // The old pages: served correctly from the survivor, unavailable from the restarted one.
+        var served = 0
+        var unavailable = 0
+        for (key, page) in expected {
+            do {
+                #expect(try store.get(key) == page, "a read returned bytes other than those written")
+                served += 1
+            } catch {
+                guard case .tierIO = error else {
+                    Issue.record("unexpected error \(error)")
+                    continue
+                }
+                unavailable += 1
+            }
+        }
+        #expect(served > 0 && unavailable > 0, "served \(served), unavailable \(unavailable)")
+        // New pages go to both daemons again, and read back.
+        for value in 1000..<1600 {
+            try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value), 4096))
+        }
+        for value in 1000..<1600 { #expect(try store.get(PageKey(UInt64(value))) == pattern(UInt64(value), 4096)) }
+        #expect(again.snapshot().slabsLent > 0, "the rejoined daemon is used for new slabs")
+        // No old slab id ever reached the new instance: it refused nothing.
+        #expect(again.counters.refusedAccesses.load(ordering: .relaxed) == 0)
     }
 
     /// A batch spanning both daemons goes to both at once; each page gets its own latency;
