@@ -43,6 +43,9 @@ public struct TierConfiguration: Sendable, Equatable {
     public var r: Int = 2
     public var lateBindingDelta: Int = 1
     public var placement: CodingPlacement = .codingSets(slack: 1)
+    /// Erasure-coded: each server's failure domain, in `servers` order (TOML `failure-domains`
+    /// = "rack1,rack1,rack2,…"); empty: every daemon its own. See `ErasureCodedTierConfiguration`.
+    public var failureDomains: [String] = []
     /// Erasure-coded: when a write is acknowledged (TOML `write-quorum` = "all" | k+1…k+r) and
     /// how long it waits for a slow member before counting it missing (`write-deadline-ms`).
     /// See docs/erasure-coding.md for what each setting survives.
@@ -145,7 +148,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
         "path", "buffered-io", "poll-mode", "reformat", "poll-us", "transport", "fabric-provider", "k", "r", "late-binding-delta", "placement", "compression", "compression-ratio",
-        "write-quorum", "write-deadline-ms", "durability",
+        "write-quorum", "write-deadline-ms", "durability", "failure-domains",
     ]
 
     /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
@@ -211,6 +214,9 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             pollMode: pollMode, reformat: try TOMLReader.bool(table, "reformat") ?? false)
         if let servers = try TOMLReader.string(table, "servers") {
             tier.servers = servers.split(separator: ",").map { String($0) }
+        }
+        if let domains = try TOMLReader.string(table, "failure-domains") {
+            tier.failureDomains = domains.split(separator: ",").map { String($0) }
         }
         if let durability = try TOMLReader.string(table, "durability") {
             guard let mode = NVMeDurability(rawValue: durability) else {
@@ -496,6 +502,8 @@ extension ErasureCodedTier {
             configuration.r = tier.r
             configuration.lateBindingDelta = tier.lateBindingDelta
             configuration.placement = tier.placement
+            // In-process daemons (no servers): each its own domain.
+            configuration.failureDomains = tier.servers.isEmpty ? [] : tier.failureDomains
             configuration.writeQuorum = tier.writeQuorum
             configuration.writeDeadline = Double(tier.writeDeadlineMilliseconds) / 1000
             configuration.pollMicroseconds = tier.pollMicroseconds

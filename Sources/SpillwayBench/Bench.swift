@@ -33,6 +33,8 @@ public struct BenchOptions: Sendable, Equatable {
     public var durability: NVMeDurability = .process
     /// Remote: daemons (HOST:PORT); empty = in-process daemons on loopback.
     public var servers: [String] = []
+    /// Each server's failure domain (erasure-coded; from the cluster registry), or empty.
+    public var failureDomains: [String] = []
     /// Remote: the client's token file.
     public var tokenFile: String?
     /// Remote: page transport and libfabric provider (`--transport`, `--fabric-provider`).
@@ -167,6 +169,7 @@ public enum BenchRunner {
         }
         if kind == .remote || kind == .erasureCoded {
             tier.servers = options.servers
+            tier.failureDomains = options.failureDomains
             tier.tokenFile = options.tokenFile
             if kind == .remote {
                 tier.transport = options.transport

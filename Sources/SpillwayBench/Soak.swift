@@ -9,6 +9,8 @@ import Glibc
 /// Options of `spillway pool soak`.
 public struct SoakOptions: Sendable {
     public var servers: [String] = []
+    /// Each server's failure domain (erasure-coded; from the cluster registry), or empty.
+    public var failureDomains: [String] = []
     public var tokenFile: String?
     public var k = 4
     public var r = 2
@@ -85,6 +87,7 @@ public enum PoolSoak {
         let pages = options.size / options.blockSize
         var tier = TierConfiguration(kind: .erasureCoded, capacity: (pages + 64) * options.blockSize)
         tier.servers = options.servers
+        tier.failureDomains = options.failureDomains
         tier.tokenFile = options.tokenFile
         tier.k = options.k
         tier.r = options.r

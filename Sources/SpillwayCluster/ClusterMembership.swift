@@ -85,7 +85,7 @@ public final class ClusterMembership: Sendable {
     /// except as delay.
     public func watch() -> AsyncThrowingStream<MembershipEvent, Error> {
         let (stream, continuation) = AsyncThrowingStream<MembershipEvent, Error>.makeStream(bufferingPolicy: .unbounded)
-        let task = Task { [self] in
+        let task = Task(executorPreference: ClusterExecutor.shared) { [self] in
             do {
                 try await self.follow(continuation)
                 continuation.finish()

@@ -85,7 +85,7 @@ public final class DaemonRegistration: Sendable {
             throw error
         }
         logger.info("registered in etcd", metadata: ["key": "\(self.key)", "lease": "\(lease)", "ttl": "\(ttl)"])
-        let task = Task.detached { [self] in await self.run() }
+        let task = Task.detached(executorPreference: ClusterExecutor.shared) { [self] in await self.run() }
         // A stop() that ran while we registered found no loop and no lease: undo it here.
         let stoppedMeanwhile = state.withLock { state in
             if !state.stopped { state.loop = task }

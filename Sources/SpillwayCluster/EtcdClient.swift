@@ -189,7 +189,7 @@ public final class EtcdClient: Sendable {
         if fromRevision > 0 { create.append(("start_revision", .string(String(fromRevision)))) }
         let request = JSONValue.object([("create_request", .object(create))])
         let (stream, continuation) = AsyncThrowingStream<EtcdEvent, Error>.makeStream(bufferingPolicy: .unbounded)
-        let task = Task { [self] in
+        let task = Task(executorPreference: ClusterExecutor.shared) { [self] in
             do {
                 try await self.runWatch(request, continuation: continuation)
             } catch {

@@ -141,7 +141,10 @@ struct BenchCommand: ParsableCommand {
             }
             options.durability = mode
         }
-        options.servers = try registry.servers(or: servers ?? file.string("servers"), logger: Logger(label: "spillway.bench")) ?? []
+        if let (servers, domains) = try registry.daemons(or: servers ?? file.string("servers"), logger: Logger(label: "spillway.bench")) {
+            options.servers = servers
+            options.failureDomains = domains
+        }
         options.tokenFile = try tokenFile ?? file.string("token-file")
         options.transport = try TransportMode.parse(transport ?? file.string("transport") ?? "auto")
         options.fabricProvider = try fabricProvider ?? file.string("fabric-provider")

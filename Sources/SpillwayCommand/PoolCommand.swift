@@ -66,7 +66,10 @@ struct SoakCommand: ParsableCommand {
     func run() throws {
         bootstrapLogging(logLevel?.level ?? .error)
         var options = SoakOptions()
-        options.servers = try registry.servers(or: servers, logger: Logger(label: "spillway.pool")) ?? []
+        if let (servers, domains) = try registry.daemons(or: servers, logger: Logger(label: "spillway.pool")) {
+            options.servers = servers
+            options.failureDomains = domains
+        }
         options.tokenFile = tokenFile
         options.k = k
         options.r = r

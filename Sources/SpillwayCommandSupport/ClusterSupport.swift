@@ -70,15 +70,16 @@ public struct ClusterTarget: Sendable {
         }
     }
 
-    /// The addresses of the daemons to use (registered, not draining or dead); none is an
-    /// error naming the cluster.
-    public func servers(logger: Logger) throws -> [String] {
-        let usable = try members(logger: logger).filter { $0.state != .draining && $0.state != .dead }.map(\.record.address)
+    /// The daemons to use (registered, not draining or dead) and their failure domains; none
+    /// is an error naming the cluster.
+    public func daemons(logger: Logger) throws -> (servers: [String], failureDomains: [String]) {
+        let usable = try members(logger: logger).filter { $0.state != .draining && $0.state != .dead }.map(\.record)
         guard !usable.isEmpty else {
             throw SpillwayError.invalidConfiguration("cluster '\(cluster)' at \(etcd): no live daemon registered")
         }
-        logger.info("daemons found in the cluster registry", metadata: ["cluster": "\(cluster)", "daemons": "\(usable.joined(separator: ","))"])
-        return usable
+        logger.info("daemons found in the cluster registry", metadata: [
+            "cluster": "\(cluster)", "daemons": "\(usable.map { "\($0.address)@\($0.failureDomain)" }.joined(separator: ","))"])
+        return (usable.map(\.address), usable.map(\.failureDomain))
     }
 }
 
@@ -97,9 +98,15 @@ public struct ClusterOptions: ParsableArguments, Sendable {
 
     /// `--servers` or the cluster's daemons (not both), or nil when neither was given.
     public func servers(or list: String?, logger: Logger) throws -> [String]? {
-        guard let target = try target else { return list.map { $0.split(separator: ",").map(String.init) } }
+        try daemons(or: list, logger: logger)?.servers
+    }
+
+    /// `--servers` (no failure domains: each daemon its own) or the cluster's usable daemons
+    /// with their failure domains, or nil when neither was given.
+    public func daemons(or list: String?, logger: Logger) throws -> (servers: [String], failureDomains: [String])? {
+        guard let target = try target else { return list.map { ($0.split(separator: ",").map(String.init), []) } }
         guard list == nil else { throw SpillwayError.invalidArgument("give --servers or --etcd/--cluster, not both") }
-        return try target.servers(logger: logger)
+        return try target.daemons(logger: logger)
     }
 }
 

@@ -22,6 +22,11 @@ public struct ErasureCodedTierConfiguration: Sendable {
     /// Late binding: read k+Δ splits and decode from the first k (0 = read exactly k).
     public var lateBindingDelta: Int = 1
     public var placement: CodingPlacement = .codingSets(slack: 1)
+    /// Each server's failure domain (rack, host, zone; TOML `failure-domains`, or the cluster
+    /// registry's), in `servers` order; empty: every daemon is its own domain. A stripe never
+    /// has more than ⌈(k+r)/domains⌉ splits in one domain, nor more than r (so losing any one
+    /// domain loses no page); where the domains cannot allow that, no new stripe is placed.
+    public var failureDomains: [String] = []
     public var connectionsPerDaemon: Int = 4
     /// Seconds without an answer before an operation fails (and its daemon is suspect).
     public var ioTimeout: Double = 2
@@ -105,6 +110,11 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public let splitSize: Int
     public let slotsPerStripe: Int
     public let groups: [[Int]]
+    /// Each daemon's failure domain (an index), and how many of a stripe's splits one domain
+    /// may hold: min(⌈(k+r)/domains⌉, r).
+    public let domainOf: [Int]
+    public let splitsPerDomain: Int
+    private let placementWarned = ManagedAtomic<Bool>(false)
     private let k: Int
     private let n: Int
     private let allocator: SlotAllocator
@@ -211,6 +221,24 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         let capacitySlots = configuration.capacity / configuration.slotSize
         guard capacitySlots > 0, slotsPerStripe > 0 else { throw .invalidConfiguration("tier '\(name)': capacity below one slot") }
         groups = configuration.placement.groups(daemons: fleet.count, k: k, r: configuration.r)
+        let labels = configuration.failureDomains.isEmpty ? configuration.servers.map(\.description) : configuration.failureDomains
+        guard labels.count == configuration.servers.count else {
+            throw .invalidConfiguration("tier '\(name)': \(labels.count) failure domains for \(configuration.servers.count) servers (one per server)")
+        }
+        var domainIDs: [String: Int] = [:]
+        domainOf = labels.map { label in
+            if let id = domainIDs[label] { return id }
+            domainIDs[label] = domainIDs.count
+            return domainIDs.count - 1
+        }
+        let perDomain = (n + domainIDs.count - 1) / domainIDs.count
+        splitsPerDomain = min(perDomain, configuration.r)
+        if perDomain > configuration.r {
+            logger.warning("the failure domains cannot spread a stripe so that losing one loses no page: no stripe will be placed", metadata: [
+                "tier": "\(name)", "domains": "\(domainIDs.count)", "splits_per_stripe": "\(n)", "r": "\(configuration.r)",
+                "needs": "at least \((n + configuration.r - 1) / configuration.r) domains",
+            ])
+        }
         allocator = SlotAllocator(capacity: capacitySlots)
         map = Locked(StripeMap(stripes: Array(repeating: Stripe(), count: (capacitySlots + slotsPerStripe - 1) / slotsPerStripe)))
         splitChecksums = .allocate(capacity: capacitySlots * n)
@@ -302,22 +330,36 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// A coding set and k+r live members of it with free slabs (power of two choices among
     /// eligible sets by free slabs; within the set, the emptiest daemons).
     private func choosePlacement(excluding excluded: Set<Int>) -> (group: Int, daemons: [Int])? {
-        fleet.withState { map in
+        let placed: (group: Int, daemons: [Int])? = fleet.withState { map in
             func candidates(_ group: Int) -> [Int] {
                 groups[group].filter { map.alive[$0] && map.freeSlabs[$0] > 0 && !excluded.contains($0) }
             }
-            let eligible = groups.indices.filter { candidates($0).count >= n }
+            /// The emptiest (or, for `random`, any) daemons of the pool, at most
+            /// `splitsPerDomain` per failure domain; nil if that leaves fewer than k+r.
+            func members(_ group: Int) -> [Int]? {
+                var pool = candidates(group).shuffled()
+                if configuration.placement != .random { pool.sort { map.freeSlabs[$0] > map.freeSlabs[$1] } }
+                var perDomain: [Int: Int] = [:]
+                var chosen: [Int] = []
+                for daemon in pool where chosen.count < n && perDomain[domainOf[daemon], default: 0] < splitsPerDomain {
+                    perDomain[domainOf[daemon], default: 0] += 1
+                    chosen.append(daemon)
+                }
+                return chosen.count == n ? chosen : nil
+            }
+            let eligible = groups.indices.filter { candidates($0).count >= n && members($0) != nil }
             guard !eligible.isEmpty else { return nil }
             let a = eligible.randomElement()!
             let b = eligible.filter { $0 != a }.randomElement() ?? a
             func free(_ g: Int) -> Int { candidates(g).reduce(0) { $0 + map.freeSlabs[$1] } }
             let group = free(a) >= free(b) ? a : b
-            var pool = candidates(group).shuffled()
-            if configuration.placement != .random {
-                pool.sort { map.freeSlabs[$0] > map.freeSlabs[$1] }
-            }
-            return (group, Array(pool.prefix(n)))
+            return members(group).map { (group, $0) }
         }
+        if placed == nil, !placementWarned.exchange(true, ordering: .relaxed) {
+            logger.warning("no coding set has k+r live daemons with free slabs within the failure-domain limit: no new stripe", metadata: [
+                "tier": "\(descriptor.name)", "splits_per_domain": "\(splitsPerDomain)", "live_daemons": "\(fleet.liveCount)"])
+        }
+        return placed
     }
 
     /// Whether `daemon` is suspect now (missed a write deadline less than `suspectSeconds` ago).
@@ -904,23 +946,39 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// if it has a live daemon not in the stripe, else anywhere, logged).
     private func assignReplacements() {
         let fleetState = fleet.snapshot()
-        let needing: [(stripe: Int, member: Int, group: Int, used: Set<Int>)] = map.withLock { map in
-            var list: [(Int, Int, Int, Set<Int>)] = []
+        let needing: [(stripe: Int, member: Int, group: Int, used: Set<Int>, domains: [Int: Int])] = map.withLock { map in
+            var list: [(Int, Int, Int, Set<Int>, [Int: Int])] = []
             for (index, stripe) in map.stripes.enumerated() {
                 // A member whose daemon is dead or rejoined since (new epoch: its slab is gone).
+                let current = stripe.members.filter { fleetState.isCurrent($0.daemon, epoch: $0.epoch) && !$0.retiring }
                 let used = Set(stripe.members.filter { fleetState.isCurrent($0.daemon, epoch: $0.epoch) }.map(\.daemon))
+                // Splits per failure domain among the members that stay: a replacement must
+                // not take its domain past the limit.
+                var domains: [Int: Int] = [:]
+                for member in current { domains[domainOf[member.daemon], default: 0] += 1 }
                 for (position, member) in stripe.members.enumerated()
                     where !fleetState.isCurrent(member.daemon, epoch: member.epoch) || member.retiring
                 {
-                    list.append((index, position, stripe.group, used))
+                    list.append((index, position, stripe.group, used, domains))
                 }
             }
             return list
         }
-        for (stripe, member, group, used) in needing {
+        // Replacements made this round, per stripe: a stripe missing two members must not get
+        // both on one daemon, nor past its domain limit.
+        var placedDaemons: [Int: Set<Int>] = [:]
+        var placedDomains: [Int: [Int: Int]] = [:]
+        for (stripe, member, group, used, domains) in needing {
+            let taken = used.union(placedDaemons[stripe] ?? [])
+            let extra = placedDomains[stripe] ?? [:]
             let candidate: Int? = fleet.withState { map in
-                let inGroup = groups[group].filter { map.alive[$0] && !used.contains($0) && map.freeSlabs[$0] > 0 }
-                let anywhere = clients.indices.filter { map.alive[$0] && !used.contains($0) && map.freeSlabs[$0] > 0 }
+                func fits(_ daemon: Int) -> Bool {
+                    let domain = domainOf[daemon]
+                    return map.alive[daemon] && !taken.contains(daemon) && map.freeSlabs[daemon] > 0
+                        && domains[domain, default: 0] + extra[domain, default: 0] < splitsPerDomain
+                }
+                let inGroup = groups[group].filter(fits)
+                let anywhere = (0..<fleet.count).filter(fits)
                 return (inGroup.isEmpty ? anywhere : inGroup).max { map.freeSlabs[$0] < map.freeSlabs[$1] }
             }
             guard let daemon = candidate, clients[daemon] != nil else {
@@ -942,6 +1000,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             }
             // A refusal counts the daemon full; any other failure marks it dead (the fleet).
             if let mapped = fleet.mapSlab(on: daemon) {
+                placedDaemons[stripe, default: []].insert(daemon)
+                placedDomains[stripe, default: [:]][domainOf[daemon], default: 0] += 1
                 let superseded = gate.withWriteLock {
                     map.withLock { map -> SlabReference? in
                         let old = map.stripes[stripe].members[member]

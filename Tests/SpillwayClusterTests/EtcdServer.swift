@@ -122,12 +122,23 @@ func freePort() throws -> UInt16 {
 }
 
 /// Collects what a stream delivers, for polling with a deadline from the test.
+/// The tests' own executor (a dedicated thread, like the product's background tasks): the
+/// full suite's synchronous tests hold the cooperative pool's two threads for seconds at a
+/// time, which stalled these tests' keep-alives past their 2 s leases and their watchers past
+/// their bounded waits.
+let testExecutor = ClusterExecutor()
+
+/// Runs a test body on `testExecutor`.
+func onTestExecutor<T: Sendable>(_ body: () async throws -> T) async throws -> T {
+    try await withTaskExecutorPreference(testExecutor, operation: body)
+}
+
 final class Collected<Element: Sendable>: Sendable {
     private let state = Mutex<(items: [Element], arrivals: [ContinuousClock.Instant], failure: String?, ended: Bool)>(([], [], nil, false))
     private let task = Mutex<Task<Void, Never>?>(nil)
 
     init(_ stream: AsyncThrowingStream<Element, Error>) {
-        let started = Task { [self] in
+        let started = Task(executorPreference: testExecutor) { [self] in
             do {
                 for try await item in stream {
                     let now = ContinuousClock.now

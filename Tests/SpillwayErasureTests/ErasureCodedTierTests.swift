@@ -150,6 +150,66 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
         #expect(again.counters.refusedAccesses.load(ordering: .relaxed) == 0, "an old slab id reached the new instance")
     }
 
+    /// Failure domains: a stripe never has more than min(⌈(k+r)/domains⌉, r) splits in one
+    /// domain — at placement and at repair — so losing a whole domain loses no page; where the
+    /// domains cannot allow that, nothing is placed and puts fail typed.
+    @Test func stripesStayWithinTheirFailureDomainLimit() throws {
+        // 8 daemons in 3 domains: limit min(⌈6/3⌉, 2) = 2 splits per domain per stripe.
+        let domains = ["a", "a", "b", "b", "b", "c", "c", "c"]
+        var servers = try startDaemons(domains.count)
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        var configuration = ErasureCodedTierConfiguration(servers: servers.map { Endpoint(host: "127.0.0.1", port: $0.port) },
+                                                          credentials: testCredentials, capacity: 4 << 20, slotSize: 4096)
+        configuration.failureDomains = domains
+        configuration.heartbeatInterval = 0
+        let tier = try ErasureCodedTier(configuration)
+        let store = try TieredStore(tiers: [tier], options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
+        defer { store.close() }
+        #expect(tier.splitsPerDomain == 2)
+        let pages = (0..<150).map { pattern(TestSeed.derive(UInt64($0) &+ 7), 4096) }
+        for (value, page) in pages.enumerated() { try store.put(PageKey(UInt64(value)), bytes: page) }
+        func worstDomain() throws -> Int {
+            var worst = 0
+            for value in pages.indices {
+                let slot = Int(try #require(store.location(of: PageKey(UInt64(value)))).extent.firstSlot)
+                var perDomain: [String: Int] = [:]
+                for split in 0..<6 { perDomain[domains[try #require(tier.daemonOf(slot: slot, split: split))], default: 0] += 1 }
+                worst = max(worst, perDomain.values.max() ?? 0)
+            }
+            return worst
+        }
+        #expect(try worstDomain() == 2)
+        // Domain "b" loses a daemon: its stripes are repaired onto the other "b" daemons (never
+        // a third split in "a" or "c").
+        let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
+        let victim = try #require((0..<6).map { tier.daemonOf(slot: slot, split: $0)! }.first { domains[$0] == "b" })
+        servers[victim].shutdown(drain: 0)
+        tier.heartbeat()
+        for _ in 0..<20 where tier.health().degraded > 0 { tier.repair(budgetBytes: 64 << 20) }
+        #expect(tier.health().degraded == 0 && tier.health().lost == 0, "\(tier.health())")
+        #expect(try worstDomain() == 2)
+        for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page, "seed \(TestSeed.base)") }
+        servers.remove(at: victim)
+    }
+
+    @Test func domainsThatCannotSurviveALossPlaceNothing() throws {
+        // Two domains for six splits: one of them would hold 3 > r = 2 splits of a stripe.
+        let servers = try startDaemons(6)
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        var configuration = ErasureCodedTierConfiguration(servers: servers.map { Endpoint(host: "127.0.0.1", port: $0.port) },
+                                                          credentials: testCredentials, capacity: 4 << 20, slotSize: 4096)
+        configuration.failureDomains = ["x", "x", "x", "y", "y", "y"]
+        configuration.heartbeatInterval = 0
+        let tier = try ErasureCodedTier(configuration)
+        let store = try TieredStore(tiers: [tier], options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
+        defer { store.close() }
+        #expect(throws: SpillwayError.self) { try store.put(PageKey(1), bytes: pattern(1, 4096)) }
+        #expect(tier.usedSlots == 0)
+        // And a mismatched list is a configuration error.
+        configuration.failureDomains = ["x"]
+        #expect(throws: SpillwayError.self) { _ = try ErasureCodedTier(configuration) }
+    }
+
     @Test func lateBindingReadsAroundASlowDaemon() throws {
         let servers = try startDaemons(6, testFaults: true)
         defer { for server in servers { server.shutdown(drain: 0) } }
