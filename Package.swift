@@ -216,6 +216,7 @@ let package = Package(
                 "SpillwayKV",
                 "SpillwayWeights",
                 "SpillwayCompression",
+                "SpillwayCluster",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -284,6 +285,7 @@ let package = Package(
             name: "SpillwayCluster",
             dependencies: [
                 "SpillwayCore",
+                "SpillwayRemote",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -305,7 +307,7 @@ let package = Package(
             .product(name: "Atomics", package: "swift-atomics"), .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "SpillwayClusterTests", dependencies: [
-            "SpillwayCluster", "SpillwayCore", "SpillwayTestSupport",
+            "SpillwayCluster", "SpillwayCore", "SpillwayTestSupport", "Spillway",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "SpillwayFabricTests", dependencies: ["SpillwayFabric", "SpillwayCore"]),

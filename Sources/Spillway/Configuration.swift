@@ -27,6 +27,11 @@ public struct TierConfiguration: Sendable, Equatable {
     /// caller passing an `InProcessDaemonLauncher` gets (the CLI's embedded default:
     /// `embeddedDaemons` of them, each lending the tier's capacity); otherwise an error.
     public var servers: [String] = []
+    /// Remote and erasure-coded: find the daemons in a cluster's etcd registry instead of
+    /// `servers` (TOML `etcd` = "http://HOST:2379[,…]", `cluster` = NAME), and follow it while
+    /// the tier is open: daemons that register join, those whose record goes away leave.
+    public var etcd: String?
+    public var cluster: String?
     /// Remote: the client's token file (its first line is used).
     public var tokenFile: String?
     public var embeddedDaemons: Int = 2
@@ -148,7 +153,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
         "path", "buffered-io", "poll-mode", "reformat", "poll-us", "transport", "fabric-provider", "k", "r", "late-binding-delta", "placement", "compression", "compression-ratio",
-        "write-quorum", "write-deadline-ms", "durability", "failure-domains",
+        "write-quorum", "write-deadline-ms", "durability", "failure-domains", "etcd", "cluster",
     ]
 
     /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
@@ -218,6 +223,8 @@ public struct SpillwayConfiguration: Sendable, Equatable {
         if let domains = try TOMLReader.string(table, "failure-domains") {
             tier.failureDomains = domains.split(separator: ",").map { String($0) }
         }
+        tier.etcd = try TOMLReader.string(table, "etcd")
+        tier.cluster = try TOMLReader.string(table, "cluster")
         if let durability = try TOMLReader.string(table, "durability") {
             guard let mode = NVMeDurability(rawValue: durability) else {
                 throw .invalidConfiguration("tier '\(tier.name)': durability '\(durability)' (process or power)")
@@ -427,6 +434,46 @@ private func launchInProcessDaemons(for tier: TierConfiguration, count: Int, cap
     return try daemons.launch(tier: tier.name, count: count, capacity: capacity, slabSize: slabSize, tokens: tokens, logger: logger)
 }
 
+/// A tier configured with `etcd` and `cluster`: the registry's usable daemons now (servers
+/// and failure domains), slots to spare for daemons joining later, and the feed to attach
+/// once the tier is open. Nil for a tier without them; both or neither, and not with `servers`.
+private func registryDaemons(for tier: TierConfiguration, logger: Logger) throws(SpillwayError)
+    -> (servers: [Endpoint], failureDomains: [String], slots: Int)?
+{
+    switch (tier.etcd, tier.cluster) {
+    case (nil, nil): return nil
+    case (.some, nil), (nil, .some):
+        throw .invalidConfiguration("tier '\(tier.name)': `etcd` and `cluster` go together")
+    case (.some(let etcd), .some(let cluster)):
+        guard tier.servers.isEmpty else { throw .invalidConfiguration("tier '\(tier.name)': `servers` or `etcd`/`cluster`, not both") }
+        let records: [DaemonRecord]
+        do {
+            records = try ClusterDirectory.usable(etcd: etcd, cluster: cluster, logger: logger)
+        } catch let error as SpillwayError {
+            throw error
+        } catch {
+            throw .invalidConfiguration("tier '\(tier.name)': cluster '\(cluster)' at \(etcd): \(error)")
+        }
+        var servers: [Endpoint] = []
+        for record in records { servers.append(try Endpoint(parsing: record.address)) }
+        // Room for the cluster to grow to twice its size (at least 64 daemons) while open.
+        return (servers, records.map(\.failureDomain), max(64, 2 * servers.count))
+    }
+}
+
+/// Starts following the registry for an open tier's fleet; stopped when the tier closes.
+private func attachFeed(_ tier: TierConfiguration, fleet: DaemonFleet, logger: Logger) throws(SpillwayError) -> FleetFeed? {
+    guard let etcd = tier.etcd, let cluster = tier.cluster else { return nil }
+    do {
+        let feed = try FleetFeed(fleet: fleet, etcd: etcd, cluster: cluster, logger: logger)
+        feed.start()
+        logger.info("following the cluster registry", metadata: ["tier": "\(tier.name)", "cluster": "\(cluster)"])
+        return feed
+    } catch {
+        throw .invalidConfiguration("tier '\(tier.name)': cannot follow cluster '\(cluster)' at \(etcd): \(error)")
+    }
+}
+
 extension RemoteTier {
     /// Opens a configured remote tier: against `servers`, or, when none are given, against
     /// daemons `daemons` starts in this process (the CLI's embedded default), stopped when the
@@ -438,7 +485,10 @@ extension RemoteTier {
         var group: InProcessDaemonGroup?
         var credentials = ClientCredentials(tenant: "spillway", token: nil)
         if let path = tier.tokenFile { credentials = ClientCredentials(tokenFile: try TokenFile.load(path, logger: logger)) }
-        if tier.servers.isEmpty {
+        let registry = try registryDaemons(for: tier, logger: logger)
+        if let registry {
+            endpoints = registry.servers
+        } else if tier.servers.isEmpty {
             // In-process daemons authenticate like any other: a fresh random token, in memory
             // only, shared with this tier and nobody else (loopback is not a user boundary).
             let tokens = TokenFile.random()
@@ -459,8 +509,10 @@ extension RemoteTier {
             configuration.pollMicroseconds = tier.pollMicroseconds
             configuration.transport = tier.transport
             configuration.fabricProvider = tier.fabricProvider
+            configuration.slots = registry?.slots ?? 0
             let remote = try RemoteTier(configuration, logger: logger)
             remote.inProcessDaemons = group
+            if let feed = try attachFeed(tier, fleet: remote.fleet, logger: logger) { remote.stopOnClose.append { feed.stop() } }
             return remote
         } catch {
             group?.stop()
@@ -479,7 +531,10 @@ extension ErasureCodedTier {
         var group: InProcessDaemonGroup?
         var credentials = ClientCredentials(tenant: "spillway", token: nil)
         if let path = tier.tokenFile { credentials = ClientCredentials(tokenFile: try TokenFile.load(path, logger: logger)) }
-        if tier.servers.isEmpty {
+        let registry = try registryDaemons(for: tier, logger: logger)
+        if let registry {
+            endpoints = registry.servers
+        } else if tier.servers.isEmpty {
             // In-process daemons authenticate like any other (see RemoteTier.open).
             let tokens = TokenFile.random()
             credentials = ClientCredentials(tokenFile: tokens)
@@ -502,13 +557,15 @@ extension ErasureCodedTier {
             configuration.r = tier.r
             configuration.lateBindingDelta = tier.lateBindingDelta
             configuration.placement = tier.placement
-            // In-process daemons (no servers): each its own domain.
-            configuration.failureDomains = tier.servers.isEmpty ? [] : tier.failureDomains
+            // The registry's domains; in-process daemons (no servers): each its own.
+            configuration.failureDomains = registry?.failureDomains ?? (tier.servers.isEmpty ? [] : tier.failureDomains)
+            configuration.slots = registry?.slots ?? 0
             configuration.writeQuorum = tier.writeQuorum
             configuration.writeDeadline = Double(tier.writeDeadlineMilliseconds) / 1000
             configuration.pollMicroseconds = tier.pollMicroseconds
             let coded = try ErasureCodedTier(configuration, logger: logger)
             coded.inProcessDaemons = group
+            if let feed = try attachFeed(tier, fleet: coded.fleet, logger: logger) { coded.stopOnClose.append { feed.stop() } }
             return coded
         } catch {
             group?.stop()

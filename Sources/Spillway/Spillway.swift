@@ -10,3 +10,4 @@
 @_exported import SpillwayKV
 @_exported import SpillwayWeights
 @_exported import SpillwayCompression
+@_exported import SpillwayCluster

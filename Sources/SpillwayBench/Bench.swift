@@ -33,8 +33,11 @@ public struct BenchOptions: Sendable, Equatable {
     public var durability: NVMeDurability = .process
     /// Remote: daemons (HOST:PORT); empty = in-process daemons on loopback.
     public var servers: [String] = []
-    /// Each server's failure domain (erasure-coded; from the cluster registry), or empty.
+    /// Each server's failure domain (erasure-coded), or empty.
     public var failureDomains: [String] = []
+    /// Instead of `servers`: a cluster's etcd registry, followed while the bench runs.
+    public var etcd: String?
+    public var cluster: String?
     /// Remote: the client's token file.
     public var tokenFile: String?
     /// Remote: page transport and libfabric provider (`--transport`, `--fabric-provider`).
@@ -170,6 +173,8 @@ public enum BenchRunner {
         if kind == .remote || kind == .erasureCoded {
             tier.servers = options.servers
             tier.failureDomains = options.failureDomains
+            tier.etcd = options.etcd
+            tier.cluster = options.cluster
             tier.tokenFile = options.tokenFile
             if kind == .remote {
                 tier.transport = options.transport

@@ -9,8 +9,12 @@ import Glibc
 /// Options of `spillway pool soak`.
 public struct SoakOptions: Sendable {
     public var servers: [String] = []
-    /// Each server's failure domain (erasure-coded; from the cluster registry), or empty.
+    /// Each server's failure domain, or empty.
     public var failureDomains: [String] = []
+    /// Instead of `servers`: a cluster's etcd registry, followed while the soak runs (daemons
+    /// that register join the pool, those that leave are lost and repaired around).
+    public var etcd: String?
+    public var cluster: String?
     public var tokenFile: String?
     public var k = 4
     public var r = 2
@@ -88,6 +92,8 @@ public enum PoolSoak {
         var tier = TierConfiguration(kind: .erasureCoded, capacity: (pages + 64) * options.blockSize)
         tier.servers = options.servers
         tier.failureDomains = options.failureDomains
+        tier.etcd = options.etcd
+        tier.cluster = options.cluster
         tier.tokenFile = options.tokenFile
         tier.k = options.k
         tier.r = options.r

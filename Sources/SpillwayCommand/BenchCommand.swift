@@ -141,9 +141,13 @@ struct BenchCommand: ParsableCommand {
             }
             options.durability = mode
         }
-        if let (servers, domains) = try registry.daemons(or: servers ?? file.string("servers"), logger: Logger(label: "spillway.bench")) {
-            options.servers = servers
-            options.failureDomains = domains
+        let serverList = try servers ?? file.string("servers")
+        if let target = try registry.target {
+            guard serverList == nil else { throw SpillwayError.invalidArgument("give --servers or --etcd/--cluster, not both") }
+            options.etcd = target.etcd
+            options.cluster = target.cluster
+        } else {
+            options.servers = serverList.map { $0.split(separator: ",").map(String.init) } ?? []
         }
         options.tokenFile = try tokenFile ?? file.string("token-file")
         options.transport = try TransportMode.parse(transport ?? file.string("transport") ?? "auto")
@@ -202,7 +206,9 @@ struct BenchCommand: ParsableCommand {
         }
         if target == "remote", clients != nil || tenants != nil {
             guard let tokenFile = options.tokenFile else { throw SpillwayError.invalidArgument("--clients needs --servers and --token-file") }
-            var many = RemoteClientsBench.Options(servers: options.servers, tokenFile: tokenFile, clients: clients ?? 1, tenants: tenants ?? 1,
+            // Connections to the daemons registered now (this bench does not follow the registry).
+            let servers = try registry.target?.daemons(logger: Logger(label: "spillway.bench")).servers ?? options.servers
+            var many = RemoteClientsBench.Options(servers: servers, tokenFile: tokenFile, clients: clients ?? 1, tenants: tenants ?? 1,
                                                   size: sizeGiven ?? 64 << 20, durationSeconds: durationGiven ?? 5)
             many.seed = options.seed
             guard options.blockSize == 4096, options.pattern == .randread, options.queueDepth == 1 else {

@@ -66,9 +66,12 @@ struct SoakCommand: ParsableCommand {
     func run() throws {
         bootstrapLogging(logLevel?.level ?? .error)
         var options = SoakOptions()
-        if let (servers, domains) = try registry.daemons(or: servers, logger: Logger(label: "spillway.pool")) {
-            options.servers = servers
-            options.failureDomains = domains
+        if let target = try registry.target {
+            guard servers == nil else { throw SpillwayError.invalidArgument("give --servers or --etcd/--cluster, not both") }
+            options.etcd = target.etcd
+            options.cluster = target.cluster
+        } else {
+            options.servers = servers.map { $0.split(separator: ",").map(String.init) } ?? []
         }
         options.tokenFile = tokenFile
         options.k = k

@@ -1,33 +1,9 @@
 // Cluster mode for the commands: `--etcd URL --cluster NAME` in place of `--servers`, and a way
 // for the synchronous commands to wait for the asynchronous etcd client.
 import ArgumentParser
-import Dispatch
 import Logging
 import Spillway
 import SpillwayCluster
-
-/// Runs `body` on the concurrency pool and waits for it (at most `timeout` seconds, then a
-/// typed error): the commands and `spillwayd` are synchronous, the etcd client is async.
-public func runBlocking<T: Sendable>(timeout: Double, _ what: String,
-                                     _ body: @escaping @Sendable () async throws -> T) throws -> T
-{
-    let done = DispatchSemaphore(value: 0)
-    let result = Locked<Result<T, any Error>?>(nil)
-    let task = Task {
-        do {
-            let value = try await body()
-            result.withLock { $0 = .success(value) }
-        } catch {
-            result.withLock { $0 = .failure(error) }
-        }
-        done.signal()
-    }
-    guard done.wait(timeout: .now() + timeout) == .success else {
-        task.cancel()
-        throw SpillwayError.invalidConfiguration("\(what): no answer within \(Int(timeout)) s")
-    }
-    return try result.withLock { $0! }.get()
-}
 
 /// A cluster's registry: etcd endpoints and the cluster's name.
 public struct ClusterTarget: Sendable {
@@ -50,33 +26,13 @@ public struct ClusterTarget: Sendable {
     /// The registered daemons' records and the states clients recorded for them (nil: none
     /// recorded, which means live), sorted by address.
     public func members(logger: Logger) throws -> [(record: DaemonRecord, state: HealthState?)] {
-        let keys = try ClusterKeys(cluster: cluster)
-        let endpoints = endpoints
-        return try runBlocking(timeout: 15, "etcd at \(etcd)") {
-            let client = try EtcdClient(endpoints: endpoints, logger: logger)
-            do {
-                let membership = ClusterMembership(client: client, keys: keys, logger: logger)
-                let daemons = try await membership.snapshot().daemons
-                var members: [(record: DaemonRecord, state: HealthState?)] = []
-                for record in daemons.sorted(by: { $0.address < $1.address }) {
-                    members.append((record, try await membership.healthState(instance: record.instance)))
-                }
-                await client.shutdown()
-                return members
-            } catch {
-                await client.shutdown()
-                throw error
-            }
-        }
+        try ClusterDirectory.members(etcd: etcd, cluster: cluster, logger: logger)
     }
 
     /// The daemons to use (registered, not draining or dead) and their failure domains; none
     /// is an error naming the cluster.
     public func daemons(logger: Logger) throws -> (servers: [String], failureDomains: [String]) {
-        let usable = try members(logger: logger).filter { $0.state != .draining && $0.state != .dead }.map(\.record)
-        guard !usable.isEmpty else {
-            throw SpillwayError.invalidConfiguration("cluster '\(cluster)' at \(etcd): no live daemon registered")
-        }
+        let usable = try ClusterDirectory.usable(etcd: etcd, cluster: cluster, logger: logger)
         logger.info("daemons found in the cluster registry", metadata: [
             "cluster": "\(cluster)", "daemons": "\(usable.map { "\($0.address)@\($0.failureDomain)" }.joined(separator: ","))"])
         return (usable.map(\.address), usable.map(\.failureDomain))

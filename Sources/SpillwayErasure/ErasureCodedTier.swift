@@ -27,6 +27,9 @@ public struct ErasureCodedTierConfiguration: Sendable {
     /// has more than ⌈(k+r)/domains⌉ splits in one domain, nor more than r (so losing any one
     /// domain loses no page); where the domains cannot allow that, no new stripe is placed.
     public var failureDomains: [String] = []
+    /// Daemon slots, at least `servers.count`: room for daemons joining later from a
+    /// cluster's registry (`DaemonFleet.join`). 0: just the servers.
+    public var slots: Int = 0
     public var connectionsPerDaemon: Int = 4
     /// Seconds without an answer before an operation fails (and its daemon is suspect).
     public var ioTimeout: Double = 2
@@ -110,10 +113,6 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public let splitSize: Int
     public let slotsPerStripe: Int
     public let groups: [[Int]]
-    /// Each daemon's failure domain (an index), and how many of a stripe's splits one domain
-    /// may hold: min(⌈(k+r)/domains⌉, r).
-    public let domainOf: [Int]
-    public let splitsPerDomain: Int
     private let placementWarned = ManagedAtomic<Bool>(false)
     private let k: Int
     private let n: Int
@@ -132,6 +131,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// In-process daemons started for this tier (the CLI's demonstration default), stopped
     /// when the tier closes.
     public var inProcessDaemons: InProcessDaemonGroup?
+    /// Run first when the tier closes: what the builder attached to it (a cluster registry
+    /// feed that joins and removes daemons). Set before the tier is shared.
+    public var stopOnClose: [@Sendable () -> Void] = []
     public let counters = ErasureCounters()
     /// Where the next stale-split scan starts: each repair round resumes after the last slot
     /// the previous one looked at, so slots that cannot be repaired yet never starve the rest.
@@ -213,7 +215,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         fleet = try DaemonFleet(
             tier: name, servers: configuration.servers, credentials: configuration.credentials, minimumLive: k + 1,
             connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
-            pollMicroseconds: configuration.pollMicroseconds, logger: logger)
+            pollMicroseconds: configuration.pollMicroseconds, slots: configuration.slots,
+            failureDomains: configuration.failureDomains, logger: logger)
         let lentSlabSize = fleet.slabSize
         // Splits are whole 64-byte lines (ISA-L's vector width); the last data split is padded.
         splitSize = ((configuration.slotSize + k - 1) / k + 63) / 64 * 64
@@ -221,21 +224,10 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         let capacitySlots = configuration.capacity / configuration.slotSize
         guard capacitySlots > 0, slotsPerStripe > 0 else { throw .invalidConfiguration("tier '\(name)': capacity below one slot") }
         groups = configuration.placement.groups(daemons: fleet.count, k: k, r: configuration.r)
-        let labels = configuration.failureDomains.isEmpty ? configuration.servers.map(\.description) : configuration.failureDomains
-        guard labels.count == configuration.servers.count else {
-            throw .invalidConfiguration("tier '\(name)': \(labels.count) failure domains for \(configuration.servers.count) servers (one per server)")
-        }
-        var domainIDs: [String: Int] = [:]
-        domainOf = labels.map { label in
-            if let id = domainIDs[label] { return id }
-            domainIDs[label] = domainIDs.count
-            return domainIDs.count - 1
-        }
-        let perDomain = (n + domainIDs.count - 1) / domainIDs.count
-        splitsPerDomain = min(perDomain, configuration.r)
-        if perDomain > configuration.r {
+        let domains = Set(fleet.snapshot().failureDomains.filter { !$0.isEmpty }).count
+        if (n + domains - 1) / max(1, domains) > configuration.r {
             logger.warning("the failure domains cannot spread a stripe so that losing one loses no page: no stripe will be placed", metadata: [
-                "tier": "\(name)", "domains": "\(domainIDs.count)", "splits_per_stripe": "\(n)", "r": "\(configuration.r)",
+                "tier": "\(name)", "domains": "\(domains)", "splits_per_stripe": "\(n)", "r": "\(configuration.r)",
                 "needs": "at least \((n + configuration.r - 1) / configuration.r) domains",
             ])
         }
@@ -329,8 +321,23 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
     /// A coding set and k+r live members of it with free slabs (power of two choices among
     /// eligible sets by free slabs; within the set, the emptiest daemons).
+    /// How many of a stripe's splits one failure domain may hold: ⌈(k+r)/domains⌉ over the
+    /// live daemons' domains, or nil when that exceeds r (losing one domain could lose pages:
+    /// no stripe is placed).
+    func splitsPerDomain(_ state: DaemonFleet.State) -> Int? {
+        var live = Set<String>()
+        for daemon in state.alive.indices where state.alive[daemon] { live.insert(state.failureDomains[daemon]) }
+        guard !live.isEmpty else { return nil }
+        let perDomain = (n + live.count - 1) / live.count
+        return perDomain <= configuration.r ? perDomain : nil
+    }
+
+    /// `splitsPerDomain` now.
+    public var splitsPerDomain: Int? { splitsPerDomain(fleet.snapshot()) }
+
     private func choosePlacement(excluding excluded: Set<Int>) -> (group: Int, daemons: [Int])? {
         let placed: (group: Int, daemons: [Int])? = fleet.withState { map in
+            guard let limit = splitsPerDomain(map) else { return nil }
             func candidates(_ group: Int) -> [Int] {
                 groups[group].filter { map.alive[$0] && map.freeSlabs[$0] > 0 && !excluded.contains($0) }
             }
@@ -339,10 +346,10 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             func members(_ group: Int) -> [Int]? {
                 var pool = candidates(group).shuffled()
                 if configuration.placement != .random { pool.sort { map.freeSlabs[$0] > map.freeSlabs[$1] } }
-                var perDomain: [Int: Int] = [:]
+                var perDomain: [String: Int] = [:]
                 var chosen: [Int] = []
-                for daemon in pool where chosen.count < n && perDomain[domainOf[daemon], default: 0] < splitsPerDomain {
-                    perDomain[domainOf[daemon], default: 0] += 1
+                for daemon in pool where chosen.count < n && perDomain[map.failureDomains[daemon], default: 0] < limit {
+                    perDomain[map.failureDomains[daemon], default: 0] += 1
                     chosen.append(daemon)
                 }
                 return chosen.count == n ? chosen : nil
@@ -357,7 +364,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
         if placed == nil, !placementWarned.exchange(true, ordering: .relaxed) {
             logger.warning("no coding set has k+r live daemons with free slabs within the failure-domain limit: no new stripe", metadata: [
-                "tier": "\(descriptor.name)", "splits_per_domain": "\(splitsPerDomain)", "live_daemons": "\(fleet.liveCount)"])
+                "tier": "\(descriptor.name)", "splits_per_domain": "\(splitsPerDomain.map(String.init) ?? "none (too few domains)")",
+                "live_daemons": "\(fleet.liveCount)"])
         }
         return placed
     }
@@ -946,16 +954,17 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     /// if it has a live daemon not in the stripe, else anywhere, logged).
     private func assignReplacements() {
         let fleetState = fleet.snapshot()
-        let needing: [(stripe: Int, member: Int, group: Int, used: Set<Int>, domains: [Int: Int])] = map.withLock { map in
-            var list: [(Int, Int, Int, Set<Int>, [Int: Int])] = []
+        let limit = splitsPerDomain(fleetState) ?? 0
+        let needing: [(stripe: Int, member: Int, group: Int, used: Set<Int>, domains: [String: Int])] = map.withLock { map in
+            var list: [(Int, Int, Int, Set<Int>, [String: Int])] = []
             for (index, stripe) in map.stripes.enumerated() {
                 // A member whose daemon is dead or rejoined since (new epoch: its slab is gone).
                 let current = stripe.members.filter { fleetState.isCurrent($0.daemon, epoch: $0.epoch) && !$0.retiring }
                 let used = Set(stripe.members.filter { fleetState.isCurrent($0.daemon, epoch: $0.epoch) }.map(\.daemon))
                 // Splits per failure domain among the members that stay: a replacement must
                 // not take its domain past the limit.
-                var domains: [Int: Int] = [:]
-                for member in current { domains[domainOf[member.daemon], default: 0] += 1 }
+                var domains: [String: Int] = [:]
+                for member in current { domains[fleetState.failureDomains[member.daemon], default: 0] += 1 }
                 for (position, member) in stripe.members.enumerated()
                     where !fleetState.isCurrent(member.daemon, epoch: member.epoch) || member.retiring
                 {
@@ -967,15 +976,15 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         // Replacements made this round, per stripe: a stripe missing two members must not get
         // both on one daemon, nor past its domain limit.
         var placedDaemons: [Int: Set<Int>] = [:]
-        var placedDomains: [Int: [Int: Int]] = [:]
+        var placedDomains: [Int: [String: Int]] = [:]
         for (stripe, member, group, used, domains) in needing {
             let taken = used.union(placedDaemons[stripe] ?? [])
             let extra = placedDomains[stripe] ?? [:]
             let candidate: Int? = fleet.withState { map in
                 func fits(_ daemon: Int) -> Bool {
-                    let domain = domainOf[daemon]
+                    let domain = map.failureDomains[daemon]
                     return map.alive[daemon] && !taken.contains(daemon) && map.freeSlabs[daemon] > 0
-                        && domains[domain, default: 0] + extra[domain, default: 0] < splitsPerDomain
+                        && domains[domain, default: 0] + extra[domain, default: 0] < limit
                 }
                 let inGroup = groups[group].filter(fits)
                 let anywhere = (0..<fleet.count).filter(fits)
@@ -1001,7 +1010,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             // A refusal counts the daemon full; any other failure marks it dead (the fleet).
             if let mapped = fleet.mapSlab(on: daemon) {
                 placedDaemons[stripe, default: []].insert(daemon)
-                placedDomains[stripe, default: [:]][domainOf[daemon], default: 0] += 1
+                placedDomains[stripe, default: [:]][fleetState.failureDomains[daemon], default: 0] += 1
                 let superseded = gate.withWriteLock {
                     map.withLock { map -> SlabReference? in
                         let old = map.stripes[stripe].members[member]
@@ -1166,6 +1175,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        for stop in stopOnClose { stop() }
         background?.join()
         let mapped: [SlabReference] = map.withLock { map in
             let members = map.stripes.flatMap { $0.members }

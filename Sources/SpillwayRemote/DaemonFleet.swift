@@ -28,7 +28,8 @@ public final class DaemonFleet: Sendable {
     /// The current client of each daemon (a rejoined daemon gets a new one); a snapshot.
     public var clients: [DaemonClient?] { members.withLock { $0 } }
     private let members: Locked<[DaemonClient?]>
-    private let servers: [Endpoint]
+    /// Each slot's daemon address (nil: an empty slot, waiting for a daemon to `join`).
+    private let endpoints: Locked<[Endpoint?]>
     private let connect: @Sendable (Endpoint) throws(RemoteError) -> DaemonClient
     /// Daemons that rejoined since open.
     public let daemonsRejoined = ManagedAtomic<Int>(0)
@@ -57,6 +58,11 @@ public final class DaemonFleet: Sendable {
         /// Dead daemons: when to try again, and the backoff after that.
         var retryAt: [UInt64]
         var retryDelay: [Double]
+        /// Expected to serve: retried while dead. A daemon that left the cluster's registry
+        /// is not (until it joins again).
+        var registered: [Bool]
+        /// Each slot's failure domain (rack, host, zone); a daemon without one is its own.
+        public var failureDomains: [String]
 
         public func isSuspect(_ daemon: Int, at now: UInt64) -> Bool { now < suspectUntil[daemon] }
         /// Whether a slab mapped on `daemon` under `epoch` can be used: the daemon is alive
@@ -89,11 +95,16 @@ public final class DaemonFleet: Sendable {
     }
 
     /// Connects to every server (unreachable ones are kept as nil and logged); at least
-    /// `minimumLive` must answer. Wrong credentials anywhere are an error.
+    /// `minimumLive` must answer. Wrong credentials anywhere are an error. `slots` (at least
+    /// the servers) leaves room for daemons that `join` later (a cluster's registry);
+    /// `failureDomains` labels the servers (empty: each its own).
     public init(tier: String, servers: [Endpoint], credentials: ClientCredentials, minimumLive: Int, connectionsPerDaemon: Int,
                 ioTimeout: Double, pollMicroseconds: Int, transport: TransportMode = .tcp, fabricProvider: String? = nil,
-                logger: Logger) throws(SpillwayError)
+                slots: Int = 0, failureDomains: [String] = [], logger: Logger) throws(SpillwayError)
     {
+        guard failureDomains.isEmpty || failureDomains.count == servers.count else {
+            throw .invalidConfiguration("tier '\(tier)': \(failureDomains.count) failure domains for \(servers.count) servers (one per server)")
+        }
         // `transport` defaults to TCP: the erasure-coded tier's exchange pipelines TCP frames
         // across daemons; the remote tier passes its configured transport.
         let (clients, welcomes, slabSize) = try DaemonClient.connectAll(
@@ -101,8 +112,11 @@ public final class DaemonFleet: Sendable {
             connectionsPerDaemon: connectionsPerDaemon, ioTimeout: ioTimeout, pollMicroseconds: pollMicroseconds,
             transport: transport, fabricProvider: fabricProvider, logger: logger)
         self.tier = tier
-        members = Locked(clients)
-        self.servers = servers
+        let slotCount = max(servers.count, slots)
+        let padding = slotCount - servers.count
+        members = Locked(clients + Array(repeating: nil, count: padding))
+        endpoints = Locked(servers.map { Optional($0) } + Array(repeating: nil, count: padding))
+        count = slotCount
         connect = { endpoint throws(RemoteError) in
             try DaemonClient(endpoint: endpoint, credentials: credentials, maxConnections: connectionsPerDaemon, ioTimeout: ioTimeout,
                              pollMicroseconds: pollMicroseconds, transport: transport, fabricProvider: fabricProvider, logger: logger)
@@ -110,11 +124,15 @@ public final class DaemonFleet: Sendable {
         self.slabSize = slabSize
         self.logger = logger
         let now = monotonicNanoseconds()
-        state = Locked(State(alive: clients.map { $0 != nil }, freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) },
-                             suspectUntil: clients.map { _ in 0 }, epoch: clients.map { _ in 0 },
-                             retryAt: clients.map { _ in now &+ 1_000_000_000 }, retryDelay: clients.map { _ in 1 }))
+        let labels = failureDomains.isEmpty ? servers.map(\.description) : failureDomains
+        state = Locked(State(alive: clients.map { $0 != nil } + Array(repeating: false, count: padding),
+                             freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) } + Array(repeating: 0, count: padding),
+                             suspectUntil: Array(repeating: 0, count: slotCount), epoch: Array(repeating: 0, count: slotCount),
+                             retryAt: Array(repeating: now &+ 1_000_000_000, count: slotCount), retryDelay: Array(repeating: 1, count: slotCount),
+                             registered: servers.map { _ in true } + Array(repeating: false, count: padding),
+                             failureDomains: labels + Array(repeating: "", count: padding)))
         lostCounter = Counter(label: "spillway_fleet_daemons_lost", dimensions: [("tier", tier)])
-        refusals = Locked(clients.map { _ in nil })
+        refusals = Locked(Array(repeating: nil, count: slotCount))
         refusalsLogged = Locked([])
     }
 
@@ -144,7 +162,8 @@ public final class DaemonFleet: Sendable {
         deathHandler.withLock { $0 = handler }
     }
 
-    public var count: Int { servers.count }
+    /// Daemon slots (daemons configured, plus room for ones that may join).
+    public let count: Int
 
     /// Reads (or updates) the fleet's state under its lock.
     public func withState<R>(_ body: (inout State) -> R) -> R { state.withLock(body) }
@@ -156,7 +175,7 @@ public final class DaemonFleet: Sendable {
     public var liveCount: Int { state.withLock { $0.alive.filter { $0 }.count } }
 
     /// The daemon's address, for logs.
-    public func name(_ daemon: Int) -> String { servers[daemon].description }
+    public func name(_ daemon: Int) -> String { endpoints.withLock { $0[daemon]?.description ?? "-" } }
 
     /// Marks `daemon` dead (logged and counted once) and tells the tier. False if it already was.
     @discardableResult
@@ -268,9 +287,11 @@ public final class DaemonFleet: Sendable {
     /// Tries to reconnect the dead daemons whose retry time has come; one that answers (and
     /// lends slabs of the fleet's size) rejoins as a fresh member under a new epoch.
     public func rejoin(now: UInt64 = monotonicNanoseconds()) {
-        let due = state.withLock { state in state.alive.indices.filter { !state.alive[$0] && state.retryAt[$0] <= now } }
+        let due = state.withLock { state in
+            state.alive.indices.filter { !state.alive[$0] && state.registered[$0] && state.retryAt[$0] <= now }
+        }
         for daemon in due {
-            let endpoint = servers[daemon]
+            guard let endpoint = endpoints.withLock({ $0[daemon] }) else { continue }
             do throws(RemoteError) {
                 let client = try connect(endpoint)
                 guard Int(client.welcome.slabSize) == slabSize else {
@@ -309,6 +330,44 @@ public final class DaemonFleet: Sendable {
                                                                        "error": "\(error)", "next_try_s": "\(delay)"])
             }
         }
+    }
+
+    /// A daemon joined (or is still in) the cluster's registry: it takes its slot, or the
+    /// first empty one, and is connected now. One at the same address with another instance
+    /// than the one this fleet talks to has restarted: the old one is dead, the new one
+    /// rejoins under a new epoch. Nil if every slot is taken (logged).
+    @discardableResult
+    public func join(_ endpoint: Endpoint, failureDomain: String? = nil, instance: UInt64? = nil) -> Int? {
+        let slot = endpoints.withLock { slots -> Int? in
+            if let index = slots.firstIndex(of: endpoint) { return index }
+            guard let free = slots.firstIndex(where: { $0 == nil }) else { return nil }
+            slots[free] = endpoint
+            return free
+        }
+        guard let daemon = slot else {
+            logger.warning("a daemon joined but every slot of the tier is taken; it is not used", metadata: [
+                "tier": "\(tier)", "daemon": "\(endpoint)", "slots": "\(count)"])
+            return nil
+        }
+        state.withLock { state in
+            if !state.registered[daemon] || !state.alive[daemon] { state.retryAt[daemon] = 0 }
+            state.registered[daemon] = true
+            state.failureDomains[daemon] = failureDomain ?? endpoint.description
+        }
+        if let instance, isAlive(daemon), let client = members.withLock({ $0[daemon] }), client.welcome.daemonInstance != instance {
+            markDead(daemon, reason: "restarted: the registry lists instance \(String(instance, radix: 16))")
+            state.withLock { $0.retryAt[daemon] = 0 }
+        }
+        if !isAlive(daemon) { rejoin() }
+        return daemon
+    }
+
+    /// A daemon left the cluster's registry (its lease expired, or it withdrew): it is dead,
+    /// and not retried until it joins again.
+    public func leave(_ endpoint: Endpoint, reason: String) {
+        guard let daemon = endpoints.withLock({ $0.firstIndex(of: endpoint) }) else { return }
+        state.withLock { $0.registered[daemon] = false }
+        markDead(daemon, reason: reason)
     }
 
     /// Daemons whose connection failed or that said goodbye since the last check: marked dead.

@@ -21,6 +21,9 @@ public struct RemoteTierConfiguration: Sendable {
     public var ioTimeout: Double
     /// Seconds between heartbeats (0 = no heartbeat thread).
     public var heartbeatInterval: Double
+    /// Daemon slots, at least `servers.count`: room for daemons joining later from a
+    /// cluster's registry (`DaemonFleet.join`). 0: just the servers.
+    public var slots: Int = 0
     /// Microseconds a connection polls for a reply before sleeping (0 = sleep at once).
     public var pollMicroseconds: Int = 20
     /// Page transport (TOML `transport`, `--transport`): auto, rma or tcp (`TransportMode`).
@@ -76,6 +79,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     /// In-process daemons started for this tier (the CLI's demonstration default), stopped
     /// when the tier closes.
     public var inProcessDaemons: InProcessDaemonGroup?
+    /// Run first when the tier closes: what the builder attached to it (a cluster registry
+    /// feed that joins and removes daemons). Set before the tier is shared.
+    public var stopOnClose: [@Sendable () -> Void] = []
     /// Pages' I/Os refused because their daemon is gone.
     public let unavailableIOs = ManagedAtomic<Int>(0)
     /// The page transport in use ("rma", "tcp", or "mixed" across daemons) and why.
@@ -124,7 +130,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             tier: name, servers: configuration.servers, credentials: configuration.credentials, minimumLive: 1,
             connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
             pollMicroseconds: configuration.pollMicroseconds, transport: configuration.transport,
-            fabricProvider: configuration.fabricProvider, logger: logger)
+            fabricProvider: configuration.fabricProvider, slots: configuration.slots, logger: logger)
         slabSize = fleet.slabSize
         guard configuration.slotSize <= slabSize, slabSize % configuration.slotSize == 0 else {
             throw .invalidConfiguration("tier '\(name)': slot size \(configuration.slotSize) does not divide the slab size \(slabSize)")
@@ -514,6 +520,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
 
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        for stop in stopOnClose { stop() }
         heartbeatThread?.join()
         // Give the slabs back so a daemon does not hold them for the lease.
         let mapped: [DaemonFleet.MappedSlab] = map.withLock { map in

@@ -1,0 +1,134 @@
+import Atomics
+import Dispatch
+import Logging
+import SpillwayCore
+import SpillwayRemote
+import Synchronization
+
+/// Runs `body` on the cluster executor and waits for it (at most `timeout` seconds, then a
+/// typed error): the tiers, the commands and `spillwayd` are synchronous, the etcd client is
+/// async.
+public func runBlocking<T: Sendable>(timeout: Double, _ what: String,
+                                     _ body: @escaping @Sendable () async throws -> T) throws -> T
+{
+    let done = DispatchSemaphore(value: 0)
+    let result = Mutex<Result<T, any Error>?>(nil)
+    let task = Task(executorPreference: ClusterExecutor.shared) {
+        do {
+            let value = try await body()
+            result.withLock { $0 = .success(value) }
+        } catch {
+            result.withLock { $0 = .failure(error) }
+        }
+        done.signal()
+    }
+    guard done.wait(timeout: .now() + timeout) == .success else {
+        task.cancel()
+        throw SpillwayError.invalidConfiguration("\(what): no answer within \(Int(timeout)) s")
+    }
+    return try result.withLock { $0! }.get()
+}
+
+/// A cluster's registry read once: the daemons registered in `cluster` at `etcd` and the
+/// health states clients recorded for them (nil: none recorded, which means live), sorted by
+/// address.
+public enum ClusterDirectory {
+    public static func members(etcd: String, cluster: String, logger: Logger) throws -> [(record: DaemonRecord, state: HealthState?)] {
+        let keys = try ClusterKeys(cluster: cluster)
+        let endpoints = etcd.split(separator: ",").map { String($0).filter { $0 != " " } }
+        return try runBlocking(timeout: 15, "etcd at \(etcd)") {
+            let client = try EtcdClient(endpoints: endpoints, logger: logger)
+            do {
+                let membership = ClusterMembership(client: client, keys: keys, logger: logger)
+                let daemons = try await membership.snapshot().daemons
+                var members: [(record: DaemonRecord, state: HealthState?)] = []
+                for record in daemons.sorted(by: { $0.address < $1.address }) {
+                    members.append((record, try await membership.healthState(instance: record.instance)))
+                }
+                await client.shutdown()
+                return members
+            } catch {
+                await client.shutdown()
+                throw error
+            }
+        }
+    }
+
+    /// The daemons a tier should use: registered and not draining or dead, with their
+    /// failure domains; none is an error naming the cluster.
+    public static func usable(etcd: String, cluster: String, logger: Logger) throws -> [DaemonRecord] {
+        let usable = try members(etcd: etcd, cluster: cluster, logger: logger)
+            .filter { $0.state != .draining && $0.state != .dead }.map(\.record)
+        guard !usable.isEmpty else {
+            throw SpillwayError.invalidConfiguration("cluster '\(cluster)' at \(etcd): no live daemon registered")
+        }
+        return usable
+    }
+}
+
+/// Keeps a tier's `DaemonFleet` in step with its cluster's registry while the tier is open:
+/// a daemon that registers joins the fleet (a free slot, connected at once), one whose record
+/// goes away (its lease expired, or it withdrew) leaves it (dead, not retried), and one that
+/// re-registers with a new instance id (restarted) replaces its old incarnation under a new
+/// epoch. The watch runs on the cluster executor and resumes by itself after etcd outages
+/// (`ClusterMembership.watch`); it stops with the tier.
+public final class FleetFeed: Sendable {
+    private let fleet: DaemonFleet
+    private let client: EtcdClient
+    private let membership: ClusterMembership
+    private let logger: Logger
+    private let task = Mutex<Task<Void, Never>?>(nil)
+    /// Registry events applied: joins (and updates), leaves.
+    public let joins = ManagedAtomic<Int>(0)
+    public let leaves = ManagedAtomic<Int>(0)
+
+    public init(fleet: DaemonFleet, etcd: String, cluster: String, logger: Logger) throws {
+        let endpoints = etcd.split(separator: ",").map { String($0).filter { $0 != " " } }
+        self.fleet = fleet
+        client = try EtcdClient(endpoints: endpoints, logger: logger)
+        membership = ClusterMembership(client: client, keys: try ClusterKeys(cluster: cluster), logger: logger)
+        self.logger = logger
+    }
+
+    /// Starts following the registry.
+    public func start() {
+        let started = Task(executorPreference: ClusterExecutor.shared) { [self] in
+            // daemon instance → address, to resolve leaves (which name only the instance).
+            var addresses: [String: Endpoint] = [:]
+            while !Task.isCancelled {
+                do {
+                    for try await event in membership.watch() {
+                        switch event {
+                        case .joined(let record), .updated(let record):
+                            guard let endpoint = try? Endpoint(parsing: record.address) else {
+                                logger.warning("registry record with an unusable address skipped", metadata: ["address": "\(record.address)"])
+                                continue
+                            }
+                            addresses[record.instance] = endpoint
+                            fleet.join(endpoint, failureDomain: record.failureDomain, instance: UInt64(record.instance, radix: 16))
+                            joins.wrappingIncrement(ordering: .relaxed)
+                        case .left(let instance):
+                            guard let endpoint = addresses.removeValue(forKey: instance) else { continue }
+                            // Another instance at the same address (a restart) keeps it.
+                            guard !addresses.values.contains(endpoint) else { continue }
+                            fleet.leave(endpoint, reason: "left the cluster registry (lease expired or withdrawn)")
+                            leaves.wrappingIncrement(ordering: .relaxed)
+                        }
+                    }
+                } catch {
+                    if Task.isCancelled { return }
+                    logger.warning("cluster registry watch ended; restarting it", metadata: ["error": "\(error)"])
+                }
+                try? await Task.sleep(for: .seconds(1))
+            }
+        }
+        task.withLock { $0 = started }
+    }
+
+    /// Stops following (bounded: at most a few seconds for the etcd client to close).
+    public func stop() {
+        task.withLock { $0?.cancel() }
+        let client = self.client
+        _ = try? runBlocking(timeout: 5, "closing the etcd client") { await client.shutdown() }
+    }
+}

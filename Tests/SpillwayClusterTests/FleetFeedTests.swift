@@ -1,0 +1,90 @@
+import Foundation
+import Glibc
+import Spillway
+import SpillwayTestSupport
+import Testing
+
+// A running client follows its cluster's registry: an erasure-coded tier configured with
+// `etcd`/`cluster` (no `servers`) uses the registered daemons and their failure domains, a
+// daemon that registers later joins its fleet, one that withdraws leaves it (its splits are
+// repaired elsewhere), and one restarted on the same port (a new instance) rejoins under a
+// new epoch. Daemons are real `spillwayd` processes registering in a real etcd.
+
+/// Polls `condition` every 20 ms until it holds or `seconds` pass; the time it took, or nil.
+private func secondsUntil(_ seconds: Double, _ condition: () -> Bool) -> Double? {
+    let start = monotonicNanoseconds()
+    let deadline = start + UInt64(seconds * 1e9)
+    while monotonicNanoseconds() < deadline {
+        if condition() { return Double(monotonicNanoseconds() - start) / 1e9 }
+        usleep(20_000)
+    }
+    return condition() ? Double(monotonicNanoseconds() - start) / 1e9 : nil
+}
+
+@Suite(.serialized, .timeLimit(.minutes(3)), .enabled(if: EtcdServer.binary != nil, Comment(rawValue: EtcdServer.missingReason)))
+struct FleetFeedTests {
+    @Test func anOpenTierFollowsJoinsLeavesAndRestarts() async throws {
+        // Its own thread: this body blocks (processes, polling), which must stall neither the
+        // cooperative pool nor the other etcd tests' executor.
+        try await withTaskExecutorPreference(ClusterExecutor()) {
+            try await followJoinsLeavesAndRestarts()
+        }
+    }
+
+    private func followJoinsLeavesAndRestarts() async throws {
+        let etcd = try await EtcdServer("feed")
+        defer { etcd.stop() }
+        let tokens = try ScratchDirectory.file("fleet-feed-tokens-\(getpid())")
+        try "feed feed-token-0123456789abcdef\n".write(toFile: tokens, atomically: true, encoding: .utf8)
+        chmod(tokens, 0o600)
+        defer { unlink(tokens) }
+        func daemon(_ domain: String, listen: String = "127.0.0.1:0") throws -> DaemonProcess {
+            try DaemonProcess(arguments: ["--token-file", tokens, "--etcd", etcd.endpoint, "--cluster", "feed",
+                                          "--failure-domain", domain, "--etcd-lease-ttl", "2"], listen: listen)
+        }
+        var daemons = try ["a", "a", "b", "b", "c", "c"].map { try daemon($0) }
+        defer { for daemon in daemons { daemon.kill9() } }
+        var tier = TierConfiguration(kind: .erasureCoded, capacity: 4 << 20)
+        tier.etcd = etcd.endpoint
+        tier.cluster = "feed"
+        tier.tokenFile = tokens
+        let store = try TieredStore.open(SpillwayConfiguration(slotSize: 4096, maxPageSize: 4096, tiers: [tier]))
+        defer { store.close() }
+        let coded = try #require(store.tiers.first as? ErasureCodedTier)
+        #expect(coded.liveDaemons == 6)
+        #expect(coded.splitsPerDomain == 2)
+        let pages = (0..<100).map { pattern(TestSeed.derive(UInt64($0)), 4096) }
+        for (value, page) in pages.enumerated() { try store.put(PageKey(UInt64(value)), bytes: page) }
+
+        // A seventh daemon registers: the open tier takes it in. (In domain "a": with three
+        // domains each stripe holds exactly two splits per domain, so a lost "a" member can
+        // only be replaced in "a".)
+        daemons.append(try daemon("a"))
+        let joined = secondsUntil(5) { coded.liveDaemons == 7 }
+        print("join seen by the running client after \(joined.map { String(format: "%.2f s", $0) } ?? "never")")
+        #expect(joined != nil)
+
+        // One withdraws (SIGTERM): it leaves the fleet; its splits are repaired on the others.
+        daemons[0].kill(SIGTERM)
+        #expect(daemons[0].wait(seconds: 15) == 0)
+        let left = secondsUntil(5) { coded.liveDaemons == 6 }
+        print("leave seen by the running client after \(left.map { String(format: "%.2f s", $0) } ?? "never")")
+        #expect(left != nil)
+        for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page, "seed \(TestSeed.base)") }
+        #expect(secondsUntil(30) { coded.health().degraded == 0 } != nil, "\(coded.health())")
+
+        // Another is killed and restarted on its port (a new instance): it rejoins under a new
+        // epoch, and no page is served wrong meanwhile.
+        let port = daemons[1].port
+        daemons[1].kill9()
+        daemons[1] = try daemon("a", listen: "127.0.0.1:\(port)")
+        #expect(secondsUntil(10) { coded.fleet.daemonsRejoined.load(ordering: .relaxed) >= 1 && coded.liveDaemons == 6 } != nil)
+        for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page, "seed \(TestSeed.base)") }
+        #expect(secondsUntil(30) { coded.health().degraded == 0 && coded.health().lost == 0 } != nil, "\(coded.health())")
+    }
+}
+
+private func pattern(_ seed: UInt64, _ count: Int) -> [UInt8] {
+    var generator = SplitMix64(seed: seed)
+    return (0..<count).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
+}
