@@ -749,7 +749,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         let splits = scratch.splits
         let operations = plan.operations
         plan.withLegs(clients: clients) { legs in
-            MultiDaemonExchange.run(legs, window: 128, onReply: { leg, index in
+            // A daemon whose every connection still owes replies (a straggler, or a host gone
+            // silent) is not waited for: its splits fail at once and the others stand in.
+            MultiDaemonExchange.run(legs, window: 128, skipBusy: true, onReply: { leg, index in
                 let position = plan.position(leg: leg, index: index)
                 let u = Int(plan.owners[position].first)
                 let split = Int(plan.owners[position].second)
@@ -768,7 +770,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     return
                 }
                 guard status == 0 else {
-                    units[u].degraded = true
+                    // EAGAIN: its daemon lagged (a slow member, not a missing split).
+                    if status != EAGAIN { units[u].degraded = true }
                     return
                 }
                 let slot = units[u].slot
@@ -802,8 +805,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 markDead(daemon, reason: "connection failed")
                 continue
             }
-            // A write split still unanswered here outlived the write deadline: its member is slow.
-            if run.contains(where: { operations[$0].write && operations[$0].status == MultiDaemonExchange.pending }) {
+            // A write split still unanswered here outlived the write deadline, or found every
+            // connection of its daemon still owing replies: its member is slow.
+            if run.contains(where: { operations[$0].write && (operations[$0].status == MultiDaemonExchange.pending || operations[$0].status == EAGAIN) }) {
                 markSuspect(daemon)
             }
         }

@@ -284,6 +284,28 @@ public final class DaemonClient: @unchecked Sendable {
         }
     }
 
+    /// What `tryBorrow` found.
+    public enum BorrowAttempt {
+        case connection(FrameConnection)
+        /// No clean idle connection, and idle ones still owe replies: the daemon is lagging
+        /// (a straggler, or a host gone silent); waiting would stall the caller.
+        case lagging
+        /// Every connection is borrowed by other threads: `borrow` waits for or opens one.
+        case busy
+    }
+
+    /// A connection without waiting: an idle one that owes no replies (after reaping, without
+    /// waiting, the owed replies that have arrived), or why there is none.
+    public func tryBorrow() -> BorrowAttempt {
+        if pool.withLock({ pool in pool.idle.contains { $0.owedReplies > 0 } && !pool.idle.contains { $0.owedReplies == 0 } }) {
+            _ = laggingReplies()
+        }
+        return pool.withLock { pool -> BorrowAttempt in
+            if let index = pool.idle.lastIndex(where: { $0.owedReplies == 0 }) { return .connection(pool.idle.remove(at: index)) }
+            return pool.idle.isEmpty ? .busy : .lagging
+        }
+    }
+
     /// Takes a connection from the pool: an idle one that owes no replies (after reaping the
     /// owed replies that have arrived), else a new one if the pool has room, else an idle one
     /// after waiting for the replies it owes, else waits.

@@ -37,22 +37,29 @@ public enum MultiDaemonExchange {
     ///     `PageFrames.maxOperations` operations of the leg.
     ///   - frameOperations: operations per frame at most (1: every operation its own
     ///     request, as a benchmark of one outstanding request per connection needs).
+    ///   - skipBusy: a lagging daemon (no clean idle connection, idle ones still owing
+    ///     replies: a straggler, or a host gone silent) is not waited for: its requests wait,
+    ///     without blocking the others, until one of its connections is clean again, and when
+    ///     `stop` ends the exchange first they fail with `EAGAIN`. For callers with redundancy (the
+    ///     erasure-coded tier reads and writes other splits instead); without it, the
+    ///     exchange waits for a connection (`DaemonClient.borrow`).
     ///   - onReply: called with (leg, operation) after each answered operation.
     ///   - stop: called with the monotonic time after each reply and at least every
     ///     millisecond; true ends the exchange.
     public static func run(_ legs: UnsafeMutableBufferPointer<ExchangeLeg>, window: Int = 64,
-                           frameOperations: Int = PageFrames.maxOperations,
+                           frameOperations: Int = PageFrames.maxOperations, skipBusy: Bool = false,
                            onReply: (Int, Int) -> Void, stop: (UInt64) -> Bool)
     {
         let window = max(1, min(window, 256))
         let frameOperations = max(1, min(frameOperations, PageFrames.maxOperations))
         guard !legs.isEmpty else { return }
         ExchangeScratch.withCurrent(legs: legs.count, window: window) { scratch in
-            run(legs, window: window, frameOperations: frameOperations, scratch: scratch, onReply: onReply, stop: stop)
+            run(legs, window: window, frameOperations: frameOperations, skipBusy: skipBusy, scratch: scratch,
+                onReply: onReply, stop: stop)
         }
     }
 
-    private static func run(_ legs: UnsafeMutableBufferPointer<ExchangeLeg>, window: Int, frameOperations: Int,
+    private static func run(_ legs: UnsafeMutableBufferPointer<ExchangeLeg>, window: Int, frameOperations: Int, skipBusy: Bool,
                             scratch: ExchangeScratch, onReply: (Int, Int) -> Void, stop: (UInt64) -> Bool)
     {
         let states = scratch.legs
@@ -86,22 +93,43 @@ public enum MultiDaemonExchange {
             states[leg].inFlight += 1
         }
 
-        // Send every leg's first window.
-        for leg in 0..<legs.count {
-            states[leg].slotBase = leg * window
+        /// Takes `leg` a connection and sends its first window; with `skipBusy`, a lagging
+        /// daemon's leg is left waiting (`deferred`) instead.
+        func open(_ leg: Int) {
             let operations = legs[leg].operations
-            for index in 0..<operations.count { operations[index].status = pending }
-            guard !operations.isEmpty else { continue }
             do {
-                states[leg].connection = try legs[leg].client.borrow()
+                if skipBusy {
+                    switch legs[leg].client.tryBorrow() {
+                    case .connection(let connection): states[leg].connection = connection
+                    case .lagging:
+                        states[leg].deferred = true
+                        return
+                    case .busy: states[leg].connection = try legs[leg].client.borrow()
+                    }
+                } else {
+                    states[leg].connection = try legs[leg].client.borrow()
+                }
+                states[leg].deferred = false
                 var slot = 0
                 while slot < window && states[leg].next < operations.count {
                     try start(leg, slot: slot)
                     slot += 1
                 }
             } catch {
+                states[leg].deferred = false
                 fail(leg, error)
             }
+        }
+
+        // Send every leg's first window.
+        var deferred = 0
+        for leg in 0..<legs.count {
+            states[leg].slotBase = leg * window
+            let operations = legs[leg].operations
+            for index in 0..<operations.count { operations[index].status = pending }
+            guard !operations.isEmpty else { continue }
+            open(leg)
+            if states[leg].deferred { deferred += 1 }
         }
 
         /// Receives one reply on `leg`'s connection and starts its next frame.
@@ -124,10 +152,22 @@ public enum MultiDaemonExchange {
 
         var busyPollUntil: UInt64 = 0
         while true {
+            // Lagging daemons' legs: start as soon as one of their connections is clean.
+            if deferred > 0 {
+                for leg in 0..<legs.count where states[leg].deferred {
+                    open(leg)
+                    if !states[leg].deferred { deferred -= 1 }
+                }
+            }
             var outstanding = 0
             for leg in 0..<legs.count { outstanding += states[leg].inFlight }
-            if outstanding == 0 { break }
+            if outstanding == 0 && deferred == 0 { break }
             if stop(monotonicNanoseconds()) { break }
+            if outstanding == 0 {
+                // Only lagging legs left: look again in a millisecond (until `stop` says enough).
+                usleep(1000)
+                continue
+            }
             // Buffered replies first, then wait on the sockets.
             var ready = -1
             var watched = 0
@@ -157,6 +197,12 @@ public enum MultiDaemonExchange {
             busyPollUntil = 0
         }
         for leg in 0..<legs.count {
+            if states[leg].deferred {
+                // Never sent: the daemon lagged throughout.
+                states[leg].deferred = false
+                fail(leg, .system(SystemCallError(call: "borrow (the daemon's connections all owe replies)", errno: EAGAIN)))
+                continue
+            }
             guard let connection = states[leg].connection else { continue }
             connection.owedReplies += states[leg].inFlight
             legs[leg].client.giveBack(connection)
@@ -183,6 +229,8 @@ public final class ExchangeScratch {
         var next = 0
         var inFlight = 0
         var slotBase = 0
+        /// Waiting for a clean connection of a lagging daemon (`skipBusy`).
+        var deferred = false
     }
 
     private(set) var legs: UnsafeMutablePointer<LegState>
