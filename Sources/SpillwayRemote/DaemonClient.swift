@@ -287,10 +287,12 @@ public final class DaemonClient: @unchecked Sendable {
     /// What `tryBorrow` found.
     public enum BorrowAttempt {
         case connection(FrameConnection)
-        /// No clean idle connection, and idle ones still owe replies: the daemon is lagging
-        /// (a straggler, or a host gone silent); waiting would stall the caller.
+        /// No clean idle connection, and an idle one has owed replies for more than
+        /// `laggingAfter`: the daemon lags (a straggler, or a host gone silent); waiting
+        /// would stall the caller.
         case lagging
-        /// Every connection is borrowed by other threads: `borrow` waits for or opens one.
+        /// Every connection is borrowed by other threads, or owes replies only briefly:
+        /// `borrow` opens one or waits.
         case busy
     }
 
@@ -302,9 +304,16 @@ public final class DaemonClient: @unchecked Sendable {
         }
         return pool.withLock { pool -> BorrowAttempt in
             if let index = pool.idle.lastIndex(where: { $0.owedReplies == 0 }) { return .connection(pool.idle.remove(at: index)) }
-            return pool.idle.isEmpty ? .busy : .lagging
+            // Replies owed only briefly (late binding left them, they are on their way): a
+            // new connection or a short wait (`borrow`). Owed for longer: the daemon lags.
+            var oldest = UInt64.max
+            for connection in pool.idle where connection.owedReplies > 0 { oldest = min(oldest, connection.owedSince) }
+            return oldest != .max && monotonicNanoseconds() &- oldest > Self.laggingAfter ? .lagging : .busy
         }
     }
+
+    /// How long an idle connection may owe replies before its daemon counts as lagging.
+    static let laggingAfter: UInt64 = 10_000_000
 
     /// Takes a connection from the pool: an idle one that owes no replies (after reaping the
     /// owed replies that have arrived), else a new one if the pool has room, else an idle one

@@ -132,6 +132,9 @@ public enum MultiDaemonExchange {
             if states[leg].deferred { deferred += 1 }
         }
 
+        /// Set once `stop` ended the exchange: replies are still taken, no frame is sent.
+        var stopping = false
+
         /// Receives one reply on `leg`'s connection and starts its next frame.
         func receiveOne(_ leg: Int) throws(RemoteError) {
             let connection = states[leg].connection!
@@ -147,7 +150,7 @@ public enum MultiDaemonExchange {
             slots[entry].start = -1
             states[leg].inFlight -= 1
             for index in range { onReply(leg, index) }
-            if states[leg].next < operations.count { try start(leg, slot: slot) }
+            if !stopping && states[leg].next < operations.count { try start(leg, slot: slot) }
         }
 
         var busyPollUntil: UInt64 = 0
@@ -162,7 +165,21 @@ public enum MultiDaemonExchange {
             var outstanding = 0
             for leg in 0..<legs.count { outstanding += states[leg].inFlight }
             if outstanding == 0 && deferred == 0 { break }
-            if stop(monotonicNanoseconds()) { break }
+            if stop(monotonicNanoseconds()) {
+                // Take the replies that have already arrived (a leg that stalled the exchange
+                // must not cost the answers waiting behind it), sending nothing more.
+                stopping = true
+                for leg in 0..<legs.count where states[leg].inFlight > 0 {
+                    guard let connection = states[leg].connection else { continue }
+                    while states[leg].inFlight > 0 && (connection.hasBufferedInput || connection.socket.isReadable) {
+                        do { try receiveOne(leg) } catch {
+                            fail(leg, error)
+                            break
+                        }
+                    }
+                }
+                break
+            }
             if outstanding == 0 {
                 // Only lagging legs left: look again in a millisecond (until `stop` says enough).
                 usleep(1000)

@@ -96,7 +96,18 @@ public final class FrameConnection: @unchecked Sendable {
     /// Replies to requests an exchange stopped waiting for (late binding, a straggler): the
     /// next borrower receives and discards them before using the connection, so they never
     /// land in anyone's buffer. Owned by whoever holds the connection.
-    public var owedReplies = 0
+    public var owedReplies = 0 {
+        didSet {
+            if owedReplies == 0 {
+                owedSince = 0
+            } else if oldValue == 0 {
+                owedSince = monotonicNanoseconds()
+            }
+        }
+    }
+    /// When the connection began owing replies (monotonic ns); 0 while it owes none. A
+    /// connection owing for long belongs to a lagging daemon (`DaemonClient.tryBorrow`).
+    public private(set) var owedSince: UInt64 = 0
 
     public init(socket: TCPSocket) {
         self.socket = socket
