@@ -78,6 +78,11 @@ public final class FleetFeed: Sendable {
     private let membership: ClusterMembership
     private let logger: Logger
     private let task = Mutex<Task<Void, Never>?>(nil)
+    /// Registered daemons: instance → address (leaves name only the instance; verdicts only
+    /// the address).
+    private let addresses = Mutex<[String: Endpoint]>([:])
+    /// Verdicts recorded in the registry, and those that failed to be.
+    public let verdictsRecorded = ManagedAtomic<Int>(0)
     /// Registry events applied: joins (and updates), leaves.
     public let joins = ManagedAtomic<Int>(0)
     public let leaves = ManagedAtomic<Int>(0)
@@ -90,11 +95,32 @@ public final class FleetFeed: Sendable {
         self.logger = logger
     }
 
-    /// Starts following the registry.
+    /// Starts following the registry, and recording there what this client concludes about
+    /// the daemons it uses (`suspect`, `dead`; cleared when one rejoins), so that
+    /// `spillway cluster status` shows it.
     public func start() {
+        let membership = self.membership
+        let logger = self.logger
+        fleet.setVerdictHandler { [weak self] endpoint, judged, verdict in
+            guard let self else { return }
+            // Only daemons still registered: a record that went away needs no verdict.
+            let instance = String(judged, radix: 16)
+            guard self.addresses.withLock({ $0[instance] != nil }) else { return }
+            Task(executorPreference: ClusterExecutor.shared) {
+                do {
+                    switch verdict {
+                    case .live: try await membership.clearHealthState(instance: instance)
+                    case .suspect: try await membership.setHealthState(.suspect, instance: instance)
+                    case .dead: try await membership.setHealthState(.dead, instance: instance)
+                    }
+                    self.verdictsRecorded.wrappingIncrement(ordering: .relaxed)
+                } catch {
+                    logger.warning("could not record a daemon's health state in the registry", metadata: [
+                        "daemon": "\(endpoint)", "state": "\(verdict)", "error": "\(error)"])
+                }
+            }
+        }
         let started = Task(executorPreference: ClusterExecutor.shared) { [self] in
-            // daemon instance → address, to resolve leaves (which name only the instance).
-            var addresses: [String: Endpoint] = [:]
             while !Task.isCancelled {
                 do {
                     for try await event in membership.watch() {
@@ -104,13 +130,13 @@ public final class FleetFeed: Sendable {
                                 logger.warning("registry record with an unusable address skipped", metadata: ["address": "\(record.address)"])
                                 continue
                             }
-                            addresses[record.instance] = endpoint
+                            addresses.withLock { $0[record.instance] = endpoint }
                             fleet.join(endpoint, failureDomain: record.failureDomain, instance: UInt64(record.instance, radix: 16))
                             joins.wrappingIncrement(ordering: .relaxed)
                         case .left(let instance):
-                            guard let endpoint = addresses.removeValue(forKey: instance) else { continue }
+                            guard let endpoint = addresses.withLock({ $0.removeValue(forKey: instance) }) else { continue }
                             // Another instance at the same address (a restart) keeps it.
-                            guard !addresses.values.contains(endpoint) else { continue }
+                            guard !addresses.withLock({ $0.values.contains(endpoint) }) else { continue }
                             fleet.leave(endpoint, reason: "left the cluster registry (lease expired or withdrawn)")
                             leaves.wrappingIncrement(ordering: .relaxed)
                         }

@@ -87,7 +87,7 @@ struct SpillwayDaemon: ParsableCommand {
     @Option(help: "Cluster name in the registry (with --etcd).")
     var cluster: String?
 
-    @Option(name: .customLong("failure-domain"), help: "Failure domain (rack, host, zone) clients keep a stripe's splits apart by (default: this host's name).")
+    @Option(name: .customLong("failure-domain"), help: "Failure domain (rack, host, zone) clients keep a stripe's splits apart by (default: this host's name, so daemons sharing a host share a domain; erasure coding needs at least ceil((k+r)/r) domains).")
     var failureDomain: String?
 
     @Option(name: .customLong("etcd-lease-ttl"), help: "Seconds the registration outlives a daemon that stopped renewing it (default 10).")

@@ -37,6 +37,15 @@ public final class DaemonFleet: Sendable {
     public let slabSize: Int
     private let state: Locked<State>
     private let deathHandler = Locked<(@Sendable (Int) -> Void)?>(nil)
+    private let verdictHandler = Locked<(@Sendable (Endpoint, UInt64, Verdict) -> Void)?>(nil)
+
+    /// What this fleet concluded about a daemon (for whoever records it: a cluster's registry).
+    public enum Verdict: Sendable, Equatable {
+        case live
+        /// Missed a deadline: no new work for a while.
+        case suspect
+        case dead
+    }
     private let logger: Logger
     private let lostCounter: Counter
     /// Daemons marked dead since open.
@@ -162,6 +171,20 @@ public final class DaemonFleet: Sendable {
         deathHandler.withLock { $0 = handler }
     }
 
+    /// Called when a daemon is newly judged dead or suspect, or rejoins (live), with its
+    /// address and the instance judged (the incarnation this fleet talks to); on the thread
+    /// that judged, so it must not block.
+    public func setVerdictHandler(_ handler: @escaping @Sendable (Endpoint, UInt64, Verdict) -> Void) {
+        verdictHandler.withLock { $0 = handler }
+    }
+
+    private func tell(_ daemon: Int, _ verdict: Verdict, client: DaemonClient? = nil) {
+        guard let handler = verdictHandler.withLock({ $0 }), let endpoint = endpoints.withLock({ $0[daemon] }),
+              let judged = client ?? members.withLock({ $0[daemon] })
+        else { return }
+        handler(endpoint, judged.welcome.daemonInstance, verdict)
+    }
+
     /// Daemon slots (daemons configured, plus room for ones that may join).
     public let count: Int
 
@@ -193,6 +216,7 @@ public final class DaemonFleet: Sendable {
         lostCounter.increment()
         logger.error("daemon lost", metadata: ["tier": "\(tier)", "daemon": "\(name(daemon))", "reason": "\(reason)"])
         deathHandler.withLock { $0 }?(daemon)
+        tell(daemon, .dead)
         return true
     }
 
@@ -200,10 +224,12 @@ public final class DaemonFleet: Sendable {
     @discardableResult
     public func markSuspect(_ daemon: Int, for seconds: Double) -> Bool {
         let now = monotonicNanoseconds()
-        return state.withLock { state -> Bool in
+        let newly = state.withLock { state -> Bool in
             defer { state.suspectUntil[daemon] = now &+ UInt64(max(0, seconds) * 1e9) }
             return !state.isSuspect(daemon, at: now)
         }
+        if newly { tell(daemon, .suspect) }
+        return newly
     }
 
     public func isSuspect(_ daemon: Int) -> Bool {
@@ -314,6 +340,7 @@ public final class DaemonFleet: Sendable {
                 old?.close()
                 refusals.withLock { $0[daemon] = nil }
                 daemonsRejoined.wrappingIncrement(ordering: .relaxed)
+                tell(daemon, .live)
                 Counter(label: "spillway_fleet_daemons_rejoined", dimensions: [("tier", tier)]).increment()
                 logger.notice("daemon rejoined as a fresh member; slabs it lent before are never used", metadata: [
                     "tier": "\(tier)", "daemon": "\(endpoint)", "instance": "\(String(client.welcome.daemonInstance, radix: 16))",

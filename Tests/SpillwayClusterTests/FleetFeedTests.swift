@@ -84,6 +84,49 @@ struct FleetFeedTests {
     }
 }
 
+extension FleetFeedTests {
+    /// A client records its verdicts in the registry: a daemon that misses write deadlines
+    /// (answers 0.8 s late, the deadline is 0.5 s) is marked suspect there, where
+    /// `spillway cluster status` reads it.
+    @Test func aSlowDaemonIsRecordedSuspectInTheRegistry() async throws {
+        try await withTaskExecutorPreference(ClusterExecutor()) {
+            try await recordSuspect()
+        }
+    }
+
+    private func recordSuspect() async throws {
+        let etcd = try await EtcdServer("verdict")
+        defer { etcd.stop() }
+        let tokens = try ScratchDirectory.file("fleet-verdict-tokens-\(getpid())")
+        try "feed feed-token-0123456789abcdef\n".write(toFile: tokens, atomically: true, encoding: .utf8)
+        chmod(tokens, 0o600)
+        defer { unlink(tokens) }
+        // Each daemon its own failure domain: left to default, all six would share this host's
+        // name, and one domain cannot hold a stripe safely (nothing would be placed).
+        func daemon(_ domain: String, _ extra: [String] = []) throws -> DaemonProcess {
+            try DaemonProcess(arguments: ["--token-file", tokens, "--etcd", etcd.endpoint, "--cluster", "verdict", "--etcd-lease-ttl", "2",
+                                          "--failure-domain", domain] + extra)
+        }
+        let slow = try daemon("d0", ["--enable-test-faults", "--test-delay-us", "800000"])
+        var daemons = [slow]
+        for index in 1..<6 { daemons.append(try daemon("d\(index)")) }
+        defer { for daemon in daemons { daemon.kill9() } }
+        var tier = TierConfiguration(kind: .erasureCoded, capacity: 4 << 20)
+        tier.etcd = etcd.endpoint
+        tier.cluster = "verdict"
+        tier.tokenFile = tokens
+        let store = try TieredStore.open(SpillwayConfiguration(slotSize: 4096, maxPageSize: 4096, tiers: [tier]))
+        defer { store.close() }
+        for value in 0..<8 { try store.put(PageKey(UInt64(value)), bytes: pattern(UInt64(value), 4096)) }
+        let suspectSeen = secondsUntil(10) {
+            let members = (try? ClusterDirectory.members(etcd: etcd.endpoint, cluster: "verdict", logger: .init(label: "t"))) ?? []
+            return members.contains { $0.record.address == "127.0.0.1:\(slow.port)" && $0.state == .suspect }
+        }
+        #expect(suspectSeen != nil, "the slow daemon was not recorded suspect")
+        for value in 0..<8 { #expect(try store.get(PageKey(UInt64(value))) == pattern(UInt64(value), 4096)) }
+    }
+}
+
 private func pattern(_ seed: UInt64, _ count: Int) -> [UInt8] {
     var generator = SplitMix64(seed: seed)
     return (0..<count).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
