@@ -48,6 +48,9 @@ public struct ErasureCodedTierConfiguration: Sendable {
     /// Bytes of splits the repairer regenerates per second at most.
     public var repairBytesPerSecond: Int = 256 << 20
     public var pollMicroseconds: Int = 20
+    /// Seconds between canary rounds (0 = none): each round reads one split the tier holds on
+    /// every live daemon and checks its bytes and latency (`ErasureCodedTier.runCanaries`).
+    public var canaryInterval: Double = 2
 
     public init(servers: [Endpoint], credentials: ClientCredentials, capacity: Int, slotSize: Int) {
         self.servers = servers
@@ -114,6 +117,10 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public let slotsPerStripe: Int
     public let groups: [[Int]]
     private let placementWarned = ManagedAtomic<Bool>(false)
+    private let nextCanary = ManagedAtomic<UInt64>(0)
+    /// Per daemon, consecutive canary rounds in which it was a latency outlier: one slow read
+    /// is noise, two in a row make it suspect.
+    private let canaryStrikes = Locked<[Int: Int]>([:])
     private let k: Int
     private let n: Int
     private let allocator: SlotAllocator
@@ -374,12 +381,12 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public func isSuspect(_ daemon: Int) -> Bool { fleet.isSuspect(daemon) }
 
     /// Marks a daemon that missed a write deadline suspect for `suspectSeconds`.
-    func markSuspect(_ daemon: Int) {
+    func markSuspect(_ daemon: Int, reason: String = "missed the write deadline") {
         guard fleet.markSuspect(daemon, for: configuration.suspectSeconds) else { return }
         counters.suspectMembers.wrappingIncrement(ordering: .relaxed)
         suspectMetric.increment()
-        logger.warning("daemon missed the write deadline; suspect: writes count its splits missing for a while", metadata: [
-            "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))",
+        logger.warning("daemon suspect: writes count its splits missing for a while", metadata: [
+            "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))", "reason": "\(reason)",
             "deadline_ms": "\(Int(configuration.writeDeadline * 1000))", "suspect_s": "\(configuration.suspectSeconds)",
         ])
     }
@@ -823,11 +830,112 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
     public func heartbeat() {
         fleet.heartbeat()
+        let now = monotonicNanoseconds()
+        if configuration.canaryInterval > 0, now >= nextCanary.load(ordering: .relaxed) {
+            nextCanary.store(now &+ UInt64(configuration.canaryInterval * 1e9), ordering: .relaxed)
+            runCanaries()
+        }
         // Reclaim: the slab's split moves elsewhere by regeneration (repair), then the slab
         // goes back. No page loses more than that one split meanwhile.
         for notice in fleet.takeReclaims() where fleet.isAlive(notice.daemon) {
             retire(daemon: notice.daemon, slab: notice.slab, reason: "reclaim notice")
         }
+    }
+
+    /// One canary round: on every live daemon, one split the tier stored there (a random
+    /// allocated slot of a random stripe with a current member on it), read alone and checked
+    /// against its recorded CRC32C, timed. A split that fails its check is stale (repaired)
+    /// and its daemon suspect; a daemon whose read takes more than 4× the median of the
+    /// round (and over 1 ms) in two rounds running is suspect: no new stripes, writes count
+    /// its splits missing for a while. Returns the daemons found suspect.
+    @discardableResult
+    public func runCanaries() -> [Int] {
+        let snapshot = snapshot()
+        let clients = self.clients
+        var latencies: [(daemon: Int, nanoseconds: UInt64)] = []
+        var suspects: [Int] = []
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: splitSize, alignment: 64)
+        defer { buffer.deallocate() }
+        for daemon in 0..<fleet.count where snapshot.alive[daemon] {
+            guard let client = clients[daemon] else { continue }
+            // Stripes with a current, fully rebuilt member on this daemon, in random order.
+            var candidates: [(stripe: Int, split: Int)] = []
+            for (index, stripe) in snapshot.stripes.enumerated() where stripe.members.count == n {
+                for (split, member) in stripe.members.enumerated()
+                    where member.daemon == daemon && snapshot.live(member.daemon, member.epoch) && member.rebuiltUpTo == nil && !member.retiring
+                {
+                    candidates.append((index, split))
+                }
+            }
+            candidates.shuffle()
+            var checked = false
+            for (stripeIndex, split) in candidates.prefix(4) where !checked {
+                let first = stripeIndex * slotsPerStripe
+                let runs = allocator.allocatedRuns(in: first..<min(first + slotsPerStripe, descriptor.capacitySlots))
+                guard let run = runs.randomElement(), let slot = run.randomElement() else { continue }
+                let member = snapshot.stripes[stripeIndex].members[split]
+                let local = slot - first
+                var operation = RemoteOperation(write: false, slab: member.slab, offset: UInt64(local * splitSize), length: splitSize,
+                                                buffer: buffer)
+                // Shared gate: no repair chunk rewrites the split meanwhile; a put may (its CRC
+                // is recorded with the gate shared too), so a mismatch is re-checked once.
+                func read() -> (status: Int32, elapsed: UInt64, intact: Bool) {
+                    gate.withReadLock { () -> (Int32, UInt64, Bool) in
+                        guard stale(slot).load(ordering: .relaxed) & (1 << split) == 0 else { return (-1, 0, true) }
+                        let started = monotonicNanoseconds()
+                        _ = withUnsafeMutablePointer(to: &operation) { client.execute(UnsafeMutableBufferPointer(start: $0, count: 1)) }
+                        let elapsed = monotonicNanoseconds() &- started
+                        let intact = CRC32C.checksum(UnsafeRawBufferPointer(start: buffer, count: splitSize)) == splitChecksums[slot * n + split]
+                            || stale(slot).load(ordering: .relaxed) & (1 << split) != 0
+                        return (operation.status, elapsed, intact)
+                    }
+                }
+                var (status, elapsed, intact) = read()
+                if status == 0 && !intact {
+                    // A put may have been rewriting this slot (a fresh allocation the store has
+                    // not published yet): look once more before calling the bytes wrong.
+                    usleep(5000)
+                    (status, _, intact) = read()
+                }
+                guard status != -1 else { continue }  // stale: not a fair test
+                checked = true
+                counters.canaries.wrappingIncrement(ordering: .relaxed)
+                if status != 0 || !intact {
+                    counters.canaryFailures.wrappingIncrement(ordering: .relaxed)
+                    if status == 0 {
+                        counters.corruptSplits.wrappingIncrement(ordering: .relaxed)
+                        _ = stale(slot).loadThenBitwiseOr(with: 1 << split, ordering: .relaxed)
+                    }
+                    logger.error("canary failed: the daemon returned an error or wrong bytes", metadata: [
+                        "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))", "slot": "\(slot)", "split": "\(split)",
+                        "status": "\(status)"])
+                    markSuspect(daemon, reason: status == 0 ? "a canary read returned bytes that failed their CRC32C" : "a canary read failed (errno \(status))")
+                    suspects.append(daemon)
+                    continue
+                }
+                latencies.append((daemon, elapsed))
+            }
+        }
+        // Latency outliers against this round's median, twice running.
+        let sorted = latencies.map(\.nanoseconds).sorted()
+        if sorted.count >= 3 {
+            let median = sorted[sorted.count / 2]
+            let outliers = latencies.filter { $0.nanoseconds > max(4 * median, 1_000_000) }
+            let repeated = canaryStrikes.withLock { strikes -> Set<Int> in
+                var next: [Int: Int] = [:]
+                for outlier in outliers { next[outlier.daemon] = (strikes[outlier.daemon] ?? 0) + 1 }
+                strikes = next
+                return Set(next.filter { $0.value >= 2 }.keys)
+            }
+            for (daemon, nanoseconds) in outliers where repeated.contains(daemon) {
+                logger.warning("canary: daemon is much slower than its peers; suspect", metadata: [
+                    "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))",
+                    "read_us": "\(nanoseconds / 1000)", "median_us": "\(median / 1000)"])
+                markSuspect(daemon, reason: "canary read \(nanoseconds / 1000) µs, over 4× the fleet's median \(median / 1000) µs")
+                suspects.append(daemon)
+            }
+        }
+        return suspects
     }
 
     /// Marks the member on (`daemon`, `slab`) for replacement. `revoked`: the daemon no longer
@@ -1216,4 +1324,7 @@ public final class ErasureCounters: Sendable {
     public let slabsRetired = ManagedAtomic<Int>(0)
     public let slabsReturned = ManagedAtomic<Int>(0)
     public let lostPagesSeen = ManagedAtomic<Int>(0)
+    /// Canary reads done, and those that failed (an error, or bytes that failed their CRC32C).
+    public let canaries = ManagedAtomic<Int>(0)
+    public let canaryFailures = ManagedAtomic<Int>(0)
 }

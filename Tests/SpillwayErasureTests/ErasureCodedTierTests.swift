@@ -210,6 +210,40 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
         #expect(throws: SpillwayError.self) { _ = try ErasureCodedTier(configuration) }
     }
 
+    /// Canaries: a round reads one split on every live daemon and checks bytes and latency.
+    /// One page, so every daemon's canary reads its split of that page: a corrupted split is
+    /// caught (stale, counted, its daemon suspect), and a daemon 50 ms slow is an outlier
+    /// (suspect after two rounds).
+    @Test func canariesCatchWrongBytesAndASlowDaemon() throws {
+        let servers = try startDaemons(6, testFaults: true)
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        let (store, tier) = try ecStore(servers.map { Endpoint(host: "127.0.0.1", port: $0.port) })
+        defer { store.close() }
+        try store.put(PageKey(1), bytes: pattern(TestSeed.derive(1), 4096))
+        let slot = Int(try #require(store.location(of: PageKey(1))).extent.firstSlot)
+        tier.runCanaries()
+        #expect(tier.counters.canaries.load(ordering: .relaxed) == 6)
+        #expect(tier.counters.canaryFailures.load(ordering: .relaxed) == 0)
+        // Wrong bytes on split 0's daemon.
+        let corrupted = try #require(tier.daemonOf(slot: slot, split: 0))
+        try tier.corruptSplitForTest(slot: slot, split: 0)
+        let caught = tier.runCanaries()
+        #expect(caught.contains(corrupted))
+        #expect(tier.counters.canaryFailures.load(ordering: .relaxed) == 1)
+        #expect(tier.counters.corruptSplits.load(ordering: .relaxed) == 1)
+        #expect(tier.isSuspect(corrupted))
+        // A daemon answering 50 ms late among peers answering in well under a millisecond: an
+        // outlier once is noise, twice running it is suspect.
+        let slow = try #require(tier.daemonOf(slot: slot, split: 3))
+        servers[slow].testDelayMicroseconds.store(50_000, ordering: .relaxed)
+        #expect(!tier.runCanaries().contains(slow))
+        #expect(tier.runCanaries().contains(slow))
+        #expect(tier.isSuspect(slow))
+        servers[slow].testDelayMicroseconds.store(0, ordering: .relaxed)
+        // The page still reads back (decoded around the stale split).
+        #expect(try store.get(PageKey(1)) == pattern(TestSeed.derive(1), 4096))
+    }
+
     @Test func lateBindingReadsAroundASlowDaemon() throws {
         let servers = try startDaemons(6, testFaults: true)
         defer { for server in servers { server.shutdown(drain: 0) } }
