@@ -76,6 +76,12 @@ public final class EtcdClient: Sendable {
     /// The largest reply body (or watch line) accepted; etcd replies for cluster mode are small.
     static let maxBodyBytes = 16 << 20
 
+    /// The endpoints of a comma-separated list ("http://a:2379, http://b:2379"), as the CLI
+    /// options, `spillwayd` and a tier's TOML `etcd` key give them.
+    public static func endpoints(_ list: String) -> [String] {
+        list.split(separator: ",").map { $0.filter { $0 != " " } }.filter { !$0.isEmpty }
+    }
+
     /// `endpoints` are base URLs such as `http://127.0.0.1:2379`.
     public init(endpoints: [String], requestTimeout: Duration = .seconds(2),
                 logger: Logger = Logger(label: "spillway.etcd")) throws(EtcdError)

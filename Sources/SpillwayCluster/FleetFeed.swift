@@ -35,7 +35,7 @@ public func runBlocking<T: Sendable>(timeout: Double, _ what: String,
 public enum ClusterDirectory {
     public static func members(etcd: String, cluster: String, logger: Logger) throws -> [(record: DaemonRecord, state: HealthState?)] {
         let keys = try ClusterKeys(cluster: cluster)
-        let endpoints = etcd.split(separator: ",").map { String($0).filter { $0 != " " } }
+        let endpoints = EtcdClient.endpoints(etcd)
         return try runBlocking(timeout: 15, "etcd at \(etcd)") {
             let client = try EtcdClient(endpoints: endpoints, logger: logger)
             do {
@@ -88,7 +88,7 @@ public final class FleetFeed: Sendable {
     public let leaves = ManagedAtomic<Int>(0)
 
     public init(fleet: DaemonFleet, etcd: String, cluster: String, logger: Logger) throws {
-        let endpoints = etcd.split(separator: ",").map { String($0).filter { $0 != " " } }
+        let endpoints = EtcdClient.endpoints(etcd)
         self.fleet = fleet
         client = try EtcdClient(endpoints: endpoints, logger: logger)
         membership = ClusterMembership(client: client, keys: try ClusterKeys(cluster: cluster), logger: logger)

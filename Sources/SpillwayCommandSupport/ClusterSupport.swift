@@ -21,8 +21,6 @@ public struct ClusterTarget: Sendable {
         }
     }
 
-    public var endpoints: [String] { etcd.split(separator: ",").map { String($0).trimmingCharacters(in: " ") } }
-
     /// The registered daemons' records and the states clients recorded for them (nil: none
     /// recorded, which means live), sorted by address.
     public func members(logger: Logger) throws -> [(record: DaemonRecord, state: HealthState?)] {
@@ -52,25 +50,10 @@ public struct ClusterOptions: ParsableArguments, Sendable {
 
     public var target: ClusterTarget? { get throws { try ClusterTarget.from(etcd: etcd, cluster: cluster) } }
 
-    /// `--servers` or the cluster's daemons (not both), or nil when neither was given.
+    /// `--servers` or the cluster's usable daemons (not both), or nil when neither was given.
     public func servers(or list: String?, logger: Logger) throws -> [String]? {
-        try daemons(or: list, logger: logger)?.servers
-    }
-
-    /// `--servers` (no failure domains: each daemon its own) or the cluster's usable daemons
-    /// with their failure domains, or nil when neither was given.
-    public func daemons(or list: String?, logger: Logger) throws -> (servers: [String], failureDomains: [String])? {
-        guard let target = try target else { return list.map { ($0.split(separator: ",").map(String.init), []) } }
+        guard let target = try target else { return list.map { $0.split(separator: ",").map(String.init) } }
         guard list == nil else { throw SpillwayError.invalidArgument("give --servers or --etcd/--cluster, not both") }
-        return try target.daemons(logger: logger)
-    }
-}
-
-private extension String {
-    func trimmingCharacters(in set: Character) -> String {
-        var text = Substring(self)
-        while text.first == set { text = text.dropFirst() }
-        while text.last == set { text = text.dropLast() }
-        return String(text)
+        return try target.daemons(logger: logger).servers
     }
 }

@@ -70,3 +70,32 @@ public enum TemporaryBuffer {
         return body(UnsafeMutableBufferPointer(start: typed, count: count))
     }
 }
+
+/// A reusable scratch object per thread, lent for one call: the calling thread's own, or a
+/// fresh one when that is already lent further up the same thread's stack (a callback that
+/// starts another exchange). What the hot paths' plans and tables live in.
+public final class ThreadScratch<Value: AnyObject>: Sendable {
+    private final class Slot {
+        let value: Value
+        var lent = false
+        init(_ value: Value) { self.value = value }
+    }
+
+    private let make: @Sendable () -> Value
+    private let slots: PerThread<Slot>
+
+    public init(_ make: @escaping @Sendable () -> Value) {
+        self.make = make
+        slots = PerThread { Slot(make()) }
+    }
+
+    /// Runs `body` with the thread's object (or a fresh one if it is lent already).
+    @inline(__always)
+    public func with<R, E: Error>(_ body: (Value) throws(E) -> R) throws(E) -> R {
+        let slot = slots.value
+        guard !slot.lent else { return try body(make()) }
+        slot.lent = true
+        defer { slot.lent = false }
+        return try body(slot.value)
+    }
+}

@@ -274,7 +274,7 @@ struct ClusterRegistrationService: Service {
                       logger: Logger) throws -> ClusterRegistrationService
     {
         let keys = try ClusterKeys(cluster: cluster)
-        let endpoints = etcd.split(separator: ",").map(String.init)
+        let endpoints = EtcdClient.endpoints(etcd)
         let capacity = UInt64(server.configuration.capacity)
         let slabSize = UInt64(server.configuration.slabSize)
         let transports = server.fabric == nil ? ["tcp"] : ["tcp", "rma"]

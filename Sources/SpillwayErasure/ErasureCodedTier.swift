@@ -856,20 +856,19 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         var suspects: [Int] = []
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: splitSize, alignment: 64)
         defer { buffer.deallocate() }
+        // Per daemon, the stripes with a current, fully rebuilt member on it: one pass.
+        var candidates = [[(stripe: Int, split: Int)]](repeating: [], count: fleet.count)
+        for (index, stripe) in snapshot.stripes.enumerated() where stripe.members.count == n {
+            for (split, member) in stripe.members.enumerated()
+                where snapshot.live(member.daemon, member.epoch) && member.rebuiltUpTo == nil && !member.retiring
+            {
+                candidates[member.daemon].append((index, split))
+            }
+        }
         for daemon in 0..<fleet.count where snapshot.alive[daemon] {
             guard let client = clients[daemon] else { continue }
-            // Stripes with a current, fully rebuilt member on this daemon, in random order.
-            var candidates: [(stripe: Int, split: Int)] = []
-            for (index, stripe) in snapshot.stripes.enumerated() where stripe.members.count == n {
-                for (split, member) in stripe.members.enumerated()
-                    where member.daemon == daemon && snapshot.live(member.daemon, member.epoch) && member.rebuiltUpTo == nil && !member.retiring
-                {
-                    candidates.append((index, split))
-                }
-            }
-            candidates.shuffle()
             var checked = false
-            for (stripeIndex, split) in candidates.prefix(4) where !checked {
+            for (stripeIndex, split) in candidates[daemon].shuffled().prefix(4) where !checked {
                 let first = stripeIndex * slotsPerStripe
                 let runs = allocator.allocatedRuns(in: first..<min(first + slotsPerStripe, descriptor.capacitySlots))
                 guard let run = runs.randomElement(), let slot = run.randomElement() else { continue }

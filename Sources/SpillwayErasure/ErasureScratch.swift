@@ -6,8 +6,8 @@ import SpillwayRemote
 /// daemon by daemon with each one's unit and split, and the exchange legs). Grown to the largest batch the thread ran and reused, so a batch
 /// allocates nothing once the thread has warmed up.
 ///
-/// Each thread has its own (`PerThread`); a batch nested inside another on one thread gets a
-/// fresh instance for its duration instead.
+/// Each thread has its own (`ThreadScratch`); a batch nested inside another on one thread gets
+/// a fresh instance for its duration instead.
 final class ErasureScratch {
     private(set) var units: UnsafeMutablePointer<ErasureCodedTier.Unit>
     private(set) var splits: UnsafeMutableRawPointer
@@ -21,9 +21,8 @@ final class ErasureScratch {
     private var unitCapacity = 0
     private var splitBytes = 0
     private var daemonCapacity = 0
-    private var inUse = false
 
-    private static let perThread = PerThread { ErasureScratch() }
+    private static let perThread = ThreadScratch { ErasureScratch() }
 
     init() {
         units = .allocate(capacity: 1)
@@ -65,11 +64,9 @@ final class ErasureScratch {
 
     /// Runs `body` with the calling thread's scratch, sized for the batch.
     static func withCurrent<R>(units: Int, n: Int, splitSize: Int, daemons: Int, _ body: (ErasureScratch) -> R) -> R {
-        var scratch = perThread.value
-        if scratch.inUse { scratch = ErasureScratch() }
-        scratch.reserve(units: units, n: n, splitSize: splitSize, daemons: daemons)
-        scratch.inUse = true
-        defer { scratch.inUse = false }
-        return body(scratch)
+        perThread.with { scratch in
+            scratch.reserve(units: units, n: n, splitSize: splitSize, daemons: daemons)
+            return body(scratch)
+        }
     }
 }

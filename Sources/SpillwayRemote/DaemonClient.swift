@@ -646,29 +646,6 @@ public final class DaemonClient: @unchecked Sendable {
     /// The status of an operation sent but not answered yet (never an errno).
     static let unanswered: Int32 = -1
 
-    /// Receives the rest of a page operation's reply (`header` already read) and returns the
-    /// operation's status: 0, the errno of a refusal, or `EBADMSG` for read data that failed
-    /// its CRC32C. Read data lands straight in the operation's buffer. Shared by `execute` and
-    /// `MultiDaemonExchange`.
-    static func completeReply(_ header: FrameHeader, on connection: FrameConnection, for operation: RemoteOperation) throws(RemoteError)
-        -> Int32
-    {
-        if header.opcode == .error {
-            return RemoteError.refused(decodeError(try connection.receiveSmall(header))).errno
-        }
-        if operation.write {
-            guard header.opcode == .write, header.dataLength == 0 else { throw .protocolViolation("\(header.opcode) reply to a write") }
-            _ = try connection.receiveSmall(header)
-            return 0
-        }
-        guard header.opcode == .read, header.metaLength == 0, header.dataLength == operation.length else {
-            throw .protocolViolation("read reply of \(header.dataLength) bytes for \(operation.length)")
-        }
-        let (_, register) = try connection.receiveMeta(header)
-        let final = try connection.receiveData(into: operation.buffer, count: operation.length, register: register)
-        return ~final == header.payloadChecksum ? 0 : EBADMSG
-    }
-
     /// Closes every idle connection.
     public func close() {
         pool.withLock { pool in

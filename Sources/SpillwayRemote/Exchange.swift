@@ -231,8 +231,8 @@ public enum MultiDaemonExchange {
 /// A thread's scratch for page exchanges (slot tables, poll set, meta encoding), grown to the
 /// largest exchange the thread ran and reused, so an exchange allocates nothing.
 ///
-/// Each thread has its own (`PerThread`); an exchange nested inside another on one thread (a
-/// callback that starts one) gets a fresh instance for its duration instead.
+/// Each thread has its own (`ThreadScratch`); an exchange nested inside another on one thread
+/// (a callback that starts one) gets a fresh instance for its duration instead.
 public final class ExchangeScratch {
     struct Slot {
         var id: UInt64 = 0
@@ -257,9 +257,8 @@ public final class ExchangeScratch {
     let meta: UnsafeMutableRawPointer
     private var legCapacity = 0
     private var slotCapacity = 0
-    private var inUse = false
 
-    private static let perThread = PerThread { ExchangeScratch() }
+    private static let perThread = ThreadScratch { ExchangeScratch() }
 
     init() {
         legs = .allocate(capacity: 1)
@@ -303,11 +302,9 @@ public final class ExchangeScratch {
 
     /// Runs `body` with the calling thread's scratch, sized for `legs` × `window` slots.
     static func withCurrent<R, E: Error>(legs: Int, window: Int, _ body: (ExchangeScratch) throws(E) -> R) throws(E) -> R {
-        var scratch = perThread.value
-        if scratch.inUse { scratch = ExchangeScratch() }
-        scratch.reserve(legs: legs, window: window)
-        scratch.inUse = true
-        defer { scratch.inUse = false }
-        return try body(scratch)
+        try perThread.with { (scratch) throws(E) -> R in
+            scratch.reserve(legs: legs, window: window)
+            return try body(scratch)
+        }
     }
 }

@@ -34,9 +34,8 @@ public final class FanOut {
     public private(set) var total = 0
     private var operationCapacity = 1
     private var daemonCapacity = 1
-    private var inUse = false
 
-    private static let perThread = PerThread { FanOut() }
+    private static let perThread = ThreadScratch { FanOut() }
 
     public init() {
         operations = .allocate(capacity: 1)
@@ -133,10 +132,6 @@ public final class FanOut {
 
     /// Runs `body` with the calling thread's plan (a fresh one if the thread's is in use).
     public static func withCurrent<R>(_ body: (FanOut) -> R) -> R {
-        var plan = perThread.value
-        if plan.inUse { plan = FanOut() }
-        plan.inUse = true
-        defer { plan.inUse = false }
-        return body(plan)
+        perThread.with(body)
     }
 }

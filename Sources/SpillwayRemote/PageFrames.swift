@@ -78,7 +78,7 @@ public enum PageFrames {
         }
         let write = operations[range.lowerBound].write
         if range.count == 1 {
-            operations[range.lowerBound].status = try DaemonClient.completeReply(header, on: connection, for: operations[range.lowerBound])
+            operations[range.lowerBound].status = try completeSingle(header, on: connection, for: operations[range.lowerBound])
             return
         }
         guard header.opcode == (write ? .writeBatch : .readBatch), header.metaLength == range.count else {
@@ -110,5 +110,25 @@ public enum PageFrames {
                 operations[index].status = RemoteError.refused(Wire.ErrorReply(reason, "")).errno
             }
         }
+    }
+
+    /// `complete` for a plain `read`/`write` frame of one operation: its status, 0 or
+    /// `EBADMSG` for read data that failed its CRC32C. Read data lands straight in the
+    /// operation's buffer.
+    private static func completeSingle(_ header: FrameHeader, on connection: FrameConnection, for operation: RemoteOperation) throws(RemoteError)
+        -> Int32
+    {
+        // (An `error` reply was handled by `complete`.)
+        if operation.write {
+            guard header.opcode == .write, header.dataLength == 0 else { throw .protocolViolation("\(header.opcode) reply to a write") }
+            _ = try connection.receiveSmall(header)
+            return 0
+        }
+        guard header.opcode == .read, header.metaLength == 0, header.dataLength == operation.length else {
+            throw .protocolViolation("read reply of \(header.dataLength) bytes for \(operation.length)")
+        }
+        let (_, register) = try connection.receiveMeta(header)
+        let final = try connection.receiveData(into: operation.buffer, count: operation.length, register: register)
+        return ~final == header.payloadChecksum ? 0 : EBADMSG
     }
 }

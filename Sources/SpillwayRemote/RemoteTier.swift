@@ -463,16 +463,13 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             capacity += Int(batch[index].extent.slotCount)
         }
         plan.reset(daemons: clients.count, capacity: capacity)
-        // Count, lay out, place: an I/O any of whose pieces cannot go sends none.
-        var sendable = 0
+        // Check, count, lay out, place: an I/O any of whose pieces cannot go sends none.
         for index in 0..<batch.count where batch[index].operation != .discard && batch[index].length > 0 {
-            var pieces = 0
-            if forEachPiece(index, { _, _, _, _, _, _ in pieces += 1 }) {
+            if forEachPiece(index, { _, _, _, _, _, _ in }) {
                 _ = forEachPiece(index) { daemon, _, _, _, _, _ in plan.count(daemon) }
-                sendable += pieces
             }
         }
-        guard sendable > 0, plan.layOut() > 0 else { return }
+        guard plan.layOut() > 0 else { return }
         for index in 0..<batch.count where batch[index].operation != .discard && batch[index].length > 0 && batch[index].status == 0 {
             let io = batch[index]
             _ = forEachPiece(index) { daemon, slab, offset, length, done, virtual in
