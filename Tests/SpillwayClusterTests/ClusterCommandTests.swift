@@ -21,16 +21,6 @@ private func clusterStatus(_ etcd: String, _ cluster: String) throws -> [String:
     return daemons
 }
 
-/// Polls `condition` every 50 ms until it holds or `seconds` pass.
-private func within(_ seconds: Double, _ condition: () throws -> Bool) rethrows -> Bool {
-    let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
-    while monotonicNanoseconds() < deadline {
-        if try condition() { return true }
-        usleep(50_000)
-    }
-    return try condition()
-}
-
 @Suite(.serialized, .timeLimit(.minutes(3)), .enabled(if: EtcdServer.binary != nil, Comment(rawValue: EtcdServer.missingReason)))
 struct ClusterCommandTests {
     @Test func daemonsRegisterAreListedFoundByClientsAndLeave() async throws {
@@ -64,7 +54,7 @@ struct ClusterCommandTests {
         #expect(try clusterStatus(etcd.endpoint, "cli")["127.0.0.1:\(daemons[0].port)"] == nil)
         // SIGKILL: gone once its 2 s lease expires (bounded wait).
         daemons[1].kill9()
-        let expired = try within(10) { try clusterStatus(etcd.endpoint, "cli")["127.0.0.1:\(daemons[1].port)"] == nil }
+        let expired = try eventually(10) { try clusterStatus(etcd.endpoint, "cli")["127.0.0.1:\(daemons[1].port)"] == nil }
         #expect(expired)
         #expect(try clusterStatus(etcd.endpoint, "cli").count == 1)
     }

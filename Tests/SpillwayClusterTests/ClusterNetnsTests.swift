@@ -68,20 +68,7 @@ private final class HostProcess {
     }
 }
 
-/// Polls `condition` every 50 ms until it holds or `seconds` pass; how long it took, or nil.
-private func secondsUntil(_ seconds: Double, _ condition: () -> Bool) -> Double? {
-    let start = monotonicNanoseconds()
-    while monotonicNanoseconds() < start + UInt64(seconds * 1e9) {
-        if condition() { return Double(monotonicNanoseconds() - start) / 1e9 }
-        usleep(50_000)
-    }
-    return condition() ? Double(monotonicNanoseconds() - start) / 1e9 : nil
-}
 
-private func pattern(_ seed: UInt64, _ count: Int) -> [UInt8] {
-    var generator = SplitMix64(seed: seed)
-    return (0..<count).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
-}
 
 @Suite(.serialized, .timeLimit(.minutes(4)), .enabled(if: netnsUnavailable == nil, Comment(rawValue: netnsUnavailable ?? "")))
 struct ClusterNetnsTests {

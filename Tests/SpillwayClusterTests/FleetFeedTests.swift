@@ -10,16 +10,6 @@ import Testing
 // repaired elsewhere), and one restarted on the same port (a new instance) rejoins under a
 // new epoch. Daemons are real `spillwayd` processes registering in a real etcd.
 
-/// Polls `condition` every 20 ms until it holds or `seconds` pass; the time it took, or nil.
-private func secondsUntil(_ seconds: Double, _ condition: () -> Bool) -> Double? {
-    let start = monotonicNanoseconds()
-    let deadline = start + UInt64(seconds * 1e9)
-    while monotonicNanoseconds() < deadline {
-        if condition() { return Double(monotonicNanoseconds() - start) / 1e9 }
-        usleep(20_000)
-    }
-    return condition() ? Double(monotonicNanoseconds() - start) / 1e9 : nil
-}
 
 @Suite(.serialized, .timeLimit(.minutes(3)), .enabled(if: EtcdServer.binary != nil, Comment(rawValue: EtcdServer.missingReason)))
 struct FleetFeedTests {
@@ -127,7 +117,3 @@ extension FleetFeedTests {
     }
 }
 
-private func pattern(_ seed: UInt64, _ count: Int) -> [UInt8] {
-    var generator = SplitMix64(seed: seed)
-    return (0..<count).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
-}

@@ -9,11 +9,6 @@ import Testing
 @testable import SpillwayStore
 import SpillwayTestSupport
 
-func pattern(_ seed: UInt64, _ count: Int) -> [UInt8] {
-    var generator = SplitMix64(seed: seed)
-    return (0..<count).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
-}
-
 func startDaemons(_ count: Int, testFaults: Bool = false, slowIndex: Int? = nil, delayMicroseconds: Int = 0) throws -> [RemoteMemoryServer] {
     try (0..<count).map { index in
         var configuration = DaemonConfiguration(listen: Endpoint(host: "127.0.0.1", port: 0), capacity: 32 << 20, slabSize: 1 << 20,

@@ -212,11 +212,24 @@ public enum TestSeed {
 /// Polls `condition` every 10 ms until it holds or `seconds` pass; whether it held. The one
 /// way tests wait for background work or another process: the wait ends as soon as the
 /// condition is true, and never lasts longer than `seconds`.
-public func eventually(_ seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+public func eventually(_ seconds: Double = 10, _ condition: () throws -> Bool) rethrows -> Bool {
+    try secondsUntil(seconds, condition) != nil
+}
+
+/// `eventually`, saying how long the condition took to hold (for tests that report it), or
+/// nil if it did not within `seconds`.
+public func secondsUntil(_ seconds: Double, _ condition: () throws -> Bool) rethrows -> Double? {
+    let start = monotonicNanoseconds()
+    let deadline = start + UInt64(seconds * 1e9)
     while monotonicNanoseconds() < deadline {
-        if condition() { return true }
+        if try condition() { return Double(monotonicNanoseconds() - start) / 1e9 }
         usleep(10_000)
     }
-    return condition()
+    return try condition() ? Double(monotonicNanoseconds() - start) / 1e9 : nil
+}
+
+/// Deterministic page contents for a seed (SplitMix64 bytes).
+public func pattern(_ seed: UInt64, _ count: Int) -> [UInt8] {
+    var generator = SplitMix64(seed: seed)
+    return (0..<count).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
 }
