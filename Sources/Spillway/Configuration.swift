@@ -56,6 +56,10 @@ public struct TierConfiguration: Sendable, Equatable {
     /// See docs/erasure-coding.md for what each setting survives.
     public var writeQuorum: ErasureWriteQuorum = .all
     public var writeDeadlineMilliseconds: Int = 500
+    /// Remote and erasure-coded: milliseconds between canary rounds (TOML `canary-interval-ms`,
+    /// 0 = none) and seconds a daemon that failed them is drained (`drain-seconds`).
+    public var canaryIntervalMilliseconds: Int = 2000
+    public var drainSeconds: Int = 30
     /// Opt-in compression of the pages this tier holds (TOML `compression = "lz4"`; volatile
     /// tiers only) and the ratio its virtual capacity assumes (`compression-ratio`, default 2).
     public var compression: String?
@@ -153,7 +157,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
         "path", "buffered-io", "poll-mode", "reformat", "poll-us", "transport", "fabric-provider", "k", "r", "late-binding-delta", "placement", "compression", "compression-ratio",
-        "write-quorum", "write-deadline-ms", "durability", "failure-domains", "etcd", "cluster",
+        "write-quorum", "write-deadline-ms", "durability", "failure-domains", "etcd", "cluster", "canary-interval-ms", "drain-seconds",
     ]
 
     /// Parses a TOML document. Unknown keys are errors (a typo must not silently change
@@ -255,6 +259,14 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             }
         }
         if let deadline = try TOMLReader.int(table, "write-deadline-ms") { tier.writeDeadlineMilliseconds = deadline }
+        if let interval = try TOMLReader.int(table, "canary-interval-ms") {
+            guard (0...3_600_000).contains(interval) else { throw .invalidConfiguration("tier '\(tier.name)': canary-interval-ms must be 0…3600000") }
+            tier.canaryIntervalMilliseconds = interval
+        }
+        if let drain = try TOMLReader.int(table, "drain-seconds") {
+            guard (1...86_400).contains(drain) else { throw .invalidConfiguration("tier '\(tier.name)': drain-seconds must be 1…86400") }
+            tier.drainSeconds = drain
+        }
         if let transport = try TOMLReader.string(table, "transport") { tier.transport = try TransportMode.parse(transport) }
         if let provider = try TOMLReader.string(table, "fabric-provider") { tier.fabricProvider = provider }
         if let poll = try TOMLReader.int(table, "poll-us") {
@@ -510,6 +522,8 @@ extension RemoteTier {
             configuration.transport = tier.transport
             configuration.fabricProvider = tier.fabricProvider
             configuration.slots = registry?.slots ?? 0
+            configuration.canaryInterval = Double(tier.canaryIntervalMilliseconds) / 1000
+            configuration.drainSeconds = Double(tier.drainSeconds)
             let remote = try RemoteTier(configuration, logger: logger)
             remote.inProcessDaemons = group
             if let feed = try attachFeed(tier, fleet: remote.fleet, logger: logger) { remote.stopOnClose.append { feed.stop() } }
@@ -563,6 +577,8 @@ extension ErasureCodedTier {
             configuration.writeQuorum = tier.writeQuorum
             configuration.writeDeadline = Double(tier.writeDeadlineMilliseconds) / 1000
             configuration.pollMicroseconds = tier.pollMicroseconds
+            configuration.canaryInterval = Double(tier.canaryIntervalMilliseconds) / 1000
+            configuration.drainSeconds = Double(tier.drainSeconds)
             let coded = try ErasureCodedTier(configuration, logger: logger)
             coded.inProcessDaemons = group
             if let feed = try attachFeed(tier, fleet: coded.fleet, logger: logger) { coded.stopOnClose.append { feed.stop() } }

@@ -19,6 +19,10 @@ public final class DaemonRegistration: Sendable {
 
     private let client: EtcdClient
     private let record: @Sendable () -> DaemonRecord
+    /// Called on each refresh with the health state clients recorded for this daemon
+    /// (`/spillway/<cluster>/state/<instance>`; nil: none), e.g. `draining` set by
+    /// `spillway cluster drain`. Set before `start`.
+    public let onHealthState = Mutex<(@Sendable (HealthState?) -> Void)?>(nil)
     private let logger: Logger
     private let state = Mutex(State())
 
@@ -165,6 +169,10 @@ public final class DaemonRegistration: Sendable {
                     nextKeepAlive = ContinuousClock.now + keepAliveInterval
                 }
                 if ContinuousClock.now >= nextRefresh {
+                    if let observe = onHealthState.withLock({ $0 }) {
+                        let entry = try await client.get(key: try keys.stateKey(instance: record().instance))
+                        observe(entry.flatMap { HealthState(rawValue: String(decoding: $0.value, as: UTF8.self)) })
+                    }
                     let bytes = record().encoded()
                     if bytes != state.withLock({ $0.written }) {
                         try await client.put(key: key, value: bytes, lease: lease)
@@ -218,6 +226,8 @@ public final class DaemonRegistration: Sendable {
         do {
             try await client.revoke(lease: lease)
             logger.info("left the cluster (lease revoked)", metadata: ["key": "\(key)"])
+            // The health state clients recorded (no lease) would outlive this incarnation.
+            if let stateKey = try? keys.stateKey(instance: record().instance) { try? await client.delete(key: stateKey) }
             return nil
         } catch {
             logger.warning("could not revoke the etcd lease; the record expires within \(ttl) s", metadata: ["error": "\(error)"])

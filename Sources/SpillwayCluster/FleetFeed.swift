@@ -34,19 +34,35 @@ public func runBlocking<T: Sendable>(timeout: Double, _ what: String,
 /// address.
 public enum ClusterDirectory {
     public static func members(etcd: String, cluster: String, logger: Logger) throws -> [(record: DaemonRecord, state: HealthState?)] {
+        try withMembership(etcd: etcd, cluster: cluster, logger: logger) { membership in
+            let daemons = try await membership.snapshot().daemons
+            var members: [(record: DaemonRecord, state: HealthState?)] = []
+            for record in daemons.sorted(by: { $0.address < $1.address }) {
+                members.append((record, try await membership.healthState(instance: record.instance)))
+            }
+            return members
+        }
+    }
+
+    /// Records `health` for daemon `instance` (as `spillway cluster drain` does with `draining`).
+    public static func setHealthState(_ health: HealthState, instance: String, etcd: String, cluster: String, logger: Logger) throws {
+        try withMembership(etcd: etcd, cluster: cluster, logger: logger) { membership in
+            try await membership.setHealthState(health, instance: instance)
+        }
+    }
+
+    /// Runs `body` with a membership view of the registry on a fresh etcd client, closed after.
+    private static func withMembership<T: Sendable>(etcd: String, cluster: String, logger: Logger,
+                                                    _ body: @escaping @Sendable (ClusterMembership) async throws -> T) throws -> T
+    {
         let keys = try ClusterKeys(cluster: cluster)
         let endpoints = EtcdClient.endpoints(etcd)
         return try runBlocking(timeout: 15, "etcd at \(etcd)") {
             let client = try EtcdClient(endpoints: endpoints, logger: logger)
             do {
-                let membership = ClusterMembership(client: client, keys: keys, logger: logger)
-                let daemons = try await membership.snapshot().daemons
-                var members: [(record: DaemonRecord, state: HealthState?)] = []
-                for record in daemons.sorted(by: { $0.address < $1.address }) {
-                    members.append((record, try await membership.healthState(instance: record.instance)))
-                }
+                let result = try await body(ClusterMembership(client: client, keys: keys, logger: logger))
                 await client.shutdown()
-                return members
+                return result
             } catch {
                 await client.shutdown()
                 throw error
@@ -108,6 +124,8 @@ public final class FleetFeed: Sendable {
             guard self.addresses.withLock({ $0[instance] != nil }) else { return }
             Task(executorPreference: ClusterExecutor.shared) {
                 do {
+                    // An operator's drain outranks a client's verdict: the daemon is leaving.
+                    if try await membership.healthState(instance: instance) == .draining { return }
                     switch verdict {
                     case .live: try await membership.clearHealthState(instance: instance)
                     case .suspect: try await membership.setHealthState(.suspect, instance: instance)

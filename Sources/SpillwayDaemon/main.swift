@@ -212,6 +212,19 @@ struct SpillwayDaemon: ParsableCommand {
         // swift-service-lifecycle turns SIGTERM/SIGINT into a graceful shutdown of the services,
         // in reverse order: the daemon drains first, then the metrics endpoint stops.
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        // A maintenance drain (cluster mode) ends with the daemon empty: it leaves the
+        // cluster and exits as on SIGTERM.
+        let drainWatch = Task {
+            while !Task.isCancelled {
+                try await Task.sleep(for: .milliseconds(500))
+                if server.maintenanceDrained {
+                    logger.notice("maintenance drain complete: no slab lent; leaving the cluster and exiting")
+                    await group.triggerGracefulShutdown()
+                    return
+                }
+            }
+        }
+        defer { drainWatch.cancel() }
         let finished = DispatchSemaphore(value: 0)
         let failure = Locked<String?>(nil)
         Task {
@@ -291,6 +304,11 @@ struct ClusterRegistrationService: Service {
             try! DaemonRecord(address: address, transports: transports, capacity: capacity,
                               freeSlabs: UInt64(server.snapshot().slabsFree), slabSize: slabSize, failureDomain: failureDomain,
                               instance: instance, registeredAt: registeredAt)
+        }
+        // `spillway cluster drain` marks the daemon `draining` in the registry: it stops
+        // lending and asks its tenants to move their slabs, then leaves once empty.
+        registration.onHealthState.withLock {
+            $0 = { health in if health == .draining { server.beginMaintenanceDrain() } }
         }
         do {
             try runBlocking(timeout: Double(ttl) + 10, "registering in cluster '\(cluster)' at \(etcd)") { try await registration.start() }

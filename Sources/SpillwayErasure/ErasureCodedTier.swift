@@ -51,6 +51,10 @@ public struct ErasureCodedTierConfiguration: Sendable {
     /// Seconds between canary rounds (0 = none): each round reads one split the tier holds on
     /// every live daemon and checks its bytes and latency (`ErasureCodedTier.runCanaries`).
     public var canaryInterval: Double = 2
+    /// Seconds a daemon that failed a canary, or was a latency outlier, is drained: nothing
+    /// new goes there and the tier's splits on it are regenerated elsewhere (TOML
+    /// `drain-seconds`). Afterwards it may be chosen again (and judged again).
+    public var drainSeconds: Double = 30
 
     public init(servers: [Endpoint], credentials: ClientCredentials, capacity: Int, slotSize: Int) {
         self.servers = servers
@@ -118,9 +122,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public let groups: [[Int]]
     private let placementWarned = ManagedAtomic<Bool>(false)
     private let nextCanary = ManagedAtomic<UInt64>(0)
-    /// Per daemon, consecutive canary rounds in which it was a latency outlier: one slow read
-    /// is noise, two in a row make it suspect.
-    private let canaryStrikes = Locked<[Int: Int]>([:])
+    /// Canary latencies per daemon and their verdicts (p99 over a window against the fleet's
+    /// median, two rounds running).
+    private let canaryJudge: Locked<CanaryJudge>
     private let k: Int
     private let n: Int
     private let allocator: SlotAllocator
@@ -224,6 +228,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
             pollMicroseconds: configuration.pollMicroseconds, slots: configuration.slots,
             failureDomains: configuration.failureDomains, logger: logger)
+        canaryJudge = Locked(CanaryJudge(daemons: fleet.count))
         let lentSlabSize = fleet.slabSize
         // Splits are whole 64-byte lines (ISA-L's vector width); the last data split is padded.
         splitSize = ((configuration.slotSize + k - 1) / k + 63) / 64 * 64
@@ -345,8 +350,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     private func choosePlacement(excluding excluded: Set<Int>) -> (group: Int, daemons: [Int])? {
         let placed: (group: Int, daemons: [Int])? = fleet.withState { map in
             guard let limit = splitsPerDomain(map) else { return nil }
+            let now = monotonicNanoseconds()
             func candidates(_ group: Int) -> [Int] {
-                groups[group].filter { map.alive[$0] && map.freeSlabs[$0] > 0 && !excluded.contains($0) }
+                groups[group].filter { map.accepts($0, at: now) && !excluded.contains($0) }
             }
             /// The emptiest (or, for `random`, any) daemons of the pool, at most
             /// `splitsPerDomain` per failure domain; nil if that leaves fewer than k+r.
@@ -840,19 +846,42 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         for notice in fleet.takeReclaims() where fleet.isAlive(notice.daemon) {
             retire(daemon: notice.daemon, slab: notice.slab, reason: "reclaim notice")
         }
+        drainSuspects()
+    }
+
+    /// Retires every member this tier has on a daemon it drains (`DaemonFleet.markDraining`):
+    /// the repairer regenerates those splits on other daemons, then gives the slabs back, so
+    /// the pages keep full redundancy without the suspect daemon before anyone declares it dead.
+    func drainSuspects() {
+        let draining = fleet.drainingDaemons()
+        guard !draining.isEmpty else { return }
+        let epochs = fleet.snapshot().epoch
+        let slabs: [(daemon: Int, slab: UInt32)] = map.withLock { map in
+            var slabs: [(Int, UInt32)] = []
+            for stripe in map.stripes {
+                for member in stripe.members where draining.contains(member.daemon) && member.epoch == epochs[member.daemon]
+                    && !member.retiring && member.rebuiltUpTo == nil
+                {
+                    slabs.append((member.daemon, member.slab))
+                }
+            }
+            return slabs
+        }
+        for (daemon, slab) in slabs { retire(daemon: daemon, slab: slab, reason: "draining a suspect daemon") }
     }
 
     /// One canary round: on every live daemon, one split the tier stored there (a random
     /// allocated slot of a random stripe with a current member on it), read alone and checked
     /// against its recorded CRC32C, timed. A split that fails its check is stale (repaired)
-    /// and its daemon suspect; a daemon whose read takes more than 4× the median of the
-    /// round (and over 1 ms) in two rounds running is suspect: no new stripes, writes count
-    /// its splits missing for a while. Returns the daemons found suspect.
+    /// and its daemon drained; a daemon whose canary p99 (over its last 32) is more than 4×
+    /// the fleet's median (and over 1 ms), with a slow read this round too, in two rounds
+    /// running, is drained (`CanaryJudge`, `DaemonFleet.markDraining`): suspect, no new
+    /// stripes, its splits regenerated elsewhere for `drainSeconds`. Returns the daemons
+    /// found suspect.
     @discardableResult
     public func runCanaries() -> [Int] {
         let snapshot = snapshot()
         let clients = self.clients
-        var latencies: [(daemon: Int, nanoseconds: UInt64)] = []
         var suspects: [Int] = []
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: splitSize, alignment: 64)
         defer { buffer.deallocate() }
@@ -865,6 +894,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 candidates[member.daemon].append((index, split))
             }
         }
+        for daemon in 0..<fleet.count where !snapshot.alive[daemon] { canaryJudge.withLock { $0.forget(daemon) } }
         for daemon in 0..<fleet.count where snapshot.alive[daemon] {
             guard let client = clients[daemon] else { continue }
             var checked = false
@@ -908,31 +938,22 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     logger.error("canary failed: the daemon returned an error or wrong bytes", metadata: [
                         "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))", "slot": "\(slot)", "split": "\(split)",
                         "status": "\(status)"])
-                    markSuspect(daemon, reason: status == 0 ? "a canary read returned bytes that failed their CRC32C" : "a canary read failed (errno \(status))")
+                    fleet.markDraining(daemon, for: configuration.drainSeconds,
+                                       reason: status == 0 ? "a canary read returned bytes that failed their CRC32C" : "a canary read failed (errno \(status))")
                     suspects.append(daemon)
                     continue
                 }
-                latencies.append((daemon, elapsed))
+                canaryJudge.withLock { $0.record(daemon, nanoseconds: elapsed) }
             }
         }
-        // Latency outliers against this round's median, twice running.
-        let sorted = latencies.map(\.nanoseconds).sorted()
-        if sorted.count >= 3 {
-            let median = sorted[sorted.count / 2]
-            let outliers = latencies.filter { $0.nanoseconds > max(4 * median, 1_000_000) }
-            let repeated = canaryStrikes.withLock { strikes -> Set<Int> in
-                var next: [Int: Int] = [:]
-                for outlier in outliers { next[outlier.daemon] = (strikes[outlier.daemon] ?? 0) + 1 }
-                strikes = next
-                return Set(next.filter { $0.value >= 2 }.keys)
-            }
-            for (daemon, nanoseconds) in outliers where repeated.contains(daemon) {
-                logger.warning("canary: daemon is much slower than its peers; suspect", metadata: [
-                    "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))",
-                    "read_us": "\(nanoseconds / 1000)", "median_us": "\(median / 1000)"])
-                markSuspect(daemon, reason: "canary read \(nanoseconds / 1000) µs, over 4× the fleet's median \(median / 1000) µs")
-                suspects.append(daemon)
-            }
+        // Latency outliers: p99 over the window against the fleet's median, two rounds running.
+        for outlier in canaryJudge.withLock({ $0.endRound() }) {
+            logger.warning("canary: daemon is much slower than its peers; suspect", metadata: [
+                "tier": "\(descriptor.name)", "daemon": "\(fleet.name(outlier.daemon))",
+                "p99_us": "\(outlier.p99 / 1000)", "median_us": "\(outlier.median / 1000)", "rounds": "\(outlier.strikes)"])
+            fleet.markDraining(outlier.daemon, for: configuration.drainSeconds,
+                               reason: "canary p99 \(outlier.p99 / 1000) µs, over 4× the fleet's median \(outlier.median / 1000) µs")
+            suspects.append(outlier.daemon)
         }
         return suspects
     }
@@ -1091,10 +1112,11 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         for (stripe, member, group, used, domains) in needing {
             let taken = used.union(placedDaemons[stripe] ?? [])
             let extra = placedDomains[stripe] ?? [:]
+            let now = monotonicNanoseconds()
             let candidate: Int? = fleet.withState { map in
                 func fits(_ daemon: Int) -> Bool {
                     let domain = map.failureDomains[daemon]
-                    return map.alive[daemon] && !taken.contains(daemon) && map.freeSlabs[daemon] > 0
+                    return map.accepts(daemon, at: now) && !taken.contains(daemon)
                         && domains[domain, default: 0] + extra[domain, default: 0] < limit
                 }
                 let inGroup = groups[group].filter(fits)

@@ -48,6 +48,11 @@ public final class DaemonFleet: Sendable {
     }
     private let logger: Logger
     private let lostCounter: Counter
+    private let drainedCounter: Counter
+    /// `spillway_fleet_daemons{state=live|suspect|draining|dead}`, set each heartbeat.
+    private let stateGauges: [Gauge]
+    /// Times this tier began draining a daemon (`markDraining`).
+    public let daemonsDrained = ManagedAtomic<Int>(0)
     /// Daemons marked dead since open.
     public let daemonsLost = ManagedAtomic<Int>(0)
     /// Per daemon, the message of its last capacity refusal of a slab (`noCapacity`: the
@@ -62,6 +67,9 @@ public final class DaemonFleet: Sendable {
         public var freeSlabs: [Int]
         /// Monotonic nanoseconds until which a daemon is suspect; 0 = never was.
         public var suspectUntil: [UInt64]
+        /// Monotonic nanoseconds until which this tier drains a daemon (moves its pages off
+        /// and maps nothing new there); 0 = never was. Set with a suspicion (`markDraining`).
+        public var drainUntil: [UInt64]
         /// Bumped each time the daemon rejoins: slabs of an older epoch are gone.
         public var epoch: [UInt32]
         /// Dead daemons: when to try again, and the backoff after that.
@@ -74,12 +82,18 @@ public final class DaemonFleet: Sendable {
         public var failureDomains: [String]
 
         public func isSuspect(_ daemon: Int, at now: UInt64) -> Bool { now < suspectUntil[daemon] }
+        public func isDraining(_ daemon: Int, at now: UInt64) -> Bool { now < drainUntil[daemon] }
+        /// Whether a new slab (a new stripe's member, a replacement) may go on `daemon`:
+        /// alive, with a free slab, neither suspect nor draining.
+        public func accepts(_ daemon: Int, at now: UInt64) -> Bool {
+            alive[daemon] && freeSlabs[daemon] > 0 && !isSuspect(daemon, at: now) && !isDraining(daemon, at: now)
+        }
         /// Whether a slab mapped on `daemon` under `epoch` can be used: the daemon is alive
         /// and has not rejoined since.
         public func isCurrent(_ daemon: Int, epoch: UInt32) -> Bool { alive[daemon] && self.epoch[daemon] == epoch }
-        /// Alive daemons with a free slab, not in `excluded`.
-        public func available(excluding excluded: Set<Int> = []) -> [Int] {
-            alive.indices.filter { alive[$0] && freeSlabs[$0] > 0 && !excluded.contains($0) }
+        /// Daemons that accept a new slab now (`accepts`), not in `excluded`.
+        public func available(excluding excluded: Set<Int> = [], at now: UInt64 = monotonicNanoseconds()) -> [Int] {
+            alive.indices.filter { accepts($0, at: now) && !excluded.contains($0) }
         }
     }
 
@@ -136,11 +150,16 @@ public final class DaemonFleet: Sendable {
         let labels = failureDomains.isEmpty ? servers.map(\.description) : failureDomains
         state = Locked(State(alive: clients.map { $0 != nil } + Array(repeating: false, count: padding),
                              freeSlabs: welcomes.map { Int($0?.freeSlabs ?? 0) } + Array(repeating: 0, count: padding),
-                             suspectUntil: Array(repeating: 0, count: slotCount), epoch: Array(repeating: 0, count: slotCount),
+                             suspectUntil: Array(repeating: 0, count: slotCount), drainUntil: Array(repeating: 0, count: slotCount),
+                             epoch: Array(repeating: 0, count: slotCount),
                              retryAt: Array(repeating: now &+ 1_000_000_000, count: slotCount), retryDelay: Array(repeating: 1, count: slotCount),
                              registered: servers.map { _ in true } + Array(repeating: false, count: padding),
                              failureDomains: labels + Array(repeating: "", count: padding)))
         lostCounter = Counter(label: "spillway_fleet_daemons_lost", dimensions: [("tier", tier)])
+        drainedCounter = Counter(label: "spillway_fleet_daemons_drained", dimensions: [("tier", tier)])
+        stateGauges = ["live", "suspect", "draining", "dead"].map {
+            Gauge(label: "spillway_fleet_daemons", dimensions: [("tier", tier), ("state", $0)])
+        }
         refusals = Locked(Array(repeating: nil, count: slotCount))
         refusalsLogged = Locked([])
     }
@@ -237,6 +256,62 @@ public final class DaemonFleet: Sendable {
         return state.withLock { $0.isSuspect(daemon, at: now) }
     }
 
+    /// Suspect, and drained: for `seconds` nothing new goes on `daemon`, and the tier moves
+    /// the pages it has there elsewhere (`drainingDaemons`, on its heartbeat) before anything
+    /// declares it dead. For a daemon that fails canaries or is a latency outlier; logged and
+    /// counted, recorded as `suspect`. True if it was not draining.
+    @discardableResult
+    public func markDraining(_ daemon: Int, for seconds: Double, reason: String) -> Bool {
+        let now = monotonicNanoseconds()
+        let until = now &+ UInt64(max(0, seconds) * 1e9)
+        let (newlyDraining, newlySuspect) = state.withLock { state -> (Bool, Bool) in
+            let wasDraining = state.isDraining(daemon, at: now)
+            let wasSuspect = state.isSuspect(daemon, at: now)
+            state.drainUntil[daemon] = max(state.drainUntil[daemon], until)
+            state.suspectUntil[daemon] = max(state.suspectUntil[daemon], until)
+            return (!wasDraining, !wasSuspect)
+        }
+        if newlySuspect { tell(daemon, .suspect) }
+        guard newlyDraining else { return false }
+        daemonsDrained.wrappingIncrement(ordering: .relaxed)
+        drainedCounter.increment()
+        logger.warning("daemon suspect: draining it (its pages move elsewhere, nothing new goes there)", metadata: [
+            "tier": "\(tier)", "daemon": "\(name(daemon))", "reason": "\(reason)", "for_s": "\(seconds)"])
+        return true
+    }
+
+    /// Live daemons this tier is draining now.
+    public func drainingDaemons() -> [Int] {
+        let now = monotonicNanoseconds()
+        return state.withLock { state in state.alive.indices.filter { state.alive[$0] && state.isDraining($0, at: now) } }
+    }
+
+    /// Daemons per health state over the slots in use: live (neither suspect nor draining),
+    /// suspect, draining (alive), dead (expected but not answering).
+    public func stateCounts() -> (live: Int, suspect: Int, draining: Int, dead: Int) {
+        let now = monotonicNanoseconds()
+        return state.withLock { state in
+            var counts = (live: 0, suspect: 0, draining: 0, dead: 0)
+            for daemon in state.alive.indices {
+                if !state.alive[daemon] {
+                    if state.registered[daemon] { counts.dead += 1 }
+                } else if state.isDraining(daemon, at: now) {
+                    counts.draining += 1
+                } else if state.isSuspect(daemon, at: now) {
+                    counts.suspect += 1
+                } else {
+                    counts.live += 1
+                }
+            }
+            return counts
+        }
+    }
+
+    private func publishStates() {
+        let counts = stateCounts()
+        for (gauge, value) in zip(stateGauges, [counts.live, counts.suspect, counts.draining, counts.dead]) { gauge.record(value) }
+    }
+
     /// Maps a fresh slab on `daemon`. A daemon out of capacity counts as having no free slab;
     /// any other failure marks it dead. Nil on failure.
     public func mapSlab(on daemon: Int) -> MappedSlab? {
@@ -267,8 +342,9 @@ public final class DaemonFleet: Sendable {
     public func mapSlabByTwoChoices(excluding excluded: Set<Int> = []) -> MappedSlab? {
         var refused = excluded
         while true {
+            let now = monotonicNanoseconds()
             let candidate: Int? = state.withLock { state in
-                let live = state.available(excluding: refused)
+                let live = state.available(excluding: refused, at: now)
                 guard let a = live.randomElement() else { return nil }
                 let b = live.filter { $0 != a }.randomElement() ?? a
                 return state.freeSlabs[a] >= state.freeSlabs[b] ? a : b
@@ -308,6 +384,7 @@ public final class DaemonFleet: Sendable {
             if let reason = client.ping() { markDead(daemon, reason: reason) }
         }
         rejoin()
+        publishStates()
     }
 
     /// Tries to reconnect the dead daemons whose retry time has come; one that answers (and
@@ -334,6 +411,7 @@ public final class DaemonFleet: Sendable {
                     state.alive[daemon] = true
                     state.freeSlabs[daemon] = Int(client.welcome.freeSlabs)
                     state.suspectUntil[daemon] = 0
+                    state.drainUntil[daemon] = 0
                     state.retryDelay[daemon] = 1
                     return (state.epoch[daemon], old)
                 }

@@ -30,6 +30,12 @@ public struct RemoteTierConfiguration: Sendable {
     public var transport: TransportMode = .auto
     /// libfabric provider for RMA (TOML `fabric-provider`); nil: verbs or efa when present.
     public var fabricProvider: String?
+    /// Seconds between canary rounds (0 = none): each writes and reads back a canary page on
+    /// every live daemon holding one of this tier's slabs (`RemoteTier.runCanaries`).
+    public var canaryInterval: Double = 2
+    /// Seconds a daemon that failed a canary, or was a latency outlier, is drained: nothing
+    /// new goes there and this tier's slabs on it move to other daemons.
+    public var drainSeconds: Double = 30
 
     public init(name: String = "remote", servers: [Endpoint], credentials: ClientCredentials, capacity: Int, slotSize: Int,
                 connectionsPerDaemon: Int = 4, ioTimeout: Double = 5, heartbeatInterval: Double = 1)
@@ -99,6 +105,15 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     /// Reclaim notices this tier could not honour (no other daemon had room, or the copy
     /// failed): the daemon revokes the slab at its deadline and its pages become unavailable.
     public let failedMigrations = ManagedAtomic<Int>(0)
+    /// Canary pages written and read back (`runCanaries`), those that failed (an error or
+    /// wrong bytes), and rounds that could only time a read (no free slot to write).
+    public let canaries = ManagedAtomic<Int>(0)
+    public let canaryFailures = ManagedAtomic<Int>(0)
+    public let canaryReadsOnly = ManagedAtomic<Int>(0)
+    private let canaryInterval: Double
+    private let drainSeconds: Double
+    private let nextCanary = ManagedAtomic<UInt64>(0)
+    private let canaryJudge: Locked<CanaryJudge>
 
     struct VirtualSlab {
         var daemon = -1
@@ -132,6 +147,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             pollMicroseconds: configuration.pollMicroseconds, transport: configuration.transport,
             fabricProvider: configuration.fabricProvider, slots: configuration.slots, logger: logger)
         slabSize = fleet.slabSize
+        canaryInterval = configuration.canaryInterval
+        drainSeconds = configuration.drainSeconds
+        canaryJudge = Locked(CanaryJudge(daemons: fleet.count))
         guard configuration.slotSize <= slabSize, slabSize % configuration.slotSize == 0 else {
             throw .invalidConfiguration("tier '\(name)': slot size \(configuration.slotSize) does not divide the slab size \(slabSize)")
         }
@@ -403,6 +421,11 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     /// Live daemons.
     public var liveDaemons: Int { fleet.liveCount }
 
+    /// The real slabs this tier uses now (mapped, not lost), for tests and tools.
+    public func mappedSlabsForTest() -> [DaemonFleet.MappedSlab] {
+        map.withLock { map in map.slabs.filter { $0.daemon >= 0 && !$0.lost }.map(\.mapped) }
+    }
+
     // MARK: I/O
 
     public func submit(_ batch: TierBatch) {
@@ -509,10 +532,126 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         }
     }
 
-    /// Pings every live daemon; one that does not answer is dead.
+    /// Pings every live daemon (one that does not answer is dead), runs a canary round when
+    /// one is due, honours reclaim notices and moves slabs off the daemons being drained.
     public func heartbeat() {
         fleet.heartbeat()
+        let now = monotonicNanoseconds()
+        if canaryInterval > 0, now >= nextCanary.load(ordering: .relaxed) {
+            nextCanary.store(now &+ UInt64(canaryInterval * 1e9), ordering: .relaxed)
+            runCanaries()
+        }
         serviceReclaims()
+        drainSuspects()
+    }
+
+    /// Moves this tier's slabs off the daemons it drains (`DaemonFleet.markDraining`), at most
+    /// `limit` slabs per call (a heartbeat), each like a reclaimed slab: copied to another
+    /// daemon, or its pages handed to the store, then given back. Returns the slabs moved.
+    @discardableResult
+    public func drainSuspects(limit: Int = 4) -> Int {
+        let draining = fleet.drainingDaemons()
+        guard !draining.isEmpty else { return 0 }
+        let epochs = fleet.snapshot().epoch
+        let slabs: [(daemon: Int, slab: UInt32)] = map.withLock { map in
+            map.slabs.filter { $0.daemon >= 0 && !$0.lost && draining.contains($0.daemon) && $0.epoch == epochs[$0.daemon] }
+                .prefix(limit).map { ($0.daemon, $0.slab) }
+        }
+        var moved = 0
+        for (daemon, slab) in slabs where migrate(fromDaemon: daemon, slab: slab) { moved += 1 }
+        return moved
+    }
+
+    /// One canary round: on every live daemon holding one of this tier's slabs, a page of
+    /// known bytes is written into a free slot of such a slab (reserved meanwhile, so no put
+    /// lands there), read back, compared and timed. A daemon with no free slot there gets a
+    /// timed read of an allocated page instead (`canaryReadsOnly`). An error or wrong bytes
+    /// drain the daemon at once; a latency outlier against its peers (`CanaryJudge`: p99 over
+    /// its last 32 canaries above 4× the fleet's median and 1 ms, two rounds running) is
+    /// drained too (`DaemonFleet.markDraining`). Returns the daemons drained.
+    @discardableResult
+    public func runCanaries() -> [Int] {
+        let fleetState = fleet.snapshot()
+        let clients = self.clients
+        let slotSize = descriptor.slotSize
+        let written = UnsafeMutableRawPointer.allocate(byteCount: slotSize, alignment: 4096)
+        let readBack = UnsafeMutableRawPointer.allocate(byteCount: slotSize, alignment: 4096)
+        defer {
+            written.deallocate()
+            readBack.deallocate()
+        }
+        var drained: [Int] = []
+        let byDaemon: [[Int]] = map.withLock { map in
+            var byDaemon = [[Int]](repeating: [], count: fleet.count)
+            for (index, slab) in map.slabs.enumerated()
+                where slab.daemon >= 0 && !slab.lost && fleetState.isCurrent(slab.daemon, epoch: slab.epoch)
+            {
+                byDaemon[slab.daemon].append(index)
+            }
+            return byDaemon
+        }
+        for daemon in 0..<fleet.count where !fleetState.alive[daemon] { canaryJudge.withLock { $0.forget(daemon) } }
+        for daemon in 0..<fleet.count where fleetState.alive[daemon] {
+            guard let client = clients[daemon], let index = byDaemon[daemon].randomElement() else { continue }
+            let first = index * slabSlots
+            let slots = first..<min(first + slabSlots, descriptor.capacitySlots)
+            let mapped = map.withLock { $0.slabs[index] }
+            // A free slot of the slab, held for the canary; else an allocated one, read only.
+            var reserved: Int?
+            for slot in slots.shuffled().prefix(8) where allocator.reserve(Extent(firstSlot: UInt32(slot), slotCount: 1)) {
+                reserved = slot
+                break
+            }
+            let slot = reserved ?? allocator.allocatedRuns(in: slots).randomElement()?.randomElement()
+            guard let slot else { continue }
+            let offset = UInt64((slot - first) * slotSize)
+            var pattern = UInt64.random(in: 1 ... .max)
+            for word in 0..<(slotSize / 8) {
+                pattern = pattern &* 6364136223846793005 &+ 1442695040888963407
+                written.storeBytes(of: pattern, toByteOffset: word * 8, as: UInt64.self)
+            }
+            let (status, elapsed, intact): (Int32, UInt64, Bool) = migrationGate.withReadLock {
+                var status: Int32 = 0
+                if reserved != nil {
+                    var write = RemoteOperation(write: true, slab: mapped.slab, offset: offset, length: slotSize, buffer: written)
+                    _ = withUnsafeMutablePointer(to: &write) { client.execute(UnsafeMutableBufferPointer(start: $0, count: 1)) }
+                    status = write.status
+                }
+                var read = RemoteOperation(write: false, slab: mapped.slab, offset: offset, length: slotSize, buffer: readBack)
+                let started = monotonicNanoseconds()
+                if status == 0 {
+                    _ = withUnsafeMutablePointer(to: &read) { client.execute(UnsafeMutableBufferPointer(start: $0, count: 1)) }
+                    status = read.status
+                }
+                let elapsed = monotonicNanoseconds() &- started
+                return (status, elapsed, reserved == nil || memcmp(written, readBack, slotSize) == 0)
+            }
+            if let reserved { allocator.release(Extent(firstSlot: UInt32(reserved), slotCount: 1)) }
+            if reserved == nil { canaryReadsOnly.wrappingIncrement(ordering: .relaxed) }
+            canaries.wrappingIncrement(ordering: .relaxed)
+            // A daemon that died meanwhile (or moved on) is the fleet's business, not a canary's.
+            guard fleet.isCurrent(daemon, epoch: mapped.epoch) else { continue }
+            if status != 0 || !intact {
+                canaryFailures.wrappingIncrement(ordering: .relaxed)
+                Counter(label: "spillway_remote_canary_failures", dimensions: [("tier", descriptor.name)]).increment()
+                logger.error("canary failed: the daemon returned an error or wrong bytes", metadata: [
+                    "tier": "\(descriptor.name)", "daemon": "\(fleet.name(daemon))", "slab": "\(mapped.slab)", "status": "\(status)"])
+                fleet.markDraining(daemon, for: drainSeconds,
+                                   reason: status == 0 ? "a canary page read back different bytes" : "a canary I/O failed (errno \(status))")
+                drained.append(daemon)
+                continue
+            }
+            canaryJudge.withLock { $0.record(daemon, nanoseconds: elapsed) }
+        }
+        for outlier in canaryJudge.withLock({ $0.endRound() }) {
+            logger.warning("canary: daemon is much slower than its peers; suspect", metadata: [
+                "tier": "\(descriptor.name)", "daemon": "\(fleet.name(outlier.daemon))",
+                "p99_us": "\(outlier.p99 / 1000)", "median_us": "\(outlier.median / 1000)", "rounds": "\(outlier.strikes)"])
+            fleet.markDraining(outlier.daemon, for: drainSeconds,
+                               reason: "canary p99 \(outlier.p99 / 1000) µs, over 4× the fleet's median \(outlier.median / 1000) µs")
+            drained.append(outlier.daemon)
+        }
+        return drained
     }
 
     public func close() {

@@ -95,6 +95,10 @@ public final class RemoteMemoryServer: @unchecked Sendable {
         var tenantNames: [String] = []
         var connections: [ObjectIdentifier: Connection] = [:]
         var revokedFor: [String: Set<UInt32>] = [:]
+        /// Maintenance drain (`beginMaintenanceDrain`): since when (nil: not draining), and when
+        /// the tenants were last asked to move their slabs.
+        var maintenanceSince: Double?
+        var maintenanceNoticeAt: Double = 0
 
         mutating func id(of tenant: String) -> UInt32 {
             if let id = tenantIDs[tenant] { return id }
@@ -884,6 +888,9 @@ public final class RemoteMemoryServer: @unchecked Sendable {
     private func mapSlab(for tenant: String, id: UInt32, rma: Bool) -> Result<Wire.MapReply, Wire.ErrorReply> {
         state.withLock { state in
             sweepDraining(&state)
+            guard state.maintenanceSince == nil else {
+                return .failure(Wire.ErrorReply(.noCapacity, "the daemon is draining for maintenance: it lends no new slabs"))
+            }
             // Free, not merely unlent: a retired slab that a reply still pins holds memory too.
             guard let index = state.free.last else {
                 return .failure(Wire.ErrorReply(.noCapacity, "all \(totalSlabs) slabs are lent"))
@@ -971,6 +978,58 @@ public final class RemoteMemoryServer: @unchecked Sendable {
             expireLeases()
             enforceDeadlines()
             if configuration.headroom > 0 { checkHeadroom() }
+            remindDrainingTenants()
+        }
+    }
+
+    // MARK: Maintenance drain
+
+    /// Starts a maintenance drain (an operator's `spillway cluster drain`, seen through the
+    /// registry): the daemon lends no new slab and asks every tenant to move each slab it
+    /// holds elsewhere (a reclaim notice per slab, repeated every `drainReminder` seconds for
+    /// the slabs still lent). Unlike a memory-pressure reclaim nothing is revoked: the pages
+    /// stay served until their tenant has moved them, so a drain loses nothing. The daemon is
+    /// empty (`maintenanceDrained`) once no slab is lent. Idempotent.
+    public func beginMaintenanceDrain() {
+        let started = state.withLock { state -> Bool in
+            guard state.maintenanceSince == nil else { return false }
+            state.maintenanceSince = Self.now()
+            state.maintenanceNoticeAt = 0
+            return true
+        }
+        guard started else { return }
+        logger.notice("maintenance drain: lending no new slabs; asking tenants to move theirs", metadata: [
+            "slabs_lent": "\(snapshot().slabsLent)"])
+        remindDrainingTenants()
+    }
+
+    /// Seconds between the reminders a maintenance drain sends for slabs still lent.
+    static let drainReminder: Double = 5
+
+    /// Whether a maintenance drain is under way, and whether it is done (no slab lent).
+    public var maintenanceDraining: Bool { state.withLock { $0.maintenanceSince != nil } }
+    public var maintenanceDrained: Bool { state.withLock { $0.maintenanceSince != nil && $0.lentSlabs == 0 } }
+
+    /// During a maintenance drain: a reclaim notice for every slab still lent, at most every
+    /// `drainReminder` seconds (a tenant that had nowhere to move it may have room now).
+    private func remindDrainingTenants() {
+        let now = Self.now()
+        let notices: [(Connection, UInt32)] = state.withLock { state in
+            guard state.maintenanceSince != nil, now - state.maintenanceNoticeAt >= Self.drainReminder else { return [] }
+            state.maintenanceNoticeAt = now
+            var notices: [(Connection, UInt32)] = []
+            for slot in state.slots where slot.lent {
+                if let connection = state.tenants[state.name(of: slot.tenant)]?.connections.values.first {
+                    notices.append((connection, slot.slab))
+                }
+            }
+            return notices
+        }
+        for (connection, slab) in notices where !stopping.load(ordering: .relaxed) {
+            counters.reclaimNotices.wrappingIncrement(ordering: .relaxed)
+            // The deadline the notice names is advisory here: a drain never revokes.
+            let notice = Wire.Reclaim(slab: slab, deadlineMilliseconds: UInt32(Self.drainReminder * 1000))
+            workers[connection.worker].post(.notice(connection, .reclaim, notice.encode()))
         }
     }
 
@@ -1142,7 +1201,7 @@ public final class RemoteMemoryServer: @unchecked Sendable {
                                 ("handshake_timeouts", load(c.handshakeTimeouts)), ("handshake_evictions", load(c.handshakeEvictions)),
                                 ("stuck_peers", load(c.stuckPeers))])),
             ("reclaim_notices", load(c.reclaimNotices)), ("reclaims_pending", .int(snap.pendingReclaims)),
-            ("reclaims_cancelled", load(c.cancelledReclaims)),
+            ("reclaims_cancelled", load(c.cancelledReclaims)), ("draining", .bool(maintenanceDraining)),
         ]).serialized()
     }
 }
