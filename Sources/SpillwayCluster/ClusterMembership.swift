@@ -173,6 +173,24 @@ public final class ClusterMembership: Sendable {
         return health
     }
 
+    /// Every recorded verdict, by instance, in one prefix range (not one GET per daemon: a
+    /// tier's open at 1,000 daemons would be 1,000 requests). Unreadable entries are skipped
+    /// (logged, counted).
+    public func healthStates() async throws -> [String: HealthState] {
+        let result = try await client.range(prefix: keys.statePrefix)
+        var states: [String: HealthState] = [:]
+        for entry in result.entries {
+            guard let instance = keys.instance(fromKey: entry.key, prefix: keys.statePrefix),
+                  let health = HealthState(rawValue: String(decoding: entry.value, as: UTF8.self))
+            else {
+                skip(entry.key, "not a health state of a daemon instance")
+                continue
+            }
+            states[instance] = health
+        }
+        return states
+    }
+
     /// Removes a verdict (e.g. once a dead daemon's record and pages are gone).
     public func clearHealthState(instance: String) async throws {
         try await client.delete(key: try keys.stateKey(instance: instance))

@@ -36,11 +36,8 @@ public enum ClusterDirectory {
     public static func members(etcd: String, cluster: String, logger: Logger) throws -> [(record: DaemonRecord, state: HealthState?)] {
         try withMembership(etcd: etcd, cluster: cluster, logger: logger) { membership in
             let daemons = try await membership.snapshot().daemons
-            var members: [(record: DaemonRecord, state: HealthState?)] = []
-            for record in daemons.sorted(by: { $0.address < $1.address }) {
-                members.append((record, try await membership.healthState(instance: record.instance)))
-            }
-            return members
+            let states = try await membership.healthStates()
+            return daemons.sorted { $0.address < $1.address }.map { ($0, states[$0.instance]) }
         }
     }
 

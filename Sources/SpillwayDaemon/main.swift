@@ -9,6 +9,7 @@ import SpillwayCluster
 import SpillwayCommandSupport
 import SpillwayRemote
 import SpillwayServer
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -299,11 +300,21 @@ struct ClusterRegistrationService: Service {
         _ = try DaemonRecord(address: address, transports: transports, capacity: capacity, freeSlabs: 0, slabSize: slabSize,
                              failureDomain: failureDomain, instance: instance, registeredAt: registeredAt)
         let client = try EtcdClient(endpoints: endpoints, logger: logger)
+        // Every record rewrite is an event for every watching client, so the free count in it
+        // moves only in steps of 1/16 of the daemon's slabs (or when it reaches or leaves 0):
+        // slab churn does not become watch traffic (docs/operations.md, Scale).
+        let totalSlabs = Int(capacity / max(1, slabSize))
+        let reported = Mutex(server.snapshot().slabsFree)
         let registration = try DaemonRegistration(client: client, keys: keys, ttl: Int64(ttl), logger: logger) {
+            let free = reported.withLock { last -> Int in
+                let now = server.snapshot().slabsFree
+                if abs(now - last) >= max(1, totalSlabs / 16) || (now == 0) != (last == 0) || (now == totalSlabs) != (last == totalSlabs) { last = now }
+                return last
+            }
             // Cannot fail: the same fields were validated above; only the free count changes.
-            try! DaemonRecord(address: address, transports: transports, capacity: capacity,
-                              freeSlabs: UInt64(server.snapshot().slabsFree), slabSize: slabSize, failureDomain: failureDomain,
-                              instance: instance, registeredAt: registeredAt)
+            return try! DaemonRecord(address: address, transports: transports, capacity: capacity,
+                                     freeSlabs: UInt64(free), slabSize: slabSize, failureDomain: failureDomain,
+                                     instance: instance, registeredAt: registeredAt)
         }
         // `spillway cluster drain` marks the daemon `draining` in the registry: it stops
         // lending and asks its tenants to move their slabs, then leaves once empty.

@@ -117,3 +117,54 @@ extension FleetFeedTests {
     }
 }
 
+
+extension FleetFeedTests {
+    /// Maintenance: `spillway cluster drain ADDRESS` marks the daemon draining in the
+    /// registry; the daemon stops lending and asks its tenants to move their slabs, the open
+    /// remote tier moves them to the other daemons, and the daemon leaves the cluster and
+    /// exits 0 once empty. No page is lost.
+    @Test func clusterDrainEmptiesADaemonWhichThenLeaves() async throws {
+        try await withTaskExecutorPreference(ClusterExecutor()) {
+            try await drainByHand()
+        }
+    }
+
+    private func drainByHand() async throws {
+        let etcd = try await EtcdServer("drain")
+        defer { etcd.stop() }
+        let tokens = try ScratchDirectory.file("fleet-drain-tokens-\(getpid())")
+        try "feed feed-token-0123456789abcdef\n".write(toFile: tokens, atomically: true, encoding: .utf8)
+        chmod(tokens, 0o600)
+        defer { unlink(tokens) }
+        let daemons = try (0..<3).map { index in
+            try DaemonProcess(arguments: ["--token-file", tokens, "--etcd", etcd.endpoint, "--cluster", "drain", "--etcd-lease-ttl", "2",
+                                          "--failure-domain", "d\(index)"])
+        }
+        defer { for daemon in daemons { daemon.kill9() } }
+        var tier = TierConfiguration(kind: .remote, capacity: 16 << 20)
+        tier.etcd = etcd.endpoint
+        tier.cluster = "drain"
+        tier.tokenFile = tokens
+        let store = try TieredStore.open(SpillwayConfiguration(slotSize: 4096, maxPageSize: 4096, tiers: [tier]))
+        defer { store.close() }
+        let remote = try #require(store.tiers.first as? RemoteTier)
+        let seed = TestSeed.derive(41)
+        let pages = (0..<2000).map { pattern(seed &+ UInt64($0), 4096) }
+        for (value, page) in pages.enumerated() { try store.put(PageKey(UInt64(value)), bytes: page) }
+        let clients = remote.clients
+        let target = try #require((0..<3).first { daemon in remote.mappedSlabsForTest().contains { $0.daemon == daemon } })
+        let address = try #require(clients[target]?.endpoint.description)
+        let process = try #require(daemons.first { "127.0.0.1:\($0.port)" == address })
+        let drain = try runSpillway(["cluster", "drain", address, "--etcd", etcd.endpoint, "--cluster", "drain", "--timeout", "60", "--json"])
+        #expect(drain.status == 0, "\(drain.stderr)")
+        let report = try JSONValue.parse(Array(drain.stdout.utf8))
+        #expect(report["drained"] == .bool(true), "\(drain.stdout)")
+        print("cluster drain: \(drain.stdout.trimmingCharacters(in: .whitespacesAndNewlines))")
+        #expect(process.wait(seconds: 15) == 0, "the drained daemon exits by itself")
+        #expect(!remote.mappedSlabsForTest().contains { $0.daemon == target })
+        #expect(remote.failedMigrations.load(ordering: .relaxed) == 0)
+        for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page, "seed \(seed)") }
+        let members = try ClusterDirectory.members(etcd: etcd.endpoint, cluster: "drain", logger: .init(label: "t"))
+        #expect(members.count == 2 && !members.contains { $0.record.address == address })
+    }
+}

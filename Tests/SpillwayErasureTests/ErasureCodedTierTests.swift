@@ -239,6 +239,36 @@ func ecStore(_ endpoints: [Endpoint], delta: Int = 1, heartbeat: Double = 0, cap
         #expect(try store.get(PageKey(1)) == pattern(TestSeed.derive(1), 4096))
     }
 
+    /// Drain before dead: a daemon the canaries judged (here marked directly, as they do) is
+    /// drained: no new stripe goes there, and every split the tier holds on it is regenerated
+    /// on a seventh daemon, with its slab given back, while it stays alive. No page is lost
+    /// and none loses redundancy for good.
+    @Test func aDrainedDaemonsSplitsAreRegeneratedElsewhere() throws {
+        let seed = TestSeed.derive(43)
+        let servers = try startDaemons(7)
+        defer { for server in servers { server.shutdown(drain: 0) } }
+        let (store, tier) = try ecStore(servers.map { Endpoint(host: "127.0.0.1", port: $0.port) })
+        defer { store.close() }
+        let pages = (0..<50).map { pattern(seed &+ UInt64($0), 4096) }
+        for (value, page) in pages.enumerated() { try store.put(PageKey(UInt64(value)), bytes: page) }
+        let slot = Int(try #require(store.location(of: PageKey(0))).extent.firstSlot)
+        let drained = try #require(tier.daemonOf(slot: slot, split: 1))
+        let lentBefore = servers[drained].snapshot().slabsLent
+        #expect(lentBefore > 0)
+        #expect(tier.fleet.markDraining(drained, for: 60, reason: "test"))
+        var rounds = 0
+        repeat {
+            tier.drainSuspects()
+            tier.repair(budgetBytes: 64 << 20)
+            rounds += 1
+        } while servers[drained].snapshot().slabsLent > 0 && rounds < 50
+        #expect(!(0..<6).contains { tier.daemonOf(slot: slot, split: $0) == drained }, "seed \(seed)")
+        #expect(tier.fleet.isAlive(drained))
+        #expect(tier.health().degraded == 0 && tier.health().lost == 0, "\(tier.health())")
+        #expect(servers[drained].snapshot().slabsLent == 0, "its slabs were given back")
+        for (value, page) in pages.enumerated() { #expect(try store.get(PageKey(UInt64(value))) == page, "seed \(seed)") }
+    }
+
     @Test func lateBindingReadsAroundASlowDaemon() throws {
         let servers = try startDaemons(6, testFaults: true)
         defer { for server in servers { server.shutdown(drain: 0) } }
