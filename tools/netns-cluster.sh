@@ -9,6 +9,9 @@
 #   tools/netns-cluster.sh cut   PREFIX I           # partitions host I: its link goes down, its
 #                                                   # packets vanish (no reset, as a pulled cable)
 #   tools/netns-cluster.sh heal  PREFIX I
+#   tools/netns-cluster.sh slow  PREFIX I RATE      # rate-limits host I both ways (tc tbf, e.g. 2mbit;
+#                                                   # this kernel has no netem): a slow daemon
+#   tools/netns-cluster.sh fast  PREFIX I           # removes the limit
 #   tools/netns-cluster.sh probe                    # exit 0 if namespaces and veths can be made here
 #
 # PREFIX is at most 6 characters (interface names are PREFIXh12, PREFIXn12, PREFIXbr).
@@ -46,5 +49,15 @@ case "$command" in
     ;;
   cut)  ip link set "${2:?prefix}h${3:?host}" down ;;
   heal) ip link set "${2:?prefix}h${3:?host}" up ;;
+  slow)
+    prefix=${2:?prefix}; host=${3:?host}; rate=${4:?rate}
+    tc qdisc replace dev "${prefix}h$host" root tbf rate "$rate" burst 4kb latency 500ms
+    ip netns exec "$prefix$host" tc qdisc replace dev "${prefix}n$host" root tbf rate "$rate" burst 4kb latency 500ms
+    ;;
+  fast)
+    prefix=${2:?prefix}; host=${3:?host}
+    tc qdisc del dev "${prefix}h$host" root 2>/dev/null || true
+    ip netns exec "$prefix$host" tc qdisc del dev "${prefix}n$host" root 2>/dev/null || true
+    ;;
   *) echo "unknown command $command" >&2; exit 2 ;;
 esac

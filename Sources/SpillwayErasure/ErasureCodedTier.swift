@@ -870,9 +870,12 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         for (daemon, slab) in slabs { retire(daemon: daemon, slab: slab, reason: "draining a suspect daemon") }
     }
 
-    /// One canary round: on every live daemon, one split the tier stored there (a random
-    /// allocated slot of a random stripe with a current member on it), read alone and checked
-    /// against its recorded CRC32C, timed. A split that fails its check is stale (repaired)
+    /// Splits one canary reads at most (consecutive slots of one member).
+    static let canarySplits = 16
+
+    /// One canary round: on every live daemon, a run of up to `canarySplits` splits the tier
+    /// stored there (consecutive allocated slots of a random stripe with a current member on
+    /// it), read in one request, each checked against its recorded CRC32C, timed. A split that fails its check is stale (repaired)
     /// and its daemon drained; a daemon whose canary p99 (over its last 32) is more than 4×
     /// the fleet's median (and over 1 ms), with a slow read this round too, in two rounds
     /// running, is drained (`CanaryJudge`, `DaemonFleet.markDraining`): suspect, no new
@@ -883,7 +886,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         let snapshot = snapshot()
         let clients = self.clients
         var suspects: [Int] = []
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: splitSize, alignment: 64)
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.canarySplits * splitSize, alignment: 64)
         defer { buffer.deallocate() }
         // Per daemon, the stripes with a current, fully rebuilt member on it: one pass.
         var candidates = [[(stripe: Int, split: Int)]](repeating: [], count: fleet.count)
@@ -901,31 +904,44 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             for (stripeIndex, split) in candidates[daemon].shuffled().prefix(4) where !checked {
                 let first = stripeIndex * slotsPerStripe
                 let runs = allocator.allocatedRuns(in: first..<min(first + slotsPerStripe, descriptor.capacitySlots))
-                guard let run = runs.randomElement(), let slot = run.randomElement() else { continue }
+                guard let run = runs.randomElement(), let start = run.randomElement() else { continue }
+                // Up to `canarySplits` consecutive splits in one read: a canary that moves some
+                // bytes feels a rate-limited link (a single small reply slips through a token
+                // bucket's burst) and checks more splits per round.
+                let count = min(Self.canarySplits, run.upperBound - start)
                 let member = snapshot.stripes[stripeIndex].members[split]
-                let local = slot - first
-                var operation = RemoteOperation(write: false, slab: member.slab, offset: UInt64(local * splitSize), length: splitSize,
-                                                buffer: buffer)
-                // Shared gate: no repair chunk rewrites the split meanwhile; a put may (its CRC
-                // is recorded with the gate shared too), so a mismatch is re-checked once.
-                func read() -> (status: Int32, elapsed: UInt64, intact: Bool) {
-                    gate.withReadLock { () -> (Int32, UInt64, Bool) in
-                        guard stale(slot).load(ordering: .relaxed) & (1 << split) == 0 else { return (-1, 0, true) }
-                        let started = monotonicNanoseconds()
-                        _ = withUnsafeMutablePointer(to: &operation) { client.execute(UnsafeMutableBufferPointer(start: $0, count: 1)) }
-                        let elapsed = monotonicNanoseconds() &- started
-                        let intact = CRC32C.checksum(UnsafeRawBufferPointer(start: buffer, count: splitSize)) == splitChecksums[slot * n + split]
-                            || stale(slot).load(ordering: .relaxed) & (1 << split) != 0
-                        return (operation.status, elapsed, intact)
+                var operation = RemoteOperation(write: false, slab: member.slab, offset: UInt64((start - first) * splitSize),
+                                                length: count * splitSize, buffer: buffer)
+                // The first read holds no lock: a daemon that does not answer must not hold the
+                // gate for the I/O timeout (a repair waiting for it would stall every read).
+                // A mismatch is read again under the shared gate, where no repair chunk
+                // rewrites a split; a put may (its CRC is recorded with the gate shared too),
+                // hence the pause first. Returns the first slot whose split came back wrong.
+                func read(gated: Bool) -> (status: Int32, elapsed: UInt64, wrong: Int?) {
+                    gated ? gate.withReadLock { attempt() } : attempt()
+                }
+                func attempt() -> (status: Int32, elapsed: UInt64, wrong: Int?) {
+                    func isStale(_ slot: Int) -> Bool { stale(slot).load(ordering: .relaxed) & (1 << split) != 0 }
+                    guard (start..<(start + count)).contains(where: { !isStale($0) }) else { return (-1, 0, nil) }
+                    let started = monotonicNanoseconds()
+                    _ = withUnsafeMutablePointer(to: &operation) { client.execute(UnsafeMutableBufferPointer(start: $0, count: 1)) }
+                    let elapsed = monotonicNanoseconds() &- started
+                    guard operation.status == 0 else { return (operation.status, elapsed, nil) }
+                    for slot in start..<(start + count) {
+                        let bytes = UnsafeRawBufferPointer(start: buffer + (slot - start) * splitSize, count: splitSize)
+                        if CRC32C.checksum(bytes) != splitChecksums[slot * n + split] && !isStale(slot) { return (0, elapsed, slot) }
                     }
+                    return (0, elapsed, nil)
                 }
-                var (status, elapsed, intact) = read()
-                if status == 0 && !intact {
-                    // A put may have been rewriting this slot (a fresh allocation the store has
-                    // not published yet): look once more before calling the bytes wrong.
+                var (status, elapsed, wrong) = read(gated: false)
+                if status == 0 && wrong != nil {
+                    // A put or a repair may have been rewriting this slot: look once more,
+                    // under the gate, before calling the bytes wrong.
                     usleep(5000)
-                    (status, _, intact) = read()
+                    (status, _, wrong) = read(gated: true)
                 }
+                let intact = wrong == nil
+                let slot = wrong ?? start
                 guard status != -1 else { continue }  // stale: not a fair test
                 checked = true
                 counters.canaries.wrappingIncrement(ordering: .relaxed)
@@ -1297,6 +1313,20 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
 
     /// The daemon (index into `clients`) holding split `split` of `slot`; nil if not mapped.
     public func daemonOf(slot: Int, split: Int) -> Int? { member(slot: slot, split: split)?.daemon }
+
+    /// Slabs this tier still holds on `daemon` in its current epoch: stripe members, and
+    /// retired slabs not yet given back (a drain is over when this is 0).
+    public func slabsHeld(on daemon: Int) -> Int {
+        let epoch = fleet.snapshot().epoch[daemon]
+        return map.withLock { map in
+            map.stripes.reduce(0) { total, stripe in
+                total + stripe.members.reduce(0) { count, member in
+                    count + (member.daemon == daemon && member.epoch == epoch ? 1 : 0)
+                        + (member.retired.map { $0.daemon == daemon && $0.epoch == epoch } == true ? 1 : 0)
+                }
+            }
+        }
+    }
 
     private func member(slot: Int, split: Int) -> Member? {
         guard slot >= 0, slot < descriptor.capacitySlots, split >= 0, split < n else { return nil }

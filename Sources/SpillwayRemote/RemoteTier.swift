@@ -610,7 +610,10 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
                 pattern = pattern &* 6364136223846793005 &+ 1442695040888963407
                 written.storeBytes(of: pattern, toByteOffset: word * 8, as: UInt64.self)
             }
-            let (status, elapsed, intact): (Int32, UInt64, Bool) = migrationGate.withReadLock {
+            // No lock held over the I/O: a daemon that does not answer must not hold the
+            // migration gate for the I/O timeout (a migration waiting for it would stall every
+            // batch). A slab moved meanwhile is noticed below and the canary not judged.
+            let (status, elapsed, intact): (Int32, UInt64, Bool) = {
                 var status: Int32 = 0
                 if reserved != nil {
                     var write = RemoteOperation(write: true, slab: mapped.slab, offset: offset, length: slotSize, buffer: written)
@@ -625,12 +628,13 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
                 }
                 let elapsed = monotonicNanoseconds() &- started
                 return (status, elapsed, reserved == nil || memcmp(written, readBack, slotSize) == 0)
-            }
+            }()
             if let reserved { allocator.release(Extent(firstSlot: UInt32(reserved), slotCount: 1)) }
+            // A slab moved meanwhile, or a daemon that died (the fleet's business), is no test.
+            let moved = map.withLock { $0.slabs[index].daemon != mapped.daemon || $0.slabs[index].slab != mapped.slab }
+            guard !moved, fleet.isCurrent(daemon, epoch: mapped.epoch) else { continue }
             if reserved == nil { canaryReadsOnly.wrappingIncrement(ordering: .relaxed) }
             canaries.wrappingIncrement(ordering: .relaxed)
-            // A daemon that died meanwhile (or moved on) is the fleet's business, not a canary's.
-            guard fleet.isCurrent(daemon, epoch: mapped.epoch) else { continue }
             if status != 0 || !intact {
                 canaryFailures.wrappingIncrement(ordering: .relaxed)
                 Counter(label: "spillway_remote_canary_failures", dimensions: [("tier", descriptor.name)]).increment()

@@ -10,7 +10,9 @@ import Testing
 // running client sees joins and leaves, that a SIGKILLed daemon's lease expiry removes it and
 // repair rebuilds its splits, that a partitioned daemon (its link down: packets vanish, no
 // reset) does not hang reads and is repaired around, and that after the partition heals the
-// daemon rejoins under a new epoch — 0 pages lost, 0 served wrong.
+// daemon rejoins under a new epoch — 0 pages lost, 0 served wrong. Then a daemon slowed by
+// `tc tbf` is found by the canaries (a latency outlier) and drained: its splits move to its
+// peers while it stays alive; and `spillway cluster drain` empties another, which then leaves.
 
 private let harness: String = {
     var directory = URL(fileURLWithPath: #filePath)
@@ -62,6 +64,13 @@ private final class HostProcess {
 
     func signal(_ signal: Int32) { kill(process.processIdentifier, signal) }
 
+    /// Its exit status once it exits within `seconds`, else nil.
+    func wait(seconds: Double) -> Int32? {
+        guard secondsUntil(seconds, { !process.isRunning }) != nil else { return nil }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
     func stop() {
         signal(SIGKILL)
         process.waitUntilExit()
@@ -70,7 +79,7 @@ private final class HostProcess {
 
 
 
-@Suite(.serialized, .timeLimit(.minutes(4)), .enabled(if: netnsUnavailable == nil, Comment(rawValue: netnsUnavailable ?? "")))
+@Suite(.serialized, .timeLimit(.minutes(6)), .enabled(if: netnsUnavailable == nil, Comment(rawValue: netnsUnavailable ?? "")))
 struct ClusterNetnsTests {
     @Test func joinsLeavesKillsAndPartitionsAcrossHosts() throws {
         let prefix = "spw\(getpid() % 1000)"
@@ -116,6 +125,9 @@ struct ClusterNetnsTests {
         tier.etcd = etcdURL
         tier.cluster = "netns"
         tier.tokenFile = tokens
+        // A drained (slow) daemon may be chosen again after 10 s: the by-hand drain below
+        // needs its failure domain's third daemon.
+        tier.drainSeconds = 10
         let store = try TieredStore.open(SpillwayConfiguration(slotSize: 4096, maxPageSize: 4096, tiers: [tier]))
         defer { store.close() }
         let coded = try #require(store.tiers.first as? ErasureCodedTier)
@@ -171,5 +183,48 @@ struct ClusterNetnsTests {
         for value in 0..<50 { try store.put(PageKey(UInt64(1000 + value)), bytes: pattern(seed &+ 1000 &+ UInt64(value), 4096)) }
         for value in 0..<50 { #expect(try store.get(PageKey(UInt64(1000 + value))) == pattern(seed &+ 1000 &+ UInt64(value), 4096)) }
         #expect(coded.health().lost == 0)
+
+        // Slow: host 4 (r2, which has two other daemons to take its splits) rate-limited to
+        // 2 Mbit/s both ways. The canaries (every 2 s) find it an outlier twice running and
+        // drain it: its splits are regenerated on r2's others, while it stays alive.
+        let clients = coded.clients
+        func index(_ host: Int) -> Int? { clients.firstIndex { $0?.endpoint.description == "\(address(host)):7450" } }
+        let slow = try #require(index(4))
+        func splitsOn(_ daemon: Int) -> Int {
+            var count = 0
+            for value in pages.indices {
+                guard let slot = store.location(of: PageKey(UInt64(value)))?.extent.firstSlot else { continue }
+                count += (0..<6).filter { coded.daemonOf(slot: Int(slot), split: $0) == daemon }.count
+            }
+            return count
+        }
+        #expect(splitsOn(slow) > 0)
+        let drainedBefore = coded.fleet.daemonsDrained.load(ordering: .relaxed)
+        #expect(run(harness, ["slow", prefix, "4", "2mbit"]) == 0)
+        defer { run(harness, ["fast", prefix, "4"]) }
+        let detected = secondsUntil(30) { coded.fleet.daemonsDrained.load(ordering: .relaxed) > drainedBefore }
+        print("netns: slow daemon (tbf 2mbit) judged an outlier and drained after \(detected.map { String(format: "%.2f s", $0) } ?? "never")")
+        #expect(detected != nil)
+        #expect(coded.fleet.drainingDaemons() == [slow])
+        let moved = secondsUntil(60) { coded.slabsHeld(on: slow) == 0 && coded.health().degraded == 0 }
+        print("netns: its splits regenerated elsewhere after \(moved.map { String(format: "%.2f s", $0) } ?? "never") more")
+        #expect(moved != nil, "\(coded.slabsHeld(on: slow)) slabs still held on the slow daemon; \(coded.health())")
+        #expect(splitsOn(slow) == 0)
+        #expect(coded.fleet.isAlive(slow), "drained, not declared dead")
+        #expect(run(harness, ["fast", prefix, "4"]) == 0)
+        #expect(readAll() == (0, 0))
+
+        // By hand: `spillway cluster drain` empties host 8 (r2); the client moves its splits
+        // (to host 4 once its drain has run out: r2 has no other room), and host 8 leaves.
+        let drainedHost = try #require(index(8))
+        #expect(splitsOn(drainedHost) > 0)
+        let drain = try runSpillway(["cluster", "drain", "\(address(8)):7450", "--etcd", etcdURL, "--cluster", "netns", "--timeout", "90", "--json"])
+        print("netns: cluster drain: \(drain.stdout.trimmingCharacters(in: .whitespacesAndNewlines))")
+        #expect(drain.status == 0, "\(drain.stderr)")
+        #expect(daemons[8]!.wait(seconds: 15) == 0, "the drained daemon exits by itself")
+        daemons[8] = nil
+        #expect(splitsOn(drainedHost) == 0)
+        #expect(readAll() == (0, 0))
+        #expect(secondsUntil(30) { coded.health().degraded == 0 && coded.health().lost == 0 } != nil, "\(coded.health())")
     }
 }
