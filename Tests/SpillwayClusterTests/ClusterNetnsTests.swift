@@ -163,7 +163,9 @@ struct ClusterNetnsTests {
         print("netns: SIGKILLed daemon gone after \(left.map { String(format: "%.2f s", $0) } ?? "never")")
         #expect(left != nil)
         #expect(readAll() == (0, 0))
-        #expect(secondsUntil(60) { coded.health().degraded == 0 && coded.health().lost == 0 } != nil, "\(coded.health())")
+        let repaired = secondsUntil(60) { coded.health().degraded == 0 && coded.health().lost == 0 }
+        print("netns: \(pages.count) pages at full redundancy again \(repaired.map { String(format: "%.2f s", $0) } ?? "never") after the reads")
+        #expect(repaired != nil, "\(coded.health())")
 
         // Partition host 3 (link down: no reset): reads finish without it, it is judged dead
         // (heartbeat, then its lease), and repair works around it.
@@ -171,8 +173,11 @@ struct ClusterNetnsTests {
         let readStarted = monotonicNanoseconds()
         #expect(readAll() == (0, 0))
         print("netns: 200 reads during the partition took \(Double(monotonicNanoseconds() - readStarted) / 1e9) s")
-        #expect(secondsUntil(20) { coded.liveDaemons == 6 } != nil)
-        #expect(secondsUntil(60) { coded.health().degraded == 0 && coded.health().lost == 0 } != nil, "\(coded.health())")
+        let judged = secondsUntil(20) { coded.liveDaemons == 6 }
+        let repairedAfterCut = secondsUntil(60) { coded.health().degraded == 0 && coded.health().lost == 0 }
+        print("netns: partitioned daemon judged dead \(judged.map { String(format: "%.2f s", $0) } ?? "never") after the reads, full redundancy \(repairedAfterCut.map { String(format: "%.2f s", $0) } ?? "never") later")
+        #expect(judged != nil)
+        #expect(repairedAfterCut != nil, "\(coded.health())")
 
         // Heal: the daemon re-registers and rejoins under a new epoch; its old slabs are never
         // used (their splits were rebuilt elsewhere), nothing is lost or wrong.
