@@ -315,13 +315,15 @@ public enum BenchRunner {
             }
             if timed {
                 now = monotonicNanoseconds()
-                if windowed {
+                if queueDepth > 1 {
+                    // Each request's own latency (submission to its completion), which every
+                    // tier reports for batch calls; never the batch's time spread evenly.
                     for index in 0..<batchSize {
                         let latency = isRead ? reads[index].latencyNanoseconds : writes[index].latencyNanoseconds
                         if latency > 0 { _ = histogram.record(latency) }
                     }
                 } else {
-                    _ = histogram.record(now - before, count: UInt64(queueDepth))
+                    _ = histogram.record(now - before)
                 }
             }
             ops += batchSize

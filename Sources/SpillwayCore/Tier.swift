@@ -145,6 +145,11 @@ public final class TierBatch: @unchecked Sendable {
     /// that queue (NVMe) keep the window full, refilling as I/Os complete, so a large batch runs
     /// at a sustained queue depth instead of draining in waves.
     public var maxInFlight = 0
+    /// When set, an I/O a tier completes without timing it itself gets completion time −
+    /// submission time as its latency (one clock read per I/O): what each page waited, not
+    /// the batch's time divided evenly. The store sets it for its batch calls.
+    public var timesCompletions = false
+    @usableFromInline var submittedAt: UInt64 = 0
     @usableFromInline let pending = ManagedAtomic<Int>(0)
     @usableFromInline let done = DispatchSemaphore(value: 0)
     /// Set by `beginSubmission(inline:)`; while set, completions count down `inlinePending`
@@ -167,6 +172,7 @@ public final class TierBatch: @unchecked Sendable {
     public func reset() {
         setCount(0)
         maxInFlight = 0
+        timesCompletions = false
     }
 
     @usableFromInline func setCount(_ value: Int) { count = value }
@@ -194,6 +200,7 @@ public final class TierBatch: @unchecked Sendable {
     @inlinable
     public func complete(_ index: Int, status: Int32) {
         entries[index].status = status
+        stampCompletion(index)
         finishOne()
     }
 
@@ -207,7 +214,18 @@ public final class TierBatch: @unchecked Sendable {
 
     /// Completes an I/O with the status already recorded (0 unless `setStatus` said otherwise).
     @inlinable
-    public func finish(_ index: Int) { finishOne() }
+    public func finish(_ index: Int) {
+        stampCompletion(index)
+        finishOne()
+    }
+
+    /// The I/O's latency, if the batch is timed and the tier did not record one.
+    @inlinable
+    func stampCompletion(_ index: Int) {
+        if timesCompletions && entries[index].latencyNanoseconds == 0 {
+            entries[index].latencyNanoseconds = max(1, monotonicNanoseconds() &- submittedAt)
+        }
+    }
 
     @inlinable
     func finishOne() {
@@ -226,6 +244,7 @@ public final class TierBatch: @unchecked Sendable {
             entries[index].status = 0
             entries[index].latencyNanoseconds = 0
         }
+        if timesCompletions { submittedAt = monotonicNanoseconds() }
         self.inline = inline
         if inline {
             inlinePending = count

@@ -418,6 +418,8 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         var offset: Int
         var bytes: Int
         var write: Bool
+        /// When the exchange finished with it (its last needed reply), for its I/O's latency.
+        var finishedAt: UInt64 = 0
         /// Reads: splits arrived valid; writes: splits acknowledged.
         var good: UInt32 = 0
         var requested: UInt32 = 0
@@ -448,10 +450,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             for index in 0..<batch.count { batch.setStatus(index, ESHUTDOWN) }
             return
         }
-        let started = monotonicNanoseconds()
         gate.withReadLock { run(batch) }
-        let elapsed = monotonicNanoseconds() &- started
-        for index in 0..<batch.count { batch.setLatency(index, nanoseconds: elapsed / UInt64(max(1, batch.count))) }
     }
 
     /// Pages of `io` (slots it spans), or nil if the I/O is malformed.
@@ -464,6 +463,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     }
 
     private func run(_ batch: TierBatch) {
+        let started = monotonicNanoseconds()
         var unitTotal = 0
         for index in 0..<batch.count {
             let io = batch[index]
@@ -476,13 +476,14 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         }
         guard unitTotal > 0 else { return }
         ErasureScratch.withCurrent(units: unitTotal, n: n, splitSize: splitSize, daemons: fleet.count) { scratch in
-            run(batch, scratch)
+            run(batch, scratch, started: started)
         }
     }
 
     /// One batch, planned and exchanged in the thread's scratch (no allocation once it has
     /// grown to the batch: a degraded read's first decode of a pattern builds its plan).
-    private func run(_ batch: TierBatch, _ scratch: ErasureScratch) {
+    /// Each I/O's latency is its own: submission to its last unit's reply (or decode).
+    private func run(_ batch: TierBatch, _ scratch: ErasureScratch, started: UInt64) {
         let clients = self.clients
         let units = scratch.units
         var unitCount = 0
@@ -650,7 +651,15 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             }
             if unit.degraded { degradedCount += 1 }
             memcpy(batch[unit.io].buffer! + unit.offset, base, unit.bytes)
+            stamp(unit, decoded: unit.good & dataMask != dataMask)
         }
+        /// The I/O waited until its slowest unit finished (a decode ends when it is done).
+        func stamp(_ unit: Unit, decoded: Bool) {
+            let end = decoded || unit.finishedAt == 0 ? monotonicNanoseconds() : unit.finishedAt
+            let waited = max(1, end &- started)
+            if waited > batch[unit.io].latencyNanoseconds { batch.setLatency(unit.io, nanoseconds: waited) }
+        }
+        for u in 0..<unitCount where units[u].write && units[u].status == 0 { stamp(units[u], decoded: false) }
     }
 
     /// The splits of `slot` worth reading, as a mask (bit i = split i): member alive, rebuilt
@@ -775,6 +784,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     // every request it made is answered.
                     if !units[u].done && (units[u].answered == units[u].issued || (!units[u].write && units[u].good.nonzeroBitCount >= k)) {
                         units[u].done = true
+                        units[u].finishedAt = monotonicNanoseconds()
                         if units[u].write { writesPending -= 1 } else { readsPending -= 1 }
                     }
                 }

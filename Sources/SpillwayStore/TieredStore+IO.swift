@@ -164,6 +164,7 @@ extension TieredStore {
             let batch = ThreadBatch.current()
             for tierIndex in tiers.indices {
                 batch.reset()
+                batch.timesCompletions = true  // each request gets what it waited
                 for index in requests.indices {
                     guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
                     batch.append(TierIO(operation: .write, extent: plan.location.extent,
@@ -312,6 +313,7 @@ extension TieredStore {
             var succeeded = 0
             for tierIndex in tiers.indices {
                 batch.reset()
+                batch.timesCompletions = true  // each request gets what it waited
                 for index in requests.indices {
                     guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
                     batch.append(TierIO(operation: .read, extent: snapshot.location.extent,

@@ -62,7 +62,19 @@ import Testing
         for index in 0..<21 {
             reads.initializeElement(at: index, to: PageRead(key: PageKey(UInt64(index)), buffer: UnsafeMutableRawBufferPointer(start: buffers + index * 4096, count: 4096)))
         }
+        let before = monotonicNanoseconds()
         #expect(store.get(batch: reads) == 20)
+        let wall = monotonicNanoseconds() - before
+        // Every read reports what it waited, within the call: submission to its completion,
+        // in completion order on an inline tier (never the call's time spread evenly).
+        var previous: [Int: UInt64] = [:]
+        for index in 0..<20 {
+            let latency = reads[index].latencyNanoseconds
+            #expect(latency > 0 && latency <= wall, "read \(index): \(latency) ns of a \(wall) ns call")
+            guard let tier = store.location(of: PageKey(UInt64(index)))?.tier else { continue }
+            if let last = previous[tier] { #expect(latency >= last, "completions of one inline tier come in order") }
+            previous[tier] = latency
+        }
         for index in 0..<20 {
             #expect(reads[index].length == pages[index].count)
             #expect(Array(UnsafeRawBufferPointer(start: reads[index].buffer.baseAddress, count: reads[index].length)) == pages[index])
