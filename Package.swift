@@ -299,7 +299,7 @@ let package = Package(
         .testTarget(name: "SpillwayWeightsTests", dependencies: ["SpillwayPolicy", "SpillwayWeights", "SpillwayKV", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
         .testTarget(name: "SpillwayErasureTests", dependencies: ["SpillwayErasure", "SpillwayRemote", "SpillwayServer", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayMemoryTiersTests", dependencies: ["SpillwayMemoryTiers", .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayPolicy", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe"]),
+        .testTarget(name: "SpillwayStoreTests", dependencies: ["SpillwayPolicy", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayNVMe", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayNVMeTests", dependencies: ["SpillwayNVMe", "SpillwayStore", "SpillwayMemoryTiers", "SpillwayTestSupport"]),
         .testTarget(name: "SpillwayTests", dependencies: [
             "SpillwayServer",

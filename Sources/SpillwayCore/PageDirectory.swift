@@ -51,6 +51,15 @@ public struct PageSnapshot: Sendable, Equatable {
 /// store calls `insert` after the write completed), so a failed or in-progress store is never
 /// visible.
 ///
+/// **Optimistic reads** (`optimisticRead`): each shard has a sequence count, odd while a
+/// change to its table is under way and bumped twice per change (a seqlock). A reader takes
+/// the count, finds and copies the entry and its bytes without the lock, then checks that the
+/// count did not move: an extent is only released after a change to its entry (replace,
+/// remove, move), which bumps the count first, so an unchanged count proves the bytes copied
+/// were the entry's all along. A moved count means: try again, then take the locked path.
+/// Racy reads of an entry are bounds-checked before use (a torn extent never leaves the
+/// tier's memory) and thrown away when the count moved.
+///
 /// `@unchecked Sendable`: the shard mutexes and tables live in raw memory allocated in init and
 /// freed in deinit (so a lookup pays no reference counting); each table is only touched inside
 /// `withShard`, under its mutex. Clocks and counters are atomics.
@@ -59,6 +68,13 @@ public final class PageDirectory: @unchecked Sendable {
     @usableFromInline static let shardShift: UInt64 = 58
 
     private let shardMutexes: UnsafeMutablePointer<pthread_mutex_t>
+    /// Per shard, its seqlock count (see *Optimistic reads*), one per cache line so readers of
+    /// one shard never share a line with another shard's writer.
+    private let shardSequences: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    /// Per shard and tier, reads served by the optimistic path and their bytes (atomics: those
+    /// reads hold no lock), at `(shard * tiers + tier) * 8` (one line per shard and tier).
+    private let optimisticCounts: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
+    private static let sequenceStride = 8
     private let shardTables: UnsafeMutablePointer<ShardTable>
     private let tableRegion: MappedRegion
     private let tierCapacities: [Int]
@@ -79,6 +95,10 @@ public final class PageDirectory: @unchecked Sendable {
         let shardBytes = entries * MemoryLayout<PageEntry>.stride
         tableRegion = try MappedRegion(byteCount: shardBytes * Self.shardCount, prefault: false)
         shardMutexes = .allocate(capacity: Self.shardCount)
+        shardSequences = .allocate(capacity: Self.shardCount * Self.sequenceStride)
+        shardSequences.initialize(repeating: UnsafeAtomic<UInt64>.Storage(0), count: Self.shardCount * Self.sequenceStride)
+        optimisticCounts = .allocate(capacity: Self.shardCount * max(1, tierCapacities.count) * 8)
+        optimisticCounts.initialize(repeating: UnsafeAtomic<Int>.Storage(0), count: Self.shardCount * max(1, tierCapacities.count) * 8)
         shardTables = .allocate(capacity: Self.shardCount)
         for index in 0..<Self.shardCount {
             (shardMutexes + index).initialize(to: pthread_mutex_t())
@@ -104,21 +124,88 @@ public final class PageDirectory: @unchecked Sendable {
         }
         shardTables.deallocate()
         shardMutexes.deallocate()
+        shardSequences.deallocate()
+        optimisticCounts.deallocate()
         versionClock.destroy()
     }
 
-    /// Runs `body` on shard `index`'s table under its mutex (a pthread mutex, like `Locked`,
-    /// so ThreadSanitizer sees the ordering).
     @inline(__always)
-    private func withShard<R>(index: Int, _ body: (inout ShardTable) -> R) -> R {
+    private func sequence(_ shard: Int) -> UnsafeAtomic<UInt64> { UnsafeAtomic(at: shardSequences + shard * Self.sequenceStride) }
+
+    /// Runs `body` on shard `index`'s table under its mutex (a pthread mutex, like `Locked`,
+    /// so ThreadSanitizer sees the ordering). A body that may change an entry's key, place,
+    /// length or flags (`mutates`, the default) runs inside the shard's seqlock write, so
+    /// optimistic readers notice; only bodies that touch nothing they read pass false.
+    @inline(__always)
+    private func withShard<R>(index: Int, mutates: Bool = true, _ body: (inout ShardTable) -> R) -> R {
         pthread_mutex_lock(shardMutexes + index)
         defer { pthread_mutex_unlock(shardMutexes + index) }
+        guard mutates else { return body(&shardTables[index]) }
+        let count = sequence(index)
+        count.wrappingIncrement(ordering: .relaxed)
+        atomicMemoryFence(ordering: .releasing)
+        defer { count.wrappingIncrement(ordering: .releasing) }
         return body(&shardTables[index])
     }
 
     @inline(__always)
-    private func withShard<R>(_ hash: UInt64, _ body: (inout ShardTable) -> R) -> R {
-        withShard(index: Self.shardIndex(hash), body)
+    private func withShard<R>(_ hash: UInt64, mutates: Bool = true, _ body: (inout ShardTable) -> R) -> R {
+        withShard(index: Self.shardIndex(hash), mutates: mutates, body)
+    }
+
+    // MARK: Optimistic lookup
+
+    /// Tests only (set before the directory is shared): runs on the reader's thread between
+    /// an optimistic lookup and its copy, to force the races the seqlock must catch.
+    public var beforeOptimisticCopy: ((PageSnapshot) -> Void)?
+
+    /// Reads `key`'s entry without the shard lock and runs `body` on it (which copies the
+    /// page's bytes and returns what it read, or nil to decline); returns `body`'s result if
+    /// the entry was stable throughout (see *Optimistic reads*), nil otherwise — the key is
+    /// absent, the entry is corrupt, `body` declined, or changes kept racing it `attempts`
+    /// times: the caller takes the locked path, which gives every answer its proper error.
+    /// `body` must check the snapshot's extent against its tier before touching memory: a
+    /// torn read can hand it any values (it is called again, or its result dropped).
+    @inline(__always)
+    public func optimisticRead<R>(_ key: PageKey, attempts: Int = 2, _ body: (PageSnapshot) -> R?) -> R? {
+        let hash = key.mixedHash
+        let shard = Self.shardIndex(hash)
+        let count = sequence(shard)
+        let entries = shardTables[shard].entries
+        let mask = shardTables[shard].mask
+        for _ in 0..<attempts {
+            let before = count.load(ordering: .acquiring)
+            guard before & 1 == 0 else { continue }
+            // A bounded probe: a table changing under us may have no empty line in reach.
+            var index = Int(truncatingIfNeeded: hash) & mask
+            var found: PageEntry?
+            for _ in 0...mask {
+                let entry = entries[index]
+                guard entry.flags & PageEntry.occupied != 0 else { break }
+                if entry.key == key {
+                    found = entry
+                    break
+                }
+                index = (index + 1) & mask
+            }
+            guard let entry = found, !entry.isCorrupt, Int(entry.tier) < tierCapacities.count,
+                  Int(entry.extent.endSlot) <= tierCapacities[Int(entry.tier)]
+            else {
+                atomicMemoryFence(ordering: .acquiring)
+                if count.load(ordering: .relaxed) == before { return nil }  // truly absent or corrupt
+                continue
+            }
+            if let hook = beforeOptimisticCopy { hook(entry.snapshot) }
+            let result = body(entry.snapshot)
+            atomicMemoryFence(ordering: .acquiring)
+            guard count.load(ordering: .relaxed) == before else { continue }
+            guard let result else { return nil }
+            let counters = optimisticCounts + (shard * tierCapacities.count + Int(entry.tier)) * 8
+            UnsafeAtomic<Int>(at: counters).wrappingIncrement(ordering: .relaxed)
+            UnsafeAtomic<Int>(at: counters + 1).wrappingIncrement(by: Int(entry.length), ordering: .relaxed)
+            return result
+        }
+        return nil
     }
 
     // MARK: Lookup
@@ -126,14 +213,14 @@ public final class PageDirectory: @unchecked Sendable {
     /// The current entry for `key`, without side effects.
     public func snapshot(of key: PageKey) -> PageSnapshot? {
         let hash = key.mixedHash
-        return withShard(hash) { table in
+        return withShard(hash, mutates: false) { table in
             table.find(key, hash: hash).map { table.entries[$0].snapshot }
         }
     }
 
     public func contains(_ key: PageKey) -> Bool {
         let hash = key.mixedHash
-        return withShard(hash) { table in
+        return withShard(hash, mutates: false) { table in
             guard let index = table.find(key, hash: hash) else { return false }
             return !table.entries[index].isCorrupt
         }
@@ -147,7 +234,8 @@ public final class PageDirectory: @unchecked Sendable {
     @inline(__always)
     public func beginRead(_ key: PageKey) throws(SpillwayError) -> PageSnapshot? {
         let hash = key.mixedHash
-        let result: Result<PageSnapshot?, SpillwayError> = withShard(hash) { table in
+        // Reader counts and read counters are nothing an optimistic reader looks at.
+        let result: Result<PageSnapshot?, SpillwayError> = withShard(hash, mutates: false) { table in
             guard let index = table.find(key, hash: hash) else { return .success(nil) }
             guard table.entries[index].readers < .max else {
                 return .failure(.invalidArgument("page \(key) has \(UInt16.max) reads in flight"))
@@ -159,16 +247,32 @@ public final class PageDirectory: @unchecked Sendable {
         return try result.get()
     }
 
+    /// Reads served by `optimisticRead` (no lock), over all shards and tiers.
+    public var optimisticReads: Int {
+        var total = 0
+        for shard in 0..<Self.shardCount {
+            for tier in 0..<tierCapacities.count {
+                total += UnsafeAtomic<Int>(at: optimisticCounts + (shard * tierCapacities.count + tier) * 8).load(ordering: .relaxed)
+            }
+        }
+        return total
+    }
+
     /// Lookups served per tier and their bytes, summed over shards in one pass. Counted under the shard
     /// lock `beginRead` already holds, so the hot path pays no atomic for them.
     public func readCounters() -> [(reads: Int, bytes: Int)] {
         var totals = [(reads: Int, bytes: Int)](repeating: (0, 0), count: tierCount)
         for shard in 0..<Self.shardCount {
-            withShard(index: shard) { table in
+            withShard(index: shard, mutates: false) { table in
                 for tier in 0..<totals.count {
                     totals[tier].reads += table.readCounts[2 * tier]
                     totals[tier].bytes += table.readCounts[2 * tier + 1]
                 }
+            }
+            for tier in 0..<totals.count {
+                let counters = optimisticCounts + (shard * tierCapacities.count + tier) * 8
+                totals[tier].reads += UnsafeAtomic<Int>(at: counters).load(ordering: .relaxed)
+                totals[tier].bytes += UnsafeAtomic<Int>(at: counters + 1).load(ordering: .relaxed)
             }
         }
         return totals
@@ -179,7 +283,8 @@ public final class PageDirectory: @unchecked Sendable {
     @inline(__always)
     public func endRead(_ snapshot: PageSnapshot) -> PageLocation? {
         let hash = snapshot.key.mixedHash
-        return withShard(hash) { $0.dropReader(snapshot, hash: hash) }
+        // Releases a retired location at most: the entry a reader looks up is untouched.
+        return withShard(hash, mutates: false) { $0.dropReader(snapshot, hash: hash) }
     }
 
     // MARK: Mutation
@@ -307,7 +412,7 @@ public final class PageDirectory: @unchecked Sendable {
     @discardableResult
     public func pin(_ key: PageKey) throws(SpillwayError) -> PageSnapshot {
         let hash = key.mixedHash
-        let result: Result<PageSnapshot, SpillwayError> = withShard(hash) { table in
+        let result: Result<PageSnapshot, SpillwayError> = withShard(hash, mutates: false) { table in
             guard let index = table.find(key, hash: hash) else { return .failure(.unknownKey(key)) }
             guard table.entries[index].pinCount < .max else { return .failure(.invalidArgument("page \(key) pinned 65535 times")) }
             table.entries[index].pinCount += 1
@@ -418,7 +523,7 @@ public final class PageDirectory: @unchecked Sendable {
     public func allPages() -> [PageSnapshot] {
         var pages: [PageSnapshot] = []
         for shard in 0..<Self.shardCount {
-            withShard(index: shard) { table in
+            withShard(index: shard, mutates: false) { table in
                 for index in 0..<table.entryCount where table.entries[index].isOccupied {
                     pages.append(table.entries[index].snapshot)
                 }

@@ -93,6 +93,9 @@ public final class TieredStore: Sendable {
     /// so memory-tier hits and stores are a plain `memcpy` with no batch round trip.
     /// (Stored as addresses: raw pointers are not `Sendable`; 0 = not host memory.)
     let hostBases: [UInt]
+    /// Whether top-tier hits take `get`'s lock-free path: they need no checksum and the tier
+    /// copies inline (host memory, or the device tier's own copy).
+    let topTierOptimistic: Bool
     /// Per tier: `descriptor.recordsPageMetadata` (writes must carry key and checksum).
     let recordsMetadata: [Bool]
     let lowSlots: [Int]
@@ -149,6 +152,7 @@ public final class TieredStore: Sendable {
         topTierVerifies = tiers[0].descriptor.verifiesReads
         inlineTiers = tiers.map(\.descriptor.completesInline)
         hostBases = tiers.map { UInt(bitPattern: $0.hostMemory?.baseAddress) }
+        topTierOptimistic = !topTierVerifies && inlineTiers[0]
         recordsMetadata = tiers.map(\.descriptor.recordsPageMetadata)
         persistentTiers = tiers.indices.filter { tiers[$0].descriptor.recordsPageMetadata }
         tierCounters = tiers.map { _ in TierCounters() }
@@ -238,6 +242,34 @@ public final class TieredStore: Sendable {
     @discardableResult
     public func get(_ key: PageKey, into buffer: UnsafeMutableRawBufferPointer) throws(SpillwayError) -> Int {
         try checkOpen()
+        // A hit on a top tier in host memory that needs no verification: one optimistic
+        // lookup and one memcpy, no lock (the directory's seqlock proves the extent was the
+        // entry's throughout the copy). Anything else, or a race, takes the locked path.
+        if topTierOptimistic, let start = buffer.baseAddress {
+            let slotSize = self.slotSize
+            let base = UnsafeMutableRawPointer(bitPattern: hostBases[0])
+            let hit: (length: Int, hints: PageHints)? = directory.optimisticRead(key) { snapshot in
+                let extent = snapshot.location.extent
+                guard snapshot.location.tier == 0, snapshot.length <= buffer.count,
+                      snapshot.length <= Int(extent.slotCount) * slotSize
+                else { return nil }
+                guard snapshot.length > 0 else { return (0, snapshot.hints) }
+                if let base {
+                    memcpy(start, base + Int(extent.firstSlot) * slotSize, snapshot.length)
+                } else {
+                    // The device tier: its own copy, completed inline on this thread.
+                    let batch = ThreadBatch.current()
+                    batch.append(TierIO(operation: .read, extent: extent, buffer: start, length: snapshot.length))
+                    batch.run(on: tiers[0], inline: true)
+                    guard batch[0].status == 0 else { return nil }
+                }
+                return (snapshot.length, snapshot.hints)
+            }
+            if let hit {
+                policyEngine.recordRead(key, tier: 0, hints: hit.hints)
+                return hit.length
+            }
+        }
         guard let snapshot = try directory.beginRead(key) else {
             counters.misses.add(1)
             throw .unknownKey(key)

@@ -1,6 +1,7 @@
 import Dispatch
 import Glibc
 import Testing
+import SpillwayTestSupport
 @testable import SpillwayCore
 @testable import SpillwayMemoryTiers
 @testable import SpillwayNVMe
@@ -243,6 +244,97 @@ enum ProcessInfo {
         }
         store.runMaintenance()
         #expect(failures.messages.isEmpty, "\(failures.messages.prefix(5))")
+        #expect(store.stats().checksumFailures == 0)
+        store.close()
+        #expect(accountingHolds(store))
+    }
+}
+
+/// The lock-free hit path under fire: on every core, gets of a small set of keys race puts
+/// (new versions, several writers per key), removes and moves (demotions, and promotions by
+/// the gets themselves) of the same keys. Every successful read must be a whole page written
+/// under that key — never torn, never another key's, never a reused extent's new bytes — and
+/// the optimistic path must actually have served reads (or this tests nothing).
+@Suite struct OptimisticReadStressTests {
+    /// The race made certain: between a lock-free lookup and its copy, the page is removed
+    /// and its extent handed to another key's new page. The read must not return that page's
+    /// bytes as its own: the seqlock sends it to the locked path, which finds the key gone.
+    @Test func anExtentReusedBetweenLookupAndCopyIsNeverServed() throws {
+        let store = try makeStore(device: 4, dram: 0, maxPageSize: 4096)
+        defer { store.close() }
+        let a = PageKey(1)
+        let b = PageKey(2)
+        try store.put(a, bytes: pageBytes(key: 1, nonce: 1, length: 4096))
+        let extentOfA = try #require(store.location(of: a))
+        let fired = Locked(false)
+        store.directory.beforeOptimisticCopy = { snapshot in
+            guard snapshot.key == a, !fired.withLock({ $0 }) else { return }
+            fired.withLock { $0 = true }
+            if case .failure(let error) = attempt({ () throws(SpillwayError) in try store.remove(a) }) { Issue.record("remove: \(error)") }
+            if case .failure(let error) = attempt({ () throws(SpillwayError) in try store.put(b, bytes: pageBytes(key: 2, nonce: 7, length: 4096)) }) {
+                Issue.record("put: \(error)")
+            }
+        }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 64)
+        defer { buffer.deallocate() }
+        let outcome = attempt { () throws(SpillwayError) in try store.get(a, into: buffer) }
+        store.directory.beforeOptimisticCopy = nil
+        #expect(fired.withLock { $0 })
+        #expect(store.location(of: b) == extentOfA, "the new page took the vacated extent (the race this test needs)")
+        switch outcome {
+        case .failure(.unknownKey): break
+        case .success: Issue.record("a removed page was served: \(isConsistentPage(Array(buffer), key: 1) ? "its old bytes" : "another key's bytes")")
+        case .failure(let error): Issue.record("unexpected \(error)")
+        }
+        // And with nothing racing, the hit is served without a lock.
+        let before = store.directory.optimisticReads
+        #expect(isConsistentPage(try store.get(b), key: 2))
+        #expect(store.directory.optimisticReads == before + 1)
+    }
+
+    @Test func getsRacingPutsRemovesAndMovesOfTheSameKeysReadOnlyWholePages() throws {
+        let store = try makeStore(device: 24, dram: 96, maxPageSize: 4096)
+        defer { store.close() }
+        let keys: UInt64 = 16
+        let failures = ManagedCounter()
+        let seed = TestSeed.derive(1601)
+        let threads = max(4, 2 * sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+        DispatchQueue.concurrentPerform(iterations: threads) { thread in
+            var random = SplitMix(seed: seed &+ UInt64(thread))
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 64)
+            defer { buffer.deallocate() }
+            for iteration in 0..<4_000 {
+                let keyValue = random.next() % keys
+                let key = PageKey(keyValue)
+                // Even threads mostly read; odd threads write, remove and move.
+                let roll = random.next() % 100
+                if thread % 2 == 0 || roll < 40 {
+                    switch attempt({ () throws(SpillwayError) in try store.get(key, into: buffer) }) {
+                    case .success(let length):
+                        let bytes = Array(UnsafeRawBufferPointer(rebasing: buffer[0..<length]))
+                        if !isConsistentPage(bytes, key: keyValue) { failures.record("torn, foreign or reused page for \(key) (seed \(seed))") }
+                    case .failure(.unknownKey): break
+                    case .failure(let error): failures.record("get: \(error)")
+                    }
+                } else if roll < 80 {
+                    let bytes = pageBytes(key: keyValue, nonce: UInt64(thread) << 32 | UInt64(iteration), length: 16 + Int(random.next() % 4080))
+                    switch attempt({ () throws(SpillwayError) in try store.put(key, bytes: bytes) }) {
+                    case .success, .failure(.storeFull): break
+                    case .failure(let error): failures.record("put: \(error)")
+                    }
+                } else if roll < 90 {
+                    switch attempt({ () throws(SpillwayError) in try store.remove(key) }) {
+                    case .success: break
+                    case .failure(let error): failures.record("remove: \(error)")
+                    }
+                } else {
+                    _ = store.demote(key)
+                }
+            }
+        }
+        #expect(failures.messages.isEmpty, "\(failures.messages.prefix(5))")
+        #expect(store.directory.optimisticReads > 0, "the lock-free path served no read")
+        print("optimistic reads served: \(store.directory.optimisticReads) (seed \(seed))")
         #expect(store.stats().checksumFailures == 0)
         store.close()
         #expect(accountingHolds(store))
