@@ -39,6 +39,11 @@ public struct StoreOptions: Sendable {
     public var backgroundWorker: Bool
     /// Prefix of the swift-metrics labels (`spillway_tier_hits_total`, …).
     public var metricsPrefix: String
+    /// Batches `submitGet`/`submitPut` keep in flight at most (queued or running); a submit
+    /// past that waits for one to finish.
+    public var asyncBatchLimit: Int = 8
+    /// Threads that run submitted batches (started at the first submit).
+    public var asyncWorkers: Int = 2
 
     public init(maxPageSize: Int = 16 << 20, watermarks: [Watermarks] = [], prefetchQueueLimit: Int = 4096,
                 declinedPutsAreDropped: Bool = false, backgroundIntervalMilliseconds: Int = 20, backgroundWorker: Bool = true,

@@ -81,6 +81,8 @@ public final class TieredStore: Sendable {
     let prefetchQueue: Locked<Deque<PageKey>>
     let wake = DispatchSemaphore(value: 0)
     let worker = Locked<BackgroundThread?>(nil)
+    /// Submitted batches (`submitGet`/`submitPut`) and their workers.
+    let asyncBatches: AsyncBatches
     let metrics: MetricsPublisher
     let publishLock = Locked<Void>(())
     let staging: StagingPool
@@ -159,6 +161,7 @@ public final class TieredStore: Sendable {
         reclaimLocks = tiers.map { _ in Locked(()) }
         prefetchQueue = Locked(Deque(minimumCapacity: options.prefetchQueueLimit))
         metrics = MetricsPublisher(prefix: options.metricsPrefix, tierNames: tiers.map(\.descriptor.name))
+        asyncBatches = AsyncBatches(limit: max(1, options.asyncBatchLimit), workers: max(1, options.asyncWorkers))
         staging = StagingPool(bufferBytes: (options.maxPageSize + slotSize - 1) / slotSize * slotSize)
         highSlots = tiers.indices.map { Int(Double(tiers[$0].descriptor.capacitySlots) * options.watermarks(forTier: $0).high) }
         lowSlots = tiers.indices.map { Int(Double(tiers[$0].descriptor.capacitySlots) * options.watermarks(forTier: $0).low) }
@@ -212,6 +215,7 @@ public final class TieredStore: Sendable {
     }
 
     deinit {
+        asyncBatches.stop(join: false)
         if !closedFlag.load(ordering: .relaxed) { shutdown() }
     }
 
@@ -498,6 +502,8 @@ public final class TieredStore: Sendable {
     /// Stops the background worker and closes the tiers. Later calls fail with `.closed`.
     /// Callers must not have operations in flight on other threads.
     public func close() {
+        // Submitted batches finish first (they were accepted while open); new ones are refused.
+        asyncBatches.stop()
         guard !closedFlag.exchange(true, ordering: .acquiringAndReleasing) else { return }
         shutdown()
     }

@@ -1,3 +1,4 @@
+import Atomics
 import Glibc
 import Testing
 @testable import SpillwayCore
@@ -358,5 +359,90 @@ import Testing
         #expect(store.tiers[0].usedSlots <= 8)
         #expect(store.stats().tiers[0].demotionsOut >= 2)
         for value in 0..<10 { #expect(try store.get(PageKey(UInt64(value))) == [UInt8(value)]) }
+    }
+}
+
+/// The asynchronous batch API: submit returns at once, the ticket (or callback) reports the
+/// outcome, at most `asyncBatchLimit` batches are in flight, and close runs what it accepted.
+@Suite struct StoreAsyncTests {
+    final class Requests {
+        let pages: [[UInt8]]
+        let writes: UnsafeMutableBufferPointer<PageWrite>
+        let reads: UnsafeMutableBufferPointer<PageRead>
+        let buffers: UnsafeMutableRawPointer
+
+        init(first: Int, count: Int, nonce: UInt64) {
+            pages = (0..<count).map { pageBytes(key: UInt64(first + $0), nonce: nonce, length: 4096) }
+            writes = .allocate(capacity: count)
+            reads = .allocate(capacity: count)
+            buffers = .allocate(byteCount: count * 4096, alignment: 4096)
+            for index in 0..<count {
+                let key = PageKey(UInt64(first + index))
+                pages[index].withUnsafeBytes { bytes in writes.initializeElement(at: index, to: PageWrite(key: key, bytes: bytes)) }
+                reads.initializeElement(at: index, to: PageRead(key: key, buffer: UnsafeMutableRawBufferPointer(start: buffers + index * 4096, count: 4096)))
+            }
+        }
+
+        deinit {
+            writes.deallocate()
+            reads.deallocate()
+            buffers.deallocate()
+        }
+
+        func readBack(_ index: Int) -> [UInt8] { Array(UnsafeRawBufferPointer(start: reads[index].buffer.baseAddress, count: reads[index].length)) }
+    }
+
+    @Test func submittedBatchesCompleteWithEveryPageAndItsLatency() throws {
+        let store = try makeStore(device: 32, dram: 512)
+        defer { store.close() }
+        let batches = (0..<6).map { Requests(first: $0 * 64, count: 64, nonce: 3) }
+        let called = ManagedAtomic<Int>(0)
+        let tickets = batches.map { requests in
+            store.submitPut(batch: requests.writes, queueDepth: 16) { succeeded in if succeeded == 64 { called.wrappingIncrement(ordering: .relaxed) } }
+        }
+        for ticket in tickets { #expect(ticket.wait(timeout: 30) == 64) }
+        #expect(called.load(ordering: .relaxed) == 6, "each callback ran once with the count")
+        let reads = batches.map { store.submitGet(batch: $0.reads, queueDepth: 16) }
+        for (ticket, requests) in zip(reads, batches) {
+            #expect(ticket.wait(timeout: 30) == 64)
+            #expect(ticket.isDone)
+            for index in 0..<64 {
+                #expect(requests.reads[index].error == nil)
+                #expect(requests.readBack(index) == requests.pages[index])
+                #expect(requests.reads[index].latencyNanoseconds > 0)
+            }
+        }
+    }
+
+    @Test func atMostTheLimitIsInFlightAndCloseRunsWhatItAccepted() throws {
+        var options = StoreOptions(maxPageSize: 4096, backgroundWorker: false)
+        options.asyncBatchLimit = 2
+        options.asyncWorkers = 2
+        let store = try TieredStore(tiers: [try DRAMTier(slotSize: 4096, capacitySlots: 2048, prefault: false)], options: options)
+        let batches = (0..<12).map { Requests(first: $0 * 32, count: 32, nonce: 5) }
+        let highest = ManagedAtomic<Int>(0)
+        var tickets: [StoreTicket] = []
+        for requests in batches {
+            tickets.append(store.submitPut(batch: requests.writes) { _ in
+                let now = store.asyncBatchesInFlight
+                var seen = highest.load(ordering: .relaxed)
+                while now > seen, !highest.compareExchange(expected: seen, desired: now, ordering: .relaxed).exchanged {
+                    seen = highest.load(ordering: .relaxed)
+                }
+            })
+            #expect(store.asyncBatchesInFlight <= 2)
+        }
+        // Closing waits for the accepted batches; they all ran.
+        store.close()
+        #expect(highest.load(ordering: .relaxed) <= 2)
+        for ticket in tickets {
+            #expect(ticket.isDone)
+            #expect(ticket.wait() == 32)
+        }
+        // After close: refused at once, every request saying why.
+        let late = Requests(first: 9000, count: 4, nonce: 1)
+        let ticket = store.submitGet(batch: late.reads)
+        #expect(ticket.isDone && ticket.wait() == 0)
+        for index in 0..<4 { #expect(late.reads[index].error == .closed) }
     }
 }
