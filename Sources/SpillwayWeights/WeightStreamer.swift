@@ -140,6 +140,8 @@ public final class WeightStreamer: Sendable {
     private let released = DispatchSemaphore(value: 0)
     private let stopped = Locked(false)
     private let loader = Locked<BackgroundThread?>(nil)
+    /// Layers submitted and not yet loaded, at most two (`load`).
+    private let loadsInFlight = DispatchSemaphore(value: 2)
     private let logger: Logger
     /// Nanoseconds callers waited in `acquire` for layers not loaded yet.
     private let stall = Locked(StallRecord())
@@ -342,13 +344,41 @@ public final class WeightStreamer: Sendable {
             }
             offset += tensor.byteCount
         }
-        let succeeded = reads.withUnsafeMutableBufferPointer { weights.store.get(batch: $0) }
-        let error: SpillwayError? = succeeded == reads.count ? nil : (reads.first { $0.error != nil }?.error ?? .invalidArgument("layer \(layer) did not load"))
-        slots.withLock { _ in
-            slot.ready = error == nil
-            slot.error = error
+        // Submitted, not waited for: the loader goes on to the next queued layer while this one's
+        // reads run, so the device sees the next layer's reads queued behind this one's (the
+        // store bounds how many batches are in flight).
+        let requests = LayerReads(reads)
+        // Two layers in flight at most: enough to overlap one layer's reads with the next's
+        // submission, and no further ahead than a synchronous loader would have got.
+        loadsInFlight.wait()
+        weights.store.submitGet(batch: requests.pages) { [self] succeeded in
+            defer { loadsInFlight.signal() }
+            let error: SpillwayError? = succeeded == requests.pages.count
+                ? nil : (requests.pages.first { $0.error != nil }?.error ?? .invalidArgument("layer \(layer) did not load"))
+            requests.free()
+            slots.withLock { _ in
+                slot.ready = error == nil
+                slot.error = error
+            }
+            if let error { logger.error("layer load failed", metadata: ["layer": "\(layer)", "error": "\(error)"]) }
+            slot.loaded.signal()
         }
-        if let error { logger.error("layer load failed", metadata: ["layer": "\(layer)", "error": "\(error)"]) }
-        slot.loaded.signal()
+    }
+}
+
+/// One layer's read requests while its submitted batch runs. `@unchecked Sendable`: the
+/// loader fills it, then only the store's batch worker touches it until the completion frees
+/// it (once).
+private final class LayerReads: @unchecked Sendable {
+    let pages: UnsafeMutableBufferPointer<PageRead>
+
+    init(_ reads: [PageRead]) {
+        pages = .allocate(capacity: reads.count)
+        _ = pages.initialize(from: reads)
+    }
+
+    func free() {
+        pages.deinitialize()
+        pages.deallocate()
     }
 }
