@@ -23,7 +23,8 @@ enum CStatus {
 enum HandleEntry {
     case store(TieredStore, pools: Set<UInt64>)
     case pool(KVPool, store: UInt64)
-    case ticket(KVStoreTicket)
+    /// An asynchronous store: one ticket, or one per layer (spillway_kv_store_array_async).
+    case ticket([KVStoreTicket])
     case weights(WeightsBox, store: UInt64)
 }
 
@@ -456,7 +457,7 @@ public func spillway_kv_store_async(_ handle: UInt64, _ hashes: UnsafePointer<UI
         let blocks = try readHashes(hashes, count)
         let list = try bufferList(buffers, count, bufferBytes)
         let pending = pool.storeAsync(blocks, layer: layer < 0 ? nil : Int(layer), buffers: list)
-        ticket.pointee = handles.insert(.ticket(pending))
+        ticket.pointee = handles.insert(.ticket([pending]))
         return CStatus.ok
     }
 }
@@ -464,13 +465,13 @@ public func spillway_kv_store_async(_ handle: UInt64, _ hashes: UnsafePointer<UI
 @_cdecl("spillway_kv_wait")
 public func spillway_kv_wait(_ handle: UInt64, _ stored: UnsafeMutablePointer<Int>?) -> Int32 {
     entry { () throws(CError) in
-        let ticket = handles.entries.withLock { entries -> KVStoreTicket? in
-            guard case .ticket(let ticket) = entries[handle] else { return nil }
+        let tickets = handles.entries.withLock { entries -> [KVStoreTicket]? in
+            guard case .ticket(let tickets) = entries[handle] else { return nil }
             entries[handle] = nil
-            return ticket
+            return tickets
         }
-        guard let ticket else { throw .handle("no pending store with ticket \(handle)") }
-        let result = ticket.wait()
+        guard let tickets else { throw .handle("no pending store with ticket \(handle)") }
+        let result = merged(tickets.map { $0.wait() })
         stored?.pointee = result.contiguous
         return try status(of: result)
     }
@@ -486,6 +487,107 @@ public func spillway_kv_load(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, 
         let blocks = try readHashes(hashes, count)
         let list = try bufferList(UnsafeRawPointer(buffers).map { $0.assumingMemoryBound(to: UnsafeRawPointer?.self) }, count, bufferBytes)
         let result = pool.load(blocks, layer: layer < 0 ? nil : Int(layer), into: list.map { UnsafeMutableRawBufferPointer(mutating: $0) })
+        loaded?.pointee = result.contiguous
+        return try status(of: result)
+    }
+}
+
+/// Per-layer results of one call over the same blocks, as one: a block failed if any of its
+/// layers did (the first error).
+func merged(_ results: [KVResult]) -> KVResult {
+    guard results.count > 1 else { return results.first ?? KVResult(errors: []) }
+    var errors = [SpillwayError?](repeating: nil, count: results.map(\.errors.count).max() ?? 0)
+    for result in results {
+        for (index, error) in result.errors.enumerated() where errors[index] == nil { errors[index] = error }
+    }
+    return KVResult(errors: errors)
+}
+
+/// The C arguments of an array call, checked: the pool's layers first_layer..<first_layer +
+/// layer_count, the strides, and layer_bytes equal to the pool's (what the caller believes a
+/// slice holds). The pool checks the rest (strides, extent, overlap) before touching memory.
+func arrayArguments(_ pool: KVPool, count: Int, base: UnsafeRawPointer?, firstLayer: Int32, layerCount: Int32,
+                    layerStride: Int, blockStride: Int, layerBytes: Int, disjoint: Bool) throws(CError) -> (Range<Int>, KVArrayStrides)
+{
+    try argument(layerBytes == pool.geometry.layerBytes,
+                 "layer_bytes \(layerBytes) does not match the pool's \(pool.geometry.layerBytes) bytes per layer slice")
+    try argument(firstLayer >= 0 && layerCount >= 1 && Int(firstLayer) + Int(layerCount) <= pool.geometry.layers,
+                 "layers \(firstLayer) + \(layerCount): need first_layer >= 0, layer_count >= 1, first_layer + layer_count <= \(pool.geometry.layers)")
+    try argument(base != nil || count == 0, "base is NULL")
+    let layers = Int(firstLayer)..<(Int(firstLayer) + Int(layerCount))
+    let strides = KVArrayStrides(layerStride: layerStride, blockStride: blockStride)
+    _ = try wrap { () throws(SpillwayError) in try pool.checkArray(blocks: count, layers: layers, strides: strides, disjoint: disjoint) }
+    return (layers, strides)
+}
+
+@_cdecl("spillway_kv_store_array")
+public func spillway_kv_store_array(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, _ count: Int, _ firstLayer: Int32, _ layerCount: Int32,
+                                    _ base: UnsafeRawPointer?, _ layerStride: Int, _ blockStride: Int, _ layerBytes: Int,
+                                    _ stored: UnsafeMutablePointer<Int>?) -> Int32
+{
+    entry { () throws(CError) in
+        let pool = try handles.pool(handle)
+        let blocks = try readHashes(hashes, count)
+        let (layers, strides) = try arrayArguments(pool, count: count, base: base, firstLayer: firstLayer, layerCount: layerCount,
+                                                   layerStride: layerStride, blockStride: blockStride, layerBytes: layerBytes, disjoint: false)
+        guard let base else {
+            stored?.pointee = 0
+            return CStatus.ok
+        }
+        let result = pool.storeLayers(blocks, layers: layers, from: base, strides: strides)
+        stored?.pointee = result.contiguous
+        return try status(of: result)
+    }
+}
+
+@_cdecl("spillway_kv_store_array_async")
+public func spillway_kv_store_array_async(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, _ count: Int, _ firstLayer: Int32,
+                                          _ layerCount: Int32, _ base: UnsafeRawPointer?, _ layerStride: Int, _ blockStride: Int,
+                                          _ layerBytes: Int, _ ticket: UnsafeMutablePointer<UInt64>?) -> Int32
+{
+    entry { () throws(CError) in
+        let pool = try handles.pool(handle)
+        guard let ticket else { throw .spillway(.invalidArgument("ticket is NULL")) }
+        let blocks = try readHashes(hashes, count)
+        let (layers, strides) = try arrayArguments(pool, count: count, base: base, firstLayer: firstLayer, layerCount: layerCount,
+                                                   layerStride: layerStride, blockStride: blockStride, layerBytes: layerBytes, disjoint: false)
+        let origin = base ?? UnsafeRawPointer(bitPattern: 1)!  // count == 0: nothing is read
+        var pending: [KVStoreTicket] = []
+        if pool.geometry.layout == .wholeBlock {
+            try argument(layers == 0..<pool.geometry.layers && (layers.count == 1 || layerStride == layerBytes),
+                         "a whole-block pool stores whole blocks: the array must hold all \(pool.geometry.layers) layers of a block back to back (layer stride \(layerBytes))")
+            let list = (0..<count).map { UnsafeRawBufferPointer(start: origin + $0 * blockStride, count: pool.geometry.blockBytes) }
+            pending.append(pool.storeAsync(blocks, buffers: list))
+        } else {
+            // One queued store per layer (each one batch): the pool's worker runs them in order.
+            for (position, layer) in layers.enumerated() {
+                let list = (0..<count).map {
+                    UnsafeRawBufferPointer(start: origin + position * layerStride + $0 * blockStride, count: layerBytes)
+                }
+                pending.append(pool.storeAsync(blocks, layer: layer, buffers: list))
+            }
+        }
+        ticket.pointee = handles.insert(.ticket(pending))
+        return CStatus.ok
+    }
+}
+
+@_cdecl("spillway_kv_load_array")
+public func spillway_kv_load_array(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, _ count: Int, _ firstLayer: Int32, _ layerCount: Int32,
+                                   _ base: UnsafeMutableRawPointer?, _ layerStride: Int, _ blockStride: Int, _ layerBytes: Int,
+                                   _ loaded: UnsafeMutablePointer<Int>?) -> Int32
+{
+    entry { () throws(CError) in
+        let pool = try handles.pool(handle)
+        let blocks = try readHashes(hashes, count)
+        let (layers, strides) = try arrayArguments(pool, count: count, base: base.map { UnsafeRawPointer($0) }, firstLayer: firstLayer,
+                                                   layerCount: layerCount, layerStride: layerStride, blockStride: blockStride,
+                                                   layerBytes: layerBytes, disjoint: true)
+        guard let base else {
+            loaded?.pointee = 0
+            return CStatus.ok
+        }
+        let result = pool.loadLayers(blocks, layers: layers, into: base, strides: strides)
         loaded?.pointee = result.contiguous
         return try status(of: result)
     }
