@@ -144,14 +144,17 @@ spillway_status spillway_kv_load(spillway_kv_pool pool, const uint8_t *hashes, s
  * layer_bytes; one layer's [blocks, layer_bytes] is layer_count = 1. Checked before anything
  * is read or written (SPILLWAY_E_INVALID_ARGUMENT, with a message): layer_bytes must equal the
  * pool's layer bytes, the layers must lie inside the geometry, strides must be >= 0 and the
- * array's extent must fit in a ptrdiff_t; for a load no two slices may overlap. A whole-block
+ * array's extent must fit in a ptrdiff_t; for a load no two slices may overlap. Large arrays
+ * (8 MiB or more) are copied by up to 4 threads (one per CPU). A whole-block
  * pool needs every layer of a block back to back (layer_count = layers, layer_stride =
  * layer_bytes). *stored / *loaded and the status are as for spillway_kv_store / _load. */
 spillway_status spillway_kv_store_array(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t first_layer,
                                         int32_t layer_count, const void *base, ptrdiff_t layer_stride, ptrdiff_t block_stride,
                                         size_t layer_bytes, size_t *stored);
-/* Like spillway_kv_store_array but returns at once (one queued store per layer); the array must
- * stay valid and unchanged until spillway_kv_wait(ticket) returns. */
+/* Like spillway_kv_store_array but returns at once: the store runs on the pool's array-store
+ * queue (in call order per pool); the array must stay valid and unchanged until
+ * spillway_kv_wait(ticket) returns. Destroying the pool or closing its store first finishes
+ * the queued array stores. Arguments are checked before the call returns. */
 spillway_status spillway_kv_store_array_async(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t first_layer,
                                               int32_t layer_count, const void *base, ptrdiff_t layer_stride,
                                               ptrdiff_t block_stride, size_t layer_bytes, spillway_ticket *ticket);

@@ -23,8 +23,9 @@ enum CStatus {
 enum HandleEntry {
     case store(TieredStore, pools: Set<UInt64>)
     case pool(KVPool, store: UInt64)
-    /// An asynchronous store: one ticket, or one per layer (spillway_kv_store_array_async).
-    case ticket([KVStoreTicket])
+    /// An asynchronous store: the pool's ticket (spillway_kv_store_async) or an array store's
+    /// (spillway_kv_store_array_async).
+    case ticket(any PendingStore)
     case weights(WeightsBox, store: UInt64)
 }
 
@@ -193,19 +194,22 @@ public func spillway_store_open(_ path: UnsafePointer<CChar>?, _ out: UnsafeMuta
 @_cdecl("spillway_store_close")
 public func spillway_store_close(_ handle: UInt64) -> Int32 {
     entry { () throws(CError) in
-        let removed = handles.entries.withLock { entries -> (TieredStore, [KVPool])? in
+        let removed = handles.entries.withLock { entries -> (TieredStore, [(UInt64, KVPool)])? in
             guard case .store(let store, let poolHandles) = entries[handle] else { return nil }
             entries[handle] = nil
-            var pools: [KVPool] = []
+            var pools: [(UInt64, KVPool)] = []
             for poolHandle in poolHandles {
-                if case .pool(let pool, _) = entries[poolHandle] { pools.append(pool) }
+                if case .pool(let pool, _) = entries[poolHandle] { pools.append((poolHandle, pool)) }
                 if case .weights(let box, _) = entries[poolHandle] { box.streamer.close() }
                 entries[poolHandle] = nil
             }
             return (store, pools)
         }
         guard let (store, pools) = removed else { throw .handle("no open store with handle \(handle)") }
-        for pool in pools { pool.close() }
+        for (poolHandle, pool) in pools {
+            drainArrayQueue(poolHandle)
+            pool.close()
+        }
         store.close()
         return CStatus.ok
     }
@@ -363,6 +367,7 @@ public func spillway_kv_pool_destroy(_ handle: UInt64) -> Int32 {
             return pool
         }
         guard let pool else { throw .handle("no KV pool with handle \(handle)") }
+        drainArrayQueue(handle)
         pool.close()
         return CStatus.ok
     }
@@ -457,7 +462,7 @@ public func spillway_kv_store_async(_ handle: UInt64, _ hashes: UnsafePointer<UI
         let blocks = try readHashes(hashes, count)
         let list = try bufferList(buffers, count, bufferBytes)
         let pending = pool.storeAsync(blocks, layer: layer < 0 ? nil : Int(layer), buffers: list)
-        ticket.pointee = handles.insert(.ticket([pending]))
+        ticket.pointee = handles.insert(.ticket(pending))
         return CStatus.ok
     }
 }
@@ -465,13 +470,13 @@ public func spillway_kv_store_async(_ handle: UInt64, _ hashes: UnsafePointer<UI
 @_cdecl("spillway_kv_wait")
 public func spillway_kv_wait(_ handle: UInt64, _ stored: UnsafeMutablePointer<Int>?) -> Int32 {
     entry { () throws(CError) in
-        let tickets = handles.entries.withLock { entries -> [KVStoreTicket]? in
-            guard case .ticket(let tickets) = entries[handle] else { return nil }
+        let ticket = handles.entries.withLock { entries -> (any PendingStore)? in
+            guard case .ticket(let ticket) = entries[handle] else { return nil }
             entries[handle] = nil
-            return tickets
+            return ticket
         }
-        guard let tickets else { throw .handle("no pending store with ticket \(handle)") }
-        let result = merged(tickets.map { $0.wait() })
+        guard let ticket else { throw .handle("no pending store with ticket \(handle)") }
+        let result = ticket.wait()
         stored?.pointee = result.contiguous
         return try status(of: result)
     }
@@ -492,15 +497,54 @@ public func spillway_kv_load(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, 
     }
 }
 
-/// Per-layer results of one call over the same blocks, as one: a block failed if any of its
-/// layers did (the first error).
-func merged(_ results: [KVResult]) -> KVResult {
-    guard results.count > 1 else { return results.first ?? KVResult(errors: []) }
-    var errors = [SpillwayError?](repeating: nil, count: results.map(\.errors.count).max() ?? 0)
-    for result in results {
-        for (index, error) in result.errors.enumerated() where errors[index] == nil { errors[index] = error }
+/// An asynchronous store a ticket handle names.
+protocol PendingStore: Sendable {
+    func wait() -> KVResult
+}
+
+extension KVStoreTicket: PendingStore {}
+
+/// An asynchronous array store (spillway_kv_store_array_async): finished by the pool's array
+/// queue.
+final class ArrayStoreTicket: PendingStore {
+    private let done = DispatchSemaphore(value: 0)
+    private let result = Locked<KVResult?>(nil)
+
+    func finish(_ value: KVResult) {
+        result.withLock { $0 = value }
+        done.signal()
     }
-    return KVResult(errors: errors)
+
+    func wait() -> KVResult {
+        done.wait()
+        done.signal()
+        return result.withLock { $0! }
+    }
+}
+
+/// A caller's array for an asynchronous store. `@unchecked Sendable`: the caller keeps it valid
+/// and unchanged until spillway_kv_wait returns (the header's contract); only the queue reads it.
+struct ArrayBase: @unchecked Sendable {
+    let pointer: UnsafeRawPointer
+}
+
+/// Per pool handle, the serial queue that runs its asynchronous array stores in order (each one
+/// a `storeLayers` batch, fanned out like a synchronous one). Destroying the pool (or closing its
+/// store) drains the queue first, as the pool itself finishes queued stores on close.
+let arrayQueues = Locked<[UInt64: DispatchQueue]>([:])
+
+func arrayQueue(_ pool: UInt64) -> DispatchQueue {
+    arrayQueues.withLock { queues in
+        if let queue = queues[pool] { return queue }
+        let queue = DispatchQueue(label: "spillway.kv.array-stores.\(pool)")
+        queues[pool] = queue
+        return queue
+    }
+}
+
+/// Waits for the pool's queued array stores (bounded by their completion) and forgets its queue.
+func drainArrayQueue(_ pool: UInt64) {
+    arrayQueues.withLock { $0.removeValue(forKey: pool) }?.sync {}
 }
 
 /// The C arguments of an array call, checked: the pool's layers first_layer..<first_layer +
@@ -551,21 +595,14 @@ public func spillway_kv_store_array_async(_ handle: UInt64, _ hashes: UnsafePoin
         let blocks = try readHashes(hashes, count)
         let (layers, strides) = try arrayArguments(pool, count: count, base: base, firstLayer: firstLayer, layerCount: layerCount,
                                                    layerStride: layerStride, blockStride: blockStride, layerBytes: layerBytes, disjoint: false)
-        let origin = base ?? UnsafeRawPointer(bitPattern: 1)!  // count == 0: nothing is read
-        var pending: [KVStoreTicket] = []
-        if pool.geometry.layout == .wholeBlock {
-            try argument(layers == 0..<pool.geometry.layers && (layers.count == 1 || layerStride == layerBytes),
-                         "a whole-block pool stores whole blocks: the array must hold all \(pool.geometry.layers) layers of a block back to back (layer stride \(layerBytes))")
-            let list = (0..<count).map { UnsafeRawBufferPointer(start: origin + $0 * blockStride, count: pool.geometry.blockBytes) }
-            pending.append(pool.storeAsync(blocks, buffers: list))
-        } else {
-            // One queued store per layer (each one batch): the pool's worker runs them in order.
-            for (position, layer) in layers.enumerated() {
-                let list = (0..<count).map {
-                    UnsafeRawBufferPointer(start: origin + position * layerStride + $0 * blockStride, count: layerBytes)
-                }
-                pending.append(pool.storeAsync(blocks, layer: layer, buffers: list))
+        let pending = ArrayStoreTicket()
+        if let base {
+            let array = ArrayBase(pointer: base)
+            arrayQueue(handle).async {
+                pending.finish(pool.storeLayers(blocks, layers: layers, from: array.pointer, strides: strides))
             }
+        } else {
+            pending.finish(KVResult(errors: []))  // no blocks
         }
         ticket.pointee = handles.insert(.ticket(pending))
         return CStatus.ok

@@ -1,5 +1,10 @@
+import Dispatch
 import SpillwayCore
 import SpillwayStore
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Where a caller's KV array keeps its layer slices: the slice of the array's layer `i` (pool
 /// layer `layers.lowerBound + i`) of block `b` is the `layerBytes` at
@@ -22,6 +27,27 @@ public struct KVArrayStrides: Sendable, Equatable {
 }
 
 extension KVPool {
+    /// An array call moving at least this many bytes splits its batch over up to
+    /// `arrayFanOut` threads (the calling one and Dispatch's): one core copying 64 KiB pages
+    /// (and checksumming them on store) reaches about half of a large memcpy's bandwidth.
+    public static let arrayFanOutBytes = 8 << 20
+    public static let arrayFanOut = max(1, min(4, sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+
+    /// Runs `body` on the requests, split into contiguous parts on several threads when they
+    /// move `bytes` ≥ `arrayFanOutBytes` (the store's batch calls are thread-safe).
+    func fannedOut<Request>(_ requests: inout [Request], bytes: Int, _ body: @Sendable (UnsafeMutableBufferPointer<Request>) -> Void) {
+        let parts = min(Self.arrayFanOut, bytes / Self.arrayFanOutBytes + 1, requests.count)
+        requests.withUnsafeMutableBufferPointer { all in
+            guard parts > 1, let base = all.baseAddress else { return body(all) }
+            let shared = DisjointParts(base: base, count: all.count)
+            DispatchQueue.concurrentPerform(iterations: parts) { part in
+                let start = shared.count * part / parts
+                let end = shared.count * (part + 1) / parts
+                body(UnsafeMutableBufferPointer(start: shared.base + start, count: end - start))
+            }
+        }
+    }
+
     /// Checks an array call's shape against the geometry: layers in range, strides
     /// non-negative, the array's extent (from `base` to its last byte) representable, and for
     /// a load (`disjoint`) no two slices overlapping. Returns the extent in bytes.
@@ -69,7 +95,8 @@ extension KVPool {
     }
 
     /// Stores layers `layers` of each block from one strided array (`KVArrayStrides`): one
-    /// batch for every (layer, block) slice, no per-block buffers. Per-layer layout: a block is
+    /// batch for every (layer, block) slice, no per-block buffers (split over `arrayFanOut`
+    /// threads when it moves `arrayFanOutBytes` or more). Per-layer layout: a block is
     /// visible once all its layers are stored (by this call or earlier ones). Whole-block
     /// layout: the array must hold every layer of a block back to back. `chain` as for
     /// `storeLayer`.
@@ -99,7 +126,7 @@ extension KVPool {
                                         hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
             }
         }
-        _ = writes.withUnsafeMutableBufferPointer { store.put(batch: $0) }
+        fannedOut(&writes, bytes: writes.count * layerBytes) { [store] in _ = store.put(batch: $0) }
         var errors = [SpillwayError?](repeating: nil, count: hashes.count)
         var complete: [Int] = []
         state.withLock { state in
@@ -125,7 +152,7 @@ extension KVPool {
     }
 
     /// Loads layers `layers` of each block into one strided array (`KVArrayStrides`; slices
-    /// must not overlap): one batch, no per-block buffers. A block that is not completely
+    /// must not overlap): one batch, no per-block buffers (split as for `storeLayers`). A block that is not completely
     /// stored fails with `unknownKey` and its slices are left as they were.
     public func loadLayers(_ hashes: [BlockHash], layers: Range<Int>, into base: UnsafeMutableRawPointer,
                            strides: KVArrayStrides) -> KVResult
@@ -160,7 +187,7 @@ extension KVPool {
                 owner.append(index)
             }
         }
-        _ = reads.withUnsafeMutableBufferPointer { store.get(batch: $0) }
+        fannedOut(&reads, bytes: reads.count * layerBytes) { [store] in _ = store.get(batch: $0) }
         for (position, read) in reads.enumerated() where errors[owner[position]] == nil {
             if let error = read.error {
                 errors[owner[position]] = error
@@ -170,4 +197,11 @@ extension KVPool {
         }
         return KVResult(errors: errors)
     }
+}
+
+/// A batch split into parts that threads work on, each its own range. `@unchecked Sendable`:
+/// the parts are disjoint and the owner waits for every thread before it reads the batch again.
+struct DisjointParts<Request>: @unchecked Sendable {
+    let base: UnsafeMutablePointer<Request>
+    let count: Int
 }
