@@ -145,7 +145,7 @@ spillway_status spillway_kv_load(spillway_kv_pool pool, const uint8_t *hashes, s
  * is read or written (SPILLWAY_E_INVALID_ARGUMENT, with a message): layer_bytes must equal the
  * pool's layer bytes, the layers must lie inside the geometry, strides must be >= 0 and the
  * array's extent must fit in a ptrdiff_t; for a load no two slices may overlap. Large arrays
- * (8 MiB or more) are copied by up to 4 threads (one per CPU). A whole-block
+ * (2 MiB or more) are copied by up to 4 threads (one per CPU). A whole-block
  * pool needs every layer of a block back to back (layer_count = layers, layer_stride =
  * layer_bytes). *stored / *loaded and the status are as for spillway_kv_store / _load. */
 spillway_status spillway_kv_store_array(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t first_layer,

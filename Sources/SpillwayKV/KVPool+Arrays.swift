@@ -30,7 +30,7 @@ extension KVPool {
     /// An array call moving at least this many bytes splits its batch over up to
     /// `arrayFanOut` threads (the calling one and Dispatch's): one core copying 64 KiB pages
     /// (and checksumming them on store) reaches about half of a large memcpy's bandwidth.
-    public static let arrayFanOutBytes = 8 << 20
+    public static let arrayFanOutBytes = 2 << 20
     public static let arrayFanOut = max(1, min(4, sysconf(Int32(_SC_NPROCESSORS_ONLN))))
 
     /// Runs `body` on the requests, split into contiguous parts on several threads when they

@@ -151,3 +151,25 @@ def test_wrong_arrays_are_clear_errors(config):
         assert error.value.name == "invalid argument" and "overlap" in str(error.value)
         assert pool.lookup(hashes) == 2
         pool.close()
+
+
+def test_large_arrays_split_over_threads_round_trip(tmp_path):
+    """10 MiB per call: well above the size at which the library splits a batch over threads."""
+    config = tmp_path / "large.toml"
+    config.write_text('slot-size = "64k"\nmax-page-size = "64k"\n[[tier]]\nkind = "dram"\ncapacity = "64m"\nprefault = false\n')
+    geometry = KVGeometry(tokens_per_block=16, layers=2, kv_heads=8, head_dim=128, dtype_size=2)  # 64 KiB per layer
+    with Store(str(config)) as store:
+        pool = store.kv_pool(geometry, "large")
+        hashes = pool.block_hashes(range(16 * 80), packed=True)  # 80 blocks
+        buffer = pattern((80, geometry.layers, geometry.layer_bytes), 9)  # block-major, viewed layer-major
+        ticket = pool.store_array_async(hashes, buffer.transpose(1, 0, 2))
+        assert ticket.wait() == 80
+        assert pool.lookup(hashes) == 80
+        out = np.zeros((geometry.layers, 80, geometry.layer_bytes), dtype=np.uint8)
+        assert pool.load_array(hashes, out) == 80
+        assert np.array_equal(out, buffer.transpose(1, 0, 2))
+        assert pool.store_array(hashes, out[::-1].copy()) == 80  # overwrite: layers swapped
+        again = np.zeros_like(buffer)
+        assert pool.load_array(hashes, again.transpose(1, 0, 2)) == 80
+        assert np.array_equal(again[:, 0], buffer[:, 1]) and np.array_equal(again[:, 1], buffer[:, 0])
+        pool.close()
