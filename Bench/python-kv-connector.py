@@ -19,8 +19,10 @@ Each repeat uses a fresh prompt and evicts the previous one afterwards (so saves
 pages, never overwrite). Reported: the median GiB/s of each and the ratios save/copy,
 load/copy (target ≥ 0.7). With --breakdown it also times where a save and a load spend their
 time: the synchronous whole-array call alone (``store_array`` / ``load_array``), the Python
-side of a call (argument checks and ctypes, measured on a zero-block call), and the old
-per-block path (a list of per-block views per layer) for comparison. This script prints; it
+side of a call (argument checks and ctypes, measured on a zero-block call), the old
+per-block path (a list of per-block views per layer) for comparison, and np.copyto of each
+64 KiB (layer, block) slice on its own (the store copies page by page: small copies do not get
+the non-temporal stores a 128 MiB memcpy uses). This script prints; it
 asserts nothing beyond the loaded bytes.
 """
 
@@ -79,7 +81,7 @@ def main() -> int:
     load_out = np.ones_like(kv)
 
     copies, saves, loads = [], [], []
-    extra = {"store_array": [], "load_array": [], "per_block_save": [], "per_block_load": []}
+    extra = {"store_array": [], "load_array": [], "per_block_save": [], "per_block_load": [], "copy_64k_slices": []}
     call_overhead = None
     previous = None
     for round_ in range(args.repeats + 1):
@@ -106,6 +108,9 @@ def main() -> int:
                 "load_array": timed(lambda: pool.load_array(hashes, load_out)),
                 "per_block_save": timed(lambda: [pool.store(hashes, list(kv[layer]), layer=layer) for layer in range(geometry.layers)]),
                 "per_block_load": timed(lambda: [pool.load(hashes, list(load_out[layer]), layer=layer) for layer in range(geometry.layers)]),
+                # The reference in the store's unit: np.copyto of each 64 KiB (layer, block) slice.
+                "copy_64k_slices": timed(lambda: [np.copyto(copy_out[layer, block], kv[layer, block])
+                                                  for layer in range(geometry.layers) for block in range(blocks)]),
             }
             if round_ > 0:
                 for name, value in seconds.items():
