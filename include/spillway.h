@@ -137,6 +137,30 @@ spillway_status spillway_kv_wait(spillway_ticket ticket, size_t *stored);
  * start without a gap. Never writes bytes other than those stored. */
 spillway_status spillway_kv_load(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t layer,
                                  void *const *buffers, size_t buffer_bytes, size_t *loaded);
+/* Whole arrays in one call. The array holds layers first_layer .. first_layer + layer_count - 1
+ * of count blocks: the slice of its layer i (pool layer first_layer + i) of block b is the
+ * layer_bytes at base + i * layer_stride + b * block_stride (strides in bytes). A C-contiguous
+ * [layers, blocks, layer_bytes] array has layer_stride = blocks * layer_bytes and block_stride =
+ * layer_bytes; one layer's [blocks, layer_bytes] is layer_count = 1. Checked before anything
+ * is read or written (SPILLWAY_E_INVALID_ARGUMENT, with a message): layer_bytes must equal the
+ * pool's layer bytes, the layers must lie inside the geometry, strides must be >= 0 and the
+ * array's extent must fit in a ptrdiff_t; for a load no two slices may overlap. Large arrays
+ * (2 MiB or more) are copied by up to 4 threads (one per CPU). A whole-block
+ * pool needs every layer of a block back to back (layer_count = layers, layer_stride =
+ * layer_bytes). *stored / *loaded and the status are as for spillway_kv_store / _load. */
+spillway_status spillway_kv_store_array(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t first_layer,
+                                        int32_t layer_count, const void *base, ptrdiff_t layer_stride, ptrdiff_t block_stride,
+                                        size_t layer_bytes, size_t *stored);
+/* Like spillway_kv_store_array but returns at once: the store runs on the pool's array-store
+ * queue (in call order per pool); the array must stay valid and unchanged until
+ * spillway_kv_wait(ticket) returns. Destroying the pool or closing its store first finishes
+ * the queued array stores. Arguments are checked before the call returns. */
+spillway_status spillway_kv_store_array_async(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t first_layer,
+                                              int32_t layer_count, const void *base, ptrdiff_t layer_stride,
+                                              ptrdiff_t block_stride, size_t layer_bytes, spillway_ticket *ticket);
+spillway_status spillway_kv_load_array(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t first_layer,
+                                       int32_t layer_count, void *base, ptrdiff_t layer_stride, ptrdiff_t block_stride,
+                                       size_t layer_bytes, size_t *loaded);
 spillway_status spillway_kv_prefetch(spillway_kv_pool pool, const uint8_t *hashes, size_t count);
 spillway_status spillway_kv_pin(spillway_kv_pool pool, const uint8_t *hashes, size_t count);
 spillway_status spillway_kv_unpin(spillway_kv_pool pool, const uint8_t *hashes, size_t count);

@@ -16,6 +16,7 @@ packages=(
   iproute2              # network-namespace fault tests
   etcd-server           # cluster mode (SpillwayCluster): its tests start a real etcd 3.4 on loopback
   python3 python3-pytest python3-numpy   # the Python binding (python/) and its tests
+  python3-venv python3-pip python3-setuptools python3-wheel   # the offline `pip install ./python` test (a venv)
   e2fsprogs util-linux mount   # NVMe tests: a small ext4 image on a loop device (ENOSPC, block device)
 )
 missing=()

@@ -23,7 +23,9 @@ enum CStatus {
 enum HandleEntry {
     case store(TieredStore, pools: Set<UInt64>)
     case pool(KVPool, store: UInt64)
-    case ticket(KVStoreTicket)
+    /// An asynchronous store: the pool's ticket (spillway_kv_store_async) or an array store's
+    /// (spillway_kv_store_array_async).
+    case ticket(any PendingStore)
     case weights(WeightsBox, store: UInt64)
 }
 
@@ -192,19 +194,22 @@ public func spillway_store_open(_ path: UnsafePointer<CChar>?, _ out: UnsafeMuta
 @_cdecl("spillway_store_close")
 public func spillway_store_close(_ handle: UInt64) -> Int32 {
     entry { () throws(CError) in
-        let removed = handles.entries.withLock { entries -> (TieredStore, [KVPool])? in
+        let removed = handles.entries.withLock { entries -> (TieredStore, [(UInt64, KVPool)])? in
             guard case .store(let store, let poolHandles) = entries[handle] else { return nil }
             entries[handle] = nil
-            var pools: [KVPool] = []
+            var pools: [(UInt64, KVPool)] = []
             for poolHandle in poolHandles {
-                if case .pool(let pool, _) = entries[poolHandle] { pools.append(pool) }
+                if case .pool(let pool, _) = entries[poolHandle] { pools.append((poolHandle, pool)) }
                 if case .weights(let box, _) = entries[poolHandle] { box.streamer.close() }
                 entries[poolHandle] = nil
             }
             return (store, pools)
         }
         guard let (store, pools) = removed else { throw .handle("no open store with handle \(handle)") }
-        for pool in pools { pool.close() }
+        for (poolHandle, pool) in pools {
+            drainArrayQueue(poolHandle)
+            pool.close()
+        }
         store.close()
         return CStatus.ok
     }
@@ -362,6 +367,7 @@ public func spillway_kv_pool_destroy(_ handle: UInt64) -> Int32 {
             return pool
         }
         guard let pool else { throw .handle("no KV pool with handle \(handle)") }
+        drainArrayQueue(handle)
         pool.close()
         return CStatus.ok
     }
@@ -464,7 +470,7 @@ public func spillway_kv_store_async(_ handle: UInt64, _ hashes: UnsafePointer<UI
 @_cdecl("spillway_kv_wait")
 public func spillway_kv_wait(_ handle: UInt64, _ stored: UnsafeMutablePointer<Int>?) -> Int32 {
     entry { () throws(CError) in
-        let ticket = handles.entries.withLock { entries -> KVStoreTicket? in
+        let ticket = handles.entries.withLock { entries -> (any PendingStore)? in
             guard case .ticket(let ticket) = entries[handle] else { return nil }
             entries[handle] = nil
             return ticket
@@ -486,6 +492,139 @@ public func spillway_kv_load(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, 
         let blocks = try readHashes(hashes, count)
         let list = try bufferList(UnsafeRawPointer(buffers).map { $0.assumingMemoryBound(to: UnsafeRawPointer?.self) }, count, bufferBytes)
         let result = pool.load(blocks, layer: layer < 0 ? nil : Int(layer), into: list.map { UnsafeMutableRawBufferPointer(mutating: $0) })
+        loaded?.pointee = result.contiguous
+        return try status(of: result)
+    }
+}
+
+/// An asynchronous store a ticket handle names.
+protocol PendingStore: Sendable {
+    func wait() -> KVResult
+}
+
+extension KVStoreTicket: PendingStore {}
+
+/// An asynchronous array store (spillway_kv_store_array_async): finished by the pool's array
+/// queue.
+final class ArrayStoreTicket: PendingStore {
+    private let done = DispatchSemaphore(value: 0)
+    private let result = Locked<KVResult?>(nil)
+
+    func finish(_ value: KVResult) {
+        result.withLock { $0 = value }
+        done.signal()
+    }
+
+    func wait() -> KVResult {
+        done.wait()
+        done.signal()
+        return result.withLock { $0! }
+    }
+}
+
+/// A caller's array for an asynchronous store. `@unchecked Sendable`: the caller keeps it valid
+/// and unchanged until spillway_kv_wait returns (the header's contract); only the queue reads it.
+struct ArrayBase: @unchecked Sendable {
+    let pointer: UnsafeRawPointer
+}
+
+/// Per pool handle, the serial queue that runs its asynchronous array stores in order (each one
+/// a `storeLayers` batch, fanned out like a synchronous one). Destroying the pool (or closing its
+/// store) drains the queue first, as the pool itself finishes queued stores on close.
+let arrayQueues = Locked<[UInt64: DispatchQueue]>([:])
+
+func arrayQueue(_ pool: UInt64) -> DispatchQueue {
+    arrayQueues.withLock { queues in
+        if let queue = queues[pool] { return queue }
+        let queue = DispatchQueue(label: "spillway.kv.array-stores.\(pool)")
+        queues[pool] = queue
+        return queue
+    }
+}
+
+/// Waits for the pool's queued array stores (bounded by their completion) and forgets its queue.
+func drainArrayQueue(_ pool: UInt64) {
+    arrayQueues.withLock { $0.removeValue(forKey: pool) }?.sync {}
+}
+
+/// The C arguments of an array call, checked: the pool's layers first_layer..<first_layer +
+/// layer_count, the strides, and layer_bytes equal to the pool's (what the caller believes a
+/// slice holds). The pool checks the rest (strides, extent, overlap) before touching memory.
+func arrayArguments(_ pool: KVPool, count: Int, base: UnsafeRawPointer?, firstLayer: Int32, layerCount: Int32,
+                    layerStride: Int, blockStride: Int, layerBytes: Int, disjoint: Bool) throws(CError) -> (Range<Int>, KVArrayStrides)
+{
+    try argument(layerBytes == pool.geometry.layerBytes,
+                 "layer_bytes \(layerBytes) does not match the pool's \(pool.geometry.layerBytes) bytes per layer slice")
+    try argument(firstLayer >= 0 && layerCount >= 1 && Int(firstLayer) + Int(layerCount) <= pool.geometry.layers,
+                 "layers \(firstLayer) + \(layerCount): need first_layer >= 0, layer_count >= 1, first_layer + layer_count <= \(pool.geometry.layers)")
+    try argument(base != nil || count == 0, "base is NULL")
+    let layers = Int(firstLayer)..<(Int(firstLayer) + Int(layerCount))
+    let strides = KVArrayStrides(layerStride: layerStride, blockStride: blockStride)
+    _ = try wrap { () throws(SpillwayError) in try pool.checkArray(blocks: count, layers: layers, strides: strides, disjoint: disjoint) }
+    return (layers, strides)
+}
+
+@_cdecl("spillway_kv_store_array")
+public func spillway_kv_store_array(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, _ count: Int, _ firstLayer: Int32, _ layerCount: Int32,
+                                    _ base: UnsafeRawPointer?, _ layerStride: Int, _ blockStride: Int, _ layerBytes: Int,
+                                    _ stored: UnsafeMutablePointer<Int>?) -> Int32
+{
+    entry { () throws(CError) in
+        let pool = try handles.pool(handle)
+        let blocks = try readHashes(hashes, count)
+        let (layers, strides) = try arrayArguments(pool, count: count, base: base, firstLayer: firstLayer, layerCount: layerCount,
+                                                   layerStride: layerStride, blockStride: blockStride, layerBytes: layerBytes, disjoint: false)
+        guard let base else {
+            stored?.pointee = 0
+            return CStatus.ok
+        }
+        let result = pool.storeLayers(blocks, layers: layers, from: base, strides: strides)
+        stored?.pointee = result.contiguous
+        return try status(of: result)
+    }
+}
+
+@_cdecl("spillway_kv_store_array_async")
+public func spillway_kv_store_array_async(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, _ count: Int, _ firstLayer: Int32,
+                                          _ layerCount: Int32, _ base: UnsafeRawPointer?, _ layerStride: Int, _ blockStride: Int,
+                                          _ layerBytes: Int, _ ticket: UnsafeMutablePointer<UInt64>?) -> Int32
+{
+    entry { () throws(CError) in
+        let pool = try handles.pool(handle)
+        guard let ticket else { throw .spillway(.invalidArgument("ticket is NULL")) }
+        let blocks = try readHashes(hashes, count)
+        let (layers, strides) = try arrayArguments(pool, count: count, base: base, firstLayer: firstLayer, layerCount: layerCount,
+                                                   layerStride: layerStride, blockStride: blockStride, layerBytes: layerBytes, disjoint: false)
+        let pending = ArrayStoreTicket()
+        if let base {
+            let array = ArrayBase(pointer: base)
+            arrayQueue(handle).async {
+                pending.finish(pool.storeLayers(blocks, layers: layers, from: array.pointer, strides: strides))
+            }
+        } else {
+            pending.finish(KVResult(errors: []))  // no blocks
+        }
+        ticket.pointee = handles.insert(.ticket(pending))
+        return CStatus.ok
+    }
+}
+
+@_cdecl("spillway_kv_load_array")
+public func spillway_kv_load_array(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, _ count: Int, _ firstLayer: Int32, _ layerCount: Int32,
+                                   _ base: UnsafeMutableRawPointer?, _ layerStride: Int, _ blockStride: Int, _ layerBytes: Int,
+                                   _ loaded: UnsafeMutablePointer<Int>?) -> Int32
+{
+    entry { () throws(CError) in
+        let pool = try handles.pool(handle)
+        let blocks = try readHashes(hashes, count)
+        let (layers, strides) = try arrayArguments(pool, count: count, base: base.map { UnsafeRawPointer($0) }, firstLayer: firstLayer,
+                                                   layerCount: layerCount, layerStride: layerStride, blockStride: blockStride,
+                                                   layerBytes: layerBytes, disjoint: true)
+        guard let base else {
+            loaded?.pointee = 0
+            return CStatus.ok
+        }
+        let result = pool.loadLayers(blocks, layers: layers, into: base, strides: strides)
         loaded?.pointee = result.contiguous
         return try status(of: result)
     }

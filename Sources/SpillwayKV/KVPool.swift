@@ -111,7 +111,7 @@ public final class KVPool: Sendable {
     public let hasher: KVBlockHasher
     private let fingerprint: UInt64
     private let logger: Logger
-    private let state = Locked(PoolState())
+    let state = Locked(PoolState())
     private let queue = Locked(Deque<StoreJob>())
     private let queued = DispatchSemaphore(value: 0)
     private let space: DispatchSemaphore
@@ -225,7 +225,7 @@ public final class KVPool: Sendable {
     /// The store hints of a page of `hashes[index]` (`part` of it, a layer or the manifest):
     /// class `kvBlock`, its depth in the prefix chain, and as parent the same part of the block
     /// before it (`hashes[index - 1]`, or `chain.parent` for the first one).
-    private func hints(_ hashes: [BlockHash], _ index: Int, chain: KVChainStart, part: (BlockHash) -> PageKey) -> PageHints {
+    func hints(_ hashes: [BlockHash], _ index: Int, chain: KVChainStart, part: (BlockHash) -> PageKey) -> PageHints {
         let parent: BlockHash? = index > 0 ? hashes[index - 1] : chain.parent
         return .kvBlock(depth: chain.depth + index, parent: parent.map(part))
     }
@@ -365,7 +365,7 @@ public final class KVPool: Sendable {
 
     /// Makes `block` visible: writes its manifest (per-layer layout; a whole block's single
     /// page needs none).
-    private func commit(_ block: BlockHash, hints: PageHints) -> SpillwayError? {
+    func commit(_ block: BlockHash, hints: PageHints) -> SpillwayError? {
         guard geometry.layout == .perLayer else {
             state.withLock { _ = $0.committed.insert(block) }
             return nil

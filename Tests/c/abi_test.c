@@ -181,6 +181,50 @@ int main(int argc, char **argv) {
     CHECK(spillway_kv_evict(pool, hashes + 16, 1, &removed) == SPILLWAY_OK && removed == 1);
     CHECK(spillway_kv_load(pool, hashes, 2, -1, whole, 512, &loaded) == SPILLWAY_E_PARTIAL && loaded == 1);
 
+    /* Whole arrays: [layers = 2][blocks = 3][256] in one call, and a strided [blocks][layers][256] view. */
+    uint32_t more_tokens[12] = {11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22};
+    uint8_t array_hashes[16 * 3];
+    CHECK(spillway_kv_block_hashes(pool, more_tokens, 12, array_hashes, 3, &blocks) == SPILLWAY_OK && blocks == 3);
+    static unsigned char kv[2][3][256], kv_back[2][3][256], by_block[3][2][256];
+    for (int l = 0; l < 2; l++) for (int b = 0; b < 3; b++) for (int i = 0; i < 256; i++) kv[l][b][i] = (unsigned char)(l * 97 + b * 13 + i);
+    CHECK(spillway_kv_store_array(pool, array_hashes, 3, 0, 2, kv, sizeof kv[0], 256, 256, &stored) == SPILLWAY_OK && stored == 3);
+    CHECK(spillway_kv_lookup(pool, array_hashes, 3, &matched) == SPILLWAY_OK && matched == 3);
+    CHECK(spillway_kv_load_array(pool, array_hashes, 3, 0, 2, kv_back, sizeof kv_back[0], 256, 256, &loaded) == SPILLWAY_OK && loaded == 3);
+    CHECK(memcmp(kv, kv_back, sizeof kv) == 0);
+    /* Strided destination: layer stride 256, block stride 512. */
+    CHECK(spillway_kv_load_array(pool, array_hashes, 3, 0, 2, by_block, 256, sizeof by_block[0], 256, &loaded) == SPILLWAY_OK && loaded == 3);
+    int strided_ok = 1;
+    for (int l = 0; l < 2; l++) for (int b = 0; b < 3; b++) strided_ok &= memcmp(by_block[b][l], kv[l][b], 256) == 0;
+    CHECK(strided_ok);
+    /* One layer of [blocks][256], asynchronously. */
+    CHECK(spillway_kv_store_array_async(pool, array_hashes, 3, 1, 1, kv[0], 0, 256, 256, &ticket) == SPILLWAY_OK);
+    CHECK(spillway_kv_wait(ticket, &stored) == SPILLWAY_OK && stored == 3);
+    CHECK(spillway_kv_load_array(pool, array_hashes, 3, 1, 1, kv_back[1], 0, 256, 256, &loaded) == SPILLWAY_OK);
+    CHECK(memcmp(kv_back[1], kv[0], sizeof kv[0]) == 0);
+    /* Every argument is checked: typed errors, a message, nothing touched. */
+    CHECK(spillway_kv_store_array(pool, array_hashes, 3, 0, 2, kv, sizeof kv[0], 256, 255, &stored) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(strstr(spillway_last_error(), "layer_bytes") != NULL);
+    CHECK(spillway_kv_store_array(pool, array_hashes, 3, 0, 2, kv, -1, 256, 256, &stored) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(strstr(spillway_last_error(), "negative") != NULL);
+    CHECK(spillway_kv_store_array(pool, array_hashes, 3, 0, 2, kv, PTRDIFF_MAX, 256, 256, &stored) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(strstr(spillway_last_error(), "overflow") != NULL);
+    CHECK(spillway_kv_store_array(pool, array_hashes, 3, 1, 2, kv, sizeof kv[0], 256, 256, &stored) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_kv_store_array(pool, array_hashes, 3, 0, 0, kv, sizeof kv[0], 256, 256, &stored) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_kv_store_array(pool, array_hashes, 3, -1, 2, kv, sizeof kv[0], 256, 256, &stored) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_kv_store_array(pool, array_hashes, 3, 0, 2, NULL, sizeof kv[0], 256, 256, &stored) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_kv_store_array(pool, NULL, 3, 0, 2, kv, sizeof kv[0], 256, 256, &stored) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_kv_store_array_async(pool, array_hashes, 3, 0, 2, kv, -256, 256, 256, &ticket) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(spillway_kv_store_array_async(pool, array_hashes, 3, 0, 2, kv, sizeof kv[0], 256, 256, NULL) == SPILLWAY_E_INVALID_ARGUMENT);
+    memset(kv_back, 0x5A, sizeof kv_back);
+    CHECK(spillway_kv_load_array(pool, array_hashes, 3, 0, 2, kv_back, 256, 128, 256, &loaded) == SPILLWAY_E_INVALID_ARGUMENT); /* overlapping */
+    CHECK(strstr(spillway_last_error(), "overlap") != NULL);
+    CHECK(spillway_kv_load_array(pool, array_hashes, 3, 0, 2, kv_back, 0, 256, 256, &loaded) == SPILLWAY_E_INVALID_ARGUMENT); /* layers on top of each other */
+    CHECK(spillway_kv_load_array(pool, array_hashes, 3, 0, 2, kv_back, sizeof kv_back[0], 256, (size_t)-1, &loaded) == SPILLWAY_E_INVALID_ARGUMENT);
+    CHECK(kv_back[0][0][0] == 0x5A && kv_back[1][2][255] == 0x5A);
+    CHECK(spillway_kv_load_array(0, array_hashes, 3, 0, 2, kv_back, sizeof kv_back[0], 256, 256, &loaded) == SPILLWAY_E_INVALID_HANDLE);
+    CHECK(spillway_kv_evict(pool, array_hashes + 32, 1, &removed) == SPILLWAY_OK && removed == 1);
+    CHECK(spillway_kv_load_array(pool, array_hashes, 3, 0, 2, kv_back, sizeof kv_back[0], 256, 256, &loaded) == SPILLWAY_E_PARTIAL && loaded == 2);
+
     /* Weights: a tiny safetensors file written here (header JSON, then the data). */
     char model_path[2048];
     snprintf(model_path, sizeof model_path, "%s/abi-test-model.safetensors", scratch);

@@ -16,7 +16,9 @@ from ._binding import (
     AcquiredLayer,
     KVGeometry,
     KVPool,
+    LibraryNotFoundError,
     PAGE_CLASSES,
+    PackedHashes,
     SpillwayError,
     Store,
     StoreTicket,
@@ -27,4 +29,4 @@ from ._binding import (
     version,
 )
 
-__all__ = ["AcquiredLayer", "KVGeometry", "KVPool", "PAGE_CLASSES", "SpillwayError", "Store", "StoreTicket", "Weights", "inflight_stores", "library_path", "parent_id", "version"]
+__all__ = ["AcquiredLayer", "KVGeometry", "KVPool", "LibraryNotFoundError", "PAGE_CLASSES", "PackedHashes", "SpillwayError", "Store", "StoreTicket", "Weights", "inflight_stores", "library_path", "parent_id", "version"]

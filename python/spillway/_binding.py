@@ -5,10 +5,12 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
+import itertools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Iterable, Optional
 
 OK = 0
 E_PARTIAL = 101
@@ -33,18 +35,52 @@ class SpillwayError(Exception):
         return ERROR_NAMES.get(self.status, f"status {self.status}")
 
 
+INSTALL_PREFIX = "/usr/local"  # tools/install-c-library.sh's default PREFIX
+
+
+class LibraryNotFoundError(ImportError):
+    """Neither $SPILLWAY_LIBRARY nor an installed libspillway.so was found."""
+
+
+def _installed_library() -> Optional[str]:
+    """The libspillway.so tools/install-c-library.sh installs (PREFIX/lib/libspillway.so, PREFIX
+    from $SPILLWAY_PREFIX, default /usr/local), or one the dynamic loader finds by name
+    (LD_LIBRARY_PATH, the ldconfig cache)."""
+    prefix = os.environ.get("SPILLWAY_PREFIX") or INSTALL_PREFIX
+    candidate = Path(prefix) / "lib" / "libspillway.so"
+    if candidate.is_file():
+        return str(candidate)
+    try:
+        ctypes.CDLL("libspillway.so")
+    except OSError:
+        return None
+    return "libspillway.so"
+
+
 def library_path() -> str:
-    """Where the library is: $SPILLWAY_LIBRARY, else the package's build tree (release, then
-    debug), else the system's libspillway.so."""
+    """Where the C library is, in this order: $SPILLWAY_LIBRARY (a libSpillwayC.so, e.g. a
+    checkout's .build/release/libSpillwayC.so), then the libspillway.so that
+    tools/install-c-library.sh installs (PREFIX/lib, PREFIX = $SPILLWAY_PREFIX or
+    /usr/local; or found by the dynamic loader). Raises LibraryNotFoundError saying how to
+    build or install it when there is neither."""
     explicit = os.environ.get("SPILLWAY_LIBRARY")
     if explicit:
+        if not Path(explicit).is_file():
+            raise LibraryNotFoundError(f"SPILLWAY_LIBRARY={explicit} does not exist; build it with "
+                                       "`swift build -c release --product SpillwayC` in a Spillway checkout "
+                                       "(it writes .build/release/libSpillwayC.so)")
         return explicit
-    root = Path(__file__).resolve().parents[2]
-    for build in ("release", "debug"):
-        candidate = root / ".build" / build / "libSpillwayC.so"
-        if candidate.exists():
-            return str(candidate)
-    return "libspillway.so"
+    installed = _installed_library()
+    if installed:
+        return installed
+    prefix = os.environ.get("SPILLWAY_PREFIX") or INSTALL_PREFIX
+    raise LibraryNotFoundError(
+        "Spillway's C library was not found: SPILLWAY_LIBRARY is not set and there is no installed "
+        f"libspillway.so ({prefix}/lib, nor on the dynamic loader's path). In a Spillway checkout, either "
+        "build it with `swift build -c release --product SpillwayC` and set "
+        "SPILLWAY_LIBRARY=$PWD/.build/release/libSpillwayC.so, or install it with "
+        "`tools/install-c-library.sh [PREFIX]` (PREFIX/lib/libspillway.so; set SPILLWAY_PREFIX for a PREFIX "
+        "other than /usr/local).")
 
 
 _lib = ctypes.CDLL(library_path())
@@ -95,6 +131,12 @@ _kv_store_async = _declare("spillway_kv_store_async", _u64, ctypes.c_char_p, _si
                            ctypes.POINTER(_u64))
 _kv_wait = _declare("spillway_kv_wait", _u64, ctypes.POINTER(_size))
 _kv_load = _declare("spillway_kv_load", _u64, ctypes.c_char_p, _size, ctypes.c_int32, ctypes.POINTER(_p), _size, ctypes.POINTER(_size))
+_kv_store_array = _declare("spillway_kv_store_array", _u64, ctypes.c_char_p, _size, ctypes.c_int32, ctypes.c_int32, _p,
+                           ctypes.c_ssize_t, ctypes.c_ssize_t, _size, ctypes.POINTER(_size))
+_kv_store_array_async = _declare("spillway_kv_store_array_async", _u64, ctypes.c_char_p, _size, ctypes.c_int32, ctypes.c_int32, _p,
+                                 ctypes.c_ssize_t, ctypes.c_ssize_t, _size, ctypes.POINTER(_u64))
+_kv_load_array = _declare("spillway_kv_load_array", _u64, ctypes.c_char_p, _size, ctypes.c_int32, ctypes.c_int32, _p,
+                          ctypes.c_ssize_t, ctypes.c_ssize_t, _size, ctypes.POINTER(_size))
 _kv_prefetch = _declare("spillway_kv_prefetch", _u64, ctypes.c_char_p, _size)
 _kv_pin = _declare("spillway_kv_pin", _u64, ctypes.c_char_p, _size)
 _kv_unpin = _declare("spillway_kv_unpin", _u64, ctypes.c_char_p, _size)
@@ -173,6 +215,101 @@ def _buffers(objects: Sequence, writable: bool):
         raise ValueError("all buffers of a call must have the same size")
     array = (_p * max(1, len(wrapped)))(*[buffer.address for buffer in wrapped])
     return wrapped, array, (sizes.pop() if sizes else 0)
+
+
+class PackedHashes(Sequence):
+    """Block hashes packed once (16 bytes each, back to back) for repeated calls: a sequence of
+    16-byte hashes that the pool passes to the library without re-packing. Slicing gives
+    PackedHashes. ``KVPool.pack(hashes)`` or ``KVPool.block_hashes(tokens, packed=True)``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        if len(data) % 16:
+            raise ValueError("packed hashes are 16 bytes each")
+        self.data = bytes(data)
+
+    def __len__(self) -> int:
+        return len(self.data) // 16
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return PackedHashes(self.data[16 * start: 16 * max(start, stop)])
+            return PackedHashes(b"".join(self.data[16 * i: 16 * i + 16] for i in range(start, stop, step)))
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("hash index out of range")
+        return self.data[16 * index: 16 * index + 16]
+
+    def __eq__(self, other):
+        if isinstance(other, PackedHashes):
+            return self.data == other.data
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(self.data)
+
+    def __repr__(self):
+        return f"PackedHashes({len(self)} blocks)"
+
+
+def _array_layout(array, blocks: int, layer_bytes: int, per_layer: bool, writable: bool):
+    """(address, layer count, layer stride, block stride) of a [layers, blocks, ...] array (or
+    with ``per_layer`` a [blocks, ...] one), read from its ``__array_interface__``: no copy.
+    The dimensions after the block axis must be C-contiguous and hold exactly ``layer_bytes``."""
+    interface = getattr(array, "__array_interface__", None)
+    if not isinstance(interface, dict):
+        raise ValueError(f"expected a numpy array (an object with __array_interface__), got {type(array).__name__}")
+    typestr = interface["typestr"]
+    if typestr[1] == "O":
+        raise ValueError("an object array holds Python references, not KV bytes")
+    digits = "".join(itertools.takewhile(str.isdigit, typestr[2:]))
+    itemsize = int(digits or 0)
+    if itemsize <= 0:
+        raise ValueError(f"unsupported dtype {typestr!r}")
+    data = interface.get("data")
+    if not isinstance(data, tuple):
+        raise ValueError("the array does not expose its address (__array_interface__ without a data pointer)")
+    address, readonly = data
+    if writable and readonly:
+        raise ValueError("a load needs a writable array (this one is read-only)")
+    shape = tuple(interface["shape"])
+    lead = 1 if per_layer else 2
+    expected = "[blocks, ...]" if per_layer else "[layers, blocks, ...]"
+    if len(shape) < lead:
+        raise ValueError(f"expected a {expected} array, got shape {shape}")
+    strides = interface.get("strides")
+    if strides is None:  # C-contiguous
+        strides, step = [], itemsize
+        for extent in reversed(shape):
+            strides.append(step)
+            step *= extent
+        strides = tuple(reversed(strides))
+    slice_bytes, step = itemsize, itemsize
+    for axis in range(len(shape) - 1, lead - 1, -1):
+        if shape[axis] != 1 and strides[axis] != step:
+            raise ValueError(f"the dimensions after the block axis must be C-contiguous (shape {shape}, strides {strides}); "
+                             "take a contiguous copy or reshape so each layer slice of a block is one run of bytes")
+        step *= shape[axis]
+        slice_bytes *= shape[axis]
+    if slice_bytes != layer_bytes:
+        raise ValueError(f"each block's layer slice of this array has {slice_bytes} bytes (shape {shape}, "
+                         f"{itemsize}-byte items); the pool's geometry needs {layer_bytes}")
+    block_axis = lead - 1
+    if shape[block_axis] != blocks:
+        raise ValueError(f"the array holds {shape[block_axis]} blocks (axis {block_axis} of shape {shape}) "
+                         f"but {blocks} hashes were given")
+    layers = 1 if per_layer else shape[0]
+    layer_stride = 0 if per_layer or layers == 1 else strides[0]
+    block_stride = 0 if blocks == 1 else strides[block_axis]
+    if layer_stride < 0 or block_stride < 0:
+        raise ValueError(f"negative strides {strides} (a reversed view): pass a forward view or a copy")
+    if layers == 0 and blocks > 0:
+        raise ValueError(f"the array holds no layers (shape {shape})")
+    return address, layers, layer_stride, block_stride
 
 
 @dataclass(frozen=True)
@@ -508,19 +645,72 @@ class KVPool:
             handle, self.handle = self.handle, 0
             _check(_pool_destroy(handle))
 
-    def block_hashes(self, tokens: Iterable[int]) -> list[bytes]:
-        """The 16-byte chained hashes of every full block of ``tokens``."""
+    def block_hashes(self, tokens: Iterable[int], packed: bool = False):
+        """The 16-byte chained hashes of every full block of ``tokens``: a list of bytes, or
+        with ``packed`` one PackedHashes (what repeated calls on the same blocks should pass)."""
         tokens = list(tokens)
         array = (ctypes.c_uint32 * max(1, len(tokens)))(*tokens)
         capacity = len(tokens) // self.geometry.tokens_per_block
         out = ctypes.create_string_buffer(max(1, 16 * capacity))
         blocks = _size(0)
         _check(_block_hashes(self.handle, array, len(tokens), out, capacity, ctypes.byref(blocks)))
+        if packed:
+            return PackedHashes(out.raw[: 16 * blocks.value])
         return [out.raw[16 * i: 16 * i + 16] for i in range(blocks.value)]
 
     @staticmethod
+    def pack(hashes: Sequence) -> PackedHashes:
+        """Hashes (16-byte keys or 128-bit ints) packed once for repeated calls."""
+        return hashes if isinstance(hashes, PackedHashes) else PackedHashes(b"".join(_key(h) for h in hashes))
+
+    @staticmethod
     def _hashes(hashes: Sequence[bytes]) -> bytes:
+        if isinstance(hashes, PackedHashes):
+            return hashes.data
         return b"".join(_key(h) for h in hashes)
+
+    def _array_call(self, hashes, array, layer, first_layer, writable):
+        per_layer = layer is not None
+        address, layers, layer_stride, block_stride = _array_layout(array, len(hashes), self.geometry.layer_bytes, per_layer,
+                                                                    writable)
+        first = layer if per_layer else first_layer
+        if not 0 <= first or first + layers > self.geometry.layers:
+            raise ValueError(f"layers {first}..{first + layers - 1} are outside the geometry's 0..{self.geometry.layers - 1}")
+        return self._hashes(hashes), first, layers, address, layer_stride, block_stride
+
+    def store_array(self, hashes: Sequence[bytes], array, layer: Optional[int] = None, first_layer: int = 0) -> int:
+        """Stores a whole numpy array in one call, without copies: ``array`` is
+        ``[layers, blocks, ...]`` holding layers ``first_layer..`` of the blocks (or, with
+        ``layer``, ``[blocks, ...]`` holding that one layer). Any dtype; any strides on the
+        layer and block axes (slices of a bigger buffer are fine); the dimensions after the
+        block axis must be C-contiguous and hold ``layer_bytes``. Returns the blocks stored
+        from the start; raises ValueError for a wrong shape and SpillwayError (101 = partial,
+        ``count``) if blocks failed."""
+        packed, first, layers, address, layer_stride, block_stride = self._array_call(hashes, array, layer, first_layer, False)
+        stored = _size(0)
+        _check(_kv_store_array(self.handle, packed, len(hashes), first, layers, address, layer_stride, block_stride,
+                               self.geometry.layer_bytes, ctypes.byref(stored)), stored.value)
+        return stored.value
+
+    def store_array_async(self, hashes: Sequence[bytes], array, layer: Optional[int] = None, first_layer: int = 0) -> StoreTicket:
+        """``store_array`` that returns at once; the array must stay unchanged until the
+        ticket's ``wait()`` (the binding keeps it referenced until the store completes)."""
+        packed, first, layers, address, layer_stride, block_stride = self._array_call(hashes, array, layer, first_layer, False)
+        ticket = _u64(0)
+        _check(_kv_store_array_async(self.handle, packed, len(hashes), first, layers, address, layer_stride, block_stride,
+                                     self.geometry.layer_bytes, ctypes.byref(ticket)))
+        return StoreTicket(ticket.value, array)
+
+    def load_array(self, hashes: Sequence[bytes], array, layer: Optional[int] = None, first_layer: int = 0) -> int:
+        """Loads blocks into a whole writable numpy array in one call (shapes as for
+        ``store_array``; slices must not overlap). Returns the blocks loaded from the start;
+        raises SpillwayError (101 = partial, ``count``) if any failed: their slices are left
+        as they were."""
+        packed, first, layers, address, layer_stride, block_stride = self._array_call(hashes, array, layer, first_layer, True)
+        loaded = _size(0)
+        _check(_kv_load_array(self.handle, packed, len(hashes), first, layers, address, layer_stride, block_stride,
+                              self.geometry.layer_bytes, ctypes.byref(loaded)), loaded.value)
+        return loaded.value
 
     def lookup(self, hashes: Sequence[bytes]) -> int:
         """Blocks stored completely from the start of ``hashes``."""
