@@ -103,8 +103,8 @@ public struct KVResult: Sendable {
 /// when complete, so it needs no manifest. Buffers are checked against the geometry before anything is
 /// written; loads fill the caller's buffers or fail per block, never with other bytes.
 ///
-/// Thread-safe: any thread may call any method. Asynchronous stores run on one worker thread
-/// per pool, fed by a bounded queue.
+/// Thread-safe: any thread may call any method. Asynchronous stores run as the store's
+/// submitted batches (`TieredStore.submitPut`), bounded by the store's `asyncBatchLimit`.
 public final class KVPool: Sendable {
     public let store: TieredStore
     public let geometry: KVBlockGeometry
@@ -112,11 +112,8 @@ public final class KVPool: Sendable {
     private let fingerprint: UInt64
     private let logger: Logger
     let state = Locked(PoolState())
-    private let queue = Locked(Deque<StoreJob>())
-    private let queued = DispatchSemaphore(value: 0)
-    private let space: DispatchSemaphore
-    private let worker = Locked<BackgroundThread?>(nil)
-    public static let asyncQueueLimit = 64
+    /// Signalled when the last asynchronous store ends after `close` began.
+    private let drained = DispatchSemaphore(value: 0)
 
     static let manifestPart: UInt32 = 0xFFFF_FFFE
     static let wholePart: UInt32 = 0xFFFF_FFFF
@@ -126,20 +123,11 @@ public final class KVPool: Sendable {
         var pending: [BlockHash: Set<Int>] = [:]
         /// Blocks this pool completed (for `clear`).
         var committed: Set<BlockHash> = []
-        /// `close` began: no new asynchronous stores; queued ones still run.
+        /// `close` began: no new asynchronous stores; submitted ones still run.
         var closing = false
         var closed = false
-    }
-
-    /// One queued asynchronous store. `@unchecked Sendable`: the caller keeps the buffers
-    /// valid and unchanged until the ticket's `wait()` returns (the vLLM `wait_for_save`
-    /// contract); only the worker thread reads them meanwhile.
-    struct StoreJob: @unchecked Sendable {
-        var hashes: [BlockHash]
-        var layer: Int?
-        var buffers: [UnsafeRawBufferPointer]
-        var chain: KVChainStart = .root
-        var ticket: KVStoreTicket?
+        /// Asynchronous stores submitted and not finished.
+        var storesInFlight = 0
     }
 
     public init(store: TieredStore, geometry: KVBlockGeometry, modelID: String,
@@ -156,7 +144,6 @@ public final class KVPool: Sendable {
         self.logger = logger
         hasher = KVBlockHasher(modelID: modelID, tokensPerBlock: geometry.tokensPerBlock)
         fingerprint = geometry.fingerprint
-        space = DispatchSemaphore(value: Self.asyncQueueLimit)
         logger.info("KV pool open", metadata: [
             "model": "\(modelID)", "layout": "\(geometry.layout.rawValue)", "block_bytes": "\(geometry.blockBytes)",
             "tokens_per_block": "\(geometry.tokensPerBlock)", "layers": "\(geometry.layers)",
@@ -168,14 +155,13 @@ public final class KVPool: Sendable {
     /// Finishes queued asynchronous stores (refusing new ones), then refuses every call
     /// (`closed`).
     public func close() {
-        let (first, thread) = state.withLock { state -> (Bool, BackgroundThread?) in
-            guard !state.closing else { return (false, nil) }
+        let (first, waiting) = state.withLock { state -> (Bool, Bool) in
+            guard !state.closing else { return (false, false) }
             state.closing = true
-            return (true, worker.withLock { $0 })
+            return (true, state.storesInFlight > 0)
         }
         guard first else { return }
-        queued.signal()  // wake the worker so it sees `closing` once the queue is empty
-        thread?.join()
+        if waiting { drained.wait() }
         state.withLock { $0.closed = true }
     }
 
@@ -230,6 +216,78 @@ public final class KVPool: Sendable {
         return .kvBlock(depth: chain.depth + index, parent: parent.map(part))
     }
 
+    /// A store's page writes, planned from the caller's buffers, and what finishing it needs.
+    struct PlannedStore {
+        var hashes: [BlockHash]
+        var layer: Int?
+        var chain: KVChainStart
+        var writes: [PageWrite]
+        /// Per write, the index of its block in `hashes`.
+        var owner: [Int]
+    }
+
+    /// Checks the buffers against the geometry and lays out the page writes of a store of
+    /// one layer of each block (`layer`) or of whole blocks (nil).
+    private func plan(_ hashes: [BlockHash], layer: Int?, buffers: [UnsafeRawBufferPointer], chain: KVChainStart)
+        throws(SpillwayError) -> PlannedStore
+    {
+        try checkOpen()
+        var planned = PlannedStore(hashes: hashes, layer: layer, chain: chain, writes: [], owner: [])
+        if let layer {
+            guard geometry.layout == .perLayer else { throw .invalidArgument("storeLayer needs the per-layer layout; this pool stores whole blocks") }
+            guard (0..<geometry.layers).contains(layer) else { throw .invalidArgument("layer \(layer) outside 0..<\(geometry.layers)") }
+            try checkBuffers(hashes.count, buffers.map(\.count), expected: geometry.layerBytes)
+            for index in hashes.indices {
+                planned.writes.append(PageWrite(key: dataKey(hashes[index], layer: layer), bytes: buffers[index],
+                                                hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
+                planned.owner.append(index)
+            }
+            return planned
+        }
+        try checkBuffers(hashes.count, buffers.map(\.count), expected: geometry.blockBytes)
+        for (index, block) in hashes.enumerated() {
+            if geometry.layout == .perLayer {
+                for layer in 0..<geometry.layers {
+                    let slice = UnsafeRawBufferPointer(rebasing: buffers[index][(layer * geometry.layerBytes)..<((layer + 1) * geometry.layerBytes)])
+                    planned.writes.append(PageWrite(key: dataKey(block, layer: layer), bytes: slice,
+                                                    hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
+                    planned.owner.append(index)
+                }
+            } else {
+                planned.writes.append(PageWrite(key: dataKey(block, layer: 0), bytes: buffers[index],
+                                                hints: hints(hashes, index, chain: chain) { dataKey($0, layer: 0) }))
+                planned.owner.append(index)
+            }
+        }
+        return planned
+    }
+
+    /// After the planned writes ran: each block's first error, and the blocks now complete
+    /// made visible (a layer store completes a block with its last layer).
+    private func finish(_ planned: PlannedStore, _ writes: UnsafeMutableBufferPointer<PageWrite>) -> KVResult {
+        var errors = [SpillwayError?](repeating: nil, count: planned.hashes.count)
+        for position in writes.indices where writes[position].error != nil && errors[planned.owner[position]] == nil {
+            errors[planned.owner[position]] = writes[position].error
+        }
+        var complete: [Int] = []
+        state.withLock { state in
+            for (index, block) in planned.hashes.enumerated() where errors[index] == nil {
+                if let layer = planned.layer {
+                    state.pending[block, default: []].insert(layer)
+                    guard state.pending[block]!.count == geometry.layers else { continue }
+                }
+                state.pending[block] = nil
+                complete.append(index)
+            }
+        }
+        for index in complete {
+            if let error = commit(planned.hashes[index], hints: hints(planned.hashes, index, chain: planned.chain, part: manifestKey)) {
+                errors[index] = error
+            }
+        }
+        return KVResult(errors: errors)
+    }
+
     /// Stores one layer of each block (per-layer layout): `buffers[i]` is block i's layer
     /// slice, exactly `layerBytes`. A block becomes visible when its last layer is stored.
     /// `chain` says where `hashes[0]` sits in its prefix chain (consecutive hashes are taken as
@@ -238,129 +296,71 @@ public final class KVPool: Sendable {
     public func storeLayer(_ hashes: [BlockHash], layer: Int, buffers: [UnsafeRawBufferPointer],
                            chain: KVChainStart = .root) -> KVResult
     {
-        do throws(SpillwayError) {
-            try checkOpen()
-            guard geometry.layout == .perLayer else { throw .invalidArgument("storeLayer needs the per-layer layout; this pool stores whole blocks") }
-            guard (0..<geometry.layers).contains(layer) else { throw .invalidArgument("layer \(layer) outside 0..<\(geometry.layers)") }
-            try checkBuffers(hashes.count, buffers.map(\.count), expected: geometry.layerBytes)
-        } catch {
-            return KVResult(errors: Array(repeating: error, count: max(1, hashes.count)))
-        }
-        var writes = hashes.indices.map {
-            PageWrite(key: dataKey(hashes[$0], layer: layer), bytes: buffers[$0],
-                      hints: hints(hashes, $0, chain: chain) { dataKey($0, layer: layer) })
-        }
-        _ = writes.withUnsafeMutableBufferPointer { store.put(batch: $0) }
-        var errors: [SpillwayError?] = writes.map(\.error)
-        var complete: [(Int, BlockHash)] = []
-        state.withLock { state in
-            for (index, block) in hashes.enumerated() where errors[index] == nil {
-                state.pending[block, default: []].insert(layer)
-                if state.pending[block]!.count == geometry.layers {
-                    state.pending[block] = nil
-                    complete.append((index, block))
-                }
-            }
-        }
-        for (index, block) in complete {
-            if let error = commit(block, hints: hints(hashes, index, chain: chain, part: manifestKey)) { errors[index] = error }
-        }
-        return KVResult(errors: errors)
+        run(hashes, layer: layer, buffers: buffers, chain: chain)
     }
 
     /// Stores whole blocks: `buffers[i]` is block i, exactly `blockBytes`, layers back to back.
     /// Each block is visible once all of it is stored. `chain` as for `storeLayer`.
     public func store(_ hashes: [BlockHash], blocks buffers: [UnsafeRawBufferPointer], chain: KVChainStart = .root) -> KVResult {
+        run(hashes, layer: nil, buffers: buffers, chain: chain)
+    }
+
+    private func run(_ hashes: [BlockHash], layer: Int?, buffers: [UnsafeRawBufferPointer], chain: KVChainStart) -> KVResult {
         do throws(SpillwayError) {
-            try checkOpen()
-            try checkBuffers(hashes.count, buffers.map(\.count), expected: geometry.blockBytes)
+            let planned = try plan(hashes, layer: layer, buffers: buffers, chain: chain)
+            var writes = planned.writes
+            return writes.withUnsafeMutableBufferPointer { writes in
+                _ = store.put(batch: writes)
+                return finish(planned, writes)
+            }
         } catch {
             return KVResult(errors: Array(repeating: error, count: max(1, hashes.count)))
         }
-        var writes: [PageWrite] = []
-        var owner: [Int] = []
-        for (index, block) in hashes.enumerated() {
-            if geometry.layout == .perLayer {
-                for layer in 0..<geometry.layers {
-                    let slice = UnsafeRawBufferPointer(rebasing: buffers[index][(layer * geometry.layerBytes)..<((layer + 1) * geometry.layerBytes)])
-                    writes.append(PageWrite(key: dataKey(block, layer: layer), bytes: slice,
-                                            hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
-                    owner.append(index)
-                }
-            } else {
-                writes.append(PageWrite(key: dataKey(block, layer: 0), bytes: buffers[index],
-                                        hints: hints(hashes, index, chain: chain) { dataKey($0, layer: 0) }))
-                owner.append(index)
-            }
-        }
-        _ = writes.withUnsafeMutableBufferPointer { store.put(batch: $0) }
-        var errors = [SpillwayError?](repeating: nil, count: hashes.count)
-        for (position, write) in writes.enumerated() where write.error != nil && errors[owner[position]] == nil {
-            errors[owner[position]] = write.error
-        }
-        for (index, block) in hashes.enumerated() where errors[index] == nil {
-            state.withLock { _ = $0.pending.removeValue(forKey: block) }
-            errors[index] = commit(block, hints: hints(hashes, index, chain: chain, part: manifestKey))
-        }
-        return KVResult(errors: errors)
     }
 
-    /// Queues a store of whole blocks (or, with `layer`, of one layer of each block) and
-    /// returns at once; the ticket's `wait()` gives the result. The caller keeps the buffers
-    /// valid and unchanged until then. Blocks when `asyncQueueLimit` stores are queued.
+    /// Submits a store of whole blocks (or, with `layer`, of one layer of each block) to the
+    /// store's asynchronous batches (`TieredStore.submitPut`) and returns at once; the
+    /// ticket's `wait()` gives the result. A connector saving layer after layer thus keeps
+    /// the tiers busy across calls. The caller keeps the buffers valid and unchanged until
+    /// then. Waits for room when the store has `asyncBatchLimit` batches in flight.
     public func storeAsync(_ hashes: [BlockHash], layer: Int? = nil, buffers: [UnsafeRawBufferPointer],
                            chain: KVChainStart = .root) -> KVStoreTicket
     {
         let ticket = KVStoreTicket()
-        if state.withLock({ $0.closing }) {
-            ticket.finish(KVResult(errors: Array(repeating: .closed, count: max(1, hashes.count))))
+        let planned: PlannedStore
+        do throws(SpillwayError) {
+            // Checked and counted under the state lock, so `close` either waits for this store
+            // or it is refused here: no ticket waits forever.
+            try state.withLock { state throws(SpillwayError) in
+                guard !state.closing else { throw .closed }
+                state.storesInFlight += 1
+            }
+            do throws(SpillwayError) {
+                planned = try plan(hashes, layer: layer, buffers: buffers, chain: chain)
+            } catch {
+                storeFinished()
+                throw error
+            }
+        } catch {
+            ticket.finish(KVResult(errors: Array(repeating: error, count: max(1, hashes.count))))
             return ticket
         }
-        startWorkerIfNeeded()
-        space.wait()
-        // Checked and queued under the state lock, so a concurrent `close` either sees the job
-        // (and the worker runs it before exiting) or refuses it here: no ticket waits forever.
-        let accepted = state.withLock { state -> Bool in
-            guard !state.closing else { return false }
-            queue.withLock { $0.append(StoreJob(hashes: hashes, layer: layer, buffers: buffers, chain: chain, ticket: ticket)) }
-            return true
+        let writes = SubmittedWrites(planned)
+        store.submitPut(batch: writes.pages) { [self] _ in
+            let result = finish(writes.planned, writes.pages)
+            writes.free()
+            ticket.finish(result)
+            storeFinished()
         }
-        guard accepted else {
-            space.signal()
-            ticket.finish(KVResult(errors: Array(repeating: .closed, count: max(1, hashes.count))))
-            return ticket
-        }
-        queued.signal()
         return ticket
     }
 
-    private func startWorkerIfNeeded() {
-        // Under the state lock (then the worker lock, the order `close` takes them): a closed
-        // pool never starts a worker nobody would join.
-        state.withLock { poolState in
-            guard !poolState.closing else { return }
-            worker.withLock { worker in
-                guard worker == nil else { return }
-                worker = BackgroundThread { [self] in runWorker() }
-            }
+    private func storeFinished() {
+        let last = state.withLock { state -> Bool in
+            state.storesInFlight -= 1
+            return state.storesInFlight == 0 && state.closing
         }
-    }
-
-    /// The asynchronous-store worker: runs queued stores in order until the pool closes and
-    /// the queue is empty.
-    private func runWorker() {
-        while true {
-            queued.wait()
-            guard let job = queue.withLock({ $0.popFirst() }) else {
-                if state.withLock({ $0.closing }) { return }
-                continue
-            }
-            space.signal()
-            let result = job.layer.map { storeLayer(job.hashes, layer: $0, buffers: job.buffers, chain: job.chain) }
-                ?? store(job.hashes, blocks: job.buffers, chain: job.chain)
-            job.ticket?.finish(result)
-            if queue.withLock({ $0.isEmpty }) && state.withLock({ $0.closing }) { return }
-        }
+        if last { drained.signal() }
     }
 
     /// Makes `block` visible: writes its manifest (per-layer layout; a whole block's single
@@ -524,6 +524,26 @@ public final class KVPool: Sendable {
     /// Blocks this pool has made visible and not evicted (some may since have been evicted by
     /// the store's own capacity management: `lookup` is the truth).
     public var committedBlocks: Int { state.withLock { $0.committed.count } }
+}
+
+/// A submitted store's page writes while its batch runs. `@unchecked Sendable`: built by the
+/// submitter, then only the store's batch worker touches it until the completion frees it
+/// (once); the caller's buffers it points to stay valid until the ticket completes (the vLLM
+/// `wait_for_save` contract).
+private final class SubmittedWrites: @unchecked Sendable {
+    let planned: KVPool.PlannedStore
+    let pages: UnsafeMutableBufferPointer<PageWrite>
+
+    init(_ planned: KVPool.PlannedStore) {
+        self.planned = planned
+        pages = .allocate(capacity: planned.writes.count)
+        _ = pages.initialize(from: planned.writes)
+    }
+
+    func free() {
+        pages.deinitialize()
+        pages.deallocate()
+    }
 }
 
 /// The result of an asynchronous store, available once the store has finished.
