@@ -47,7 +47,8 @@ enum {
     SPILLWAY_E_TRANSPORT = 13, /* a network transport (libfabric RMA) failed */
     SPILLWAY_E_INVALID_HANDLE = 100,
     SPILLWAY_E_PARTIAL = 101, /* some blocks of a batch failed; see the count returned */
-    SPILLWAY_E_NOT_ACQUIRED = 102 /* spillway_weights_release of a layer not held through that handle */
+    SPILLWAY_E_NOT_ACQUIRED = 102, /* spillway_weights_release of a layer not held through that handle */
+    SPILLWAY_E_TIMED_OUT = 103 /* spillway_batch_wait: the batch is still running */
 };
 
 typedef uint64_t spillway_store;   /* a tiered store */
@@ -93,6 +94,36 @@ uint64_t spillway_parent_id(const uint8_t key[16]);
 /* Reads the page into buffer (capacity bytes); *length gets its size. A buffer too small is
  * SPILLWAY_E_BUFFER_TOO_SMALL with *length set to the size needed. */
 spillway_status spillway_store_get(spillway_store store, const uint8_t key[16], void *buffer, size_t capacity, size_t *length);
+
+/* Asynchronous batches. One page of a batch: key in; for a put, buffer and length (the page's
+ * bytes) in; for a get, buffer and length (its capacity) in and length (the page's) out; status
+ * (0 or the page's spillway_status) and latency_ns (submission to this page's completion) out. */
+typedef struct {
+    uint8_t key[16];
+    void *buffer;
+    size_t length;
+    spillway_status status;
+    uint64_t latency_ns;
+} spillway_page_io;
+
+/* Called once when a submitted batch is done, on a Spillway thread, before its ticket completes;
+ * it must not block for long (it holds one of the store's batch workers). */
+typedef void (*spillway_batch_done)(void *context, uint64_t ticket, size_t succeeded);
+
+/* Submit count reads (_get) or writes (_put) and return at once with *ticket. ios and every
+ * buffer they name must stay valid and untouched until the batch is done: spillway_batch_wait
+ * returned 0 or SPILLWAY_E_PARTIAL, or done (when not NULL) was called. queue_depth: reads or
+ * writes in flight per tier (0: the tier's limit). A store keeps at most 8 batches in flight;
+ * past that the call waits for room. A put's page is visible only once durable on its tier.
+ * Every ticket must be waited for once (spillway_batch_wait frees it). */
+spillway_status spillway_store_submit_get(spillway_store store, spillway_page_io *ios, size_t count, uint32_t queue_depth,
+                                          spillway_batch_done done, void *context, uint64_t *ticket);
+spillway_status spillway_store_submit_put(spillway_store store, spillway_page_io *ios, size_t count, uint32_t queue_depth,
+                                          spillway_batch_done done, void *context, uint64_t *ticket);
+/* Waits for a submitted batch (timeout_seconds < 0: as long as it takes) and frees its ticket;
+ * *succeeded = pages that succeeded. SPILLWAY_E_TIMED_OUT: still running (the ticket stays valid:
+ * wait again). 0 when every page succeeded, else SPILLWAY_E_PARTIAL (see each page's status). */
+spillway_status spillway_batch_wait(uint64_t ticket, double timeout_seconds, size_t *succeeded);
 spillway_status spillway_store_remove(spillway_store store, const uint8_t key[16]);
 /* Writes the store's statistics as one JSON object (NUL-terminated) into buffer; *length
  * gets the JSON's length. Too small: SPILLWAY_E_BUFFER_TOO_SMALL with *length = needed. */

@@ -17,6 +17,8 @@ enum CStatus {
     static let partial: Int32 = 101
     /// `spillway_weights_release` of a layer this handle holds no acquisition of.
     static let notAcquired: Int32 = 102
+    /// `spillway_batch_wait` ran out of time; the batch is still running.
+    static let timedOut: Int32 = 103
 }
 
 /// What a handle names.
@@ -26,6 +28,8 @@ enum HandleEntry {
     /// An asynchronous store: the pool's ticket (spillway_kv_store_async) or an array store's
     /// (spillway_kv_store_array_async).
     case ticket(any PendingStore)
+    /// A store batch in flight (spillway_store_submit_get/put).
+    case batch(SubmittedBatch)
     case weights(WeightsBox, store: UInt64)
 }
 

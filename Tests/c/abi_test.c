@@ -31,6 +31,14 @@ static long long tier_hits(const char *json, int tier) {
     return -1;
 }
 
+static int batch_callbacks = 0;
+static size_t batch_callback_succeeded = 0;
+static void on_batch_done(void *context, uint64_t ticket, size_t succeeded) {
+    (void)ticket;
+    *(int *)context += 1;
+    batch_callback_succeeded = succeeded;
+}
+
 int main(int argc, char **argv) {
     if (argc != 2 && argc != 3) { fprintf(stderr, "usage: %s CONFIG.toml [SCRATCH_DIRECTORY]\n", argv[0]); return 2; }
     /* Files this program writes go to the given directory, else to a fresh private one: never
@@ -91,6 +99,47 @@ int main(int argc, char **argv) {
     CHECK(spillway_store_page_hints(store, missing, &page_class, &order, &digest) == SPILLWAY_E_UNKNOWN_KEY);
     CHECK(spillway_store_page_hints(12345, key, &page_class, &order, &digest) == SPILLWAY_E_INVALID_HANDLE);
     CHECK(spillway_store_remove(store, child) == SPILLWAY_OK && spillway_store_remove(store, chunk) == SPILLWAY_OK);
+
+    /* Asynchronous batches: 16 puts with a callback, then 16 gets (one missing key), each
+     * waited for once; every page says its status and latency. */
+    {
+        static unsigned char pages[16][1024], backs[17][1024];
+        spillway_page_io ios[17];
+        memset(ios, 0, sizeof ios);
+        for (int i = 0; i < 16; i++) {
+            for (int j = 0; j < 1024; j++) pages[i][j] = (unsigned char)(i * 31 + j);
+            memset(ios[i].key, 0, 16);
+            ios[i].key[14] = 0xA5;
+            ios[i].key[15] = (uint8_t)i;
+            ios[i].buffer = pages[i];
+            ios[i].length = 1024;
+        }
+        uint64_t ticket = 0;
+        size_t succeeded = 0;
+        CHECK(spillway_store_submit_put(store, ios, 16, 4, on_batch_done, &batch_callbacks, &ticket) == SPILLWAY_OK && ticket != 0);
+        CHECK(spillway_batch_wait(ticket, 30, &succeeded) == SPILLWAY_OK && succeeded == 16);
+        CHECK(batch_callbacks == 1 && batch_callback_succeeded == 16);
+        CHECK(spillway_batch_wait(ticket, 1, &succeeded) == SPILLWAY_E_INVALID_HANDLE);
+        for (int i = 0; i < 17; i++) {
+            memset(ios[i].key, 0, 16);
+            ios[i].key[14] = 0xA5;
+            ios[i].key[15] = (uint8_t)i;
+            ios[i].buffer = backs[i];
+            ios[i].length = sizeof backs[i];
+            ios[i].status = -1;
+        }
+        CHECK(spillway_store_submit_get(store, ios, 17, 0, NULL, NULL, &ticket) == SPILLWAY_OK);
+        CHECK(spillway_batch_wait(ticket, 30, &succeeded) == SPILLWAY_E_PARTIAL && succeeded == 16);
+        for (int i = 0; i < 16; i++) {
+            CHECK(ios[i].status == SPILLWAY_OK && ios[i].length == 1024 && memcmp(backs[i], pages[i], 1024) == 0);
+            CHECK(ios[i].latency_ns > 0);
+        }
+        CHECK(ios[16].status == SPILLWAY_E_UNKNOWN_KEY);
+        CHECK(spillway_store_submit_get(store, NULL, 4, 0, NULL, NULL, &ticket) == SPILLWAY_E_INVALID_ARGUMENT);
+        CHECK(spillway_store_submit_get(store, ios, 0, 0, NULL, NULL, &ticket) == SPILLWAY_E_INVALID_ARGUMENT);
+        CHECK(spillway_store_submit_get(12345, ios, 4, 0, NULL, NULL, &ticket) == SPILLWAY_E_INVALID_HANDLE);
+        CHECK(spillway_batch_wait(987654321, 0, &succeeded) == SPILLWAY_E_INVALID_HANDLE);
+    }
 
     /* DRAM (64 KiB) over NVMe (a file in the scratch directory): most of 64 pages of 4 KiB land
      * on NVMe, and getting them back stalls on it. */

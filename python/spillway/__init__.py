@@ -14,6 +14,7 @@ arrays, bytearray, memoryview) or a raw address (``ctypes.c_void_p``/int).
 
 from ._binding import (
     AcquiredLayer,
+    Batch,
     KVGeometry,
     KVPool,
     LibraryNotFoundError,
@@ -29,4 +30,4 @@ from ._binding import (
     version,
 )
 
-__all__ = ["AcquiredLayer", "KVGeometry", "KVPool", "LibraryNotFoundError", "PAGE_CLASSES", "PackedHashes", "SpillwayError", "Store", "StoreTicket", "Weights", "inflight_stores", "library_path", "parent_id", "version"]
+__all__ = ["AcquiredLayer", "Batch", "KVGeometry", "KVPool", "LibraryNotFoundError", "PAGE_CLASSES", "PackedHashes", "SpillwayError", "Store", "StoreTicket", "Weights", "inflight_stores", "library_path", "parent_id", "version"]

@@ -137,6 +137,16 @@ _kv_store_array_async = _declare("spillway_kv_store_array_async", _u64, ctypes.c
                                  ctypes.c_ssize_t, ctypes.c_ssize_t, _size, ctypes.POINTER(_u64))
 _kv_load_array = _declare("spillway_kv_load_array", _u64, ctypes.c_char_p, _size, ctypes.c_int32, ctypes.c_int32, _p,
                           ctypes.c_ssize_t, ctypes.c_ssize_t, _size, ctypes.POINTER(_size))
+class _PageIO(ctypes.Structure):
+    _fields_ = [("key", ctypes.c_uint8 * 16), ("buffer", _p), ("length", _size), ("status", ctypes.c_int32),
+                ("latency_ns", ctypes.c_uint64)]
+
+
+_store_submit_get = _declare("spillway_store_submit_get", _u64, ctypes.POINTER(_PageIO), _size, ctypes.c_uint32, _p, _p,
+                             ctypes.POINTER(_u64))
+_store_submit_put = _declare("spillway_store_submit_put", _u64, ctypes.POINTER(_PageIO), _size, ctypes.c_uint32, _p, _p,
+                             ctypes.POINTER(_u64))
+_batch_wait = _declare("spillway_batch_wait", _u64, ctypes.c_double, ctypes.POINTER(_size))
 _kv_prefetch = _declare("spillway_kv_prefetch", _u64, ctypes.c_char_p, _size)
 _kv_pin = _declare("spillway_kv_pin", _u64, ctypes.c_char_p, _size)
 _kv_unpin = _declare("spillway_kv_unpin", _u64, ctypes.c_char_p, _size)
@@ -404,6 +414,29 @@ class Store:
             capacity = max(1, length.value)
         _check(status)
 
+    def submit_put(self, keys: Sequence, pages: Sequence, queue_depth: int = 0) -> "Batch":
+        """Submits the writes of ``pages`` (buffer-protocol objects) under ``keys`` and returns
+        at once; ``Batch.wait()`` says how many succeeded. The pages must not change until then."""
+        return self._submit(_store_submit_put, keys, [_Buffer(page, writable=False) for page in pages], queue_depth)
+
+    def submit_get(self, keys: Sequence, buffers: Sequence, queue_depth: int = 0) -> "Batch":
+        """Submits reads of ``keys`` into ``buffers`` (writable) and returns at once;
+        ``Batch.wait()`` says how many succeeded, ``Batch.lengths``/``statuses`` each page's."""
+        return self._submit(_store_submit_get, keys, [_Buffer(buffer, writable=True) for buffer in buffers], queue_depth)
+
+    def _submit(self, function, keys, buffers, queue_depth) -> "Batch":
+        keys = [_key(key) for key in keys]
+        if len(keys) != len(buffers) or not keys:
+            raise ValueError("give one buffer per key, at least one")
+        ios = (_PageIO * len(keys))()
+        for io, key, buffer in zip(ios, keys, buffers):
+            ctypes.memmove(io.key, key, 16)
+            io.buffer = buffer.address
+            io.length = buffer.size
+        ticket = _u64(0)
+        _check(function(self.handle, ios, len(keys), queue_depth, None, None, ctypes.byref(ticket)))
+        return Batch(ticket.value, ios, buffers)
+
     def remove(self, key) -> None:
         _check(_store_remove(self.handle, _key(key)))
 
@@ -432,6 +465,38 @@ class Store:
         weights = Weights(self, path, model_id, device_budget, prefetch, tier)
         self._weights.append(weights)
         return weights
+
+
+class Batch:
+    """A submitted batch (``Store.submit_get``/``submit_put``). Keeps its buffers alive until
+    waited for; wait exactly once (a second wait raises)."""
+
+    def __init__(self, ticket: int, ios, buffers):
+        self._ticket, self._ios, self._buffers = ticket, ios, buffers
+        self.succeeded: Optional[int] = None
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Waits (at most ``timeout`` seconds; None: however long) and returns how many
+        pages succeeded; raises ``SpillwayError`` (status 103) if still running at the
+        timeout, when the batch may be waited for again."""
+        succeeded = _size(0)
+        status = _batch_wait(self._ticket, -1.0 if timeout is None else float(timeout), ctypes.byref(succeeded))
+        if status not in (OK, 101):  # 101: some pages failed, see statuses
+            _check(status)
+        self.succeeded = succeeded.value
+        return self.succeeded
+
+    @property
+    def statuses(self) -> list[int]:
+        return [io.status for io in self._ios]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [io.length for io in self._ios]
+
+    @property
+    def latencies_ns(self) -> list[int]:
+        return [io.latency_ns for io in self._ios]
 
 
 class AcquiredLayer(dict):

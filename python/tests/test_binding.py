@@ -325,3 +325,21 @@ def test_put_with_page_class_and_hints(config, tmp_path):
         Store(str(unknown))
     assert error.value.name == "invalid configuration"
     assert "class-aware-lru, lru" in str(error.value)
+
+
+def test_submitted_batches_round_trip_and_report_each_page(config):
+    with Store(config) as store:
+        pages = [np.full(4096, i, dtype=np.uint8) for i in range(32)]
+        batch = store.submit_put(range(100, 132), pages, queue_depth=8)
+        assert batch.wait(timeout=30) == 32
+        outs = [np.zeros(4096, dtype=np.uint8) for _ in range(33)]
+        batch = store.submit_get(list(range(100, 132)) + [999], outs)
+        assert batch.wait() == 32
+        assert batch.statuses[:32] == [0] * 32 and batch.statuses[32] == 4  # 4: unknown key
+        assert batch.lengths[:32] == [4096] * 32
+        assert all(latency > 0 for latency in batch.latencies_ns[:32])
+        assert all((out == page).all() for out, page in zip(outs, pages))
+        with pytest.raises(SpillwayError):
+            batch.wait()  # a ticket is waited for once
+        with pytest.raises(ValueError):
+            store.submit_get([1, 2], [outs[0]])
