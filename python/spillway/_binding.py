@@ -486,6 +486,12 @@ class Batch:
         self.succeeded = succeeded.value
         return self.succeeded
 
+    def __del__(self):
+        # Dropped without wait(): the batch may still be writing into (or reading from) the
+        # buffers this object keeps alive, so wait for it before letting them go.
+        if getattr(self, "succeeded", 0) is None:
+            _batch_wait(self._ticket, -1.0, ctypes.byref(_size(0)))
+
     @property
     def statuses(self) -> list[int]:
         return [io.status for io in self._ios]
