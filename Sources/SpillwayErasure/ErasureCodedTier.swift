@@ -122,9 +122,6 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
     public let groups: [[Int]]
     private let placementWarned = ManagedAtomic<Bool>(false)
     private let nextCanary = ManagedAtomic<UInt64>(0)
-    /// Canary latencies per daemon and their verdicts (p99 over a window against the fleet's
-    /// median, two rounds running).
-    private let canaryJudge: Locked<CanaryJudge>
     private let k: Int
     private let n: Int
     private let allocator: SlotAllocator
@@ -228,7 +225,6 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
             connectionsPerDaemon: configuration.connectionsPerDaemon, ioTimeout: configuration.ioTimeout,
             pollMicroseconds: configuration.pollMicroseconds, slots: configuration.slots,
             failureDomains: configuration.failureDomains, logger: logger)
-        canaryJudge = Locked(CanaryJudge(daemons: fleet.count))
         let lentSlabSize = fleet.slabSize
         // Splits are whole 64-byte lines (ISA-L's vector width); the last data split is padded.
         splitSize = ((configuration.slotSize + k - 1) / k + 63) / 64 * 64
@@ -907,7 +903,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 candidates[member.daemon].append((index, split))
             }
         }
-        for daemon in 0..<fleet.count where !snapshot.alive[daemon] { canaryJudge.withLock { $0.forget(daemon) } }
+        for daemon in 0..<fleet.count where !snapshot.alive[daemon] { fleet.forgetCanaries(daemon) }
         for daemon in 0..<fleet.count where snapshot.alive[daemon] {
             guard let client = clients[daemon] else { continue }
             var checked = false
@@ -969,18 +965,11 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                     suspects.append(daemon)
                     continue
                 }
-                canaryJudge.withLock { $0.record(daemon, nanoseconds: elapsed) }
+                fleet.recordCanary(daemon, nanoseconds: elapsed)
             }
         }
         // Latency outliers: p99 over the window against the fleet's median, two rounds running.
-        for outlier in canaryJudge.withLock({ $0.endRound() }) {
-            logger.warning("canary: daemon is much slower than its peers; suspect", metadata: [
-                "tier": "\(descriptor.name)", "daemon": "\(fleet.name(outlier.daemon))",
-                "p99_us": "\(outlier.p99 / 1000)", "median_us": "\(outlier.median / 1000)", "rounds": "\(outlier.strikes)"])
-            fleet.markDraining(outlier.daemon, for: configuration.drainSeconds,
-                               reason: "canary p99 \(outlier.p99 / 1000) µs, over 4× the fleet's median \(outlier.median / 1000) µs")
-            suspects.append(outlier.daemon)
-        }
+        suspects += fleet.endCanaryRound(drainFor: configuration.drainSeconds)
         return suspects
     }
 

@@ -53,6 +53,8 @@ public final class DaemonFleet: Sendable {
     private let stateGauges: [Gauge]
     /// Times this tier began draining a daemon (`markDraining`).
     public let daemonsDrained = ManagedAtomic<Int>(0)
+    /// Canary latencies per daemon and their verdicts (both tiers' canaries feed it).
+    private let canaryJudge: Locked<CanaryJudge>
     /// Daemons marked dead since open.
     public let daemonsLost = ManagedAtomic<Int>(0)
     /// Per daemon, the message of its last capacity refusal of a slab (`noCapacity`: the
@@ -160,6 +162,7 @@ public final class DaemonFleet: Sendable {
         stateGauges = ["live", "suspect", "draining", "dead"].map {
             Gauge(label: "spillway_fleet_daemons", dimensions: [("tier", tier), ("state", $0)])
         }
+        canaryJudge = Locked(CanaryJudge(daemons: slotCount))
         refusals = Locked(Array(repeating: nil, count: slotCount))
         refusalsLogged = Locked([])
     }
@@ -278,6 +281,26 @@ public final class DaemonFleet: Sendable {
         logger.warning("daemon suspect: draining it (its pages move elsewhere, nothing new goes there)", metadata: [
             "tier": "\(tier)", "daemon": "\(name(daemon))", "reason": "\(reason)", "for_s": "\(seconds)"])
         return true
+    }
+
+    /// Records a canary's latency on `daemon` for this round (`CanaryJudge`).
+    public func recordCanary(_ daemon: Int, nanoseconds: UInt64) { canaryJudge.withLock { $0.record(daemon, nanoseconds: nanoseconds) } }
+
+    /// A daemon that died or rejoined: its canary history is someone else's.
+    public func forgetCanaries(_ daemon: Int) { canaryJudge.withLock { $0.forget(daemon) } }
+
+    /// Ends a canary round: the latency outliers (`CanaryJudge`: p99 over its window above 4×
+    /// the fleet's median and 1 ms, two rounds running) are logged and drained for `seconds`.
+    /// Returns them.
+    public func endCanaryRound(drainFor seconds: Double) -> [Int] {
+        canaryJudge.withLock { $0.endRound() }.map { outlier in
+            logger.warning("canary: daemon is much slower than its peers; suspect", metadata: [
+                "tier": "\(tier)", "daemon": "\(name(outlier.daemon))",
+                "p99_us": "\(outlier.p99 / 1000)", "median_us": "\(outlier.median / 1000)", "rounds": "\(outlier.strikes)"])
+            markDraining(outlier.daemon, for: seconds,
+                         reason: "canary p99 \(outlier.p99 / 1000) µs, over 4× the fleet's median \(outlier.median / 1000) µs")
+            return outlier.daemon
+        }
     }
 
     /// Live daemons this tier is draining now.

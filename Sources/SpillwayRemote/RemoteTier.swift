@@ -113,7 +113,6 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
     private let canaryInterval: Double
     private let drainSeconds: Double
     private let nextCanary = ManagedAtomic<UInt64>(0)
-    private let canaryJudge: Locked<CanaryJudge>
 
     struct VirtualSlab {
         var daemon = -1
@@ -149,7 +148,6 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
         slabSize = fleet.slabSize
         canaryInterval = configuration.canaryInterval
         drainSeconds = configuration.drainSeconds
-        canaryJudge = Locked(CanaryJudge(daemons: fleet.count))
         guard configuration.slotSize <= slabSize, slabSize % configuration.slotSize == 0 else {
             throw .invalidConfiguration("tier '\(name)': slot size \(configuration.slotSize) does not divide the slab size \(slabSize)")
         }
@@ -590,7 +588,7 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
             }
             return byDaemon
         }
-        for daemon in 0..<fleet.count where !fleetState.alive[daemon] { canaryJudge.withLock { $0.forget(daemon) } }
+        for daemon in 0..<fleet.count where !fleetState.alive[daemon] { fleet.forgetCanaries(daemon) }
         for daemon in 0..<fleet.count where fleetState.alive[daemon] {
             guard let client = clients[daemon], let index = byDaemon[daemon].randomElement() else { continue }
             let first = index * slabSlots
@@ -645,16 +643,9 @@ public final class RemoteTier: EvacuatingTier, @unchecked Sendable {
                 drained.append(daemon)
                 continue
             }
-            canaryJudge.withLock { $0.record(daemon, nanoseconds: elapsed) }
+            fleet.recordCanary(daemon, nanoseconds: elapsed)
         }
-        for outlier in canaryJudge.withLock({ $0.endRound() }) {
-            logger.warning("canary: daemon is much slower than its peers; suspect", metadata: [
-                "tier": "\(descriptor.name)", "daemon": "\(fleet.name(outlier.daemon))",
-                "p99_us": "\(outlier.p99 / 1000)", "median_us": "\(outlier.median / 1000)", "rounds": "\(outlier.strikes)"])
-            fleet.markDraining(outlier.daemon, for: drainSeconds,
-                               reason: "canary p99 \(outlier.p99 / 1000) µs, over 4× the fleet's median \(outlier.median / 1000) µs")
-            drained.append(outlier.daemon)
-        }
+        drained += fleet.endCanaryRound(drainFor: drainSeconds)
         return drained
     }
 
