@@ -22,7 +22,7 @@ def groups(rows):
             (f"{ref} write", med(lambda r: r["save_reference"]["bytes_per_s"])),
             ("Spillway load", med(lambda r: r["spillway"]["load_bytes_per_s"])),
             (f"{ref} read", med(lambda r: r["load_reference"]["bytes_per_s"])),
-        ]))
+        ] + ([("store alone load", med(lambda r: r["store_load"]["bytes_per_s"]))] if all("store_load" in r for r in runs) else [])))
     for r in rows:
         if r["tier"].startswith("all-"):
             s = r["spillway"]
@@ -31,7 +31,8 @@ def groups(rows):
     return out
 
 
-COLORS = {"Spillway save": "#4e79a7", "Spillway load": "#f28e2b", "write": "#a0cbe8", "read": "#ffbe7d"}
+COLORS = {"Spillway save": "#4e79a7", "Spillway load": "#f28e2b", "write": "#a0cbe8", "read": "#ffbe7d",
+          "store alone load": "#bab0ac"}
 
 
 def color(series):
@@ -42,11 +43,13 @@ def color(series):
 
 def render(data, title):
     bar, gap, left, top, height = 34, 44, 70, 50, 300
-    width = max(820, left + sum(len(bars) * bar + gap for _, bars in data) + 40)
+    width = max(1000, left + sum(len(bars) * bar + gap for _, bars in data) + 40)
     peak = max((v for _, bars in data for _, v in bars), default=1) or 1
     step = 10 ** len(str(int(peak))) / 10 if peak >= 1 else 0.1
     while peak / step > 8:
         step *= 2
+    while peak / step < 4:
+        step /= 2
     ymax = step * (int(peak / step) + 1)
     y = lambda v: top + height - v / ymax * height
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + height + 110}" font-family="sans-serif" font-size="11">',
@@ -71,7 +74,8 @@ def render(data, title):
             svg.append(f'<text x="{(start + x) / 2:.1f}" y="{top + height + 29}" text-anchor="middle" font-size="9" fill="#555">({escape(rest)}</text>')
         x += gap
     legend = [("Spillway save", COLORS["Spillway save"]), ("reference write (memcpy / fio randwrite)", COLORS["write"]),
-              ("Spillway load", COLORS["Spillway load"]), ("reference read (memcpy / fio randread)", COLORS["read"])]
+              ("Spillway load", COLORS["Spillway load"]), ("reference read (memcpy / fio randread)", COLORS["read"]),
+              ("store alone load (no KVPool)", COLORS["store alone load"])]
     lx = left
     for name, fill in legend:
         svg.append(f'<rect x="{lx}" y="{top + height + 44}" width="12" height="12" fill="{fill}"/>')
