@@ -25,7 +25,7 @@ struct BenchCommand: ParsableCommand {
         tables define the store used by 'tiered'); the command line wins over the file.
         """)
 
-    @Argument(help: "device | dram | nvme | remote | ec | tiered | weights | ec-encode | compression | kv-trace; omit to run every available tier.")
+    @Argument(help: "device | dram | nvme | remote | ec | tiered | weights | ec-encode | compression | kv-trace | kv; omit to run every available tier.")
     var tier: String?
 
     @Option(help: "randread | randwrite | read | write (default randread).")
@@ -102,6 +102,33 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "kv-trace: replay only the first N requests.")
     var limit: Int?
 
+    @Option(help: "kv: llama-3-8b | llama-3-70b | qwen2.5-7b | custom (default llama-3-8b).")
+    var geometry: String?
+
+    @Option(name: .customLong("tokens-per-block"), help: "kv, --geometry custom: tokens per KV block (1…4096).")
+    var tokensPerBlock: Int?
+
+    @Option(help: "kv, --geometry custom: transformer layers (1…1024).")
+    var layers: Int?
+
+    @Option(name: .customLong("kv-heads"), help: "kv, --geometry custom: KV heads (1…1024).")
+    var kvHeads: Int?
+
+    @Option(name: .customLong("head-dim"), help: "kv, --geometry custom: head dimension (1…1024).")
+    var headDim: Int?
+
+    @Option(help: "kv, --geometry custom: fp16 | bf16 (default bf16).")
+    var dtype: String?
+
+    @Option(name: .customLong("tier"), help: "kv: the store tier to run the pool on (a tier name of the store, a tier kind, or tiered; default: every tier and the tiered store).")
+    var kvTier: String?
+
+    @Option(name: .customLong("working-set"), help: "kv: bytes of KV blocks stored and loaded at random (default 256m).")
+    var workingSet: SizeArgument?
+
+    @Option(name: .customLong("blocks-per-call"), help: "kv: blocks per layer call (default 1).")
+    var blocksPerCall: Int?
+
     @Flag(help: "Print exactly one JSON object on stdout.")
     var json = false
 
@@ -168,6 +195,20 @@ struct BenchCommand: ParsableCommand {
         // Benchmark files are scratch: never recover a previous run's pages, and never the
         // default store's file (a library user would otherwise recover the benchmark's pages).
         try storeConfiguration.useBenchmarkScratchFiles()
+
+        if target == "kv" {
+            try runKV(base: file.store ?? SpillwayConfiguration.embeddedDefault, options: options, duration: durationGiven,
+                      sizeGiven: sizeGiven != nil, json: json)
+            return
+        }
+        let kvOnly: [(String, Bool)] = [
+            ("--geometry", geometry != nil), ("--tokens-per-block", tokensPerBlock != nil), ("--layers", layers != nil),
+            ("--kv-heads", kvHeads != nil), ("--head-dim", headDim != nil), ("--dtype", dtype != nil), ("--tier", kvTier != nil),
+            ("--working-set", workingSet != nil), ("--blocks-per-call", blocksPerCall != nil),
+        ]
+        if let given = kvOnly.first(where: { $0.1 }) {
+            throw SpillwayError.invalidArgument("\(given.0) goes with 'bench kv' only")
+        }
 
         if target == "weights" {
             var weights = WeightsBench.Options()
@@ -257,6 +298,61 @@ struct BenchCommand: ParsableCommand {
             printLine(object.serialized())
         } else {
             printLine(BenchTable.render(results))
+        }
+    }
+
+    /// `bench kv`: the pool over one tier (`--tier`), or over each of the store's tiers and the
+    /// tiered store (a table, or with --json {"results": [...]}).
+    private func runKV(base given: SpillwayConfiguration, options: BenchOptions, duration: Double?, sizeGiven: Bool, json: Bool) throws {
+        guard !sizeGiven else { throw SpillwayError.invalidArgument("bench kv takes --working-set, not --size") }
+        let shape = try KVBenchGeometry.resolve(geometry ?? "llama-3-8b", tokensPerBlock: tokensPerBlock, layers: layers,
+                                                kvHeads: kvHeads, headDim: headDim, dtype: dtype)
+        var kv = KVBench.Options(geometry: shape)
+        kv.workingSet = try workingSet?.bytes ?? 256 << 20
+        kv.durationSeconds = duration ?? (kvTier == nil ? 2 : 3)
+        kv.seed = options.seed
+        kv.blocksPerCall = blocksPerCall ?? 1
+        try kv.validate()
+        var base = given
+        base.policy = options.policy
+        try base.useBenchmarkScratchFiles()
+        let names = kvTier.map { [$0] } ?? base.tiers.map(\.name) + (base.tiers.count > 1 ? ["tiered"] : [])
+        var results: [KVBenchResult] = []
+        for name in names {
+            let configuration: SpillwayConfiguration
+            if name == "tiered" {
+                configuration = try KVBench.tieredConfiguration(base, options: kv)
+            } else {
+                var tier: TierConfiguration
+                if let configured = base.tiers.first(where: { $0.name == name }) {
+                    tier = configured
+                } else if TierKind(rawValue: name) != nil {
+                    var single = options
+                    single.target = name
+                    single.blockSize = shape.slotSize
+                    single.size = shape.slotSize
+                    tier = try BenchRunner.configuration(for: single).tiers[0]
+                } else {
+                    let known = base.tiers.map(\.name) + TierKind.allCases.map(\.rawValue).filter { kind in !base.tiers.contains { $0.name == kind } }
+                    throw SpillwayError.invalidArgument("--tier '\(name)' (one of: \((known + ["tiered"]).joined(separator: ", ")))")
+                }
+                if tier.kind == .nvme {
+                    tier.reformat = true
+                    if let path = options.file { tier.path = path }
+                    if tier.path == nil { tier.path = try ScratchDirectory.file("spillway-bench-kv.nvme") }
+                }
+                configuration = KVBench.singleTierConfiguration(tier, options: kv, policy: options.policy)
+            }
+            let result = try KVBench.run(kv, tier: name, configuration: configuration, progress: ProgressBar(label: "bench kv"))
+            if result.errors > 0 {
+                throw SpillwayError.invalidArgument("\(result.errors) KV layer calls failed on \(name) (first: \(result.firstError ?? "?"))")
+            }
+            results.append(result)
+        }
+        if json {
+            printLine((kvTier == nil ? JSONValue.object([("results", .array(results.map(\.json)))]) : results[0].json).serialized())
+        } else {
+            printLine(KVBenchResult.table(results))
         }
     }
 
