@@ -400,49 +400,47 @@ public final class KVPool: Sendable {
     /// layout), or with `layer` nil whole blocks (exactly `blockBytes`, either layout). A block
     /// that is not completely stored fails with `unknownKey`.
     public func load(_ hashes: [BlockHash], layer: Int? = nil, into buffers: [UnsafeMutableRawBufferPointer]) -> KVResult {
+        // Pages per block read here, and each one's length.
+        let perBlock = layer == nil && geometry.layout == .perLayer ? geometry.layers : 1
+        let pageBytes = layer != nil || geometry.layout == .perLayer ? geometry.layerBytes : geometry.blockBytes
         do throws(SpillwayError) {
             try checkOpen()
             if let layer {
                 guard geometry.layout == .perLayer else { throw .invalidArgument("a per-layer load needs the per-layer layout") }
                 guard (0..<geometry.layers).contains(layer) else { throw .invalidArgument("layer \(layer) outside 0..<\(geometry.layers)") }
             }
-            try checkBuffers(hashes.count, buffers.map(\.count), expected: layer == nil ? geometry.blockBytes : geometry.layerBytes)
+            // Checked in place (no array of sizes: a connector calls this once per layer).
+            let expected = layer == nil ? geometry.blockBytes : geometry.layerBytes
+            guard hashes.count == buffers.count else { throw .invalidArgument("\(hashes.count) block hashes but \(buffers.count) buffers") }
+            if let bad = buffers.firstIndex(where: { $0.count != expected }) {
+                throw .invalidArgument("buffer \(bad) has \(buffers[bad].count) bytes; this pool's geometry needs \(expected)")
+            }
         } catch {
             return KVResult(errors: Array(repeating: error, count: max(1, hashes.count)))
         }
         var errors = [SpillwayError?](repeating: nil, count: hashes.count)
-        var reads: [PageRead] = []
-        var owner: [Int] = []
-        var expectedLength: [Int] = []
-        for (index, block) in hashes.enumerated() {
-            guard store.contains(visibilityKey(block)) else {
-                errors[index] = .unknownKey(visibilityKey(block))
-                continue
-            }
-            if let layer {
-                reads.append(PageRead(key: dataKey(block, layer: layer), buffer: buffers[index]))
-                expectedLength.append(geometry.layerBytes)
-                owner.append(index)
-            } else if geometry.layout == .perLayer {
-                for layer in 0..<geometry.layers {
-                    let slice = UnsafeMutableRawBufferPointer(rebasing: buffers[index][(layer * geometry.layerBytes)..<((layer + 1) * geometry.layerBytes)])
-                    reads.append(PageRead(key: dataKey(block, layer: layer), buffer: slice))
-                    expectedLength.append(geometry.layerBytes)
-                    owner.append(index)
+        // Page p belongs to block p / perBlock. A block not (yet) complete is still read (its
+        // pages may exist) but fails: nothing of it is reported loaded.
+        TemporaryBuffer.with(PageRead.self, count: hashes.count * perBlock) { reads in
+            for (index, block) in hashes.enumerated() {
+                if !store.contains(visibilityKey(block)) { errors[index] = .unknownKey(visibilityKey(block)) }
+                for part in 0..<perBlock {
+                    let pageLayer = layer ?? part
+                    let buffer = perBlock == 1 ? buffers[index]
+                        : UnsafeMutableRawBufferPointer(rebasing: buffers[index][(part * pageBytes)..<((part + 1) * pageBytes)])
+                    let key = geometry.layout == .perLayer ? dataKey(block, layer: pageLayer) : dataKey(block, layer: 0)
+                    reads.initializeElement(at: index * perBlock + part, to: PageRead(key: key, buffer: buffer))
                 }
-            } else {
-                reads.append(PageRead(key: dataKey(block, layer: 0), buffer: buffers[index]))
-                expectedLength.append(geometry.blockBytes)
-                owner.append(index)
             }
-        }
-        _ = reads.withUnsafeMutableBufferPointer { store.get(batch: $0) }
-        for (position, read) in reads.enumerated() where errors[owner[position]] == nil {
-            if let error = read.error {
-                errors[owner[position]] = error
-            } else if read.length != expectedLength[position] {
-                errors[owner[position]] = .invalidArgument("stored page has \(read.length) bytes, expected \(expectedLength[position])")
+            _ = store.get(batch: reads)
+            for position in reads.indices where errors[position / perBlock] == nil {
+                if let error = reads[position].error {
+                    errors[position / perBlock] = error
+                } else if reads[position].length != pageBytes {
+                    errors[position / perBlock] = .invalidArgument("stored page has \(reads[position].length) bytes, expected \(pageBytes)")
+                }
             }
+            reads.deinitialize()
         }
         return KVResult(errors: errors)
     }

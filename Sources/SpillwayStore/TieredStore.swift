@@ -246,33 +246,10 @@ public final class TieredStore: Sendable {
     @discardableResult
     public func get(_ key: PageKey, into buffer: UnsafeMutableRawBufferPointer) throws(SpillwayError) -> Int {
         try checkOpen()
-        // A hit on a top tier in host memory that needs no verification: one optimistic
-        // lookup and one memcpy, no lock (the directory's seqlock proves the extent was the
-        // entry's throughout the copy). Anything else, or a race, takes the locked path.
-        if topTierOptimistic, let start = buffer.baseAddress {
-            let slotSize = self.slotSize
-            let base = UnsafeMutableRawPointer(bitPattern: hostBases[0])
-            let hit: (length: Int, hints: PageHints)? = directory.optimisticRead(key) { snapshot in
-                let extent = snapshot.location.extent
-                guard snapshot.location.tier == 0, snapshot.length <= buffer.count,
-                      snapshot.length <= Int(extent.slotCount) * slotSize
-                else { return nil }
-                guard snapshot.length > 0 else { return (0, snapshot.hints) }
-                if let base {
-                    memcpy(start, base + Int(extent.firstSlot) * slotSize, snapshot.length)
-                } else {
-                    // The device tier: its own copy, completed inline on this thread.
-                    let batch = ThreadBatch.current()
-                    batch.append(TierIO(operation: .read, extent: extent, buffer: start, length: snapshot.length))
-                    batch.run(on: tiers[0], inline: true)
-                    guard batch[0].status == 0 else { return nil }
-                }
-                return (snapshot.length, snapshot.hints)
-            }
-            if let hit {
-                policyEngine.recordRead(key, tier: 0, hints: hit.hints)
-                return hit.length
-            }
+        if let buffer = buffer.baseAddress.map({ UnsafeMutableRawBufferPointer(start: $0, count: buffer.count) }),
+           let length = optimisticHit(key, into: buffer, deviceCopies: true)
+        {
+            return length
         }
         guard let snapshot = try directory.beginRead(key) else {
             counters.misses.add(1)
@@ -310,6 +287,39 @@ public final class TieredStore: Sendable {
         }
         try finishRead(snapshot, buffer: UnsafeRawBufferPointer(start: buffer.baseAddress, count: snapshot.length), status: status)
         return snapshot.length
+    }
+
+    /// A hit on a top tier that needs no checksum and copies inline: one optimistic lookup and
+    /// one copy, no lock (the directory's seqlock proves the extent was the entry's throughout
+    /// the copy). Nil for anything else, or a race: the caller takes the locked path.
+    /// `deviceCopies`: a top tier without host memory (the device tier) copies through the
+    /// thread's batch, so callers already using that batch pass false.
+    @inline(__always)
+    func optimisticHit(_ key: PageKey, into buffer: UnsafeMutableRawBufferPointer, deviceCopies: Bool) -> Int? {
+        guard topTierOptimistic, let start = buffer.baseAddress else { return nil }
+        let base = UnsafeMutableRawPointer(bitPattern: hostBases[0])
+        guard base != nil || deviceCopies else { return nil }
+        let slotSize = self.slotSize
+        let hit: (length: Int, hints: PageHints)? = directory.optimisticRead(key) { snapshot in
+            let extent = snapshot.location.extent
+            guard snapshot.location.tier == 0, snapshot.length <= buffer.count,
+                  snapshot.length <= Int(extent.slotCount) * slotSize
+            else { return nil }
+            guard snapshot.length > 0 else { return (0, snapshot.hints) }
+            if let base {
+                memcpy(start, base + Int(extent.firstSlot) * slotSize, snapshot.length)
+            } else {
+                // The device tier: its own copy, completed inline on this thread.
+                let batch = ThreadBatch.current()
+                batch.append(TierIO(operation: .read, extent: extent, buffer: start, length: snapshot.length))
+                batch.run(on: tiers[0], inline: true)
+                guard batch[0].status == 0 else { return nil }
+            }
+            return (snapshot.length, snapshot.hints)
+        }
+        guard let hit else { return nil }
+        policyEngine.recordRead(key, tier: 0, hints: hit.hints)
+        return hit.length
     }
 
     /// Convenience: returns the page as a new array.
