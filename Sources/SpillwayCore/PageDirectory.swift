@@ -160,14 +160,15 @@ public final class PageDirectory: @unchecked Sendable {
     public var beforeOptimisticCopy: ((PageSnapshot) -> Void)?
 
     /// Reads `key`'s entry without the shard lock and runs `body` on it (which copies the
-    /// page's bytes and returns what it read, or nil to decline); returns `body`'s result if
-    /// the entry was stable throughout (see *Optimistic reads*), nil otherwise — the key is
-    /// absent, the entry is corrupt, `body` declined, or changes kept racing it `attempts`
-    /// times: the caller takes the locked path, which gives every answer its proper error.
-    /// `body` must check the snapshot's extent against its tier before touching memory: a
-    /// torn read can hand it any values (it is called again, or its result dropped).
+    /// page's bytes, or returns false to decline); returns the entry if it was stable
+    /// throughout (see *Optimistic reads*), nil otherwise — the key is absent, the entry is
+    /// corrupt, `body` declined, or changes kept racing it `attempts` times: the caller takes
+    /// the locked path, which gives every answer its proper error. `body` must check the
+    /// snapshot's extent against its tier before touching memory: a torn read can hand it any
+    /// values (it is called again, or its work dropped). Not generic: it runs once per get,
+    /// and an unspecialized generic across modules costs a metadata lookup per call.
     @inline(__always)
-    public func optimisticRead<R>(_ key: PageKey, attempts: Int = 2, _ body: (PageSnapshot) -> R?) -> R? {
+    public func optimisticRead(_ key: PageKey, attempts: Int = 2, _ body: (PageSnapshot) -> Bool) -> PageSnapshot? {
         let hash = key.mixedHash
         let shard = Self.shardIndex(hash)
         let count = sequence(shard)
@@ -195,15 +196,16 @@ public final class PageDirectory: @unchecked Sendable {
                 if count.load(ordering: .relaxed) == before { return nil }  // truly absent or corrupt
                 continue
             }
-            if let hook = beforeOptimisticCopy { hook(entry.snapshot) }
-            let result = body(entry.snapshot)
+            let snapshot = entry.snapshot
+            if let hook = beforeOptimisticCopy { hook(snapshot) }
+            let copied = body(snapshot)
             atomicMemoryFence(ordering: .acquiring)
             guard count.load(ordering: .relaxed) == before else { continue }
-            guard let result else { return nil }
+            guard copied else { return nil }
             let counters = optimisticCounts + (shard * tierCapacities.count + Int(entry.tier)) * 8
             UnsafeAtomic<Int>(at: counters).wrappingIncrement(ordering: .relaxed)
             UnsafeAtomic<Int>(at: counters + 1).wrappingIncrement(by: Int(entry.length), ordering: .relaxed)
-            return result
+            return snapshot
         }
         return nil
     }

@@ -300,12 +300,12 @@ public final class TieredStore: Sendable {
         let base = UnsafeMutableRawPointer(bitPattern: hostBases[0])
         guard base != nil || deviceCopies else { return nil }
         let slotSize = self.slotSize
-        let hit: (length: Int, hints: PageHints)? = directory.optimisticRead(key) { snapshot in
+        let hit = directory.optimisticRead(key) { snapshot -> Bool in
             let extent = snapshot.location.extent
             guard snapshot.location.tier == 0, snapshot.length <= buffer.count,
                   snapshot.length <= Int(extent.slotCount) * slotSize
-            else { return nil }
-            guard snapshot.length > 0 else { return (0, snapshot.hints) }
+            else { return false }
+            guard snapshot.length > 0 else { return true }
             if let base {
                 memcpy(start, base + Int(extent.firstSlot) * slotSize, snapshot.length)
             } else {
@@ -313,9 +313,9 @@ public final class TieredStore: Sendable {
                 let batch = ThreadBatch.current()
                 batch.append(TierIO(operation: .read, extent: extent, buffer: start, length: snapshot.length))
                 batch.run(on: tiers[0], inline: true)
-                guard batch[0].status == 0 else { return nil }
+                guard batch[0].status == 0 else { return false }
             }
-            return (snapshot.length, snapshot.hints)
+            return true
         }
         guard let hit else { return nil }
         policyEngine.recordRead(key, tier: 0, hints: hit.hints)
