@@ -423,7 +423,12 @@ public final class KVPool: Sendable {
         // pages may exist) but fails: nothing of it is reported loaded.
         TemporaryBuffer.with(PageRead.self, count: hashes.count * perBlock) { reads in
             for (index, block) in hashes.enumerated() {
-                if !store.contains(visibilityKey(block)) { errors[index] = .unknownKey(visibilityKey(block)) }
+                // A block this pool completed is complete (content is addressed by its prefix
+                // hash); only others' blocks need their manifest looked up (a second directory
+                // line per call). An evicted page still fails its own read below.
+                if !state.withLock({ $0.committed.contains(block) }) && !store.contains(visibilityKey(block)) {
+                    errors[index] = .unknownKey(visibilityKey(block))
+                }
                 for part in 0..<perBlock {
                     let pageLayer = layer ?? part
                     let buffer = perBlock == 1 ? buffers[index]
@@ -432,7 +437,16 @@ public final class KVPool: Sendable {
                     reads.initializeElement(at: index * perBlock + part, to: PageRead(key: key, buffer: buffer))
                 }
             }
-            _ = store.get(batch: reads)
+            if reads.count == 1 {
+                // One page (a layer of one block): the store's single get, lock-free on a hit.
+                do throws(SpillwayError) {
+                    reads[0].length = try store.get(reads[0].key, into: reads[0].buffer)
+                } catch {
+                    reads[0].error = error
+                }
+            } else {
+                _ = store.get(batch: reads)
+            }
             for position in reads.indices where errors[position / perBlock] == nil {
                 if let error = reads[position].error {
                     errors[position / perBlock] = error
