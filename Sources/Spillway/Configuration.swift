@@ -114,6 +114,10 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     public var tiers: [TierConfiguration]
     public var backgroundIntervalMilliseconds: Int
     public var prefetchQueueLimit: Int
+    /// Submitted batches in flight at most, and the threads running them (TOML
+    /// `async-batch-limit`, `async-workers`; `StoreOptions`).
+    public var asyncBatchLimit: Int = 8
+    public var asyncWorkers: Int = 2
 
     public init(slotSize: Int = 4096, maxPageSize: Int? = nil, policy: String = StorePolicy.defaultName, tiers: [TierConfiguration],
                 backgroundIntervalMilliseconds: Int = 20, prefetchQueueLimit: Int = 4096)
@@ -153,6 +157,7 @@ public struct SpillwayConfiguration: Sendable, Equatable {
     /// Keys this type reads from a TOML document's top level.
     public static let topLevelKeys: Set<String> = [
         "slot-size", "max-page-size", "policy", "demotion", "tier", "background-interval-ms", "prefetch-queue-limit",
+        "async-batch-limit", "async-workers",
     ]
     static let tierKeys: Set<String> = [
         "name", "kind", "capacity", "high-watermark", "low-watermark", "verify-reads", "prefault", "servers", "token-file",
@@ -194,6 +199,14 @@ public struct SpillwayConfiguration: Sendable, Equatable {
             backgroundIntervalMilliseconds: try TOMLReader.int(table, "background-interval-ms") ?? 20,
             prefetchQueueLimit: try TOMLReader.int(table, "prefetch-queue-limit") ?? 4096)
         self.demotion = demotion
+        if let limit = try TOMLReader.int(table, "async-batch-limit") {
+            guard (1...1024).contains(limit) else { throw .invalidConfiguration("async-batch-limit must be 1…1024") }
+            asyncBatchLimit = limit
+        }
+        if let workers = try TOMLReader.int(table, "async-workers") {
+            guard (1...64).contains(workers) else { throw .invalidConfiguration("async-workers must be 1…64") }
+            asyncWorkers = workers
+        }
     }
 
     private static func parseTier(_ table: TOMLTable, index: Int) throws(SpillwayError) -> TierConfiguration {
@@ -368,10 +381,12 @@ extension TieredStore {
                 tiers.append(try CompressedTier(wrapping: plain, expectedRatio: tier.compressionRatio))
             }
         }
-        let options = StoreOptions(
+        var options = StoreOptions(
             maxPageSize: configuration.maxPageSize, watermarks: configuration.tiers.map(\.watermarks),
             prefetchQueueLimit: configuration.prefetchQueueLimit,
             backgroundIntervalMilliseconds: configuration.backgroundIntervalMilliseconds)
+        options.asyncBatchLimit = configuration.asyncBatchLimit
+        options.asyncWorkers = configuration.asyncWorkers
         return try TieredStore(tiers: tiers, policy: try configuration.storePolicy(), options: options, logger: logger)
     }
 }

@@ -10,6 +10,8 @@ import Testing
             max-page-size = "1MiB"
             policy = "lru"
             background-interval-ms = 50
+            async-batch-limit = 3
+            async-workers = 1
 
             [[tier]]
             kind = "device"
@@ -35,6 +37,7 @@ import Testing
         defer { store.close() }
         #expect(store.tiers.map(\.descriptor.name) == ["hbm0", "dram"])
         #expect(store.tiers[1].descriptor.verifiesReads)
+        #expect(store.options.asyncBatchLimit == 3 && store.options.asyncWorkers == 1)
         try store.put(PageKey(1), bytes: [1, 2, 3])
         #expect(try store.get(PageKey(1)) == [1, 2, 3])
     }
@@ -49,6 +52,8 @@ import Testing
         ("slot-size = true\n[[tier]]\nkind = \"dram\"\ncapacity = \"1m\"", "must be a size"),
         ("policy = 7\n[[tier]]\nkind = \"dram\"\ncapacity = \"1m\"", "must be a string"),
         ("tier = 3", "array of tables"),
+        ("async-batch-limit = 0\n[[tier]]\nkind = \"dram\"\ncapacity = \"1m\"", "async-batch-limit must be 1…1024"),
+        ("async-workers = 100\n[[tier]]\nkind = \"dram\"\ncapacity = \"1m\"", "async-workers must be 1…64"),
         ("slot-size = [", "TOML"),
     ])
     func rejectsBadDocuments(text: String, message: String) {
