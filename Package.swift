@@ -61,6 +61,7 @@ let package = Package(
         .target(
             name: "SpillwayMemoryTiers",
             dependencies: [
+                "CSpillwayCopy",
                 "SpillwayCore",
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -145,6 +146,8 @@ let package = Package(
             ]
         ),
         // xxHash (Debian libxxhash-dev): XXH3-128 for stable KV prefix-block keys.
+        // Streaming-store page copy (one header-only intrinsic loop; see its why-comment).
+        .systemLibrary(name: "CSpillwayCopy", path: "Sources/CSpillwayCopy"),
         .systemLibrary(
             name: "CSpillwayXXHash",
             pkgConfig: "libxxhash",
@@ -196,6 +199,7 @@ let package = Package(
             dependencies: [
                 "SpillwayCore",
                 "SpillwayPolicy",
+                "CSpillwayCopy",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "Logging", package: "swift-log"),

@@ -1,3 +1,4 @@
+import CSpillwayCopy
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -41,7 +42,8 @@ public final class DRAMTier: Tier {
             if io.length > 0, let buffer = io.buffer {
                 switch io.operation {
                 case .read: memcpy(buffer, slot, io.length)
-                case .write: memcpy(slot, buffer, io.length)
+                // Streaming stores: a page written here is not read back soon (CSpillwayCopy).
+                case .write: spillway_copy_streaming(slot, buffer, io.length)
                 case .discard: break
                 }
             }

@@ -1,3 +1,4 @@
+import CSpillwayCopy
 import Atomics
 import DequeModule
 import Dispatch
@@ -32,8 +33,9 @@ extension TieredStore {
         let stallStart = location.tier > 0 ? monotonicNanoseconds() : 0
         defer { if location.tier > 0 { tierCounters[location.tier].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) } }
         if let base = UnsafeMutableRawPointer(bitPattern: hostBases[location.tier]) {
-            // Host-memory tier: copy, then checksum the source while the stores drain.
-            if length > 0 { memcpy(base + Int(location.extent.firstSlot) * slotSize, bytes.baseAddress!, length) }
+            // Host-memory tier: copy with streaming stores (no read of the destination lines),
+            // then checksum the source.
+            if length > 0 { spillway_copy_streaming(base + Int(location.extent.firstSlot) * slotSize, bytes.baseAddress!, length) }
             try commitPut(key, location: location, length: length, checksum: CRC32C.checksum(bytes), hints: hints)
             return
         }
