@@ -18,64 +18,52 @@ struct CPageIO {
     var latencyNanoseconds: UInt64
 }
 
-/// A batch submitted through the C ABI: the store's requests built from the caller's
-/// `spillway_page_io` array, copied back into it when the batch is done, then freed.
-/// `@unchecked Sendable`: built by the submitting thread, then touched only by the store's
-/// batch worker until `finish` (once); the caller's array and buffers stay valid until then
-/// (the header's contract). Waiters read only `done` and `succeeded`, published by the
-/// semaphore.
+/// A batch submitted through the C ABI: its results are copied back into the caller's
+/// `spillway_page_io` array when the store's batch is done (the store owns the requests
+/// meanwhile: `TieredStore.submitGet/submitPut` with an array). `@unchecked Sendable`: the
+/// caller's array stays valid until then (the header's contract) and only the batch worker
+/// writes it; waiters read `succeeded` after the semaphore publishes it.
 final class SubmittedBatch: @unchecked Sendable {
     let ios: UnsafeMutablePointer<CPageIO>
     let count: Int
-    let reads: UnsafeMutableBufferPointer<PageRead>?
-    let writes: UnsafeMutableBufferPointer<PageWrite>?
     let callback: (@convention(c) (UnsafeMutableRawPointer?, UInt64, Int) -> Void)?
     let context: UnsafeMutableRawPointer?
     private let finished = DispatchSemaphore(value: 0)
     private(set) var succeeded = 0
     var handle: UInt64 = 0
 
-    init(ios: UnsafeMutablePointer<CPageIO>, count: Int, write: Bool,
-         callback: (@convention(c) (UnsafeMutableRawPointer?, UInt64, Int) -> Void)?, context: UnsafeMutableRawPointer?)
+    init(ios: UnsafeMutablePointer<CPageIO>, count: Int, callback: (@convention(c) (UnsafeMutableRawPointer?, UInt64, Int) -> Void)?,
+         context: UnsafeMutableRawPointer?)
     {
         self.ios = ios
         self.count = count
         self.callback = callback
         self.context = context
-        if write {
-            let writes = UnsafeMutableBufferPointer<PageWrite>.allocate(capacity: count)
-            for index in 0..<count {
-                let key = withUnsafeBytes(of: ios[index].key) { readKey($0.baseAddress!.assumingMemoryBound(to: UInt8.self)) }
-                writes.initializeElement(at: index, to: PageWrite(key: key, bytes: UnsafeRawBufferPointer(start: ios[index].buffer, count: ios[index].length)))
-            }
-            self.writes = writes
-            reads = nil
-        } else {
-            let reads = UnsafeMutableBufferPointer<PageRead>.allocate(capacity: count)
-            for index in 0..<count {
-                let key = withUnsafeBytes(of: ios[index].key) { readKey($0.baseAddress!.assumingMemoryBound(to: UInt8.self)) }
-                reads.initializeElement(at: index, to: PageRead(key: key, buffer: UnsafeMutableRawBufferPointer(start: ios[index].buffer, count: ios[index].length)))
-            }
-            self.reads = reads
-            writes = nil
-        }
     }
 
-    /// Copies each page's outcome to the caller's array, frees the requests, calls the
-    /// caller back, then wakes waiters.
-    func finish(_ succeeded: Int) {
+    func key(_ index: Int) -> PageKey { withUnsafeBytes(of: ios[index].key) { readKey($0.baseAddress!.assumingMemoryBound(to: UInt8.self)) } }
+
+    /// Reads: each page's length, status and latency back into the caller's array.
+    func finish(_ reads: UnsafeMutableBufferPointer<PageRead>, _ succeeded: Int) {
         for index in 0..<count {
-            if let reads {
-                ios[index].length = reads[index].error == nil ? reads[index].length : 0
-                ios[index].status = reads[index].error?.code ?? 0
-                ios[index].latencyNanoseconds = reads[index].latencyNanoseconds
-            } else if let writes {
-                ios[index].status = writes[index].error?.code ?? 0
-                ios[index].latencyNanoseconds = writes[index].latencyNanoseconds
-            }
+            ios[index].length = reads[index].error == nil ? reads[index].length : 0
+            ios[index].status = reads[index].error?.code ?? 0
+            ios[index].latencyNanoseconds = reads[index].latencyNanoseconds
         }
-        if let reads { reads.deinitialize(); reads.deallocate() }
-        if let writes { writes.deinitialize(); writes.deallocate() }
+        done(succeeded)
+    }
+
+    /// Writes: each page's status and latency back into the caller's array.
+    func finish(_ writes: UnsafeMutableBufferPointer<PageWrite>, _ succeeded: Int) {
+        for index in 0..<count {
+            ios[index].status = writes[index].error?.code ?? 0
+            ios[index].latencyNanoseconds = writes[index].latencyNanoseconds
+        }
+        done(succeeded)
+    }
+
+    /// Calls the caller back, then wakes waiters.
+    private func done(_ succeeded: Int) {
         self.succeeded = succeeded
         callback?(context, handle, succeeded)
         finished.signal()
@@ -107,13 +95,15 @@ private func submit(_ storeHandle: UInt64, _ ios: UnsafeMutableRawPointer?, _ co
             try argument(pages[index].buffer != nil || pages[index].length == 0, "page \(index): buffer is NULL")
             try argument(pages[index].length >= 0, "page \(index): negative length")
         }
-        let batch = SubmittedBatch(ios: pages, count: count, write: write, callback: done, context: context)
+        let batch = SubmittedBatch(ios: pages, count: count, callback: done, context: context)
         batch.handle = handles.insert(.batch(batch))
         ticket.pointee = batch.handle
-        if let writes = batch.writes {
-            store.submitPut(batch: writes, queueDepth: Int(queueDepth)) { batch.finish($0) }
-        } else if let reads = batch.reads {
-            store.submitGet(batch: reads, queueDepth: Int(queueDepth)) { batch.finish($0) }
+        if write {
+            let writes = (0..<count).map { PageWrite(key: batch.key($0), bytes: UnsafeRawBufferPointer(start: pages[$0].buffer, count: pages[$0].length)) }
+            store.submitPut(writes, queueDepth: Int(queueDepth)) { batch.finish($0, $1) }
+        } else {
+            let reads = (0..<count).map { PageRead(key: batch.key($0), buffer: UnsafeMutableRawBufferPointer(start: pages[$0].buffer, count: pages[$0].length)) }
+            store.submitGet(reads, queueDepth: Int(queueDepth)) { batch.finish($0, $1) }
         }
         return CStatus.ok
     }

@@ -27,7 +27,7 @@ enum HandleEntry {
     case pool(KVPool, store: UInt64)
     /// An asynchronous store: the pool's ticket (spillway_kv_store_async) or an array store's
     /// (spillway_kv_store_array_async).
-    case ticket(any PendingStore)
+    case ticket(KVStoreTicket)
     /// A store batch in flight (spillway_store_submit_get/put).
     case batch(SubmittedBatch)
     case weights(WeightsBox, store: UInt64)
@@ -198,22 +198,19 @@ public func spillway_store_open(_ path: UnsafePointer<CChar>?, _ out: UnsafeMuta
 @_cdecl("spillway_store_close")
 public func spillway_store_close(_ handle: UInt64) -> Int32 {
     entry { () throws(CError) in
-        let removed = handles.entries.withLock { entries -> (TieredStore, [(UInt64, KVPool)])? in
+        let removed = handles.entries.withLock { entries -> (TieredStore, [KVPool])? in
             guard case .store(let store, let poolHandles) = entries[handle] else { return nil }
             entries[handle] = nil
-            var pools: [(UInt64, KVPool)] = []
+            var pools: [KVPool] = []
             for poolHandle in poolHandles {
-                if case .pool(let pool, _) = entries[poolHandle] { pools.append((poolHandle, pool)) }
+                if case .pool(let pool, _) = entries[poolHandle] { pools.append(pool) }
                 if case .weights(let box, _) = entries[poolHandle] { box.streamer.close() }
                 entries[poolHandle] = nil
             }
             return (store, pools)
         }
         guard let (store, pools) = removed else { throw .handle("no open store with handle \(handle)") }
-        for (poolHandle, pool) in pools {
-            drainArrayQueue(poolHandle)
-            pool.close()
-        }
+        for pool in pools { pool.close() }
         store.close()
         return CStatus.ok
     }
@@ -371,7 +368,6 @@ public func spillway_kv_pool_destroy(_ handle: UInt64) -> Int32 {
             return pool
         }
         guard let pool else { throw .handle("no KV pool with handle \(handle)") }
-        drainArrayQueue(handle)
         pool.close()
         return CStatus.ok
     }
@@ -474,7 +470,7 @@ public func spillway_kv_store_async(_ handle: UInt64, _ hashes: UnsafePointer<UI
 @_cdecl("spillway_kv_wait")
 public func spillway_kv_wait(_ handle: UInt64, _ stored: UnsafeMutablePointer<Int>?) -> Int32 {
     entry { () throws(CError) in
-        let ticket = handles.entries.withLock { entries -> (any PendingStore)? in
+        let ticket = handles.entries.withLock { entries -> KVStoreTicket? in
             guard case .ticket(let ticket) = entries[handle] else { return nil }
             entries[handle] = nil
             return ticket
@@ -499,56 +495,6 @@ public func spillway_kv_load(_ handle: UInt64, _ hashes: UnsafePointer<UInt8>?, 
         loaded?.pointee = result.contiguous
         return try status(of: result)
     }
-}
-
-/// An asynchronous store a ticket handle names.
-protocol PendingStore: Sendable {
-    func wait() -> KVResult
-}
-
-extension KVStoreTicket: PendingStore {}
-
-/// An asynchronous array store (spillway_kv_store_array_async): finished by the pool's array
-/// queue.
-final class ArrayStoreTicket: PendingStore {
-    private let done = DispatchSemaphore(value: 0)
-    private let result = Locked<KVResult?>(nil)
-
-    func finish(_ value: KVResult) {
-        result.withLock { $0 = value }
-        done.signal()
-    }
-
-    func wait() -> KVResult {
-        done.wait()
-        done.signal()
-        return result.withLock { $0! }
-    }
-}
-
-/// A caller's array for an asynchronous store. `@unchecked Sendable`: the caller keeps it valid
-/// and unchanged until spillway_kv_wait returns (the header's contract); only the queue reads it.
-struct ArrayBase: @unchecked Sendable {
-    let pointer: UnsafeRawPointer
-}
-
-/// Per pool handle, the serial queue that runs its asynchronous array stores in order (each one
-/// a `storeLayers` batch, fanned out like a synchronous one). Destroying the pool (or closing its
-/// store) drains the queue first, as the pool itself finishes queued stores on close.
-let arrayQueues = Locked<[UInt64: DispatchQueue]>([:])
-
-func arrayQueue(_ pool: UInt64) -> DispatchQueue {
-    arrayQueues.withLock { queues in
-        if let queue = queues[pool] { return queue }
-        let queue = DispatchQueue(label: "spillway.kv.array-stores.\(pool)")
-        queues[pool] = queue
-        return queue
-    }
-}
-
-/// Waits for the pool's queued array stores (bounded by their completion) and forgets its queue.
-func drainArrayQueue(_ pool: UInt64) {
-    arrayQueues.withLock { $0.removeValue(forKey: pool) }?.sync {}
 }
 
 /// The C arguments of an array call, checked: the pool's layers first_layer..<first_layer +
@@ -599,15 +545,8 @@ public func spillway_kv_store_array_async(_ handle: UInt64, _ hashes: UnsafePoin
         let blocks = try readHashes(hashes, count)
         let (layers, strides) = try arrayArguments(pool, count: count, base: base, firstLayer: firstLayer, layerCount: layerCount,
                                                    layerStride: layerStride, blockStride: blockStride, layerBytes: layerBytes, disjoint: false)
-        let pending = ArrayStoreTicket()
-        if let base {
-            let array = ArrayBase(pointer: base)
-            arrayQueue(handle).async {
-                pending.finish(pool.storeLayers(blocks, layers: layers, from: array.pointer, strides: strides))
-            }
-        } else {
-            pending.finish(KVResult(errors: []))  // no blocks
-        }
+        // No base: no blocks (checked above), an empty store.
+        let pending = base.map { pool.storeLayersAsync(blocks, layers: layers, from: $0, strides: strides) } ?? pool.storeAsync([], buffers: [])
         ticket.pointee = handles.insert(.ticket(pending))
         return CStatus.ok
     }

@@ -103,52 +103,72 @@ extension KVPool {
     public func storeLayers(_ hashes: [BlockHash], layers: Range<Int>, from base: UnsafeRawPointer,
                             strides: KVArrayStrides, chain: KVChainStart = .root) -> KVResult
     {
-        let layerBytes = geometry.layerBytes
         do throws(SpillwayError) {
             if state.withLock({ $0.closed }) { throw .closed }
             _ = try checkArray(blocks: hashes.count, layers: layers, strides: strides, disjoint: false)
             if geometry.layout == .wholeBlock {
-                let buffers = try hashes.indices.map { index throws(SpillwayError) -> UnsafeRawBufferPointer in
-                    let offset = try wholeBlockAddress(index, layers: layers, strides: strides)
-                    return UnsafeRawBufferPointer(start: base + offset, count: geometry.blockBytes)
-                }
-                return store(hashes, blocks: buffers, chain: chain)
+                return store(hashes, blocks: try wholeBlocks(hashes, layers: layers, base: base, strides: strides), chain: chain)
             }
         } catch {
             return KVResult(errors: Array(repeating: error, count: max(1, hashes.count)))
         }
+        var (planned, writes) = planLayers(hashes, layers: layers, base: base, strides: strides, chain: chain)
+        fannedOut(&writes, bytes: writes.count * geometry.layerBytes) { [store] in _ = store.put(batch: $0) }
+        return writes.withUnsafeMutableBufferPointer { finish(planned, $0) }
+    }
+
+    /// `storeLayers`, submitted as one of the store's asynchronous batches (`storeAsync`'s
+    /// path): returns at once; the caller keeps the array valid and unchanged until the
+    /// ticket's `wait()` returns.
+    public func storeLayersAsync(_ hashes: [BlockHash], layers: Range<Int>, from base: UnsafeRawPointer,
+                                 strides: KVArrayStrides, chain: KVChainStart = .root) -> KVStoreTicket
+    {
+        if geometry.layout == .wholeBlock {
+            let buffers: [UnsafeRawBufferPointer]
+            do throws(SpillwayError) {
+                _ = try checkArray(blocks: hashes.count, layers: layers, strides: strides, disjoint: false)
+                buffers = try wholeBlocks(hashes, layers: layers, base: base, strides: strides)
+            } catch {
+                let refused = KVStoreTicket()
+                refused.finish(KVResult(errors: Array(repeating: error, count: max(1, hashes.count))))
+                return refused
+            }
+            return storeAsync(hashes, buffers: buffers, chain: chain)
+        }
+        return submit(blocks: hashes.count) { () throws(SpillwayError) in
+            _ = try checkArray(blocks: hashes.count, layers: layers, strides: strides, disjoint: false)
+            return planLayers(hashes, layers: layers, base: base, strides: strides, chain: chain)
+        }
+    }
+
+    /// The page writes of layers `layers` of each block from a checked strided array (per-layer
+    /// layout), layer by layer.
+    private func planLayers(_ hashes: [BlockHash], layers: Range<Int>, base: UnsafeRawPointer, strides: KVArrayStrides,
+                            chain: KVChainStart) -> (PlannedStore, [PageWrite])
+    {
+        var planned = PlannedStore(hashes: hashes, chain: chain)
         var writes: [PageWrite] = []
         writes.reserveCapacity(hashes.count * layers.count)
         for (position, layer) in layers.enumerated() {
             for index in hashes.indices {
                 let address = base + position * strides.layerStride + index * strides.blockStride
-                writes.append(PageWrite(key: dataKey(hashes[index], layer: layer), bytes: UnsafeRawBufferPointer(start: address, count: layerBytes),
+                writes.append(PageWrite(key: dataKey(hashes[index], layer: layer),
+                                        bytes: UnsafeRawBufferPointer(start: address, count: geometry.layerBytes),
                                         hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
+                planned.owner.append(index)
+                planned.writeLayers.append(layer)
             }
         }
-        fannedOut(&writes, bytes: writes.count * layerBytes) { [store] in _ = store.put(batch: $0) }
-        var errors = [SpillwayError?](repeating: nil, count: hashes.count)
-        var complete: [Int] = []
-        state.withLock { state in
-            for (position, write) in writes.enumerated() {
-                let index = position % hashes.count
-                if let error = write.error {
-                    if errors[index] == nil { errors[index] = error }
-                    continue
-                }
-                state.pending[hashes[index], default: []].insert(layers.lowerBound + position / hashes.count)
-            }
-            for index in hashes.indices where errors[index] == nil {
-                if state.pending[hashes[index]]?.count == geometry.layers {
-                    state.pending[hashes[index]] = nil
-                    complete.append(index)
-                }
-            }
+        return (planned, writes)
+    }
+
+    /// Each block's whole slice of a checked array (whole-block layout).
+    private func wholeBlocks(_ hashes: [BlockHash], layers: Range<Int>, base: UnsafeRawPointer, strides: KVArrayStrides)
+        throws(SpillwayError) -> [UnsafeRawBufferPointer]
+    {
+        try hashes.indices.map { index throws(SpillwayError) -> UnsafeRawBufferPointer in
+            UnsafeRawBufferPointer(start: base + (try wholeBlockAddress(index, layers: layers, strides: strides)), count: geometry.blockBytes)
         }
-        for index in complete {
-            if let error = commit(hashes[index], hints: hints(hashes, index, chain: chain, part: manifestKey)) { errors[index] = error }
-        }
-        return KVResult(errors: errors)
     }
 
     /// Loads layers `layers` of each block into one strided array (`KVArrayStrides`; slices
@@ -176,7 +196,7 @@ extension KVPool {
         var owner: [Int] = []
         reads.reserveCapacity(hashes.count * layers.count)
         owner.reserveCapacity(hashes.count * layers.count)
-        let visible = hashes.map { store.contains(visibilityKey($0)) }
+        let visible = hashes.map(isVisible)
         for (index, block) in hashes.enumerated() where !visible[index] {
             errors[index] = .unknownKey(visibilityKey(block))
         }

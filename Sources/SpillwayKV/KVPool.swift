@@ -216,66 +216,74 @@ public final class KVPool: Sendable {
         return .kvBlock(depth: chain.depth + index, parent: parent.map(part))
     }
 
-    /// A store's page writes, planned from the caller's buffers, and what finishing it needs.
-    struct PlannedStore {
+    /// What finishing a store needs once its page writes have run (the writes themselves go to
+    /// the store separately: they point at the caller's buffers).
+    struct PlannedStore: Sendable {
         var hashes: [BlockHash]
-        var layer: Int?
         var chain: KVChainStart
-        var writes: [PageWrite]
         /// Per write, the index of its block in `hashes`.
-        var owner: [Int]
+        var owner: [Int] = []
+        /// Per write, the layer it stores, for stores whose blocks complete layer by layer
+        /// (per-layer stores); empty for stores of whole blocks.
+        var writeLayers: [Int] = []
     }
 
     /// Checks the buffers against the geometry and lays out the page writes of a store of
     /// one layer of each block (`layer`) or of whole blocks (nil).
     private func plan(_ hashes: [BlockHash], layer: Int?, buffers: [UnsafeRawBufferPointer], chain: KVChainStart)
-        throws(SpillwayError) -> PlannedStore
+        throws(SpillwayError) -> (PlannedStore, [PageWrite])
     {
         try checkOpen()
-        var planned = PlannedStore(hashes: hashes, layer: layer, chain: chain, writes: [], owner: [])
+        var planned = PlannedStore(hashes: hashes, chain: chain)
+        var writes: [PageWrite] = []
         if let layer {
             guard geometry.layout == .perLayer else { throw .invalidArgument("storeLayer needs the per-layer layout; this pool stores whole blocks") }
             guard (0..<geometry.layers).contains(layer) else { throw .invalidArgument("layer \(layer) outside 0..<\(geometry.layers)") }
-            try checkBuffers(hashes.count, buffers.map(\.count), expected: geometry.layerBytes)
+            try checkBuffers(hashes.count, buffers.lazy.map(\.count), expected: geometry.layerBytes)
             for index in hashes.indices {
-                planned.writes.append(PageWrite(key: dataKey(hashes[index], layer: layer), bytes: buffers[index],
-                                                hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
+                writes.append(PageWrite(key: dataKey(hashes[index], layer: layer), bytes: buffers[index],
+                                        hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
                 planned.owner.append(index)
+                planned.writeLayers.append(layer)
             }
-            return planned
+            return (planned, writes)
         }
-        try checkBuffers(hashes.count, buffers.map(\.count), expected: geometry.blockBytes)
+        try checkBuffers(hashes.count, buffers.lazy.map(\.count), expected: geometry.blockBytes)
         for (index, block) in hashes.enumerated() {
             if geometry.layout == .perLayer {
                 for layer in 0..<geometry.layers {
                     let slice = UnsafeRawBufferPointer(rebasing: buffers[index][(layer * geometry.layerBytes)..<((layer + 1) * geometry.layerBytes)])
-                    planned.writes.append(PageWrite(key: dataKey(block, layer: layer), bytes: slice,
-                                                    hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
+                    writes.append(PageWrite(key: dataKey(block, layer: layer), bytes: slice,
+                                            hints: hints(hashes, index, chain: chain) { dataKey($0, layer: layer) }))
                     planned.owner.append(index)
                 }
             } else {
-                planned.writes.append(PageWrite(key: dataKey(block, layer: 0), bytes: buffers[index],
-                                                hints: hints(hashes, index, chain: chain) { dataKey($0, layer: 0) }))
+                writes.append(PageWrite(key: dataKey(block, layer: 0), bytes: buffers[index],
+                                        hints: hints(hashes, index, chain: chain) { dataKey($0, layer: 0) }))
                 planned.owner.append(index)
             }
         }
-        return planned
+        return (planned, writes)
     }
 
-    /// After the planned writes ran: each block's first error, and the blocks now complete
-    /// made visible (a layer store completes a block with its last layer).
-    private func finish(_ planned: PlannedStore, _ writes: UnsafeMutableBufferPointer<PageWrite>) -> KVResult {
+    /// After a store's writes ran: each block's first error, and the blocks now complete made
+    /// visible. A whole-block store completes each block it wrote without error; a per-layer
+    /// store records the layers written and completes a block with its last layer (stored by
+    /// this call or earlier ones).
+    func finish(_ planned: PlannedStore, _ writes: UnsafeMutableBufferPointer<PageWrite>) -> KVResult {
         var errors = [SpillwayError?](repeating: nil, count: planned.hashes.count)
         for position in writes.indices where writes[position].error != nil && errors[planned.owner[position]] == nil {
             errors[planned.owner[position]] = writes[position].error
         }
         var complete: [Int] = []
         state.withLock { state in
-            for (index, block) in planned.hashes.enumerated() where errors[index] == nil {
-                if let layer = planned.layer {
-                    state.pending[block, default: []].insert(layer)
-                    guard state.pending[block]!.count == geometry.layers else { continue }
+            if !planned.writeLayers.isEmpty {
+                for position in writes.indices where writes[position].error == nil {
+                    state.pending[planned.hashes[planned.owner[position]], default: []].insert(planned.writeLayers[position])
                 }
+            }
+            for (index, block) in planned.hashes.enumerated() where errors[index] == nil {
+                guard planned.writeLayers.isEmpty || state.pending[block]?.count == geometry.layers else { continue }
                 state.pending[block] = nil
                 complete.append(index)
             }
@@ -307,8 +315,7 @@ public final class KVPool: Sendable {
 
     private func run(_ hashes: [BlockHash], layer: Int?, buffers: [UnsafeRawBufferPointer], chain: KVChainStart) -> KVResult {
         do throws(SpillwayError) {
-            let planned = try plan(hashes, layer: layer, buffers: buffers, chain: chain)
-            var writes = planned.writes
+            var (planned, writes) = try plan(hashes, layer: layer, buffers: buffers, chain: chain)
             return writes.withUnsafeMutableBufferPointer { writes in
                 _ = store.put(batch: writes)
                 return finish(planned, writes)
@@ -326,31 +333,35 @@ public final class KVPool: Sendable {
     public func storeAsync(_ hashes: [BlockHash], layer: Int? = nil, buffers: [UnsafeRawBufferPointer],
                            chain: KVChainStart = .root) -> KVStoreTicket
     {
+        submit(blocks: hashes.count) { () throws(SpillwayError) in try plan(hashes, layer: layer, buffers: buffers, chain: chain) }
+    }
+
+    /// Plans a store (`makePlan`) and submits its writes as one of the store's asynchronous
+    /// batches; the ticket completes once `finish` has run. The one asynchronous path of the
+    /// pool's stores (`storeAsync`, `storeLayersAsync`).
+    func submit(blocks: Int, _ makePlan: () throws(SpillwayError) -> (PlannedStore, [PageWrite])) -> KVStoreTicket {
         let ticket = KVStoreTicket()
-        let planned: PlannedStore
         do throws(SpillwayError) {
-            // Checked and counted under the state lock, so `close` either waits for this store
-            // or it is refused here: no ticket waits forever.
+            // Counted under the state lock, so `close` either waits for this store or it is
+            // refused here: no ticket waits forever.
             try state.withLock { state throws(SpillwayError) in
                 guard !state.closing else { throw .closed }
                 state.storesInFlight += 1
             }
+            let planned: PlannedStore
+            let writes: [PageWrite]
             do throws(SpillwayError) {
-                planned = try plan(hashes, layer: layer, buffers: buffers, chain: chain)
+                (planned, writes) = try makePlan()
             } catch {
                 storeFinished()
                 throw error
             }
+            store.submitPut(writes) { [self] pages, _ in
+                ticket.finish(finish(planned, pages))
+                storeFinished()
+            }
         } catch {
-            ticket.finish(KVResult(errors: Array(repeating: error, count: max(1, hashes.count))))
-            return ticket
-        }
-        let writes = SubmittedWrites(planned)
-        store.submitPut(batch: writes.pages) { [self] _ in
-            let result = finish(writes.planned, writes.pages)
-            writes.free()
-            ticket.finish(result)
-            storeFinished()
+            ticket.finish(KVResult(errors: Array(repeating: error, count: max(1, blocks))))
         }
         return ticket
     }
@@ -387,10 +398,18 @@ public final class KVPool: Sendable {
         }
     }
 
-    private func checkBuffers(_ blocks: Int, _ sizes: [Int], expected: Int) throws(SpillwayError) {
+    /// Whether `block` is completely stored, for a load. A block this pool completed is
+    /// (content is addressed by its prefix hash); only others' blocks need their manifest looked
+    /// up, a second directory line per call. An evicted page still fails its own read.
+    func isVisible(_ block: BlockHash) -> Bool {
+        state.withLock { $0.committed.contains(block) } || store.contains(visibilityKey(block))
+    }
+
+    /// Checks the buffers' sizes (a lazy view of them: no array per call).
+    private func checkBuffers(_ blocks: Int, _ sizes: some Collection<Int>, expected: Int) throws(SpillwayError) {
         guard blocks == sizes.count else { throw .invalidArgument("\(blocks) block hashes but \(sizes.count) buffers") }
-        if let bad = sizes.firstIndex(where: { $0 != expected }) {
-            throw .invalidArgument("buffer \(bad) has \(sizes[bad]) bytes; this pool's geometry needs \(expected)")
+        if let bad = sizes.enumerated().first(where: { $0.element != expected }) {
+            throw .invalidArgument("buffer \(bad.offset) has \(bad.element) bytes; this pool's geometry needs \(expected)")
         }
     }
 
@@ -409,12 +428,7 @@ public final class KVPool: Sendable {
                 guard geometry.layout == .perLayer else { throw .invalidArgument("a per-layer load needs the per-layer layout") }
                 guard (0..<geometry.layers).contains(layer) else { throw .invalidArgument("layer \(layer) outside 0..<\(geometry.layers)") }
             }
-            // Checked in place (no array of sizes: a connector calls this once per layer).
-            let expected = layer == nil ? geometry.blockBytes : geometry.layerBytes
-            guard hashes.count == buffers.count else { throw .invalidArgument("\(hashes.count) block hashes but \(buffers.count) buffers") }
-            if let bad = buffers.firstIndex(where: { $0.count != expected }) {
-                throw .invalidArgument("buffer \(bad) has \(buffers[bad].count) bytes; this pool's geometry needs \(expected)")
-            }
+            try checkBuffers(hashes.count, buffers.lazy.map(\.count), expected: layer == nil ? geometry.blockBytes : geometry.layerBytes)
         } catch {
             return KVResult(errors: Array(repeating: error, count: max(1, hashes.count)))
         }
@@ -423,12 +437,7 @@ public final class KVPool: Sendable {
         // pages may exist) but fails: nothing of it is reported loaded.
         TemporaryBuffer.with(PageRead.self, count: hashes.count * perBlock) { reads in
             for (index, block) in hashes.enumerated() {
-                // A block this pool completed is complete (content is addressed by its prefix
-                // hash); only others' blocks need their manifest looked up (a second directory
-                // line per call). An evicted page still fails its own read below.
-                if !state.withLock({ $0.committed.contains(block) }) && !store.contains(visibilityKey(block)) {
-                    errors[index] = .unknownKey(visibilityKey(block))
-                }
+                if !isVisible(block) { errors[index] = .unknownKey(visibilityKey(block)) }
                 for part in 0..<perBlock {
                     let pageLayer = layer ?? part
                     let buffer = perBlock == 1 ? buffers[index]
@@ -536,26 +545,6 @@ public final class KVPool: Sendable {
     /// Blocks this pool has made visible and not evicted (some may since have been evicted by
     /// the store's own capacity management: `lookup` is the truth).
     public var committedBlocks: Int { state.withLock { $0.committed.count } }
-}
-
-/// A submitted store's page writes while its batch runs. `@unchecked Sendable`: built by the
-/// submitter, then only the store's batch worker touches it until the completion frees it
-/// (once); the caller's buffers it points to stay valid until the ticket completes (the vLLM
-/// `wait_for_save` contract).
-private final class SubmittedWrites: @unchecked Sendable {
-    let planned: KVPool.PlannedStore
-    let pages: UnsafeMutableBufferPointer<PageWrite>
-
-    init(_ planned: KVPool.PlannedStore) {
-        self.planned = planned
-        pages = .allocate(capacity: planned.writes.count)
-        _ = pages.initialize(from: planned.writes)
-    }
-
-    func free() {
-        pages.deinitialize()
-        pages.deallocate()
-    }
 }
 
 /// The result of an asynchronous store, available once the store has finished.

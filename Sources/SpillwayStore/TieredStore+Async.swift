@@ -179,6 +179,32 @@ extension TieredStore {
         submit(.puts(requests), queueDepth: queueDepth, completion: completion)
     }
 
+    /// `submitGet(batch:)` for reads given as an array: the store keeps them until the batch
+    /// is done and lends them (each with its length or error, and latency) to `completion`,
+    /// on a batch worker before the ticket completes, then frees them.
+    @discardableResult
+    public func submitGet(_ requests: [PageRead], queueDepth: Int = 0,
+                          completion: @escaping @Sendable (UnsafeMutableBufferPointer<PageRead>, Int) -> Void) -> StoreTicket
+    {
+        let owned = OwnedRequests(requests)
+        return submitGet(batch: owned.pages, queueDepth: queueDepth) { succeeded in
+            completion(owned.pages, succeeded)
+            owned.free()
+        }
+    }
+
+    /// `submitPut(batch:)` for writes given as an array; see `submitGet(_:queueDepth:completion:)`.
+    @discardableResult
+    public func submitPut(_ requests: [PageWrite], queueDepth: Int = 0,
+                          completion: @escaping @Sendable (UnsafeMutableBufferPointer<PageWrite>, Int) -> Void) -> StoreTicket
+    {
+        let owned = OwnedRequests(requests)
+        return submitPut(batch: owned.pages, queueDepth: queueDepth) { succeeded in
+            completion(owned.pages, succeeded)
+            owned.free()
+        }
+    }
+
     /// Batches submitted and not yet finished.
     public var asyncBatchesInFlight: Int { asyncBatches.inFlight.load(ordering: .relaxed) }
 
@@ -216,5 +242,22 @@ extension TieredStore {
     private static func refuse(_ requests: UnsafeMutableBufferPointer<PageWrite>) -> Int {
         for index in requests.indices { requests[index].error = .closed }
         return 0
+    }
+}
+
+/// Requests a submitted batch owns while it runs (the array forms of `submitGet`/`submitPut`).
+/// `@unchecked Sendable`: filled at init by the submitter, then touched only by the batch
+/// worker running the batch, whose completion frees them (once).
+private final class OwnedRequests<Element>: @unchecked Sendable {
+    let pages: UnsafeMutableBufferPointer<Element>
+
+    init(_ requests: [Element]) {
+        pages = .allocate(capacity: requests.count)
+        _ = pages.initialize(from: requests)
+    }
+
+    func free() {
+        pages.deinitialize()
+        pages.deallocate()
     }
 }

@@ -347,17 +347,15 @@ public final class WeightStreamer: Sendable {
         // Submitted, not waited for: the loader goes on to the next queued layer while this one's
         // reads run, so the device sees the next layer's reads queued behind this one's (the
         // store bounds how many batches are in flight).
-        let requests = LayerReads(reads)
         // One layer in flight: the loader prepares the next layer (room, requests) while this
         // one's reads run, then waits to submit it. With two in flight the loader ran ahead
         // and, under load, dropped prefetched layers for room before they were used (the
         // policy test's accuracy fell to 0.70 and coverage to 0.78).
         loadsInFlight.wait()
-        weights.store.submitGet(batch: requests.pages) { [self] succeeded in
+        weights.store.submitGet(reads) { [self] pages, succeeded in
             defer { loadsInFlight.signal() }
-            let error: SpillwayError? = succeeded == requests.pages.count
-                ? nil : (requests.pages.first { $0.error != nil }?.error ?? .invalidArgument("layer \(layer) did not load"))
-            requests.free()
+            let error: SpillwayError? = succeeded == pages.count
+                ? nil : (pages.first { $0.error != nil }?.error ?? .invalidArgument("layer \(layer) did not load"))
             slots.withLock { _ in
                 slot.ready = error == nil
                 slot.error = error
@@ -365,22 +363,5 @@ public final class WeightStreamer: Sendable {
             if let error { logger.error("layer load failed", metadata: ["layer": "\(layer)", "error": "\(error)"]) }
             slot.loaded.signal()
         }
-    }
-}
-
-/// One layer's read requests while its submitted batch runs. `@unchecked Sendable`: the
-/// loader fills it, then only the store's batch worker touches it until the completion frees
-/// it (once).
-private final class LayerReads: @unchecked Sendable {
-    let pages: UnsafeMutableBufferPointer<PageRead>
-
-    init(_ reads: [PageRead]) {
-        pages = .allocate(capacity: reads.count)
-        _ = pages.initialize(from: reads)
-    }
-
-    func free() {
-        pages.deinitialize()
-        pages.deallocate()
     }
 }
