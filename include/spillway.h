@@ -182,10 +182,11 @@ spillway_status spillway_kv_load(spillway_kv_pool pool, const uint8_t *hashes, s
 spillway_status spillway_kv_store_array(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t first_layer,
                                         int32_t layer_count, const void *base, ptrdiff_t layer_stride, ptrdiff_t block_stride,
                                         size_t layer_bytes, size_t *stored);
-/* Like spillway_kv_store_array but returns at once: the store runs on the pool's array-store
- * queue (in call order per pool); the array must stay valid and unchanged until
+/* Like spillway_kv_store_array but returns at once: the store runs as one of the store's
+ * submitted batches (at most 8 in flight per store; a call past that waits), as
+ * spillway_kv_store_async does; the array must stay valid and unchanged until
  * spillway_kv_wait(ticket) returns. Destroying the pool or closing its store first finishes
- * the queued array stores. Arguments are checked before the call returns. */
+ * the submitted stores. Arguments are checked before the call returns. */
 spillway_status spillway_kv_store_array_async(spillway_kv_pool pool, const uint8_t *hashes, size_t count, int32_t first_layer,
                                               int32_t layer_count, const void *base, ptrdiff_t layer_stride,
                                               ptrdiff_t block_stride, size_t layer_bytes, spillway_ticket *ticket);
