@@ -57,6 +57,8 @@ public struct PageSnapshot: Sendable, Equatable {
 /// count did not move: an extent is only released after a change to its entry (replace,
 /// remove, move), which bumps the count first, so an unchanged count proves the bytes copied
 /// were the entry's all along. A moved count means: try again, then take the locked path.
+/// A hit takes no lock and writes no entry; its only shared writes are two relaxed increments
+/// of its shard's read counters (one line per shard and tier).
 /// Racy reads of an entry are bounds-checked before use (a torn extent never leaves the
 /// tier's memory) and thrown away when the count moved.
 ///
@@ -127,6 +129,13 @@ public final class PageDirectory: @unchecked Sendable {
         shardSequences.deallocate()
         optimisticCounts.deallocate()
         versionClock.destroy()
+    }
+
+    /// Shard `shard`'s counters of optimistic reads served from `tier`, and their bytes.
+    @inline(__always)
+    private func optimisticCounters(shard: Int, tier: Int) -> (reads: UnsafeAtomic<Int>, bytes: UnsafeAtomic<Int>) {
+        let line = optimisticCounts + (shard * tierCapacities.count + tier) * 8
+        return (UnsafeAtomic(at: line), UnsafeAtomic(at: line + 1))
     }
 
     @inline(__always)
@@ -202,9 +211,9 @@ public final class PageDirectory: @unchecked Sendable {
             atomicMemoryFence(ordering: .acquiring)
             guard count.load(ordering: .relaxed) == before else { continue }
             guard copied else { return nil }
-            let counters = optimisticCounts + (shard * tierCapacities.count + Int(entry.tier)) * 8
-            UnsafeAtomic<Int>(at: counters).wrappingIncrement(ordering: .relaxed)
-            UnsafeAtomic<Int>(at: counters + 1).wrappingIncrement(by: Int(entry.length), ordering: .relaxed)
+            let counters = optimisticCounters(shard: shard, tier: Int(entry.tier))
+            counters.reads.wrappingIncrement(ordering: .relaxed)
+            counters.bytes.wrappingIncrement(by: Int(entry.length), ordering: .relaxed)
             return snapshot
         }
         return nil
@@ -254,7 +263,7 @@ public final class PageDirectory: @unchecked Sendable {
         var total = 0
         for shard in 0..<Self.shardCount {
             for tier in 0..<tierCapacities.count {
-                total += UnsafeAtomic<Int>(at: optimisticCounts + (shard * tierCapacities.count + tier) * 8).load(ordering: .relaxed)
+                total += optimisticCounters(shard: shard, tier: tier).reads.load(ordering: .relaxed)
             }
         }
         return total
@@ -272,9 +281,9 @@ public final class PageDirectory: @unchecked Sendable {
                 }
             }
             for tier in 0..<totals.count {
-                let counters = optimisticCounts + (shard * tierCapacities.count + tier) * 8
-                totals[tier].reads += UnsafeAtomic<Int>(at: counters).load(ordering: .relaxed)
-                totals[tier].bytes += UnsafeAtomic<Int>(at: counters + 1).load(ordering: .relaxed)
+                let counters = optimisticCounters(shard: shard, tier: tier)
+                totals[tier].reads += counters.reads.load(ordering: .relaxed)
+                totals[tier].bytes += counters.bytes.load(ordering: .relaxed)
             }
         }
         return totals

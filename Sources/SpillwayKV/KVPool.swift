@@ -398,12 +398,10 @@ public final class KVPool: Sendable {
         }
     }
 
-    /// Whether `block` is completely stored, for a load. A block this pool completed is
-    /// (content is addressed by its prefix hash); only others' blocks need their manifest looked
-    /// up, a second directory line per call. An evicted page still fails its own read.
-    func isVisible(_ block: BlockHash) -> Bool {
-        state.withLock { $0.committed.contains(block) } || store.contains(visibilityKey(block))
-    }
+    /// Whether `block` is completely stored, for a load: its manifest (or whole page) is there.
+    /// (A pool-wide `committed` shortcut was tried: it put the pool's one lock on every block of
+    /// every load, for no measured gain.)
+    func isVisible(_ block: BlockHash) -> Bool { store.contains(visibilityKey(block)) }
 
     /// Checks the buffers' sizes (a lazy view of them: no array per call).
     private func checkBuffers(_ blocks: Int, _ sizes: some Collection<Int>, expected: Int) throws(SpillwayError) {
