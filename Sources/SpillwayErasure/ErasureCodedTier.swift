@@ -419,6 +419,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         /// Reads: splits arrived valid; writes: splits acknowledged.
         var good: UInt32 = 0
         var requested: UInt32 = 0
+        /// Reads: splits whose daemon lagged this round (`EAGAIN`: never served, not missing),
+        /// asked again in round 2.
+        var lagged: UInt32 = 0
         var answered = 0
         var issued = 0
         var status: Int32 = 0
@@ -575,7 +578,9 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
         for u in 0..<unitCount {
             units[u].choice = 0
             guard !units[u].write, units[u].status == 0, units[u].good.nonzeroBitCount < k else { continue }
-            units[u].choice = validMask(units[u].slot, snapshot) & ~units[u].requested
+            // Splits not asked yet, and those whose daemon only lagged (still valid there).
+            units[u].choice = validMask(units[u].slot, snapshot) & (~units[u].requested | units[u].lagged)
+            units[u].lagged = 0
             retry = retry || units[u].choice != 0
         }
         if retry { exchange(scratch, unitCount: unitCount, snapshot: snapshot, clients: clients) }
@@ -790,7 +795,7 @@ public final class ErasureCodedTier: Tier, @unchecked Sendable {
                 }
                 guard status == 0 else {
                     // EAGAIN: its daemon lagged (a slow member, not a missing split).
-                    if status != EAGAIN { units[u].degraded = true }
+                    if status == EAGAIN { units[u].lagged |= 1 << split } else { units[u].degraded = true }
                     return
                 }
                 let slot = units[u].slot
