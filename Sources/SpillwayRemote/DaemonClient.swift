@@ -291,8 +291,12 @@ public final class DaemonClient: @unchecked Sendable {
         /// `laggingAfter`: the daemon lags (a straggler, or a host gone silent); waiting
         /// would stall the caller.
         case lagging
-        /// Every connection is borrowed by other threads, or owes replies only briefly:
-        /// `borrow` opens one or waits.
+        /// No clean idle connection, and an idle one owes replies, for less than
+        /// `laggingAfter` (late binding left them, they are on their way, or the host has
+        /// just gone silent): `borrow` would wait for them, up to the I/O timeout.
+        case owing
+        /// Every connection is borrowed by other threads: `borrow` opens one or waits for a
+        /// return.
         case busy
     }
 
@@ -308,7 +312,8 @@ public final class DaemonClient: @unchecked Sendable {
             // new connection or a short wait (`borrow`). Owed for longer: the daemon lags.
             var oldest = UInt64.max
             for connection in pool.idle where connection.owedReplies > 0 { oldest = min(oldest, connection.owedSince) }
-            return oldest != .max && monotonicNanoseconds() &- oldest > Self.laggingAfter ? .lagging : .busy
+            guard oldest != .max else { return .busy }
+            return monotonicNanoseconds() &- oldest > Self.laggingAfter ? .lagging : .owing
         }
     }
 

@@ -101,7 +101,10 @@ public enum MultiDaemonExchange {
                 if skipBusy {
                     switch legs[leg].client.tryBorrow() {
                     case .connection(let connection): states[leg].connection = connection
-                    case .lagging:
+                    case .lagging, .owing:
+                        // Not waited for here: `borrow` would wait for the owed replies, up to
+                        // the I/O timeout if the host just went silent, before any other leg
+                        // is even sent. The leg is tried again on every turn of the loop.
                         states[leg].deferred = true
                         return
                     case .busy: states[leg].connection = try legs[leg].client.borrow()
