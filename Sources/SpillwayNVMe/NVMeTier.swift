@@ -124,6 +124,12 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     let journalState: Locked<JournalState>
     /// Checkpoints written since open (tests and metrics).
     let checkpoints = ManagedAtomic<Int>(0)
+    /// Journal appends written inside a batch's data window, and appends written after it
+    /// drained (the journal needed a checkpoint, or only releases), since open.
+    let pipelinedAppends = ManagedAtomic<Int>(0)
+    let drainedAppends = ManagedAtomic<Int>(0)
+    /// Journal appends whose writes failed, since open.
+    let appendFailures = ManagedAtomic<Int>(0)
     /// Records the store no longer points at whose release record is not durable yet
     /// (bounded: a release that finds 64 waiting writes them out itself).
     let tombstones = Locked(Tombstones())
@@ -158,6 +164,10 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         /// (a put overwriting them on this tier): not in `waiting`, so no other append can
         /// make the old copy's release durable before the new copy's record.
         var reserved: [PageKey: [Extent]] = [:]
+        /// Superseded copies the store still serves whose release record may have reached the
+        /// disk in an append that failed as a whole (another of its blocks failed): their
+        /// records are journaled again, with new sequence numbers, by the next append.
+        var reassert: [Extent] = []
 
         mutating func add(_ extent: Extent, key: PageKey, released: Bool, reservedFor owner: PageKey? = nil) {
             if let owner {
@@ -503,16 +513,30 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             for index in 0..<batch.count { batch.complete(index, status: error.errno) }
             return
         }
-        defer { returnRing(context) }
         let limit = min(context.entries / 2, context.bounceCount)
         let window = batch.maxInFlight > 0 ? min(batch.maxInFlight, limit) : limit
+        let failuresBefore = appendFailures.load(ordering: .relaxed)
         run(batch, window: window, on: context)
+        returnRing(context)
+        // A failed append's pages have release records waiting (their blocks may have landed
+        // anyway): write them before the puts report failure.
+        if appendFailures.load(ordering: .relaxed) != failuresBefore { flushTombstones() }
         for index in 0..<batch.count { batch.finish(index) }
     }
 
     /// Keeps up to `window` of the batch's I/Os in flight, starting the next one in a slot as
-    /// soon as its previous I/O completes (a sustained queue depth, not waves). Completed writes
-    /// get their index records at the end, in one submission.
+    /// soon as its previous I/O completes (a sustained queue depth, not waves).
+    ///
+    /// Completed writes get their index records in the same ring while the rest of the batch
+    /// is still writing: every `recordsPerJournalBlock` completed writes start a journal
+    /// append of their records (up to two appends in flight, each in half of the ring's
+    /// journal buffers), so by the time the last data write completes only its own records
+    /// remain to write. A completion's tag says what it is: a data slot (< `window`) or, with
+    /// `journalTag` set, a journal buffer. A record is still only appended after its page's
+    /// data write completed, and a superseded copy's release rides in the same block as its
+    /// replacement's record, so a kill at any moment recovers the old or the new page, never
+    /// a record without its bytes. What cannot be pipelined (the journal needs a checkpoint,
+    /// or an append would not fit its half) is appended after the window drains, as before.
     private func run(_ batch: TierBatch, window: Int, on context: URingContext) {
         withUnsafeTemporaryAllocation(of: Flight.self, capacity: window) { flights in
             flights.initialize(repeating: Flight(io: 0, done: 0, want: 0, bounce: -1, interrupted: 0, wouldBlock: 0, status: 0, finished: true))
@@ -520,6 +544,18 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             var next = 0
             var inFlight = 0
             var written: [Int] = []
+            // The journal pipeline. IOPOLL rings of a power-durable tier sync after their
+            // metadata writes instead of writing them with RWF_DSYNC: those keep the old path.
+            let pipelining = context.journalCount >= 2 && !(durability == .power && mode == .iopoll)
+            let halfBlocks = context.journalCount / 2
+            var appends: (PreparedAppend?, PreparedAppend?) = (nil, nil)
+            var appendPending = (0, 0)
+            var appendStatus: (Int32, Int32) = (0, 0)
+            var journaled = 0  // written[..<journaled] are in an append or in `late`
+            var late: [Int] = []
+            var blockDone = [Int](repeating: 0, count: pipelining ? 2 * halfBlocks : 0)
+            var blockRetries = [Int](repeating: 0, count: pipelining ? 2 * halfBlocks : 0)
+
             // Starts the next I/O that needs the device in `slot`; I/Os that need none (empty,
             // discard, invalid) complete on the way. False when the batch is exhausted.
             func start(_ slot: Int) -> Bool {
@@ -538,16 +574,95 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                 }
                 return false
             }
+            func prepared(_ half: Int) -> PreparedAppend? { half == 0 ? appends.0 : appends.1 }
+            // Queues (the rest of) journal buffer `buffer`'s block write.
+            func queueJournal(_ buffer: Int) -> Bool {
+                guard let append = prepared(buffer / halfBlocks) else { return false }
+                let offset = geometry.journalBlockOffset(sequence: append.first + UInt64(buffer - append.bufferBase))
+                let done = blockDone[buffer]
+                return context.prepareOrFlush(write: true, buffer: context.journalBlock(buffer) + done,
+                                              length: NVMeFormat.blockSize - done, offset: offset + done,
+                                              fixedBuffer: context.journalFixedBuffer(buffer), tag: Self.journalTag | UInt64(buffer),
+                                              rwFlags: metadataWriteFlags)
+            }
+            // Starts appends of completed writes' records while a half of the journal buffers
+            // is free: whole blocks' worth during the data phase, the rest once it is over.
+            func pumpJournal(final: Bool) {
+                guard pipelining else { return }
+                while written.count > journaled {
+                    let waiting = written.count - journaled
+                    guard final || waiting >= NVMeFormat.recordsPerJournalBlock else { return }
+                    let half: Int
+                    if appends.0 == nil { half = 0 } else if appends.1 == nil { half = 1 } else { return }
+                    let chunk = written[journaled..<(journaled + min(waiting, 4 * NVMeFormat.recordsPerJournalBlock))]
+                    journaled += chunk.count
+                    guard !closed.load(ordering: .acquiring),
+                          let (blocks, first) = packAndBeginAppend(chunk, of: batch, maxBlocks: halfBlocks)
+                    else {
+                        late.append(contentsOf: chunk)
+                        continue
+                    }
+                    pipelinedAppends.wrappingIncrement(ordering: .relaxed)
+                    let append = encodeJournal(blocks[...], first: first, bufferBase: half * halfBlocks, of: batch, on: context)
+                    if half == 0 { appends.0 = append; appendPending.0 = blocks.count; appendStatus.0 = 0 }
+                    else { appends.1 = append; appendPending.1 = blocks.count; appendStatus.1 = 0 }
+                    for block in 0..<blocks.count {
+                        let buffer = half * halfBlocks + block
+                        blockDone[buffer] = 0
+                        blockRetries[buffer] = 0
+                        _ = queueJournal(buffer)
+                    }
+                    context.flush()
+                }
+            }
+            // One journal block's completion; the append is settled when its last block is.
+            func journalCompleted(_ buffer: Int, _ value: Int32) {
+                let half = buffer / halfBlocks
+                var result = value
+                if let faults, faults.isArmed { result = faults.apply(.metadataWrite, result: result) }
+                var failure: Int32 = 0
+                switch result {
+                case -EINTR, -EAGAIN:
+                    blockRetries[buffer] += 1
+                    if blockRetries[buffer] <= 64 && queueJournal(buffer) { return }
+                    failure = -result
+                case ..<0: failure = -result
+                case 0: failure = EIO
+                default:
+                    blockDone[buffer] += Int(result)
+                    if blockDone[buffer] < NVMeFormat.blockSize {
+                        if queueJournal(buffer) { return }
+                        failure = EIO
+                    }
+                }
+                if half == 0 {
+                    if failure != 0 { appendStatus.0 = failure }
+                    appendPending.0 -= 1
+                    if appendPending.0 == 0, let append = appends.0 {
+                        finishAppend(append, status: appendStatus.0, of: batch)
+                        appends.0 = nil
+                    }
+                } else {
+                    if failure != 0 { appendStatus.1 = failure }
+                    appendPending.1 -= 1
+                    if appendPending.1 == 0, let append = appends.1 {
+                        finishAppend(append, status: appendStatus.1, of: batch)
+                        appends.1 = nil
+                    }
+                }
+            }
+            var journalInFlight: Bool { appends.0 != nil || appends.1 != nil }
+
             for slot in 0..<window {
                 guard start(slot) else { break }
                 inFlight += 1
             }
-            while inFlight > 0 {
+            while inFlight > 0 || journalInFlight {
                 let submitStatus = context.submit(waitFor: 1)
                 if submitStatus < 0 {
                     // The ring itself failed (it is now marked broken and will be dropped, not
-                    // reused): fail what is in flight, what never started, and writes that
-                    // completed but have no index record.
+                    // reused): fail what is in flight, what never started, writes that
+                    // completed but have no durable index record, and appends in flight.
                     for slot in 0..<window where !flights[slot].finished {
                         batch.setStatus(flights[slot].io, -submitStatus)
                         flights[slot].finished = true
@@ -556,10 +671,17 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                         batch.setStatus(next, -submitStatus)
                         next += 1
                     }
-                    for index in written { batch.setStatus(index, -submitStatus) }
+                    for index in written[journaled...] { batch.setStatus(index, -submitStatus) }
+                    for index in late { batch.setStatus(index, -submitStatus) }
+                    if let append = appends.0 { finishAppend(append, status: -submitStatus, of: batch) }
+                    if let append = appends.1 { finishAppend(append, status: -submitStatus, of: batch) }
                     return
                 }
                 _ = context.reap { tag, result in
+                    if tag & Self.journalTag != 0 {
+                        journalCompleted(Int(tag & ~Self.journalTag), result)
+                        return
+                    }
                     let slot = Int(tag)
                     let io = batch[flights[slot].io]
                     let isWrite = io.operation == .write
@@ -593,10 +715,15 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                         context.flush()
                     }
                 }
+                pumpJournal(final: inFlight == 0)
             }
-            if !written.isEmpty { appendRecords(written, of: batch, on: context) }
+            late.append(contentsOf: written[journaled...])
+            if !late.isEmpty { appendRecords(late, of: batch, on: context) }
         }
     }
+
+    /// Tags journal-block completions in a batch's ring (data I/Os are tagged with their slot).
+    private static let journalTag: UInt64 = 1 << 63
 
     /// Validates one I/O and prepares its buffer: the caller's when it is block-aligned and a
     /// whole number of blocks long, else bounce buffer `slot` (filled now for writes).
@@ -675,11 +802,190 @@ public final class NVMeTier: Tier, @unchecked Sendable {
 
     // MARK: Index and journal
 
-    /// One record of a journal append: a page (a position in the append's `indices`) or a
-    /// release.
+    /// One record of a journal append: a page (an index into the append's batch) or a release.
     private enum JournalEntry {
         case page(Int)
         case release(Extent)
+        /// The extent's current index record again, with a new sequence number.
+        case reassert(Extent)
+    }
+
+    /// A journal append whose blocks are encoded in a ring's journal buffers
+    /// (`bufferBase..<bufferBase + blocks`), whose sequence numbers are reserved and counted in
+    /// `appending`, and whose records are in the index mirror: it waits for its blocks' writes,
+    /// then `finishAppend` settles it.
+    private struct PreparedAppend {
+        var first: UInt64
+        var blocks: Int
+        var bufferBase: Int
+        /// Batch indices of the page records it carries.
+        var pages: [Int]
+        /// Extents whose release records it carries.
+        var frees: [Extent]
+    }
+
+    /// Takes the releases an append of `indices` must carry (each page's held-back releases,
+    /// then every waiting one) and packs them with the page records into 4 KiB journal blocks,
+    /// never splitting a group (a page record and the releases held for its key; a lone
+    /// release). With `maxBlocks`, takes nothing and returns nil when they might need more.
+    private func packJournal<Indices: Collection<Int>>(_ indices: Indices, of batch: TierBatch?, maxBlocks: Int?) -> [[JournalEntry]]? {
+        let perBlock = NVMeFormat.recordsPerJournalBlock
+        var held: [PageKey: [Extent]] = [:]
+        var releases: [Extent] = []
+        var reasserts: [Extent] = []
+        let taken = tombstones.withLock { state -> Bool in
+            if let maxBlocks {
+                // A group never splits, so a block may end up to half empty: twice the records
+                // is a safe bound on the blocks needed.
+                var records = indices.count + state.waiting.count + state.reassert.count
+                if let batch, !state.reserved.isEmpty {
+                    for index in indices { records += state.reserved[batch[index].key]?.count ?? 0 }
+                }
+                guard (2 * records + perBlock - 1) / perBlock <= maxBlocks else { return false }
+            }
+            if let batch, !state.reserved.isEmpty {
+                for index in indices {
+                    let key = batch[index].key
+                    if let extents = state.reserved.removeValue(forKey: key) { held[key, default: []].append(contentsOf: extents) }
+                }
+            }
+            releases = state.waiting
+            state.waiting.removeAll(keepingCapacity: true)
+            reasserts = state.reassert
+            state.reassert.removeAll()
+            return true
+        }
+        guard taken else { return nil }
+        var blocks: [[JournalEntry]] = [[]]
+        blocks[0].reserveCapacity(min(perBlock, indices.count + releases.count))
+        func place(_ entry: JournalEntry, groupSize: Int) {
+            if !blocks[blocks.count - 1].isEmpty && blocks[blocks.count - 1].count + groupSize > perBlock { blocks.append([]) }
+            if blocks[blocks.count - 1].count == perBlock { blocks.append([]) }
+            blocks[blocks.count - 1].append(entry)
+        }
+        for index in indices {
+            if let batch, !held.isEmpty, let extents = held.removeValue(forKey: batch[index].key) {
+                place(.page(index), groupSize: 1 + extents.count)
+                for extent in extents { place(.release(extent), groupSize: 1) }
+            } else {
+                place(.page(index), groupSize: 1)
+            }
+        }
+        // Re-asserted records before any release: a failed append's release of the same slot
+        // is older than both.
+        for extent in reasserts { place(.reassert(extent), groupSize: 1) }
+        for extent in releases { place(.release(extent), groupSize: 1) }
+        if blocks[blocks.count - 1].isEmpty { blocks.removeLast() }
+        return blocks
+    }
+
+    /// Packs an append of `indices` and reserves its journal blocks in one step (the journal
+    /// lock held around the packing, so the blocks it takes are the ones it was checked for),
+    /// for a ring with appends of its own in flight: it must neither wait for a checkpoint
+    /// (which waits for those appends) nor write one (its ring's completions belong to its
+    /// pipeline). Nil, taking nothing, when the journal needs a checkpoint first or the append
+    /// might need more than `maxBlocks` blocks.
+    private func packAndBeginAppend(_ indices: ArraySlice<Int>, of batch: TierBatch, maxBlocks: Int) -> ([[JournalEntry]], UInt64)? {
+        journalState.withLock { state -> ([[JournalEntry]], UInt64)? in
+            guard !state.checkpointing, state.next + UInt64(maxBlocks) <= state.replayFrom + UInt64(geometry.journalBlocks),
+                  let blocks = packJournal(indices, of: batch, maxBlocks: maxBlocks), !blocks.isEmpty
+            else { return nil }
+            state.appending += 1
+            defer { state.next += UInt64(blocks.count) }
+            return (blocks, state.next)
+        }
+    }
+
+    /// Encodes `blocks` (sequences from `first`) into `context`'s journal buffers from
+    /// `bufferBase`, and enters their page records into the index mirror (before any
+    /// checkpoint can run: the caller's append is counted in `appending`).
+    private func encodeJournal(_ blocks: ArraySlice<[JournalEntry]>, first: UInt64, bufferBase: Int, of batch: TierBatch?,
+                               on context: URingContext) -> PreparedAppend
+    {
+        var prepared = PreparedAppend(first: first, blocks: blocks.count, bufferBase: bufferBase, pages: [], frees: [])
+        for (offset, entries) in blocks.enumerated() {
+            let block = context.journalBlock(bufferBase + offset)
+            for (index, entry) in entries.enumerated() {
+                let target = block + NVMeFormat.recordSize * (1 + index)
+                let sequence = self.sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
+                switch entry {
+                case .page(let batchIndex):
+                    guard let batch else { continue }
+                    prepared.pages.append(batchIndex)
+                    let io = batch[batchIndex]
+                    let page = NVMeFormat.Record(key: io.key, slot: io.extent.firstSlot, slotCount: io.extent.slotCount,
+                                                 length: UInt32(io.length), checksum: io.checksum, sequence: sequence,
+                                                 instance: instance)
+                    page.encode(into: target)
+                    setIndexRecord(slot: page.slot) { memcpy($0, target, NVMeFormat.recordSize) }
+                case .release(let extent):
+                    prepared.frees.append(extent)
+                    NVMeFormat.Record.release(extent, sequence: sequence, instance: instance).encode(into: target)
+                case .reassert(let extent):
+                    // The mirror still holds the record (it leaves only once a release of it
+                    // is durable); if it is gone the copy was released meanwhile, and a
+                    // release record says the same.
+                    var record = NVMeFormat.Record.release(extent, sequence: sequence, instance: instance)
+                    setIndexRecord(slot: extent.firstSlot) { current in
+                        guard var current = NVMeFormat.Record.decode(current), !current.isRelease, current.slot == extent.firstSlot
+                        else { return }
+                        current.sequence = sequence
+                        record = current
+                    }
+                    record.encode(into: target)
+                    if !record.isRelease { setIndexRecord(slot: extent.firstSlot) { memcpy($0, target, NVMeFormat.recordSize) } }
+                }
+            }
+            NVMeFormat.encodeJournalHeader(into: block, sequence: first + UInt64(offset), instance: instance, count: entries.count)
+        }
+        return prepared
+    }
+
+    /// Settles an append whose block writes ended with `status` (0: all durable).
+    ///
+    /// A failed append's pages fail. Their records leave the mirror before a checkpoint can
+    /// write them, and, because a block whose write reported an error may still have reached
+    /// the disk, each failed page's extent also gets a release record of its own (journaled
+    /// with the next append, or by `submit` right after the batch) before its slots can be
+    /// reused: a failed put never surfaces after a restart. A superseded copy whose release
+    /// rode in the failed append goes back to waiting for its key's next record, so the
+    /// version the store still serves stays durable.
+    private func finishAppend(_ prepared: PreparedAppend, status: Int32, of batch: TierBatch?) {
+        if status == 0 {
+            // The release records are durable: only now do the records leave the mirror,
+            // and before `endAppend`, so no checkpoint can cover these journal blocks
+            // while still writing the released records.
+            for extent in prepared.frees { setIndexRecord(slot: extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) } }
+            endAppend()
+            settle(prepared.frees, written: true)
+            return
+        }
+        logger.error("journal write failed", metadata: ["tier": "\(descriptor.name)", "errno": "\(status)", "pages": "\(prepared.pages.count)"])
+        guard let batch else {
+            endAppend()
+            settle(prepared.frees, written: false)
+            return
+        }
+        for index in prepared.pages {
+            setIndexRecord(slot: batch[index].extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) }
+            batch.setStatus(index, status)
+        }
+        endAppend()
+        let failedKeys = Set(prepared.pages.lazy.map { batch[$0].key })
+        tombstones.withLock { state in
+            for index in prepared.pages where state.notDurable[batch[index].extent.firstSlot] == nil {
+                state.add(batch[index].extent, key: batch[index].key, released: false)
+            }
+            for extent in prepared.frees {
+                if let entry = state.notDurable[extent.firstSlot], !entry.released, failedKeys.contains(entry.key) {
+                    state.reserved[entry.key, default: []].append(extent)
+                    state.reassert.append(extent)
+                } else {
+                    state.waiting.append(extent)
+                }
+            }
+        }
+        appendFailures.wrappingIncrement(ordering: .relaxed)
     }
 
     /// Appends journal records for completed writes (`indices` of `batch`) plus every waiting
@@ -693,6 +999,8 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// (before any checkpoint can see it: checkpoints wait for in-flight appends); a released
     /// record leaves the mirror once its release record is durable. Writes whose record did
     /// not reach the disk get its errno as their status. Returns 0 or the last round's errno.
+    /// `run` pipelines most appends into its data window instead (`JournalPipeline`); this is
+    /// the path for what it could not, and for releases alone.
     @discardableResult
     func appendRecords(_ indices: [Int], of batch: TierBatch?, on context: URingContext) -> Int32 {
         if closed.load(ordering: .acquiring) {
@@ -700,108 +1008,39 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             if let batch { for index in indices { batch.setStatus(index, ESHUTDOWN) } }
             return ESHUTDOWN
         }
-        var held: [PageKey: [Extent]] = [:]
-        let releases = tombstones.withLock { state -> [Extent] in
-            if let batch, !state.reserved.isEmpty {
-                for index in indices {
-                    let key = batch[index].key
-                    if let extents = state.reserved.removeValue(forKey: key) { held[key, default: []].append(contentsOf: extents) }
-                }
-            }
-            defer { state.waiting.removeAll(keepingCapacity: true) }
-            return state.waiting
-        }
-        // Pack groups (a page record and the releases held for its key; a lone release) into
-        // blocks, never splitting a group across two.
-        let perBlock = NVMeFormat.recordsPerJournalBlock
-        var blocks: [[JournalEntry]] = [[]]
-        blocks[0].reserveCapacity(min(perBlock, indices.count + releases.count))
-        func place(_ group: [JournalEntry]) {
-            if !blocks[blocks.count - 1].isEmpty && blocks[blocks.count - 1].count + group.count > perBlock { blocks.append([]) }
-            for entry in group {
-                if blocks[blocks.count - 1].count == perBlock { blocks.append([]) }
-                blocks[blocks.count - 1].append(entry)
-            }
-        }
-        for position in indices.indices {
-            if let batch, !held.isEmpty, let extents = held.removeValue(forKey: batch[indices[position]].key) {
-                place([.page(position)] + extents.map { .release($0) })
-            } else {
-                place([.page(position)])
-            }
-        }
-        for extent in releases { place([.release(extent)]) }
-        if blocks[blocks.count - 1].isEmpty { blocks.removeLast() }
-
+        guard let blocks = packJournal(indices, of: batch, maxBlocks: nil), !blocks.isEmpty else { return 0 }
+        drainedAppends.wrappingIncrement(ordering: .relaxed)
         var status: Int32 = 0
         var start = 0
         while start < blocks.count {
             let end = min(blocks.count, start + context.journalCount)
             let round = blocks[start..<end]
             start = end
-            var roundPages: [Int] = []
-            var roundFrees: [Extent] = []
-            for block in round {
-                for entry in block {
-                    switch entry {
-                    case .page(let position): roundPages.append(position)
-                    case .release(let extent): roundFrees.append(extent)
-                    }
-                }
-            }
             let first: UInt64
             switch beginAppend(blocks: round.count, on: context) {
             case .failure(let error):
                 status = error.errno
-                if let batch { for position in roundPages { batch.setStatus(indices[position], status) } }
-                settle(roundFrees, written: false)
+                var frees: [Extent] = []
+                for entries in round {
+                    for entry in entries {
+                        switch entry {
+                        case .page(let index): batch?.setStatus(index, status)
+                        case .release(let extent): frees.append(extent)
+                        case .reassert(let extent): tombstones.withLock { $0.reassert.append(extent) }
+                        }
+                    }
+                }
+                settle(frees, written: false)
                 continue
             case .success(let sequence):
                 first = sequence
             }
-            for (offset, entries) in round.enumerated() {
-                let block = context.journalBlock(offset)
-                for (index, entry) in entries.enumerated() {
-                    let target = block + NVMeFormat.recordSize * (1 + index)
-                    let sequence = self.sequence.loadThenWrappingIncrement(ordering: .relaxed) &+ 1
-                    switch entry {
-                    case .page(let position):
-                        guard let batch else { continue }
-                        let io = batch[indices[position]]
-                        let page = NVMeFormat.Record(key: io.key, slot: io.extent.firstSlot, slotCount: io.extent.slotCount,
-                                                     length: UInt32(io.length), checksum: io.checksum, sequence: sequence,
-                                                     instance: instance)
-                        page.encode(into: target)
-                        setIndexRecord(slot: page.slot) { memcpy($0, target, NVMeFormat.recordSize) }
-                    case .release(let extent):
-                        NVMeFormat.Record.release(extent, sequence: sequence, instance: instance).encode(into: target)
-                    }
-                }
-                NVMeFormat.encodeJournalHeader(into: block, sequence: first + UInt64(offset), instance: instance, count: entries.count)
-            }
+            let prepared = encodeJournal(round, first: first, bufferBase: 0, of: batch, on: context)
             let roundStatus = writeBlocks(round.count, on: context) { block in
                 (context.journalBlock(block), geometry.journalBlockOffset(sequence: first + UInt64(block)), context.journalFixedBuffer(block))
             }
-            if roundStatus != 0, let batch {
-                // Not durable: take the records back out of the mirror before a checkpoint can
-                // write them, so a failed put never surfaces after a restart.
-                for position in roundPages {
-                    setIndexRecord(slot: batch[indices[position]].extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) }
-                    batch.setStatus(indices[position], roundStatus)
-                }
-            }
-            if roundStatus == 0 {
-                // The release records are durable: only now do the records leave the mirror,
-                // and before `endAppend`, so no checkpoint can cover these journal blocks
-                // while still writing the released records.
-                for extent in roundFrees { setIndexRecord(slot: extent.firstSlot) { memset($0, 0, NVMeFormat.recordSize) } }
-            }
-            endAppend()
-            settle(roundFrees, written: roundStatus == 0)
-            if roundStatus != 0 {
-                status = roundStatus
-                logger.error("journal write failed", metadata: ["tier": "\(descriptor.name)", "errno": "\(roundStatus)"])
-            }
+            finishAppend(prepared, status: roundStatus, of: batch)
+            if roundStatus != 0 { status = roundStatus }
         }
         return status
     }
@@ -810,7 +1049,7 @@ public final class NVMeTier: Tier, @unchecked Sendable {
     /// write failed.
     @discardableResult
     func flushTombstones() -> Bool {
-        guard tombstones.withLock({ !$0.waiting.isEmpty }) else { return false }
+        guard tombstones.withLock({ !$0.waiting.isEmpty || !$0.reassert.isEmpty }) else { return false }
         guard let context = try? takeRing() else { return false }
         defer { returnRing(context) }
         return appendRecords([], of: nil, on: context) == 0

@@ -102,3 +102,94 @@ import Testing
         #expect(state.next == state.replayFrom && state.next > 0)
     }
 }
+
+/// Journal appends pipelined into a batch's data window (`NVMeTier.run`): records of completed
+/// writes are appended while the rest of the batch is still writing.
+@Suite(.serialized) struct JournalPipelineTests {
+    static let pages = 400
+
+    func putAll(_ store: TieredStore, version: UInt64, firstKey: Int = 0, queueDepth: Int = 32) -> [SpillwayError?] {
+        let contents = (0..<Self.pages).map { bytes(version * 100_000 + UInt64(firstKey + $0), 4096) }
+        return contents.withUnsafeBufferPointers { buffers in
+            var requests = (0..<Self.pages).map { PageWrite(key: PageKey(UInt64(firstKey + $0)), bytes: buffers[$0]) }
+            _ = requests.withUnsafeMutableBufferPointer { store.put(batch: $0, queueDepth: queueDepth) }
+            return requests.map(\.error)
+        }
+    }
+
+    @Test func aLargeBatchJournalsInsideItsWindowAndRecoversEveryPage() throws {
+        let path = scratchPath("journal-pipeline")
+        defer { unlink(path) }
+        let (store, nvme) = try openStore(nvmePath: path, dramSlots: 0, nvmeSlots: 1024)
+        #expect(putAll(store, version: 1).allSatisfy { $0 == nil })
+        #expect(nvme.pipelinedAppends.load(ordering: .relaxed) >= 2, "400 writes make several appends inside the window")
+        // Overwrites: each new record carries its superseded copy's release in its own block.
+        let before = nvme.pipelinedAppends.load(ordering: .relaxed)
+        #expect(putAll(store, version: 2).allSatisfy { $0 == nil })
+        #expect(nvme.pipelinedAppends.load(ordering: .relaxed) > before)
+        for index in 0..<Self.pages { #expect(try store.get(PageKey(UInt64(index))) == bytes(200_000 + UInt64(index), 4096)) }
+        #expect(nvme.usedSlots == Self.pages, "every superseded copy's slot came back once its release was durable")
+        nvme.abandonForTesting()
+
+        let (again, recovered) = try openStore(nvmePath: path, dramSlots: 0, nvmeSlots: 1024)
+        #expect(recovered.recovery.recovered == Self.pages)
+        for index in 0..<Self.pages { #expect(try again.get(PageKey(UInt64(index))) == bytes(200_000 + UInt64(index), 4096)) }
+        again.close()
+        withExtendedLifetime(store) {}
+    }
+
+    @Test func aFailedPipelinedAppendFailsOnlyItsOwnPages() throws {
+        let path = scratchPath("journal-pipeline-fail")
+        defer { unlink(path) }
+        let faults = NVMeFaultInjector()
+        let nvme = try NVMeTier(NVMeTierConfiguration(path: path, slotSize: 4096, capacitySlots: 1024, faults: faults))
+        let store = try TieredStore(tiers: [nvme], options: StoreOptions(maxPageSize: 4096, backgroundWorker: false))
+        #expect(putAll(store, version: 1).allSatisfy { $0 == nil })
+        // One journal block of the overwriting batch fails: the pages whose records it carried
+        // fail and keep their first version; every other page has its second.
+        faults.inject(.error(EIO), on: .metadataWrite)
+        let errors = putAll(store, version: 2)
+        #expect(faults.firedCount == 1)
+        let failed = Set(errors.indices.filter { errors[$0] != nil })
+        #expect(!failed.isEmpty && failed.count < Self.pages, "one block's pages failed, not the batch: \(failed.count)")
+        for index in failed {
+            #expect(errors[index] == .tierIO(tier: "nvme", operation: "write", errno: EIO))
+        }
+        func expected(_ index: Int) -> [UInt8] { bytes((failed.contains(index) ? 100_000 : 200_000) + UInt64(index), 4096) }
+        for index in 0..<Self.pages { #expect(try store.get(PageKey(UInt64(index))) == expected(index)) }
+        // New keys: a failed one has no earlier version to fall back to, and must not appear.
+        faults.inject(.error(EIO), on: .metadataWrite)
+        let newErrors = putAll(store, version: 3, firstKey: Self.pages)
+        let failedNew = Set(newErrors.indices.filter { newErrors[$0] != nil }.map { Self.pages + $0 })
+        #expect(!failedNew.isEmpty && failedNew.count < Self.pages)
+        #expect(nvme.usedSlots == 2 * Self.pages - failedNew.count, "failed pages' slots came back once their release records were durable")
+        nvme.abandonForTesting()
+
+        // The injected error hit a block that really reached the disk: its records must not
+        // come back after a restart (each failed page's extent got a release record), and
+        // the failed pages' first versions, which the store still serves, must.
+        let (again, recovered) = try openStore(nvmePath: path, dramSlots: 0, nvmeSlots: 1024)
+        #expect(recovered.recovery.recovered == 2 * Self.pages - failedNew.count)
+        for index in 0..<Self.pages { #expect(try again.get(PageKey(UInt64(index))) == expected(index)) }
+        for index in Self.pages..<(2 * Self.pages) {
+            if failedNew.contains(index) {
+                #expect(!again.contains(PageKey(UInt64(index))), "a failed put surfaced after a restart")
+            } else {
+                #expect(try again.get(PageKey(UInt64(index))) == bytes(300_000 + UInt64(index), 4096))
+            }
+        }
+        again.close()
+        withExtendedLifetime(store) {}
+    }
+}
+
+extension Array where Element == [UInt8] {
+    /// Lends every element's bytes at once.
+    func withUnsafeBufferPointers<R>(_ body: ([UnsafeRawBufferPointer]) -> R) -> R {
+        func lend(_ index: Int, _ lent: [UnsafeRawBufferPointer]) -> R {
+            guard index < count else { return body(lent) }
+            return self[index].withUnsafeBytes { lend(index + 1, lent + [$0]) }
+        }
+        return lend(0, [])
+    }
+}
