@@ -108,6 +108,10 @@ public struct TierIO: Sendable {
     public var checksum: UInt32
     /// Filled by tiers that time their I/Os (NVMe): nanoseconds from submission to completion.
     public var latencyNanoseconds: UInt64
+    /// For a read in a batch with `checksumsOnCompletion`: the CRC32C of the bytes read,
+    /// computed by the tier as the read completed; `hasComputedChecksum` says it was.
+    public var computedChecksum: UInt32
+    public var hasComputedChecksum: Bool
 
     @inlinable
     public init(operation: Operation, extent: Extent, buffer: UnsafeRawPointer?, length: Int,
@@ -120,6 +124,8 @@ public struct TierIO: Sendable {
         self.key = key
         self.checksum = checksum
         self.latencyNanoseconds = 0
+        self.computedChecksum = 0
+        self.hasComputedChecksum = false
     }
 
     @inlinable
@@ -149,6 +155,11 @@ public final class TierBatch: @unchecked Sendable {
     /// submission time as its latency (one clock read per I/O): what each page waited, not
     /// the batch's time divided evenly. The store sets it for its batch calls.
     public var timesCompletions = false
+    /// When set, a tier that completes reads one at a time (NVMe) checksums each successful
+    /// read as it completes, while the batch's other reads are still in flight, instead of the
+    /// store checksumming every page after the whole batch. The store sets it on read batches
+    /// of tiers that verify reads.
+    public var checksumsOnCompletion = false
     @usableFromInline var submittedAt: UInt64 = 0
     @usableFromInline let pending = ManagedAtomic<Int>(0)
     @usableFromInline let done = DispatchSemaphore(value: 0)
@@ -173,6 +184,7 @@ public final class TierBatch: @unchecked Sendable {
         setCount(0)
         maxInFlight = 0
         timesCompletions = false
+        checksumsOnCompletion = false
     }
 
     @usableFromInline func setCount(_ value: Int) { count = value }
@@ -207,6 +219,14 @@ public final class TierBatch: @unchecked Sendable {
     /// Records a status without completing the I/O (for tiers that complete after a sync).
     @inlinable
     public func setStatus(_ index: Int, _ status: Int32) { entries[index].status = status }
+
+    /// A read just completed: with `checksumsOnCompletion`, records its bytes' CRC32C.
+    @inlinable
+    public func checksumCompletedRead(_ index: Int) {
+        guard checksumsOnCompletion, entries[index].status == 0, let buffer = entries[index].buffer else { return }
+        entries[index].computedChecksum = CRC32C.checksum(UnsafeRawBufferPointer(start: buffer, count: entries[index].length))
+        entries[index].hasComputedChecksum = true
+    }
 
     /// Records how long an I/O took (tiers that time their I/Os).
     @inlinable
@@ -243,6 +263,7 @@ public final class TierBatch: @unchecked Sendable {
         for index in 0..<count {
             entries[index].status = 0
             entries[index].latencyNanoseconds = 0
+            entries[index].hasComputedChecksum = false
         }
         if timesCompletions { submittedAt = monotonicNanoseconds() }
         self.inline = inline

@@ -704,6 +704,9 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                         batch.setStatus(flight.io, flight.status)
                     } else if isWrite {
                         written.append(flight.io)
+                    } else {
+                        // Checksummed now, while the window's other reads are in flight.
+                        batch.checksumCompletedRead(flight.io)
                     }
                     inFlight -= 1
                     if start(slot) {

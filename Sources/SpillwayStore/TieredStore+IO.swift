@@ -210,7 +210,9 @@ extension TieredStore {
 
     /// Everything after the read of a page that is not a plain top-tier hit: status, checksum,
     /// counters, promotion, and ending the read.
-    func finishRead(_ snapshot: PageSnapshot, buffer: UnsafeRawBufferPointer, status: Int32) throws(SpillwayError) {
+    func finishRead(_ snapshot: PageSnapshot, buffer: UnsafeRawBufferPointer, status: Int32, computedChecksum: UInt32? = nil)
+        throws(SpillwayError)
+    {
         let tierIndex = snapshot.location.tier
         let tier = tiers[tierIndex]
         guard status == 0 else {
@@ -220,7 +222,7 @@ extension TieredStore {
         }
         let promoting = tierIndex > 0 && policy.shouldPromote(snapshot.hints, fromTier: tierIndex)
         if tier.descriptor.verifiesReads || promoting {
-            let actual = CRC32C.checksum(buffer)
+            let actual = computedChecksum ?? CRC32C.checksum(buffer)
             if actual != snapshot.checksum {
                 endRead(snapshot)
                 quarantine(snapshot)
@@ -326,6 +328,7 @@ extension TieredStore {
             for tierIndex in tiers.indices {
                 batch.reset()
                 batch.timesCompletions = true  // each request gets what it waited
+                batch.checksumsOnCompletion = tiers[tierIndex].descriptor.verifiesReads
                 for index in requests.indices {
                     guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
                     batch.append(TierIO(operation: .read, extent: snapshot.location.extent,
@@ -333,9 +336,13 @@ extension TieredStore {
                 }
                 guard batch.count > 0 else { continue }
                 runAccounted(batch, tier: tierIndex, write: false, queueDepth: queueDepth)
-                // Copy statuses out before finishRead reuses the thread's batch for promotions.
-                withUnsafeTemporaryAllocation(of: Int32.self, capacity: batch.count) { statuses in
-                    for entry in 0..<batch.count { statuses.initializeElement(at: entry, to: batch[entry].status) }
+                // Copy statuses (and checksums the tier computed as reads completed) out before
+                // finishRead reuses the thread's batch for promotions.
+                withUnsafeTemporaryAllocation(of: (status: Int32, checksum: UInt32?).self, capacity: batch.count) { results in
+                    for entry in 0..<batch.count {
+                        let io = batch[entry]
+                        results.initializeElement(at: entry, to: (io.status, io.hasComputedChecksum ? io.computedChecksum : nil))
+                    }
                     var timed = 0
                     for index in requests.indices {
                         guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
@@ -345,10 +352,11 @@ extension TieredStore {
                     var entry = 0
                     for index in requests.indices {
                         guard let snapshot = snapshots[index], snapshot.location.tier == tierIndex else { continue }
-                        let status = statuses[entry]
+                        let result = results[entry]
                         entry += 1
                         do throws(SpillwayError) {
-                            try finishRead(snapshot, buffer: UnsafeRawBufferPointer(start: requests[index].buffer.baseAddress, count: snapshot.length), status: status)
+                            try finishRead(snapshot, buffer: UnsafeRawBufferPointer(start: requests[index].buffer.baseAddress, count: snapshot.length),
+                                           status: result.status, computedChecksum: result.checksum)
                             requests[index].length = snapshot.length
                             succeeded += 1
                         } catch {

@@ -193,3 +193,49 @@ extension Array where Element == [UInt8] {
         return lend(0, [])
     }
 }
+
+/// Reads of a batch are checksummed as each completes (`TierBatch.checksumsOnCompletion`),
+/// while the window's other reads are in flight; a corrupt page is still caught.
+@Suite(.serialized) struct CompletionChecksumTests {
+    @Test func aBatchGetCatchesACorruptPageOnTheDevice() throws {
+        let path = scratchPath("completion-checksum")
+        defer { unlink(path) }
+        let (store, nvme) = try openStore(nvmePath: path, dramSlots: 0, nvmeSlots: 256)
+        defer { store.close() }
+        let count = 64
+        for index in 0..<count { try store.put(PageKey(UInt64(index)), bytes: bytes(UInt64(index), 4096)) }
+        // Flip a byte of page 17 on the device, behind the tier's back.
+        let victim = PageKey(17)
+        let location = try #require(store.location(of: victim))
+        let file = open(path, O_RDWR)
+        try #require(file >= 0)
+        let offset = off_t(nvme.dataOffset + Int(location.extent.firstSlot) * 4096 + 100)
+        var byte: UInt8 = 0
+        #expect(pread(file, &byte, 1, offset) == 1)
+        byte ^= 0xFF
+        #expect(pwrite(file, &byte, 1, offset) == 1)
+        #expect(fsync(file) == 0)
+        close(file)
+
+        let buffers = UnsafeMutableRawPointer.allocate(byteCount: count * 4096, alignment: 4096)
+        defer { buffers.deallocate() }
+        var requests = (0..<count).map {
+            PageRead(key: PageKey(UInt64($0)), buffer: UnsafeMutableRawBufferPointer(start: buffers + $0 * 4096, count: 4096))
+        }
+        let served = requests.withUnsafeMutableBufferPointer { store.get(batch: $0, queueDepth: 16) }
+        #expect(served == count - 1)
+        for index in 0..<count {
+            if index == 17 {
+                guard case .checksumMismatch(let key, let tier, _, _)? = requests[index].error else {
+                    Issue.record("page 17: \(String(describing: requests[index].error))")
+                    continue
+                }
+                #expect(key == victim && tier == "nvme")
+            } else {
+                #expect(requests[index].error == nil)
+                #expect(Array(UnsafeRawBufferPointer(start: buffers + index * 4096, count: 4096)) == bytes(UInt64(index), 4096))
+            }
+        }
+        #expect(!store.contains(victim), "a corrupt page is never served again")
+    }
+}
