@@ -51,6 +51,7 @@ let package = Package(
             name: "SpillwayCore",
             dependencies: [
                 "CSpillwayISAL",
+                "CSpillwayCopy",
                 .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
@@ -199,7 +200,6 @@ let package = Package(
             dependencies: [
                 "SpillwayCore",
                 "SpillwayPolicy",
-                "CSpillwayCopy",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "Logging", package: "swift-log"),

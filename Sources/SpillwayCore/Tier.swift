@@ -155,10 +155,11 @@ public final class TierBatch: @unchecked Sendable {
     /// submission time as its latency (one clock read per I/O): what each page waited, not
     /// the batch's time divided evenly. The store sets it for its batch calls.
     public var timesCompletions = false
-    /// When set, a tier that completes reads one at a time (NVMe) checksums each successful
-    /// read as it completes, while the batch's other reads are still in flight, instead of the
-    /// store checksumming every page after the whole batch. The store sets it on read batches
-    /// of tiers that verify reads.
+    /// When set, a tier that can checksums each I/O's buffer as it moves it: NVMe each
+    /// successful read as it completes, while the batch's other reads are still in flight;
+    /// a host-memory tier each write's source in the same pass as its copy. The store sets it
+    /// on read batches of tiers that verify reads and on write batches of tiers that record no
+    /// checksum, and computes what a tier left out (`hasComputedChecksum` false) itself.
     public var checksumsOnCompletion = false
     @usableFromInline var submittedAt: UInt64 = 0
     @usableFromInline let pending = ManagedAtomic<Int>(0)
@@ -219,6 +220,14 @@ public final class TierBatch: @unchecked Sendable {
     /// Records a status without completing the I/O (for tiers that complete after a sync).
     @inlinable
     public func setStatus(_ index: Int, _ status: Int32) { entries[index].status = status }
+
+    /// Records the CRC32C of an I/O's buffer that the tier computed while moving it (a write
+    /// into a host-memory tier checksums its source as it copies it).
+    @inlinable
+    public func setComputedChecksum(_ index: Int, _ checksum: UInt32) {
+        entries[index].computedChecksum = checksum
+        entries[index].hasComputedChecksum = true
+    }
 
     /// A read just completed: with `checksumsOnCompletion`, records its bytes' CRC32C.
     @inlinable

@@ -43,7 +43,12 @@ public final class DRAMTier: Tier {
                 switch io.operation {
                 case .read: memcpy(buffer, slot, io.length)
                 // Streaming stores: a page written here is not read back soon (CSpillwayCopy).
-                case .write: spillway_copy_streaming(slot, buffer, io.length)
+                case .write:
+                    if batch.checksumsOnCompletion {
+                        batch.setComputedChecksum(index, CRC32C.copyStreaming(to: slot, from: buffer, length: io.length))
+                    } else {
+                        spillway_copy_streaming(slot, buffer, io.length)
+                    }
                 case .discard: break
                 }
             }

@@ -1,4 +1,3 @@
-import CSpillwayCopy
 import Atomics
 import DequeModule
 import Dispatch
@@ -34,9 +33,11 @@ extension TieredStore {
         defer { if location.tier > 0 { tierCounters[location.tier].stallNanoseconds.add(Int(monotonicNanoseconds() &- stallStart)) } }
         if let base = UnsafeMutableRawPointer(bitPattern: hostBases[location.tier]) {
             // Host-memory tier: copy with streaming stores (no read of the destination lines),
-            // then checksum the source.
-            if length > 0 { spillway_copy_streaming(base + Int(location.extent.firstSlot) * slotSize, bytes.baseAddress!, length) }
-            try commitPut(key, location: location, length: length, checksum: CRC32C.checksum(bytes), hints: hints)
+            // checksumming the source in the same pass.
+            let checksum = length > 0
+                ? CRC32C.copyStreaming(to: base + Int(location.extent.firstSlot) * slotSize, from: bytes.baseAddress!, length: length)
+                : CRC32C.checksum(bytes)
+            try commitPut(key, location: location, length: length, checksum: checksum, hints: hints)
             return
         }
         let tier = tiers[location.tier]
@@ -157,7 +158,9 @@ extension TieredStore {
                         requests[index].declined = true
                         continue
                     }
-                    plans[index] = (location, CRC32C.checksum(bytes))
+                    // A tier that records checksums needs it before the write; others may
+                    // compute it while they copy (`checksumsOnCompletion`), else after.
+                    plans[index] = (location, recordsMetadata[location.tier] ? CRC32C.checksum(bytes) : 0)
                     retireSupersededCopy(of: requests[index].key, onTier: location.tier)
                 } catch {
                     requests[index].error = error
@@ -167,6 +170,7 @@ extension TieredStore {
             for tierIndex in tiers.indices {
                 batch.reset()
                 batch.timesCompletions = true  // each request gets what it waited
+                batch.checksumsOnCompletion = !recordsMetadata[tierIndex]
                 for index in requests.indices {
                     guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
                     batch.append(TierIO(operation: .write, extent: plan.location.extent,
@@ -180,6 +184,10 @@ extension TieredStore {
                     guard let plan = plans[index], plan.location.tier == tierIndex else { continue }
                     let status = batch[entry].status
                     requests[index].latencyNanoseconds = batch[entry].latencyNanoseconds
+                    if !recordsMetadata[tierIndex] && status == 0 {
+                        plans[index]!.checksum = batch[entry].hasComputedChecksum
+                            ? batch[entry].computedChecksum : CRC32C.checksum(requests[index].bytes)
+                    }
                     entry += 1
                     if status != 0 {
                         tiers[tierIndex].release(plan.location.extent)

@@ -1,3 +1,4 @@
+import Glibc
 import Testing
 import SpillwayTestSupport
 @testable import SpillwayCore
@@ -60,6 +61,34 @@ import SpillwayTestSupport
         var flipped = bytes
         flipped[5000] ^= 1
         #expect(CRC32C.checksum(flipped) != whole, "\(TestSeed.note(seed))")
+    }
+
+    /// The fused copy (streaming stores, 64-byte ones where the CPU has AVX-512F) copies every
+    /// byte and returns the source's CRC32C, for lengths around chunk and line boundaries and
+    /// sources and destinations at every alignment the paths distinguish.
+    @Test func copyStreamingCopiesEveryByteAndChecksumsTheSource() {
+        let seed = TestSeed.derive(102)
+        var generator = SplitMix(seed: seed)
+        let capacity = 80 << 10
+        let source = UnsafeMutableRawPointer.allocate(byteCount: capacity + 128, alignment: 4096)
+        let destination = UnsafeMutableRawPointer.allocate(byteCount: capacity + 128, alignment: 4096)
+        defer { source.deallocate(); destination.deallocate() }
+        for offset in 0..<(capacity + 128) { source.storeBytes(of: UInt8.random(in: 0...255, using: &generator), toByteOffset: offset, as: UInt8.self) }
+        let lengths = [0, 1, 63, 64, 65, 127, 4096, 4097, 16 << 10, (16 << 10) + 1, 65536, 65536 + 17, (64 << 10) + (16 << 10) - 1]
+        for length in lengths {
+            for (sourceShift, destinationShift) in [(0, 0), (16, 0), (1, 0), (0, 16), (0, 64), (3, 5)] {
+                memset(destination, 0xEE, capacity + 128)
+                let from = UnsafeRawPointer(source + sourceShift)
+                let checksum = CRC32C.copyStreaming(to: destination + destinationShift, from: from, length: length)
+                let context = "length \(length), shifts \(sourceShift)/\(destinationShift), \(TestSeed.note(seed))"
+                #expect(checksum == CRC32C.checksum(UnsafeRawBufferPointer(start: from, count: length)), "\(context)")
+                #expect(memcmp(destination + destinationShift, from, length) == 0, "\(context)")
+                #expect(destination.load(fromByteOffset: destinationShift + length, as: UInt8.self) == 0xEE, "wrote past the end: \(context)")
+                if destinationShift > 0 {
+                    #expect(destination.load(fromByteOffset: destinationShift - 1, as: UInt8.self) == 0xEE, "wrote before the start: \(context)")
+                }
+            }
+        }
     }
 }
 
