@@ -618,22 +618,13 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             // One journal block's completion; the append is settled when its last block is.
             func journalCompleted(_ buffer: Int, _ value: Int32) {
                 let half = buffer / halfBlocks
-                var result = value
-                if let faults, faults.isArmed { result = faults.apply(.metadataWrite, result: result) }
-                var failure: Int32 = 0
-                switch result {
-                case -EINTR, -EAGAIN:
-                    blockRetries[buffer] += 1
-                    if blockRetries[buffer] <= 64 && queueJournal(buffer) { return }
-                    failure = -result
-                case ..<0: failure = -result
-                case 0: failure = EIO
-                default:
-                    blockDone[buffer] += Int(result)
-                    if blockDone[buffer] < NVMeFormat.blockSize {
-                        if queueJournal(buffer) { return }
-                        failure = EIO
-                    }
+                let failure: Int32
+                switch blockWriteStep(value, done: &blockDone[buffer], retries: &blockRetries[buffer]) {
+                case .again:
+                    if queueJournal(buffer) { return }
+                    failure = EIO  // the ring failed; the loop fails the rest when its submit does
+                case .done(let status):
+                    failure = status
                 }
                 if half == 0 {
                     if failure != 0 { appendStatus.0 = failure }
@@ -1218,24 +1209,12 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             var ringFailed = false
             _ = context.reap { tag, value in
                 let index = Int(tag)
-                var result = value
-                if let faults, faults.isArmed { result = faults.apply(.metadataWrite, result: result) }
-                switch result {
-                case -EINTR, -EAGAIN:
-                    retries[index] += 1
-                    if retries[index] <= 64 {
-                        if !queue(index) { ringFailed = true }
-                        return
-                    }
-                    failure = -result
-                case ..<0: failure = -result
-                case 0: failure = EIO
-                default:
-                    done[index] += Int(result)
-                    if done[index] < NVMeFormat.blockSize {
-                        if !queue(index) { ringFailed = true }
-                        return
-                    }
+                switch blockWriteStep(value, done: &done[index], retries: &retries[index]) {
+                case .again:
+                    if !queue(index) { ringFailed = true }
+                    return
+                case .done(let status):
+                    if status != 0 { failure = status }
                 }
                 pending -= 1
             }
@@ -1245,6 +1224,28 @@ public final class NVMeTier: Tier, @unchecked Sendable {
         // (it also covers the data writes that completed before them).
         if failure == 0 && durability == .power && mode == .iopoll && fdatasync(fd) != 0 { return errno }
         return failure
+    }
+
+    /// What a metadata block write's completion means: write the rest again (a short write,
+    /// or `EINTR`/`EAGAIN` up to 64 times), or done with 0 or an errno.
+    private enum BlockWriteStep {
+        case again
+        case done(Int32)
+    }
+
+    private func blockWriteStep(_ value: Int32, done: inout Int, retries: inout Int) -> BlockWriteStep {
+        var result = value
+        if let faults, faults.isArmed { result = faults.apply(.metadataWrite, result: result) }
+        switch result {
+        case -EINTR, -EAGAIN:
+            retries += 1
+            return retries <= 64 ? .again : .done(-result)
+        case ..<0: return .done(-result)
+        case 0: return .done(EIO)
+        default:
+            done += Int(result)
+            return done < NVMeFormat.blockSize ? .again : .done(0)
+        }
     }
 
     /// `RWF_DSYNC` for page, journal, index and checkpoint writes when `durability` is

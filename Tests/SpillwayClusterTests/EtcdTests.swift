@@ -151,7 +151,9 @@ struct ClusterRegistrationTests {
             try await withClient([etcd.endpoint]) { client in
                 let keys = try ClusterKeys(cluster: "reg-test")
                 let free = Free()
-                let registration = try DaemonRegistration(client: client, keys: keys, ttl: 3, refreshInterval: .milliseconds(300)) {
+                // TTL 6 s (a keep-alive every 2 s): in CI's parallel suite on 2 cores a 3 s lease
+                // once expired before its keep-alive ran ("etcd lease ... expired: re-registering").
+                let registration = try DaemonRegistration(client: client, keys: keys, ttl: 6, refreshInterval: .milliseconds(300)) {
                     try! record("00c0ffee", freeSlabs: free.slabs.withLock { $0 })
                 }
                 let membership = ClusterMembership(client: client, keys: keys)
@@ -166,8 +168,8 @@ struct ClusterRegistrationTests {
                 free.slabs.withLock { $0 = 42 }
                 #expect(await eventually(within: .seconds(3)) { events.items.contains(.updated(try! record("00c0ffee", freeSlabs: 42))) })
                 #expect(try await membership.snapshot().daemons.first?.freeSlabs == 42)
-                // Kept alive past its TTL.
-                #expect(await eventually(within: .seconds(4)) { registration.keepAlives >= 3 })
+                // Kept alive past its TTL (three keep-alives are 6 s).
+                #expect(await eventually(within: .seconds(8)) { registration.keepAlives >= 3 })
                 #expect(try await membership.snapshot().daemons.count == 1)
                 // stop() revokes: gone at once, and watchers see the leave.
                 let stopError = await registration.stop()
