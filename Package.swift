@@ -101,8 +101,9 @@ let package = Package(
         // epoll and eventfd for the daemon's event loop (glibc; not in Swift's Glibc module).
         .systemLibrary(name: "CSpillwayEpoll", path: "Sources/CSpillwayEpoll"),
         // The remote-memory wire protocol: frame header, opcodes, fields, bounds-checked decoding.
-        // Depends on ISA-L alone (CRC32C) so tools/fuzz-protocol.sh can build it with swiftc.
-        .target(name: "SpillwayProtocol", dependencies: ["CSpillwayISAL"]),
+        // Depends on ISA-L (CRC32C) and the header-only CSpillwayCopy (its vector-state reset)
+        // alone, so tools/fuzz-protocol.sh can build it with swiftc.
+        .target(name: "SpillwayProtocol", dependencies: ["CSpillwayISAL", "CSpillwayCopy"]),
         // Remote memory: the daemon's engine (slabs, tenants, auth, reclaim), the TCP transport,
         // the client and the remote tier.
         .target(

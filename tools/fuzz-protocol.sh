@@ -14,7 +14,7 @@ runs="${1:-10000000}"
 out=.build/fuzz; mkdir -p "$out/corpus"
 swiftc -parse-as-library -sanitize=fuzzer,address -O -g \
   -module-name SpillwayProtocol \
-  -I Sources/CSpillwayISAL -Xcc -I/usr/include -lisal \
+  -I Sources/CSpillwayISAL -I Sources/CSpillwayCopy -Xcc -I/usr/include -lisal \
   Sources/SpillwayProtocol/*.swift Sources/SpillwayCore/JSONValue.swift tools/fuzz/ProtocolFuzzTarget.swift \
   -o "$out/fuzz-protocol"
 "$out/fuzz-protocol" -runs="$runs" -max_len=4096 "$out/corpus" 2>&1 | tail -5

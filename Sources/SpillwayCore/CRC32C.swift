@@ -30,6 +30,8 @@ public enum CRC32C {
             cursor += length
             remaining -= length
         }
+        // ISA-L picks AVX-512 code here: leave no AVX-512 state in use (CSpillwayCopy says why).
+        spillway_vector_state_reset()
         return state
     }
 
@@ -58,4 +60,11 @@ public enum CRC32C {
         let array = Array(bytes)
         return array.withUnsafeBytes { checksum($0) }
     }
+}
+
+/// The AVX/AVX-512 register state, for code that calls ISA-L's vector routines directly.
+public enum VectorState {
+    /// Returns it to its initial configuration after AVX-512 work, so the thread's context
+    /// switches stop saving and restoring it (`spillway_vector_state_reset` says why).
+    public static func reset() { spillway_vector_state_reset() }
 }

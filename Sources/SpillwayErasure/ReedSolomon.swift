@@ -66,6 +66,7 @@ public final class ReedSolomonCode: Sendable {
                        parity: UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>, length: Int)
     {
         ec_encode_data(Int32(length), Int32(k), Int32(r), encodeTables.bytes, data, parity)
+        VectorState.reset()
     }
 
     /// The plan rebuilding `targets` from `sources` (exactly k distinct indices < n, none of
@@ -129,6 +130,7 @@ public final class ReedSolomonCode: Sendable {
                        targets: UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>, length: Int)
     {
         ec_encode_data(Int32(length), Int32(k), Int32(plan.targets.count), plan.tables.bytes, sources, targets)
+        VectorState.reset()
     }
 
     /// Decode patterns cached so far.

@@ -1,3 +1,4 @@
+import CSpillwayCopy
 import CSpillwayISAL
 
 /// The Spillway remote-memory wire protocol, version 1 (docs/protocol.md is the prose version).
@@ -166,6 +167,9 @@ public enum WireChecksum {
     @inlinable
     public static func update(_ register: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         guard let base = bytes.baseAddress, !bytes.isEmpty else { return register }
-        return crc32_iscsi(UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: UInt8.self)), Int32(bytes.count), register)
+        let result = crc32_iscsi(UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: UInt8.self)), Int32(bytes.count), register)
+        // ISA-L picks AVX-512 code here: leave no AVX-512 state in use (CSpillwayCopy says why).
+        spillway_vector_state_reset()
+        return result
     }
 }
