@@ -553,8 +553,10 @@ public final class NVMeTier: Tier, @unchecked Sendable {
             var appendStatus: (Int32, Int32) = (0, 0)
             var journaled = 0  // written[..<journaled] are in an append or in `late`
             var late: [Int] = []
-            var blockDone = [Int](repeating: 0, count: pipelining ? 2 * halfBlocks : 0)
-            var blockRetries = [Int](repeating: 0, count: pipelining ? 2 * halfBlocks : 0)
+            // Per journal buffer: bytes written and retries. Sized by the first pipelined append,
+            // so a batch that writes nothing (every get) allocates nothing for them.
+            var blockDone: [Int] = []
+            var blockRetries: [Int] = []
 
             // Starts the next I/O that needs the device in `slot`; I/Os that need none (empty,
             // discard, invalid) complete on the way. False when the batch is exhausted.
@@ -606,6 +608,10 @@ public final class NVMeTier: Tier, @unchecked Sendable {
                     let append = encodeJournal(blocks[...], first: first, bufferBase: half * halfBlocks, of: batch, on: context)
                     if half == 0 { appends.0 = append; appendPending.0 = blocks.count; appendStatus.0 = 0 }
                     else { appends.1 = append; appendPending.1 = blocks.count; appendStatus.1 = 0 }
+                    if blockDone.isEmpty {
+                        blockDone = [Int](repeating: 0, count: 2 * halfBlocks)
+                        blockRetries = [Int](repeating: 0, count: 2 * halfBlocks)
+                    }
                     for block in 0..<blocks.count {
                         let buffer = half * halfBlocks + block
                         blockDone[buffer] = 0

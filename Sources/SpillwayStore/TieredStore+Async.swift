@@ -186,11 +186,7 @@ extension TieredStore {
     public func submitGet(_ requests: [PageRead], queueDepth: Int = 0,
                           completion: @escaping @Sendable (UnsafeMutableBufferPointer<PageRead>, Int) -> Void) -> StoreTicket
     {
-        let owned = OwnedRequests(requests)
-        return submitGet(batch: owned.pages, queueDepth: queueDepth) { succeeded in
-            completion(owned.pages, succeeded)
-            owned.free()
-        }
+        submitOwning(requests, completion: completion) { submitGet(batch: $0, queueDepth: queueDepth, completion: $1) }
     }
 
     /// `submitPut(batch:)` for writes given as an array; see `submitGet(_:queueDepth:completion:)`.
@@ -198,8 +194,17 @@ extension TieredStore {
     public func submitPut(_ requests: [PageWrite], queueDepth: Int = 0,
                           completion: @escaping @Sendable (UnsafeMutableBufferPointer<PageWrite>, Int) -> Void) -> StoreTicket
     {
+        submitOwning(requests, completion: completion) { submitPut(batch: $0, queueDepth: queueDepth, completion: $1) }
+    }
+
+    /// The array forms' one body: copies `requests` into memory the store owns, submits them
+    /// with `submit`, and lends them to `completion` before freeing them.
+    private func submitOwning<Request>(
+        _ requests: [Request], completion: @escaping @Sendable (UnsafeMutableBufferPointer<Request>, Int) -> Void,
+        _ submit: (UnsafeMutableBufferPointer<Request>, @escaping @Sendable (Int) -> Void) -> StoreTicket
+    ) -> StoreTicket {
         let owned = OwnedRequests(requests)
-        return submitPut(batch: owned.pages, queueDepth: queueDepth) { succeeded in
+        return submit(owned.pages) { succeeded in
             completion(owned.pages, succeeded)
             owned.free()
         }
